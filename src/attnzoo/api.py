@@ -1,0 +1,181 @@
+"""``attnzoo.attention``: one entry point for every registered method.
+
+Everything about a call is checked here, before any compute, so that bad input gets one clear
+:class:`~attnzoo.errors.AttnzooError` naming the argument instead of a wrong answer or a crash deep in a kernel.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any
+
+import torch
+
+from attnzoo.errors import AttnzooError, fail
+from attnzoo.registry import BACKEND_ORDER, Backend, Call, Method, get
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    method: str = "softmax",
+    causal: bool = False,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+    **params: Any,
+) -> torch.Tensor:
+    """Attention of ``q (B, H, Sq, D)`` over ``k (B, Hkv, Skv, D)``, ``v (B, Hkv, Skv, Dv)`` by ``method``.
+
+    Returns ``(B, H, Sq, Dv)``.
+
+    - ``H % Hkv == 0`` (GQA/MQA); query head ``i`` reads key/value head ``i // (H // Hkv)``.
+    - ``Sq != Skv`` is cross-attention. With ``causal=True`` the mask is aligned to the bottom-right: query ``i`` sees
+      keys ``j <= i + Skv - Sq``, so the last query sees every key (as in decoding and FlashAttention >= 2.1).
+    - ``mask``: boolean, broadcastable to ``(B, H, Sq, Skv)``, True = attend. ``bias``: additive float logits bias,
+      same broadcasting. A query row with no visible key returns zeros (and zero gradients), never NaN.
+    - ``scale`` defaults to ``1/sqrt(D)``.
+    - ``backend``: ``"auto"`` picks the fastest registered path that can serve the call; a named backend that cannot
+      serve it raises.
+    - ``**params``: the method's own parameters (see ``attnzoo.get(method).spec.params``).
+    """
+    m = get(method)
+    call, scale_, mask_, bias_, full_params = prepare(m, q, k, v, causal, scale, mask, bias, params)
+    chosen = select_backend(m, call, backend)
+    return chosen.fn(q, k, v, causal=causal, scale=scale_, mask=mask_, bias=bias_, **full_params)
+
+
+def prepare(
+    m: Method,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float | None,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    params: dict[str, Any],
+) -> tuple[Call, float, torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
+    """Validate a call; return its :class:`Call`, the resolved scale, 4-D mask/bias views and all parameters."""
+    spec = m.spec
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise fail(name, "a torch.Tensor", type(t).__name__)
+        if t.dim() != 4:
+            raise fail(name, "a 4-D tensor (batch, heads, seq, head_dim)", f"shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise fail(name, "a floating-point tensor", t.dtype)
+        if t.numel() == 0:
+            raise fail(name, "non-empty dimensions", f"shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise fail(name, f"dtype {q.dtype} (that of q)", t.dtype)
+        if t.device != q.device:
+            raise fail(name, f"device {q.device} (that of q)", t.device)
+    b, h, sq, d = q.shape
+    if k.shape[0] != b:
+        raise fail("k", f"batch {b} (from q)", k.shape[0])
+    if v.shape[0] != b:
+        raise fail("v", f"batch {b} (from q)", v.shape[0])
+    hkv, skv = k.shape[1], k.shape[2]
+    if k.shape[3] != d:
+        raise fail("k", f"head_dim {d} (from q)", k.shape[3])
+    if v.shape[1] != hkv:
+        raise fail("v", f"{hkv} heads (from k)", v.shape[1])
+    if v.shape[2] != skv:
+        raise fail("v", f"seq {skv} (from k)", v.shape[2])
+    if h % hkv != 0:
+        raise fail("k", f"a number of heads dividing q's {h} (GQA/MQA)", hkv)
+    if not isinstance(causal, bool):
+        raise fail("causal", "a bool", repr(causal))
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise fail("scale", "a positive finite number or None", repr(scale))
+    mask = _check_mask_like("mask", mask, q, (b, h, sq, skv), spec.supports_mask, boolean=True)
+    bias = _check_mask_like("bias", bias, q, (b, h, sq, skv), spec.supports_bias, boolean=False)
+
+    requires_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, bias, *params.values())
+    )
+    unknown = [name for name in params if name not in {p.name for p in spec.params}]
+    if unknown:
+        known = [p.name for p in spec.params]
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise AttnzooError(f"{unknown[0]}: unknown parameter for method {spec.name!r} (it takes {known}){hint}")
+    call = Call(
+        batch=b, heads=h, kv_heads=hkv, seq_q=sq, seq_kv=skv, head_dim=d, head_dim_v=v.shape[3], causal=causal,
+        device=q.device, dtype=q.dtype, requires_grad=requires_grad, has_mask=mask is not None,
+        has_bias=bias is not None, params=params,
+    )
+    if call.pattern not in spec.patterns:
+        raise fail(
+            "causal" if call.causal else "k",
+            f"a pattern method {spec.name!r} supports ({', '.join(sorted(spec.patterns))})",
+            f"{call.pattern} (seq_q={sq}, seq_kv={skv}, causal={causal})",
+        )
+    full: dict[str, Any] = {}
+    for p in spec.params:
+        value = params.get(p.name, p.default)
+        if isinstance(value, torch.Tensor) and value.device != q.device:
+            raise fail(p.name, f"a tensor on {q.device} (the device of q)", value.device)
+        full[p.name] = p.validate(value, call)
+    if spec.differentiable is False and requires_grad:
+        raise fail("q", f"tensors without requires_grad (method {spec.name!r} is inference-only)", "requires_grad")
+    return call, float(scale), mask, bias, full
+
+
+def _check_mask_like(
+    name: str,
+    t: torch.Tensor | None,
+    q: torch.Tensor,
+    target: tuple[int, int, int, int],
+    supported: bool,
+    boolean: bool,
+) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if not supported:
+        raise fail(name, "None (this method does not take one)", f"a {type(t).__name__}")
+    if not isinstance(t, torch.Tensor):
+        raise fail(name, "a torch.Tensor or None", type(t).__name__)
+    if boolean and t.dtype != torch.bool:
+        raise fail(name, "a bool tensor (True = attend)", t.dtype)
+    if not boolean and t.dtype != q.dtype:
+        raise fail(name, f"a float tensor of dtype {q.dtype} (that of q)", t.dtype)
+    if t.device != q.device:
+        raise fail(name, f"a tensor on {q.device} (the device of q)", t.device)
+    if t.dim() > 4:
+        raise fail(name, f"a tensor broadcastable to {target}", f"shape {tuple(t.shape)}")
+    shaped = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    for have, want in zip(shaped.shape, target, strict=False):
+        if have not in (1, want):
+            raise fail(name, f"a tensor broadcastable to (batch, heads, seq_q, seq_kv) = {target}", tuple(t.shape))
+    return shaped
+
+
+def select_backend(m: Method, call: Call, backend: str) -> Backend:
+    """The backend that serves ``call``: the named one (or an error saying why not), or the first that can."""
+    if not isinstance(backend, str):
+        raise fail("backend", "a backend name (str)", repr(backend))
+    if backend != "auto":
+        if backend not in BACKEND_ORDER:
+            raise fail("backend", f"'auto' or one of {list(BACKEND_ORDER)}", repr(backend))
+        chosen = m.backend(backend)
+        reason = chosen.serves(call)
+        if reason is not None:
+            raise fail("backend", f"a backend that can serve this call ({backend!r} cannot: {reason})", repr(backend))
+        return chosen
+    reasons = []
+    for b in m.backends:
+        reason = b.serves(call)
+        if reason is None:
+            return b
+        reasons.append(f"{b.name}: {reason}")
+    if not m.spec.subquadratic_memory:
+        return m.backend("reference")
+    raise fail("backend", f"a backend of {m.name!r} that can serve this call", "; ".join(reasons))

@@ -1,0 +1,1 @@
+"""Shared fast building blocks. No method knowledge lives here: methods compose these."""

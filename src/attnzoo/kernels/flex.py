@@ -1,0 +1,77 @@
+"""A cached FlexAttention wrapper: compiled once per process, block masks cached by configuration.
+
+``torch.compile(flex_attention)`` costs seconds the first time and for every new mask/score function, so the compiled
+callable is created once and reused; inductor's own cache reuses kernels when only closed-over *tensors* change (keep
+scalars in 0-d tensors, not Python floats, or every value compiles anew). Block masks cost O(N²/block²) predicate
+evaluations and are cached by the caller's key.
+
+On CPU FlexAttention is forward-only (PyTorch has no backward there) and cannot return the log-sum-exp: backends
+built on it say so through :func:`unavailable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from attnzoo.masks import MaskMod
+from attnzoo.registry import Call
+
+ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_compiled: Callable[..., Any] | None = None
+_block_masks: dict[Hashable, BlockMask] = {}
+_MAX_CACHED_MASKS = 64
+
+
+def unavailable(call: Call) -> str | None:
+    """Why the flex backend cannot serve ``call`` (or None if it can)."""
+    if call.device.type == "cpu" and call.requires_grad:
+        return "FlexAttention has no backward on CPU; use backend='torch' for training on CPU"
+    if call.dtype == torch.float64 and call.device.type != "cpu":
+        return "FlexAttention on GPU does not take float64"
+    return None
+
+
+def compiled() -> Callable[..., Any]:
+    """The process-wide compiled ``flex_attention``."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(flex_attention, dynamic=False)
+    return _compiled
+
+
+def block_mask(
+    key: Hashable, mod: MaskMod, batch: int | None, heads: int | None, seq_q: int, seq_kv: int, device: torch.device
+) -> BlockMask:
+    """A ``BlockMask`` for ``mod``, cached under ``key`` (which must identify the predicate) and the shapes.
+
+    Pass ``batch=None``/``heads=None`` when the predicate does not depend on them: one mask then serves every batch
+    and head.
+    """
+    full_key = (key, batch, heads, seq_q, seq_kv, str(device))
+    cached = _block_masks.get(full_key)
+    if cached is None:
+        if len(_block_masks) >= _MAX_CACHED_MASKS:
+            _block_masks.pop(next(iter(_block_masks)))
+        cached = create_block_mask(mod, batch, heads, seq_q, seq_kv, device=device)
+        _block_masks[full_key] = cached
+    return cached
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    score_mod: ScoreMod | None = None,
+    block_mask: BlockMask | None = None,
+) -> torch.Tensor:
+    """Compiled FlexAttention on ``(B, H, S, D)`` tensors; GQA is handled without copying K/V."""
+    return compiled()(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )

@@ -1,0 +1,3 @@
+"""Every mechanism, one file each, grouped by family. Importing this package registers them all."""
+
+from attnzoo.methods import softmax  # noqa: F401

@@ -1,0 +1,42 @@
+"""Pieces every method file shares: spec building blocks and the dense reference helpers.
+
+The reference helpers are plain, readable PyTorch (repeat the KV heads, materialise every score): they are what
+fast paths are checked against, so they must stay free of the tricks that fast paths use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnzoo import masks
+
+
+def repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Repeat ``(B, Hkv, S, D)`` key/value heads so that query head ``i`` reads kv head ``i // (heads / Hkv)``."""
+    return t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def dense_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Every score ``scale · q·k`` as a ``(B, H, Sq, Skv)`` tensor (K heads repeated for GQA)."""
+    return scale * q @ repeat_kv(k, q.shape[1]).transpose(-1, -2)
+
+
+def visible(
+    causal: bool, mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor
+) -> torch.Tensor:
+    """The dense ``(B, H, Sq, Skv)`` visibility of each key to each query (causal bottom-right, user mask)."""
+    b, h, sq, _ = q.shape
+    skv = k.shape[2]
+    m = masks.combine(causal, mask, sq, skv, q.device)
+    full = torch.ones(b, h, sq, skv, dtype=torch.bool, device=q.device)
+    return full if m is None else full & m
+
+
+def safe_softmax(scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis restricted to ``seen``; a row that sees nothing gets all-zero weights."""
+    s = scores.masked_fill(~seen, float("-inf"))
+    row_max = s.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(s - row_max)
+    total = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(total > 0, total, torch.ones_like(total))

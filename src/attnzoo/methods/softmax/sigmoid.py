@@ -1,0 +1,100 @@
+"""S2 — sigmoid attention.
+
+Paper: "Theory, Analysis, and Best Practices for Sigmoid Self-Attention" (Ramapuram et al., arXiv:2409.04431).
+
+Formula as implemented: ``O = (σ(scale · Q Kᵀ + bias + b) ⊙ M) V`` with ``M`` the 0/1 visibility (user mask,
+bottom-right causal) and no row normalisation. ``b = sigmoid_bias`` defaults to ``−log(seq_kv)``, the paper's choice
+that keeps the initial attention norm near that of softmax attention. A row with no visible key gives 0.
+
+Fast path ``torch``: since rows are not normalised, any split of the work simply adds up. Query blocks of ``r`` rows
+are computed as one ``matmul → scale/bias (in place) → sigmoid (in place) → matmul``, with ``r`` chosen so one block's
+scores stay under 2²⁶ elements (256 MiB in fp32); blocks are checkpointed under autograd, so forward and backward
+memory are O(r · Skv) instead of O(Sq · Skv). GQA stacks the query heads of a group as rows: no K/V copies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from attnzoo import masks
+from attnzoo.kernels.blockwise import grouped_logits, grouped_pv, query_blocks
+from attnzoo.methods.common import dense_scores, repeat_kv, visible
+from attnzoo.registry import ALL_PATTERNS, Backend, MethodSpec, Param, register
+
+SCORES_PER_BLOCK = 1 << 26
+
+SPEC = MethodSpec(
+    name="sigmoid",
+    family="softmax",
+    mechanism="S2",
+    paper="Theory, Analysis, and Best Practices for Sigmoid Self-Attention",
+    arxiv="2409.04431",
+    summary="σ(QKᵀ·scale + b)V with no row normalisation; b = −log(seq_kv) by default",
+    exact=True,
+    patterns=ALL_PATTERNS,
+    params=(
+        Param("sigmoid_bias", (float,), None, "the scalar b added to every logit; None means −log(seq_kv)"),
+    ),
+    complexity="O(N²d) time, O(N·r) memory (query blocks of r rows)",
+    subquadratic_memory=True,
+)
+
+
+def _bias_value(sigmoid_bias: float | None, seq_kv: int) -> float:
+    return -math.log(seq_kv) if sigmoid_bias is None else float(sigmoid_bias)
+
+
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    sigmoid_bias: float | None,
+) -> torch.Tensor:
+    s = dense_scores(q, k, scale) + _bias_value(sigmoid_bias, k.shape[2])
+    if bias is not None:
+        s = s + bias
+    w = torch.sigmoid(s) * visible(causal, mask, q, k)
+    return w @ repeat_kv(v, q.shape[1])
+
+
+def blockwise(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    sigmoid_bias: float | None,
+) -> torch.Tensor:
+    b, h, sq, _ = q.shape
+    skv = k.shape[2]
+    offset = _bias_value(sigmoid_bias, skv)
+    block = max(16, min(sq, SCORES_PER_BLOCK // (b * h * skv)))
+    causal_mod = masks.causal(sq, skv) if causal else None
+
+    def rows(q_rows: torch.Tensor, start: int) -> torch.Tensor:
+        end = start + q_rows.shape[2]
+        s = grouped_logits(q_rows, k, scale).add_(offset)
+        if bias is not None:
+            s = s + masks.rows(bias, start, end)
+        hidden = None if mask is None else ~masks.rows(mask, start, end)
+        if causal_mod is not None:
+            past = ~masks.dense_rows(causal_mod, 1, 1, start, end, skv, q.device)
+            hidden = past if hidden is None else hidden | past
+        if hidden is not None:
+            s = s.masked_fill_(hidden, float("-inf"))
+        return grouped_pv(torch.sigmoid_(s), v)
+
+    return query_blocks(rows, q.contiguous(), block)
+
+
+register(SPEC, reference, [Backend("torch", blockwise)])
