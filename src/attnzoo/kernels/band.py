@@ -1,10 +1,11 @@
 """Banded / tiled attention: each tile of queries attends only to the keys it can see, never the full N×N scores.
 
-A *tiling* is three tensors: ``q_tiles (n, T)`` (query indices of each tile), ``k_tiles (n, W)`` (the key indices the
-tile may see, a superset of every visible key of its queries) and ``tile_mask (n, T, W)`` (which of those each query
-sees). Index ``-1`` pads a tile that has fewer than ``T`` queries or ``W`` keys. :func:`tiled_attention` gathers the
-keys of a chunk of tiles and runs one batched ``scaled_dot_product_attention`` over the chunk, so time is
-O(n·T·W·d) and memory O(chunk·W·d) instead of O(N²).
+A :class:`Tiling` is three tensors: ``q_tiles (n, T)`` (query indices of each tile), ``k_tiles (n, W)`` (the key
+indices the tile may see, a superset of every visible key of its queries) and ``mask (n, T, W)`` (which of those each
+query sees). Index ``-1`` pads a tile that has fewer than ``T`` queries or ``W`` keys. :func:`tiled_attention` reads
+the keys of a chunk of tiles (strided views for 1-D bands, a gather otherwise) and runs one batched
+``scaled_dot_product_attention`` over the chunk with an additive tile mask, so time is O(n·T·W·d) and memory
+O(chunk·W·d) instead of O(N²).
 
 Builders:
 - :func:`band_tiles`: 1-D bands, for queries whose visible keys are ``[start_i, start_i + width)`` with
@@ -13,8 +14,8 @@ Builders:
 - :func:`product_tiles`: N-d tiles as the Cartesian product of per-axis tilings (each axis' tiles, key sets and
   masks), for layouts in row-major order: the tile mask is the AND of the per-axis masks.
 
-Rows with no visible key give 0 (forward and backward, never NaN). Under autograd each chunk is checkpointed when
-there is more than one, so training memory stays O(N·W/T·d) for the inputs of the recomputation only.
+Rows with no visible key give 0 (forward and backward, never NaN). Under autograd, chunks whose keys are gathered
+copies are checkpointed (recomputed in the backward pass), so training memory stays O(N·d) plus one chunk.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 CHUNK_BYTES = 96 << 20
 
-Tiling = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Tiles = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def band_tiles(starts: torch.Tensor, width: int, seq_kv: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +58,7 @@ def concat_tiles(tilings: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[
     return torch.cat(qs), torch.cat(ks)
 
 
-def product_tiles(axes: Sequence[Tiling], layout: Sequence[int]) -> Tiling:
+def product_tiles(axes: Sequence[Tiles], layout: Sequence[int]) -> Tiles:
     """N-d tiling of a row-major layout from per-axis tilings ``(q_tiles_a, k_tiles_a, mask_a)`` over coordinates."""
     strides = [math.prod(layout[a + 1 :]) for a in range(len(layout))]
     q_flat = k_flat = mask = None
@@ -81,71 +82,134 @@ def _combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where((a >= 0) & (b >= 0), a + b, -1)
 
 
+class Tiling:
+    """A tiling ``(q_tiles (n, T), k_tiles (n, W), mask (n, T, W))`` plus what :func:`tiled_attention` derives from it.
+
+    Build once per configuration and reuse (the derived additive masks are cached per dtype). When every tile's keys
+    are a contiguous range (1-D bands), runs of tiles whose ranges start at a constant step are read as strided views
+    of K and V (``unfold``): no gathered copies.
+    """
+
+    def __init__(self, q_tiles: torch.Tensor, k_tiles: torch.Tensor, mask: torch.Tensor) -> None:
+        self.q_tiles, self.k_tiles = q_tiles, k_tiles
+        self.mask = mask & (k_tiles >= 0).unsqueeze(1)
+        flat = q_tiles.flatten()
+        valid = torch.nonzero(flat >= 0).squeeze(1)
+        self.position = torch.empty(int(flat.max()) + 1, dtype=torch.long, device=flat.device)
+        self.position[flat[valid]] = valid  # row of the flattened tiles holding each query
+        self.empty_rows = bool(((~self.mask.any(dim=-1)) & (q_tiles >= 0)).any())
+        w = k_tiles.shape[1]
+        lo = k_tiles[:, 0]
+        contiguous = bool((k_tiles == lo.unsqueeze(1) + torch.arange(w, device=lo.device)).all())
+        self.lo: list[int] | None = lo.tolist() if contiguous else None
+        self._additive: dict[torch.dtype, torch.Tensor] = {}
+
+    def to(self, device: torch.device) -> Tiling:
+        return self if self.q_tiles.device == device else Tiling(*(t.to(device) for t in (
+            self.q_tiles, self.k_tiles, self.mask)))
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as 0 / −inf logits ``(n, T, W)``; rows with no visible key are all 0 (their output is zeroed)."""
+        if dtype not in self._additive:
+            hidden = ~self.mask & self.mask.any(dim=-1, keepdim=True)
+            self._additive[dtype] = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill_(
+                hidden, float("-inf"))
+        return self._additive[dtype]
+
+    def chunks(self, size: int) -> list[tuple[int, int, int | None]]:
+        """``(start, end, step)`` runs of at most ``size`` tiles; ``step`` is the constant key-range step of a run of
+        contiguous key ranges (``None``: gather the keys)."""
+        n = self.q_tiles.shape[0]
+        if self.lo is None:
+            return [(s, min(s + size, n), None) for s in range(0, n, size)]
+        out: list[tuple[int, int, int | None]] = []
+        start = 0
+        while start < n:
+            end = start + 1
+            step = self.lo[end] - self.lo[start] if end < n else 0
+            while end < n and end - start < size and self.lo[end] - self.lo[end - 1] == step:
+                end += 1
+            out.append((start, end, step))
+            start = end
+        return out
+
+
 def tiled_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     *,
     scale: float,
-    q_tiles: torch.Tensor,
-    k_tiles: torch.Tensor,
-    tile_mask: torch.Tensor,
+    tiling: Tiling,
     mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of ``q (B, H, Sq, D)`` over ``k, v (B, Hkv, Skv, ·)`` restricted to a tiling.
 
-    Every query index must appear exactly once in ``q_tiles``. ``mask``/``bias``: optional 4-D views broadcastable to
-    ``(B, H, Sq, Skv)`` (gathered per tile, so a dense user mask costs O(N·W) reads, not O(N²) compute). GQA stacks the
-    query heads of a group as extra rows: no K/V copies beyond the gathered bands.
+    Every query index must appear exactly once in the tiling. ``mask``/``bias``: optional 4-D views broadcastable to
+    ``(B, H, Sq, Skv)`` (gathered per tile: a dense user mask costs O(N·W) reads, not O(N²) compute). GQA stacks the
+    query heads of a group as extra rows, so K/V are never repeated. The tile mask is an additive float mask shared by
+    batch and heads (about twice as fast in SDPA as a boolean one).
     """
     b, h, sq, d = q.shape
-    hkv, dv = k.shape[1], v.shape[-1]
+    hkv, skv, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = h // hkv
-    n, t = q_tiles.shape
-    w = k_tiles.shape[1]
     device = q.device
-    q_tiles, k_tiles, tile_mask = q_tiles.to(device), k_tiles.to(device), tile_mask.to(device)
-    tile_mask = tile_mask & (k_tiles >= 0).unsqueeze(1)
+    tiling = tiling.to(device)
+    t, w = tiling.q_tiles.shape[1], tiling.k_tiles.shape[1]
+    additive = tiling.additive(q.dtype)
+    zero_empty = tiling.empty_rows or mask is not None
     # (B, Hkv, Sq, G, D): the G query heads sharing a K/V head are the last-but-one axis, gathered as rows.
-    q_rows = q.view(b, hkv, g, sq, d).transpose(2, 3)
-    per_tile = b * hkv * (w * (d + dv) + 3 * t * g * w) * q.element_size()
-    chunk = max(1, min(n, CHUNK_BYTES // max(per_tile, 1)))
-    many = chunk < n and torch.is_grad_enabled()
+    q_rows = q.reshape(b, hkv, g, sq, d).transpose(2, 3)
+    kk, vv = k.reshape(b * hkv, skv, d), v.reshape(b * hkv, skv, dv)
+    per_tile = b * hkv * (w * (d + dv) + 2 * t * g * w) * q.element_size()
+    chunks = tiling.chunks(max(1, CHUNK_BYTES // max(per_tile, 1)))
 
-    def run(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        qi, ki, tm = q_tiles[start : start + chunk], k_tiles[start : start + chunk], tile_mask[start : start + chunk]
-        nc = qi.shape[0]
-        kc = ki.clamp(min=0).flatten()
+    def run(q_rows: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, start: int, end: int, step: int | None
+            ) -> torch.Tensor:
+        qi, ki = tiling.q_tiles[start:end], tiling.k_tiles[start:end]
+        nc = end - start
         qg = q_rows[:, :, qi.clamp(min=0).flatten()].reshape(b * hkv, nc, t * g, d)
-        kg = k[:, :, kc].reshape(b * hkv, nc, w, d)
-        vg = v[:, :, kc].reshape(b * hkv, nc, w, dv)
-        seen = tm.view(1, 1, nc, t, 1, w)
-        if mask is not None:
-            seen = seen & _gather_pairs(mask, qi, ki, hkv, g)
-        some = seen.any(dim=-1, keepdim=True)
-        # An additive float mask broadcast over batch and heads is about twice as fast in SDPA as a boolean one.
-        attn = torch.zeros(seen.shape, dtype=q.dtype, device=device).masked_fill_(~(seen | ~some), float("-inf"))
+        if step is None:
+            kc = ki.clamp(min=0).flatten()
+            kg, vg = kk[:, kc].view(b * hkv, nc, w, d), vv[:, kc].view(b * hkv, nc, w, dv)
+        else:
+            kg, vg = _bands(kk, tiling.lo[start], nc, w, step), _bands(vv, tiling.lo[start], nc, w, step)
+        attn = additive[start:end].view(1, 1, nc, t, 1, w)
+        some = None
+        if zero_empty:
+            seen = tiling.mask[start:end].view(1, 1, nc, t, 1, w)
+            if mask is not None:
+                seen = seen & _gather_pairs(mask, qi, ki, hkv, g)
+                attn = attn.masked_fill(~seen & seen.any(dim=-1, keepdim=True), float("-inf"))
+            some = seen.any(dim=-1, keepdim=True)
         if bias is not None:
             attn = attn + _gather_pairs(bias, qi, ki, hkv, g)
-        attn = attn.expand(*attn.shape[:4], g, w)
+        if g > 1:
+            attn = attn.expand(*attn.shape[:4], g, w)
         if attn.shape[0] * attn.shape[1] not in (1, b * hkv):
             attn = attn.expand(b, hkv, *attn.shape[2:])
         out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=attn.reshape(-1, nc, t * g, w), scale=scale)
-        return out.view(b, hkv, nc, t, g, dv) * some.to(out.dtype)
+        out = out.reshape(b, hkv, nc * t, g, dv)
+        return out if some is None else out * some.reshape(some.shape[0], some.shape[1], nc * t, -1, 1).to(out.dtype)
 
-    outs = []
-    for start in range(0, n, chunk):
-        if many:
-            outs.append(checkpoint(run, q_rows, k, v, start, use_reentrant=False))
-        else:
-            outs.append(run(q_rows, k, v, start))
-    out = torch.cat([o.view(b, hkv, -1, g, dv) for o in outs], dim=2)  # (B, Hkv, n·T, G, Dv)
-    flat = q_tiles.flatten()
-    valid = torch.nonzero(flat >= 0).squeeze(1)
-    pos = torch.empty(sq, dtype=torch.long, device=device)
-    pos[flat[valid]] = valid
-    return out[:, :, pos].transpose(2, 3).reshape(b, h, sq, dv)
+    # Gathered K/V bands are copies: under autograd they are recomputed in the backward pass instead of being kept.
+    recompute = torch.is_grad_enabled() and len(chunks) > 1
+    outs = [
+        checkpoint(run, q_rows, kk, vv, *c, use_reentrant=False) if recompute and c[2] is None
+        else run(q_rows, kk, vv, *c)
+        for c in chunks
+    ]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, Hkv, n·T, G, Dv)
+    return out[:, :, tiling.position].transpose(2, 3).reshape(b, h, sq, dv)
+
+
+def _bands(x: torch.Tensor, lo: int, count: int, width: int, step: int) -> torch.Tensor:
+    """Ranges `[lo + i·step, lo + i·step + width)`, i < count, of `x (BH, S, D)` as a view `(BH, count, W, D)`."""
+    if step == 0:
+        return x[:, lo : lo + width].unsqueeze(1).expand(-1, count, -1, -1)
+    span = x[:, lo : lo + (count - 1) * step + width]
+    return span.unfold(1, width, step).transpose(-1, -2)
 
 
 def _gather_pairs(t: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor, hkv: int, g: int) -> torch.Tensor:

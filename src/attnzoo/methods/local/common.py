@@ -7,7 +7,7 @@ from collections.abc import Callable, Hashable
 import torch
 
 from attnzoo.kernels import flex
-from attnzoo.kernels.band import Tiling
+from attnzoo.kernels.band import Tiles, Tiling
 from attnzoo.masks import MaskMod
 from attnzoo.registry import Call
 
@@ -15,14 +15,14 @@ _tilings: dict[Hashable, Tiling] = {}
 _MAX_TILINGS = 32
 
 
-def cached_tiling(key: Hashable, device: torch.device, build: Callable[[], Tiling]) -> Tiling:
-    """The tiling ``build()`` makes for a configuration ``key``, built once per device (they cost O(n·T·W) to make)."""
+def cached_tiling(key: Hashable, device: torch.device, build: Callable[[], Tiles]) -> Tiling:
+    """The tiling of the tiles ``build()`` makes for a configuration ``key``, built once per device (O(n·T·W))."""
     full_key = (key, str(device))
     tiling = _tilings.get(full_key)
     if tiling is None:
         if len(_tilings) >= _MAX_TILINGS:
             _tilings.pop(next(iter(_tilings)))
-        tiling = tuple(t.to(device) for t in build())  # type: ignore[assignment]
+        tiling = Tiling(*(t.to(device) for t in build()))
         _tilings[full_key] = tiling
     return tiling
 

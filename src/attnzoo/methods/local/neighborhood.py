@@ -202,9 +202,8 @@ def blockwise(
     is_causal: Any,
 ) -> torch.Tensor:
     axes = _axes(q.shape[2], causal, kernel_size, dilation, layout, is_causal)
-    q_tiles, k_tiles, tile_mask = cached_tiling(("neighborhood", axes), q.device, lambda: _tiling(axes))
-    return tiled_attention(q, k, v, scale=scale, q_tiles=q_tiles, k_tiles=k_tiles, tile_mask=tile_mask, mask=mask,
-                           bias=bias)
+    tiling = cached_tiling(("neighborhood", axes), q.device, lambda: _tiling(axes))
+    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
 
 
 def flex(

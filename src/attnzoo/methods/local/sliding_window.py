@@ -105,9 +105,8 @@ def blockwise(
     inward: bool,
 ) -> torch.Tensor:
     config = (q.shape[2], k.shape[2], window, causal, inward)
-    q_tiles, k_tiles, tile_mask = cached_tiling(("sliding_window", config), q.device, lambda: _tiling(*config))
-    return tiled_attention(q, k, v, scale=scale, q_tiles=q_tiles, k_tiles=k_tiles, tile_mask=tile_mask, mask=mask,
-                           bias=bias)
+    tiling = cached_tiling(("sliding_window", config), q.device, lambda: _tiling(*config))
+    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
 
 
 def flex(
