@@ -162,8 +162,12 @@ def tiled_attention(
     # (B, Hkv, Sq, G, D): the G query heads sharing a K/V head are the last-but-one axis, gathered as rows.
     q_rows = q.reshape(b, hkv, g, sq, d).transpose(2, 3)
     kk, vv = k.reshape(b * hkv, skv, d), v.reshape(b * hkv, skv, dv)
+    # Strided K/V views with the cached tile mask cost no memory per tile (SDPA never stores the scores), so such runs
+    # go whole: one SDPA each, and the backward does not zero-fill full-size gradients once per chunk. Gathered K/V and
+    # gathered user masks/biases are copies, so those chunks are bounded to CHUNK_BYTES.
     per_tile = b * hkv * (w * (d + dv) + 2 * t * g * w) * q.element_size()
-    chunks = tiling.chunks(max(1, CHUNK_BYTES // max(per_tile, 1)))
+    bounded = mask is not None or bias is not None or tiling.lo is None
+    chunks = tiling.chunks(max(1, CHUNK_BYTES // max(per_tile, 1)) if bounded else tiling.q_tiles.shape[0])
 
     def run(q_rows: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, start: int, end: int, step: int | None
             ) -> torch.Tensor:
