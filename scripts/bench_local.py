@@ -75,6 +75,10 @@ CASES: dict[str, Callable[[], None]] = {
                          kernel_size=13, layout=(128, 128)),
     "na2d_flex": lambda: case("2-D neighborhood 128x128 k=13x13", 16384, False, "flex", method="neighborhood",
                               kernel_size=13, layout=(128, 128)),
+    "axial_rows": lambda: case("axial 128x128 rows", 16384, False, "sdpa", method="axial", layout=(128, 128), axis=1),
+    "axial_cols": lambda: case("axial 128x128 columns", 16384, False, "sdpa", method="axial", layout=(128, 128),
+                               axis=0),
+    "axial_both": lambda: case("axial 128x128 both axes", 16384, False, "sdpa", method="axial", layout=(128, 128)),
     "na1d_grad": lambda: case_grad("1-D neighborhood N=16384 k=1023", 16384, method="neighborhood", kernel_size=1023),
     "na1d_mem": lambda: peak_memory(65536, method="neighborhood", kernel_size=1023),
 }

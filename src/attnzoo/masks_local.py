@@ -25,7 +25,7 @@ import torch
 
 from attnzoo.masks import MaskMod
 
-__all__ = ["neighborhood", "neighborhood_axis", "sliding_window", "sliding_window_starts"]
+__all__ = ["axial", "neighborhood", "neighborhood_axis", "sliding_window", "sliding_window_starts"]
 
 
 def neighborhood_axis(
@@ -93,3 +93,17 @@ def sliding_window_starts(seq_q: int, seq_kv: int, window: int, causal: bool, in
         span = min(2 * window + 1, seq_kv)
         return torch.clamp(c - window, min=0, max=seq_kv - span), span
     return c - window, (window + 1 if causal else 2 * window + 1)
+
+
+def axial(layout: Sequence[int], axis: int, causal: bool) -> MaskMod:
+    """Axial predicate on flat row-major indices: same coordinates on every other axis (and ``j ≤ i`` on ``axis``
+    when causal)."""
+    stride = math.prod(layout[axis + 1 :])
+    length = layout[axis]
+
+    def axial_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        xq, xk = (q_idx // stride) % length, (kv_idx // stride) % length
+        same_line = (q_idx - xq * stride) == (kv_idx - xk * stride)
+        return same_line & (xk <= xq) if causal else same_line
+
+    return axial_mod

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attnzoo import masks
-from attnzoo.masks_local import neighborhood, sliding_window
+from attnzoo.masks_local import axial, neighborhood, sliding_window
 
 
 def natten_window(x: int, length: int, kernel: int, dilation: int, causal: bool) -> set[int]:
@@ -83,3 +83,12 @@ def brute_sliding_window(sq: int, skv: int, window: int, causal: bool, inward: b
 def test_sliding_window_predicate_matches_brute_force(sq, skv, window, causal, inward):
     got = masks.dense(sliding_window(sq, skv, window, causal, inward), 1, 1, sq, skv, "cpu")[0, 0]
     assert torch.equal(got, brute_sliding_window(sq, skv, window, causal, inward))
+
+
+@pytest.mark.parametrize(("layout", "axis", "causal"), [((4, 5), 0, False), ((4, 5), 1, True), ((2, 3, 4), 1, True)])
+def test_axial_predicate_matches_brute_force(layout, axis, causal):
+    coords = list(itertools.product(*(range(n) for n in layout)))
+    want = torch.tensor([[all(a == b for i, (a, b) in enumerate(zip(xq, xk, strict=True)) if i != axis)
+                          and (not causal or xk[axis] <= xq[axis]) for xk in coords] for xq in coords])
+    n = len(coords)
+    assert torch.equal(masks.dense(axial(layout, axis, causal), 1, 1, n, n, "cpu")[0, 0], want)

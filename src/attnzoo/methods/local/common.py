@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable
+from typing import Any
 
 import torch
 
@@ -10,6 +12,20 @@ from attnzoo.kernels import flex
 from attnzoo.kernels.band import Tiles, Tiling
 from attnzoo.masks import MaskMod
 from attnzoo.registry import Call
+
+
+def check_layout(value: Any, call: Call, max_ndim: int | None = None) -> str | None:
+    """Why ``value`` is not a valid ``layout`` (spatial shape of the query sequence) for ``call``, or None."""
+    if value is None:
+        return None
+    most = f"1 to {max_ndim}" if max_ndim else "one or more"
+    if (not isinstance(value, tuple) or not value or (max_ndim is not None and len(value) > max_ndim)
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value)):
+        return f"a tuple of {most} positive ints (the spatial shape of the sequence)"
+    if math.prod(value) != call.seq_q:
+        return f"a shape whose product is the sequence length {call.seq_q}"
+    return None
+
 
 _tilings: dict[Hashable, Tiling] = {}
 _MAX_TILINGS = 32

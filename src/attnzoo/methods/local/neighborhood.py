@@ -27,7 +27,6 @@ configuration. Fast path ``flex``: FlexAttention with the predicate's block mask
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -37,7 +36,7 @@ from attnzoo.kernels.band import band_tiles, concat_tiles, product_tiles, tiled_
 from attnzoo.masks_local import neighborhood as neighborhood_mod
 from attnzoo.masks_local import neighborhood_axis
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
-from attnzoo.methods.local.common import cached_tiling, flex_attention, flex_serves
+from attnzoo.methods.local.common import cached_tiling, check_layout, flex_attention, flex_serves
 from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]
@@ -53,17 +52,15 @@ def _layout(value: tuple[int, ...] | None, call: Call) -> tuple[int, ...]:
 
 
 def _check_layout(value: Any, call: Call) -> str | None:
-    if value is None:
-        return None
-    if not (1 <= len(value) <= 3) or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value):
-        return "a tuple of 1 to 3 positive ints (the spatial shape of the sequence)"
-    if math.prod(value) != call.seq_q:
-        return f"a shape whose product is the sequence length {call.seq_q}"
-    return None
+    return check_layout(value, call, max_ndim=3)
 
 
 def _per_axis_ints(name: str, value: Any, call: Call, low: int) -> tuple[int, ...] | str:
+    if _check_layout(call.params.get("layout"), call) is not None:
+        return ()  # the layout's own check reports it
     ndim = len(_layout(call.params.get("layout"), call))
+    if isinstance(value, bool) or not isinstance(value, (int, tuple)):
+        return f"an int or a tuple of {ndim} ints for {name}"
     if isinstance(value, tuple):
         if len(value) != ndim:
             return f"an int or a tuple of {ndim} ints (one per layout axis) for {name}"
@@ -99,6 +96,8 @@ def _check_dilation(value: Any, call: Call) -> str | None:
 
 
 def _check_is_causal(value: Any, call: Call) -> str | None:
+    if _check_layout(call.params.get("layout"), call) is not None:
+        return None  # the layout's own check reports it
     ndim = len(_layout(call.params.get("layout"), call))
     if isinstance(value, tuple) and (len(value) != ndim or not all(isinstance(x, bool) for x in value)):
         return f"a bool or a tuple of {ndim} bools (one per layout axis)"
