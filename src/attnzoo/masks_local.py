@@ -25,7 +25,7 @@ import torch
 
 from attnzoo.masks import MaskMod
 
-__all__ = ["axial", "neighborhood", "neighborhood_axis", "sliding_window", "sliding_window_starts"]
+__all__ = ["axial", "dilated", "halo", "neighborhood", "neighborhood_axis", "sliding_window", "sliding_window_starts"]
 
 
 def neighborhood_axis(
@@ -107,3 +107,42 @@ def axial(layout: Sequence[int], axis: int, causal: bool) -> MaskMod:
         return same_line & (xk <= xq) if causal else same_line
 
     return axial_mod
+
+
+def dilated(dilation: int, window: int | None, causal: bool) -> MaskMod:
+    """Dilated (strided) window: key ``j`` visible to query ``i`` iff ``(i − j) mod dilation = 0`` and
+    ``|i − j| ≤ window · dilation`` (causal: ``0 ≤ i − j ≤ window · dilation``); ``window=None`` drops the distance
+    limit (every ``dilation``-th key, Sparse-Transformer style)."""
+    reach = None if window is None else window * dilation
+
+    def dilated_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        diff = q_idx - kv_idx
+        seen = (diff % dilation) == 0
+        if causal:
+            seen = seen & (diff >= 0)
+        if reach is not None:
+            seen = seen & (diff <= reach) & (diff >= -reach)
+        return seen
+
+    return dilated_mod
+
+
+def halo_axis(xq: torch.Tensor, xk: torch.Tensor, block: int, halo: int) -> torch.Tensor:
+    """HaloNet visibility on one axis: the key lies in the query's block widened by ``halo`` on both sides."""
+    start = (xq // block) * block - halo
+    return (xk >= start) & (xk < start + block + 2 * halo)
+
+
+def halo(layout: Sequence[int], block: Sequence[int], halo_size: Sequence[int]) -> MaskMod:
+    """Blocked local attention with halo on a row-major layout: AND over axes of :func:`halo_axis`."""
+    axes = tuple(zip(layout, block, halo_size, strict=True))
+    strides = [math.prod(layout[a + 1 :]) for a in range(len(layout))]
+
+    def halo_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        seen = None
+        for (length, bl, ha), stride in zip(axes, strides, strict=True):
+            on_axis = halo_axis((q_idx // stride) % length, (kv_idx // stride) % length, bl, ha)
+            seen = on_axis if seen is None else seen & on_axis
+        return seen
+
+    return halo_mod

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attnzoo import masks
-from attnzoo.masks_local import axial, neighborhood, sliding_window
+from attnzoo.masks_local import axial, dilated, halo, neighborhood, sliding_window
 
 
 def natten_window(x: int, length: int, kernel: int, dilation: int, causal: bool) -> set[int]:
@@ -92,3 +92,35 @@ def test_axial_predicate_matches_brute_force(layout, axis, causal):
                           and (not causal or xk[axis] <= xq[axis]) for xk in coords] for xq in coords])
     n = len(coords)
     assert torch.equal(masks.dense(axial(layout, axis, causal), 1, 1, n, n, "cpu")[0, 0], want)
+
+
+@pytest.mark.parametrize(
+    ("n", "dilation", "window", "causal"),
+    [(17, 3, 2, False), (17, 3, 2, True), (10, 4, None, False), (10, 4, None, True), (5, 7, 1, False)],
+)
+def test_dilated_predicate_matches_brute_force(n, dilation, window, causal):
+    want = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        steps = range(-n, n + 1) if window is None else range(-window, window + 1)
+        for m in steps:
+            j = i - m * dilation
+            if 0 <= j < n and (not causal or m >= 0):
+                want[i, j] = True
+    assert torch.equal(masks.dense(dilated(dilation, window, causal), 1, 1, n, n, "cpu")[0, 0], want)
+
+
+@pytest.mark.parametrize(("layout", "block", "halo_size"), [((11,), (4,), (2,)), ((6, 7), (4, 3), (1, 0)),
+                                                            ((3, 4, 5), (2, 3, 2), (0, 1, 1))])
+def test_halo_predicate_matches_brute_force(layout, block, halo_size):
+    coords = list(itertools.product(*(range(n) for n in layout)))
+
+    def sees(xq, xk):
+        for x, y, b, h in zip(xq, xk, block, halo_size, strict=True):
+            first = (x // b) * b  # the query's block is [first, first + b), widened by h on each side
+            if not first - h <= y < first + b + h:
+                return False
+        return True
+
+    want = torch.tensor([[sees(xq, xk) for xk in coords] for xq in coords])
+    n = len(coords)
+    assert torch.equal(masks.dense(halo(layout, block, halo_size), 1, 1, n, n, "cpu")[0, 0], want)

@@ -56,6 +56,18 @@ def test_sliding_window_torch_matches_reference(sq, skv, causal, params):
     assert_matches_reference("sliding_window", q, k, v, causal=causal, **params)
 
 
+@pytest.mark.parametrize(
+    ("method", "causal", "params"),
+    [("dilated", False, dict(dilation=3, window=20)), ("dilated", True, dict(dilation=4)),
+     ("halo", False, dict(block_size=16, halo_size=3)),
+     ("halo", False, dict(block_size=(4, 6), halo_size=(1, 2), layout=(15, 20))),
+     ("halo", False, dict(block_size=(2, 4, 3), halo_size=(1, 0, 2), layout=(5, 6, 10)))],
+)
+def test_dilated_and_halo_torch_match_reference(method, causal, params):
+    q, k, v = qkv(2, 4, 2, 300, 300)
+    assert_matches_reference(method, q, k, v, causal=causal, **params)
+
+
 def test_user_mask_bias_and_empty_rows():
     q, k, v = qkv(2, 4, 2, 65, 65)
     g = torch.Generator().manual_seed(1)

@@ -21,7 +21,7 @@ copies are checkpointed (recomputed in the backward pass), so training memory st
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,22 @@ def band_tiles(starts: torch.Tensor, width: int, seq_kv: int, tile: int) -> tupl
     q_tiles = torch.where(q_tiles < seq_q, q_tiles, -1)
     lo = torch.clamp(starts[:: t], min=0, max=seq_kv - w)
     return q_tiles, lo.unsqueeze(1) + torch.arange(w)
+
+
+def strided_band_tiles(
+    length: int, dilation: int, starts: Callable[[int], torch.Tensor], width: int, tile: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`band_tiles` inside each residue class ``x ≡ g (mod dilation)`` of ``[0, length)``, over coordinates.
+
+    ``starts(group_len)`` gives the (group-position) starts of a class of ``group_len`` positions; the classes' tiles
+    are mapped back to coordinates ``g + dilation · u`` and stacked (:func:`concat_tiles`).
+    """
+    groups = []
+    for g in range(min(dilation, length)):
+        group_len = (length - g + dilation - 1) // dilation
+        qu, ku = band_tiles(starts(group_len), width, group_len, tile)
+        groups.append((torch.where(qu >= 0, g + dilation * qu, -1), g + dilation * ku))
+    return concat_tiles(groups)
 
 
 def concat_tiles(tilings: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

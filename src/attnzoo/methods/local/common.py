@@ -27,6 +27,25 @@ def check_layout(value: Any, call: Call, max_ndim: int | None = None) -> str | N
     return None
 
 
+def per_axis_ints(name: str, value: Any, call: Call, low: int) -> tuple[int, ...] | str:
+    """``value`` (an int or a tuple, one per layout axis) as a tuple of ints ``>= low``, or why it is not one."""
+    layout = call.params.get("layout")
+    if check_layout(layout, call) is not None:
+        return ()  # the layout's own check reports it
+    ndim = 1 if layout is None else len(layout)
+    if isinstance(value, bool) or not isinstance(value, (int, tuple)):
+        return f"an int or a tuple of {ndim} ints for {name}"
+    if isinstance(value, tuple):
+        if len(value) != ndim:
+            return f"an int or a tuple of {ndim} ints (one per layout axis) for {name}"
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+            return f"ints in the {name} tuple"
+    values = tuple(value) if isinstance(value, tuple) else (value,) * ndim
+    if any(x < low for x in values):
+        return f"values >= {low}"
+    return values
+
+
 _tilings: dict[Hashable, Tiling] = {}
 _MAX_TILINGS = 32
 

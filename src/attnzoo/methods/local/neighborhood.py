@@ -32,11 +32,11 @@ from typing import Any
 import torch
 
 from attnzoo import masks
-from attnzoo.kernels.band import band_tiles, concat_tiles, product_tiles, tiled_attention
+from attnzoo.kernels.band import product_tiles, strided_band_tiles, tiled_attention
 from attnzoo.masks_local import neighborhood as neighborhood_mod
 from attnzoo.masks_local import neighborhood_axis
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
-from attnzoo.methods.local.common import cached_tiling, check_layout, flex_attention, flex_serves
+from attnzoo.methods.local.common import cached_tiling, check_layout, flex_attention, flex_serves, per_axis_ints
 from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]
@@ -55,31 +55,14 @@ def _check_layout(value: Any, call: Call) -> str | None:
     return check_layout(value, call, max_ndim=3)
 
 
-def _per_axis_ints(name: str, value: Any, call: Call, low: int) -> tuple[int, ...] | str:
-    if _check_layout(call.params.get("layout"), call) is not None:
-        return ()  # the layout's own check reports it
-    ndim = len(_layout(call.params.get("layout"), call))
-    if isinstance(value, bool) or not isinstance(value, (int, tuple)):
-        return f"an int or a tuple of {ndim} ints for {name}"
-    if isinstance(value, tuple):
-        if len(value) != ndim:
-            return f"an int or a tuple of {ndim} ints (one per layout axis) for {name}"
-        if not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
-            return f"ints in the {name} tuple"
-    values = _tuple(value, ndim)
-    if any(x < low for x in values):
-        return f"values >= {low}"
-    return values
-
-
 def _check_kernel(value: Any, call: Call) -> str | None:
-    kernel = _per_axis_ints("kernel_size", value, call, 1)
+    kernel = per_axis_ints("kernel_size", value, call, 1)
     if isinstance(kernel, str):
         return kernel
     layout = call.params.get("layout")
     if _check_layout(layout, call) is not None:
         return None  # the layout's own check reports it
-    dilation = _per_axis_ints("dilation", call.params.get("dilation", 1), call, 1)
+    dilation = per_axis_ints("dilation", call.params.get("dilation", 1), call, 1)
     if isinstance(dilation, str):
         return None
     for k, d, n in zip(kernel, dilation, _layout(layout, call), strict=True):
@@ -91,7 +74,7 @@ def _check_kernel(value: Any, call: Call) -> str | None:
 
 
 def _check_dilation(value: Any, call: Call) -> str | None:
-    dilation = _per_axis_ints("dilation", value, call, 1)
+    dilation = per_axis_ints("dilation", value, call, 1)
     return dilation if isinstance(dilation, str) else None
 
 
@@ -167,16 +150,14 @@ def reference(
 
 def _axis_tiling(length: int, kernel: int, dilation: int, causal: bool, tile: int) -> tuple[torch.Tensor, ...]:
     """One axis' tiles over coordinates: per dilation group, bands of consecutive group positions."""
-    groups = []
-    for g in range(dilation):
-        group_len = (length - g + dilation - 1) // dilation
+
+    def starts(group_len: int) -> torch.Tensor:
         u = torch.arange(group_len)
-        starts = u - kernel + 1 if causal else torch.clamp(u - kernel // 2, min=0, max=group_len - kernel)
-        qu, ku = band_tiles(starts, kernel, group_len, tile)
-        groups.append((torch.where(qu >= 0, g + dilation * qu, -1), g + dilation * ku))
-    q_tiles, k_tiles = concat_tiles(groups)
+        return u - kernel + 1 if causal else torch.clamp(u - kernel // 2, min=0, max=group_len - kernel)
+
+    q_tiles, k_tiles = strided_band_tiles(length, dilation, starts, kernel, tile)
     seen = neighborhood_axis(q_tiles.unsqueeze(2), k_tiles.unsqueeze(1), length, kernel, dilation, causal)
-    return q_tiles, k_tiles, seen & (k_tiles >= 0).unsqueeze(1)
+    return q_tiles, k_tiles, seen
 
 
 def _tiling(axes: Axes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
