@@ -79,6 +79,10 @@ CASES: dict[str, Callable[[], None]] = {
     "axial_cols": lambda: case("axial 128x128 columns", 16384, False, "sdpa", method="axial", layout=(128, 128),
                                axis=0),
     "axial_both": lambda: case("axial 128x128 both axes", 16384, False, "sdpa", method="axial", layout=(128, 128)),
+    "grouped_docs": lambda: case("grouped, 16 packed documents of 1024, N=16384", 16384, False, "torch",
+                                 method="grouped", group_ids=torch.arange(16384) // 1024),
+    "halo2d": lambda: case("halo 128x128, block 8, halo 3", 16384, False, "torch", method="halo", block_size=8,
+                           halo_size=3, layout=(128, 128)),
     "na1d_grad": lambda: case_grad("1-D neighborhood N=16384 k=1023", 16384, method="neighborhood", kernel_size=1023),
     "na1d_mem": lambda: peak_memory(65536, method="neighborhood", kernel_size=1023),
 }

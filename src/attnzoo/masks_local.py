@@ -25,7 +25,10 @@ import torch
 
 from attnzoo.masks import MaskMod
 
-__all__ = ["axial", "dilated", "halo", "neighborhood", "neighborhood_axis", "sliding_window", "sliding_window_starts"]
+__all__ = [
+    "axial", "dilated", "grouped", "halo", "halo_axis", "neighborhood", "neighborhood_axis", "sliding_window",
+    "sliding_window_starts",
+]
 
 
 def neighborhood_axis(
@@ -146,3 +149,13 @@ def halo(layout: Sequence[int], block: Sequence[int], halo_size: Sequence[int]) 
         return seen
 
     return halo_mod
+
+
+def grouped(q_ids: torch.Tensor, kv_ids: torch.Tensor) -> MaskMod:
+    """Group (document / instance / region) predicate: key ``j`` visible to query ``i`` of batch ``b`` iff
+    ``q_ids[b, i] == kv_ids[b, j]``. ``q_ids (B, Sq)``, ``kv_ids (B, Skv)``: integer tensors (or expanded views)."""
+
+    def grouped_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return q_ids[b, q_idx] == kv_ids[b, kv_idx]
+
+    return grouped_mod
