@@ -19,15 +19,15 @@ methods validate.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from attnzoo.masks import MaskMod
 
 __all__ = [
-    "axial", "dilated", "grouped", "halo", "halo_axis", "neighborhood", "neighborhood_axis", "sliding_window",
-    "sliding_window_starts",
+    "axial", "dilated", "grid", "grouped", "halo", "halo_axis", "neighborhood", "neighborhood_axis", "sliding_window",
+    "sliding_window_starts", "window_partition",
 ]
 
 
@@ -159,3 +159,27 @@ def grouped(q_ids: torch.Tensor, kv_ids: torch.Tensor) -> MaskMod:
         return q_ids[b, q_idx] == kv_ids[b, kv_idx]
 
     return grouped_mod
+
+
+def _per_axis(layout: Sequence[int], test: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -> MaskMod:
+    strides = [math.prod(layout[a + 1 :]) for a in range(len(layout))]
+
+    def mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        seen = None
+        for a, (length, stride) in enumerate(zip(layout, strides, strict=True)):
+            on_axis = test((q_idx // stride) % length, (kv_idx // stride) % length, a)
+            seen = on_axis if seen is None else seen & on_axis
+        return seen
+
+    return mod
+
+
+def window_partition(layout: Sequence[int], window: Sequence[int]) -> MaskMod:
+    """MaxViT block attention: same non-overlapping window on every axis (``x_q // P == x_k // P``)."""
+    return _per_axis(layout, lambda xq, xk, a: (xq // window[a]) == (xk // window[a]))
+
+
+def grid(layout: Sequence[int], grid_size: Sequence[int]) -> MaskMod:
+    """MaxViT grid attention: each axis is split as ``x = g · (L/G) + r``; tokens with equal ``r`` on every axis
+    attend to each other (a sparse, dilated ``G × G`` grid spanning the whole layout)."""
+    return _per_axis(layout, lambda xq, xk, a: (xq % (layout[a] // grid_size[a])) == (xk % (layout[a] // grid_size[a])))

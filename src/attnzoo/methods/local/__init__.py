@@ -1,3 +1,12 @@
 """P-family: structured sparsity, local windows and neighborhoods (MECHANISMS.md P1–P14)."""
 
-from attnzoo.methods.local import axial, dilated, grouped, halo, neighborhood, sliding_window  # noqa: F401
+from attnzoo.methods.local import (  # noqa: F401
+    axial,
+    dilated,
+    grouped,
+    halo,
+    maxvit_block,
+    maxvit_grid,
+    neighborhood,
+    sliding_window,
+)

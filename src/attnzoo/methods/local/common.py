@@ -75,3 +75,29 @@ def flex_attention(
     """FlexAttention with the block mask of predicate ``mod`` (cached under ``key``, which must identify it)."""
     bm = flex.block_mask(key, mod, None, None, q.shape[2], k.shape[2], q.device)
     return flex.attention(q, k, v, scale=scale, block_mask=bm)
+
+
+def check_divisor(name: str) -> Callable[[Any, Call], str | None]:
+    """A ``Param.check`` for a per-axis size that must divide each axis of the layout."""
+
+    def check(value: Any, call: Call) -> str | None:
+        sizes = per_axis_ints(name, value, call, 1)
+        if isinstance(sizes, str):
+            return sizes
+        layout = call.params.get("layout") or (call.seq_q,)
+        if sizes and any(n % s for n, s in zip(layout, sizes, strict=True)):
+            return f"sizes dividing each axis of the layout {tuple(layout)}"
+        return None
+
+    return check
+
+
+def smallest_divisor(n: int) -> int:
+    """The smallest divisor of ``n`` above 1 (``n`` itself if prime; 1 for 1): a valid size for any length."""
+    return next((d for d in range(2, n) if n % d == 0), n)
+
+
+def layout_and_sizes(seq: int, layout: Any, size: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The layout (``(seq,)`` when None) and a per-axis size given as an int or a tuple, as tuples."""
+    shape = (seq,) if layout is None else tuple(layout)
+    return shape, tuple(size) if isinstance(size, tuple) else (size,) * len(shape)
