@@ -58,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (median reported)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls per case")
     p.add_argument("--case-timeout", type=float, default=None, help="seconds before a case is stopped (timeout)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per quality case (equal for every method)")
     p.add_argument("--phases", type=_csv, default=None,
                    help="efficiency,approximation,quality (default: all three)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -103,6 +104,10 @@ def _config(args: argparse.Namespace):
         base.lengths = []
     if "fwd+bwd" not in modes:
         base.bwd_lengths = []
+    if args.steps is not None:
+        if args.steps < 1:
+            raise fail("--steps", "a positive integer", args.steps)
+        base.model = {**base.model, "steps": args.steps}
     if args.case_timeout is not None:
         base.case_timeout_s = args.case_timeout
     bad = [p for p in base.phases if p not in ("efficiency", "approximation", "quality")]

@@ -101,10 +101,11 @@ def efficiency_length(
     gap_hi = mine.log_at(hi) - base.log_at(hi)
     slope = mine.exponent - base.exponent
     kwargs: dict[str, Any] = {"exponent": mine.exponent, "baseline_exponent": base.exponent}
-    if slope == 0:
+    if abs(slope) < 1e-9:
         return EfficiencyLength("always" if gap_lo < 0 else "never", None, **kwargs)
-    cross = math.exp((base.intercept - mine.intercept) / slope)
-    far = cross > hi * MAX_EXTRAPOLATION
+    log_cross = (base.intercept - mine.intercept) / slope
+    far = log_cross > math.log(hi * MAX_EXTRAPOLATION)
+    cross = math.exp(min(log_cross, 700.0))
     if slope < 0:  # grows slower than SDPA: cheaper beyond the crossing
         if gap_lo < 0:
             return EfficiencyLength("always", None, **kwargs)
