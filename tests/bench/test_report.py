@@ -37,7 +37,7 @@ def test_round_trip_and_efficiency_lengths(tmp_path):
     assert by_metric["time"]["kind"] == "crossing" and by_metric["time"]["length"] == pytest.approx(1000)
     assert by_metric["memory"]["kind"] == "never"  # 200× the memory, same growth
     summary = (tmp_path / "summary.md").read_text()
-    assert "| linear | torch | self/causal |" in summary and "kaboom" not in summary
+    assert "| linear | torch | self/causal | 2048 |" in summary
     assert "| broken | torch fwd | self/causal | error | 256 | why |" in summary
 
 

@@ -105,7 +105,8 @@ def test_quick_smoke_two_methods(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 4 and "<table>" in page
     summary = (tmp_path / "summary.md").read_text()
-    assert "## Efficiency, fwd, N = 64" in summary and "eff. length (time)" in summary
+    assert "## Efficiency, fwd (each at its longest measured N)" in summary and "eff. length (time)" in summary
+    assert "| softmax | sdpa | self/causal | 64 |" in summary
 
 
 def test_bad_options_give_clear_errors(tmp_path, capsys):

@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=None)
     p.add_argument("--kv-heads", type=int, default=None, help="fewer key/value heads than --heads measures GQA")
     p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for the cases (default: 1 with --quick, else torch's default)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (median reported)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls per case")
     p.add_argument("--case-timeout", type=float, default=None, help="seconds before a case is stopped (timeout)")
@@ -87,7 +89,7 @@ def _config(args: argparse.Namespace):
     base.device = device
     base.dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     for name in ("methods", "patterns", "backends", "batch", "heads", "kv_heads", "head_dim", "repeats", "warmup",
-                 "seed", "phases"):
+                 "seed", "phases", "threads"):
         value = getattr(args, name)
         if value is not None:
             setattr(base, name, value)
@@ -113,8 +115,8 @@ def _config(args: argparse.Namespace):
     bad = [p for p in base.phases if p not in ("efficiency", "approximation", "quality")]
     if bad:
         raise fail("--phases", "some of efficiency, approximation, quality", bad)
-    for name in ("batch", "heads", "head_dim", "repeats"):
-        if getattr(base, name) < 1:
+    for name in ("batch", "heads", "head_dim", "repeats", "threads"):
+        if getattr(base, name) is not None and getattr(base, name) < 1:
             raise fail(f"--{name.replace('_', '-')}", "a positive integer", getattr(base, name))
     base.imports = list(args.imports)
     base.isolate = not args.in_process

@@ -52,7 +52,7 @@ def plan(
     dims: dict[str, Any],
     run: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    """Every efficiency case, shortest lengths first and the SDPA baseline before the methods at each shape.
+    """Every efficiency case, in :func:`rounds` order, with the SDPA baseline before the methods at each shape.
 
     ``lengths`` maps a mode to its lengths. ``backends`` selects backends by name (None: all registered fast paths;
     ``reference`` only when named). ``skip_backends`` maps a backend name to the reason its cases are recorded as
@@ -62,28 +62,43 @@ def plan(
     methods = list(methods)
     base_method = get(BASELINE[0])
     cases = []
-    for mode, mode_lengths in lengths.items():
-        for length in mode_lengths:
-            for pattern in patterns:
-                entries = [(base_method, BASELINE[1])]
-                for m in methods:
-                    names = [b.name for b in m.backends] + ["reference"]
-                    for name in names:
-                        selected = name in backends if backends is not None else name != "reference"
-                        if selected and (m.name, name) != BASELINE:
-                            entries.append((m, name))
-                for m, name in entries:
-                    if pattern not in m.spec.patterns:
-                        continue
-                    case = {"kind": "efficiency", "method": m.name, "backend": name, "pattern": pattern, "mode": mode}
-                    case.update(shape(pattern, length, **dims))
-                    case.update(run)
-                    if mode == "fwd+bwd" and not m.spec.differentiable:
-                        case["skip"] = "inference-only method (spec.differentiable is False)"
-                    elif name in skip_backends and (m.name, name) != BASELINE:
-                        case["skip"] = skip_backends[name]
-                    cases.append(case)
+    for mode, length in rounds(lengths):
+        for pattern in patterns:
+            entries = [(base_method, BASELINE[1])]
+            for m in methods:
+                for name in [b.name for b in m.backends] + ["reference"]:
+                    selected = name in backends if backends is not None else name != "reference"
+                    if selected and (m.name, name) != BASELINE:
+                        entries.append((m, name))
+            for m, name in entries:
+                if pattern not in m.spec.patterns:
+                    continue
+                case = {"kind": "efficiency", "method": m.name, "backend": name, "pattern": pattern, "mode": mode}
+                case.update(shape(pattern, length, **dims))
+                case.update(run)
+                if mode == "fwd+bwd" and not m.spec.differentiable:
+                    case["skip"] = "inference-only method (spec.differentiable is False)"
+                elif name in skip_backends and (m.name, name) != BASELINE:
+                    case["skip"] = skip_backends[name]
+                cases.append(case)
     return cases
+
+
+def rounds(lengths: dict[str, list[int]]) -> list[tuple[str, int]]:
+    """The order (mode, length) shapes run in, so that a run cut short still has the most useful points.
+
+    Each mode's lengths are taken shortest, longest, then the rest in increasing order (two far-apart points already
+    give a fitted curve), and the modes alternate: with fwd 256/512/1024 and fwd+bwd 512 the order is fwd 256,
+    fwd+bwd 512, fwd 1024, fwd 512.
+    """
+    queues = {}
+    for mode, ls in lengths.items():
+        ordered = sorted(set(ls))
+        queues[mode] = ordered[:1] + ordered[-1:] + ordered[1:-1] if len(ordered) > 1 else ordered
+    order = []
+    for i in range(max((len(q) for q in queues.values()), default=0)):
+        order += [(mode, q[i]) for mode, q in queues.items() if i < len(q)]
+    return order
 
 
 def classify(e: BaseException) -> tuple[str, str]:

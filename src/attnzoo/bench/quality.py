@@ -128,16 +128,10 @@ def plan(
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
-    """Train and score one method on one task. ``threads`` (optional) sets torch's intra-op threads for the run: the
-    tiny models here run far faster on one thread than on two contended ones."""
+    """Train and score one method on one task."""
     from attnzoo.bench.efficiency import guarded
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(case.get("threads") or threads))
-    try:
-        return guarded(case, _train)
-    finally:
-        torch.set_num_threads(threads)
+    return guarded(case, _train)
 
 
 def _train(case: dict[str, Any]) -> dict[str, Any]:

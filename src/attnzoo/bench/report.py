@@ -32,6 +32,7 @@ from attnzoo.errors import fail
 SCHEMA = "attnzoo.bench/1"
 SCHEMA_MAJOR = 1
 SECTIONS = ("efficiency", "efficiency_length", "approximation", "quality")
+PATTERN_ORDER = ("self/noncausal", "self/causal", "cross/noncausal", "cross/causal")
 
 
 # ------------------------------------------------------------------------------------------------------------- schema
@@ -106,35 +107,43 @@ def _fmt(x: Any, spec: str = ".3g", scale: float = 1.0) -> str:
     return format(x * scale, spec)
 
 
-def efficiency_table(results: dict[str, Any], mode: str) -> tuple[list[str], list[list[str]], int | None]:
-    """Header, rows and length of the efficiency table for ``mode`` at its longest measured length."""
-    rows = [r for r in results["efficiency"] if r["mode"] == mode and r.get("status") == "ok"]
-    if not rows:
-        return [], [], None
-    longest = max(r["length"] for r in rows)
+def longest_rows(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """Per method, backend and pattern, its measured row at the longest length (a run cut short by its time budget
+    may have measured some methods at fewer lengths than others)."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        if r["mode"] != mode or r.get("status") != "ok":
+            continue
+        key = (r["method"], r["backend"], r["pattern"])
+        if key not in best or r["length"] > best[key]["length"]:
+            best[key] = r
+    return sorted(best.values(), key=lambda r: (PATTERN_ORDER.index(r["pattern"]), (r["method"], r["backend"]) !=
+                                               BASELINE, r.get("time_ratio") or 1e9, r["method"]))
+
+
+def efficiency_table(results: dict[str, Any], mode: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the efficiency table for ``mode``, each series at its longest measured length."""
+    rows = longest_rows(results["efficiency"], mode)
     entries = {(e["method"], e["backend"], e["pattern"], e["mode"], e["metric"]): e
                for e in results.get("efficiency_length", [])}
-    header = ["method", "backend", "pattern", "ms", "± IQR", "× SDPA", "peak MiB", "mem × SDPA", "GFLOP/s",
+    header = ["method", "backend", "pattern", "N", "ms", "± IQR", "× SDPA", "peak MiB", "mem × SDPA", "GFLOP/s",
               "time ∝ N^", "eff. length (time)", "eff. length (mem)"]
-    body = []
-    exps = {(e["method"], e["backend"], e["pattern"], e["mode"]): e.get("exponent")
-            for e in results.get("efficiency_length", []) if e["metric"] == "time"}
     base_exp = {e["pattern"]: e.get("baseline_exponent") for e in results.get("efficiency_length", [])
                 if e["metric"] == "time" and e["mode"] == mode}
-    at = sorted((r for r in rows if r["length"] == longest),
-                key=lambda r: (r["pattern"], (r["method"], r["backend"]) != BASELINE, r.get("time_ratio") or 1e9))
-    for r in at:
+    body = []
+    for r in rows:
         key = (r["method"], r["backend"], r["pattern"], mode)
-        exp = base_exp.get(r["pattern"]) if (r["method"], r["backend"]) == BASELINE else exps.get(key)
+        is_base = (r["method"], r["backend"]) == BASELINE
+        exp = base_exp.get(r["pattern"]) if is_base else (entries.get((*key, "time")) or {}).get("exponent")
         body.append([
-            r["method"], r["backend"], r["pattern"], _fmt(r["time_median_s"], ".3g", 1e3),
+            r["method"], r["backend"], r["pattern"], str(r["length"]), _fmt(r["time_median_s"], ".3g", 1e3),
             _fmt(r.get("time_iqr_s"), ".2g", 1e3), _fmt(r.get("time_ratio"), ".2f"),
             _fmt(r.get("peak_bytes"), ".3g", 1 / 2**20), _fmt(r.get("memory_ratio"), ".2f"),
             _fmt(r.get("gflops_per_s"), ".3g"), _fmt(exp, ".2f"),
-            "baseline" if (r["method"], r["backend"]) == BASELINE else _eff_cell(entries, key, "time"),
-            "baseline" if (r["method"], r["backend"]) == BASELINE else _eff_cell(entries, key, "memory"),
+            "baseline" if is_base else _eff_cell(entries, key, "time"),
+            "baseline" if is_base else _eff_cell(entries, key, "memory"),
         ])
-    return header, body, longest
+    return header, body
 
 
 def failures_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -214,9 +223,9 @@ def summary_markdown(results: dict[str, Any], images: Iterable[str] = ()) -> str
     out = ["# attnzoo bench", ""]
     out += [f"- {line}" for line in overview(results)] + [""]
     for mode in ("fwd", "fwd+bwd"):
-        header, body, longest = efficiency_table(results, mode)
+        header, body = efficiency_table(results, mode)
         if body:
-            out += [f"## Efficiency, {mode}, N = {longest}", "", _md_table(header, body)]
+            out += [f"## Efficiency, {mode} (each at its longest measured N)", "", _md_table(header, body)]
     header, body = approximation_table(results)
     if body:
         out += ["## Approximation error against softmax (approximate methods)", "", _md_table(header, body)]
@@ -255,8 +264,7 @@ def _curve_plot(
     results: dict[str, Any], mode: str, field: str, ylabel: str, scale: float, path: Path, plt: Any
 ) -> bool:
     rows = [r for r in results["efficiency"] if r["mode"] == mode and r.get("status") == "ok" and r.get(field)]
-    patterns = [p for p in ("self/noncausal", "self/causal", "cross/noncausal", "cross/causal")
-                if any(r["pattern"] == p for r in rows)]
+    patterns = [p for p in PATTERN_ORDER if any(r["pattern"] == p for r in rows)]
     if not patterns or len({r["length"] for r in rows}) < 2:
         return False
     lines = sorted({(r["method"], r["backend"]) for r in rows}, key=lambda mb: (mb != BASELINE, mb))
@@ -294,30 +302,28 @@ def _curve_plot(
 
 
 def _ratio_plot(results: dict[str, Any], mode: str, path: Path, plt: Any) -> bool:
-    rows = [r for r in results["efficiency"] if r["mode"] == mode and r.get("status") == "ok" and r.get("time_ratio")]
-    if not rows:
-        return False
-    longest = max(r["length"] for r in rows)
-    rows = [r for r in rows if r["length"] == longest and (r["method"], r["backend"]) != BASELINE]
-    patterns = [p for p in ("self/noncausal", "self/causal", "cross/noncausal", "cross/causal")
-                if any(r["pattern"] == p for r in rows)]
+    rows = [r for r in longest_rows(results["efficiency"], mode)
+            if r.get("time_ratio") and (r["method"], r["backend"]) != BASELINE]
+    patterns = [p for p in PATTERN_ORDER if any(r["pattern"] == p for r in rows)]
     if not patterns:
         return False
+    longest = {p: max(r["length"] for r in rows if r["pattern"] == p) for p in patterns}
     height = max(2.5, 0.22 * max(sum(r["pattern"] == p for r in rows) for p in patterns) + 1.2)
     fig, axes = plt.subplots(1, len(patterns), figsize=(4.6 * len(patterns), height), squeeze=False)
     for ax, pattern in zip(axes.flat, patterns, strict=True):
         mine = sorted((r for r in rows if r["pattern"] == pattern), key=lambda r: r["time_ratio"], reverse=True)
-        labels = [f"{r['method']} ({r['backend']})" for r in mine]
+        labels = [f"{r['method']} ({r['backend']})" + (f" @{r['length']}" if r["length"] != longest[pattern] else "")
+                  for r in mine]
         ratios = [r["time_ratio"] for r in mine]
         colors = ["tab:green" if x < 1 else "tab:red" for x in ratios]
         ax.barh(range(len(mine)), ratios, color=colors)
         ax.set_yticks(range(len(mine)), labels, fontsize=7)
         ax.axvline(1.0, color="black", linewidth=1)
         _log_ratio_axis(ax, ratios)
-        ax.set_title(pattern, fontsize=9)
+        ax.set_title(f"{pattern}, N = {longest[pattern]}", fontsize=9)
         ax.set_xlabel("time / SDPA time (log; <1 is faster)")
         ax.grid(True, axis="x", which="both", alpha=0.3)
-    fig.suptitle(f"time relative to SDPA at N = {longest}, {mode}")
+    fig.suptitle(f"time relative to SDPA at the longest measured length, {mode}")
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -422,9 +428,9 @@ def report_html(results: dict[str, Any], out: Path, images: list[str]) -> str:
         parts.append(f"<h3>{html.escape(Path(name).stem)}</h3><img alt='{html.escape(name)}' "
                      f"src='data:image/png;base64,{data}'>")
     for mode in ("fwd", "fwd+bwd"):
-        header, body, longest = efficiency_table(results, mode)
+        header, body = efficiency_table(results, mode)
         if body:
-            parts.append(f"<h2>Efficiency, {mode}, N = {longest}</h2>" + _html_table(header, body))
+            parts.append(f"<h2>Efficiency, {mode} (each at its longest measured N)</h2>" + _html_table(header, body))
     for title, (header, body) in (
         ("Approximation error against softmax", approximation_table(results)),
         ("Quality on synthetic tasks", quality_table(results)),

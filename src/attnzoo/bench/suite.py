@@ -4,10 +4,13 @@ Rows are appended to ``<out>/cases.jsonl`` the moment they are measured, and ``r
 written at the end, or when the run is interrupted (Ctrl-C keeps what was measured: ``status: "interrupted"``).
 
 ``--quick`` is sized for a 2-core CPU and a registry of ~40 methods: lengths 256/512/1024 forward and 512
-forward+backward, batch 1, 4 heads of 64, one warm-up and up to 3 repeats within 0.25 s per case; FlexAttention
+forward+backward, batch 1, 4 heads of 64, one warm-up and up to 3 repeats within 0.25 s per case, torch on one
+thread (on a shared or busy 2-core machine two threads make small calls up to 10× slower and far noisier); FlexAttention
 backends are skipped (each compile costs seconds on CPU: run without ``--quick``, or name ``--backends flex``);
-induction-copy quality at tiny scale. Each phase has a time budget; cases left when it is spent are recorded as
-skipped, shortest lengths running first so every method is covered at small sizes before any runs long.
+induction-copy quality at tiny scale (80 steps, width 32, one thread). Each phase has a time budget (efficiency 85 s,
+approximation 10 s, quality 50 s); cases left when it is spent are recorded as skipped. Cases run in
+:func:`attnzoo.bench.efficiency.rounds` order (fwd 256, fwd+bwd 512, fwd 1024, fwd 512), so every method gets a
+fitted curve and a training-mode point before any of the extra points.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class Config:
     model: dict[str, Any] = field(default_factory=dict)
     budgets_s: dict[str, float | None] = field(default_factory=dict)
     seed: int = 0
+    threads: int | None = None
     quick: bool = False
     isolate: bool = True
     imports: list[str] = field(default_factory=list)
@@ -71,7 +75,7 @@ def quick_config(**overrides: Any) -> Config:
         budget_s=0.25, case_timeout_s=30.0, skip_flex=True, approx_length=256,
         tasks=[{"name": "induction", "seq": 16, "vocab": 16}],
         model={"dim": 32, "heads": 2, "layers": 2, "steps": 80, "batch": 32, "lr": 1e-2, "threads": 1},
-        budgets_s={"efficiency": 105.0, "approximation": 15.0, "quality": 35.0}, quick=True,
+        budgets_s={"efficiency": 85.0, "approximation": 10.0, "quality": 50.0}, threads=1, quick=True,
     )
     for k, v in overrides.items():
         setattr(cfg, k, v)
@@ -97,15 +101,15 @@ def select_methods(names: list[str] | None) -> list[Method]:
     return [get(n) for n in names]
 
 
-def machine_info(device: str) -> dict[str, Any]:
+def machine_info(device: str, threads: int | None) -> dict[str, Any]:
     from attnzoo import __version__
 
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
     return {
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "attnzoo": __version__, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": device,
-        "device_name": name, "cuda": torch.version.cuda if dev.type == "cuda" else None,
+        "attnzoo": __version__, "cpu_count": os.cpu_count(), "threads": threads or torch.get_num_threads(),
+        "device": device, "device_name": name, "cuda": torch.version.cuda if dev.type == "cuda" else None,
     }
 
 
@@ -167,12 +171,15 @@ def plan_all(cfg: Config) -> dict[str, list[dict[str, Any]]]:
     plans: dict[str, list[dict[str, Any]]] = {"efficiency": [], "approximation": [], "quality": []}
     if "efficiency" in cfg.phases:
         lengths = {"fwd": cfg.lengths, "fwd+bwd": cfg.bwd_lengths}
-        run = {"warmup": cfg.warmup, "repeats": cfg.repeats, "budget_s": cfg.budget_s, "seed": cfg.seed}
+        run = {"warmup": cfg.warmup, "repeats": cfg.repeats, "budget_s": cfg.budget_s, "seed": cfg.seed,
+               "threads": cfg.threads}
         plans["efficiency"] = efficiency.plan(methods, cfg.patterns, {k: v for k, v in lengths.items() if v},
                                               cfg.backends, skip, dims, run)
     if "approximation" in cfg.phases:
         plans["approximation"] = approx.plan(methods, cfg.patterns, cfg.approx_length, dims, cfg.seed,
                                              "self/noncausal")
+        for case in plans["approximation"]:
+            case["threads"] = cfg.threads
     if "quality" in cfg.phases and cfg.tasks:
         model = {k: v for k, v in cfg.model.items() if k != "widths"}
         for width in cfg.model.get("widths", [model.get("dim", 64)]):
@@ -189,7 +196,7 @@ def run(cfg: Config, out: Path, command: str = "", progress: bool = True) -> dic
     started = time.perf_counter()
     results: dict[str, Any] = {
         "schema": report.SCHEMA, "status": "running", "created": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "finished": None, "wall_s": None, "command": command, "machine": machine_info(cfg.device),
+        "finished": None, "wall_s": None, "command": command, "machine": machine_info(cfg.device, cfg.threads),
         "config": asdict(cfg), "memory_method": PeakMemory.source(torch.device(cfg.device))
         + ("" if cfg.isolate else " (cases run in the calling process)"),
         "efficiency": [], "efficiency_length": [], "approximation": [], "quality": [],
@@ -221,19 +228,22 @@ def run(cfg: Config, out: Path, command: str = "", progress: bool = True) -> dic
 def _run_phase(section: str, cases: list[dict[str, Any]], runner: Runner, rows: list[dict[str, Any]], sink: Any,
                bar: Progress, budget_s: float | None) -> None:
     deadline = None if budget_s is None else time.perf_counter() + budget_s
-    stopped: dict[tuple, str] = {}
+    stopped: dict[tuple, tuple[str, int]] = {}
     for case in cases:
         series = (case["method"], case.get("backend"), case.get("pattern"), case.get("mode"))
         if "skip" in case:
             row = {**{k: v for k, v in case.items() if k != "skip"}, "status": "skipped", "reason": case["skip"]}
-        elif series in stopped and section == "efficiency":
-            row = {**case, "status": "skipped", "reason": f"a shorter length ended in {stopped[series]}"}
+        elif section == "efficiency" and series in stopped and case["length"] >= stopped[series][1]:
+            status, length = stopped[series]
+            row = {**case, "status": "skipped", "reason": f"length {length} ended in {status}"}
         elif deadline is not None and time.perf_counter() > deadline:
             row = {**case, "status": "skipped", "reason": f"the {section} time budget ({budget_s:g} s) was spent"}
         else:
             row = runner.run(case)
-            if row.get("status") in FAILED_STOPS:
-                stopped[series] = row["status"]
+            if row.get("status") in FAILED_STOPS and section == "efficiency":
+                old = stopped.get(series)
+                if old is None or case["length"] < old[1]:
+                    stopped[series] = (row["status"], case["length"])
         rows.append(row)
         sink.write(json.dumps({"section": section, **row}, default=str) + "\n")
         sink.flush()

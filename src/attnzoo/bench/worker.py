@@ -25,7 +25,10 @@ READY = "ready"
 
 
 def run_any(case: dict[str, Any]) -> dict[str, Any]:
-    """Dispatch a case by its ``kind`` (efficiency, approx, quality)."""
+    """Dispatch a case by its ``kind`` (efficiency, approx, quality), on ``threads`` torch threads if it says so (the
+    previous setting is restored afterwards)."""
+    import torch
+
     kind = case.get("kind")
     if kind == "efficiency":
         from attnzoo.bench.efficiency import run_case
@@ -35,7 +38,12 @@ def run_any(case: dict[str, Any]) -> dict[str, Any]:
         from attnzoo.bench.quality import run_case
     else:
         return {**case, "status": "error", "reason": f"unknown case kind {kind!r}"}
-    return run_case(case)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(case.get("threads") or threads))
+    try:
+        return run_case(case)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Runner:
