@@ -39,8 +39,10 @@ def test_a_method_that_raises_is_recorded_and_the_run_goes_on(tmp_path):
     base = statuses(results, "softmax")
     assert all(r["time_ratio"] == 1.0 and r["flops_source"] == "analytic" for r in base.values())
     # rows are kept as they come, one JSON line each
-    lines = (tmp_path / "cases.jsonl").read_text().splitlines()
-    assert len(lines) == len(results["efficiency"])
+    lines = [json.loads(x) for x in (tmp_path / "cases.jsonl").read_text().splitlines()]
+    assert len([x for x in lines if x["section"] == "efficiency"]) == len(results["efficiency"])
+    approx_rows = {r["method"]: r for r in results["approximation"]}
+    assert approx_rows["test_raising"]["status"] == "error" and approx_rows["sigmoid"]["rel_l2"] > 0
     assert "kaboom" in (tmp_path / "summary.md").read_text()
 
 

@@ -1,4 +1,8 @@
-"""Approximation error of approximate methods (``spec.exact`` False) against softmax attention on the same inputs.
+"""How far each method's output is from softmax attention on the same inputs.
+
+For an approximate method (``spec.exact`` False: sparse, low-rank, quantised...) this is its approximation error. For
+an exact method that computes a different function (sigmoid, linear attention, a local window) it is the size of that
+difference, not an error; both are reported so the two kinds can be compared on one scale (``exact`` column).
 
 Inputs: ``q, k ~ N(0, 1.6²)`` so that logits ``q·k/√D`` have a standard deviation of about 2.5 (attention as peaked
 as in trained models rather than near-uniform, where every approximation looks good), ``v ~ N(0, 1)``, fp32.
@@ -8,8 +12,8 @@ Metrics per case:
 - the method's *effective attention weights* ``A``: every attention method is linear in V, so running it with
   ``V = I`` (one-hot values, ``Dv = seq_kv``) returns ``A`` itself, with no per-method code. From ``A`` and the softmax
   weights ``P``: ``mass_recall`` is the mean over queries of the softmax mass on the keys the method gives a non-zero
-  weight (``|A| > 1e-6``), and ``density`` the fraction of visible query-key pairs it gives one. A method that cannot
-  take ``Dv ≠ D`` leaves these empty and says why.
+  weight (``A ≠ 0``: the keys it reads at all), and ``density`` the fraction of visible query-key pairs it reads.
+  A method that cannot take ``Dv ≠ D`` leaves these empty and says why.
 
 Settings (density, rank, bits...) are swept generically: each plain parameter with choices takes every choice, each
 numeric one ½× and 2× its default within its bounds, one parameter at a time, others at their defaults.
@@ -24,12 +28,11 @@ import torch
 
 from attnzoo.api import attention
 from attnzoo.bench import measure
-from attnzoo.bench.efficiency import classify, guarded, resolve, shape
+from attnzoo.bench.efficiency import BASELINE, classify, guarded, pick_backend, resolve, shape
 from attnzoo.methods.common import visible
 from attnzoo.registry import Method, get
 
 QK_STD = 1.6
-SUPPORT_EPS = 1e-6
 MAX_SETTINGS = 8
 
 
@@ -60,22 +63,25 @@ def settings(m: Method) -> list[dict[str, Any]]:
 
 
 def plan(methods: list[Method], patterns: list[str], length: int, dims: dict[str, Any], seed: int,
-         sweep_pattern: str | None) -> list[dict[str, Any]]:
-    """Defaults on every supported pattern, plus the settings sweep on ``sweep_pattern`` (or the first supported)."""
-    cases = []
+         sweep_pattern: str | None, avoid: list[str]) -> list[dict[str, Any]]:
+    """Every method but the baseline: defaults on the sweep pattern (``sweep_pattern``, or the first supported), then
+    defaults on its other patterns, then the settings sweep on the sweep pattern, so that a run cut short by its time
+    budget has the defaults of every method first. Backends named in ``avoid`` are not used."""
+    first, others, sweeps = [], [], []
     for m in methods:
-        if m.spec.exact:
+        if m.name == BASELINE[0]:
             continue
         supported = [p for p in patterns if p in m.spec.patterns]
         if not supported:
             continue
         sweep_at = sweep_pattern if sweep_pattern in supported else supported[0]
         for pattern in supported:
-            for setting in settings(m) if pattern == sweep_at else [{}]:
-                case = {"kind": "approx", "method": m.name, "pattern": pattern, "setting": setting, "seed": seed}
+            for i, setting in enumerate(settings(m) if pattern == sweep_at else [{}]):
+                case = {"kind": "approx", "method": m.name, "pattern": pattern, "setting": setting, "seed": seed,
+                        "avoid": list(avoid)}
                 case.update(shape(pattern, length, **{**dims, "dtype": "float32"}))
-                cases.append(case)
-    return cases
+                (sweeps if i else first if pattern == sweep_at else others).append(case)
+    return first + others + sweeps
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
@@ -87,35 +93,37 @@ def _measure(case: dict[str, Any]) -> dict[str, Any]:
     causal = case["pattern"].endswith("/causal")
     seed = int(case.get("seed", 0))
     q, k, v = measure.make_qkv(case, seed, qk_std=QK_STD)
-    params, _ = resolve(m, "auto", q, k, v, causal, seed)
+    params, call = resolve(m, "auto", q, k, v, causal, seed)
     params = {**params, **case.get("setting", {})}
+    backend = pick_backend(m, call, case.get("avoid", ()))
     with torch.no_grad():
-        out = attention(q, k, v, method=m.name, causal=causal, **params)
+        out = attention(q, k, v, method=m.name, causal=causal, backend=backend, **params)
         ref = attention(q, k, v, method="softmax", causal=causal, backend="reference")
         result: dict[str, Any] = {
             "rel_l2": float((out - ref).norm() / ref.norm().clamp_min(1e-30)),
+            "exact": m.spec.exact,
+            "backend": backend,
             "params": measure.describe_params(params),
         }
-        result.update(_weights_metrics(m, q, k, causal, params, seed))
+        result.update(_weights_metrics(m, backend, q, k, causal, params, seed))
     return result
 
 
 def _weights_metrics(
-    m: Method, q: torch.Tensor, k: torch.Tensor, causal: bool, params: dict[str, Any], seed: int
+    m: Method, backend: str, q: torch.Tensor, k: torch.Tensor, causal: bool, params: dict[str, Any], seed: int
 ) -> dict[str, Any]:
     skv = k.shape[2]
     eye = torch.eye(skv, dtype=q.dtype, device=q.device).expand(k.shape[0], k.shape[1], skv, skv)
     try:
-        probe_params, _ = resolve(m, "auto", q, k, eye, causal, seed)
+        probe_params, _ = resolve(m, backend, q, k, eye, causal, seed)
         probe_params = {**probe_params, **{n: v for n, v in params.items() if not isinstance(v, torch.Tensor)}}
-        a = attention(q, k, eye, method=m.name, causal=causal, **probe_params)
+        a = attention(q, k, eye, method=m.name, causal=causal, backend=backend, **probe_params)
     except Exception as e:  # the probe is optional
         return {"mass_recall": None, "density": None, "probe": classify(e)[1]}
     p = attention(q, k, eye, method="softmax", causal=causal, backend="reference")
     seen = visible(causal, None, q, k)
-    support = a.abs() > SUPPORT_EPS
+    support = a != 0
     rows = seen.any(dim=-1)
-    recall = (p * support).sum(dim=-1)[rows].mean()
-    density = (support & seen).sum() / seen.sum().clamp_min(1)
-    recall_f = float(recall)
-    return {"mass_recall": recall_f if math.isfinite(recall_f) else None, "density": float(density), "probe": ""}
+    recall = float((p * support).sum(dim=-1)[rows].mean())
+    density = float((support & seen).sum() / seen.sum().clamp_min(1))
+    return {"mass_recall": recall if math.isfinite(recall) else None, "density": density, "probe": ""}

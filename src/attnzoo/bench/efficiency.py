@@ -142,6 +142,15 @@ def resolve(
     raise problem
 
 
+def pick_backend(m: Method, call: Call, avoid: Iterable[str]) -> str:
+    """The first registered fast path (priority order) not in ``avoid`` that serves ``call``; ``"auto"`` if none."""
+    avoid = set(avoid)
+    for b in m.backends:
+        if b.name not in avoid and b.serves(call) is None:
+            return b.name
+    return "auto"
+
+
 def _warm_flops(
     m: Method, backend: str, step: Callable[[], Any], call: Call, params: dict[str, Any], backward: bool
 ) -> tuple[int | None, str]:

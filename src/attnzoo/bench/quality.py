@@ -81,7 +81,8 @@ TASKS: dict[str, Callable[..., tuple[Batch, int, int]]] = {
 
 class TinyLM(nn.Module):
     def __init__(
-        self, vocab: int, max_len: int, dim: int, heads: int, layers: int, method: str, params: dict[str, Any]
+        self, vocab: int, max_len: int, dim: int, heads: int, layers: int, method: str, params: dict[str, Any],
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         from attnzoo.nn import Attention
@@ -94,7 +95,7 @@ class TinyLM(nn.Module):
                 nn.ModuleDict(
                     {
                         "ln1": nn.LayerNorm(dim),
-                        "attn": Attention(dim, heads, method=method, causal=True, **params),
+                        "attn": Attention(dim, heads, method=method, causal=True, backend=backend, **params),
                         "ln2": nn.LayerNorm(dim),
                         "mlp": nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)),
                     }
@@ -135,6 +136,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train(case: dict[str, Any]) -> dict[str, Any]:
+    from attnzoo.bench.efficiency import pick_backend
     from attnzoo.registry import get
 
     task = dict(case["task"])
@@ -144,8 +146,11 @@ def _train(case: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     (x0, _), vocab, answers = make(1, g, **task)
-    params = _fixed_params(get(case["method"]), x0.shape[1], case)
-    model = TinyLM(vocab, x0.shape[1], case["dim"], case["heads"], case["layers"], case["method"], params).to(device)
+    m = get(case["method"])
+    params, call = _fixed_params(m, x0.shape[1], case)
+    backend = pick_backend(m, call, case.get("avoid", ()))
+    model = TinyLM(vocab, x0.shape[1], case["dim"], case["heads"], case["layers"], case["method"], params,
+                   backend).to(device)
     steps, batch = int(case["steps"]), int(case["batch"])
     opt = torch.optim.AdamW(model.parameters(), lr=float(case.get("lr", 3e-3)), weight_decay=0.01)
     warm = max(1, steps // 10)
@@ -174,11 +179,12 @@ def _train(case: dict[str, Any]) -> dict[str, Any]:
         "final_loss": float(loss.detach()),
         "train_time_s": train_time,
         "seq": int(x.shape[1]),
+        "backend": backend,
         "params": {n: v for n, v in params.items() if isinstance(v, (bool, int, float, str))},
     }
 
 
-def _fixed_params(m: Any, seq: int, case: dict[str, Any]) -> dict[str, Any]:
+def _fixed_params(m: Any, seq: int, case: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """Plain (non-learnable) parameter values valid for this model's shapes: the defaults where they are valid,
     else what the method's test hints sample for a ``(batch, heads, seq, head_dim)`` call."""
     from attnzoo.bench.measure import make_call, method_params
@@ -194,5 +200,5 @@ def _fixed_params(m: Any, seq: int, case: dict[str, Any]) -> dict[str, Any]:
                 m.spec.param(n).validate(v, call)
         except ValueError:
             continue
-        return plain
-    return {}
+        return plain, call
+    return {}, call

@@ -163,13 +163,14 @@ def failures_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]
 
 
 def approximation_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["method", "pattern", "setting", "rel. L2 vs softmax", "mass recall", "density"]
+    header = ["method", "kind", "pattern", "setting", "rel. L2 vs softmax", "mass recall", "density"]
     body = []
     for r in results.get("approximation", []):
         if r.get("status") != "ok":
             continue
         setting = ", ".join(f"{k}={v}" for k, v in (r.get("setting") or {}).items()) or "defaults"
-        body.append([r["method"], r["pattern"], setting, _fmt(r.get("rel_l2"), ".3g"),
+        kind = "exact" if r.get("exact") else "approx"
+        body.append([r["method"], kind, r["pattern"], setting, _fmt(r.get("rel_l2"), ".3g"),
                      _fmt(r.get("mass_recall"), ".3f"), _fmt(r.get("density"), ".3f")])
     return header, body
 
@@ -228,7 +229,8 @@ def summary_markdown(results: dict[str, Any], images: Iterable[str] = ()) -> str
             out += [f"## Efficiency, {mode} (each at its longest measured N)", "", _md_table(header, body)]
     header, body = approximation_table(results)
     if body:
-        out += ["## Approximation error against softmax (approximate methods)", "", _md_table(header, body)]
+        out += ["## Output difference from softmax attention (approximation error for approximate methods)", "",
+                _md_table(header, body)]
     header, body = quality_table(results)
     if body:
         out += ["## Quality on synthetic tasks", "", _md_table(header, body)]
@@ -397,7 +399,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
     for r in results.get("approximation", []):
         if r.get("status") == "ok" and not r.get("setting") and r.get("rel_l2"):
             approx[r["pattern"]].append((r["method"], r["rel_l2"]))
-    if _bars_plot(approx, "relative L2 error vs softmax (log)", "approximation error, default settings",
+    if _bars_plot(approx, "relative L2 difference from softmax (log)", "output vs softmax attention, default settings",
                   out / "approximation.png", plt, log=True):
         made.append("approximation.png")
     return made
@@ -432,7 +434,7 @@ def report_html(results: dict[str, Any], out: Path, images: list[str]) -> str:
         if body:
             parts.append(f"<h2>Efficiency, {mode} (each at its longest measured N)</h2>" + _html_table(header, body))
     for title, (header, body) in (
-        ("Approximation error against softmax", approximation_table(results)),
+        ("Output difference from softmax attention", approximation_table(results)),
         ("Quality on synthetic tasks", quality_table(results)),
         ("Cases without a measurement", failures_table(results)),
     ):

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -67,15 +68,17 @@ class Config:
     isolate: bool = True
     imports: list[str] = field(default_factory=list)
     phases: list[str] = field(default_factory=lambda: ["efficiency", "approximation", "quality"])
+    overlap_quality: bool = False
 
 
 def quick_config(**overrides: Any) -> Config:
     cfg = Config(
         lengths=[256, 512, 1024], bwd_lengths=[512], batch=1, heads=4, head_dim=64, warmup=1, repeats=3,
-        budget_s=0.25, case_timeout_s=30.0, skip_flex=True, approx_length=256,
+        budget_s=0.25, case_timeout_s=30.0, skip_flex=True, approx_length=128,
         tasks=[{"name": "induction", "seq": 16, "vocab": 16}],
         model={"dim": 32, "heads": 2, "layers": 2, "steps": 80, "batch": 32, "lr": 1e-2, "threads": 1},
-        budgets_s={"efficiency": 85.0, "approximation": 10.0, "quality": 50.0}, threads=1, quick=True,
+        budgets_s={"efficiency": 95.0, "approximation": 15.0, "quality": 115.0}, threads=1, quick=True,
+        overlap_quality=True,
     )
     for k, v in overrides.items():
         setattr(cfg, k, v)
@@ -129,19 +132,18 @@ class Progress:
                     TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("{task.fields[current]}"), transient=False,
                 )
-        self._task: Any = None
 
     @contextmanager
-    def phase(self, name: str, total: int) -> Iterator[None]:
+    def phase(self, name: str, total: int) -> Iterator[Any]:
         if self._rich is not None:
-            self._task = self._rich.add_task(name, total=total, current="")
-        else:
-            print(f"attnzoo bench: {name} ({total} cases)", file=sys.stderr, flush=True)
-        yield
+            yield self._rich.add_task(name, total=total, current="")
+            return
+        print(f"attnzoo bench: {name} ({total} cases)", file=sys.stderr, flush=True)
+        yield None
 
-    def advance(self, label: str) -> None:
-        if self._rich is not None and self._task is not None:
-            self._rich.update(self._task, advance=1, current=label)
+    def advance(self, task: Any, label: str) -> None:
+        if self._rich is not None and task is not None:
+            self._rich.update(task, advance=1, current=label)
 
     def __enter__(self) -> Progress:
         if self._rich is not None:
@@ -177,7 +179,7 @@ def plan_all(cfg: Config) -> dict[str, list[dict[str, Any]]]:
                                               cfg.backends, skip, dims, run)
     if "approximation" in cfg.phases:
         plans["approximation"] = approx.plan(methods, cfg.patterns, cfg.approx_length, dims, cfg.seed,
-                                             "self/noncausal")
+                                             "self/noncausal", list(skip))
         for case in plans["approximation"]:
             case["threads"] = cfg.threads
     if "quality" in cfg.phases and cfg.tasks:
@@ -185,12 +187,35 @@ def plan_all(cfg: Config) -> dict[str, list[dict[str, Any]]]:
         for width in cfg.model.get("widths", [model.get("dim", 64)]):
             model["dim"] = width
             tasks = cfg.tasks if width == cfg.model.get("dim", width) else [t for t in cfg.tasks if t["name"] == "mqar"]
-            plans["quality"] += quality.plan(methods, tasks, dict(model), cfg.seed, cfg.device)
+            plans["quality"] += quality.plan(methods, tasks, {**model, "avoid": list(skip)}, cfg.seed, cfg.device)
     return plans
 
 
+class _Recorder:
+    """Keeps rows in ``results`` and appends each to ``cases.jsonl`` at once (thread-safe: quality may run beside)."""
+
+    def __init__(self, results: dict[str, Any], path: Path) -> None:
+        self.results = results
+        self.sink = path.open("w")
+        self.lock = threading.Lock()
+
+    def __call__(self, section: str, row: dict[str, Any]) -> None:
+        with self.lock:
+            self.results[section].append(row)
+            self.sink.write(json.dumps({"section": section, **row}, default=str) + "\n")
+            self.sink.flush()
+
+    def close(self) -> None:
+        with self.lock:
+            self.sink.close()
+
+
 def run(cfg: Config, out: Path, command: str = "", progress: bool = True) -> dict[str, Any]:
-    """Run the benchmark described by ``cfg``, writing rows to ``out`` as they come and the report at the end."""
+    """Run the benchmark described by ``cfg``, writing rows to ``out`` as they come and the report at the end.
+
+    With ``cfg.overlap_quality`` (``--quick`` on a machine with two or more cores and one torch thread per case) the
+    quality phase trains in a second worker process beside the efficiency and approximation phases, on the other core.
+    """
     out.mkdir(parents=True, exist_ok=True)
     plans = plan_all(cfg)
     started = time.perf_counter()
@@ -201,23 +226,37 @@ def run(cfg: Config, out: Path, command: str = "", progress: bool = True) -> dic
         + ("" if cfg.isolate else " (cases run in the calling process)"),
         "efficiency": [], "efficiency_length": [], "approximation": [], "quality": [],
     }
-    sink = (out / "cases.jsonl").open("w")
-    runner = Runner(isolate=cfg.isolate, imports=cfg.imports, case_timeout_s=cfg.case_timeout_s,
-                    log_path=out / "worker.log")
+    record = _Recorder(results, out / "cases.jsonl")
+    stop = threading.Event()
+    runners = [Runner(isolate=cfg.isolate, imports=cfg.imports, case_timeout_s=cfg.case_timeout_s,
+                      log_path=out / "worker.log")]
+    beside = (cfg.overlap_quality and cfg.isolate and (os.cpu_count() or 1) >= 2 and cfg.threads == 1
+              and bool(plans["quality"]))
+    side: threading.Thread | None = None
     try:
         with Progress(progress) as bar:
-            for section in ("efficiency", "approximation", "quality"):
-                cases = plans[section]
-                if not cases:
-                    continue
-                with bar.phase(section, len(cases)):
-                    _run_phase(section, cases, runner, results[section], sink, bar, cfg.budgets_s.get(section))
+            if beside:
+                runners.append(Runner(isolate=True, imports=cfg.imports, case_timeout_s=cfg.case_timeout_s,
+                                      log_path=out / "worker-quality.log"))
+                side = threading.Thread(target=_run_phase, daemon=True, args=(
+                    "quality", plans["quality"], runners[1], record, bar, cfg.budgets_s.get("quality"), stop))
+                side.start()
+            for section in ("efficiency", "approximation") + (() if beside else ("quality",)):
+                if plans[section]:
+                    _run_phase(section, plans[section], runners[0], record, bar, cfg.budgets_s.get(section), stop)
+            if side is not None:
+                while side.is_alive():
+                    side.join(0.2)
         results["status"] = "complete"
     except KeyboardInterrupt:
         results["status"] = "interrupted"
     finally:
-        runner.close()
-        sink.close()
+        stop.set()
+        for runner in runners:
+            runner.close()
+        if side is not None:
+            side.join(10)
+        record.close()
         efficiency.attach_ratios(results["efficiency"])
         results["wall_s"] = time.perf_counter() - started
         results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat()
@@ -225,29 +264,32 @@ def run(cfg: Config, out: Path, command: str = "", progress: bool = True) -> dic
     return results
 
 
-def _run_phase(section: str, cases: list[dict[str, Any]], runner: Runner, rows: list[dict[str, Any]], sink: Any,
-               bar: Progress, budget_s: float | None) -> None:
+def _run_phase(section: str, cases: list[dict[str, Any]], runner: Runner, record: _Recorder, bar: Progress,
+               budget_s: float | None, stop: threading.Event) -> None:
     deadline = None if budget_s is None else time.perf_counter() + budget_s
     stopped: dict[tuple, tuple[str, int]] = {}
-    for case in cases:
-        series = (case["method"], case.get("backend"), case.get("pattern"), case.get("mode"))
-        if "skip" in case:
-            row = {**{k: v for k, v in case.items() if k != "skip"}, "status": "skipped", "reason": case["skip"]}
-        elif section == "efficiency" and series in stopped and case["length"] >= stopped[series][1]:
-            status, length = stopped[series]
-            row = {**case, "status": "skipped", "reason": f"length {length} ended in {status}"}
-        elif deadline is not None and time.perf_counter() > deadline:
-            row = {**case, "status": "skipped", "reason": f"the {section} time budget ({budget_s:g} s) was spent"}
-        else:
-            row = runner.run(case)
-            if row.get("status") in FAILED_STOPS and section == "efficiency":
-                old = stopped.get(series)
-                if old is None or case["length"] < old[1]:
-                    stopped[series] = (row["status"], case["length"])
-        rows.append(row)
-        sink.write(json.dumps({"section": section, **row}, default=str) + "\n")
-        sink.flush()
-        bar.advance(_label(case))
+    with bar.phase(section, len(cases)) as task:
+        for case in cases:
+            if stop.is_set():
+                return
+            series = (case["method"], case.get("backend"), case.get("pattern"), case.get("mode"))
+            if "skip" in case:
+                row = {**{k: v for k, v in case.items() if k != "skip"}, "status": "skipped", "reason": case["skip"]}
+            elif section == "efficiency" and series in stopped and case["length"] >= stopped[series][1]:
+                status, length = stopped[series]
+                row = {**case, "status": "skipped", "reason": f"length {length} ended in {status}"}
+            elif deadline is not None and time.perf_counter() > deadline:
+                row = {**case, "status": "skipped", "reason": f"the {section} time budget ({budget_s:g} s) was spent"}
+            else:
+                row = runner.run(case)
+                if stop.is_set():
+                    return  # the worker was stopped under this case: its row says nothing about the method
+                if row.get("status") in FAILED_STOPS and section == "efficiency":
+                    old = stopped.get(series)
+                    if old is None or case["length"] < old[1]:
+                        stopped[series] = (row["status"], case["length"])
+            record(section, row)
+            bar.advance(task, _label(case))
 
 
 def summary_table(results: dict[str, Any]) -> None:
