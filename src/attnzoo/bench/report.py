@@ -165,9 +165,10 @@ def failures_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]
 def approximation_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["method", "kind", "pattern", "setting", "rel. L2 vs softmax", "mass recall", "density"]
     body = []
-    for r in results.get("approximation", []):
-        if r.get("status") != "ok":
-            continue
+    rows = [r for r in results.get("approximation", []) if r.get("status") == "ok"]
+    order = {name: i for i, name in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    rows.sort(key=lambda r: (order[r["method"]], PATTERN_ORDER.index(r["pattern"]), bool(r.get("setting"))))
+    for r in rows:
         setting = ", ".join(f"{k}={v}" for k, v in (r.get("setting") or {}).items()) or "defaults"
         kind = "exact" if r.get("exact") else "approx"
         body.append([r["method"], kind, r["pattern"], setting, _fmt(r.get("rel_l2"), ".3g"),
