@@ -12,9 +12,11 @@ under ``torch.no_grad``; ``fwd+bwd`` makes q, k, v (and learnable float paramete
 ``backward`` with a fixed random output gradient.
 
 FLOPs: softmax attention's are analytic (visible query-key pairs, so causal counts half). Every other method's are
-counted by ``torch.utils.flop_counter`` while its first call runs, i.e. the FLOPs its fast path really performs; a
-fused kernel the counter cannot see into (FlexAttention, Triton, SDPA on CPU) is counted again on meta tensors through
-the method's ``torch`` path, or its dense reference if it has none (``flops_source`` says which).
+counted from ``torch.utils.flop_counter``'s formulas (plus one for CPU flash attention) while its first call runs,
+i.e. the FLOPs its fast path really performs; a fused kernel the counter cannot see into (FlexAttention, Triton) is
+counted again on meta tensors through the method's ``torch`` path, or its dense reference if it has none, and failing
+that taken from the same case on
+another backend (``flops_source`` says which).
 """
 
 from __future__ import annotations
@@ -254,16 +256,32 @@ def _measure(case: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def fill_flops(rows: list[dict[str, Any]]) -> None:
+    """Give a row whose FLOPs could not be counted (a fused kernel, and no meta-tensor count) those of the same method
+    on the same case through another backend, which does the same work."""
+    known: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        if r.get("flops"):
+            known.setdefault(_shape_key(r) + (r["method"],), r)
+    for r in rows:
+        other = known.get(_shape_key(r) + (r["method"],))
+        if r.get("status") == "ok" and not r.get("flops") and other is not None:
+            r["flops"] = other["flops"]
+            r["flops_source"] = f"as counted for the {other['backend']} backend"
+            r["gflops_per_s"] = r["flops"] / r["time_median_s"] / 1e9 if r["time_median_s"] else None
+
+
+def _shape_key(r: dict[str, Any]) -> tuple:
+    return (r["pattern"], r["mode"], r["length"], r["device"], r["dtype"], r["batch"], r["heads"], r["kv_heads"],
+            r["head_dim"])
+
+
 def attach_ratios(rows: list[dict[str, Any]]) -> None:
     """Add ``time_ratio`` and ``memory_ratio`` (method / SDPA on the same shape, mode, device, dtype) to each row."""
 
-    def key(r: dict[str, Any]) -> tuple:
-        return (r["pattern"], r["mode"], r["length"], r["device"], r["dtype"], r["batch"], r["heads"], r["kv_heads"],
-                r["head_dim"])
-
-    base = {key(r): r for r in rows if (r["method"], r["backend"]) == BASELINE and r.get("status") == "ok"}
+    base = {_shape_key(r): r for r in rows if (r["method"], r["backend"]) == BASELINE and r.get("status") == "ok"}
     for r in rows:
-        b = base.get(key(r))
+        b = base.get(_shape_key(r))
         ok = r.get("status") == "ok" and b is not None
         r["time_ratio"] = r["time_median_s"] / b["time_median_s"] if ok and b["time_median_s"] else None
         mem, bmem = r.get("peak_bytes"), (b or {}).get("peak_bytes")

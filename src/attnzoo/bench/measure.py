@@ -222,11 +222,23 @@ def softmax_flops(call: Call, backward: bool) -> int:
     return 3 * fwd if backward else fwd
 
 
+def _cpu_sdpa_flops(name: str, args: Any) -> int:
+    """FLOPs of PyTorch's CPU flash-attention op (no formula in ``torch.utils.flop_counter``): ``2·B·H·pairs·(D+Dv)``
+    forward (causal self-attention counting half the pairs), twice that backward."""
+    backward = name.endswith("_backward")
+    q, k, v = args[1:4] if backward else args[0:3]
+    is_causal = args[7] if backward else (args[4] if len(args) > 4 else False)
+    b, h, sq, d = q.shape
+    skv, dv = k.shape[-2], v.shape[-1]
+    pairs = sq * skv // 2 if is_causal and sq == skv else sq * skv
+    fwd = 2 * b * h * pairs * (d + dv)
+    return 2 * fwd if backward else fwd
+
+
 class _FlopCount(TorchDispatchMode):
     """Adds up the FLOPs of the ops ``torch.utils.flop_counter`` has formulas for (matmuls, convolutions, fused
-    attention), running everything else as is. Unlike ``FlopCounterMode`` it does not decompose every other op into
-    primitives to look inside it (a tenfold slowdown of the counted call), except fused attention ops without a
-    formula (SDPA on CPU), which are decomposed so that their matmuls count."""
+    attention) and of PyTorch's CPU flash attention, running everything else as is. Unlike ``FlopCounterMode`` it does
+    not decompose every other op into primitives to look inside it, which slows the counted call tenfold."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -234,16 +246,13 @@ class _FlopCount(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         packet = func._overloadpacket
         formula = flop_registry.get(packet)
-        if formula is None and "scaled_dot_product" in str(packet):
-            with self:
-                out = func.decompose(*args, **kwargs)
-            if out is not NotImplemented:
-                return out
-        out = func(*args, **kwargs)
         if formula is not None:
             self.total += int(formula(*args, **kwargs, out_val=out))
+        elif "_scaled_dot_product_flash_attention_for_cpu" in str(packet):
+            self.total += _cpu_sdpa_flops(str(packet), args)
         return out
 
 
