@@ -70,7 +70,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     rows = [
         [m.spec.mechanism, m.name, m.spec.family, "exact" if m.spec.exact else "approx", _patterns(m.spec),
-         ", ".join(m.backend_names())]
+         ", ".join(m.spec.backends)]
         for m in all_methods()
     ]
     _print_table("attnzoo methods", ["ID", "name", "family", "exact", "patterns", "backends"], rows)
