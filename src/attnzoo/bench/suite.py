@@ -322,4 +322,6 @@ def summary_table(results: dict[str, Any]) -> None:
         table.add_column(h)
     for row in body:
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    console.width = max(console.width, 110)  # a pipe gets 80 columns, too few for the pattern names
+    console.print(table)
