@@ -58,6 +58,15 @@ def test_load_rejects_bad_files(tmp_path, content, message):
     assert message in str(e.value)
 
 
+def test_saved_results_are_strict_json(tmp_path):
+    res = results()
+    res["efficiency"][0]["time_median_s"] = float("nan")
+    res["efficiency"][1]["peak_bytes"] = float("inf")
+    report.save_results(tmp_path / "r.json", res)
+    back = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert back["efficiency"][0]["time_median_s"] is None and back["efficiency"][1]["peak_bytes"] is None
+
+
 def test_load_accepts_a_minor_version(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"schema": "attnzoo.bench/1.3", "efficiency": []}))

@@ -36,10 +36,21 @@ PATTERN_ORDER = ("self/noncausal", "self/causal", "cross/noncausal", "cross/caus
 
 
 # ------------------------------------------------------------------------------------------------------------- schema
+def _finite(x: Any) -> Any:
+    """``x`` with NaN and infinities replaced by None, so that the file is strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def save_results(path: Path, results: dict[str, Any]) -> None:
-    """Write ``results`` atomically (a temporary file renamed over ``path``)."""
+    """Write ``results`` atomically (a temporary file renamed over ``path``) as strict JSON."""
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.write_text(json.dumps(_finite(results), indent=1, default=str, allow_nan=False))
     tmp.replace(path)
 
 
