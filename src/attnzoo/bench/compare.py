@@ -34,7 +34,7 @@ def compare(a: dict[str, Any], b: dict[str, Any], threshold: float = 0.1) -> dic
         if ra["status"] != rb["status"]:
             out["status"].append({"case": key, "a": ra["status"], "b": rb["status"], "reason": rb.get("reason", "")})
             continue
-        if ra["status"] != "ok":
+        if ra["status"] != "ok" or not ra.get("time_median_s") or not rb.get("time_median_s"):
             continue
         ratio = rb["time_median_s"] / ra["time_median_s"]
         if abs(ratio - 1) > threshold:
