@@ -23,8 +23,9 @@ def results(scale=1.0):
     return {"schema": report.SCHEMA, "status": "complete", "created": "now", "finished": "now", "wall_s": 1.0,
             "command": "attnzoo bench", "machine": {"torch": "x"}, "config": {"batch": 1}, "memory_method": "m",
             "efficiency": eff, "efficiency_length": [], "approximation": [], "quality": [
-                {"method": "linear", "task": {"name": "mqar", "pairs": 4}, "dim": 32, "status": "ok",
-                 "accuracy": 0.5 * scale, "chance": 0.1, "final_loss": 1.0, "train_time_s": 1.0}]}
+                {"method": m, "task": {"name": "mqar", "pairs": p}, "dim": 32, "status": "ok",
+                 "accuracy": min(1.0, 2 / p * scale), "chance": 0.1, "final_loss": 1.0, "train_time_s": 1.0}
+                for m in ("softmax", "linear") for p in (4, 8)]}
 
 
 def test_round_trip_and_efficiency_lengths(tmp_path):
@@ -39,6 +40,9 @@ def test_round_trip_and_efficiency_lengths(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "| linear | torch | self/causal | 2048 |" in summary
     assert "| broken | torch fwd | self/causal | error | 256 | why |" in summary
+    assert "| mqar (pairs=8) | 32 | linear | 0.250 |" in summary
+    for name in ("time_fwd.png", "memory_fwd.png", "ratio_fwd.png", "quality.png", "mqar.png"):
+        assert (tmp_path / name).stat().st_size > 0
 
 
 @pytest.mark.parametrize(
@@ -85,6 +89,6 @@ def test_compare_reports_faster_slower_and_status(tmp_path):
     assert all(c["ratio"] == pytest.approx(2.0) for c in changes["slower"])
     assert changes["faster"] == [] and len(changes["only_b"]) == 1
     assert [(c["a"], c["b"]) for c in changes["status"]] == [("error", "ok")]
-    assert changes["quality"][0]["ratio"] == pytest.approx(0.5)
+    assert changes["quality"][0]["ratio"] == pytest.approx(0.5)  # linear and softmax at 4 pairs: 0.5 → 1.0
     text = compare.main(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
     assert "## Slower (4)" in text and "2.00×" in text

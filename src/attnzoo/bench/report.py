@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from attnzoo.bench.efficiency import BASELINE
+from attnzoo.bench.efficiency import BASELINE, attach_ratios, fill_flops
 from attnzoo.bench.fit import efficiency_length
 from attnzoo.errors import fail
 
@@ -363,8 +363,12 @@ def _bars_plot(groups: dict[str, list[tuple[str, float]]], xlabel: str, title: s
     if not groups:
         return False
     height = max(2.5, 0.22 * max(len(v) for v in groups.values()) + 1.2)
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.8 * len(groups), height), squeeze=False)
-    for ax, (name, items) in zip(axes.flat, groups.items(), strict=True):
+    cols = min(4, len(groups))
+    nrows = math.ceil(len(groups) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.8 * cols, height * nrows), squeeze=False)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    for ax, (name, items) in zip(axes.flat, groups.items(), strict=False):
         items = sorted(items, key=lambda x: x[1])
         ax.barh(range(len(items)), [v for _, v in items], color="tab:blue")
         ax.set_yticks(range(len(items)), [k for k, _ in items], fontsize=7)
@@ -377,6 +381,38 @@ def _bars_plot(groups: dict[str, list[tuple[str, float]]], xlabel: str, title: s
         ax.set_xlabel(xlabel)
         ax.grid(True, axis="x", alpha=0.3)
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def _mqar_plot(results: dict[str, Any], path: Path, plt: Any) -> bool:
+    """MQAR accuracy against the number of key-value pairs, one line per method, one panel per model width."""
+    rows = [r for r in results.get("quality", []) if r.get("status") == "ok" and r["task"]["name"] == "mqar"]
+    widths = sorted({r["dim"] for r in rows})
+    if len({r["task"].get("pairs") for r in rows}) < 2:
+        return False
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(widths), figsize=(5.5 * len(widths), 4.2), squeeze=False)
+    for ax, width in zip(axes.flat, widths, strict=True):
+        for i, method in enumerate(methods):
+            pts = sorted((r["task"]["pairs"], r["accuracy"]) for r in rows
+                         if r["method"] == method and r["dim"] == width)
+            if pts:
+                style = _style(i, len(methods), plt)
+                if method == BASELINE[0]:
+                    style.update(color="black", linewidth=2.6, linestyle="-")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method, **style)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"width {width}")
+        ax.set_xlabel("key-value pairs")
+        ax.set_ylabel("accuracy")
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+    fig.suptitle("MQAR: recall accuracy vs number of key-value pairs (black: softmax)")
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -407,6 +443,8 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
     if _bars_plot(quality, "accuracy", "quality on synthetic tasks (equal budgets)", out / "quality.png", plt,
                   marks=chance):
         made.append("quality.png")
+    if _mqar_plot(results, out / "mqar.png", plt):
+        made.append("mqar.png")
     approx: dict[str, list[tuple[str, float]]] = defaultdict(list)
     for r in results.get("approximation", []):
         if r.get("status") == "ok" and not r.get("setting") and r.get("rel_l2"):
@@ -457,8 +495,11 @@ def report_html(results: dict[str, Any], out: Path, images: list[str]) -> str:
 
 
 def write_report(results: dict[str, Any], out: Path) -> list[Path]:
-    """Write results.json, summary.md, the plots and report.html under ``out``; return the paths written."""
+    """Complete ``results`` (FLOPs filled in, ratios to SDPA, efficiency lengths) and write results.json,
+    summary.md, the plots and report.html under ``out``; return the paths written."""
     out.mkdir(parents=True, exist_ok=True)
+    fill_flops(results["efficiency"])
+    attach_ratios(results["efficiency"])
     results["efficiency_length"] = fit_efficiency_lengths(results["efficiency"])
     save_results(out / "results.json", results)
     images = write_plots(results, out)

@@ -257,8 +257,6 @@ def run(cfg: Config, out: Path, command: str = "", progress: bool = True) -> dic
         if side is not None:
             side.join(10)
         record.close()
-        efficiency.fill_flops(results["efficiency"])
-        efficiency.attach_ratios(results["efficiency"])
         results["wall_s"] = time.perf_counter() - started
         results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat()
         report.write_report(results, out)
