@@ -3,12 +3,12 @@ import json
 import os
 from pathlib import Path
 
-from tests.bench import fakes
-
 import attnzoo
 from attnzoo.bench import add_arguments, approx, main, suite
 from attnzoo.bench.worker import Runner
 from attnzoo.registry import Param
+
+from . import fakes
 
 ROOT = Path(__file__).resolve().parents[2]
 
