@@ -1,0 +1,93 @@
+"""P11, P13, P14 (local family, second work stream): predicates and position ids against explicit loops, fast paths
+against the dense references beyond the conformance shapes, and parameter errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnzoo as az
+from attnzoo.errors import AttnzooError
+from attnzoo.masks import dense
+from attnzoo.masks_local_extra import concentric_position_ids, position_causal
+
+
+def qkv(b: int, h: int, hkv: int, s: int, d: int = 8, dv: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((b, h, s, d), (b, hkv, s, d), (b, hkv, s, dv))
+    return tuple(torch.randn(*x, generator=g, dtype=torch.float64).requires_grad_() for x in shapes)
+
+
+def assert_matches_reference(method: str, q, k, v, causal=False, mask=None, bias=None, grads=(), **params):
+    ref = az.attention(q, k, v, method=method, causal=causal, mask=mask, bias=bias, backend="reference", **params)
+    out = az.attention(q, k, v, method=method, causal=causal, mask=mask, bias=bias, backend="torch", **params)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    cot = torch.randn_like(ref)
+    inputs = (q, k, v, *grads)
+    for a, b in zip(torch.autograd.grad(out, inputs, cot), torch.autograd.grad(ref, inputs, cot), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+# ---- P13 concentric causal attention -------------------------------------------------------------------------------
+
+
+def brute_concentric_ids(seq: int, h: int, w: int, start: int) -> list[int]:
+    """Peel the grid ring by ring (outermost first), as the paper's figure numbers it; text around it counts on."""
+    ring = [[-1] * w for _ in range(h)]
+    top, left, bottom, right, r = 0, 0, h - 1, w - 1, 0
+    while top <= bottom and left <= right:
+        for y in range(top, bottom + 1):
+            for x in range(left, right + 1):
+                if y in (top, bottom) or x in (left, right):
+                    ring[y][x] = r
+        top, left, bottom, right, r = top + 1, left + 1, bottom - 1, right - 1, r + 1
+    ids = list(range(start)) + [start + ring[y][x] for y in range(h) for x in range(w)]
+    return ids + [start + r + t for t in range(seq - start - h * w)]
+
+
+@pytest.mark.parametrize(("seq", "h", "w", "start"), [(40, 6, 6, 2), (24, 24, 1, 0), (30, 3, 7, 5), (20, 5, 4, 0),
+                                                      (9, 1, 1, 8)])
+def test_concentric_ids_and_mask_match_loops(seq, h, w, start):
+    ids = concentric_position_ids(seq, (h, w), start)
+    assert ids.tolist() == brute_concentric_ids(seq, h, w, start)
+    got = dense(position_causal(ids, ids), 1, 1, seq, seq, "cpu")[0, 0]
+    want = torch.tensor([[ids[j] <= ids[i] for j in range(seq)] for i in range(seq)])
+    assert torch.equal(got, want)
+
+
+def test_concentric_ids_24x24_as_in_the_paper():
+    ids = concentric_position_ids(576 + 10, (24, 24), 5)
+    grid = ids[5:581].view(24, 24)
+    assert grid[0].eq(5).all() and grid[11:13, 11:13].eq(5 + 11).all()
+    assert ids[581:].tolist() == list(range(5 + 12, 5 + 12 + 5))
+    assert torch.equal(concentric_position_ids(7, None), torch.arange(7))
+
+
+@pytest.mark.parametrize("params", [dict(layout=(16, 20), image_start=37), dict(layout=(3, 130), image_start=0),
+                                    dict(layout=None)])
+def test_concentric_torch_matches_reference(params):
+    q, k, v = qkv(2, 4, 2, 400)
+    assert_matches_reference("concentric_causal", q, k, v, causal=True, **params)
+
+
+def test_concentric_user_mask_bias_and_empty_rows():
+    q, k, v = qkv(2, 4, 2, 300)
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(2, 1, 300, 300, generator=g) > 0.3
+    mask[..., 7, :] = False
+    bias = torch.randn(1, 4, 300, 300, generator=g, dtype=torch.float64)
+    assert_matches_reference("concentric_causal", q, k, v, causal=True, mask=mask, bias=bias, layout=(12, 12),
+                             image_start=100)
+    out = az.attention(q, k, v, method="concentric_causal", causal=True, mask=mask, layout=(12, 12))
+    assert out[:, :, 7].abs().max() == 0
+
+
+@pytest.mark.parametrize(("params", "name"), [(dict(layout=(5, 5), image_start=10), "layout"),
+                                              (dict(layout=(5,)), "layout"), (dict(layout=(0, 3)), "layout"),
+                                              (dict(image_start=-1), "image_start")])
+def test_concentric_errors(params, name):
+    q, k, v = qkv(1, 2, 2, 30)
+    with pytest.raises(AttnzooError, match=name):
+        az.attention(q, k, v, method="concentric_causal", causal=True, **params)
+    with pytest.raises(AttnzooError, match="causal"):
+        az.attention(q, k, v, method="concentric_causal", layout=(2, 2))
