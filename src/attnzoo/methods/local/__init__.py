@@ -10,4 +10,5 @@ from attnzoo.methods.local import (  # noqa: F401
     maxvit_grid,
     neighborhood,
     sliding_window,
+    varied_window,
 )
