@@ -9,7 +9,7 @@ import torch
 import attnzoo as az
 from attnzoo.errors import AttnzooError
 from attnzoo.masks import dense
-from attnzoo.masks_local_extra import concentric_position_ids, position_causal
+from attnzoo.masks_local_extra import concentric_position_ids, latent_groups, position_causal
 
 
 def qkv(b: int, h: int, hkv: int, s: int, d: int = 8, dv: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -132,3 +132,38 @@ def test_varied_window_errors(params, name):
     q, k, v = qkv(1, 2, 2, 36)
     with pytest.raises(AttnzooError, match=name):
         az.attention(q, k, v, method="varied_window", **{"window_size": 3, **params})
+
+
+# ---- P12 local + global latent attention (FIT) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("data", "groups", "latents"), [(12, 3, 2), (10, 5, 0), (6, 1, 3), (9, 3, 1)])
+def test_latent_groups_predicate_matches_loops(data, groups, latents):
+    n = data + groups * latents
+    size = data // groups
+
+    def group(t: int) -> tuple[bool, int]:
+        return (False, t // size) if t < data else (True, (t - data) // latents)
+
+    want = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        for j in range(n):
+            (li, gi), (lj, gj) = group(i), group(j)
+            want[i, j] = gi == gj or (li and lj)
+    assert torch.equal(dense(latent_groups(data, groups, latents), 1, 1, n, n, "cpu")[0, 0], want)
+
+
+@pytest.mark.parametrize(("groups", "latents"), [(4, 3), (5, 0), (1, 6)])
+def test_local_global_latent_torch_matches_reference(groups, latents):
+    q, k, v = qkv(2, 4, 2, 200 + groups * latents, dv=6)
+    assert_matches_reference("local_global_latent", q, k, v, num_groups=groups, latents_per_group=latents)
+
+
+@pytest.mark.parametrize(("params", "name"), [(dict(num_groups=7), "num_groups"),
+                                              (dict(num_groups=3, latents_per_group=2), "latents_per_group"),
+                                              (dict(num_groups=2, latents_per_group=20), "latents_per_group"),
+                                              (dict(num_groups=0), "num_groups")])
+def test_local_global_latent_errors(params, name):
+    q, k, v = qkv(1, 2, 2, 40)
+    with pytest.raises(AttnzooError, match=name):
+        az.attention(q, k, v, method="local_global_latent", **params)

@@ -6,6 +6,7 @@ from attnzoo.methods.local import (  # noqa: F401
     dilated,
     grouped,
     halo,
+    local_global_latent,
     maxvit_block,
     maxvit_grid,
     neighborhood,

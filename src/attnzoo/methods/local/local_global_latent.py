@@ -1,0 +1,128 @@
+"""P12 — local + global latent attention (FIT): data tokens attend within groups, latent tokens attend globally.
+
+Paper: "FIT: Far-reaching Interleaved Transformers" (Chen & Li, arXiv:2305.12689). FIT splits the data tokens into
+groups, runs local self-attention inside each group, gives every group a few latent tokens that read from and write
+back to their group (cross-attention), and runs global self-attention over all latents.
+
+Formula as implemented (choice: FIT's four attentions — local, read, global, write — as ONE softmax over their union,
+so that a single call or ``nn`` layer mixes data and latents both ways; FIT's separate sub-layers, each with its own
+projections, are not offered as modes): the sequence is ``[data; latents]``, ``N_d`` data
+tokens in ``G = num_groups`` contiguous groups of ``N_d / G``, then ``G · L`` latents (``L = latents_per_group``),
+group-major. Query ``i`` attends with softmax to the keys ``j`` of its own group (data and latents alike) and, if ``i``
+is a latent, to every latent: ``s = scale · q·k``. Predicate: :func:`attnzoo.masks_local_extra.latent_groups`.
+Defaults ``num_groups=1``, ``latents_per_group=0`` (plain full attention). Self-attention, non-causal, no user mask or
+bias; GQA supported.
+
+Fast path ``torch``: two batched SDPA calls without masks. Data queries of group ``g`` over the ``N_d/G + L`` keys of
+their group's data and latents; latent queries of group ``g`` over all ``G·L`` latents plus their group's data. Time
+``O((N_d·(N_d/G + L) + G·L·(G·L + N_d/G))·d)`` instead of ``(N_d + G·L)²·d``; no ``N × N`` tensor. ``flex``: the
+predicate's cached block mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attnzoo import masks
+from attnzoo.masks_local_extra import latent_groups
+from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
+from attnzoo.methods.local.common import flex_attention, flex_serves, smallest_divisor
+from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
+
+
+def _check_latents(value: Any, call: Call) -> str | None:
+    groups = call.params.get("num_groups", 1)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        return None  # num_groups' own check reports it
+    data = call.seq_q - groups * value
+    if data < groups or data % groups:
+        return (f"a count leaving a positive multiple of num_groups={groups} data tokens "
+                f"(seq {call.seq_q} − num_groups·latents_per_group = {data})")
+    return None
+
+
+def _check_groups(value: Any, call: Call) -> str | None:
+    if value > call.seq_q:
+        return f"at most the sequence length {call.seq_q}"
+    return None
+
+
+def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
+    groups = smallest_divisor(call.seq_q)
+    most = min(3, call.seq_q // groups - 1)
+    return {"num_groups": groups, "latents_per_group": int(torch.randint(0, most + 1, (1,), generator=generator))}
+
+
+SPEC = MethodSpec(
+    name="local_global_latent",
+    family="local",
+    mechanism="P12",
+    paper="FIT: Far-reaching Interleaved Transformers",
+    arxiv="2305.12689",
+    summary="data tokens attend within their group and its latents; latents attend to all latents and their group",
+    exact=True,
+    patterns=frozenset({"self/noncausal"}),
+    params=(
+        Param("num_groups", (int,), 1, "number of contiguous groups of data tokens", low=1, check=_check_groups),
+        Param("latents_per_group", (int,), 0, "latent tokens per group, after all data tokens", low=0,
+              check=_check_latents),
+    ),
+    complexity="O((N·(N/G + L) + G·L·(G·L + N/G))·d) time, O(N·d) memory",
+    supports_mask=False,
+    supports_bias=False,
+    subquadratic_memory=True,
+    tests=TestHints(sample_params=_sample_params),
+)
+
+
+def reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, num_groups: int, latents_per_group: int,
+) -> torch.Tensor:
+    b, h, n, _ = q.shape
+    seen = masks.dense(latent_groups(n - num_groups * latents_per_group, num_groups, latents_per_group),
+                       b, h, n, n, q.device)
+    return safe_softmax(dense_scores(q, k, scale), seen) @ repeat_kv(v, h)
+
+
+def grouped_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, num_groups: int, latents_per_group: int,
+) -> torch.Tensor:
+    b, h, n, _ = q.shape
+    g, lat = num_groups, latents_per_group
+    nd = n - g * lat
+    gqa = h != k.shape[1]
+
+    def groups(t: torch.Tensor, start: int, per: int) -> torch.Tensor:
+        """Tokens ``[start, start + g·per)`` as ``(B, G, heads, per, C)``: groups before heads, for SDPA's GQA."""
+        return t[:, :, start : start + g * per].unflatten(2, (g, per)).transpose(1, 2)
+
+    kd, vd = groups(k, 0, nd // g), groups(v, 0, nd // g)
+    if lat == 0:
+        out = F.scaled_dot_product_attention(groups(q, 0, nd // g), kd, vd, scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2).flatten(2, 3)
+    kl, vl = groups(k, nd, lat), groups(v, nd, lat)
+    data = F.scaled_dot_product_attention(groups(q, 0, nd // g), torch.cat([kd, kl], dim=3),
+                                          torch.cat([vd, vl], dim=3), scale=scale, enable_gqa=gqa)
+    every_k = k[:, None, :, nd:].expand(b, g, -1, -1, -1)  # all latents, for each group's latent queries
+    every_v = v[:, None, :, nd:].expand(b, g, -1, -1, -1)
+    latent = F.scaled_dot_product_attention(groups(q, nd, lat), torch.cat([every_k, kd], dim=3),
+                                            torch.cat([every_v, vd], dim=3), scale=scale, enable_gqa=gqa)
+    return torch.cat([data.transpose(1, 2).flatten(2, 3), latent.transpose(1, 2).flatten(2, 3)], dim=2)
+
+
+def flex(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, num_groups: int, latents_per_group: int,
+) -> torch.Tensor:
+    n = q.shape[2]
+    nd = n - num_groups * latents_per_group
+    return flex_attention(q, k, v, scale, ("local_global_latent", n, num_groups, latents_per_group),
+                          latent_groups(nd, num_groups, latents_per_group))
+
+
+register(SPEC, reference, [Backend("torch", grouped_sdpa), Backend("flex", flex, flex_serves)])
