@@ -2,6 +2,7 @@
 
 from attnzoo.methods.local import (  # noqa: F401
     axial,
+    channel_group,
     concentric_causal,
     dilated,
     grouped,
