@@ -40,7 +40,7 @@ import torch
 
 from attnzoo import masks
 from attnzoo.kernels import flex
-from attnzoo.kernels.blocked_softmax import blocked_softmax_attention
+from attnzoo.kernels.blocked_softmax import blocked_softmax_attention, inplace
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
 from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
@@ -118,10 +118,9 @@ def reference(
         s = softcap * torch.tanh(s / softcap)
     slopes = _slopes(alibi, h, q)
     if slopes is not None:
-        distance = torch.zeros(sq, skv, dtype=q.dtype, device=q.device)
-        for i in range(sq):
-            for j in range(skv):
-                distance[i, j] = abs(i + skv - sq - j)
+        query_positions = torch.arange(skv - sq, skv, dtype=q.dtype, device=q.device).view(-1, 1)
+        key_positions = torch.arange(skv, dtype=q.dtype, device=q.device).view(-1, 1)
+        distance = torch.cdist(query_positions, key_positions, p=1.0)  # |i + skv − sq − j|
         s = s - slopes.view(1, h, 1, 1) * distance
     if bias is not None:
         s = s + bias
@@ -129,9 +128,10 @@ def reference(
     return p @ repeat_kv(v, h)
 
 
-def _distance_rows(start: int, end: int, seq_q: int, seq_kv: int, device: torch.device) -> torch.Tensor:
-    rows = torch.arange(start + seq_kv - seq_q, end + seq_kv - seq_q, device=device).view(-1, 1)
-    return (rows - torch.arange(seq_kv, device=device).view(1, -1)).abs_()
+def _distance_rows(start: int, end: int, offset: int, keys: int, device: torch.device) -> torch.Tensor:
+    """``|i + offset − j|`` for query rows ``[start, end)`` and keys ``[0, keys)``."""
+    rows = torch.arange(start + offset, end + offset, device=device).view(-1, 1)
+    return (rows - torch.arange(keys, device=device).view(1, -1)).abs_()
 
 
 def blockwise(
@@ -150,12 +150,16 @@ def blockwise(
     slopes = _slopes(alibi, q.shape[1], q)
 
     def modify(s: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        distance = None
+        if slopes is not None:
+            distance = _distance_rows(start, end, skv - sq, s.shape[-1], q.device).to(s.dtype)
+        if inplace():
+            if softcap > 0:
+                s = s.div_(softcap).tanh_().mul_(softcap)
+            return s if distance is None else s.addcmul_(slopes.view(1, -1, 1, 1), distance, value=-1.0)
         if softcap > 0:
             s = torch.tanh(s / softcap) * softcap
-        if slopes is not None:
-            distance = _distance_rows(start, end, sq, skv, q.device).to(s.dtype)
-            s = s - slopes.view(1, -1, 1, 1) * distance
-        return s
+        return s if distance is None else s - slopes.view(1, -1, 1, 1) * distance
 
     hooked = softcap > 0 or slopes is not None
     return blocked_softmax_attention(

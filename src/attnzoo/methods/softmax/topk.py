@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from attnzoo.kernels.blocked_softmax import blocked_softmax_attention
+from attnzoo.kernels.blocked_softmax import blocked_softmax_attention, inplace
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
 from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
@@ -89,7 +89,8 @@ def blockwise(
         if top_k >= skv:
             return s
         threshold = torch.topk(s.detach(), top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        return s.masked_fill(s < threshold, float("-inf"))
+        below = s < threshold
+        return s.masked_fill_(below, float("-inf")) if inplace() else s.masked_fill(below, float("-inf"))
 
     return blocked_softmax_attention(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias, select=keep_top)
 

@@ -17,11 +17,11 @@ can represent; URPE re-weights the attention matrix element-wise by a learnable 
   sequence; with ``seq_q != seq_kv`` there is no shared position axis to measure it on.
 - A row with no visible key gives 0.
 
-Fast path ``torch``: query blocks (``attnzoo.kernels.blocked_softmax``); each block gathers its band
-``c_h[i − j]`` for ``i`` in the block (an ``(H, rows, N)`` index-gather, never the ``(H, N, N)`` matrix), multiplies the
-softmax weights and then V. Memory O(rows · N); autograd reaches ``urpe_coeffs`` through the gather (blocks are
-recomputed in the backward pass). The reference materialises the full Toeplitz matrix from sliding windows of the
-reversed coefficient vector.
+Fast path ``torch``: query blocks (``attnzoo.kernels.blocked_softmax``); each block takes its band ``c_h[i − j]`` for
+``i`` in the block as consecutive sliding windows of the reversed coefficients (a strided view plus one flip, an
+``(H, rows, N)`` tensor, never the ``(H, N, N)`` matrix), multiplies the softmax weights and then V. Memory
+O(rows · N); autograd reaches ``urpe_coeffs`` through the view (blocks are recomputed in the backward pass). The
+reference indexes the coefficients with the full ``(N, N)`` matrix of distances ``i − j``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from attnzoo.kernels.blocked_softmax import blocked_softmax_attention
+from attnzoo.kernels.blocked_softmax import blocked_softmax_attention, inplace
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
 from attnzoo.registry import SELF_PATTERNS, Backend, Call, LayerInfo, MethodSpec, Param, TestHints, register
 
@@ -99,11 +99,8 @@ def reference(
     if urpe_coeffs is not None:
         n = q.shape[2]
         centre = (urpe_coeffs.shape[1] - 1) // 2
-        # reversed[m] = c[centre − (m − centre)], so c[i − j] = reversed[centre − i + j]: row n−1−i of the sliding
-        # windows of width n starting at centre − n + 1 is (c[i − j])_j.
-        reversed_ = urpe_coeffs.to(q.dtype).flip(-1)
-        windows = reversed_.unfold(-1, n, 1)[:, centre - n + 1 : centre + 1]
-        toeplitz = windows.flip(-2)  # (H, n, n), toeplitz[h, i, j] = c_h[i − j]
+        distance = torch.arange(n, device=q.device).view(-1, 1) - torch.arange(n, device=q.device).view(1, -1)
+        toeplitz = urpe_coeffs.to(q.dtype)[:, distance + centre]  # (H, n, n): toeplitz[h, i, j] = c_h[i − j]
         p = p * toeplitz
     return p @ repeat_kv(v, q.shape[1])
 
@@ -124,12 +121,15 @@ def blockwise(
         return blocked_softmax_attention(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias)
     coeffs = urpe_coeffs.to(q.dtype)
     centre = (coeffs.shape[1] - 1) // 2
-    keys = torch.arange(k.shape[2], device=q.device)
+    reversed_ = coeffs.flip(-1)  # reversed_[centre − d] = c[d]
 
     def reweight(p: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        rows = torch.arange(start, end, device=q.device)
-        band = coeffs[:, rows.view(-1, 1) - keys.view(1, -1) + centre]  # (H, rows, N)
-        return p * band
+        # Row i needs (c[i − j])_j = reversed_[centre − i + j], the window of reversed_ starting at centre − i: the
+        # block's windows are consecutive, in reverse row order (a strided view, then one flip of the band).
+        keys = p.shape[-1]
+        windows = reversed_.unfold(-1, keys, 1)[:, centre - end + 1 : centre - start + 1]
+        band = windows.flip(-2)
+        return p.mul_(band) if inplace() else p * band
 
     return blocked_softmax_attention(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias, prob_mod=reweight)
 
