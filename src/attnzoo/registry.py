@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -183,6 +183,7 @@ class MethodSpec:
     differentiable: bool = True
     subquadratic_memory: bool = False
     tests: TestHints = TestHints()
+    backends: tuple[str, ...] = ()  # filled in by register(): the fast paths in priority order, then "reference"
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -203,16 +204,13 @@ class Method:
     def name(self) -> str:
         return self.spec.name
 
-    def backend_names(self) -> list[str]:
-        return [b.name for b in self.backends] + ["reference"]
-
     def backend(self, name: str) -> Backend:
         if name == "reference":
             return Backend("reference", self.reference)
         for b in self.backends:
             if b.name == name:
                 return b
-        raise fail("backend", f"one of {self.backend_names()} for method {self.name!r}", repr(name))
+        raise fail("backend", f"one of {list(self.spec.backends)} for method {self.name!r}", repr(name))
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -229,6 +227,7 @@ def register(spec: MethodSpec, reference: Callable[..., torch.Tensor], backends:
     if "reference" in names or len(set(names)) != len(names):
         raise RuntimeError(f"method {spec.name!r}: backend names must be unique and not 'reference'")
     ordered = tuple(sorted(backends, key=lambda b: BACKEND_ORDER.index(b.name)))
+    spec = replace(spec, backends=(*(b.name for b in ordered), "reference"))
     method = Method(spec=spec, reference=reference, backends=ordered)
     _REGISTRY[spec.name] = method
     return method
@@ -247,9 +246,20 @@ def get(name: str) -> Method:
 
 
 def methods() -> dict[str, MethodSpec]:
-    """Every registered method's spec, by name, in registration order."""
-    return {name: m.spec for name, m in _REGISTRY.items()}
+    """Every registered method's spec, by name, in catalogue order."""
+    return {m.name: m.spec for m in all_methods()}
+
+
+FAMILY_ORDER = "SPDLHQKC"
+
+
+def _catalogue_key(m: Method) -> tuple[int, int, str]:
+    """Order methods as MECHANISMS.md does: by family letter, then number (S1, S2, …, P1, …)."""
+    letter, number = m.spec.mechanism[:1], m.spec.mechanism[1:]
+    family = FAMILY_ORDER.index(letter) if letter in FAMILY_ORDER else len(FAMILY_ORDER)
+    return family, int(number) if number.isdigit() else 0, m.name
 
 
 def all_methods() -> list[Method]:
-    return list(_REGISTRY.values())
+    """Every registered method, in catalogue order."""
+    return sorted(_REGISTRY.values(), key=_catalogue_key)
