@@ -272,3 +272,30 @@ def test_selective_rejects_wrong_shapes() -> None:
         az.attention(q, k, v, method="selective", value_temp=torch.zeros(4, 8, dtype=q.dtype))
     with pytest.raises(AttnzooError, match="pos_beta"):
         az.attention(q, k, v, method="selective", pos_beta=torch.zeros(4, 1, dtype=q.dtype))
+
+
+# --- learnable parts in az.nn.Attention -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "learnable"),
+    [
+        ("selective", {}, {"query_temp": (8, 8), "pos_beta": (8,), "value_temp": (2, 8)}),
+        ("urpe", {"max_len": 32}, {"urpe_coeffs": (8, 63)}),
+    ],
+)
+def test_layer_owns_and_trains_the_learnable_parts(
+    method: str, params: dict[str, object], learnable: dict[str, tuple[int, ...]]
+) -> None:
+    torch.manual_seed(0)
+    layer = az.nn.Attention(64, 8, kv_heads=2, method=method, causal=True, **params)
+    plain = az.nn.Attention(64, 8, kv_heads=2, method="softmax", causal=True)
+    plain.load_state_dict(layer.state_dict(), strict=False)
+    assert {n: tuple(p.shape) for n, p in layer.learnable.items()} == learnable
+    x = torch.randn(2, 20, 64)
+    out = layer(x)
+    if method == "urpe":  # initialised to ones: starts as softmax attention
+        torch.testing.assert_close(out, plain(x))
+    out.square().sum().backward()
+    for name, p in layer.learnable.items():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
