@@ -57,40 +57,62 @@ def blocked_softmax_attention(
     """
     b, h, sq, _ = q.shape
     skv = k.shape[2]
+    offset = skv - sq  # bottom-right causal: query i sees keys j <= i + offset
     rows = block if block is not None else block_rows(b, h, sq, skv)
-    causal_mod = masks.causal(sq, skv) if causal else None
     # Scale q before the product: in fp16/bf16 the unscaled dot products could overflow where the logits do not.
     q_scaled = (q * scale).contiguous()
 
     def attend(q_rows: torch.Tensor, start: int) -> torch.Tensor:
         end = start + q_rows.shape[2]
-        # Under the causal mask the block's last query sees keys [0, end + skv − sq): the rest is never computed.
-        keys = min(skv, max(1, end + skv - sq)) if causal else skv
+        # Under the causal mask the block's last query sees keys [0, end + offset): the rest is never computed, and
+        # only the columns from `first` on are hidden from some row of the block (a rows × rows triangle at most).
+        keys = min(skv, max(1, end + offset)) if causal else skv
+        first = min(keys, max(0, start + offset + 1)) if causal else keys
         s = grouped_logits(q_rows, k[:, :, :keys], 1.0)
         if score_mod is not None:
             s = score_mod(s, start, end)
         if bias is not None:
             s = s + _columns(masks.rows(bias, start, end), keys)
-        hidden = None if mask is None else ~_columns(masks.rows(mask, start, end), keys)
-        if causal_mod is not None:
-            future = ~masks.dense_rows(causal_mod, 1, 1, start, end, keys, q.device)
-            hidden = future if hidden is None else hidden | future
-        if hidden is not None:
-            s = s.masked_fill_(hidden, float("-inf")) if inplace() else s.masked_fill(hidden, float("-inf"))
+        seen = None if mask is None else _columns(masks.rows(mask, start, end), keys)
+        if seen is not None:
+            s = s.masked_fill(seen.logical_not(), float("-inf"))
+        future = None
+        if first < keys:
+            row_index = torch.arange(start, end, device=q.device).view(-1, 1)
+            future = torch.arange(first, keys, device=q.device).view(1, -1) > row_index + offset
+            s[..., first:].masked_fill_(future, float("-inf"))  # in place on the block's own logits
         if select is not None:
             s = select(s)
         p = torch.softmax(s, dim=-1)
-        if hidden is not None:
-            # Rows with no visible key are NaN after the softmax; they become 0. (Their gradient stays finite: the
-            # masked_fill above passes none back to the hidden logits.)
-            empty = hidden.all(dim=-1, keepdim=True)
-            if bool(empty.any()):
-                p = p.masked_fill(empty, 0.0)
+        empty = _empty_rows(seen, future, first, start, end, offset if causal else None, q.device)
+        if empty is not None:  # their softmax is NaN (all logits -inf); the masked_fills above stop its gradient
+            p = p.masked_fill(empty, 0.0)
         if prob_mod is not None:
             p = prob_mod(p, start, end)
         return grouped_pv(p, v[:, :, :keys])
 
     return query_blocks(attend, q_scaled, rows)
+
+
+def _empty_rows(
+    seen: torch.Tensor | None,
+    future: torch.Tensor | None,
+    first: int,
+    start: int,
+    end: int,
+    offset: int | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """A ``(…, rows, 1)`` bool of the block's rows that see no key, or None if there is none."""
+    if seen is not None:
+        visible = seen[..., :first].any(dim=-1, keepdim=True)
+        if future is not None:
+            visible = visible | (seen[..., first:] & ~future).any(dim=-1, keepdim=True)
+        empty = ~visible
+        return empty if bool(empty.any()) else None
+    if offset is not None and start + offset < 0:  # causal rows i < -offset see no key at all
+        return (torch.arange(start, end, device=device) + offset < 0).view(-1, 1)
+    return None
 
 
 def inplace() -> bool:

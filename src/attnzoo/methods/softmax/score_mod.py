@@ -128,10 +128,14 @@ def reference(
     return p @ repeat_kv(v, h)
 
 
-def _distance_rows(start: int, end: int, offset: int, keys: int, device: torch.device) -> torch.Tensor:
-    """``|i + offset − j|`` for query rows ``[start, end)`` and keys ``[0, keys)``."""
-    rows = torch.arange(start + offset, end + offset, device=device).view(-1, 1)
-    return (rows - torch.arange(keys, device=device).view(1, -1)).abs_()
+def _distance_rows(start: int, end: int, offset: int, keys: int, like: torch.Tensor) -> torch.Tensor:
+    """``|i + offset − j|`` for query rows ``[start, end)`` and keys ``[0, keys)``, in the dtype of ``like``.
+
+    Positions are exact in fp32/fp64; half-precision logits get the distances rounded once, not their positions.
+    """
+    dtype = like.dtype if like.element_size() >= 4 else torch.float32
+    rows = torch.arange(start + offset, end + offset, dtype=dtype, device=like.device).view(-1, 1)
+    return (rows - torch.arange(keys, dtype=dtype, device=like.device).view(1, -1)).abs_().to(like.dtype)
 
 
 def blockwise(
@@ -152,7 +156,7 @@ def blockwise(
     def modify(s: torch.Tensor, start: int, end: int) -> torch.Tensor:
         distance = None
         if slopes is not None:
-            distance = _distance_rows(start, end, skv - sq, s.shape[-1], q.device).to(s.dtype)
+            distance = _distance_rows(start, end, skv - sq, s.shape[-1], s)
         if inplace():
             if softcap > 0:
                 s = s.div_(softcap).tanh_().mul_(softcap)
