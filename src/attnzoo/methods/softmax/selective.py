@@ -72,7 +72,7 @@ SPEC = MethodSpec(
     mechanism="S3",
     paper="Selective Attention: Enhancing Transformer through Principled Context Control",
     arxiv="2411.12892",
-    summary="softmax with learnable query temperature τ(q, i) = 1 + σ'(β)·log n_i + tanh(u·q) and value "
+    summary="softmax with learnable query temperature τ(q, i) = 1 + exp(−exp β)·log n_i + tanh(u·q) and value "
     "temperature 1 + tanh(w·v)",
     exact=True,
     patterns=ALL_PATTERNS,
