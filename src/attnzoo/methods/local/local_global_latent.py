@@ -13,14 +13,15 @@ is a latent, to every latent: ``s = scale · q·k``. Predicate: :func:`attnzoo.m
 Defaults ``num_groups=1``, ``latents_per_group=0`` (plain full attention). Self-attention, non-causal, no user mask or
 bias; GQA supported.
 
-Fast path ``torch``: two batched SDPA calls without masks. Data queries of group ``g`` over the ``N_d/G + L`` keys of
-their group's data and latents; latent queries of group ``g`` over all ``G·L`` latents plus their group's data. Time
-``O((N_d·(N_d/G + L) + G·L·(G·L + N_d/G))·d)`` instead of ``(N_d + G·L)²·d``; no ``N × N`` tensor. ``flex``: the
-predicate's cached block mask.
+Fast path ``torch``: two batched SDPA calls without masks on row-gathered keys (cached index sets). Data queries of
+group ``g`` over the ``N_d/G + L`` keys of their group's data and latents; latent queries of group ``g`` over all
+``G·L`` latents plus their group's data. Time ``O((N_d·(N_d/G + L) + G·L·(G·L + N_d/G))·d)`` instead of
+``(N_d + G·L)²·d``; no ``N × N`` tensor. ``flex``: the predicate's cached block mask.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -88,31 +89,38 @@ def reference(
     return safe_softmax(dense_scores(q, k, scale), seen) @ repeat_kv(v, h)
 
 
+@lru_cache(maxsize=32)
+def _index_sets(n: int, g: int, lat: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """Per kind of query (data, then latents if any): query rows ``(G, n_q)`` and the key rows ``(G, W)`` they see."""
+    nd = n - g * lat
+    data = torch.arange(nd).view(g, nd // g)
+    if lat == 0:
+        return ((data, data),)
+    latents = nd + torch.arange(g * lat).view(g, lat)
+    every = latents.flatten().expand(g, -1)
+    return (data, torch.cat([data, latents], dim=1)), (latents, torch.cat([every, data], dim=1))
+
+
 def grouped_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, num_groups: int, latents_per_group: int,
 ) -> torch.Tensor:
     b, h, n, _ = q.shape
-    g, lat = num_groups, latents_per_group
-    nd = n - g * lat
-    gqa = h != k.shape[1]
+    g = num_groups
 
-    def groups(t: torch.Tensor, start: int, per: int) -> torch.Tensor:
-        """Tokens ``[start, start + g·per)`` as ``(B, G, heads, per, C)``: groups before heads, for SDPA's GQA."""
-        return t[:, :, start : start + g * per].unflatten(2, (g, per)).transpose(1, 2)
+    def pick(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``(G, W)`` of ``t (B, H', S, C)`` as ``(B·G, H', W, C)``: one gather on the ``(B, S, H', C)`` view, the
+        rest free views (4-D, as CPU SDPA is much slower on 5-D inputs)."""
+        got = t.transpose(1, 2)[:, rows].transpose(2, 3)
+        return got.reshape(b * g, t.shape[1], rows.shape[1], t.shape[-1])
 
-    kd, vd = groups(k, 0, nd // g), groups(v, 0, nd // g)
-    if lat == 0:
-        out = F.scaled_dot_product_attention(groups(q, 0, nd // g), kd, vd, scale=scale, enable_gqa=gqa)
-        return out.transpose(1, 2).flatten(2, 3)
-    kl, vl = groups(k, nd, lat), groups(v, nd, lat)
-    data = F.scaled_dot_product_attention(groups(q, 0, nd // g), torch.cat([kd, kl], dim=3),
-                                          torch.cat([vd, vl], dim=3), scale=scale, enable_gqa=gqa)
-    every_k = k[:, None, :, nd:].expand(b, g, -1, -1, -1)  # all latents, for each group's latent queries
-    every_v = v[:, None, :, nd:].expand(b, g, -1, -1, -1)
-    latent = F.scaled_dot_product_attention(groups(q, nd, lat), torch.cat([every_k, kd], dim=3),
-                                            torch.cat([every_v, vd], dim=3), scale=scale, enable_gqa=gqa)
-    return torch.cat([data.transpose(1, 2).flatten(2, 3), latent.transpose(1, 2).flatten(2, 3)], dim=2)
+    outs = []
+    for qi, ki in _index_sets(n, g, latents_per_group):
+        qi, ki = qi.to(q.device), ki.to(q.device)
+        o = F.scaled_dot_product_attention(pick(q, qi), pick(k, ki), pick(v, ki), scale=scale,
+                                           enable_gqa=h != k.shape[1])
+        outs.append(o.view(b, g, h, qi.shape[1], -1).transpose(1, 2).flatten(2, 3))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def flex(

@@ -25,7 +25,7 @@ samples from key/value head ``n // (H / Hkv)``. Gradients flow to q, k, v and ``
 points that fall exactly on grid lines bilinear interpolation has a kink and the two implementations may pick
 different one-sided gradients there.
 
-Fast path ``torch``: the four grid neighbours of every sampling point are gathered (O(N·d) per head) and each window
+Fast path ``torch``: keys and values are sampled together by one ``grid_sample`` call (O(N·d) per head) and each window
 runs one batched SDPA over its ``P_h·P_w`` samples: O(N·P_h·P_w·d) time, O(N·d) memory. The reference builds the
 dense ``N × N`` interpolation weights from the tent kernel and masks the ``N × N`` scores to each query's window.
 """
@@ -159,20 +159,16 @@ def _unwindows(t: torch.Tensor, g: Geometry) -> torch.Tensor:
 
 
 def _bilinear(t: torch.Tensor, sy: torch.Tensor, sx: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Bilinear samples of ``t (B, H, h·w, C)`` at points ``(sy, sx) (B, H, M)``, zero outside the grid."""
-    y0, x0 = torch.floor(sy), torch.floor(sx)
-    out = None
-    for dy in (0, 1):
-        for dx in (0, 1):
-            yy, xx = y0 + dy, x0 + dx
-            weight = (1 - (sy - yy).abs()) * (1 - (sx - xx).abs())
-            inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-            idx = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).long()
-            picked = torch.gather(t, 2, idx.unsqueeze(-1).expand(*idx.shape, t.shape[-1]))
-            term = picked * (weight * inside.to(weight.dtype)).unsqueeze(-1)
-            out = term if out is None else out + term
-    assert out is not None
-    return out
+    """Bilinear samples of ``t (B, H, h·w, C)`` at points ``(sy, sx) (B, H, M)``, zero outside the grid.
+
+    ``grid_sample`` on the grid padded with one ring of zeros (so that no axis has length 1, and ``align_corners``
+    maps padded pixel ``p`` to ``−1 + 2p / (L + 1)``): the same as zero outside the unpadded grid."""
+    b, heads, _, c = t.shape
+    img = F.pad(t.transpose(-1, -2).reshape(b * heads, c, h, w), (1, 1, 1, 1))
+    grid = torch.stack([(sx + 1) * (2 / (w + 1)) - 1, (sy + 1) * (2 / (h + 1)) - 1], dim=-1)
+    out = F.grid_sample(img, grid.reshape(b * heads, 1, -1, 2), mode="bilinear", padding_mode="zeros",
+                        align_corners=True)  # (B·H, C, 1, M)
+    return out.view(b, heads, c, -1).transpose(-1, -2)
 
 
 def sampled_windows(
@@ -184,10 +180,8 @@ def sampled_windows(
     h, w, ph, pw = g
     qw = _windows(q, g)  # (B, H, U, P, D)
     if window_regression is None:
-        # Heads on dim -3 (windows first) so that SDPA's GQA reads the shared K/V heads without copies.
-        kw, vw = _windows(k, g).transpose(1, 2), _windows(v, g).transpose(1, 2)
-        out = F.scaled_dot_product_attention(qw.transpose(1, 2), kw, vw, scale=scale, enable_gqa=heads != k.shape[1])
-        return _unwindows(out.transpose(1, 2), g)
+        out = _window_sdpa(qw, _windows(k, g), _windows(v, g), scale)
+        return _unwindows(out, g)
     deltas = torch.einsum("bnud,ndr->bnur", F.leaky_relu(qw.mean(dim=3), 0.01), window_regression)
     # Relative slot coordinates inside a window and the windows' centres, in grid units.
     ry = torch.arange(ph, device=q.device, dtype=q.dtype).repeat_interleave(pw) - (ph - 1) / 2
@@ -197,13 +191,24 @@ def sampled_windows(
     d = deltas.unsqueeze(3)  # (B, H, U, 1, 4)
     sy = cy.view(-1, 1) + ry * (1 + d[..., 0]) + d[..., 2] * ph  # (B, H, U, P)
     sx = cx.view(-1, 1) + rx * (1 + d[..., 1]) + d[..., 3] * pw
-    group = heads // k.shape[1]
-    kh = k if group == 1 else k.repeat_interleave(group, dim=1)  # each head samples its own points
-    vh = v if group == 1 else v.repeat_interleave(group, dim=1)
+    kv = torch.cat([k, v], dim=-1)  # keys and values share their sampling points: one read for both
+    kv = kv.repeat_interleave(heads // k.shape[1], dim=1)  # each query head samples its own points
     m = sy.shape[2] * sy.shape[3]
-    ks = _bilinear(kh, sy.reshape(b, heads, m), sx.reshape(b, heads, m), h, w).view(*qw.shape[:4], -1)
-    vs = _bilinear(vh, sy.reshape(b, heads, m), sx.reshape(b, heads, m), h, w).view(*qw.shape[:4], -1)
-    return _unwindows(F.scaled_dot_product_attention(qw, ks, vs, scale=scale), g)
+    kvs = _bilinear(kv, sy.reshape(b, heads, m), sx.reshape(b, heads, m), h, w).view(*qw.shape[:4], -1)
+    ks, vs = kvs[..., : k.shape[-1]], kvs[..., k.shape[-1] :]
+    return _unwindows(_window_sdpa(qw, ks, vs, scale), g)
+
+
+def _window_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA per window of ``(B, H, U, P, C)`` tensors, as 4-D ``(B·U, H, P, C)`` calls (CPU SDPA is much slower on
+    5-D inputs); GQA reads the shared K/V heads without copies."""
+    b, h, u, p, _ = q.shape
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(b * u, t.shape[1], p, t.shape[-1])
+
+    out = F.scaled_dot_product_attention(flat(q), flat(k), flat(v), scale=scale, enable_gqa=h != k.shape[1])
+    return out.view(b, u, h, p, -1).transpose(1, 2)
 
 
 register(SPEC, reference, [Backend("torch", sampled_windows)])
