@@ -15,10 +15,13 @@ them to q and k before calling (this function takes q and k as given). Self-atte
 mask is a causal mask); GQA supported.
 
 Fast path ``torch``: tokens are stably sorted by position id (a cached permutation), which makes the mask "causal with
-ties": sorted query ``i`` sees the key prefix ``[0, end_i)``, ``end`` non-decreasing. Query blocks of ``BLOCK`` rows run
-one SDPA each over their key prefix only, with a ``BLOCK × prefix`` additive mask (checkpointed under autograd), and the
-output is un-permuted: about half the dense FLOPs, never the ``N × N`` mask. ``flex``: the predicate's cached block
-mask (:func:`attnzoo.masks_local_extra.position_causal`).
+ties": sorted query ``i`` sees the key prefix ``[0, end_i)``. The text before the image is one causal SDPA; each ring
+(in pieces of ``BLOCK`` rows) is one SDPA without any mask over the keys up to the ring's end, since all its rows see
+the same keys; the text after the image runs in blocks of ``BLOCK`` rows over their key prefix with a cached
+lower-triangular tile zero-padded on the left. With a user mask or bias every segment builds its own mask rows.
+Segments are checkpointed under autograd and write their rows straight to the un-permuted output: about half the
+dense FLOPs, never the ``N × N`` mask. ``flex``: the predicate's cached block mask
+(:func:`attnzoo.masks_local_extra.position_causal`).
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from attnzoo import masks
-from attnzoo.kernels.blockwise import query_blocks
 from attnzoo.masks_local_extra import concentric_position_ids, position_causal
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
 from attnzoo.methods.local.common import flex_attention, flex_serves
@@ -101,40 +104,84 @@ def reference(
     return safe_softmax(s, seen) @ repeat_kv(v, h)
 
 
+class _Plan:
+    """A configuration's token order and its query segments.
+
+    ``order`` stably sorts tokens by position id (text before the image, the image ring by ring from the border in,
+    text after it) and sorted query ``i`` sees keys ``< ends[i]``. ``segments`` are
+    ``(start, stop, reach, kind)``: queries ``[start, stop)`` see keys below ``reach`` at most, and
+
+    - ``"causal"``: the text before the image, plain causal attention among itself;
+    - ``"full"``: a piece of one ring, whose rows all see exactly the keys ``[0, reach)`` (no mask);
+    - ``"masked"``: a block of the text after the image, which needs its lower-triangular diagonal tile.
+    """
+
+    def __init__(self, n: int, layout: tuple[int, int] | None, image_start: int) -> None:
+        pos = concentric_position_ids(n, layout, image_start)
+        ordered, self.order = torch.sort(pos, stable=True)
+        self.ends = torch.searchsorted(ordered, ordered, right=True)
+        text = n if layout is None else image_start
+        image_end = text if layout is None else text + layout[0] * layout[1]
+        self.segments: list[tuple[int, int, int, str]] = [(0, text, text, "causal")] if text else []
+        ring_ends = sorted(set(self.ends[text:image_end].tolist()))
+        for a, b in zip([text, *ring_ends[:-1]][: len(ring_ends)], ring_ends, strict=True):
+            self.segments += [(s, min(s + BLOCK, b), b, "full") for s in range(a, b, BLOCK)]
+        self.segments += [(s, min(s + BLOCK, n), min(s + BLOCK, n), "masked") for s in range(image_end, n, BLOCK)]
+        self._tiles: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def additive(self, start: int, stop: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """A "masked" block's mask as 0 / −inf logits over keys ``[0, stop)``: its causal tile, zero-padded left."""
+        key = (device, dtype)
+        if key not in self._tiles:
+            tri = torch.ones(BLOCK, BLOCK, dtype=torch.bool, device=device).tril()
+            self._tiles[key] = torch.zeros(BLOCK, BLOCK, dtype=dtype, device=device).masked_fill_(~tri, float("-inf"))
+        rows = stop - start
+        return F.pad(self._tiles[key][:rows, :rows], (start, 0))
+
+
 @lru_cache(maxsize=32)
-def _plan(n: int, layout: tuple[int, int] | None, image_start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``order`` (stable sort by position id), its inverse, and ``ends``: sorted query ``i`` sees keys ``< ends[i]``."""
-    pos = concentric_position_ids(n, layout, image_start)
-    ordered, order = torch.sort(pos, stable=True)
-    ends = torch.searchsorted(ordered, ordered, right=True)
-    return order, torch.argsort(order), ends
+def _plan(n: int, layout: tuple[int, int] | None, image_start: int) -> _Plan:
+    return _Plan(n, layout, image_start)
 
 
 def sorted_blocks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, layout: Any, image_start: int,
 ) -> torch.Tensor:
-    n, dev = q.shape[2], q.device
-    order, inverse, ends = (t.to(dev) for t in _plan(n, layout, image_start))
-    ends_list = ends.tolist()
+    dev = q.device
+    plan = _plan(q.shape[2], layout, image_start)
+    order, ends = plan.order.to(dev), plan.ends.to(dev)
     qs, ks, vs = q[:, :, order], k[:, :, order], v[:, :, order]
     gqa = q.shape[1] != k.shape[1]
+    general = mask is not None or bias is not None
 
-    def block(q_rows: torch.Tensor, start: int) -> torch.Tensor:
-        stop = start + q_rows.shape[2]
-        reach = ends_list[stop - 1]
-        seen = torch.arange(reach, device=dev) < ends[start:stop].unsqueeze(1)  # (rows, reach)
+    def segment(q_rows: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, start: int, stop: int, reach: int,
+                kind: str) -> torch.Tensor:
+        kr, vr = ks[:, :, :reach], vs[:, :, :reach]
+        if not general:
+            attn = plan.additive(start, stop, dev, q.dtype) if kind == "masked" else None
+            return F.scaled_dot_product_attention(q_rows, kr, vr, attn_mask=attn, is_causal=kind == "causal",
+                                                  scale=scale, enable_gqa=gqa)
+        seen = torch.arange(reach, device=dev) < ends[start:stop].unsqueeze(1)
         if mask is not None:
             seen = seen & _pairs(mask, order[start:stop], order[:reach])
         some = seen.any(dim=-1, keepdim=True)
         attn = torch.zeros(seen.shape, dtype=q.dtype, device=dev).masked_fill_(~seen & some, float("-inf"))
         if bias is not None:
             attn = attn + _pairs(bias, order[start:stop], order[:reach])
-        out = F.scaled_dot_product_attention(q_rows, ks[:, :, :reach], vs[:, :, :reach], attn_mask=attn,
-                                             scale=scale, enable_gqa=gqa)
-        return out if mask is None else out * some.to(out.dtype)
+        out = F.scaled_dot_product_attention(q_rows, kr, vr, attn_mask=attn, scale=scale, enable_gqa=gqa)
+        return out * some.to(out.dtype)
 
-    return query_blocks(block, qs, BLOCK)[:, :, inverse]
+    # Under autograd each segment is recomputed in the backward pass, so no segment's mask outlives it.
+    recompute = torch.is_grad_enabled() and len(plan.segments) > 1
+    # (B, N, H, Dv) storage, the layout CPU SDPA returns its output in: each segment's rows are copied straight to
+    # their un-permuted places as whole (H, Dv) slabs.
+    out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
+    for a, b, r, kind in plan.segments:
+        seg = (checkpoint(segment, qs[:, :, a:b], ks, vs, a, b, r, kind, use_reentrant=False) if recompute
+               else segment(qs[:, :, a:b], ks, vs, a, b, r, kind))
+        out.index_copy_(1, order[a:b], seg.transpose(1, 2))
+    return out.transpose(1, 2)
 
 
 def _pairs(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
