@@ -88,8 +88,8 @@ def step(
     """One token: ``q, k (B, H, 1, Dk)``, ``v (B, H, 1, Dv)``, ``log_gate, beta (B, H, 1)``; returns ``(o, S)``."""
     if q.shape[2] != 1:
         raise fail("q", "one token per step (seq 1)", f"seq {q.shape[2]}")
-    b, h, _, dk = q.shape
-    expected = (b, h, dk, v.shape[-1])
+    b, h = q.shape[:2]
+    expected = (b, h, q.shape[-1], v.shape[-1])
     if tuple(state.shape) != expected:
         raise fail("state", f"shape {expected}", tuple(state.shape))
     acc, out_dtype = state.dtype, v.dtype
@@ -97,5 +97,7 @@ def step(
     alpha = torch.exp(log_gate.to(acc))[..., None]  # (B, H, 1, 1)
     decayed = alpha * state
     error = v - k @ decayed  # (B, H, 1, Dv): v_t − α_t S_{t−1}ᵀ k_t
-    state = decayed + k.transpose(-1, -2) @ (beta.to(acc)[..., None] * error)
+    dk, dv = state.shape[-2:]
+    update = (beta.to(acc)[..., None] * error).reshape(-1, 1, dv)
+    state = torch.baddbmm(decayed.reshape(-1, dk, dv), k.reshape(-1, dk, 1), update).view(b, h, dk, dv)
     return (q @ state).to(out_dtype), state

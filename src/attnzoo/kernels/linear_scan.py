@@ -57,8 +57,13 @@ def _finish(o: torch.Tensor, normalize: bool, dtype: torch.dtype) -> torch.Tenso
     if normalize:
         num, den = o[..., :-1], o[..., -1:]
         positive = den > 0
-        o = torch.where(positive, num / torch.where(positive, den, torch.ones_like(den)), torch.zeros_like(num))
+        o = (num / torch.where(positive, den, torch.ones_like(den))).masked_fill_(~positive, 0.0)
     return o.to(dtype)
+
+
+def _scaled(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x * w``, in place (no copy of ``x``) unless autograd needs ``x`` to differentiate ``w``."""
+    return x * w if w.requires_grad else x.mul_(w)
 
 
 def _log_decay(decay: torch.Tensor, heads: int, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -100,8 +105,7 @@ def causal(
         u = k_.transpose(-1, -2) @ v_  # (B, Hkv, n, F, Dve)
         incl = u.cumsum(dim=2)
         prev = torch.cat([torch.zeros_like(incl[:, :, :1]), incl[:, :, :-1]], dim=2)
-        final = incl[:, :, -1]
-        q_inter = q_
+        final = incl[:, :, -1].clone()
         intra_weight: torch.Tensor | None = None
     else:
         la = _log_decay(decay, h, hkv, acc)  # (Hkv, G)
@@ -110,7 +114,6 @@ def causal(
         intra_weight = torch.where(lower, torch.exp(la[..., None, None] * diff), torch.zeros((), dtype=acc))
         q_fac = torch.exp(la[..., None] * (tf + 1))  # (Hkv, G, C)
         k_fac = torch.exp(la[..., None] * (c - 1 - tf))
-        q_inter = q_ * q_fac[None, :, None, :, :, None]
         kw = k_[:, :, :, None] * k_fac[None, :, None, :, :, None]  # (B, Hkv, n, G, C, F)
         u = kw.transpose(-1, -2) @ v_[:, :, :, None]  # (B, Hkv, n, G, F, Dve)
         lam = torch.exp(la * c)[None, :, :, None, None]  # (1, Hkv, G, 1, 1)
@@ -129,16 +132,19 @@ def causal(
         hi = min(nc, lo + step_chunks)
         rows = q_[:, :, lo:hi].reshape(b, hkv, hi - lo, g * c, f)
         scores = (rows @ k_[:, :, lo:hi].transpose(-1, -2)).view(b, hkv, hi - lo, g, c, c)
-        scores = scores.masked_fill(~lower, 0.0) if intra_weight is None else scores * intra_weight[None, :, None]
-        intra = scores.view(b, hkv, hi - lo, g * c, c) @ v_[:, :, lo:hi]
+        if intra_weight is None:
+            scores = scores.masked_fill_(~lower, 0.0)
+        else:
+            scores = _scaled(scores, intra_weight[None, :, None])
+        o = scores.view(b, hkv, hi - lo, g * c, c) @ v_[:, :, lo:hi]
         if decay is None:
             inter = rows @ prev[:, :, lo:hi]
         else:
-            inter = (q_inter[:, :, lo:hi] @ prev[:, :, lo:hi]).reshape(b, hkv, hi - lo, g * c, dve)
-        outs.append(intra + inter)
-    o = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    o = o.view(b, hkv, nc, g, c, dve).transpose(2, 3).reshape(b, h, nc * c, dve)[:, :, pad:]
-    out = _finish(o, normalize, out_dtype)
+            inter = _scaled(q_[:, :, lo:hi] @ prev[:, :, lo:hi], q_fac[None, :, None, :, :, None])
+        o = o.add_(inter.reshape(o.shape)).view(b, hkv, hi - lo, g, c, dve)
+        outs.append(o.transpose(2, 3))
+    o = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
+    out = _finish(o.reshape(b, h, nc * c, dve)[:, :, pad:], normalize, out_dtype)
     return (out, final) if return_state else out
 
 
@@ -187,13 +193,18 @@ def step(
     expected = (b, h if decay is not None else hkv, f, dve)
     if tuple(state.shape) != expected:
         raise fail("state", f"shape {expected}", tuple(state.shape))
-    kv = kf.to(acc).transpose(-1, -2) @ v  # (B, Hkv, F, Dve)
+    # S + kf vᵀ as one batched baddbmm (an outer product through matmul is slow on CPU)
+    k_col = kf.to(acc).transpose(-1, -2)  # (B, Hkv, F, 1)
+    q_rows = qf.to(acc).reshape(b, hkv, g, f)
     if decay is None:
-        state = state + kv
-        o = qf.to(acc).reshape(b, hkv, g, f) @ state
+        state = torch.baddbmm(state.reshape(-1, f, dve), k_col.reshape(-1, f, 1), v.reshape(-1, 1, dve))
+        state = state.view(b, hkv, f, dve)
+        o = q_rows @ state
     else:
         lam = torch.exp(_log_decay(decay, h, hkv, acc))[None, :, :, None, None]
-        grouped = lam * state.view(b, hkv, g, f, dve) + kv[:, :, None]
-        o = (qf.to(acc).view(b, hkv, g, 1, f) @ grouped).squeeze(-2)
-        state = grouped.reshape(b, h, f, dve)
+        base = (lam * state.view(b, hkv, g, f, dve)).reshape(-1, f, dve)
+        k_col = k_col[:, :, None].expand(b, hkv, g, f, 1).reshape(-1, f, 1)
+        v_row = v[:, :, None].expand(b, hkv, g, 1, dve).reshape(-1, 1, dve)
+        state = torch.baddbmm(base, k_col, v_row).view(b, h, f, dve)
+        o = q_rows.view(b, h, 1, f) @ state
     return _finish(o.reshape(b, h, 1, dve), normalize, out_dtype), state

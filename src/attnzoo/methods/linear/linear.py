@@ -23,7 +23,8 @@ Feature maps ``φ`` (applied to each head's raw query/key vectors):
 - any callable ``φ(x: (B, H, S, D)) -> (B, H, S, F)``, applied to queries and keys alike (with ``normalize=True`` its
   features must be non-negative; negative features raise an error naming ``feature_map``).
 
-Choice: ``scale`` multiplies the scores (as in flash-linear-attention), so it cancels when ``normalize=True``.
+Choice: ``scale`` multiplies the scores (as in flash-linear-attention); it cancels when ``normalize=True``, so it is
+not applied there.
 
 Fast path ``torch``: :mod:`attnzoo.kernels.linear_scan` — the chunked causal scan (``chunk_size`` tokens per chunk,
 intra-chunk masked ``φ(Q)φ(K)ᵀ``, inter-chunk state by an exclusive cumulative sum of chunk states, all chunks as
@@ -117,7 +118,10 @@ def features(
     num_features: int | None,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale·φ(q), φ(k))`` — or, for softmax_kernel, ``(φ(q), φ(k))`` with the temperature inside ``φ``."""
+    """``(scale·φ(q), φ(k))``, ``scale`` left out when ``normalize`` (it cancels there).
+
+    softmax_kernel: ``(φ(q), φ(k))`` with the temperature inside ``φ``.
+    """
     if feature_map == "softmax_kernel":
         d = q.shape[-1]
         m = num_features if num_features is not None else max(d, round(d * math.log(d)))
@@ -126,7 +130,7 @@ def features(
         qf = _random_features(q.to(w.dtype) * root, w, stabilise=normalize)
         return qf, _random_features(k.to(w.dtype) * root, w, stabilise=False)
     if feature_map == "elu1":
-        qf, kf = F.elu(q) + 1, F.elu(k) + 1
+        qf, kf = F.elu(q).add_(1.0), F.elu(k).add_(1.0)
     elif feature_map == "relu":
         qf, kf = F.relu(q), F.relu(k)
     elif feature_map == "identity":
@@ -138,7 +142,7 @@ def features(
             raise fail("feature_map", "a callable mapping (B, H, S, D) to (B, H, S, F)", f"shapes {tuple(qf.shape)}")
         if normalize and (bool((qf < 0).any()) or bool((kf < 0).any())):
             raise fail("feature_map", "non-negative features (normalize=True)", "negative features")
-    return qf * scale, kf
+    return (qf if normalize else qf * scale), kf
 
 
 def reference(
