@@ -247,9 +247,20 @@ def get(name: str) -> Method:
 
 
 def methods() -> dict[str, MethodSpec]:
-    """Every registered method's spec, by name, in registration order."""
-    return {name: m.spec for name, m in _REGISTRY.items()}
+    """Every registered method's spec, by name, in catalogue order."""
+    return {m.name: m.spec for m in all_methods()}
+
+
+FAMILY_ORDER = "SPDLHQKC"
+
+
+def _catalogue_key(m: Method) -> tuple[int, int, str]:
+    """Order methods as MECHANISMS.md does: by family letter, then number (S1, S2, …, P1, …)."""
+    letter, number = m.spec.mechanism[:1], m.spec.mechanism[1:]
+    family = FAMILY_ORDER.index(letter) if letter in FAMILY_ORDER else len(FAMILY_ORDER)
+    return family, int(number) if number.isdigit() else 0, m.name
 
 
 def all_methods() -> list[Method]:
-    return list(_REGISTRY.values())
+    """Every registered method, in catalogue order."""
+    return sorted(_REGISTRY.values(), key=_catalogue_key)

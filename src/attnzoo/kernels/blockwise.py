@@ -18,7 +18,8 @@ def grouped_logits(q_rows: torch.Tensor, k: torch.Tensor, scale: float) -> torch
     b, h, r, d = q_rows.shape
     hkv = k.shape[1]
     stacked = q_rows.reshape(b, hkv, (h // hkv) * r, d)
-    return torch.matmul(stacked, k.transpose(-1, -2)).mul_(scale).view(b, h, r, k.shape[2])
+    s = torch.matmul(stacked, k.transpose(-1, -2))
+    return (s if scale == 1.0 else s.mul_(scale)).view(b, h, r, k.shape[2])
 
 
 def grouped_pv(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,11 @@ bottom-right causal) and no row normalisation. ``b = sigmoid_bias`` defaults to 
 that keeps the initial attention norm near that of softmax attention. A row with no visible key gives 0.
 
 Fast path ``torch``: since rows are not normalised, any split of the work simply adds up. Query blocks of ``r`` rows
-are computed as one ``matmul → scale/bias (in place) → sigmoid (in place) → matmul``, with ``r`` chosen so one block's
-scores stay under 2²⁶ elements (256 MiB in fp32); blocks are checkpointed under autograd, so forward and backward
-memory are O(r · Skv) instead of O(Sq · Skv). GQA stacks the query heads of a group as rows: no K/V copies.
+are computed as one ``matmul → sigmoid (in place) → matmul``, with ``r`` chosen so one block's scores stay under 2²⁶
+elements (256 MiB in fp32). Scale and ``b`` ride inside the first matmul on an extra feature
+(``[scale·q, 1]·[k, b]ᵀ``), so the scores are touched only by the matmuls and the sigmoid; causal blocks stop at their
+last visible key, halving the work. Blocks are checkpointed under autograd, so forward and backward memory are
+O(r · Skv) instead of O(Sq · Skv). GQA stacks the query heads of a group as rows: no K/V copies.
 """
 
 from __future__ import annotations
@@ -78,23 +80,29 @@ def blockwise(
     b, h, sq, _ = q.shape
     skv = k.shape[2]
     offset = _bias_value(sigmoid_bias, skv)
+    # Fold scale and b into one matmul: [scale·q, 1] · [k, b]ᵀ = scale·q·k + b (no extra pass over the scores).
+    qa = torch.cat([q * scale, q.new_ones(b, h, sq, 1)], dim=-1)
+    ka = torch.cat([k, k.new_full((b, k.shape[1], skv, 1), offset)], dim=-1)
     block = max(16, min(sq, SCORES_PER_BLOCK // (b * h * skv)))
-    causal_mod = masks.causal(sq, skv) if causal else None
 
     def rows(q_rows: torch.Tensor, start: int) -> torch.Tensor:
         end = start + q_rows.shape[2]
-        s = grouped_logits(q_rows, k, scale).add_(offset)
+        # Causal: rows [start, end) see no key past end - 1 + skv - sq, so those keys are never computed.
+        kv_end = min(skv, end + skv - sq) if causal else skv
+        if kv_end <= 0:
+            return q_rows.new_zeros(b, h, end - start, v.shape[-1])
+        s = grouped_logits(q_rows, ka[:, :, :kv_end], 1.0)
         if bias is not None:
-            s = s + masks.rows(bias, start, end)
-        hidden = None if mask is None else ~masks.rows(mask, start, end)
-        if causal_mod is not None:
-            past = ~masks.dense_rows(causal_mod, 1, 1, start, end, skv, q.device)
+            s = s + masks.rows(bias, start, end)[..., :kv_end]
+        hidden = None if mask is None else ~masks.rows(mask, start, end)[..., :kv_end]
+        if causal:
+            past = ~masks.dense_rows(masks.causal(sq, skv), 1, 1, start, end, kv_end, q.device)
             hidden = past if hidden is None else hidden | past
         if hidden is not None:
             s = s.masked_fill_(hidden, float("-inf"))
-        return grouped_pv(torch.sigmoid_(s), v)
+        return grouped_pv(torch.sigmoid_(s), v[:, :, :kv_end])
 
-    return query_blocks(rows, q.contiguous(), block)
+    return query_blocks(rows, qa, block)
 
 
 register(SPEC, reference, [Backend("torch", blockwise)])

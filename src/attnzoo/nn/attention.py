@@ -1,0 +1,88 @@
+"""``attnzoo.nn.Attention``: multi-head attention with any registered method.
+
+The layer owns the q/k/v/output projections and, for methods with learnable parts (parameters whose spec has an
+``init``), an ``nn.Parameter`` per part, passed to :func:`attnzoo.attention` on every call. Fixed parameters given at
+construction are validated there, so a wrong name or value fails when the model is built, not at the first batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnzoo.api import attention
+from attnzoo.errors import AttnzooError, fail
+from attnzoo.registry import LayerInfo, get
+
+
+class Attention(nn.Module):
+    """Multi-head attention ``x (B, N, dim) -> (B, N, dim)`` computed by ``method``.
+
+    ``kv_heads`` < ``heads`` gives GQA/MQA; ``context_dim`` enables cross-attention on ``forward(x, context)``.
+    ``**params`` are the method's parameters; learnable ones not given are created from their ``init``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        kv_heads: int | None = None,
+        head_dim: int | None = None,
+        method: str = "softmax",
+        causal: bool = False,
+        context_dim: int | None = None,
+        qkv_bias: bool = False,
+        backend: str = "auto",
+        **params: Any,
+    ) -> None:
+        super().__init__()
+        for name, value in (("dim", dim), ("heads", heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise fail(name, "a positive int", repr(value))
+        kv_heads = heads if kv_heads is None else kv_heads
+        if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+            raise fail("kv_heads", f"a positive int dividing heads={heads}", repr(kv_heads))
+        if head_dim is None:
+            if dim % heads:
+                raise fail("head_dim", f"an int, since dim={dim} is not divisible by heads={heads}", None)
+            head_dim = dim // heads
+        spec = get(method).spec
+        known = {p.name: p for p in spec.params}
+        for name in params:
+            if name not in known:
+                raise AttnzooError(f"{name}: unknown parameter for method {method!r} (it takes {list(known)})")
+        self.method, self.causal, self.backend = method, causal, backend
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
+        kv_in = dim if context_dim is None else context_dim
+        self.k_proj = nn.Linear(kv_in, kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(kv_in, kv_heads * head_dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(heads * head_dim, dim)
+        fixed = {n: known[n].validate(v) for n, v in params.items()}
+        info = LayerInfo(heads=heads, kv_heads=kv_heads, head_dim=head_dim, params=fixed)
+        self.learnable = nn.ParameterDict()
+        for p in spec.params:
+            if p.init is not None and p.name not in fixed:
+                self.learnable[p.name] = nn.Parameter(p.init(info))
+        self.fixed = fixed
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if x.dim() != 3:
+            raise fail("x", "a (batch, seq, dim) tensor", f"shape {tuple(x.shape)}")
+        src = x if context is None else context
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(src).view(b, src.shape[1], self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(src).view(b, src.shape[1], self.kv_heads, self.head_dim).transpose(1, 2)
+        out = attention(
+            q, k, v, method=self.method, causal=self.causal, mask=mask, backend=self.backend,
+            **self.fixed, **dict(self.learnable.items()),
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, heads={self.heads}, kv_heads={self.kv_heads}, causal={self.causal}"

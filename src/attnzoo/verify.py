@@ -1,0 +1,331 @@
+"""The conformance checks, generated from the registry.
+
+For every registered method, every pattern it supports and every backend that can run on the device, a :class:`Case`
+runs these checks against the method's dense ``reference``:
+
+- ``fp64``: output on random shapes (batch > 1, GQA, odd sizes, cross lengths) equals the fp64 reference;
+- ``fp32``: fp32 output against the fp64 reference within the method's tolerance;
+- ``grad``: gradients of q, k, v and every tensor parameter equal the reference's (fp64), for differentiable methods
+  on backends that serve training calls;
+- ``noncontiguous``: inputs that are strided views give the same output;
+- ``masked-rows``: with a user mask hiding every key from some rows, those rows are exactly 0 and gradients are
+  finite (methods taking ``mask``);
+- ``low-precision``: bf16 (and fp16 on GPU) inputs with logits in the thousands give finite outputs (no overflow).
+
+:func:`bad_input_checks` checks, per method, that unsupported patterns and out-of-range parameters raise
+:class:`~attnzoo.errors.AttnzooError` naming the argument. ``tests/conformance`` turns these into pytest cases and
+``attnzoo verify`` runs them for a user on their own machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attnzoo.api import attention, prepare
+from attnzoo.errors import AttnzooError
+from attnzoo.registry import PATTERNS, Call, Method, all_methods, get
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    heads: int
+    kv_heads: int
+    seq_q: int
+    seq_kv: int
+    head_dim: int
+    head_dim_v: int
+
+
+# Self-attention shapes (seq_q == seq_kv) and cross-attention shapes (seq_q != seq_kv, both longer and shorter).
+SELF_SHAPES = (Shape(2, 4, 2, 33, 33, 16, 16), Shape(1, 2, 2, 1, 1, 8, 8), Shape(2, 3, 1, 129, 129, 8, 12))
+CROSS_SHAPES = (Shape(2, 4, 2, 7, 33, 16, 16), Shape(1, 2, 1, 33, 7, 8, 12), Shape(2, 2, 2, 1, 129, 8, 8))
+# FlexAttention compiles per shape (seconds each on CPU): its cases use the first shape only.
+COMPILED_BACKENDS = frozenset({"flex"})
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    backend: str
+    pattern: str
+
+    def __str__(self) -> str:
+        return f"{self.method}-{self.backend}-{self.pattern.replace('/', '-')}"
+
+
+@dataclass(frozen=True)
+class Result:
+    case: str
+    check: str
+    status: str  # "pass", "fail" or "skip"
+    detail: str = ""
+
+
+def cases(names: list[str] | None = None) -> list[Case]:
+    """Every (method, backend, pattern) to check, for ``names`` (default: every registered method)."""
+    chosen = [get(n) for n in names] if names else all_methods()
+    return [
+        Case(m.name, b.name, p)
+        for m in chosen
+        for b in m.backends
+        for p in PATTERNS
+        if p in m.spec.patterns
+    ]
+
+
+def shapes_for(case: Case) -> tuple[Shape, ...]:
+    pool = CROSS_SHAPES if case.pattern.startswith("cross") else SELF_SHAPES
+    return pool[:1] if case.backend in COMPILED_BACKENDS else pool
+
+
+def _call(shape: Shape, causal: bool, device: torch.device, dtype: torch.dtype) -> Call:
+    return Call(
+        batch=shape.batch, heads=shape.heads, kv_heads=shape.kv_heads, seq_q=shape.seq_q, seq_kv=shape.seq_kv,
+        head_dim=shape.head_dim, head_dim_v=shape.head_dim_v, causal=causal, device=device, dtype=dtype,
+        requires_grad=False, has_mask=False, has_bias=False,
+    )
+
+
+@dataclass
+class Inputs:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    params: dict[str, Any]
+
+    def to(self, dtype: torch.dtype, grad: bool = False) -> Inputs:
+        def conv(t: Any) -> Any:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                t = t.detach().to(dtype).requires_grad_(grad)
+            return t
+
+        return Inputs(conv(self.q), conv(self.k), conv(self.v), {n: conv(t) for n, t in self.params.items()})
+
+    def grad_tensors(self) -> dict[str, torch.Tensor]:
+        named = {"q": self.q, "k": self.k, "v": self.v, **self.params}
+        return {n: t for n, t in named.items() if isinstance(t, torch.Tensor) and t.requires_grad}
+
+
+def make_inputs(m: Method, shape: Shape, causal: bool, device: torch.device, seed: int = 0) -> Inputs:
+    """Random fp64 inputs for ``shape`` and valid parameters from the method's ``sample_params``."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=g, dtype=torch.float64).to(device)
+
+    q = randn(shape.batch, shape.heads, shape.seq_q, shape.head_dim)
+    k = randn(shape.batch, shape.kv_heads, shape.seq_kv, shape.head_dim)
+    v = randn(shape.batch, shape.kv_heads, shape.seq_kv, shape.head_dim_v)
+    sample = m.spec.tests.sample_params
+    params = sample(_call(shape, causal, device, torch.float64), g) if sample else {}
+    params = {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in params.items()}
+    return Inputs(q, k, v, params)
+
+
+def _run(m: Method, backend: str, x: Inputs, causal: bool, **kw: Any) -> torch.Tensor:
+    return attention(x.q, x.k, x.v, method=m.name, causal=causal, backend=backend, **kw, **x.params)
+
+
+def _serves(m: Method, backend: str, x: Inputs, causal: bool, **kw: Any) -> str | None:
+    try:
+        call = prepare(m, x.q, x.k, x.v, causal, None, kw.get("mask"), None, x.params)[0]
+    except AttnzooError as e:
+        return f"rejected: {e}"
+    return m.backend(backend).serves(call)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> str | None:
+    if got.shape != want.shape:
+        return f"shape {tuple(got.shape)} != reference {tuple(want.shape)}"
+    if not torch.isfinite(got).all():
+        return "non-finite values"
+    err = (got.double() - want.double()).abs()
+    bound = atol + rtol * want.double().abs()
+    if bool((err > bound).any()):
+        return f"max abs error {err.max().item():.3g} (atol {atol:g}, rtol {rtol:g})"
+    return None
+
+
+def run_case(case: Case, device: torch.device | str = "cpu") -> list[Result]:
+    """Run every check of ``case``; a check the backend cannot serve is a skip with its reason."""
+    device = torch.device(device)
+    m = get(case.method)
+    causal = case.pattern.endswith("/causal")
+    results: list[Result] = []
+    checks: list[tuple[str, Callable[[Method, str, Inputs, bool, torch.device], str | None]]] = [
+        ("fp64", _check_fp64),
+        ("fp32", _check_fp32),
+        ("grad", _check_grad),
+        ("noncontiguous", _check_noncontiguous),
+        ("masked-rows", _check_masked_rows),
+        ("low-precision", _check_low_precision),
+    ]
+    for name, check in checks:
+        if case.backend in COMPILED_BACKENDS and name in ("fp64", "noncontiguous"):
+            continue  # each would compile FlexAttention again for a new dtype/layout; fp32 covers the path
+        for shape in shapes_for(case):
+            x = make_inputs(m, shape, causal, device)
+            try:
+                problem = check(m, case.backend, x, causal, device)
+            except _SkipCheck as s:
+                results.append(Result(str(case), name, "skip", str(s)))
+                break
+            except Exception as e:  # a crash is a failure of the check, reported with its type
+                problem = f"raised {type(e).__name__}: {e}"
+            if problem is not None:
+                results.append(Result(str(case), name, "fail", f"{shape}: {problem}"))
+                break
+        else:
+            results.append(Result(str(case), name, "pass"))
+    return results
+
+
+class _SkipCheck(Exception):  # noqa: N818  (a control-flow signal, not an error)
+    pass
+
+
+def _require(m: Method, backend: str, x: Inputs, causal: bool, **kw: Any) -> None:
+    reason = _serves(m, backend, x, causal, **kw)
+    if reason is not None:
+        raise _SkipCheck(reason)
+
+
+def _check_fp64(m: Method, backend: str, x: Inputs, causal: bool, device: torch.device) -> str | None:
+    _require(m, backend, x, causal)
+    with torch.no_grad():
+        got = _run(m, backend, x, causal)
+        want = _run(m, "reference", x, causal)
+    return _close(got, want, 1e-9, 1e-7)
+
+
+def _check_fp32(m: Method, backend: str, x: Inputs, causal: bool, device: torch.device) -> str | None:
+    x32 = x.to(torch.float32)
+    _require(m, backend, x32, causal)
+    with torch.no_grad():
+        got = _run(m, backend, x32, causal)
+        want = _run(m, "reference", x, causal)
+    return _close(got, want, m.spec.tests.atol, m.spec.tests.rtol)
+
+
+def _grads(m: Method, backend: str, x: Inputs, causal: bool, cotangent: torch.Tensor, **kw: Any) -> dict[str, Any]:
+    out = _run(m, backend, x, causal, **kw)
+    tensors = x.grad_tensors()
+    grads = torch.autograd.grad((out * cotangent).sum(), list(tensors.values()), allow_unused=True)
+    return {"out": out, **dict(zip(tensors, grads))}
+
+
+def _check_grad(m: Method, backend: str, x: Inputs, causal: bool, device: torch.device) -> str | None:
+    if not m.spec.differentiable:
+        raise _SkipCheck("method is inference-only")
+    xg = x.to(torch.float64, grad=True)
+    _require(m, backend, xg, causal)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    cot = torch.randn(x.q.shape[:-1] + (x.v.shape[-1],), generator=g, dtype=torch.float64).to(device)
+    got = _grads(m, backend, xg, causal, cot)
+    want = _grads(m, "reference", x.to(torch.float64, grad=True), causal, cot)
+    for name, w in want.items():
+        if w is None:
+            continue
+        if got[name] is None:
+            return f"no gradient for {name}"
+        problem = _close(got[name], w, 1e-8, 1e-6)
+        if problem is not None:
+            return f"{'output' if name == 'out' else 'd' + name}: {problem}"
+    return None
+
+
+def _check_noncontiguous(m: Method, backend: str, x: Inputs, causal: bool, device: torch.device) -> str | None:
+    _require(m, backend, x, causal)
+
+    def strided(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).contiguous().transpose(1, 2)  # (B, S, H, D) memory, as projections produce
+
+    xs = Inputs(strided(x.q), strided(x.k), strided(x.v), x.params)
+    with torch.no_grad():
+        got = _run(m, backend, xs, causal)
+        want = _run(m, "reference", x, causal)
+    return _close(got, want, 1e-9, 1e-7)
+
+
+def _check_masked_rows(m: Method, backend: str, x: Inputs, causal: bool, device: torch.device) -> str | None:
+    if not m.spec.supports_mask:
+        raise _SkipCheck("method takes no mask")
+    b, _, sq, _ = x.q.shape
+    g = torch.Generator(device="cpu").manual_seed(2)
+    mask = (torch.rand(b, 1, sq, x.k.shape[2], generator=g) < 0.7).to(device)
+    mask[:, :, 0, :] = False  # row 0 sees nothing
+    xg = x.to(torch.float64, grad=m.spec.differentiable)
+    if _serves(m, backend, xg, causal, mask=mask) is not None:
+        xg = x  # the backend is forward-only here: check the output alone
+        _require(m, backend, xg, causal, mask=mask)
+    if xg.grad_tensors():
+        cot = torch.ones(x.q.shape[:-1] + (x.v.shape[-1],), dtype=torch.float64, device=device)
+        got = _grads(m, backend, xg, causal, cot, mask=mask)
+    else:
+        with torch.no_grad():
+            got = {"out": _run(m, backend, xg, causal, mask=mask)}
+    with torch.no_grad():
+        want = _run(m, "reference", x, causal, mask=mask)
+    if not bool((got["out"][:, :, 0] == 0).all()):
+        return "a row with no visible key is not all zeros"
+    for name, t in got.items():
+        if t is not None and not torch.isfinite(t).all():
+            return f"non-finite {'output' if name == 'out' else 'd' + name}"
+    return _close(got["out"], want, 1e-9, 1e-7)
+
+
+def _check_low_precision(m: Method, backend: str, x: Inputs, causal: bool, device: torch.device) -> str | None:
+    dtypes = [torch.bfloat16] + ([torch.float16] if device.type == "cuda" else [])
+    for dtype in dtypes:
+        big = Inputs(x.q * 30.0, x.k * 30.0, x.v, x.params)
+        xl = big.to(dtype)
+        _require(m, backend, xl, causal)
+        with torch.no_grad():
+            got = _run(m, backend, xl, causal)
+            want = _run(m, "reference", big, causal)
+        if got.shape != want.shape:
+            return f"{dtype}: shape {tuple(got.shape)} != reference {tuple(want.shape)}"
+        if not torch.isfinite(got).all():
+            return f"{dtype}: non-finite output"
+    return None
+
+
+def bad_input_checks(name: str, device: torch.device | str = "cpu") -> Iterator[Result]:
+    """Unsupported patterns and invalid parameter values must raise an AttnzooError naming the argument."""
+    device = torch.device(device)
+    m = get(name)
+    for pattern in PATTERNS:
+        if pattern in m.spec.patterns:
+            continue
+        causal = pattern.endswith("/causal")
+        shape = CROSS_SHAPES[0] if pattern.startswith("cross") else SELF_SHAPES[0]
+        x = make_inputs(m, shape, causal, device)
+        yield _expect_error(f"{name}-bad-pattern-{pattern}", lambda x=x, c=causal: _run(m, "reference", x, c),
+                            "causal" if causal else "k")
+    supported = sorted(m.spec.patterns)[0]
+    causal = supported.endswith("/causal")
+    x = make_inputs(m, CROSS_SHAPES[0] if supported.startswith("cross") else SELF_SHAPES[0], causal, device)
+    for p in m.spec.params:
+        for value in p.invalid_examples():
+            bad = Inputs(x.q, x.k, x.v, {**x.params, p.name: value})
+            yield _expect_error(f"{name}-bad-{p.name}={value!r}", lambda b=bad: _run(m, "reference", b, causal),
+                                p.name)
+    yield _expect_error(f"{name}-unknown-param", lambda: _run(m, "reference", x, causal, no_such_param=1),
+                        "no_such_param")
+
+
+def _expect_error(label: str, fn: Callable[[], Any], argument: str) -> Result:
+    try:
+        fn()
+    except AttnzooError as e:
+        if argument in str(e):
+            return Result(label, "bad-input", "pass")
+        return Result(label, "bad-input", "fail", f"error does not name {argument!r}: {e}")
+    except Exception as e:
+        return Result(label, "bad-input", "fail", f"raised {type(e).__name__} instead of AttnzooError: {e}")
+    return Result(label, "bad-input", "fail", "no error raised")

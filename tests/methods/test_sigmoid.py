@@ -1,0 +1,37 @@
+"""Sigmoid attention specifics: the default bias, and the multi-block (checkpointed) path against the reference."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import attnzoo as az
+from attnzoo.methods.softmax import sigmoid
+
+
+def test_default_bias_is_minus_log_seq_kv():
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64) for _ in range(3))
+    k, v = torch.randn(1, 2, 11, 4, dtype=torch.float64), torch.randn(1, 2, 11, 4, dtype=torch.float64)
+    default = az.attention(q, k, v, method="sigmoid")
+    explicit = az.attention(q, k, v, method="sigmoid", sigmoid_bias=-math.log(11))
+    torch.testing.assert_close(default, explicit)
+    by_hand = torch.sigmoid(q @ k.transpose(-1, -2) / 2 - math.log(11)) @ v
+    torch.testing.assert_close(default, by_hand)
+
+
+def test_many_blocks_with_checkpointing_match_reference(monkeypatch):
+    monkeypatch.setattr(sigmoid, "SCORES_PER_BLOCK", 2 * 3 * 40 * 16)  # 16-row blocks: 4 blocks, last one short
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 50, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 1, 40, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 1, 40, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(50, 40, generator=g) < 0.8
+    for causal in (False, True):
+        out = az.attention(q, k, v, method="sigmoid", causal=causal, mask=mask, backend="torch")
+        ref = az.attention(q, k, v, method="sigmoid", causal=causal, mask=mask, backend="reference")
+        torch.testing.assert_close(out, ref)
+        got = torch.autograd.grad(out.square().sum(), (q, k, v))
+        want = torch.autograd.grad(ref.square().sum(), (q, k, v))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
