@@ -75,9 +75,9 @@ def chunked(
 
     s = torch.zeros(b, h, dk, dv, dtype=acc, device=q.device)
     starts = []
-    for i in range(nc):
+    for m_i, b_i in zip(trans.unbind(dim=2), inputs.unbind(dim=2), strict=True):  # unbind: a linear-cost backward
         starts.append(s)
-        s = trans[:, :, i] @ s + inputs[:, :, i]
+        s = torch.baddbmm(b_i.reshape(-1, dk, dv), m_i.reshape(-1, dk, dk), s.reshape(-1, dk, dv)).view(b, h, dk, dv)
     o = o_intra + q_eff @ torch.stack(starts, dim=2)
     return o.reshape(b, h, nc * c, dv)[:, :, pad:].to(out_dtype), s
 

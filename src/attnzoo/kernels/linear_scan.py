@@ -119,9 +119,9 @@ def causal(
         lam = torch.exp(la * c)[None, :, :, None, None]  # (1, Hkv, G, 1, 1)
         s = torch.zeros_like(u[:, :, 0])
         states = []
-        for i in range(nc):
+        for u_i in u.unbind(dim=2):  # unbind, not u[:, :, i]: its backward is one stack, not nc full-size scatters
             states.append(s)
-            s = lam * s + u[:, :, i]
+            s = lam * s + u_i
         prev = torch.stack(states, dim=2)
         final = s.reshape(b, h, f, dve)
 
