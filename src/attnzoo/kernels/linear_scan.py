@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from attnzoo.errors import fail
 
-SCORES_BUDGET = 1 << 25
+SCORES_BUDGET = 1 << 24
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,7 +57,8 @@ def _finish(o: torch.Tensor, normalize: bool, dtype: torch.dtype) -> torch.Tenso
     if normalize:
         num, den = o[..., :-1], o[..., -1:]
         positive = den > 0
-        o = (num / torch.where(positive, den, torch.ones_like(den))).masked_fill_(~positive, 0.0)
+        safe = torch.where(positive, den, torch.ones_like(den))
+        o = (num / safe if o.requires_grad else num.div_(safe)).masked_fill_(~positive, 0.0)
     return o.to(dtype)
 
 
@@ -103,9 +104,9 @@ def causal(
 
     if decay is None:
         u = k_.transpose(-1, -2) @ v_  # (B, Hkv, n, F, Dve)
-        incl = u.cumsum(dim=2)
-        prev = torch.cat([torch.zeros_like(incl[:, :, :1]), incl[:, :, :-1]], dim=2)
-        final = incl[:, :, -1].clone()
+        prev = torch.cat([torch.zeros_like(u[:, :, :1]), u[:, :, :-1]], dim=2).cumsum_(dim=2)  # exclusive scan
+        final = prev[:, :, -1] + u[:, :, -1]
+        del u
         intra_weight: torch.Tensor | None = None
     else:
         la = _log_decay(decay, h, hkv, acc)  # (Hkv, G)
@@ -124,10 +125,11 @@ def causal(
             s = lam * s + u_i
         prev = torch.stack(states, dim=2)
         final = s.reshape(b, h, f, dve)
+        del kw, u, states
 
     per_chunk = b * h * c * c
     step_chunks = max(1, SCORES_BUDGET // per_chunk)
-    outs = []
+    o_all = qf.new_empty(b, hkv, g, nc, c, dve)  # written group by group: no list of pieces, no concatenation
     for lo in range(0, nc, step_chunks):
         hi = min(nc, lo + step_chunks)
         rows = q_[:, :, lo:hi].reshape(b, hkv, hi - lo, g * c, f)
@@ -141,10 +143,9 @@ def causal(
             inter = rows @ prev[:, :, lo:hi]
         else:
             inter = _scaled(q_[:, :, lo:hi] @ prev[:, :, lo:hi], q_fac[None, :, None, :, :, None])
-        o = o.add_(inter.reshape(o.shape)).view(b, hkv, hi - lo, g, c, dve)
-        outs.append(o.transpose(2, 3))
-    o = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
-    out = _finish(o.reshape(b, h, nc * c, dve)[:, :, pad:], normalize, out_dtype)
+        o_all[:, :, :, lo:hi] = o.add_(inter.reshape(o.shape)).view(b, hkv, hi - lo, g, c, dve).transpose(2, 3)
+        del scores, o, inter
+    out = _finish(o_all.view(b, h, nc * c, dve)[:, :, pad:], normalize, out_dtype)
     return (out, final) if return_state else out
 
 
