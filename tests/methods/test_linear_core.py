@@ -1,4 +1,4 @@
-"""L1 linear, L2 lightning, L10 gated_delta: parallel = chunked = recurrent, prefill-then-decode, stability, errors."""
+"""L1 linear, L2 lightning, L4 inline, L10 gated_delta: parallel = chunked = recurrent, decoding, stability, errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
-from attnzoo.methods.linear import gated_delta, lightning, linear
+from attnzoo.methods.linear import gated_delta, inline, lightning, linear
 
 F64 = torch.float64
 
@@ -31,9 +31,10 @@ CASES = [
     ("gated_delta", {}),
     ("gated_delta", {"qk_l2norm": False, "beta": 0.1}),
     ("gated_delta", {"gates": True}),
+    ("inline", {}),
 ]
-MODULES = {"linear": linear, "lightning": lightning, "gated_delta": gated_delta}
-CHUNK_PARAM = {"linear": "chunk_size", "lightning": "block_size", "gated_delta": "chunk_size"}
+MODULES = {"linear": linear, "lightning": lightning, "gated_delta": gated_delta, "inline": inline}
+CHUNK_PARAM = {"linear": "chunk_size", "lightning": "block_size", "gated_delta": "chunk_size", "inline": "chunk_size"}
 
 
 def _with_gates(params: dict, b: int, h: int, n: int) -> dict:
@@ -116,6 +117,13 @@ def test_gate_gradients_match_reference() -> None:
         torch.testing.assert_close(g_fast, g_ref, atol=1e-9, rtol=1e-8)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_inline_weights_sum_to_one(causal: bool) -> None:
+    q, k, _ = _qkv(2, 4, 2, 30, 6, 5, seed=9)
+    out = az.attention(q, k, torch.full((2, 2, 30, 3), 2.5, dtype=F64), method="inline", causal=causal)
+    torch.testing.assert_close(out, torch.full_like(out, 2.5))
+
+
 def test_noncausal_and_cross() -> None:
     q, _, _ = _qkv(2, 4, 2, 9, 6, 5)
     _, k, v = _qkv(2, 4, 2, 23, 6, 5, seed=4)
@@ -146,6 +154,7 @@ def test_softmax_kernel_approximates_softmax() -> None:
         ("linear", {"feature_map": "relu"}),
         ("lightning", {"decay": 0.01}),
         ("gated_delta", {"beta": 0.5}),
+        ("inline", {}),
     ],
 )
 def test_long_sequences_stay_finite(dtype: torch.dtype, method: str, params: dict) -> None:
