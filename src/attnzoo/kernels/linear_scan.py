@@ -127,25 +127,36 @@ def causal(
         final = s.reshape(b, h, f, dve)
         del kw, u, states
 
+    # Groups of chunks bound the scores in memory. Pieces come from split (its backward is one concatenation, where
+    # slicing would allocate a full-size gradient per group). Without autograd the output is written in place.
     per_chunk = b * h * c * c
     step_chunks = max(1, SCORES_BUDGET // per_chunk)
-    o_all = qf.new_empty(b, hkv, g, nc, c, dve)  # written group by group: no list of pieces, no concatenation
-    for lo in range(0, nc, step_chunks):
-        hi = min(nc, lo + step_chunks)
-        rows = q_[:, :, lo:hi].reshape(b, hkv, hi - lo, g * c, f)
-        scores = (rows @ k_[:, :, lo:hi].transpose(-1, -2)).view(b, hkv, hi - lo, g, c, c)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (qf, kf, v, prev))
+    o_all = None if training else qf.new_empty(b, hkv, g, nc, c, dve)
+    pieces = []
+    lo = 0
+    for q_g, k_g, v_g, prev_g in zip(
+        *(t.split(step_chunks, dim=2) for t in (q_, k_, v_, prev)), strict=True
+    ):
+        m = q_g.shape[2]
+        rows = q_g.reshape(b, hkv, m, g * c, f)
+        scores = (rows @ k_g.transpose(-1, -2)).view(b, hkv, m, g, c, c)
         if intra_weight is None:
             scores = scores.masked_fill_(~lower, 0.0)
         else:
             scores = _scaled(scores, intra_weight[None, :, None])
-        o = scores.view(b, hkv, hi - lo, g * c, c) @ v_[:, :, lo:hi]
-        if decay is None:
-            inter = rows @ prev[:, :, lo:hi]
+        o = scores.view(b, hkv, m, g * c, c) @ v_g
+        inter = rows @ prev_g if decay is None else _scaled(q_g @ prev_g, q_fac[None, :, None, :, :, None])
+        o = o.add_(inter.reshape(o.shape)).view(b, hkv, m, g, c, dve).transpose(2, 3)
+        if o_all is None:
+            pieces.append(o)
         else:
-            inter = _scaled(q_[:, :, lo:hi] @ prev[:, :, lo:hi], q_fac[None, :, None, :, :, None])
-        o_all[:, :, :, lo:hi] = o.add_(inter.reshape(o.shape)).view(b, hkv, hi - lo, g, c, dve).transpose(2, 3)
-        del scores, o, inter
-    out = _finish(o_all.view(b, h, nc * c, dve)[:, :, pad:], normalize, out_dtype)
+            o_all[:, :, :, lo : lo + m] = o
+        lo += m
+        del scores, inter
+    if o_all is None:
+        o_all = torch.cat(pieces, dim=3) if len(pieces) > 1 else pieces[0].contiguous()
+    out = _finish(o_all.reshape(b, h, nc * c, dve)[:, :, pad:], normalize, out_dtype)
     return (out, final) if return_state else out
 
 
