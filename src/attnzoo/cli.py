@@ -56,7 +56,7 @@ def methods_markdown() -> str:
         params = "<br>".join(f"`{p.name}`={p.default!r}: {p.doc}" for p in s.params) or "—"
         lines.append(
             f"| {s.mechanism} | `{s.name}` | {s.family} | {_paper(s)} | {'exact' if s.exact else 'approx'} | "
-            f"{_patterns(s)} | {params} | {', '.join(m.backend_names())} | {s.complexity} |"
+            f"{_patterns(s)} | {params} | {', '.join(m.spec.backends)} | {s.complexity} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -70,7 +70,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     rows = [
         [m.spec.mechanism, m.name, m.spec.family, "exact" if m.spec.exact else "approx", _patterns(m.spec),
-         ", ".join(m.backend_names())]
+         ", ".join(m.spec.backends)]
         for m in all_methods()
     ]
     _print_table("attnzoo methods", ["ID", "name", "family", "exact", "patterns", "backends"], rows)
@@ -84,7 +84,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"paper: {_paper(s)}")
     print(f"{'exact' if s.exact else 'approximate'}; patterns: {_patterns(s)}")
     print(f"complexity: {s.complexity}")
-    print(f"backends: {', '.join(m.backend_names())}; mask: {s.supports_mask}; bias: {s.supports_bias}; "
+    print(f"backends: {', '.join(m.spec.backends)}; mask: {s.supports_mask}; bias: {s.supports_bias}; "
           f"differentiable: {s.differentiable}")
     for p in s.params:
         print(f"  {p.name} = {p.default!r} ({p.describe_type()}): {p.doc}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -183,6 +183,7 @@ class MethodSpec:
     differentiable: bool = True
     subquadratic_memory: bool = False
     tests: TestHints = TestHints()
+    backends: tuple[str, ...] = ()  # filled in by register(): the fast paths in priority order, then "reference"
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -203,16 +204,13 @@ class Method:
     def name(self) -> str:
         return self.spec.name
 
-    def backend_names(self) -> list[str]:
-        return [b.name for b in self.backends] + ["reference"]
-
     def backend(self, name: str) -> Backend:
         if name == "reference":
             return Backend("reference", self.reference)
         for b in self.backends:
             if b.name == name:
                 return b
-        raise fail("backend", f"one of {self.backend_names()} for method {self.name!r}", repr(name))
+        raise fail("backend", f"one of {list(self.spec.backends)} for method {self.name!r}", repr(name))
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -229,6 +227,7 @@ def register(spec: MethodSpec, reference: Callable[..., torch.Tensor], backends:
     if "reference" in names or len(set(names)) != len(names):
         raise RuntimeError(f"method {spec.name!r}: backend names must be unique and not 'reference'")
     ordered = tuple(sorted(backends, key=lambda b: BACKEND_ORDER.index(b.name)))
+    spec = replace(spec, backends=(*(b.name for b in ordered), "reference"))
     method = Method(spec=spec, reference=reference, backends=ordered)
     _REGISTRY[spec.name] = method
     return method

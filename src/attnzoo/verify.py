@@ -166,8 +166,8 @@ def run_case(case: Case, device: torch.device | str = "cpu") -> list[Result]:
         ("low-precision", _check_low_precision),
     ]
     for name, check in checks:
-        if case.backend in COMPILED_BACKENDS and name in ("fp64", "noncontiguous"):
-            continue  # each would compile FlexAttention again for a new dtype/layout; fp32 covers the path
+        if case.backend in COMPILED_BACKENDS and name in ("fp64", "noncontiguous", "low-precision"):
+            continue  # each would compile FlexAttention again (seconds) for a new dtype/layout; fp32 covers the path
         for shape in shapes_for(case):
             x = make_inputs(m, shape, causal, device)
             try:

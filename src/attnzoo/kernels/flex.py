@@ -5,6 +5,11 @@ callable is created once and reused; inductor's own cache reuses kernels when on
 scalars in 0-d tensors, not Python floats, or every value compiles anew). Block masks cost O(N²/block²) predicate
 evaluations and are cached by the caller's key.
 
+Dynamo recompiles the wrapped function for every new shape, dtype or mask/score function and, past its recompile limit
+(8 by default), silently falls back to *eager* FlexAttention, which materialises the full score matrix. A library
+that serves many configurations in one process hits that limit quickly, so :func:`compiled` raises it to
+``RECOMPILE_LIMIT``.
+
 On CPU FlexAttention is forward-only (PyTorch has no backward there) and cannot return the log-sum-exp: backends
 built on it say so through :func:`unavailable`.
 """
@@ -25,6 +30,7 @@ ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tor
 _compiled: Callable[..., Any] | None = None
 _block_masks: dict[Hashable, BlockMask] = {}
 _MAX_CACHED_MASKS = 64
+RECOMPILE_LIMIT = 256
 
 
 def unavailable(call: Call) -> str | None:
@@ -40,6 +46,9 @@ def compiled() -> Callable[..., Any]:
     """The process-wide compiled ``flex_attention``."""
     global _compiled
     if _compiled is None:
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, RECOMPILE_LIMIT)
         _compiled = torch.compile(flex_attention, dynamic=False)
     return _compiled
 
