@@ -83,6 +83,17 @@ def test_routing_extremes() -> None:
     )
 
 
+def test_rows_before_the_first_retained_token() -> None:
+    q, k, v = _qkv(1, 2, 1, 300, 4, 4, seed=3)
+    flags = torch.zeros(1, 1, 300, dtype=torch.bool)
+    flags[..., 280] = True  # the first query block (256 rows) sees no retained key
+    params = {"flags": flags, "beta": 0.0}  # β = 0: the state stays empty, only the softmax part is left
+    out = az.attention(q, k, v, method="nats_hybrid", causal=True, **params)
+    torch.testing.assert_close(out, az.attention(q, k, v, method="nats_hybrid", causal=True, backend="reference",
+                                                 **params))
+    assert bool((out[:, :, :280] == 0).all()) and bool((out[:, :, 280:] != 0).all())
+
+
 def test_prefill_then_decode_and_cache_size() -> None:
     q, k, v = _qkv(1, 4, 1, 60, 8, 8, seed=2)
     flags = torch.zeros(1, 1, 60, dtype=torch.bool)

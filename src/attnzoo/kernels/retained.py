@@ -4,9 +4,10 @@
 padded ``(B, Hkv, T, ·)`` cache (``T`` = the largest retained count over batch and heads), with their positions
 (padding slots get position ``N``, which no query sees). :func:`attend` then runs query-blocked softmax attention of
 ``q (B, H, Sq, D)`` at positions ``offset + i`` over the cache, each query seeing the retained keys at positions
-``≤`` its own. Cost O(Sq·T·D) time and O(block·T) memory (blocks are checkpointed under autograd), so a cache that
-keeps a fraction ``r`` of the keys costs ``r`` of dense causal attention. A row that sees no retained key gives 0.
-GQA without copies (:mod:`attnzoo.kernels.blockwise`); fp16/bf16 inputs are computed in fp32.
+``≤`` its own; a query block reads the cache only up to the last slot that its last position sees (about half of the
+cache on average, causally). Cost O(Sq·T·D) time and O(block·T) memory (blocks are checkpointed under autograd), so a
+cache that keeps a fraction ``r`` of the keys costs about ``r`` of dense causal attention. A row that sees no
+retained key gives 0. GQA without copies (:mod:`attnzoo.kernels.blockwise`); fp16/bf16 inputs are computed in fp32.
 """
 
 from __future__ import annotations
@@ -61,20 +62,27 @@ def attend(
     g = h // hkv
     kb = None if key_bias is None else key_bias.to(acc)[:, :, None, None, :]
 
+    # a query block needs the cache only up to the last slot its last position sees
+    last = torch.arange(offset, offset + sq, block, device=q.device).add_(block - 1).clamp_max_(offset + sq - 1)
+    slot = torch.arange(1, t + 1, device=q.device)[:, None]
+    reach = torch.where(pos[..., None] <= last, slot, 0).amax(dim=(0, 1, 2)).tolist()
+
     def one_block(q_rows: torch.Tensor, start: int) -> torch.Tensor:
-        r = q_rows.shape[2]
-        s = grouped_logits(q_rows.to(acc), keys, scale).view(b, hkv, g, r, t)
+        r, m = q_rows.shape[2], reach[start // block]
+        if m == 0:  # nothing retained yet: these rows are 0
+            return q_rows.new_zeros(b, h, r, values.shape[-1], dtype=acc)
+        s = grouped_logits(q_rows.to(acc), keys[:, :, :m], scale).view(b, hkv, g, r, m)
         if kb is not None:
-            s = s + kb
+            s = s + kb[..., :m]
         where = torch.arange(offset + start, offset + start + r, device=q.device)
-        seen = pos[:, :, None, None, :] <= where[:, None]  # (B, Hkv, 1, r, T)
+        seen = pos[:, :, None, None, :m] <= where[:, None]  # (B, Hkv, 1, r, m)
         s = s.masked_fill(~seen, float("-inf"))
         row_max = s.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
         e = torch.exp(s - row_max)
         total = e.sum(dim=-1, keepdim=True)
         p = e / torch.where(total > 0, total, torch.ones_like(total))
-        return grouped_pv(p.view(b, h, r, t), values)
+        return grouped_pv(p.view(b, h, r, m), values[:, :, :m])
 
     grad = any(t is not None and t.requires_grad for t in (q, keys, values, kb))
     return query_blocks(one_block, q, block, save_memory=grad).to(q.dtype)
