@@ -62,6 +62,7 @@ def attend(
     g = h // hkv
     kb = None if key_bias is None else key_bias.to(acc)[:, :, None, None, :]
 
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, keys, values, kb))
     # a query block needs the cache only up to the last slot its last position sees
     last = torch.arange(offset, offset + sq, block, device=q.device).add_(block - 1).clamp_max_(offset + sq - 1)
     slot = torch.arange(1, t + 1, device=q.device)[:, None]
@@ -72,17 +73,18 @@ def attend(
         if m == 0:  # nothing retained yet: these rows are 0
             return q_rows.new_zeros(b, h, r, values.shape[-1], dtype=acc)
         s = grouped_logits(q_rows.to(acc), keys[:, :, :m], scale).view(b, hkv, g, r, m)
-        if kb is not None:
-            s = s + kb[..., :m]
         where = torch.arange(offset + start, offset + start + r, device=q.device)
-        seen = pos[:, :, None, None, :m] <= where[:, None]  # (B, Hkv, 1, r, m)
-        s = s.masked_fill(~seen, float("-inf"))
+        hidden = pos[:, :, None, None, :m] > where[:, None]  # (B, Hkv, 1, r, m)
+        if grad:
+            s = (s if kb is None else s + kb[..., :m]).masked_fill(hidden, float("-inf"))
+        else:  # no autograd: every step in place on the one scores buffer
+            s = (s if kb is None else s.add_(kb[..., :m])).masked_fill_(hidden, float("-inf"))
         row_max = s.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-        e = torch.exp(s - row_max)
+        e = torch.exp(s - row_max) if grad else s.sub_(row_max).exp_()
         total = e.sum(dim=-1, keepdim=True)
-        p = e / torch.where(total > 0, total, torch.ones_like(total))
+        total = torch.where(total > 0, total, torch.ones_like(total))
+        p = e / total if grad else e.div_(total)
         return grouped_pv(p.view(b, h, r, m), values[:, :, :m])
 
-    grad = any(t is not None and t.requires_grad for t in (q, keys, values, kb))
     return query_blocks(one_block, q, block, save_memory=grad).to(q.dtype)
