@@ -1,4 +1,4 @@
-"""The ``attnzoo`` command: ``list``, ``info``, ``verify``."""
+"""The ``attnzoo`` command: ``bench``, ``list``, ``info``, ``verify``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import attnzoo  # noqa: F401  (registers every method)
-from attnzoo import verify
+from attnzoo import bench, verify
 from attnzoo.errors import AttnzooError
 from attnzoo.registry import PATTERNS, MethodSpec, all_methods, get
 
@@ -114,6 +114,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnzoo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("bench", help="CAB-style efficiency and quality benchmark of the registered methods")
+    bench.add_arguments(p)
+    p.set_defaults(fn=bench.main)
     p = sub.add_parser("list", help="list registered methods")
     p.add_argument("--markdown", nargs="?", const=str(METHODS_MD), default=None, metavar="PATH",
                    help=f"write the methods table as Markdown (default path {METHODS_MD})")

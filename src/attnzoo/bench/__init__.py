@@ -1,0 +1,149 @@
+"""``attnzoo bench``: CAB-style efficiency and quality benchmark of every registered method.
+
+For each method × backend × supported pattern (self/cross × causal/noncausal) × length × {fwd, fwd+bwd}: median and
+spread of wall time, peak memory, FLOPs and ratios to ``scaled_dot_product_attention`` measured in the same run; the
+efficiency length where a method's fitted cost curve crosses SDPA's; error against softmax for approximate methods;
+accuracy on synthetic tasks (MQAR, induction copy, selective copy) with ``attnzoo.nn.Attention``. Writes
+``results.json``, ``summary.md``, PNG plots and a self-contained ``report.html`` (see docs/bench.md).
+
+The CLI calls :func:`add_arguments` and :func:`main`; ``python -m attnzoo.bench`` does the same on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from attnzoo.errors import AttnzooError, fail
+
+__all__ = ["add_arguments", "main"]
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to ``parser``."""
+    p = parser
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes for a CPU: every method, lengths 256-1024, one tiny quality task (< 3 min)")
+    p.add_argument("--methods", type=_csv, default=None, help="comma-separated method names (default: all registered)")
+    p.add_argument("--patterns", type=_csv, default=None,
+                   help="comma-separated patterns among self/noncausal, self/causal, cross/noncausal, cross/causal")
+    p.add_argument("--lengths", type=_ints, default=None, help="comma-separated sequence lengths for the forward pass")
+    p.add_argument("--bwd-lengths", type=_ints, default=None, help="lengths for forward+backward (default: per mode)")
+    p.add_argument("--modes", type=_csv, default=None, help="fwd, fwd+bwd or both (default: both)")
+    p.add_argument("--backends", type=_csv, default=None,
+                   help="backends to measure, e.g. torch,flex,triton,sdpa,reference (default: every fast path)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16", "float64"],
+                   help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--kv-heads", type=int, default=None, help="fewer key/value heads than --heads measures GQA")
+    p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for the cases (default: 1 with --quick, else torch's default)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (median reported)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls per case")
+    p.add_argument("--case-timeout", type=float, default=None, help="seconds before a case is stopped (timeout)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per quality case (equal for every method)")
+    p.add_argument("--phases", type=_csv, default=None,
+                   help="efficiency,approximation,quality (default: all three)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (registers your own methods); repeatable")
+    p.add_argument("--in-process", action="store_true",
+                   help="run cases in this process instead of a worker (no timeout or crash isolation)")
+    p.add_argument("--no-progress", action="store_true", help="no live progress display")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="attnzoo-bench", help="output directory (default: attnzoo-bench/)")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
+                   help="show what got faster or slower from run A to run B, then exit")
+    p.add_argument("--threshold", type=float, default=0.1, help="relative change --compare reports (default 0.1)")
+
+
+def _config(args: argparse.Namespace):
+    import torch
+
+    from attnzoo.bench import suite
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not device.startswith(("cpu", "cuda")):
+        raise fail("--device", "cpu or cuda[:index]", repr(device))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise fail("--device", "a device this machine has (no CUDA device found)", repr(device))
+    base = suite.quick_config() if args.quick else suite.full_config()
+    base.device = device
+    base.dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    for name in ("methods", "patterns", "backends", "batch", "heads", "kv_heads", "head_dim", "repeats", "warmup",
+                 "seed", "phases", "threads"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(base, name, value)
+    if args.lengths is not None:
+        base.lengths = args.lengths
+        base.bwd_lengths = args.bwd_lengths or ([min(args.lengths)] if args.quick else args.lengths)
+    elif args.bwd_lengths is not None:
+        base.bwd_lengths = args.bwd_lengths
+    modes = args.modes or ["fwd", "fwd+bwd"]
+    unknown = [m for m in modes if m not in ("fwd", "fwd+bwd")]
+    if unknown:
+        raise fail("--modes", "fwd and/or fwd+bwd", unknown)
+    if "fwd" not in modes:
+        base.lengths = []
+    if "fwd+bwd" not in modes:
+        base.bwd_lengths = []
+    if args.steps is not None:
+        if args.steps < 1:
+            raise fail("--steps", "a positive integer", args.steps)
+        base.model = {**base.model, "steps": args.steps}
+    if args.case_timeout is not None:
+        base.case_timeout_s = args.case_timeout
+    bad = [p for p in base.phases if p not in ("efficiency", "approximation", "quality")]
+    if bad:
+        raise fail("--phases", "some of efficiency, approximation, quality", bad)
+    for name in ("batch", "heads", "head_dim", "repeats", "threads"):
+        if getattr(base, name) is not None and getattr(base, name) < 1:
+            raise fail(f"--{name.replace('_', '-')}", "a positive integer", getattr(base, name))
+    base.imports = list(args.imports)
+    base.isolate = not args.in_process
+    return base
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``attnzoo bench`` with parsed ``args``; returns the exit status (130 when interrupted)."""
+    from attnzoo.bench import compare, suite
+
+    try:
+        if args.compare:
+            print(compare.main(args.compare[0], args.compare[1], args.threshold))
+            return 0
+        import importlib
+
+        import attnzoo  # noqa: F401  (registers the methods)
+
+        for name in args.imports:
+            importlib.import_module(name)
+        cfg = _config(args)
+        command = "attnzoo bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        out = Path(args.out)
+        results = suite.run(cfg, out, command=command, progress=not args.no_progress)
+    except AttnzooError as e:
+        print(f"attnzoo bench: {e}", file=sys.stderr)
+        return 2
+    suite.summary_table(results)
+    print(f"report: {out / 'report.html'}  summary: {out / 'summary.md'}  results: {out / 'results.json'}")
+    return 0 if results["status"] == "complete" else 130

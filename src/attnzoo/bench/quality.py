@@ -1,0 +1,204 @@
+"""Quality on synthetic tasks that need no download: every method trains the same tiny causal model at equal budgets.
+
+Model: token embedding + learned absolute position embedding, ``layers`` pre-norm blocks of
+``x + Attention(LN(x))`` (``attnzoo.nn.Attention(dim, heads, method=..., causal=True)``) and ``x + MLP(LN(x))``
+(4× GELU), a final LayerNorm and a linear read-out. AdamW (lr 3e-3, weight decay 0.01, linear warm-up over the first
+10% of steps), the same seed, batch size and number of steps for every method. Accuracy is measured after training on
+a fresh held-out batch (fixed seed), counting only the scored positions.
+
+Tasks (next-token prediction, loss and accuracy only where the answer is determined):
+- ``mqar`` — multi-query associative recall as in Zoology (Arora et al., "Zoology: Measuring and Improving Recall in
+  Efficient Language Models", arXiv:2312.04927): ``pairs`` key-value pairs ``k₁ v₁ … kₙ vₙ`` (keys distinct, drawn
+  from one half of the vocabulary, values from the other), then ``pairs`` queries, each a key from the context; the
+  answer at a query is its value. Choice: queries are a random permutation of the keys, placed right after the
+  context (Zoology scatters them; a compact layout keeps sequences short for CPU budgets).
+- ``induction`` — induction-head copy: ``seq/2`` random tokens, then the same tokens again; in the second half each
+  next token is determined by the first occurrence of the current one.
+- ``selective_copy`` — selective copying as in the Mamba paper (Gu & Dao, arXiv:2312.00752): ``tokens`` data tokens at
+  random positions among ``seq`` noise (blank) tokens, a separator, then ``tokens`` markers; at the j-th marker the
+  answer is the j-th data token in order.
+
+Chance accuracy is ``1 / answer vocabulary`` (reported as ``chance``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+IGNORE = -100
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def mqar(batch: int, g: torch.Generator, pairs: int = 8, vocab: int = 64, **_: Any) -> tuple[Batch, int, int]:
+    """``(inputs, targets), vocab size, answer vocabulary`` for multi-query associative recall."""
+    half = vocab // 2
+    if pairs > half:
+        raise ValueError(f"mqar: pairs ({pairs}) must be at most vocab/2 ({half})")
+    keys = torch.stack([torch.randperm(half, generator=g)[:pairs] for _ in range(batch)])
+    values = torch.randint(half, vocab, (batch, pairs), generator=g)
+    order = torch.stack([torch.randperm(pairs, generator=g) for _ in range(batch)])
+    context = torch.stack([keys, values], dim=-1).reshape(batch, 2 * pairs)
+    queries = torch.gather(keys, 1, order)
+    x = torch.cat([context, queries], dim=1)
+    y = torch.full_like(x, IGNORE)
+    y[:, 2 * pairs :] = torch.gather(values, 1, order)
+    return (x, y), vocab, vocab - half
+
+
+def induction(batch: int, g: torch.Generator, seq: int = 32, vocab: int = 32, **_: Any) -> tuple[Batch, int, int]:
+    half = seq // 2
+    first = torch.randint(0, vocab, (batch, half), generator=g)
+    x = torch.cat([first, first], dim=1)
+    y = torch.full_like(x, IGNORE)
+    y[:, half:-1] = x[:, half + 1 :]
+    return (x, y), vocab, vocab
+
+
+def selective_copy(
+    batch: int, g: torch.Generator, seq: int = 32, tokens: int = 4, vocab: int = 16, **_: Any
+) -> tuple[Batch, int, int]:
+    """Vocabulary: 0 blank, 1 separator, 2 marker, 3.. data tokens."""
+    data = torch.randint(3, vocab, (batch, tokens), generator=g)
+    where = torch.stack([torch.randperm(seq, generator=g)[:tokens].sort().values for _ in range(batch)])
+    region = torch.zeros(batch, seq, dtype=torch.long).scatter_(1, where, data)
+    tail = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, tokens), 2)], dim=1)
+    x = torch.cat([region, tail], dim=1)
+    y = torch.full_like(x, IGNORE)
+    y[:, seq + 1 :] = data
+    return (x, y), vocab, vocab - 3
+
+
+TASKS: dict[str, Callable[..., tuple[Batch, int, int]]] = {
+    "mqar": mqar, "induction": induction, "selective_copy": selective_copy,
+}
+
+
+class TinyLM(nn.Module):
+    def __init__(
+        self, vocab: int, max_len: int, dim: int, heads: int, layers: int, method: str, params: dict[str, Any],
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        from attnzoo.nn import Attention
+
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            self.blocks.append(
+                nn.ModuleDict(
+                    {
+                        "ln1": nn.LayerNorm(dim),
+                        "attn": Attention(dim, heads, method=method, causal=True, backend=backend, **params),
+                        "ln2": nn.LayerNorm(dim),
+                        "mlp": nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)),
+                    }
+                )
+            )
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x) + self.pos[: x.shape[1]]
+        for block in self.blocks:
+            h = h + block["attn"](block["ln1"](h))
+            h = h + block["mlp"](block["ln2"](h))
+        return self.head(self.ln(h))
+
+
+def plan(
+    methods: list[Any], tasks: list[dict[str, Any]], model: dict[str, Any], seed: int, device: str
+) -> list[dict[str, Any]]:
+    """One case per method and task setting; methods without causal self-attention are recorded as unsupported."""
+    cases = []
+    for task in tasks:
+        for m in methods:
+            case = {"kind": "quality", "method": m.name, "task": task, "seed": seed, "device": device, **model}
+            if "self/causal" not in m.spec.patterns:
+                case["skip"] = "the method has no causal self-attention pattern"
+            elif not m.spec.differentiable:
+                case["skip"] = "inference-only method (spec.differentiable is False)"
+            cases.append(case)
+    return cases
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Train and score one method on one task."""
+    from attnzoo.bench.efficiency import guarded
+
+    return guarded(case, _train)
+
+
+def _train(case: dict[str, Any]) -> dict[str, Any]:
+    from attnzoo.bench.efficiency import pick_backend
+    from attnzoo.registry import get
+
+    task = dict(case["task"])
+    make = TASKS[task.pop("name")]
+    device = torch.device(case["device"])
+    seed = int(case.get("seed", 0))
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    (x0, _), vocab, answers = make(1, g, **task)
+    m = get(case["method"])
+    params, call = _fixed_params(m, x0.shape[1], case)
+    backend = pick_backend(m, call, case.get("avoid", ()))
+    model = TinyLM(vocab, x0.shape[1], case["dim"], case["heads"], case["layers"], case["method"], params,
+                   backend).to(device)
+    steps, batch = int(case["steps"]), int(case["batch"])
+    opt = torch.optim.AdamW(model.parameters(), lr=float(case.get("lr", 3e-3)), weight_decay=0.01)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
+    start = time.perf_counter()
+    loss = torch.tensor(math.nan)
+    for _ in range(steps):
+        (x, y), _, _ = make(batch, g, **task)
+        x, y = x.to(device), y.to(device)
+        loss = loss_fn(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    train_time = time.perf_counter() - start
+    model.eval()
+    (x, y), _, _ = make(256, torch.Generator().manual_seed(seed + 1_000_003), **task)
+    with torch.no_grad():
+        pred = model(x.to(device)).argmax(-1).cpu()
+    scored = y != IGNORE
+    return {
+        "accuracy": float((pred[scored] == y[scored]).float().mean()),
+        "chance": 1.0 / answers,
+        "final_loss": float(loss.detach()),
+        "train_time_s": train_time,
+        "seq": int(x.shape[1]),
+        "backend": backend,
+        "params": {n: v for n, v in params.items() if isinstance(v, (bool, int, float, str))},
+    }
+
+
+def _fixed_params(m: Any, seq: int, case: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Plain (non-learnable) parameter values valid for this model's shapes: the defaults where they are valid,
+    else what the method's test hints sample for a ``(batch, heads, seq, head_dim)`` call."""
+    from attnzoo.bench.measure import make_call, method_params
+
+    head_dim = case["dim"] // case["heads"]
+    shape = {"batch": case["batch"], "heads": case["heads"], "kv_heads": case["heads"], "seq_q": seq, "seq_kv": seq,
+             "head_dim": head_dim, "device": case["device"], "dtype": "float32"}
+    call = make_call(shape, causal=True, requires_grad=True)
+    for candidate in method_params(m, call, int(case.get("seed", 0))):
+        plain = {n: v for n, v in candidate.items() if not isinstance(v, torch.Tensor)}
+        try:
+            for n, v in plain.items():
+                m.spec.param(n).validate(v, call)
+        except ValueError:
+            continue
+        return plain, call
+    return {}, call
