@@ -1,0 +1,7 @@
+"""L-family: linear, kernelised and recurrent attention (MECHANISMS.md L1–L11).
+
+Each method has a dense parallel reference, a chunked fast path (:mod:`attnzoo.kernels.linear_scan`) and a recurrent
+decoding API (``prefill``/``step`` in its module, see :mod:`attnzoo.methods.linear.common`).
+"""
+
+from attnzoo.methods.linear import agent, gated_delta, hedgehog, inline, lightning, linear, rala  # noqa: F401
