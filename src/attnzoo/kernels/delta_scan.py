@@ -75,9 +75,12 @@ def chunked(
 
     s = torch.zeros(b, h, dk, dv, dtype=acc, device=q.device)
     starts = []
-    for m_i, b_i in zip(trans.unbind(dim=2), inputs.unbind(dim=2), strict=True):  # unbind: a linear-cost backward
+    # chunk-major contiguous copies, so each step's operands are contiguous; unbind (not indexing): a linear backward
+    trans_c = trans.movedim(2, 0).reshape(nc, b * h, dk, dk)
+    inputs_c = inputs.movedim(2, 0).reshape(nc, b * h, dk, dv)
+    for m_i, b_i in zip(trans_c.unbind(dim=0), inputs_c.unbind(dim=0), strict=True):
         starts.append(s)
-        s = torch.baddbmm(b_i.reshape(-1, dk, dv), m_i.reshape(-1, dk, dk), s.reshape(-1, dk, dv)).view(b, h, dk, dv)
+        s = torch.baddbmm(b_i, m_i, s.reshape(-1, dk, dv)).view(b, h, dk, dv)
     o = o_intra + q_eff @ torch.stack(starts, dim=2)
     return o.reshape(b, h, nc * c, dv)[:, :, pad:].to(out_dtype), s
 

@@ -1,4 +1,3 @@
 """Every mechanism, one file each, grouped by family. Importing this package registers them all."""
 
-import attnzoo.methods.linear  # noqa: F401
-from attnzoo.methods import softmax  # noqa: F401
+from attnzoo.methods import linear, local, softmax  # noqa: F401

@@ -1,0 +1,243 @@
+"""Banded / tiled attention: each tile of queries attends only to the keys it can see, never the full N×N scores.
+
+A :class:`Tiling` is three tensors: ``q_tiles (n, T)`` (query indices of each tile), ``k_tiles (n, W)`` (the key
+indices the tile may see, a superset of every visible key of its queries) and ``mask (n, T, W)`` (which of those each
+query sees). Index ``-1`` pads a tile that has fewer than ``T`` queries or ``W`` keys. :func:`tiled_attention` reads
+the keys of a chunk of tiles (strided views for 1-D bands, a gather otherwise) and runs one batched
+``scaled_dot_product_attention`` over the chunk with an additive tile mask, so time is O(n·T·W·d) and memory
+O(chunk·W·d) instead of O(N²).
+
+Builders:
+- :func:`band_tiles`: 1-D bands, for queries whose visible keys are ``[start_i, start_i + width)`` with
+  ``start_{i+1} − start_i ∈ {0, 1}`` (sliding windows, neighborhoods, inside one dilation group): tile ``t`` of ``T``
+  consecutive queries sees the ``T + width − 1`` keys from its first query's start (clamped into the sequence).
+- :func:`product_tiles`: N-d tiles as the Cartesian product of per-axis tilings (each axis' tiles, key sets and
+  masks), for layouts in row-major order: the tile mask is the AND of the per-axis masks.
+
+Rows with no visible key give 0 (forward and backward, never NaN). Under autograd, chunks whose keys are gathered
+copies are checkpointed (recomputed in the backward pass), so training memory stays O(N·d) plus one chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+CHUNK_BYTES = 96 << 20
+
+Tiles = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def band_tiles(starts: torch.Tensor, width: int, seq_kv: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiles of ``tile`` consecutive queries and the key band each can see.
+
+    ``starts (Sq,)``: each query's first possibly visible key, unclamped, non-decreasing by steps of 0 or 1; every
+    visible key of query ``i`` lies in ``[starts[i], starts[i] + width)``. Returns ``q_tiles (n, T)`` (``-1`` pads the
+    last tile) and ``k_tiles (n, W)`` with ``W = min(T + width − 1, seq_kv)``: contiguous key ranges in the sequence.
+    """
+    seq_q = starts.shape[0]
+    t = min(tile, seq_q)
+    n = -(-seq_q // t)
+    w = min(t + width - 1, seq_kv)
+    q_tiles = torch.arange(n * t).view(n, t)
+    q_tiles = torch.where(q_tiles < seq_q, q_tiles, -1)
+    lo = torch.clamp(starts[:: t], min=0, max=seq_kv - w)
+    return q_tiles, lo.unsqueeze(1) + torch.arange(w)
+
+
+def strided_band_tiles(
+    length: int, dilation: int, starts: Callable[[int], torch.Tensor], width: int, tile: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`band_tiles` inside each residue class ``x ≡ g (mod dilation)`` of ``[0, length)``, over coordinates.
+
+    ``starts(group_len)`` gives the (group-position) starts of a class of ``group_len`` positions; the classes' tiles
+    are mapped back to coordinates ``g + dilation · u`` and stacked (:func:`concat_tiles`).
+    """
+    groups = []
+    for g in range(min(dilation, length)):
+        group_len = (length - g + dilation - 1) // dilation
+        qu, ku = band_tiles(starts(group_len), width, group_len, tile)
+        groups.append((torch.where(qu >= 0, g + dilation * qu, -1), g + dilation * ku))
+    return concat_tiles(groups)
+
+
+def concat_tiles(tilings: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack several ``(q_tiles, k_tiles)`` tilings into one, padding narrower ones with ``-1``."""
+    t = max(q.shape[1] for q, _ in tilings)
+    w = max(k.shape[1] for _, k in tilings)
+    qs = [F.pad(q, (0, t - q.shape[1]), value=-1) for q, _ in tilings]
+    ks = [F.pad(k, (0, w - k.shape[1]), value=-1) for _, k in tilings]
+    return torch.cat(qs), torch.cat(ks)
+
+
+def product_tiles(axes: Sequence[Tiles], layout: Sequence[int]) -> Tiles:
+    """N-d tiling of a row-major layout from per-axis tilings ``(q_tiles_a, k_tiles_a, mask_a)`` over coordinates."""
+    strides = [math.prod(layout[a + 1 :]) for a in range(len(layout))]
+    q_flat = k_flat = mask = None
+    for (qa, ka, ma), stride in zip(axes, strides, strict=True):
+        qa_idx = torch.where(qa >= 0, qa * stride, -1)
+        ka_idx = torch.where(ka >= 0, ka * stride, -1)
+        if q_flat is None:
+            q_flat, k_flat, mask = qa_idx, ka_idx, ma
+            continue
+        n0, t0 = q_flat.shape
+        n1, t1 = qa_idx.shape
+        w0, w1 = k_flat.shape[1], ka_idx.shape[1]
+        q_flat = _combine(q_flat.view(n0, 1, t0, 1), qa_idx.view(1, n1, 1, t1)).reshape(n0 * n1, t0 * t1)
+        k_flat = _combine(k_flat.view(n0, 1, w0, 1), ka_idx.view(1, n1, 1, w1)).reshape(n0 * n1, w0 * w1)
+        mask = (mask.view(n0, 1, t0, 1, w0, 1) & ma.view(1, n1, 1, t1, 1, w1)).reshape(n0 * n1, t0 * t1, w0 * w1)
+    assert q_flat is not None and k_flat is not None and mask is not None
+    return q_flat, k_flat, mask
+
+
+def _combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where((a >= 0) & (b >= 0), a + b, -1)
+
+
+class Tiling:
+    """A tiling ``(q_tiles (n, T), k_tiles (n, W), mask (n, T, W))`` plus what :func:`tiled_attention` derives from it.
+
+    Build once per configuration and reuse (the derived additive masks are cached per dtype). When every tile's keys
+    are a contiguous range (1-D bands), runs of tiles whose ranges start at a constant step are read as strided views
+    of K and V (``unfold``): no gathered copies.
+    """
+
+    def __init__(self, q_tiles: torch.Tensor, k_tiles: torch.Tensor, mask: torch.Tensor) -> None:
+        self.q_tiles, self.k_tiles = q_tiles, k_tiles
+        self.mask = mask & (k_tiles >= 0).unsqueeze(1)
+        flat = q_tiles.flatten()
+        valid = torch.nonzero(flat >= 0).squeeze(1)
+        self.position = torch.empty(int(flat.max()) + 1, dtype=torch.long, device=flat.device)
+        self.position[flat[valid]] = valid  # row of the flattened tiles holding each query
+        self.empty_rows = bool(((~self.mask.any(dim=-1)) & (q_tiles >= 0)).any())
+        w = k_tiles.shape[1]
+        lo = k_tiles[:, 0]
+        contiguous = bool((k_tiles == lo.unsqueeze(1) + torch.arange(w, device=lo.device)).all())
+        self.lo: list[int] | None = lo.tolist() if contiguous else None
+        self._additive: dict[torch.dtype, torch.Tensor] = {}
+
+    def to(self, device: torch.device) -> Tiling:
+        return self if self.q_tiles.device == device else Tiling(*(t.to(device) for t in (
+            self.q_tiles, self.k_tiles, self.mask)))
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as 0 / −inf logits ``(n, T, W)``; rows with no visible key are all 0 (their output is zeroed)."""
+        if dtype not in self._additive:
+            hidden = ~self.mask & self.mask.any(dim=-1, keepdim=True)
+            self._additive[dtype] = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill_(
+                hidden, float("-inf"))
+        return self._additive[dtype]
+
+    def chunks(self, size: int) -> list[tuple[int, int, int | None]]:
+        """``(start, end, step)`` runs of at most ``size`` tiles; ``step`` is the constant key-range step of a run of
+        contiguous key ranges (``None``: gather the keys)."""
+        n = self.q_tiles.shape[0]
+        if self.lo is None:
+            return [(s, min(s + size, n), None) for s in range(0, n, size)]
+        out: list[tuple[int, int, int | None]] = []
+        start = 0
+        while start < n:
+            end = start + 1
+            step = self.lo[end] - self.lo[start] if end < n else 0
+            while end < n and end - start < size and self.lo[end] - self.lo[end - 1] == step:
+                end += 1
+            out.append((start, end, step))
+            start = end
+        return out
+
+
+def tiled_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    tiling: Tiling,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax attention of ``q (B, H, Sq, D)`` over ``k, v (B, Hkv, Skv, ·)`` restricted to a tiling.
+
+    Every query index must appear exactly once in the tiling. ``mask``/``bias``: optional 4-D views broadcastable to
+    ``(B, H, Sq, Skv)`` (gathered per tile: a dense user mask costs O(N·W) reads, not O(N²) compute). GQA stacks the
+    query heads of a group as extra rows, so K/V are never repeated. The tile mask is an additive float mask shared by
+    batch and heads (about twice as fast in SDPA as a boolean one).
+    """
+    b, h, sq, d = q.shape
+    hkv, skv, dv = k.shape[1], k.shape[2], v.shape[-1]
+    g = h // hkv
+    device = q.device
+    tiling = tiling.to(device)
+    t, w = tiling.q_tiles.shape[1], tiling.k_tiles.shape[1]
+    additive = tiling.additive(q.dtype)
+    zero_empty = tiling.empty_rows or mask is not None
+    # (B, Hkv, Sq, G, D): the G query heads sharing a K/V head are the last-but-one axis, gathered as rows.
+    q_rows = q.reshape(b, hkv, g, sq, d).transpose(2, 3)
+    kk, vv = k.reshape(b * hkv, skv, d), v.reshape(b * hkv, skv, dv)
+    # Strided K/V views with the cached tile mask cost no memory per tile (SDPA never stores the scores), so such runs
+    # go whole: one SDPA each, and the backward does not zero-fill full-size gradients once per chunk. Gathered K/V and
+    # gathered user masks/biases are copies, so those chunks are bounded to CHUNK_BYTES.
+    per_tile = b * hkv * (w * (d + dv) + 2 * t * g * w) * q.element_size()
+    bounded = mask is not None or bias is not None or tiling.lo is None
+    chunks = tiling.chunks(max(1, CHUNK_BYTES // max(per_tile, 1)) if bounded else tiling.q_tiles.shape[0])
+
+    def run(q_rows: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, start: int, end: int, step: int | None
+            ) -> torch.Tensor:
+        qi, ki = tiling.q_tiles[start:end], tiling.k_tiles[start:end]
+        nc = end - start
+        qg = q_rows[:, :, qi.clamp(min=0).flatten()].reshape(b * hkv, nc, t * g, d)
+        if step is None:
+            kc = ki.clamp(min=0).flatten()
+            kg, vg = kk[:, kc].view(b * hkv, nc, w, d), vv[:, kc].view(b * hkv, nc, w, dv)
+        else:
+            kg, vg = _bands(kk, tiling.lo[start], nc, w, step), _bands(vv, tiling.lo[start], nc, w, step)
+        attn = additive[start:end].view(1, 1, nc, t, 1, w)
+        some = None
+        if zero_empty:
+            seen = tiling.mask[start:end].view(1, 1, nc, t, 1, w)
+            if mask is not None:
+                seen = seen & _gather_pairs(mask, qi, ki, hkv, g)
+                attn = attn.masked_fill(~seen & seen.any(dim=-1, keepdim=True), float("-inf"))
+            some = seen.any(dim=-1, keepdim=True)
+        if bias is not None:
+            attn = attn + _gather_pairs(bias, qi, ki, hkv, g)
+        if g > 1:
+            attn = attn.expand(*attn.shape[:4], g, w)
+        if attn.shape[0] * attn.shape[1] not in (1, b * hkv):
+            attn = attn.expand(b, hkv, *attn.shape[2:])
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=attn.reshape(-1, nc, t * g, w), scale=scale)
+        out = out.reshape(b, hkv, nc * t, g, dv)
+        return out if some is None else out * some.reshape(some.shape[0], some.shape[1], nc * t, -1, 1).to(out.dtype)
+
+    # Gathered K/V bands are copies: under autograd they are recomputed in the backward pass instead of being kept.
+    recompute = torch.is_grad_enabled() and len(chunks) > 1
+    outs = [
+        checkpoint(run, q_rows, kk, vv, *c, use_reentrant=False) if recompute and c[2] is None
+        else run(q_rows, kk, vv, *c)
+        for c in chunks
+    ]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, Hkv, n·T, G, Dv)
+    return out[:, :, tiling.position].transpose(2, 3).reshape(b, h, sq, dv)
+
+
+def _bands(x: torch.Tensor, lo: int, count: int, width: int, step: int) -> torch.Tensor:
+    """Ranges `[lo + i·step, lo + i·step + width)`, i < count, of `x (BH, S, D)` as a view `(BH, count, W, D)`."""
+    if step == 0:
+        return x[:, lo : lo + width].unsqueeze(1).expand(-1, count, -1, -1)
+    span = x[:, lo : lo + (count - 1) * step + width]
+    return span.unfold(1, width, step).transpose(-1, -2)
+
+
+def _gather_pairs(t: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor, hkv: int, g: int) -> torch.Tensor:
+    """A 4-D mask/bias view gathered at (query, key) pairs of tiles: ``(B', Hkv|1, nc, T, G|1, W)``."""
+    rows = qi.clamp(min=0) if t.shape[2] > 1 else torch.zeros_like(qi)
+    cols = ki.clamp(min=0) if t.shape[3] > 1 else torch.zeros_like(ki)
+    picked = t[:, :, rows.unsqueeze(-1), cols.unsqueeze(1)]  # (B', H', nc, T, W)
+    bb, hh, nc, tt, ww = picked.shape
+    if hh == 1:
+        return picked.view(bb, 1, nc, tt, 1, ww)
+    return picked.view(bb, hkv, g, nc, tt, ww).permute(0, 1, 3, 4, 2, 5)

@@ -1,0 +1,124 @@
+"""Query-blocked softmax attention with hooks on the logits and on the weights.
+
+Many softmax-form variants differ from softmax attention only in what they do to one row of logits before the
+softmax (soft-capping, ALiBi, keeping the top k) or to one row of weights after it (a relative-position re-weighting).
+This kernel computes ``O = post(softmax(select(mod(scale · Q Kᵀ) + bias, visible))) V`` one block of query rows at a
+time, so memory is O(rows · Skv) instead of O(Sq · Skv), and each block is checkpointed under autograd
+(:func:`attnzoo.kernels.blockwise.query_blocks`). GQA stacks the query heads of a group: no K/V copies.
+
+Hooks see absolute query indices ``[start, end)`` so position-dependent terms can be built for the block alone:
+- ``score_mod(s, start, end)``: on the scaled logits ``(B, H, rows, keys)``, before the bias and the masks;
+- ``select(s)``: on the logits after the bias and with hidden keys at ``-inf`` (may hide more keys with ``-inf``);
+- ``prob_mod(p, start, end)``: on the normalised weights, before the product with V.
+Hooks may work in place when :func:`inplace` says so (autograd off), which saves a pass over the block each.
+
+Under the causal mask a block only computes the keys its last row can see, ``keys = [0, end + Skv − Sq)``, so hooks
+must read the number of key columns from the tensor they get (keys always start at 0). A row with no visible key gives
+weights 0 (never NaN, forward or backward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from attnzoo import masks
+from attnzoo.kernels.blockwise import grouped_logits, grouped_pv, query_blocks
+
+ScoreHook = Callable[[torch.Tensor, int, int], torch.Tensor]
+SelectHook = Callable[[torch.Tensor], torch.Tensor]
+
+SCORES_PER_BLOCK = 1 << 22  # 16 MiB of fp32 logits per block: stays in a server L3 cache
+
+
+def block_rows(batch: int, heads: int, seq_q: int, seq_kv: int, scores_per_block: int = SCORES_PER_BLOCK) -> int:
+    """Query rows per block so that one block's logits hold about ``scores_per_block`` elements (at least 16)."""
+    return max(16, min(seq_q, scores_per_block // max(1, batch * heads * seq_kv)))
+
+
+def blocked_softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    score_mod: ScoreHook | None = None,
+    select: SelectHook | None = None,
+    prob_mod: ScoreHook | None = None,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Softmax attention ``(B, H, Sq, Dv)`` computed by query blocks, with the hooks described in the module doc.
+
+    ``causal`` is bottom-right aligned; ``mask`` (bool) and ``bias`` (float) broadcast to ``(B, H, Sq, Skv)``.
+    """
+    b, h, sq, _ = q.shape
+    skv = k.shape[2]
+    offset = skv - sq  # bottom-right causal: query i sees keys j <= i + offset
+    rows = block if block is not None else block_rows(b, h, sq, skv)
+    # Scale q before the product: in fp16/bf16 the unscaled dot products could overflow where the logits do not.
+    q_scaled = (q * scale).contiguous()
+
+    def attend(q_rows: torch.Tensor, start: int) -> torch.Tensor:
+        end = start + q_rows.shape[2]
+        # Under the causal mask the block's last query sees keys [0, end + offset): the rest is never computed, and
+        # only the columns from `first` on are hidden from some row of the block (a rows × rows triangle at most).
+        keys = min(skv, max(1, end + offset)) if causal else skv
+        first = min(keys, max(0, start + offset + 1)) if causal else keys
+        s = grouped_logits(q_rows, k[:, :, :keys], 1.0)
+        if score_mod is not None:
+            s = score_mod(s, start, end)
+        if bias is not None:
+            s = s + _columns(masks.rows(bias, start, end), keys)
+        seen = None if mask is None else _columns(masks.rows(mask, start, end), keys)
+        if seen is not None:
+            s = s.masked_fill(seen.logical_not(), float("-inf"))
+        future = None
+        if first < keys:
+            row_index = torch.arange(start, end, device=q.device).view(-1, 1)
+            future = torch.arange(first, keys, device=q.device).view(1, -1) > row_index + offset
+            s[..., first:].masked_fill_(future, float("-inf"))  # in place on the block's own logits
+        if select is not None:
+            s = select(s)
+        p = torch.softmax(s, dim=-1)
+        empty = _empty_rows(seen, future, first, start, end, offset if causal else None, q.device)
+        if empty is not None:  # their softmax is NaN (all logits -inf); the masked_fills above stop its gradient
+            p = p.masked_fill(empty, 0.0)
+        if prob_mod is not None:
+            p = prob_mod(p, start, end)
+        return grouped_pv(p, v[:, :, :keys])
+
+    return query_blocks(attend, q_scaled, rows)
+
+
+def _empty_rows(
+    seen: torch.Tensor | None,
+    future: torch.Tensor | None,
+    first: int,
+    start: int,
+    end: int,
+    offset: int | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """A ``(…, rows, 1)`` bool of the block's rows that see no key, or None if there is none."""
+    if seen is not None:
+        visible = seen[..., :first].any(dim=-1, keepdim=True)
+        if future is not None:
+            visible = visible | (seen[..., first:] & ~future).any(dim=-1, keepdim=True)
+        empty = ~visible
+        return empty if bool(empty.any()) else None
+    if offset is not None and start + offset < 0:  # causal rows i < -offset see no key at all
+        return (torch.arange(start, end, device=device) + offset < 0).view(-1, 1)
+    return None
+
+
+def inplace() -> bool:
+    """Whether hooks may overwrite their input: only when autograd is off (no op's backward needs it then)."""
+    return not torch.is_grad_enabled()
+
+
+def _columns(t: torch.Tensor, keys: int) -> torch.Tensor:
+    return t if t.shape[-1] == 1 else t[..., :keys]

@@ -1,0 +1,12 @@
+"""P-family: structured sparsity, local windows and neighborhoods (MECHANISMS.md P1–P14)."""
+
+from attnzoo.methods.local import (  # noqa: F401
+    axial,
+    dilated,
+    grouped,
+    halo,
+    maxvit_block,
+    maxvit_grid,
+    neighborhood,
+    sliding_window,
+)

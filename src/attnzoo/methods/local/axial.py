@@ -1,0 +1,129 @@
+"""P4 — axial attention: attention along one axis of an N-d layout, or along every axis in sequence.
+
+Paper: "Axial Attention in Multidimensional Transformers" (Ho et al., arXiv:1912.12180).
+
+Formula as implemented: the sequence is a row-major grid of shape ``layout`` (default ``(seq,)``). Attention along
+axis ``a`` is softmax attention restricted to the tokens that share every other coordinate (with ``causal=True``, also
+``x_a(j) ≤ x_a(i)``, the paper's masked axial attention), ``A_a = softmax_masked(scale · Q Kᵀ)``. With ``axis=a`` the
+output is ``A_a V``. With ``axis=None`` (default) the axes are applied in sequence, last axis first (rows, then
+columns, as in the paper's figure): ``O = A_0 ( … A_{n−1} V)`` — the same queries and keys on every step, the previous
+step's output as values; the composed weights give every token a full receptive field in ``n`` steps. Choice: the
+projections between steps belong to the layer, not to this function. Self-attention only; no user mask or bias (the
+axial structure is the mask); GQA supported.
+
+Fast path ``sdpa``: the grid is permuted so that the chosen axis is the sequence axis and every other axis joins the
+batch: one batched ``scaled_dot_product_attention`` per step (``is_causal`` for causal), O(N · L_a · d) time per step,
+no mask tensor. The predicate (:func:`attnzoo.masks_local.axial`) defines the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attnzoo import masks
+from attnzoo.masks_local import axial as axial_mod
+from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
+from attnzoo.methods.local.common import check_layout
+from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, register
+
+
+def _check_axis(value: Any, call: Call) -> str | None:
+    layout = call.params.get("layout")
+    if value is None or check_layout(layout, call) is not None:
+        return None
+    ndim = 1 if layout is None else len(layout)
+    return None if -ndim <= value < ndim else f"an axis of the {ndim}-d layout (in [{-ndim}, {ndim}))"
+
+
+SPEC = MethodSpec(
+    name="axial",
+    family="local",
+    mechanism="P4",
+    paper="Axial Attention in Multidimensional Transformers",
+    arxiv="1912.12180",
+    summary="attention along one axis of an N-d layout, or along every axis in sequence",
+    exact=True,
+    patterns=SELF_PATTERNS,
+    params=(
+        Param("layout", (tuple,), None, "spatial shape of the sequence; None means (seq,)", check=check_layout),
+        Param("axis", (int,), None, "the axis to attend along; None: every axis in sequence, last first",
+              check=_check_axis),
+    ),
+    complexity="O(N·L_a·d) time per axis, O(N·d) memory",
+    supports_mask=False,
+    supports_bias=False,
+    subquadratic_memory=True,
+)
+
+
+def _axes(seq: int, layout: tuple[int, ...] | None, axis: int | None) -> tuple[tuple[int, ...], list[int]]:
+    shape = (seq,) if layout is None else tuple(layout)
+    ndim = len(shape)
+    return shape, list(range(ndim - 1, -1, -1)) if axis is None else [axis % ndim]
+
+
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    layout: tuple[int, ...] | None,
+    axis: int | None,
+) -> torch.Tensor:
+    b, h, n, _ = q.shape
+    shape, order = _axes(n, layout, axis)
+    s = dense_scores(q, k, scale)
+    out = repeat_kv(v, h)
+    for a in order:
+        seen = masks.dense(axial_mod(shape, a, causal), b, h, n, n, q.device)
+        out = safe_softmax(s, seen) @ out
+    return out
+
+
+def _to_lines(x: torch.Tensor, shape: tuple[int, ...], axis: int) -> torch.Tensor:
+    """``(B, H, N, D)`` → ``(B · Π_{other axes}, H, L_axis, D)``."""
+    b, h, _, d = x.shape
+    grid = x.reshape(b, h, *shape, d).movedim(axis + 2, -2).movedim(1, -3)  # (B, others…, H, L_a, D)
+    return grid.reshape(-1, h, shape[axis], d)
+
+
+def _from_lines(y: torch.Tensor, b: int, shape: tuple[int, ...], axis: int) -> torch.Tensor:
+    h, d = y.shape[1], y.shape[-1]
+    others = [n for i, n in enumerate(shape) if i != axis]
+    grid = y.reshape(b, *others, h, shape[axis], d).movedim(-3, 1).movedim(-2, axis + 2)
+    return grid.reshape(b, h, -1, d)
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    layout: tuple[int, ...] | None,
+    axis: int | None,
+) -> torch.Tensor:
+    b, h, n, _ = q.shape
+    shape, order = _axes(n, layout, axis)
+    out = v
+    for step, a in enumerate(order):
+        keys = k if step == 0 else repeat_kv(k, h)  # later steps' values have every query head
+        y = F.scaled_dot_product_attention(
+            _to_lines(q, shape, a), _to_lines(keys, shape, a), _to_lines(out, shape, a), is_causal=causal,
+            scale=scale, enable_gqa=keys.shape[1] != h,
+        )
+        out = _from_lines(y, b, shape, a)
+    return out
+
+
+register(SPEC, reference, [Backend("sdpa", sdpa)])

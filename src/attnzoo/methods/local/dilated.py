@@ -1,0 +1,121 @@
+"""P6 — dilated (strided) attention: keys at a fixed dilation from the query, optionally within a window.
+
+Papers: the strided pattern of "Generating Long Sequences with Sparse Transformers" (Child et al., arXiv:1904.10509)
+and dilated sliding windows of "Longformer" (arXiv:2004.05150).
+
+Formula as implemented: query ``i`` attends with softmax to keys ``j`` with ``(i − j) mod dilation = 0`` and
+``|i − j| ≤ window · dilation`` (``causal=True``: ``0 ≤ i − j ≤ window · dilation``), AND the user mask;
+``window=None`` removes the distance limit (every ``dilation``-th key: O(N²/dilation)). No border shift (contrast
+P2's dilated neighborhoods, which keep exactly ``kernel_size`` keys). Self-attention only. Defaults: ``dilation=2``,
+``window=None`` (the Sparse Transformer's strided pattern). The predicate is :func:`attnzoo.masks_local.dilated`.
+
+Fast path ``torch``: tokens of one residue class mod ``dilation`` are a plain sliding window over the class; each class
+is cut into tiles of 128 class positions seeing a band of ``128 + 2·window`` class positions (gathered keys), batched
+SDPA with a cached tile mask (:mod:`attnzoo.kernels.band`). ``flex``: the predicate's cached block mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnzoo import masks
+from attnzoo.kernels.band import strided_band_tiles, tiled_attention
+from attnzoo.masks_local import dilated as dilated_mod
+from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
+from attnzoo.methods.local.common import cached_tiling, flex_attention, flex_serves
+from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+
+TILE = 128
+
+
+def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
+    return {"dilation": int(torch.randint(1, 4, (1,), generator=generator)),
+            "window": int(torch.randint(0, 6, (1,), generator=generator))}
+
+
+SPEC = MethodSpec(
+    name="dilated",
+    family="local",
+    mechanism="P6",
+    paper="Generating Long Sequences with Sparse Transformers (strided pattern); Longformer (dilated window)",
+    arxiv="1904.10509",
+    summary="each query attends to every dilation-th key, within window·dilation (or all of them)",
+    exact=True,
+    patterns=SELF_PATTERNS,
+    params=(
+        Param("dilation", (int,), 2, "distance between attended keys", low=1),
+        Param("window", (int,), None, "keys on each side (causal: before) the query; None: no limit", low=0),
+    ),
+    complexity="O(N·(window or N/dilation)·d) time, O(N·d) memory",
+    subquadratic_memory=True,
+    tests=TestHints(sample_params=_sample_params),
+)
+
+
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    dilation: int,
+    window: int | None,
+) -> torch.Tensor:
+    b, h, n, _ = q.shape
+    seen = masks.dense(dilated_mod(dilation, window, causal), b, h, n, n, q.device)
+    if mask is not None:
+        seen = seen & mask
+    s = dense_scores(q, k, scale)
+    if bias is not None:
+        s = s + bias
+    return safe_softmax(s, seen) @ repeat_kv(v, h)
+
+
+def _tiling(n: int, dilation: int, window: int | None, causal: bool) -> tuple[torch.Tensor, ...]:
+    def starts(group_len: int) -> torch.Tensor:
+        u = torch.arange(group_len)
+        return torch.zeros_like(u) if window is None else u - window
+
+    width = n if window is None else (window + 1 if causal else 2 * window + 1)
+    q_tiles, k_tiles = strided_band_tiles(n, dilation, starts, width, TILE)
+    return q_tiles, k_tiles, dilated_mod(dilation, window, causal)(0, 0, q_tiles.unsqueeze(2), k_tiles.unsqueeze(1))
+
+
+def blockwise(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    dilation: int,
+    window: int | None,
+) -> torch.Tensor:
+    config = (q.shape[2], dilation, window, causal)
+    tiling = cached_tiling(("dilated", config), q.device, lambda: _tiling(*config))
+    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+
+
+def flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    dilation: int,
+    window: int | None,
+) -> torch.Tensor:
+    return flex_attention(q, k, v, scale, ("dilated", dilation, window, causal), dilated_mod(dilation, window, causal))
+
+
+register(SPEC, reference, [Backend("torch", blockwise), Backend("flex", flex, flex_serves)])

@@ -1,0 +1,184 @@
+"""P10 — group / isolation masks: attention restricted to tokens with the same group id.
+
+Papers (the mask these share): packed-document masking; "Group Pose" (within-group attention); Seg2Any and
+IR-Diffusion (region isolation); DyST-XL (frame-aware groups); EE-MLLM. MECHANISMS.md lists them under P10; the
+mechanism is one predicate.
+
+Formula as implemented: query ``i`` of batch ``b`` attends with softmax to the keys ``j`` with
+``group_ids[b, i] == kv_group_ids[b, j]`` (AND bottom-right causal when ``causal=True``, AND the user mask);
+``s = scale · q·k + bias``; a query whose group has no key gives 0. ``group_ids``: integer tensor ``(Sq,)`` (shared
+by the batch) or ``(B, Sq)``; ``kv_group_ids``: the keys' ids for cross-attention (``(Skv,)`` or ``(B, Skv)``),
+defaulting to ``group_ids`` in self-attention. ``group_ids=None`` puts every token in one group (plain softmax
+attention). Ids need not be sorted or contiguous. The predicate is :func:`attnzoo.masks_local.grouped`.
+
+Fast path ``torch``: per distinct ids row, queries and keys are stably sorted by id; each group present on both
+sides is one SDPA call on its gathered queries and keys (``is_causal`` when the query and key positions of the group
+coincide, an explicit mask otherwise), outputs scattered back. Time Σ_g n_g·m_g·d instead of N²·d; memory is that of
+the largest group's mask at most (none for plain self-attention groups). No ``flex`` path: its block mask would
+depend on the id tensors' contents, which a configuration cache cannot key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attnzoo import masks
+from attnzoo.masks_local import grouped as grouped_mod
+from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
+from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+
+
+def _check_ids(length_of: str) -> Any:
+    def check(value: Any, call: Call) -> str | None:
+        if length_of == "seq_q" and call.cross and call.params.get("kv_group_ids") is None:
+            return "kv_group_ids to be given too in cross-attention (seq_q != seq_kv)"
+        n = getattr(call, length_of)
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            return "an integer tensor"
+        if value.shape not in ((n,), (call.batch, n)):
+            return f"shape ({n},) or ({call.batch}, {n})"
+        return None
+
+    return check
+
+
+def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
+    ids = {"group_ids": torch.randint(0, 3, (call.batch, call.seq_q), generator=generator)}
+    if call.cross:
+        ids["kv_group_ids"] = torch.randint(0, 3, (call.seq_kv,), generator=generator)
+    return ids
+
+
+SPEC = MethodSpec(
+    name="grouped",
+    family="local",
+    mechanism="P10",
+    paper="Group / isolation masks (packed documents; Group Pose; Seg2Any; IR-Diffusion; DyST-XL; EE-MLLM)",
+    arxiv=None,
+    summary="attention only between tokens with equal group ids (documents, instances, regions, frames)",
+    exact=True,
+    patterns=ALL_PATTERNS,
+    params=(
+        Param("group_ids", (torch.Tensor,), None, "integer group id per query, (Sq,) or (B, Sq); None: one group",
+              check=_check_ids("seq_q")),
+        Param("kv_group_ids", (torch.Tensor,), None, "integer group id per key, (Skv,) or (B, Skv); None: group_ids",
+              check=_check_ids("seq_kv")),
+    ),
+    complexity="O(Σ_g n_g·m_g·d) time, O(N·d) memory",
+    subquadratic_memory=True,
+    tests=TestHints(sample_params=_sample_params),
+)
+
+
+def _ids(q: torch.Tensor, k: torch.Tensor, group_ids: torch.Tensor | None, kv_group_ids: torch.Tensor | None
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both id tensors as ``(B', S)`` with ``B'`` 1 or the batch (one group when ``group_ids`` is None)."""
+    if group_ids is None:
+        return (torch.zeros(1, q.shape[2], dtype=torch.long, device=q.device),
+                torch.zeros(1, k.shape[2], dtype=torch.long, device=q.device))
+    kv = group_ids if kv_group_ids is None else kv_group_ids
+    qi, ki = group_ids.reshape(-1, q.shape[2]), kv.reshape(-1, k.shape[2])
+    if qi.shape[0] != ki.shape[0]:
+        qi, ki = qi.expand(q.shape[0], -1), ki.expand(q.shape[0], -1)
+    return qi, ki
+
+
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_ids: torch.Tensor | None,
+    kv_group_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    b, h, sq, _ = q.shape
+    qi, ki = _ids(q, k, group_ids, kv_group_ids)
+    same = masks.dense(grouped_mod(qi.expand(b, -1), ki.expand(b, -1)), b, h, sq, k.shape[2], q.device)
+    s = dense_scores(q, k, scale)
+    if bias is not None:
+        s = s + bias
+    return safe_softmax(s, same & visible(causal, mask, q, k)) @ repeat_kv(v, h)
+
+
+def segments(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_ids: torch.Tensor | None,
+    kv_group_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    h, sq = q.shape[1], q.shape[2]
+    skv, dv = k.shape[2], v.shape[-1]
+    qids, kids = _ids(q, k, group_ids, kv_group_ids)
+    same_positions = sq == skv and (kv_group_ids is None or torch.equal(qids, kids))
+    rows = []
+    for r in range(qids.shape[0]):
+        bs = slice(None) if qids.shape[0] == 1 else slice(r, r + 1)
+        qb, kb, vb = q[bs], k[bs], v[bs]
+        q_order, k_order = torch.sort(qids[r], stable=True), torch.sort(kids[r], stable=True)
+        q_groups, q_counts = torch.unique_consecutive(q_order.values, return_counts=True)
+        k_groups, k_counts = torch.unique_consecutive(k_order.values, return_counts=True)
+        k_start = dict(zip(k_groups.tolist(), (torch.cumsum(k_counts, 0) - k_counts).tolist(), strict=True))
+        k_len = dict(zip(k_groups.tolist(), k_counts.tolist(), strict=True))
+        pieces, placed, start = [], [], 0
+        for gid, count in zip(q_groups.tolist(), q_counts.tolist(), strict=True):
+            qi = q_order.indices[start : start + count]
+            start += count
+            if gid not in k_len:
+                continue
+            ki = k_order.indices[k_start[gid] : k_start[gid] + k_len[gid]]
+            pieces.append(_group_attention(qb, kb, vb, qi, ki, bs, causal, same_positions, scale, mask, bias))
+            placed.append(qi)
+        out = qb.new_zeros(qb.shape[0], h, sq + 1, dv)  # the extra row stands for queries whose group has no key
+        if pieces:
+            where = torch.full((sq,), sq, dtype=torch.long, device=q.device)
+            order = torch.cat(placed)
+            where[order] = torch.arange(order.numel(), device=q.device)
+            out = torch.cat([torch.cat(pieces, dim=2), out[:, :, : sq + 1 - order.numel()]], dim=2)[:, :, where]
+        else:
+            out = out[:, :, :sq]
+        rows.append(out)
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+
+def _group_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor, bs: slice, causal: bool,
+    same_positions: bool, scale: float, mask: torch.Tensor | None, bias: torch.Tensor | None,
+) -> torch.Tensor:
+    gqa = q.shape[1] != k.shape[1]
+    qg, kg, vg = q[:, :, qi], k[:, :, ki], v[:, :, ki]
+    if mask is None and bias is None and (not causal or same_positions):
+        return F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal, scale=scale, enable_gqa=gqa)
+    seen = torch.ones(1, 1, qi.numel(), ki.numel(), dtype=torch.bool, device=q.device)
+    if causal:
+        seen = seen & (ki.view(1, -1) <= qi.view(-1, 1) + (k.shape[2] - q.shape[2]))
+    if mask is not None:
+        seen = seen & _pairs(mask, bs, qi, ki)
+    some = seen.any(dim=-1, keepdim=True)
+    attn = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~(seen | ~some), float("-inf"))
+    if bias is not None:
+        attn = attn + _pairs(bias, bs, qi, ki)
+    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=attn, scale=scale, enable_gqa=gqa)
+    return out * some.to(out.dtype)
+
+
+def _pairs(t: torch.Tensor, bs: slice, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
+    """A 4-D mask/bias view at the group's (query, key) pairs, for the batch rows ``bs``."""
+    t = t if t.shape[0] == 1 else t[bs]
+    t = t if t.shape[2] == 1 else t[:, :, qi]
+    return t if t.shape[3] == 1 else t[:, :, :, ki]
+
+
+register(SPEC, reference, [Backend("torch", segments)])

@@ -1,0 +1,159 @@
+"""P8 — blocked local attention with halo (HaloNets), 1-D/2-D/3-D.
+
+Paper: "Scaling Local Self-Attention for Parameter Efficient Visual Backbones" (Vaswani et al., arXiv:2103.12731).
+
+Formula as implemented: the sequence is a row-major grid of shape ``layout`` (default ``(seq,)``), cut into
+non-overlapping query blocks of ``block_size`` per axis (the last block of an axis may be shorter). Every query of a
+block attends with softmax to the keys of its block widened by ``halo_size`` on each side of each axis, AND the user
+mask; ``s = scale · q·k + bias``. Choice: at the grid borders the halo has no keys (the paper zero-pads the image;
+here positions outside the grid simply do not exist, so no attention weight goes to padding). Self-attention,
+non-causal (the paper's setting). Defaults: ``block_size=8``, ``halo_size=3`` (the paper's b=8, h=3). The predicate is
+:func:`attnzoo.masks_local.halo`.
+
+Fast path ``torch``: the tiles *are* the blocks; each sees ``block + 2·halo`` positions per axis (shifted inside the
+grid at the borders, the mask hiding the extra ones), batched SDPA per chunk of tiles with a cached tile mask
+(:mod:`attnzoo.kernels.band`; 1-D key ranges are strided views, N-d ones gathered). ``flex``: the predicate's cached
+block mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnzoo import masks
+from attnzoo.kernels.band import product_tiles, tiled_attention
+from attnzoo.masks_local import halo as halo_mod
+from attnzoo.masks_local import halo_axis
+from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
+from attnzoo.methods.local.common import cached_tiling, check_layout, flex_attention, flex_serves, per_axis_ints
+from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
+
+Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def _check_block(value: Any, call: Call) -> str | None:
+    ints = per_axis_ints("block_size", value, call, 1)
+    return ints if isinstance(ints, str) else None
+
+
+def _check_halo(value: Any, call: Call) -> str | None:
+    ints = per_axis_ints("halo_size", value, call, 0)
+    return ints if isinstance(ints, str) else None
+
+
+def _check_layout(value: Any, call: Call) -> str | None:
+    return check_layout(value, call, max_ndim=3)
+
+
+def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
+    return {"block_size": int(torch.randint(1, 6, (1,), generator=generator)),
+            "halo_size": int(torch.randint(0, 3, (1,), generator=generator))}
+
+
+SPEC = MethodSpec(
+    name="halo",
+    family="local",
+    mechanism="P8",
+    paper="Scaling Local Self-Attention for Parameter Efficient Visual Backbones",
+    arxiv="2103.12731",
+    summary="non-overlapping query blocks attend to their block plus a halo of neighbouring positions",
+    exact=True,
+    patterns=frozenset({"self/noncausal"}),
+    params=(
+        Param("block_size", (int, tuple), 8, "query block size per axis", low=1, check=_check_block),
+        Param("halo_size", (int, tuple), 3, "halo width per axis, on each side", low=0, check=_check_halo),
+        Param("layout", (tuple,), None, "spatial shape of the sequence, 1 to 3 axes; None means (seq,)",
+              check=_check_layout),
+    ),
+    complexity="O(N·Π(b+2h)·d) time, O(N·d) memory",
+    subquadratic_memory=True,
+    tests=TestHints(sample_params=_sample_params),
+)
+
+
+def _axes(seq: int, block_size: Any, halo_size: Any, layout: Any) -> Axes:
+    shape = (seq,) if layout is None else tuple(layout)
+    ndim = len(shape)
+
+    def per_axis(x: Any) -> tuple[int, ...]:
+        return tuple(x) if isinstance(x, tuple) else (x,) * ndim
+
+    return shape, per_axis(block_size), per_axis(halo_size)
+
+
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    block_size: Any,
+    halo_size: Any,
+    layout: Any,
+) -> torch.Tensor:
+    b, h, n, _ = q.shape
+    seen = masks.dense(halo_mod(*_axes(n, block_size, halo_size, layout)), b, h, n, n, q.device)
+    if mask is not None:
+        seen = seen & mask
+    s = dense_scores(q, k, scale)
+    if bias is not None:
+        s = s + bias
+    return safe_softmax(s, seen) @ repeat_kv(v, h)
+
+
+def _axis_tiling(length: int, block: int, halo: int) -> tuple[torch.Tensor, ...]:
+    n = -(-length // block)
+    q_tiles = torch.arange(n * block).view(n, block)
+    q_tiles = torch.where(q_tiles < length, q_tiles, -1)
+    w = min(block + 2 * halo, length)
+    lo = torch.clamp(torch.arange(n) * block - halo, min=0, max=length - w)
+    k_tiles = lo.unsqueeze(1) + torch.arange(w)
+    return q_tiles, k_tiles, halo_axis(q_tiles.unsqueeze(2), k_tiles.unsqueeze(1), block, halo)
+
+
+def _tiling(axes: Axes) -> tuple[torch.Tensor, ...]:
+    layout, block, halo = axes
+    return product_tiles([_axis_tiling(*a) for a in zip(layout, block, halo, strict=True)], layout)
+
+
+def blockwise(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    block_size: Any,
+    halo_size: Any,
+    layout: Any,
+) -> torch.Tensor:
+    axes = _axes(q.shape[2], block_size, halo_size, layout)
+    tiling = cached_tiling(("halo", axes), q.device, lambda: _tiling(axes))
+    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+
+
+def flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    block_size: Any,
+    halo_size: Any,
+    layout: Any,
+) -> torch.Tensor:
+    axes = _axes(q.shape[2], block_size, halo_size, layout)
+    return flex_attention(q, k, v, scale, ("halo", axes), halo_mod(*axes))
+
+
+register(SPEC, reference, [Backend("torch", blockwise), Backend("flex", flex, flex_serves)])

@@ -1,0 +1,128 @@
+"""P1 — sliding-window attention: two-sided, causal, and FreeSwim's inward window.
+
+Papers: the common local-attention pattern (e.g. "Longformer: The Long-Document Transformer", arXiv:2004.05150);
+the inward variant from "FreeSwim: Revisiting Sliding-Window Attention Mechanisms for Training-Free
+Ultra-High-Resolution Video Generation" (2025; arXiv id not recorded here, code at
+github.com/WillWu111/FreeSwim).
+
+Formula as implemented: query ``i`` sits at key position ``c = i + Skv − Sq`` (bottom-right alignment, so cross
+lengths behave as in decoding) and attends with softmax to
+
+- two-sided (``causal=False``): keys ``|j − c| ≤ window``;
+- causal (``causal=True``): keys ``c − window ≤ j ≤ c`` (``window + 1`` keys, the query included);
+- ``inward=True`` (two-sided only): the ``2·window + 1`` keys centred on ``c``, shifted inward at the sequence borders
+  so that every query keeps the full receptive field it had at training scale (FreeSwim's point); with causal masking
+  no shift is possible and the window is the causal one.
+
+AND the user mask; ``s = scale · q·k + bias``; a row with no visible key gives 0. The predicate is
+:func:`attnzoo.masks_local.sliding_window`. Default ``window=256``.
+
+Fast path ``torch``: query tiles of 128 against their contiguous key band (``128 + span − 1`` keys) with a band mask,
+batched SDPA per chunk of tiles (:mod:`attnzoo.kernels.band`): O(N·w·d) time, O(chunk·w·d) memory. Fast path
+``flex``: FlexAttention with the predicate's cached block mask (forward only on CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnzoo import masks
+from attnzoo.kernels.band import band_tiles, tiled_attention
+from attnzoo.masks_local import sliding_window as sliding_window_mod
+from attnzoo.masks_local import sliding_window_starts
+from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
+from attnzoo.methods.local.common import cached_tiling, flex_attention, flex_serves
+from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+
+TILE = 128
+
+
+def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
+    return {"window": int(torch.randint(0, 9, (1,), generator=generator))}
+
+
+SPEC = MethodSpec(
+    name="sliding_window",
+    family="local",
+    mechanism="P1",
+    paper="Longformer: The Long-Document Transformer; FreeSwim (inward sliding window)",
+    arxiv="2004.05150",
+    summary="each query attends to keys within distance `window` (two-sided or causal; inward-shifted at borders)",
+    exact=True,
+    patterns=ALL_PATTERNS,
+    params=(
+        Param("window", (int,), 256, "largest distance |i − j| (two-sided) or i − j (causal) a key may have", low=0),
+        Param("inward", (bool,), False, "shift the two-sided window inward at the borders (FreeSwim)"),
+    ),
+    complexity="O(N·w·d) time, O(N·d) memory",
+    subquadratic_memory=True,
+    tests=TestHints(sample_params=_sample_params),
+)
+
+
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    window: int,
+    inward: bool,
+) -> torch.Tensor:
+    b, h, sq, _ = q.shape
+    skv = k.shape[2]
+    seen = masks.dense(sliding_window_mod(sq, skv, window, causal, inward), b, h, sq, skv, q.device)
+    if mask is not None:
+        seen = seen & mask
+    s = dense_scores(q, k, scale)
+    if bias is not None:
+        s = s + bias
+    return safe_softmax(s, seen) @ repeat_kv(v, h)
+
+
+def _tiling(sq: int, skv: int, window: int, causal: bool, inward: bool) -> tuple[torch.Tensor, ...]:
+    starts, span = sliding_window_starts(sq, skv, window, causal, inward)
+    q_tiles, k_tiles = band_tiles(starts, span, skv, TILE)
+    seen = sliding_window_mod(sq, skv, window, causal, inward)(0, 0, q_tiles.unsqueeze(2), k_tiles.unsqueeze(1))
+    return q_tiles, k_tiles, seen
+
+
+def blockwise(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    window: int,
+    inward: bool,
+) -> torch.Tensor:
+    config = (q.shape[2], k.shape[2], window, causal, inward)
+    tiling = cached_tiling(("sliding_window", config), q.device, lambda: _tiling(*config))
+    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+
+
+def flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    window: int,
+    inward: bool,
+) -> torch.Tensor:
+    config = (q.shape[2], k.shape[2], window, causal, inward)
+    return flex_attention(q, k, v, scale, ("sliding_window", config), sliding_window_mod(*config))
+
+
+register(SPEC, reference, [Backend("torch", blockwise), Backend("flex", flex, flex_serves)])

@@ -1,0 +1,102 @@
+"""S4 — momentum attention.
+
+Paper: "Momentum Attention: The Physics of In-Context Learning and Spectral Forensics for Mechanistic
+Interpretability" (K. Maitra, arXiv:2602.04902).
+
+Formula as implemented: the kinematic difference ``p_t = x_t − x_{t−1}`` and the symplectic shear
+``x̂_t = x_t + γ p_t = (1 + γ) x_t − γ x_{t−1}`` are applied to the queries and to the keys (values are left
+unchanged, as in the paper), then ``O = softmax(scale · Q̂ K̂ᵀ + bias + M) V`` as in S1.
+
+Choices:
+- Boundary: at ``t = 0`` there is no previous token; we take ``x_{−1} = x_0`` (zero velocity), so the first query and
+  key are left unchanged. (Zero-padding, ``x_{−1} = 0``, would instead scale the first token by ``1 + γ``.)
+- ``gamma`` defaults to 0.5 (our choice; the paper tunes γ and reports γ* ≈ 4.17·N^−0.74 on associative recall).
+  ``gamma = 0`` is exactly softmax attention.
+- Patterns: self-attention only. The shear differences each sequence along its own time axis; in cross-attention
+  (``seq_q != seq_kv``, e.g. a decode chunk over a KV cache) the first query's predecessor is not part of the call,
+  so the shift would silently use the wrong boundary. The call is refused rather than answered wrongly.
+
+Fast path ``sdpa``: the shear is one fused elementwise op per tensor (O(N·d)), then the S1 SDPA path (GQA without
+copies; flash/efficient kernels where available). The reference builds the shear as an explicit ``(N, N)`` matrix
+applied to Q and K and then materialises every score.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
+from attnzoo.methods.softmax.softmax import sdpa as softmax_sdpa
+from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+
+
+def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
+    return {"gamma": float(torch.rand((), generator=generator)) * 1.5 - 0.25}
+
+
+SPEC = MethodSpec(
+    name="momentum",
+    family="softmax",
+    mechanism="S4",
+    paper="Momentum Attention: The Physics of In-Context Learning and Spectral Forensics for Mechanistic "
+    "Interpretability",
+    arxiv="2602.04902",
+    summary="softmax attention on sheared q/k: x_t ← x_t + γ(x_t − x_{t−1}); x_{−1} = x_0",
+    exact=True,
+    patterns=SELF_PATTERNS,
+    params=(Param("gamma", (float,), 0.5, "momentum coefficient γ of the shear x_t + γ(x_t − x_{t−1}); 0 = softmax"),),
+    complexity="O(N²d) time; memory of the SDPA kernel plus O(N·d) for the sheared q/k",
+    tests=TestHints(sample_params=_sample),
+)
+
+
+def _shear_matrix(n: int, gamma: float, like: torch.Tensor) -> torch.Tensor:
+    """The ``(n, n)`` matrix ``(1 + γ) I − γ P`` where row ``t`` of ``P`` picks token ``t − 1`` (row 0 picks 0)."""
+    previous = torch.zeros(n, n, dtype=like.dtype, device=like.device)
+    for t in range(n):
+        previous[t, max(t - 1, 0)] = 1.0
+    eye = torch.eye(n, dtype=like.dtype, device=like.device)
+    return (1.0 + gamma) * eye - gamma * previous
+
+
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    gamma: float,
+) -> torch.Tensor:
+    shear = _shear_matrix(q.shape[2], gamma, q)
+    s = dense_scores(shear @ q, shear @ k, scale)
+    if bias is not None:
+        s = s + bias
+    p = safe_softmax(s, visible(causal, mask, q, k))
+    return p @ repeat_kv(v, q.shape[1])
+
+
+def _shear(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    previous = torch.cat((x[:, :, :1], x[:, :, :-1]), dim=2)
+    return torch.lerp(x, previous, -gamma)  # x + (−γ)(previous − x) = x + γ(x − previous)
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    gamma: float,
+) -> torch.Tensor:
+    return softmax_sdpa(_shear(q, gamma), _shear(k, gamma), v, causal=causal, scale=scale, mask=mask, bias=bias)
+
+
+register(SPEC, reference, [Backend("sdpa", sdpa)])

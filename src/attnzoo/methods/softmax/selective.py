@@ -1,0 +1,170 @@
+"""S3 — selective attention (Selective Self-Attention, SSA).
+
+Paper: "Selective Attention: Enhancing Transformer through Principled Context Control" (Zhang, Chang, Li,
+Roy-Chowdhury, Chen, Oymak; NeurIPS 2024; arXiv:2411.12892). Official code: github.com/umich-sota/selective_attention.
+
+SSA scales each query by an inverse temperature that depends on the query's token and its position, and each value
+by a token-dependent temperature, then runs softmax attention:
+
+    τ_q(i) = τ_pos(i) + τ_tok(q_i),   τ_pos(i) = 1 + exp(−exp(β_h)) · log n_i,   τ_tok(q_i) = tanh(u_h · q_i)
+    τ_v(j) = 1 + tanh(w_g · v_j)
+    O_i = Σ_j softmax_j(τ_q(i) · scale · q_i·k_j + bias_ij + M_ij) · τ_v(j) v_j
+
+- ``n_i`` is the size of query ``i``'s context window: ``i + 1 + seq_kv − seq_q`` keys under the (bottom-right)
+  causal mask, ``seq_kv`` without it (a user mask does not change it). The ``log n`` growth counters attention
+  dilution in long contexts (the paper's position-aware temperature).
+- The position coefficient is parameterised as in the official code (``1 + exp(−exp(β))·log n``, β initialised at
+  2.0 there), which keeps it in (0, 1); ``pos_beta = None`` turns the position term off.
+- Weight sharing: the token-aware temperatures are read from the query and value embeddings themselves, i.e. they
+  reuse the q/v projections and add only one vector per head (``u_h`` of size head_dim, ``w_g`` of size
+  head_dim_v): far under the paper's 0.5% parameter budget. This is our reading of the paper's weight-sharing
+  strategy (the exact parameterisation of f in τ_tok = tanh(f(x)) is our choice).
+- Value temperature per key/value head ``g`` (so GQA needs no copies); we give it the token term only.
+- Parameters (all learnable, owned by ``az.nn.Attention``): ``query_temp`` ``(heads, head_dim)`` = u, init 0;
+  ``pos_beta`` ``(heads,)`` = β, init 2.0; ``value_temp`` ``(kv_heads, head_dim_v)`` = w, init 0. ``None`` turns a
+  term off; with all three ``None`` (the defaults of a plain call) this is softmax attention.
+
+Fast path ``sdpa``: the temperatures are per-row scalars, so ``τ_q(i)·(q_i·k_j) = (τ_q(i) q_i)·k_j`` exactly: we scale
+Q and V (O(N·d)) and call the S1 SDPA path. Gradients reach u, β and w through autograd. The reference instead puts
+the temperature on each materialised logit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
+from attnzoo.methods.softmax.softmax import sdpa as softmax_sdpa
+from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+
+POS_BETA_INIT = 2.0
+
+
+def _shape_check(name: str, shape_of: Any) -> Any:
+    def check(value: torch.Tensor, call: Call) -> str | None:
+        want = shape_of(call)
+        if tuple(value.shape) != want:
+            return f"a tensor of shape {want} ({name})"
+        if not value.is_floating_point():
+            return "a floating-point tensor"
+        return None
+
+    return check
+
+
+def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(call.dtype)
+
+    return {
+        "query_temp": 0.3 * rand(call.heads, call.head_dim),
+        "pos_beta": rand(call.heads) - 0.5,
+        "value_temp": 0.3 * rand(call.kv_heads, call.head_dim_v),
+    }
+
+
+SPEC = MethodSpec(
+    name="selective",
+    family="softmax",
+    mechanism="S3",
+    paper="Selective Attention: Enhancing Transformer through Principled Context Control",
+    arxiv="2411.12892",
+    summary="softmax with learnable query temperature τ(q, i) = 1 + exp(−exp β)·log n_i + tanh(u·q) and value "
+    "temperature 1 + tanh(w·v)",
+    exact=True,
+    patterns=ALL_PATTERNS,
+    params=(
+        Param(
+            "query_temp", (torch.Tensor,), None, "u (heads, head_dim): token-aware query temperature tanh(u·q)",
+            check=_shape_check("heads, head_dim", lambda c: (c.heads, c.head_dim)),
+            init=lambda layer: torch.zeros(layer.heads, layer.head_dim),
+        ),
+        Param(
+            "pos_beta", (torch.Tensor,), None, "β (heads,): position-aware query temperature 1 + exp(−exp β)·log n",
+            check=_shape_check("heads", lambda c: (c.heads,)),
+            init=lambda layer: torch.full((layer.heads,), POS_BETA_INIT),
+        ),
+        Param(
+            "value_temp", (torch.Tensor,), None, "w (kv_heads, head_dim_v): value temperature 1 + tanh(w·v)",
+            check=_shape_check("kv_heads, head_dim_v", lambda c: (c.kv_heads, c.head_dim_v)),
+            init=lambda layer: torch.zeros(layer.kv_heads, layer.head_dim),
+        ),
+    ),
+    complexity="O(N²d) time; memory of the SDPA kernel plus O(N·d) for the rescaled q/v",
+    tests=TestHints(sample_params=_sample),
+)
+
+
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    query_temp: torch.Tensor | None,
+    pos_beta: torch.Tensor | None,
+    value_temp: torch.Tensor | None,
+) -> torch.Tensor:
+    b, h, sq, _ = q.shape
+    skv = k.shape[2]
+    tau = torch.ones(b, h, sq, dtype=q.dtype, device=q.device)
+    if pos_beta is not None:
+        window = [max(i + 1 + skv - sq, 1) if causal else skv for i in range(sq)]
+        log_n = torch.tensor([math.log(n) for n in window], dtype=q.dtype, device=q.device)
+        coefficient = torch.exp(-torch.exp(pos_beta.to(q.dtype)))
+        tau = tau + coefficient.view(1, h, 1) * log_n.view(1, 1, sq)
+    if query_temp is not None:
+        tau = tau + torch.tanh(torch.einsum("bhsd,hd->bhs", q, query_temp.to(q.dtype)))
+    s = dense_scores(q, k, scale) * tau.unsqueeze(-1)
+    if bias is not None:
+        s = s + bias
+    p = safe_softmax(s, visible(causal, mask, q, k))
+    if value_temp is not None:
+        v = v * (1.0 + torch.tanh(torch.einsum("bgsd,gd->bgs", v, value_temp.to(v.dtype)))).unsqueeze(-1)
+    return p @ repeat_kv(v, h)
+
+
+def _row_scale(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``tanh(weight_h · x_{h,s})`` as a ``(B, H, S, 1)`` column."""
+    return torch.tanh(torch.matmul(x, weight.to(x.dtype).unsqueeze(-1)))
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    query_temp: torch.Tensor | None,
+    pos_beta: torch.Tensor | None,
+    value_temp: torch.Tensor | None,
+) -> torch.Tensor:
+    sq, skv = q.shape[2], k.shape[2]
+    tau: torch.Tensor | None = None
+    if pos_beta is not None:
+        if causal:
+            window = torch.arange(1 + skv - sq, 1 + skv, device=q.device).clamp_(min=1)
+        else:
+            window = torch.full((sq,), skv, device=q.device)
+        coefficient = torch.exp(-torch.exp(pos_beta.to(q.dtype))).view(1, -1, 1, 1)
+        tau = 1.0 + coefficient * torch.log(window.to(q.dtype)).view(1, 1, sq, 1)
+    if query_temp is not None:
+        token = _row_scale(q, query_temp)
+        tau = 1.0 + token if tau is None else tau + token
+    if tau is not None:
+        q = q * tau
+    if value_temp is not None:
+        v = v * (1.0 + _row_scale(v, value_temp))
+    return softmax_sdpa(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias)
+
+
+register(SPEC, reference, [Backend("sdpa", sdpa)])

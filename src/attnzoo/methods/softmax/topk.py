@@ -1,0 +1,100 @@
+"""S7 — top-k sparse softmax attention.
+
+Paper: "DLGSANet: Lightweight Dynamic Local and Global Self-Attention Networks for Image Super-Resolution"
+(Li, Pan, Tang, Dong; ICCV 2023; arXiv:2301.02031), whose sparse global self-attention (SparseGSA) keeps only the
+most useful query-key similarities. We implement the catalogue's definition of that selection (MECHANISMS.md S7): the
+top-k of each query's logits, as also used by KVT's k-NN attention; we did not reproduce SparseGSA's exact
+sparsification or its image-specific layout.
+
+Formula as implemented: with logits ``s_ij = scale · q_i·k_j + bias_ij`` over the keys ``j`` visible to query ``i``,
+let ``t_i`` be the ``top_k``-th largest of them. Then ``O_i = Σ_j softmax_j(s_ij | s_ij ≥ t_i) v_j``: a softmax over the
+kept logits only, every other key gets weight 0.
+
+Choices:
+- Ties at the threshold are all kept (a row may keep more than ``top_k`` keys when logits tie exactly); with fewer
+  than ``top_k`` visible keys every visible key is kept, so ``top_k >= seq_kv`` is softmax attention.
+- The selection is a hard mask: gradients flow to the kept logits only (the threshold itself is not differentiated).
+- ``top_k`` defaults to 64 (our choice).
+
+Fast path ``torch``: query blocks (``attnzoo.kernels.blocked_softmax``) compute one block of logits, find each row's
+threshold with ``torch.topk`` (O(Skv) per row rather than a full sort), mask below it and multiply the sparse weights
+with V; memory O(block · Skv), blocks are recomputed in the backward pass. The reference sorts the dense score matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnzoo.kernels.blocked_softmax import blocked_softmax_attention, inplace
+from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
+from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+
+
+def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
+    return {"top_k": int(torch.randint(1, call.seq_kv + 1, (), generator=generator))}
+
+
+SPEC = MethodSpec(
+    name="topk",
+    family="softmax",
+    mechanism="S7",
+    paper="DLGSANet: Lightweight Dynamic Local and Global Self-Attention Networks for Image Super-Resolution",
+    arxiv="2301.02031",
+    summary="keep the top_k largest logits of each query (among visible keys), softmax over them",
+    exact=True,
+    patterns=ALL_PATTERNS,
+    params=(Param("top_k", (int,), 64, "number of largest logits kept per query (all are kept if fewer)", low=1),),
+    complexity="O(N²d) time, O(N·r) memory (query blocks of r rows)",
+    subquadratic_memory=True,
+    tests=TestHints(sample_params=_sample),
+)
+
+
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    top_k: int,
+) -> torch.Tensor:
+    s = dense_scores(q, k, scale)
+    if bias is not None:
+        s = s + bias
+    seen = visible(causal, mask, q, k)
+    ranked = s.masked_fill(~seen, float("-inf")).sort(dim=-1, descending=True).values
+    kth = min(top_k, s.shape[-1]) - 1
+    threshold = ranked[..., kth : kth + 1]
+    p = safe_softmax(s, seen & (s >= threshold))
+    return p @ repeat_kv(v, q.shape[1])
+
+
+def blockwise(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    top_k: int,
+) -> torch.Tensor:
+    skv = k.shape[2]
+
+    def keep_top(s: torch.Tensor) -> torch.Tensor:
+        if top_k >= skv:
+            return s
+        threshold = torch.topk(s.detach(), top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+        below = s < threshold
+        return s.masked_fill_(below, float("-inf")) if inplace() else s.masked_fill(below, float("-inf"))
+
+    return blocked_softmax_attention(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias, select=keep_top)
+
+
+register(SPEC, reference, [Backend("torch", blockwise)])
