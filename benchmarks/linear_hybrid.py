@@ -1,11 +1,13 @@
 """Figures for L11 ``nats_hybrid`` and L9 ``l2vit``: fast path vs dense reference vs SDPA (CPU, fp32, B=1, H=8, D=64).
 
-Run: python benchmarks/linear_hybrid.py [nats|l2vit ...]  (default: both). Forward only, no autograd; median of
-``REPEATS`` runs of wall-clock time, all cases of a length in the same process.
+Run: python benchmarks/linear_hybrid.py [nats|l2vit ...]  (default: both). Forward only, no autograd, one thread;
+median process CPU time of ``REPEATS`` runs (steadier than wall clock on a shared machine), all cases of a length in
+the same process.
 
 - ``nats``: causal; 10 % of the tokens routed to the softmax KV (random flags), gated-delta defaults otherwise;
-  against causal ``scaled_dot_product_attention`` (the dense reference only where it fits: N ≤ 2048).
-- ``l2vit``: noncausal on a square ``layout`` with 7×7 LCM convolutions; against noncausal SDPA (reference N ≤ 4096).
+  against causal ``scaled_dot_product_attention`` and plain ``gated_delta`` (the dense reference only at N = 2048).
+- ``l2vit``: noncausal on a square ``layout`` with 7×7 LCM convolutions (and without them, ``no_lcm``); against
+  noncausal SDPA (the dense reference at N ≤ 4096).
 """
 
 from __future__ import annotations
@@ -23,27 +25,20 @@ import attnzoo as az
 H, D, REPEATS = 8, 64, 3
 
 
-def median_time(fn: Callable[[], object]) -> float:
+def cpu_ms(fn: Callable[[], object], repeats: int = REPEATS) -> float:
     fn()
     times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
+    for _ in range(repeats):
+        start = time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        times.append(time.process_time() - start)
+    return statistics.median(times) * 1e3
 
 
-def row(name: str, n: int, cases: dict[str, Callable[[], object]]) -> None:
-    t = {label: median_time(fn) for label, fn in cases.items()}
-    parts = [f"{label} {sec * 1e3:9.1f} ms" for label, sec in t.items()]
-    ratios = [f"sdpa/fast {t['sdpa'] / t['fast']:.2f}"] + (
-        [f"ref/fast {t['reference'] / t['fast']:.1f}"] if "reference" in t else [])
-    print(f"{name:12s} N={n:6d}  " + "  ".join(parts + ratios), flush=True)
-
-
-def nats() -> None:
-    for n in (1024, 2048, 8192, 16384):
-        nats_row(n)
+def report(name: str, n: int, cases: dict[str, Callable[[], object]]) -> None:
+    t = {label: cpu_ms(fn, 1 if label == "reference" else REPEATS) for label, fn in cases.items()}
+    parts = [f"{label} {ms:8.0f} ms" for label, ms in t.items()]
+    print(f"{name:12s} N={n:6d}  " + "  ".join(parts) + f"  sdpa/fast {t['sdpa'] / t['fast']:.2f}", flush=True)
 
 
 def nats_row(n: int) -> None:
@@ -52,18 +47,13 @@ def nats_row(n: int) -> None:
     flags = torch.rand(1, H, n, generator=g) < 0.1
     cases: dict[str, Callable[[], object]] = {
         "fast": lambda: az.attention(q, k, v, method="nats_hybrid", causal=True, flags=flags, backend="torch"),
+        "gated_delta": lambda: az.attention(q, k, v, method="gated_delta", causal=True),
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     }
     if n <= 2048:
         cases["reference"] = lambda: az.attention(q, k, v, method="nats_hybrid", causal=True, flags=flags,
                                                   backend="reference")
-    with torch.no_grad():
-        row("nats_hybrid", n, cases)
-
-
-def l2vit() -> None:
-    for side in (32, 64, 128):
-        l2vit_row(side)
+    report("nats_hybrid", n, cases)
 
 
 def l2vit_row(side: int) -> None:
@@ -75,15 +65,27 @@ def l2vit_row(side: int) -> None:
     params = {"layout": (side, side), **lcm}
     cases: dict[str, Callable[[], object]] = {
         "fast": lambda: az.attention(q, k, v, method="l2vit", backend="torch", **params),
+        "no_lcm": lambda: az.attention(q, k, v, method="l2vit", backend="torch"),
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
     }
     if n <= 4096:
         cases["reference"] = lambda: az.attention(q, k, v, method="l2vit", backend="reference", **params)
-    with torch.no_grad():
-        row("l2vit", n, cases)
+    report("l2vit", n, cases)
+
+
+def main(names: list[str]) -> None:
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    for name in names or ["nats", "l2vit"]:
+        if name == "nats":
+            for n in (2048, 8192, 16384):
+                nats_row(n)
+        elif name == "l2vit":
+            for side in (32, 64, 128):
+                l2vit_row(side)
+        else:
+            raise SystemExit(f"unknown case {name!r} (nats, l2vit)")
 
 
 if __name__ == "__main__":
-    chosen = sys.argv[1:] or ["nats", "l2vit"]
-    for name in chosen:
-        {"nats": nats, "l2vit": l2vit}[name]()
+    main(sys.argv[1:])
