@@ -164,9 +164,9 @@ def hash_codes(x: torch.Tensor, p: dict[str, Any], kv_heads: int) -> torch.Tenso
         anchors, weight, mean = (t.repeat_interleave(g, dim=0) for t in (anchors, weight, mean))
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     unit = x / norm.clamp_min(torch.finfo(acc).tiny)
-    sq_dist = (unit * unit).sum(-1, keepdim=True) + (anchors * anchors).sum(-1)[None, :, None] - 2 * unit @ anchors[
-        None
-    ].transpose(-1, -2)
+    # ‖x̂ − a‖² = ‖x̂‖² + ‖a‖² − 2 x̂·a, with ‖x̂‖² = 1 (0 for a zero vector; a constant, so its gradient is exact)
+    unit_sq = (norm > 0).to(acc)
+    sq_dist = unit_sq + (anchors * anchors).sum(-1)[None, :, None] - 2 * unit @ anchors[None].transpose(-1, -2)
     kernel = torch.exp(sq_dist / (-2.0 * p["bandwidth"])) - mean[None, :, None]
     y = kernel @ weight[None].transpose(-1, -2)  # (B, Hx, S, b)
     soft = y.clamp(-1.0, 1.0)

@@ -76,7 +76,10 @@ def features(q: torch.Tensor, k: torch.Tensor, alpha: float, key_power: int) -> 
     norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True)
     power = alpha * (0.5 + torch.tanh(norm))
     direction = q / norm.clamp_min(torch.finfo(acc).tiny)
-    qf = torch.cat([torch.relu(direction), torch.relu(-direction)], dim=-1).pow(power)
+    # one of relu(d), relu(−d) is 0 for every component: raise |d| to the power once, then split by sign
+    spiky = direction.abs().pow(power)
+    zero = spiky.new_zeros(())
+    qf = torch.cat([torch.where(direction > 0, spiky, zero), torch.where(direction < 0, spiky, zero)], dim=-1)
     kp = k.pow(key_power)
     return qf, torch.cat([torch.relu(kp), torch.relu(-kp)], dim=-1)
 
