@@ -4,4 +4,16 @@ Each method has a dense parallel reference, a chunked fast path (:mod:`attnzoo.k
 decoding API (``prefill``/``step`` in its module, see :mod:`attnzoo.methods.linear.common`).
 """
 
-from attnzoo.methods.linear import agent, gated_delta, hedgehog, inline, l2vit, lightning, linear, nats_hybrid, rala  # noqa: F401
+from attnzoo.methods.linear import (  # noqa: F401
+    agent,
+    ecoformer,
+    gated_delta,
+    hedgehog,
+    inline,
+    l2vit,
+    lightning,
+    linear,
+    nala,
+    nats_hybrid,
+    rala,
+)
