@@ -1,6 +1,7 @@
 """Issue-4 performance floors of the linear scans (L1 ``linear`` elu+1, L2 ``lightning``): CPU, fp32, B=1, H=8, D=64.
 
-Run: python benchmarks/linear_floors.py [scale|sdpa|memory|decode|delta ...]  (default: all).
+Run: python benchmarks/linear_floors.py [--methods linear,lightning,...] [scale|sdpa|memory|decode|delta ...]
+(default: all parts, methods ``linear`` and ``lightning``; any causal L method with ``prefill``/``step`` works).
 
 - ``scale``: forward and forward+backward time at N=8192 and N=65536 and their ratio (linear is 8; floor ≤ 10).
   Best of several repeats, wall clock and process CPU time (the least-disturbed run is the steadiest estimate on a
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 H, D = 8, 64
-METHODS = ("linear", "lightning")
+METHODS: tuple[str, ...] = ("linear", "lightning")
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -147,6 +148,11 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         child(sys.argv[2])
     else:
+        args = sys.argv[1:]
+        if "--methods" in args:
+            i = args.index("--methods")
+            METHODS = tuple(args[i + 1].split(","))
+            del args[i : i + 2]
         parts = {"scale": scale, "sdpa": sdpa, "memory": memory, "decode": decode, "delta": delta}
-        for name in sys.argv[1:] or list(parts):
+        for name in args or list(parts):
             parts[name]()
