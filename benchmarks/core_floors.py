@@ -18,14 +18,17 @@ import torch
 import torch.nn.functional as F
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
+def median_times(fns: dict, repeats: int) -> dict:
+    """Median wall time of each function, calls interleaved so that machine load hits them alike."""
+    times: dict = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _status_kib(field: str) -> int:
@@ -58,17 +61,25 @@ def child(method: str) -> None:
 def main() -> None:
     import attnzoo as az
 
+    if "--threads" in sys.argv:
+        torch.set_num_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
+    print(f"torch threads: {torch.get_num_threads()}")
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 8, 1024, 64) for _ in range(3))
     with torch.no_grad():
-        sdpa = median_time(lambda: F.scaled_dot_product_attention(q, k, v), 50)
-        api = median_time(lambda: az.attention(q, k, v), 50)
-    print(f"softmax N=1024 H=8: SDPA {sdpa * 1e3:.3f} ms, az.attention {api * 1e3:.3f} ms, ratio {api / sdpa:.3f}")
+        fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v), "api": lambda: az.attention(q, k, v)}
+        t = median_times(fns, 50)
+    print(f"softmax N=1024 H=8: SDPA {t['sdpa'] * 1e3:.3f} ms, az.attention {t['api'] * 1e3:.3f} ms, "
+          f"ratio {t['api'] / t['sdpa']:.3f}")
     q, k, v = (torch.randn(1, 4, 16384, 64) for _ in range(3))
-    with torch.no_grad():
-        sdpa = median_time(lambda: F.scaled_dot_product_attention(q, k, v), 3)
-        sig = median_time(lambda: az.attention(q, k, v, method="sigmoid"), 3)
-    print(f"sigmoid N=16384 H=4: SDPA softmax {sdpa:.3f} s, sigmoid {sig:.3f} s, ratio {sig / sdpa:.2f}x SDPA's time")
+    for causal in (False, True):
+        with torch.no_grad():
+            t = median_times({
+                "sdpa": lambda c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c),
+                "sigmoid": lambda c=causal: az.attention(q, k, v, method="sigmoid", causal=c),
+            }, 3)
+        print(f"sigmoid N=16384 H=4 causal={causal}: SDPA softmax {t['sdpa']:.3f} s, sigmoid {t['sigmoid']:.3f} s, "
+              f"ratio {t['sigmoid'] / t['sdpa']:.2f}x SDPA's time")
     for method in ("sdpa", "sigmoid", "softmax"):
         out = subprocess.run([sys.executable, __file__, "--child", method], capture_output=True, text=True, check=True)
         r = json.loads(out.stdout)

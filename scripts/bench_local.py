@@ -83,6 +83,12 @@ CASES: dict[str, Callable[[], None]] = {
                                  method="grouped", group_ids=torch.arange(16384) // 1024),
     "halo2d": lambda: case("halo 128x128, block 8, halo 3", 16384, False, "torch", method="halo", block_size=8,
                            halo_size=3, layout=(128, 128)),
+    "maxvit_block": lambda: case("maxvit_block 128x128, window 8", 16384, False, "sdpa", method="maxvit_block",
+                                 window_size=8, layout=(128, 128)),
+    "maxvit_grid": lambda: case("maxvit_grid 128x128, grid 8", 16384, False, "sdpa", method="maxvit_grid",
+                                grid_size=8, layout=(128, 128)),
+    "dilated": lambda: case("dilated N=16384, dilation 4, window 256", 16384, False, "torch", method="dilated",
+                            dilation=4, window=256),
     "na1d_grad": lambda: case_grad("1-D neighborhood N=16384 k=1023", 16384, method="neighborhood", kernel_size=1023),
     "na1d_mem": lambda: peak_memory(65536, method="neighborhood", kernel_size=1023),
 }

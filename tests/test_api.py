@@ -119,3 +119,12 @@ def test_registry_specs_are_complete():
 def test_explicit_reference_backend():
     q, k, v = qkv(dtype=torch.float64)
     torch.testing.assert_close(az.attention(q, k, v, backend="reference"), az.attention(q, k, v, backend="sdpa"))
+
+
+def test_auto_prefers_torch_over_flex_on_cpu():
+    from attnzoo.api import prepare, select_backend
+
+    for m in az.get("score_mod"), az.get("sliding_window"):
+        q, k, v = qkv()
+        call = prepare(m, q, k, v, False, None, None, None, {})[0]
+        assert select_backend(m, call, "auto").name == "torch"

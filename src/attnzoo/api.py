@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from attnzoo.errors import AttnzooError, fail
-from attnzoo.registry import BACKEND_ORDER, Backend, Call, Method, get
+from attnzoo.registry import BACKEND_ORDER, CPU_BACKEND_ORDER, Backend, Call, Method, get
 
 
 def attention(
@@ -159,7 +159,12 @@ def _check_mask_like(
 
 
 def select_backend(m: Method, call: Call, backend: str) -> Backend:
-    """The backend that serves ``call``: the named one (or an error saying why not), or the first that can."""
+    """The backend that serves ``call``: the named one (or an error saying why not), or the first that can.
+
+    ``auto`` tries the method's backends in the device's priority order (:data:`~attnzoo.registry.BACKEND_ORDER`, or
+    :data:`~attnzoo.registry.CPU_BACKEND_ORDER` on CPU) and falls back to the dense reference only for methods that
+    do not promise sub-quadratic memory.
+    """
     if not isinstance(backend, str):
         raise fail("backend", "a backend name (str)", repr(backend))
     if backend != "auto":
@@ -171,7 +176,8 @@ def select_backend(m: Method, call: Call, backend: str) -> Backend:
             raise fail("backend", f"a backend that can serve this call ({backend!r} cannot: {reason})", repr(backend))
         return chosen
     reasons = []
-    for b in m.backends:
+    order = CPU_BACKEND_ORDER if call.device.type == "cpu" else BACKEND_ORDER
+    for b in sorted(m.backends, key=lambda b: order.index(b.name)):
         reason = b.serves(call)
         if reason is None:
             return b

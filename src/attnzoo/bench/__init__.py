@@ -138,7 +138,10 @@ def main(args: argparse.Namespace) -> int:
         for name in args.imports:
             importlib.import_module(name)
         cfg = _config(args)
-        command = "attnzoo bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        argv = sys.argv[1:]
+        if argv[:1] == ["bench"]:  # called as `attnzoo bench ...` rather than `python -m attnzoo.bench ...`
+            argv = argv[1:]
+        command = "attnzoo bench " + " ".join(shlex.quote(a) for a in argv)
         out = Path(args.out)
         results = suite.run(cfg, out, command=command, progress=not args.no_progress)
     except AttnzooError as e:

@@ -37,8 +37,8 @@ def unavailable(call: Call) -> str | None:
     """Why the flex backend cannot serve ``call`` (or None if it can)."""
     if call.device.type == "cpu" and call.requires_grad:
         return "FlexAttention has no backward on CPU; use backend='torch' for training on CPU"
-    if call.dtype == torch.float64 and call.device.type != "cpu":
-        return "FlexAttention on GPU does not take float64"
+    if call.dtype == torch.float64:
+        return "FlexAttention does not take float64"
     return None
 
 
@@ -80,7 +80,13 @@ def attention(
     score_mod: ScoreMod | None = None,
     block_mask: BlockMask | None = None,
 ) -> torch.Tensor:
-    """Compiled FlexAttention on ``(B, H, S, D)`` tensors; GQA is handled without copying K/V."""
+    """Compiled FlexAttention on ``(B, H, S, D)`` tensors; GQA is handled without copying K/V.
+
+    Under ``torch.no_grad()`` the inputs are detached: on CPU FlexAttention refuses inputs that require grad even when
+    nothing will be differentiated (e.g. a model's evaluation pass). Closed-over tensors are the caller's to detach.
+    """
+    if not torch.is_grad_enabled():
+        q, k, v = q.detach(), k.detach(), v.detach()
     return compiled()(
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )

@@ -184,8 +184,8 @@ def flex_attention(
     softcap: float,
 ) -> torch.Tensor:
     if not torch.is_grad_enabled():
-        # FlexAttention refuses inputs that require grad on CPU even under no_grad; nothing is differentiated here.
-        q, k, v = q.detach(), k.detach(), v.detach()
+        # FlexAttention refuses closed-over tensors that require grad on CPU, even under no_grad (flex.attention
+        # detaches q, k, v itself).
         bias = None if bias is None else bias.detach()
         alibi = alibi.detach() if isinstance(alibi, torch.Tensor) else alibi
     b, h, sq, _ = q.shape
@@ -214,10 +214,4 @@ def flex_attention(
     return flex.attention(q, k, v, scale=scale, score_mod=modify, block_mask=block_mask)
 
 
-def _flex_serves(call: Call) -> str | None:
-    if call.dtype == torch.float64:
-        return "FlexAttention does not take float64"
-    return flex.unavailable(call)
-
-
-register(SPEC, reference, [Backend("flex", flex_attention, _flex_serves), Backend("torch", blockwise)])
+register(SPEC, reference, [Backend("flex", flex_attention, flex.unavailable), Backend("torch", blockwise)])

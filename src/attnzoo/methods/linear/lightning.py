@@ -1,0 +1,140 @@
+"""L2 — Lightning Attention (1 and 2): causal linear attention with a per-head exponential decay.
+
+Papers: "Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention" (Qin et al.,
+arXiv:2405.17381, Lightning Attention-2) and "TransNormerLLM: A Faster and Better Large Language Model with Improved
+TransNormer" (Qin et al., arXiv:2307.14995), whose decayed linear attention Lightning Attention computes.
+
+Formula as implemented (causal self-attention only)::
+
+    O = ((scale · Q Kᵀ) ⊙ M) V,    M_ij = exp(−s_h · (i − j)) for j ≤ i, 0 otherwise
+
+with ``s_h = decay`` the per-head rate: a float (all heads), a tensor of ``heads`` non-negative rates, or None for
+the default ``s_h = 2^(−8h/H)``, h = 1..H (the ALiBi slopes TransNormerLLM builds its decay from, at layer 0). No
+row normalisation and no feature map: in TransNormerLLM the activation of Q, K and the output norm belong to the layer
+around the kernel. Choice: ``scale`` (default ``1/√D``) multiplies the scores as everywhere in attnzoo; pass
+``scale=1.0`` for the paper's unscaled form. GQA: each query head keeps its own decayed state.
+
+Fast path ``torch``: the Lightning Attention-2 tiling in PyTorch, via :mod:`attnzoo.kernels.linear_scan`: blocks of
+``block_size`` tokens; inside a block the masked, decayed ``(QKᵀ ⊙ D)V``; across blocks a running ``KᵀV`` state
+decayed by ``λ^B`` per block (``λ = exp(−s)``), queries weighted by ``λ^{t+1}`` and keys by ``λ^{B−1−t}``, so no
+factor ever exceeds 1 and there is no cumulative sum over the whole sequence. All blocks are batched matmuls; only
+the ``D×Dv`` state recurrence is a loop over blocks. Time O(N·B·D + N·D²), memory O(N). Recurrent form:
+:func:`prefill` and :func:`step`, state ``(B, H, D, Dv)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnzoo.kernels import linear_scan
+from attnzoo.methods.common import dense_scores, repeat_kv, visible
+from attnzoo.methods.linear.common import alibi_rates, resolve
+from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
+
+
+def _check_decay(value: Any, call: Call) -> str | None:
+    if isinstance(value, torch.Tensor):
+        if value.shape not in ((call.heads,), ()):
+            return f"a float or a tensor of {call.heads} per-head rates"
+        if value.is_floating_point() is False or bool((value < 0).any()) or not bool(torch.isfinite(value).all()):
+            return "finite non-negative rates"
+    return None
+
+
+SPEC = MethodSpec(
+    name="lightning",
+    family="linear",
+    mechanism="L2",
+    paper="Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention",
+    arxiv="2405.17381",
+    summary="((QKᵀ·scale) ⊙ M)V with M_ij = exp(−s_h(i−j)), j ≤ i; blockwise intra + decayed inter-block state",
+    exact=True,
+    patterns=frozenset({"self/causal"}),
+    params=(
+        Param("decay", (float, torch.Tensor), None, "per-head rate s ≥ 0 (float or (heads,) tensor); None: 2^(−8h/H)",
+              low=0.0, check=_check_decay),
+        Param("block_size", (int,), 128, "tokens per block of the tiled scan", low=1),
+    ),
+    complexity="O(N·(B+D)·D) time, O(N) memory; decoding O(D·Dv) per token",
+    supports_mask=False,
+    supports_bias=False,
+    subquadratic_memory=True,
+    tests=TestHints(sample_params=lambda call, gen: {"decay": torch.rand(call.heads, generator=gen).to(call.device)}),
+)
+
+
+def rates(decay: float | torch.Tensor | None, heads: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The ``(heads,)`` decay rates of a call."""
+    if decay is None:
+        return alibi_rates(heads, device, dtype)
+    if isinstance(decay, torch.Tensor):
+        return decay.to(dtype).expand(heads)
+    return torch.full((heads,), float(decay), device=device, dtype=dtype)
+
+
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    decay: float | torch.Tensor | None,
+    block_size: int,
+) -> torch.Tensor:
+    n = q.shape[2]
+    s = rates(decay, q.shape[1], q.device, q.dtype)
+    i = torch.arange(n, device=q.device, dtype=q.dtype)
+    dist = (i[:, None] - i[None, :]).clamp_min(0)
+    m = torch.exp(-s[:, None, None] * dist) * visible(True, None, q, k)
+    return (dense_scores(q, k, scale) * m) @ repeat_kv(v, q.shape[1])
+
+
+def blocked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    decay: float | torch.Tensor | None,
+    block_size: int,
+) -> torch.Tensor:
+    s = rates(decay, q.shape[1], q.device, linear_scan.accumulation_dtype(q.dtype))
+    return linear_scan.causal(q * scale, k, v, decay=s, chunk=block_size)
+
+
+def prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal forward over a prompt; returns ``(out, state)`` to continue with :func:`step`."""
+    scale_, p = resolve("lightning", q, k, v, scale, params)
+    s = rates(p["decay"], q.shape[1], q.device, linear_scan.accumulation_dtype(q.dtype))
+    out, state = linear_scan.causal(q * scale_, k, v, decay=s, chunk=p["block_size"], return_state=True)
+    return out, state
+
+
+def step(
+    state: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    **params: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step for one token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
+    scale_, p = resolve("lightning", q, k, v, scale, params)
+    s = rates(p["decay"], q.shape[1], q.device, linear_scan.accumulation_dtype(q.dtype))
+    if state is None:
+        state = linear_scan.empty_state(q, k, v, decay=s, normalize=False)
+    return linear_scan.step(state, q * scale_, k, v, decay=s)
+
+
+register(SPEC, reference, [Backend("torch", blocked)])

@@ -1,0 +1,154 @@
+"""L5 — NaLaFormer: norm-aware linear attention; parallel, chunked and recurrent forms.
+
+Paper: "NaLaFormer: Norm-Aware Linear Attention for Transformer Models" (Meng et al., arXiv:2506.21137; later titled
+"Norm×Direction: Restoring the Missing Query Norm in Vision Linear Attention"). The formula follows the authors'
+public PyTorch code (``NormAwareLinearAttn``): each vector is split into norm and direction; the query norm sets the
+power of a spiky map of the query direction (restoring the norm → entropy link that the normaliser of linear
+attention cancels), and a sign split (``relu(x)``, ``relu(−x)``) keeps negative components as separate non-negative
+features, so only same-sign components interact (the paper's "cosine inhibit" of opposite directions).
+
+Feature maps as implemented (per head, ``D`` → ``2D`` non-negative features; ``α = alpha``, ``r = key_power``)::
+
+    p(q)  = α · (0.5 + tanh(‖q‖))                                query-norm-aware power, in [α/2, 3α/2)
+    φ_q(q) = [ (relu(q)/‖q‖)^p(q) , (relu(−q)/‖q‖)^p(q) ]        direction of q, sharpened by its own norm
+    φ_k(k) = [ relu(k^r) , relu(−k^r) ]                          r odd (default 3: the authors' k³)
+
+Attention (causal ``j ≤ i`` or noncausal; cross lengths allowed noncausally)::
+
+    o_i = Σ_j (φ_q(q_i)·φ_k(k_j)) v_j / Σ_j φ_q(q_i)·φ_k(k_j)     (a row whose normaliser is 0 gives 0)
+
+Choices: ``scale`` is not used (the map acts on the raw query, as in the authors' code, where the ``N^{-1/2}`` factors
+on keys and values cancel against the mean in the normaliser); the authors' ``+1e-6`` in the normaliser is replaced
+by the library's exact safe division; the RoPE the authors apply to the numerator features, the depthwise-convolution
+positional term (LePE) and the output gate are layer-level and not part of this function. A zero query has no
+direction: its features are 0 and its row gives 0. Causal use restricts every sum to ``j ≤ i`` (the paper is about
+vision, noncausal); the features of a token depend only on that token, so the recurrent form is exact. Features are
+computed in fp32 for half-precision inputs (``k^r`` would overflow fp16).
+
+Fast path ``torch``: :mod:`attnzoo.kernels.linear_scan` (chunked causal scan, or ``φ_q(Q)(φ_k(K)ᵀ[V, 1])``
+noncausally), O(N·D·Dv) time and O(N) memory. Recurrent form: :func:`prefill` and :func:`step` (see
+:mod:`attnzoo.methods.linear.common`), state ``(B, Hkv, 2D, Dv + 1)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnzoo.kernels import linear_scan
+from attnzoo.methods.common import repeat_kv, visible
+from attnzoo.methods.linear.common import resolve
+from attnzoo.registry import Backend, Call, MethodSpec, Param, register
+
+PATTERNS = frozenset({"self/causal", "self/noncausal", "cross/noncausal"})
+
+
+def _odd(value: Any, call: Call) -> str | None:
+    return None if value % 2 == 1 else "an odd integer (an even power loses the sign of k)"
+
+
+SPEC = MethodSpec(
+    name="nala",
+    family="linear",
+    mechanism="L5",
+    paper="NaLaFormer: Norm-Aware Linear Attention for Transformer Models",
+    arxiv="2506.21137",
+    summary="linear attention with a query-norm-aware power map of the query direction and sign-split features",
+    exact=True,
+    patterns=PATTERNS,
+    params=(
+        Param("alpha", (float,), 3.0, "power scale: p(q) = alpha·(0.5 + tanh‖q‖)", low=0.0, low_open=True),
+        Param("key_power", (int,), 3, "odd elementwise power of the keys before the sign split", low=1, check=_odd),
+        Param("chunk_size", (int,), 128, "tokens per chunk of the causal chunked scan", low=1),
+    ),
+    complexity="O(N·D·Dv) time, O(N) memory; decoding O(D·Dv) per token",
+    supports_mask=False,
+    supports_bias=False,
+    subquadratic_memory=True,
+)
+
+
+def features(q: torch.Tensor, k: torch.Tensor, alpha: float, key_power: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(φ_q(q), φ_k(k))``, each with ``2D`` non-negative features, in the scans' accumulation dtype."""
+    acc = linear_scan.accumulation_dtype(q.dtype)
+    q, k = q.to(acc), k.to(acc)
+    norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True)
+    power = alpha * (0.5 + torch.tanh(norm))
+    direction = q / norm.clamp_min(torch.finfo(acc).tiny)
+    # one of relu(d), relu(−d) is 0 for every component: raise |d| to the power once, then split by sign
+    spiky = direction.abs().pow(power)
+    zero = spiky.new_zeros(())
+    qf = torch.cat([torch.where(direction > 0, spiky, zero), torch.where(direction < 0, spiky, zero)], dim=-1)
+    kp = k.pow(key_power)
+    return qf, torch.cat([torch.relu(kp), torch.relu(-kp)], dim=-1)
+
+
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    alpha: float,
+    key_power: int,
+    chunk_size: int,
+) -> torch.Tensor:
+    qf, kf = features(q, k, alpha, key_power)
+    a = (qf @ repeat_kv(kf, q.shape[1]).transpose(-1, -2)) * visible(causal, None, q, k)
+    den = a.sum(dim=-1, keepdim=True)
+    o = a @ repeat_kv(v, q.shape[1]).to(a.dtype)
+    o = torch.where(den > 0, o / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(o))
+    return o.to(v.dtype)
+
+
+def chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    alpha: float,
+    key_power: int,
+    chunk_size: int,
+) -> torch.Tensor:
+    qf, kf = features(q, k, alpha, key_power)
+    if causal:
+        return linear_scan.causal(qf, kf, v, chunk=chunk_size, normalize=True)
+    return linear_scan.noncausal(qf, kf, v, normalize=True)
+
+
+def prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal forward over a prompt; returns ``(out, state)`` to continue with :func:`step`."""
+    _, p = resolve("nala", q, k, v, scale, params)
+    qf, kf = features(q, k, p["alpha"], p["key_power"])
+    out, state = linear_scan.causal(qf, kf, v, chunk=p["chunk_size"], normalize=True, return_state=True)
+    return out, state
+
+
+def step(
+    state: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    **params: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step for one token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
+    _, p = resolve("nala", q, k, v, scale, params)
+    qf, kf = features(q, k, p["alpha"], p["key_power"])
+    if state is None:
+        state = linear_scan.empty_state(qf, kf, v, decay=None, normalize=True)
+    return linear_scan.step(state, qf, kf, v, normalize=True)
+
+
+register(SPEC, reference, [Backend("torch", chunked)])
