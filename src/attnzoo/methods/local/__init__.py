@@ -3,6 +3,7 @@
 from attnzoo.methods.local import (  # noqa: F401
     axial,
     dilated,
+    generalized_neighborhood,
     grouped,
     halo,
     maxvit_block,
