@@ -6,6 +6,7 @@ from attnzoo.methods.local import (  # noqa: F401
     generalized_neighborhood,
     grouped,
     halo,
+    long_short,
     maxvit_block,
     maxvit_grid,
     neighborhood,
