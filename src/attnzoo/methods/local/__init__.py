@@ -10,5 +10,6 @@ from attnzoo.methods.local import (  # noqa: F401
     maxvit_block,
     maxvit_grid,
     neighborhood,
+    radial,
     sliding_window,
 )
