@@ -15,14 +15,6 @@ group's *leader* ``ℓ``:
 
 ``s = 1`` is the plain neighborhood (:func:`attnzoo.masks_local.neighborhood`); ``s = k`` (non-causal, ``k`` dividing
 ``L_g``) is blocked attention in non-overlapping windows.
-
-Radial attention ("Radial Attention: O(n log n) Sparse Attention with Energy Decay for Long Video Generation", Li et
-al., arXiv:2506.19852, Sec. 4.1), on a video of ``F`` frames of ``s`` tokens each (row-major, frame-major): query
-token ``k`` of frame ``i`` sees key token ``l`` of frame ``j`` iff, with ``r = ⌊log2 max(|i − j|, 1)⌋``,
-``(2^r ≤ s and |k − l| + 1 ≤ s / 2^r)`` or ``(|i − j| mod ⌈2^r / s⌉ = 0 and k = l)``: the spatial band halves each
-time the frame distance doubles, and once it would be thinner than one token, only the same spatial position is seen
-in every ``⌈2^r / s⌉``-th frame. Options kept from the paper's models: every query sees the whole first frame
-(attention sink), and ``text`` tokens appended after the video see and are seen by every token.
 """
 
 from __future__ import annotations
@@ -34,7 +26,7 @@ import torch
 
 from attnzoo.masks import MaskMod
 
-__all__ = ["generalized_neighborhood", "gna_axis", "gna_leader", "radial", "radial_reach"]
+__all__ = ["generalized_neighborhood", "gna_axis", "gna_leader"]
 
 
 def gna_leader(u: torch.Tensor, group_len: torch.Tensor | int, stride: int, causal: bool) -> torch.Tensor:
@@ -74,34 +66,3 @@ def generalized_neighborhood(
         return seen
 
     return gna_mod
-
-
-def radial_reach(frames: int, spatial: int) -> torch.Tensor:
-    """``reach[d]`` for frame distance ``d < frames``: the largest ``|k − l|`` radial attention allows (``-1``: none).
-
-    ``2^r ≤ s`` → ``⌊s / 2^r⌋ − 1`` (from ``|k − l| + 1 ≤ s / 2^r``); otherwise ``0`` if ``d mod ⌈2^r / s⌉ = 0`` (same
-    position only), else ``-1``.
-    """
-    reach = []
-    for d in range(frames):
-        p = 1 << (max(d, 1).bit_length() - 1)  # 2^⌊log2 max(d, 1)⌋
-        reach.append(spatial // p - 1 if p <= spatial else (0 if d % -(-p // spatial) == 0 else -1))
-    return torch.tensor(reach, dtype=torch.long)
-
-
-def radial(frames: int, spatial: int, text: int, dense_first_frame: bool, device: torch.device | str) -> MaskMod:
-    """The radial predicate on flat indices: ``frames × spatial`` video tokens (frame-major) then ``text`` tokens."""
-    reach = radial_reach(frames, spatial).to(device)
-    video = frames * spatial
-
-    def radial_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        fq, fk = q_idx // spatial, kv_idx // spatial
-        distance = torch.clamp((fq - fk).abs(), max=frames - 1)
-        seen = (q_idx % spatial - kv_idx % spatial).abs() <= reach[distance]
-        if dense_first_frame:
-            seen = seen | (fk == 0)
-        if text:
-            seen = seen | (q_idx >= video) | (kv_idx >= video)
-        return seen
-
-    return radial_mod

@@ -13,7 +13,7 @@ import attnzoo as az
 from attnzoo import masks
 from attnzoo.errors import AttnzooError
 from attnzoo.masks_local import neighborhood, window_partition
-from attnzoo.masks_local_extra import generalized_neighborhood, radial
+from attnzoo.masks_local_extra import generalized_neighborhood
 
 
 def qkv(b: int, h: int, hkv: int, n: int, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -175,69 +175,3 @@ def test_long_short_errors():
         az.attention(q, q, q, method="long_short", distance="medium", group_size=4)
     # only the size the chosen distance uses is checked
     az.attention(q, q, q, method="long_short", distance="long", interval=(2, 4), group_size=5, layout=(6, 8))
-
-
-# --- P7 radial attention ---------------------------------------------------------------------------------------------
-
-def brute_radial(frames: int, spatial: int, text: int, dense_first_frame: bool) -> torch.Tensor:
-    """The paper's rule written with explicit loops and floating-point log2 / ceil."""
-    n = frames * spatial + text
-    out = torch.zeros(n, n, dtype=torch.bool)
-    for x, y in itertools.product(range(n), range(n)):
-        if x >= frames * spatial or y >= frames * spatial:
-            out[x, y] = True
-            continue
-        (i, k), (j, l) = divmod(x, spatial), divmod(y, spatial)
-        r = math.floor(math.log2(max(abs(i - j), 1)))
-        band = 2**r <= spatial and abs(k - l) + 1 <= spatial / 2**r
-        sampled = abs(i - j) % math.ceil(2**r / spatial) == 0 and k == l
-        out[x, y] = band or sampled or (dense_first_frame and j == 0)
-    return out
-
-
-@pytest.mark.parametrize(
-    ("frames", "spatial", "text", "first"),
-    [(20, 1, 0, False), (9, 3, 0, False), (17, 8, 0, False), (6, 5, 3, True), (33, 2, 1, False)],
-)
-def test_radial_predicate_matches_brute_force(frames, spatial, text, first):
-    n = frames * spatial + text
-    assert torch.equal(dense(radial(frames, spatial, text, first, "cpu"), n), brute_radial(frames, spatial, text,
-                                                                                         first))
-
-
-@pytest.mark.parametrize(
-    ("n", "params"),
-    [(300, dict(layout=(12, 5, 5))), (300, dict(layout=(9, 4, 8), text_tokens=12, dense_first_frame=True)),
-     (65, dict()), (130, dict(layout=(25, 5), text_tokens=5))],
-)
-def test_radial_torch_matches_reference(n, params):
-    q, k, v = qkv(2, 4, 2, n)
-    assert_matches_reference("radial", q, k, v, **params)
-
-
-def test_radial_user_mask_and_bias():
-    q, k, v = qkv(1, 2, 1, 70)
-    g = torch.Generator().manual_seed(1)
-    mask = torch.rand(1, 1, 70, 70, generator=g) > 0.3
-    mask[..., 2, :] = False
-    bias = torch.randn(1, 2, 70, 70, generator=g, dtype=torch.float64)
-    assert_matches_reference("radial", q, k, v, mask=mask, bias=bias, layout=(8, 2, 4), text_tokens=6)
-
-
-@pytest.mark.flex
-def test_radial_flex_matches_reference():
-    q, k, v = (t.detach().float() for t in qkv(1, 2, 2, 200))
-    kw = dict(method="radial", layout=(12, 4, 4), text_tokens=8, dense_first_frame=True)
-    torch.testing.assert_close(az.attention(q, k, v, backend="flex", **kw),
-                               az.attention(q, k, v, backend="reference", **kw), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize(
-    ("params", "needle"),
-    [(dict(layout=(5, 7)), "layout"), (dict(layout=(2, 2, 2, 6)), "layout"), (dict(text_tokens=48), "text_tokens"),
-     (dict(text_tokens=-1), "text_tokens"), (dict(layout=(4, 10), text_tokens=7), "layout")],
-)
-def test_radial_errors(params, needle):
-    q = torch.randn(1, 2, 48, 8)
-    with pytest.raises(AttnzooError, match=needle):
-        az.attention(q, q, q, method="radial", **params)

@@ -10,6 +10,5 @@ from attnzoo.methods.local import (  # noqa: F401
     maxvit_block,
     maxvit_grid,
     neighborhood,
-    radial,
     sliding_window,
 )
