@@ -111,6 +111,15 @@ def test_gna_torch_matches_reference(params, causal):
     assert_matches_reference("generalized_neighborhood", q, k, v, causal=causal, **params)
 
 
+@pytest.mark.flex
+def test_gna_flex_matches_reference():
+    q, k, v = (t.detach().float() for t in qkv(1, 2, 2, 300))
+    kw = dict(method="generalized_neighborhood", kernel_size=(5, 7), stride=(2, 3), dilation=(2, 1), layout=(15, 20),
+              is_causal=(True, False))
+    torch.testing.assert_close(az.attention(q, k, v, backend="flex", **kw),
+                               az.attention(q, k, v, backend="reference", **kw), atol=1e-5, rtol=1e-5)
+
+
 def test_gna_user_mask_and_bias():
     q, k, v = qkv(1, 2, 1, 65)
     g = torch.Generator().manual_seed(1)
