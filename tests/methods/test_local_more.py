@@ -1,0 +1,186 @@
+"""P3 generalized neighborhood, P9 long/short distance and P7 radial attention: brute-force predicate checks (explicit
+loops over coordinates), fast paths against the dense reference beyond the conformance suite's 1-D shapes, errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import attnzoo as az
+from attnzoo import masks
+from attnzoo.errors import AttnzooError
+from attnzoo.masks_gna import generalized_neighborhood
+from attnzoo.masks_local import neighborhood, window_partition
+
+
+def qkv(b: int, h: int, hkv: int, n: int, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((b, h, n, d), (b, hkv, n, d), (b, hkv, n, d))
+    return tuple(torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes)
+
+
+def assert_matches_reference(method: str, q, k, v, causal=False, mask=None, bias=None, backend="torch", **params):
+    ref = az.attention(q, k, v, method=method, causal=causal, mask=mask, bias=bias, backend="reference", **params)
+    out = az.attention(q, k, v, method=method, causal=causal, mask=mask, bias=bias, backend=backend, **params)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    grad = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def dense(mod, n: int) -> torch.Tensor:
+    return masks.dense(mod, 1, 1, n, n, "cpu")[0, 0]
+
+
+# --- P3 generalized neighborhood -------------------------------------------------------------------------------------
+
+def gna_window(x: int, length: int, kernel: int, stride: int, dilation: int, causal: bool) -> set[int]:
+    """GNA's keys of coordinate ``x`` on one axis, by listing its dilation group and its stride group's leader."""
+    members = list(range(x % dilation, length, dilation))
+    u = members.index(x)
+    first = (u // stride) * stride
+    if causal:
+        leader = min(first + stride - 1, len(members) - 1)
+        return {members[w] for w in range(len(members)) if w <= u and leader - w < kernel}
+    leader = min(first + stride // 2, len(members) - 1)
+    start = max(0, min(leader - kernel // 2, len(members) - kernel))
+    return set(members[start : start + kernel])
+
+
+def brute_gna(layout, kernel, stride, dilation, causal) -> torch.Tensor:
+    coords = list(itertools.product(*(range(n) for n in layout)))
+    out = torch.zeros(len(coords), len(coords), dtype=torch.bool)
+    for i, xq in enumerate(coords):
+        windows = [gna_window(*a) for a in zip(xq, layout, kernel, stride, dilation, causal, strict=True)]
+        for j, xk in enumerate(coords):
+            out[i, j] = all(y in w for y, w in zip(xk, windows, strict=True))
+    return out
+
+
+GNA_CASES = [
+    ((13,), (5,), (2,), (1,), (False,)),
+    ((13,), (5,), (4,), (1,), (True,)),
+    ((17,), (3,), (3,), (4,), (False,)),  # dilation not dividing the length, stride = kernel
+    ((17,), (5,), (2,), (3,), (True,)),
+    ((9,), (9,), (9,), (1,), (False,)),  # kernel equal to the length
+    ((7, 10), (3, 5), (2, 5), (2, 1), (True, False)),
+    ((4, 5, 6), (3, 3, 5), (3, 1, 2), (1, 2, 1), (False, True, False)),
+]
+
+
+@pytest.mark.parametrize(("layout", "kernel", "stride", "dilation", "causal"), GNA_CASES)
+def test_gna_predicate_matches_brute_force(layout, kernel, stride, dilation, causal):
+    n = math.prod(layout)
+    got = dense(generalized_neighborhood(layout, kernel, stride, dilation, causal), n)
+    assert torch.equal(got, brute_gna(layout, kernel, stride, dilation, causal))
+    if not any(causal):  # every query still sees exactly Π k keys
+        assert bool((got.sum(-1) == math.prod(kernel)).all())
+
+
+def test_gna_stride_one_is_neighborhood_and_stride_kernel_is_blocked():
+    layout, kernel, dilation = (6, 10), (3, 5), (2, 1)
+    for causal in ((False, False), (True, False), (True, True)):
+        assert torch.equal(dense(generalized_neighborhood(layout, kernel, (1, 1), dilation, causal), 60),
+                           dense(neighborhood(layout, kernel, dilation, causal), 60))
+    blocked = dense(generalized_neighborhood((6, 10), (3, 5), (3, 5), (1, 1), (False, False)), 60)
+    assert torch.equal(blocked, dense(window_partition((6, 10), (3, 5)), 60))
+    q, k, v = qkv(1, 2, 2, 60)
+    kw = dict(kernel_size=(3, 5), dilation=(2, 1), layout=(6, 10))
+    torch.testing.assert_close(az.attention(q, k, v, method="generalized_neighborhood", stride=1, **kw),
+                               az.attention(q, k, v, method="neighborhood", **kw))
+
+
+GNA_PARAMS = [
+    dict(kernel_size=31, stride=4, dilation=3),  # 300 = 3 groups of 100; tiles of 128 → 128 (multiple of 4)
+    dict(kernel_size=31, stride=31),  # blocked, tiles of 124
+    dict(kernel_size=(5, 7), stride=(2, 3), dilation=(2, 1), layout=(15, 20)),
+    dict(kernel_size=(5, 7), stride=(3, 2), layout=(15, 20), is_causal=(True, False)),
+    dict(kernel_size=(3, 5, 3), stride=(2, 5, 3), dilation=(1, 1, 2), layout=(5, 6, 10)),
+]
+
+
+@pytest.mark.parametrize("params", GNA_PARAMS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gna_torch_matches_reference(params, causal):
+    q, k, v = qkv(2, 4, 2, 300)
+    assert_matches_reference("generalized_neighborhood", q, k, v, causal=causal, **params)
+
+
+@pytest.mark.flex
+def test_gna_flex_matches_reference():
+    q, k, v = (t.detach().float() for t in qkv(1, 2, 2, 300))
+    kw = dict(method="generalized_neighborhood", kernel_size=(5, 7), stride=(2, 3), dilation=(2, 1), layout=(15, 20),
+              is_causal=(True, False))
+    torch.testing.assert_close(az.attention(q, k, v, backend="flex", **kw),
+                               az.attention(q, k, v, backend="reference", **kw), atol=1e-5, rtol=1e-5)
+
+
+def test_gna_user_mask_and_bias():
+    q, k, v = qkv(1, 2, 1, 65)
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(1, 1, 65, 65, generator=g) > 0.3
+    bias = torch.randn(1, 2, 65, 65, generator=g, dtype=torch.float64)
+    assert_matches_reference("generalized_neighborhood", q, k, v, mask=mask, bias=bias, kernel_size=(3, 5),
+                             stride=(2, 3), layout=(5, 13))
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [(dict(kernel_size=5, stride=6), "stride"), (dict(kernel_size=4, stride=2), "kernel_size"),
+     (dict(kernel_size=3, layout=(5, 7)), "layout"), (dict(kernel_size=(3, 3), stride=(1, 2, 1), layout=(6, 5)),
+     "stride"), (dict(kernel_size=41), "kernel_size"), (dict(kernel_size=5, stride=0), "stride")],
+)
+def test_gna_errors(params, needle):
+    q = torch.randn(1, 2, 30, 8)
+    with pytest.raises(AttnzooError, match=needle):
+        az.attention(q, q, q, method="generalized_neighborhood", **params)
+
+
+# --- P9 long/short distance attention (CrossFormer) -----------------------------------------------------------------
+
+def brute_long_short(layout, distance: str, size) -> torch.Tensor:
+    """Group each coordinate by listing: short → its block of ``size`` adjacent positions, long → its residue mod
+    ``size``; same group on every axis."""
+    coords = list(itertools.product(*(range(n) for n in layout)))
+
+    def group(x: tuple[int, ...]) -> tuple[int, ...]:
+        out = []
+        for c, s in zip(x, size, strict=True):
+            out.append(next(b for b in range(0, 10**6, s) if b <= c < b + s) if distance == "short"
+                       else next(r for r in range(s) if (c - r) % s == 0))
+        return tuple(out)
+
+    return torch.tensor([[group(a) == group(b) for b in coords] for a in coords])
+
+
+@pytest.mark.parametrize(
+    ("layout", "distance", "size"),
+    [((12,), "short", (3,)), ((12,), "long", (4,)), ((6, 8), "short", (3, 2)), ((6, 8), "long", (2, 4)),
+     ((4, 6, 4), "long", (2, 3, 1)), ((4, 6, 4), "short", (2, 3, 4))],
+)
+def test_long_short_matches_brute_force_groups(layout, distance, size):
+    n = math.prod(layout)
+    q, k, v = qkv(2, 4, 2, n)
+    kw = dict(method="long_short", distance=distance, layout=layout, group_size=size, interval=size)
+    out = az.attention(q, k, v, **kw)
+    want = torch.softmax((q @ k.repeat_interleave(2, 1).transpose(-1, -2) / math.sqrt(8)).masked_fill(
+        ~brute_long_short(layout, distance, size), float("-inf")), -1) @ v.repeat_interleave(2, 1)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(az.attention(q, k, v, backend="reference", **kw), want)
+
+
+def test_long_short_errors():
+    q = torch.randn(1, 2, 48, 8)
+    with pytest.raises(AttnzooError, match="group_size"):
+        az.attention(q, q, q, method="long_short", group_size=(5, 2), layout=(6, 8))
+    with pytest.raises(AttnzooError, match="interval"):
+        az.attention(q, q, q, method="long_short", distance="long", interval=(2, 3), layout=(6, 8))
+    with pytest.raises(AttnzooError, match="distance"):
+        az.attention(q, q, q, method="long_short", distance="medium", group_size=4)
+    # only the size the chosen distance uses is checked
+    az.attention(q, q, q, method="long_short", distance="long", interval=(2, 4), group_size=5, layout=(6, 8))
