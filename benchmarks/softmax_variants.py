@@ -1,7 +1,7 @@
 """CPU forward timings of S3/S4/S7/S8/S9: every backend (reference included) against SDPA softmax, same run.
 
 fp32, B=1, H=8, N=2048, D=64, no grad; median of 5 runs (3 for references), non-causal then causal.
-Usage: PYTHONPATH=src python scripts/bench_softmax_variants.py [method ...]
+Usage: PYTHONPATH=src python benchmarks/softmax_variants.py [method ...]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Benchmark the local (P-family) fast paths against dense SDPA in the same run (fp32, B=1, H=8, D=64).
 
-Usage: PYTHONPATH=src python scripts/bench_local.py [case ...]; prints median times over repeats and ratios.
+Usage: PYTHONPATH=src python benchmarks/local_floors.py [case ...]; prints median times over repeats and ratios.
 """
 
 from __future__ import annotations

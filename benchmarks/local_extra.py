@@ -1,7 +1,7 @@
 """CPU forward timings of P11–P14: the ``torch`` fast path against the dense reference and SDPA, in the same run.
 
 fp32, B=1, H=8, D=64, no grad, 2 threads; medians of interleaved repeats (3 for the references).
-Usage: PYTHONPATH=src python scripts/bench_local_extra.py [p11 p12 p13 p14]
+Usage: PYTHONPATH=src python benchmarks/local_extra.py [p11 p12 p13 p14]
 """
 
 from __future__ import annotations
