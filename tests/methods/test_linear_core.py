@@ -192,3 +192,28 @@ def test_bad_feature_maps_and_states_are_refused() -> None:
         linear.step(state, q[:, :, :2], k[:, :, :2], v[:, :, :2])
     with pytest.raises(AttnzooError, match="state"):
         linear.step(state[..., :-1], q[:, :, :1], k[:, :, :1], v[:, :, :1])
+
+
+@pytest.mark.parametrize("method", ["linear", "lightning"])
+def test_many_chunk_groups_match_reference_with_state_and_grads(method, monkeypatch):
+    """Groups of chunks carry the running state across group borders (scores budget forced to 1–2 chunks/group)."""
+    from attnzoo.kernels import linear_scan
+
+    monkeypatch.setattr(linear_scan, "SCORES_BUDGET", 2 * 2 * 4 * 8 * 8 - 1)  # B·H·C² per chunk: one chunk per group
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 45, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 45, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 45, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    kw = {"chunk_size": 8} if method == "linear" else {"block_size": 8}
+    out = az.attention(q, k, v, method=method, causal=True, backend="torch", **kw)
+    ref = az.attention(q, k, v, method=method, causal=True, backend="reference", **kw)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)
+    module = linear if method == "linear" else lightning
+    with torch.no_grad():
+        _, state = module.prefill(q, k, v, **kw)
+        s = None
+        for t in range(45):
+            _, s = module.step(s, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], **kw)
+    torch.testing.assert_close(state, s)

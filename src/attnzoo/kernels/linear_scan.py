@@ -22,7 +22,8 @@ so the final state is exact even with decay) to ``n·C`` tokens, and all chunks 
 - intra-chunk: ``(qf_c kf_cᵀ ⊙ D) v_c`` with ``D_ts = λ^{t−s}`` for ``s ≤ t`` (0 above the diagonal);
 - chunk states: ``U_c = Σ_s λ^{C−1−s} kf_s v_sᵀ``; the state before chunk ``c`` is the exclusive scan
   ``S_c = λ^C S_{c−1} + U_{c−1}``: a cumulative sum without decay, a short loop over chunks (tiny ``F×Dv`` adds)
-  with decay, so no decay factor ever exceeds 1 (no ``λ^{−i}`` rescaling that would overflow);
+  with decay, so no decay factor ever exceeds 1 (no ``λ^{−i}`` rescaling that would overflow). Chunk states are
+  computed group by group from the running state, so no temporary spans the sequence;
 - inter-chunk: ``λ^{t+1} qf_t S_c``.
 
 GQA: the ``G = H / Hkv`` query heads of a group are stacked as extra rows of one matmul against their key head's
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 
 from attnzoo.errors import fail
 
-SCORES_BUDGET = 1 << 24
+SCORES_BUDGET = 1 << 22  # 16 MiB of fp32 scores per chunk group
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -102,12 +103,9 @@ def causal(
     t = torch.arange(c, device=qf.device)
     lower = t[:, None] >= t[None, :]
 
+    intra_weight: torch.Tensor | None = None
     if decay is None:
-        u = k_.transpose(-1, -2) @ v_  # (B, Hkv, n, F, Dve)
-        prev = torch.cat([torch.zeros_like(u[:, :, :1]), u[:, :, :-1]], dim=2).cumsum_(dim=2)  # exclusive scan
-        final = prev[:, :, -1] + u[:, :, -1]
-        del u
-        intra_weight: torch.Tensor | None = None
+        state = qf.new_zeros(b, hkv, f, dve)  # the running state before the current group's first chunk
     else:
         la = _log_decay(decay, h, hkv, acc)  # (Hkv, G)
         tf = t.to(acc)
@@ -115,45 +113,51 @@ def causal(
         intra_weight = torch.where(lower, torch.exp(la[..., None, None] * diff), torch.zeros((), dtype=acc))
         q_fac = torch.exp(la[..., None] * (tf + 1))  # (Hkv, G, C)
         k_fac = torch.exp(la[..., None] * (c - 1 - tf))
-        kw = k_[:, :, :, None] * k_fac[None, :, None, :, :, None]  # (B, Hkv, n, G, C, F)
-        u = kw.transpose(-1, -2) @ v_[:, :, :, None]  # (B, Hkv, n, G, F, Dve)
         lam = torch.exp(la * c)[None, :, :, None, None]  # (1, Hkv, G, 1, 1)
-        s = torch.zeros_like(u[:, :, 0])
-        states = []
-        for u_i in u.unbind(dim=2):  # unbind, not u[:, :, i]: its backward is one stack, not nc full-size scatters
-            states.append(s)
-            s = lam * s + u_i
-        prev = torch.stack(states, dim=2)
-        final = s.reshape(b, h, f, dve)
-        del kw, u, states
+        state = qf.new_zeros(b, hkv, g, f, dve)
 
-    # Groups of chunks bound the scores in memory. Pieces come from split (its backward is one concatenation, where
+    # Groups of chunks bound the scores in memory, and each group computes its own chunk states from the running
+    # state, so no temporary spans the whole sequence: large temporaries would be fresh (page-faulting) memory on every
+    # call, measured to make N=65536 cost 18x N=8192. Pieces come from split (its backward is one concatenation, where
     # slicing would allocate a full-size gradient per group). Without autograd the output is written in place.
     per_chunk = b * h * c * c
     step_chunks = max(1, SCORES_BUDGET // per_chunk)
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in (qf, kf, v, prev))
+    params = (qf, kf, v) if decay is None else (qf, kf, v, decay)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in params)
     o_all = None if training else qf.new_empty(b, hkv, g, nc, c, dve)
     pieces = []
     lo = 0
-    for q_g, k_g, v_g, prev_g in zip(
-        *(t.split(step_chunks, dim=2) for t in (q_, k_, v_, prev)), strict=True
-    ):
+    for q_g, k_g, v_g in zip(*(t.split(step_chunks, dim=2) for t in (q_, k_, v_)), strict=True):
         m = q_g.shape[2]
         rows = q_g.reshape(b, hkv, m, g * c, f)
+        if decay is None:
+            u = k_g.transpose(-1, -2) @ v_g  # (B, Hkv, m, F, Dve)
+            prev_g = torch.cat([torch.zeros_like(u[:, :, :1]), u[:, :, :-1]], dim=2).cumsum(dim=2) + state[:, :, None]
+            state = prev_g[:, :, -1] + u[:, :, -1]
+            inter = rows @ prev_g
+        else:
+            kw = k_g[:, :, :, None] * k_fac[None, :, None, :, :, None]  # (B, Hkv, m, G, C, F)
+            u = kw.transpose(-1, -2) @ v_g[:, :, :, None]  # (B, Hkv, m, G, F, Dve)
+            states = []
+            for u_i in u.unbind(dim=2):  # unbind, not u[:, :, i]: its backward is one stack, not m scatters
+                states.append(state)
+                state = lam * state + u_i
+            inter = _scaled(q_g @ torch.stack(states, dim=2), q_fac[None, :, None, :, :, None])
+            del kw, states
         scores = (rows @ k_g.transpose(-1, -2)).view(b, hkv, m, g, c, c)
         if intra_weight is None:
             scores = scores.masked_fill_(~lower, 0.0)
         else:
             scores = _scaled(scores, intra_weight[None, :, None])
         o = scores.view(b, hkv, m, g * c, c) @ v_g
-        inter = rows @ prev_g if decay is None else _scaled(q_g @ prev_g, q_fac[None, :, None, :, :, None])
         o = o.add_(inter.reshape(o.shape)).view(b, hkv, m, g, c, dve).transpose(2, 3)
         if o_all is None:
             pieces.append(o)
         else:
             o_all[:, :, :, lo : lo + m] = o
         lo += m
-        del scores, inter
+        del scores, inter, u
+    final = state.reshape(b, h, f, dve) if decay is not None else state
     if o_all is None:
         o_all = torch.cat(pieces, dim=3) if len(pieces) > 1 else pieces[0].contiguous()
     out = _finish(o_all.reshape(b, h, nc * c, dve)[:, :, pad:], normalize, out_dtype)
