@@ -11,12 +11,17 @@ full causal forward over the concatenated sequence. Parameters are validated exa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from attnzoo.api import prepare
+from attnzoo.kernels import linear_scan
 from attnzoo.registry import get
+
+Features = Callable[[torch.Tensor, torch.Tensor, float, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
+Decoding = tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., tuple[torch.Tensor, torch.Tensor]]]
 
 
 def resolve(
@@ -30,3 +35,37 @@ def resolve(
 def alibi_rates(heads: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Per-head decay rates ``s_h = 2^(−8(h+1)/H)`` (the ALiBi slopes TransNormerLLM uses for its decay)."""
     return torch.pow(2.0, -8.0 * torch.arange(1, heads + 1, device=device, dtype=dtype) / heads)
+
+
+def feature_map_decoding(method: str, features: Features, normalized: Callable[[dict[str, Any]], bool]) -> Decoding:
+    """``(prefill, step)`` of a method whose fast path is :func:`linear_scan.causal` on feature maps (no decay).
+
+    ``features(q, k, scale, params)`` gives ``(qf, kf)``; ``normalized(params)`` says whether the scan normalises.
+    """
+
+    def prefill(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal forward over a prompt; returns ``(out, state)`` to continue with ``step``."""
+        scale_, p = resolve(method, q, k, v, scale, params)
+        qf, kf = features(q, k, scale_, p)
+        out, state = linear_scan.causal(qf, kf, v, chunk=p["chunk_size"], normalize=normalized(p), return_state=True)
+        return out, state
+
+    def step(
+        state: torch.Tensor | None,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        **params: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoding step for one token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
+        scale_, p = resolve(method, q, k, v, scale, params)
+        qf, kf = features(q, k, scale_, p)
+        if state is None:
+            state = linear_scan.empty_state(qf, kf, v, decay=None, normalize=normalized(p))
+        return linear_scan.step(state, qf, kf, v, normalize=normalized(p))
+
+    return prefill, step

@@ -53,7 +53,7 @@ import torch
 from attnzoo.errors import fail
 from attnzoo.kernels import linear_scan
 from attnzoo.methods.common import repeat_kv, visible
-from attnzoo.methods.linear.common import resolve
+from attnzoo.methods.linear.common import feature_map_decoding
 from attnzoo.registry import Backend, Call, LayerInfo, MethodSpec, Param, TestHints, register
 
 PATTERNS = frozenset({"self/causal", "self/noncausal", "cross/noncausal"})
@@ -224,31 +224,7 @@ def chunked(
     return linear_scan.noncausal(qf, kf, v, normalize=True)
 
 
-def prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal forward over a prompt; returns ``(out, state)`` to continue with :func:`step`."""
-    _, p = resolve("ecoformer", q, k, v, scale, params)
-    qf, kf = features(q, k, p)
-    out, state = linear_scan.causal(qf, kf, v, chunk=p["chunk_size"], normalize=True, return_state=True)
-    return out, state
-
-
-def step(
-    state: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float | None = None,
-    **params: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step for one token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
-    _, p = resolve("ecoformer", q, k, v, scale, params)
-    qf, kf = features(q, k, p)
-    if state is None:
-        state = linear_scan.empty_state(qf, kf, v, decay=None, normalize=True)
-    return linear_scan.step(state, qf, kf, v, normalize=True)
+prefill, step = feature_map_decoding("ecoformer", lambda q, k, scale, p: features(q, k, p), lambda p: True)
 
 
 register(SPEC, reference, [Backend("torch", chunked)])

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from attnzoo.errors import fail
 from attnzoo.kernels import linear_scan
 from attnzoo.methods.common import repeat_kv, visible
-from attnzoo.methods.linear.common import resolve
+from attnzoo.methods.linear.common import feature_map_decoding
 from attnzoo.registry import Backend, Call, MethodSpec, Param, register
 
 NAMED_MAPS = ("elu1", "relu", "identity", "softmax_kernel")
@@ -194,31 +194,9 @@ def chunked(
     return linear_scan.noncausal(qf, kf, v, normalize=normalize)
 
 
-def prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal forward over a prompt; returns ``(out, state)`` to continue with :func:`step`."""
-    scale_, p = resolve("linear", q, k, v, scale, params)
-    qf, kf = features(q, k, scale=scale_, **_feature_params(p))
-    out, state = linear_scan.causal(qf, kf, v, chunk=p["chunk_size"], normalize=p["normalize"], return_state=True)
-    return out, state
-
-
-def step(
-    state: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float | None = None,
-    **params: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step for one token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
-    scale_, p = resolve("linear", q, k, v, scale, params)
-    qf, kf = features(q, k, scale=scale_, **_feature_params(p))
-    if state is None:
-        state = linear_scan.empty_state(qf, kf, v, decay=None, normalize=p["normalize"])
-    return linear_scan.step(state, qf, kf, v, normalize=p["normalize"])
+prefill, step = feature_map_decoding(
+    "linear", lambda q, k, scale, p: features(q, k, scale=scale, **_feature_params(p)), lambda p: p["normalize"]
+)
 
 
 def _feature_params(p: dict[str, Any]) -> dict[str, Any]:
