@@ -210,6 +210,11 @@ def test_many_chunk_groups_match_reference_with_state_and_grads(method, monkeypa
     torch.testing.assert_close(out, ref)
     for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
         torch.testing.assert_close(a, b)
+    for normalize in (True, False) if method == "linear" else ():  # inference: feature maps applied per group
+        with torch.no_grad():
+            got = az.attention(q, k, v, method=method, causal=True, backend="torch", normalize=normalize, **kw)
+            want = az.attention(q, k, v, method=method, causal=True, backend="reference", normalize=normalize, **kw)
+        torch.testing.assert_close(got, want)
     module = linear if method == "linear" else lightning
     with torch.no_grad():
         _, state = module.prefill(q, k, v, **kw)

@@ -36,6 +36,8 @@ back. Everything is plain autograd.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -82,8 +84,15 @@ def causal(
     chunk: int = 128,
     normalize: bool = False,
     return_state: bool = False,
+    feature: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Chunked causal linear attention (see the module docstring); ``decay`` is a ``(H,)`` non-negative rate."""
+    """Chunked causal linear attention (see the module docstring); ``decay`` is a ``(H,)`` non-negative rate.
+
+    ``feature``: an elementwise (shape-preserving) feature map applied to ``qf`` and ``kf`` one chunk group at a time,
+    so that the features of a long sequence never exist at once (each sequence-wide tensor is fresh memory to touch on
+    every call). The front padding's values (normaliser column included) are zero, so whatever features the map
+    gives the padded tokens, they contribute nothing.
+    """
     out_dtype = v.dtype
     acc = accumulation_dtype(qf.dtype)
     b, h, n, f = qf.shape
@@ -129,6 +138,8 @@ def causal(
     lo = 0
     for q_g, k_g, v_g in zip(*(t.split(step_chunks, dim=2) for t in (q_, k_, v_)), strict=True):
         m = q_g.shape[2]
+        if feature is not None:  # padded tokens may get non-zero features: their all-zero values weigh them by 0
+            q_g, k_g = feature(q_g), feature(k_g)
         rows = q_g.reshape(b, hkv, m, g * c, f)
         if decay is None:
             u = k_g.transpose(-1, -2) @ v_g  # (B, Hkv, m, F, Dve)

@@ -108,6 +108,13 @@ def _random_features(x: torch.Tensor, w: torch.Tensor, stabilise: bool) -> torch
     return torch.exp(logits) / math.sqrt(w.shape[0])
 
 
+def _elu1(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x).add_(1.0)
+
+
+ELEMENTWISE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"elu1": _elu1, "relu": F.relu}
+
+
 def features(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -129,10 +136,8 @@ def features(
         root = math.sqrt(scale)
         qf = _random_features(q.to(w.dtype) * root, w, stabilise=normalize)
         return qf, _random_features(k.to(w.dtype) * root, w, stabilise=False)
-    if feature_map == "elu1":
-        qf, kf = F.elu(q).add_(1.0), F.elu(k).add_(1.0)
-    elif feature_map == "relu":
-        qf, kf = F.relu(q), F.relu(k)
+    if feature_map in ELEMENTWISE:
+        qf, kf = ELEMENTWISE[feature_map](q), ELEMENTWISE[feature_map](k)
     elif feature_map == "identity":
         qf, kf = q, k
     else:
@@ -186,6 +191,13 @@ def chunked(
     num_features: int | None,
     seed: int,
 ) -> torch.Tensor:
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if causal and feature_map in ELEMENTWISE and not training:
+        # Inference: the map runs inside the scan, one chunk group at a time (never a sequence-wide feature tensor);
+        # the scale of the unnormalised form moves to the output. Training keeps whole-sequence features: per-group
+        # maps made forward+backward 30% slower at N=65536 (measured), so they are not used there.
+        out = linear_scan.causal(q, k, v, chunk=chunk_size, normalize=normalize, feature=ELEMENTWISE[feature_map])
+        return out if normalize else out * scale
     qf, kf = features(
         q, k, scale=scale, feature_map=feature_map, normalize=normalize, num_features=num_features, seed=seed
     )
