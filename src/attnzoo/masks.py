@@ -20,7 +20,7 @@ from torch.nn.attention.flex_attention import and_masks, or_masks
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["MaskMod", "and_masks", "causal", "combine", "dense", "dense_rows", "full", "or_masks", "rows"]
+__all__ = ["MaskMod", "and_masks", "causal", "combine", "dense", "dense_rows", "full", "or_masks", "pairs", "rows"]
 
 
 def causal(seq_q: int, seq_kv: int) -> MaskMod:
@@ -59,6 +59,12 @@ def rows(t: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
     if t is None or t.shape[-2] == 1:
         return t
     return t[..., start:end, :]
+
+
+def pairs(t: torch.Tensor, q_index: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
+    """A 4-D mask or bias at query rows ``q_index`` and key columns ``kv_index`` (size-1 axes kept for broadcasting)."""
+    t = t if t.shape[2] == 1 else t[:, :, q_index]
+    return t if t.shape[3] == 1 else t[:, :, :, kv_index]
 
 
 def combine(

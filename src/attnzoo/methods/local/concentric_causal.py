@@ -164,11 +164,11 @@ def sorted_blocks(
                                                   scale=scale, enable_gqa=gqa)
         seen = torch.arange(reach, device=dev) < ends[start:stop].unsqueeze(1)
         if mask is not None:
-            seen = seen & _pairs(mask, order[start:stop], order[:reach])
+            seen = seen & masks.pairs(mask, order[start:stop], order[:reach])
         some = seen.any(dim=-1, keepdim=True)
         attn = torch.zeros(seen.shape, dtype=q.dtype, device=dev).masked_fill_(~seen & some, float("-inf"))
         if bias is not None:
-            attn = attn + _pairs(bias, order[start:stop], order[:reach])
+            attn = attn + masks.pairs(bias, order[start:stop], order[:reach])
         out = F.scaled_dot_product_attention(q_rows, kr, vr, attn_mask=attn, scale=scale, enable_gqa=gqa)
         return out * some.to(out.dtype)
 
@@ -182,12 +182,6 @@ def sorted_blocks(
                else segment(qs[:, :, a:b], ks, vs, a, b, r, kind))
         out.index_copy_(1, order[a:b], seg.transpose(1, 2))
     return out.transpose(1, 2)
-
-
-def _pairs(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """A 4-D mask/bias view at the (row, col) pairs of a block, in sorted order (size-1 axes kept)."""
-    t = t if t.shape[2] == 1 else t[:, :, rows]
-    return t if t.shape[3] == 1 else t[:, :, :, cols]
 
 
 def flex(

@@ -165,20 +165,18 @@ def _group_attention(
     if causal:
         seen = seen & (ki.view(1, -1) <= qi.view(-1, 1) + (k.shape[2] - q.shape[2]))
     if mask is not None:
-        seen = seen & _pairs(mask, bs, qi, ki)
+        seen = seen & masks.pairs(_batch_rows(mask, bs), qi, ki)
     some = seen.any(dim=-1, keepdim=True)
     attn = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~(seen | ~some), float("-inf"))
     if bias is not None:
-        attn = attn + _pairs(bias, bs, qi, ki)
+        attn = attn + masks.pairs(_batch_rows(bias, bs), qi, ki)
     out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=attn, scale=scale, enable_gqa=gqa)
     return out * some.to(out.dtype)
 
 
-def _pairs(t: torch.Tensor, bs: slice, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
-    """A 4-D mask/bias view at the group's (query, key) pairs, for the batch rows ``bs``."""
-    t = t if t.shape[0] == 1 else t[bs]
-    t = t if t.shape[2] == 1 else t[:, :, qi]
-    return t if t.shape[3] == 1 else t[:, :, :, ki]
+def _batch_rows(t: torch.Tensor, bs: slice) -> torch.Tensor:
+    """The batch rows ``bs`` of a 4-D mask/bias (a size-1 batch axis kept for broadcasting)."""
+    return t if t.shape[0] == 1 else t[bs]
 
 
 register(SPEC, reference, [Backend("torch", segments)])
