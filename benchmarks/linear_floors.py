@@ -7,8 +7,9 @@ Run: python benchmarks/linear_floors.py [--methods linear,lightning,...] [scale|
   Best of several repeats, wall clock and process CPU time (the least-disturbed run is the steadiest estimate on a
   machine shared with other jobs).
 - ``sdpa``: causal forward at N=32768 against causal ``scaled_dot_product_attention`` in the same run (floor ≥ 10×).
-- ``memory``: peak resident memory of the forward at N=65536 above the inputs, each case in a fresh child process
-  (``/proc/self/clear_refs`` then ``VmHWM``, as in ``core_floors.py``); features and outputs count (floor < 1 GiB).
+- ``memory``: peak resident memory of the forward, and of forward+backward, at N=65536 above the inputs, each case in a
+  fresh child process (``/proc/self/clear_refs`` then ``VmHWM``, as in ``core_floors.py``); features, outputs and
+  gradients count (floor < 1 GiB for the forward).
 - ``decode``: time of one recurrent ``step`` after a prefill of 1k and of 64k tokens (the state has a fixed size).
 - ``delta``: L10 ``gated_delta`` chunked forward at N=8192 and N=65536 (linear scaling check).
 """
@@ -86,22 +87,28 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def child(method: str) -> None:
+def child(method: str, grad: bool) -> None:
     import attnzoo as az
 
-    q, k, v = qkv(65536)
+    q, k, v = qkv(65536, grad)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_kib("VmRSS")
-    with torch.no_grad():
-        az.attention(q, k, v, method=method, causal=True)
+    with torch.set_grad_enabled(grad):
+        out = az.attention(q, k, v, method=method, causal=True)
+        if grad:
+            out.sum().backward()
     print(json.dumps({"extra_gib": (_status_kib("VmHWM") - base) / 2**20}))
 
 
 def memory() -> None:
+    """Forward, then forward+backward (the gradients of q, k, v are 0.375 GiB of the latter)."""
     for m in METHODS:
-        out = subprocess.run([sys.executable, __file__, "--child", m], capture_output=True, text=True, check=True)
-        print(f"{m} forward N=65536: peak {json.loads(out.stdout)['extra_gib']:.3f} GiB above the inputs", flush=True)
+        for label, grad in (("forward", "0"), ("forward+backward", "1")):
+            out = subprocess.run([sys.executable, __file__, "--child", m, grad], capture_output=True, text=True,
+                                 check=True)
+            print(f"{m} {label} N=65536: peak {json.loads(out.stdout)['extra_gib']:.3f} GiB above the inputs",
+                  flush=True)
 
 
 def decode() -> None:
@@ -145,8 +152,8 @@ def delta() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        child(sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3] == "1")
     else:
         args = sys.argv[1:]
         if "--methods" in args:

@@ -7,7 +7,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
-from attnzoo.methods.linear import gated_delta, inline, lightning, linear
+from attnzoo.methods.linear import gated_delta, inline, lightning, linear, nala
 
 F64 = torch.float64
 
@@ -194,9 +194,10 @@ def test_bad_feature_maps_and_states_are_refused() -> None:
         linear.step(state[..., :-1], q[:, :, :1], k[:, :, :1], v[:, :, :1])
 
 
-@pytest.mark.parametrize("method", ["linear", "lightning"])
+@pytest.mark.parametrize("method", ["linear", "lightning", "nala"])
 def test_many_chunk_groups_match_reference_with_state_and_grads(method, monkeypatch):
-    """Groups of chunks carry the running state across group borders (scores budget forced to 1–2 chunks/group)."""
+    """Groups of chunks carry the running state across group borders (scores budget forced to 1–2 chunks/group), in
+    the forward and in the hand-written backward (feature maps recomputed per group for linear and nala)."""
     from attnzoo.kernels import linear_scan
 
     monkeypatch.setattr(linear_scan, "SCORES_BUDGET", 2 * 2 * 4 * 8 * 8 - 1)  # B·H·C² per chunk: one chunk per group
@@ -204,7 +205,7 @@ def test_many_chunk_groups_match_reference_with_state_and_grads(method, monkeypa
     q = torch.randn(2, 4, 45, 8, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 2, 45, 8, generator=g, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 2, 45, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    kw = {"chunk_size": 8} if method == "linear" else {"block_size": 8}
+    kw = {"block_size": 8} if method == "lightning" else {"chunk_size": 8}
     out = az.attention(q, k, v, method=method, causal=True, backend="torch", **kw)
     ref = az.attention(q, k, v, method=method, causal=True, backend="reference", **kw)
     torch.testing.assert_close(out, ref)
@@ -215,7 +216,7 @@ def test_many_chunk_groups_match_reference_with_state_and_grads(method, monkeypa
             got = az.attention(q, k, v, method=method, causal=True, backend="torch", normalize=normalize, **kw)
             want = az.attention(q, k, v, method=method, causal=True, backend="reference", normalize=normalize, **kw)
         torch.testing.assert_close(got, want)
-    module = linear if method == "linear" else lightning
+    module = {"linear": linear, "lightning": lightning, "nala": nala}[method]
     with torch.no_grad():
         _, state = module.prefill(q, k, v, **kw)
         s = None

@@ -28,7 +28,8 @@ not applied there.
 
 Fast path ``torch``: :mod:`attnzoo.kernels.linear_scan` — the chunked causal scan (``chunk_size`` tokens per chunk,
 intra-chunk masked ``φ(Q)φ(K)ᵀ``, inter-chunk state by an exclusive cumulative sum of chunk states, all chunks as
-batched matmuls) or, noncausally, ``φ(Q)(φ(K)ᵀV)`` with the summary computed once per key head. The normaliser is a
+batched matmuls; the elementwise maps ``elu1``/``relu`` run inside it one chunk group at a time and are recomputed in
+its backward) or, noncausally, ``φ(Q)(φ(K)ᵀV)`` with the summary computed once per key head. The normaliser is a
 column of ones appended to ``V``. O(N·F·Dv) time, O(N) memory. Recurrent form: :func:`prefill` and :func:`step`
 (see :mod:`attnzoo.methods.linear.common`), state ``(B, Hkv, F, Dv + normalize)``.
 """
@@ -191,12 +192,11 @@ def chunked(
     num_features: int | None,
     seed: int,
 ) -> torch.Tensor:
-    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    if causal and feature_map in ELEMENTWISE and not training:
-        # Inference: the map runs inside the scan, one chunk group at a time (never a sequence-wide feature tensor);
-        # the scale of the unnormalised form moves to the output. Training keeps whole-sequence features: per-group
-        # maps made forward+backward 30% slower at N=65536 (measured), so they are not used there.
-        out = linear_scan.causal(q, k, v, chunk=chunk_size, normalize=normalize, feature=ELEMENTWISE[feature_map])
+    if causal and feature_map in ELEMENTWISE:
+        # The map runs inside the scan, one chunk group at a time (never a sequence-wide feature tensor; the backward
+        # recomputes it per group); the scale of the unnormalised form moves to the output.
+        fmap = ELEMENTWISE[feature_map]
+        out = linear_scan.causal(q, k, v, chunk=chunk_size, normalize=normalize, features=(fmap, fmap))
         return out if normalize else out * scale
     qf, kf = features(
         q, k, scale=scale, feature_map=feature_map, normalize=normalize, num_features=num_features, seed=seed

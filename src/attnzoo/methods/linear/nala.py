@@ -26,12 +26,14 @@ vision, noncausal); the features of a token depend only on that token, so the re
 computed in fp32 for half-precision inputs (``k^r`` would overflow fp16).
 
 Fast path ``torch``: :mod:`attnzoo.kernels.linear_scan` (chunked causal scan, or ``φ_q(Q)(φ_k(K)ᵀ[V, 1])``
-noncausally), O(N·D·Dv) time and O(N) memory. Recurrent form: :func:`prefill` and :func:`step` (see
+noncausally), O(N·D·Dv) time and O(N) memory. Causally the two maps run inside the scan one chunk group at a time (and
+are recomputed in its backward), so the ``2D``-wide features never exist for the whole sequence. Recurrent form: :func:`prefill` and :func:`step` (see
 :mod:`attnzoo.methods.linear.common`), state ``(B, Hkv, 2D, Dv + 1)``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -69,19 +71,27 @@ SPEC = MethodSpec(
 )
 
 
-def features(q: torch.Tensor, k: torch.Tensor, alpha: float, key_power: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(φ_q(q), φ_k(k))``, each with ``2D`` non-negative features, in the scans' accumulation dtype."""
-    acc = linear_scan.accumulation_dtype(q.dtype)
-    q, k = q.to(acc), k.to(acc)
+def query_features(q: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``φ_q(q)``: ``2D`` non-negative features per token, in the scans' accumulation dtype."""
+    q = q.to(linear_scan.accumulation_dtype(q.dtype))
     norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True)
     power = alpha * (0.5 + torch.tanh(norm))
-    direction = q / norm.clamp_min(torch.finfo(acc).tiny)
+    direction = q / norm.clamp_min(torch.finfo(q.dtype).tiny)
     # one of relu(d), relu(−d) is 0 for every component: raise |d| to the power once, then split by sign
     spiky = direction.abs().pow(power)
     zero = spiky.new_zeros(())
-    qf = torch.cat([torch.where(direction > 0, spiky, zero), torch.where(direction < 0, spiky, zero)], dim=-1)
-    kp = k.pow(key_power)
-    return qf, torch.cat([torch.relu(kp), torch.relu(-kp)], dim=-1)
+    return torch.cat([torch.where(direction > 0, spiky, zero), torch.where(direction < 0, spiky, zero)], dim=-1)
+
+
+def key_features(k: torch.Tensor, key_power: int) -> torch.Tensor:
+    """``φ_k(k)``: ``2D`` non-negative features per token, in the scans' accumulation dtype."""
+    kp = k.to(linear_scan.accumulation_dtype(k.dtype)).pow(key_power)
+    return torch.cat([torch.relu(kp), torch.relu(-kp)], dim=-1)
+
+
+def features(q: torch.Tensor, k: torch.Tensor, alpha: float, key_power: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(φ_q(q), φ_k(k))``."""
+    return query_features(q, alpha), key_features(k, key_power)
 
 
 def reference(
@@ -118,9 +128,10 @@ def chunked(
     key_power: int,
     chunk_size: int,
 ) -> torch.Tensor:
+    if causal:  # the maps run per chunk group inside the scan: the 2D-wide features never span the sequence
+        maps = (functools.partial(query_features, alpha=alpha), functools.partial(key_features, key_power=key_power))
+        return linear_scan.causal(q, k, v, chunk=chunk_size, normalize=True, features=maps)
     qf, kf = features(q, k, alpha, key_power)
-    if causal:
-        return linear_scan.causal(qf, kf, v, chunk=chunk_size, normalize=True)
     return linear_scan.noncausal(qf, kf, v, normalize=True)
 
 
