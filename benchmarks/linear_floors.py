@@ -4,8 +4,8 @@ Run: python benchmarks/linear_floors.py [--methods linear,lightning,...] [scale|
 (default: all parts, methods ``linear`` and ``lightning``; any causal L method with ``prefill``/``step`` works).
 
 - ``scale``: forward and forward+backward time at N=8192 and N=65536 and their ratio (linear is 8; floor ≤ 10).
-  Best of several repeats, wall clock and process CPU time (the least-disturbed run is the steadiest estimate on a
-  machine shared with other jobs).
+  The lengths alternate, best of several rounds, wall clock and process CPU time (the least-disturbed run is the
+  steadiest estimate on a machine shared with other jobs); gradients are set to None after each step.
 - ``sdpa``: causal forward at N=32768 against causal ``scaled_dot_product_attention`` in the same run (floor ≥ 10×).
 - ``memory``: peak resident memory of the forward, and of forward+backward, at N=65536 above the inputs, each case in a
   fresh child process (``/proc/self/clear_refs`` then ``VmHWM``, as in ``core_floors.py``); features, outputs and
@@ -48,22 +48,28 @@ def qkv(n: int, grad: bool = False) -> list[torch.Tensor]:
 
 
 def scale() -> None:
+    """The two lengths are timed alternately (best of the rounds), so both see the same machine conditions."""
     import attnzoo as az
 
     for m in METHODS:
         for label, grad in (("fwd", False), ("fwd+bwd", True)):
-            res = {}
-            for n in (8192, 65536):
-                q, k, v = qkv(n, grad)
+            inputs = {n: qkv(n, grad) for n in (8192, 65536)}
 
-                def run(q=q, k=k, v=v, grad=grad, m=m) -> None:
-                    with torch.set_grad_enabled(grad):
-                        out = az.attention(q, k, v, method=m, causal=True)
-                        if grad:
-                            out.sum().backward()
+            def run(n: int, grad: bool = grad, m: str = m, inputs: dict = inputs) -> None:
+                q, k, v = inputs[n]
+                with torch.set_grad_enabled(grad):
+                    out = az.attention(q, k, v, method=m, causal=True)
+                    if grad:
+                        out.sum().backward()
+                        for t in (q, k, v):
+                            t.grad = None  # a training step's zero_grad(set_to_none=True)
 
-                res[n] = timed(run, 5 if not grad else 3)
-            (w8, c8), (w64, c64) = res[8192], res[65536]
+            best = {n: timed(lambda n=n: run(n), 1) for n in inputs}
+            for _ in range(4 if grad else 6):
+                for n in inputs:
+                    w, c = timed(lambda n=n: run(n), 1)
+                    best[n] = (min(best[n][0], w), min(best[n][1], c))
+            (w8, c8), (w64, c64) = best[8192], best[65536]
             print(f"{m} {label}: N=8192 {w8:.3f}s, N=65536 {w64:.3f}s; wall ratio {w64 / w8:.2f}, "
                   f"CPU-time ratio {c64 / c8:.2f}", flush=True)
 

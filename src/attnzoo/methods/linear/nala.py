@@ -27,8 +27,8 @@ computed in fp32 for half-precision inputs (``k^r`` would overflow fp16).
 
 Fast path ``torch``: :mod:`attnzoo.kernels.linear_scan` (chunked causal scan, or ``φ_q(Q)(φ_k(K)ᵀ[V, 1])``
 noncausally), O(N·D·Dv) time and O(N) memory. Causally the two maps run inside the scan one chunk group at a time (and
-are recomputed in its backward), so the ``2D``-wide features never exist for the whole sequence. Recurrent form: :func:`prefill` and :func:`step` (see
-:mod:`attnzoo.methods.linear.common`), state ``(B, Hkv, 2D, Dv + 1)``.
+are recomputed in its backward), so the ``2D``-wide features never exist for the whole sequence. Recurrent form:
+:func:`prefill` and :func:`step` (see :mod:`attnzoo.methods.linear.common`), state ``(B, Hkv, 2D, Dv + 1)``.
 """
 
 from __future__ import annotations
