@@ -39,7 +39,7 @@ class BlockLayout:
         # Runs of up to RUN consecutive query blocks with the same key blocks share one gathered key set.
         starts = [a for a in range(self.nq) if a == 0 or not torch.equal(blocks[a], blocks[a - 1])]
         runs: list[tuple[int, int]] = []  # (first query block, length)
-        for a, end in zip(starts, [*starts[1:], self.nq], strict=True):
+        for a, end in zip(starts, [*starts[1:], self.nq][: len(starts)], strict=True):
             runs += [(x, min(RUN, end - x)) for x in range(a, end, RUN)]
         counts = blocks.sum(dim=1).tolist()
         by_shape: dict[tuple[int, int], list[int]] = {}

@@ -55,7 +55,7 @@ from attnzoo.kernels.block_sparse import BlockLayout, block_sparse_attention
 from attnzoo.masks import MaskMod
 from attnzoo.masks_radial import radial as radial_mod
 from attnzoo.masks_radial import radial_block_mod, radial_blocks, radial_reach
-from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
+from attnzoo.methods.common import masked_attention
 from attnzoo.methods.local.common import cached, cached_tiling, flex_attention, flex_serves
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
@@ -154,13 +154,7 @@ def reference(
 ) -> torch.Tensor:
     b, h, n, _ = q.shape
     mod, _ = _mod(n, layout, text_tokens, dense_first_frame, block_size, decay_factor, q.device)
-    seen = masks.dense(mod, b, h, n, n, q.device)
-    if mask is not None:
-        seen = seen & mask
-    s = dense_scores(q, k, scale)
-    if bias is not None:
-        s = s + bias
-    return safe_softmax(s, seen) @ repeat_kv(v, h)
+    return masked_attention(q, k, v, masks.dense(mod, b, h, n, n, q.device), scale, mask, bias)
 
 
 def _tiling(config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
