@@ -27,9 +27,10 @@ distances 0, 1 and the powers of two (log-sparse attention). Self-attention, non
 Why two masks: the token rule is the paper's definition; the block mask is what it measures its speed-ups with (its
 kernels are block-sparse FlashInfer/SpargeAttn on 128×128 blocks). On a GPU or a CPU the element-masked token rule
 cannot be fast: at paper-like shapes its 64-query tiles see nearly whole frames (the band is ``≥ s/2^r`` wide at every
-``r``), so tiled work is 2–4× the mask's. The block mask has no masked elements at all, so its cost is exactly its
-density, which falls like ``(3 + 4·log2 F)/F`` in frames — at ``s = 2B`` every kept frame pair is dense at block
-level and about 4 frames per octave of distance are kept (density ≈ 0.36 at 64 frames, 0.2 at 128).
+``r``), so tiled work is about twice the mask's (0.54 vs 0.24 of N² at 64 frames of 256). The block mask has no
+masked element at all, so its cost is its density, which falls like ``(3 + 4·log2 F)/F`` in frames: at ``s = 2B``
+every kept frame pair is dense at block level and about 4 frames per octave of distance are kept (density 0.45, 0.28,
+0.17 at 32, 64, 128 frames of 256 tokens; measured 2.0×, 3.1×, 5.1× SDPA's speed, docs/benchmarks.md).
 
 Fast path ``torch``:
 - block mask: :mod:`attnzoo.kernels.block_sparse` — query blocks grouped by their number of visible key blocks, each
