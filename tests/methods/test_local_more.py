@@ -12,8 +12,10 @@ import torch
 import attnzoo as az
 from attnzoo import masks
 from attnzoo.errors import AttnzooError
+from attnzoo.kernels import block_sparse
 from attnzoo.masks_gna import generalized_neighborhood
 from attnzoo.masks_local import neighborhood, window_partition
+from attnzoo.masks_radial import radial, radial_blocks
 
 
 def qkv(b: int, h: int, hkv: int, n: int, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -184,3 +186,130 @@ def test_long_short_errors():
         az.attention(q, q, q, method="long_short", distance="medium", group_size=4)
     # only the size the chosen distance uses is checked
     az.attention(q, q, q, method="long_short", distance="long", interval=(2, 4), group_size=5, layout=(6, 8))
+
+
+# --- P7 radial attention ---------------------------------------------------------------------------------------------
+
+def brute_token(frames: int, spatial: int, text: int, dense_first_frame: bool) -> torch.Tensor:
+    """The paper's Sec. 4.1 rule written with explicit loops and floating-point log2 / ceil."""
+    n = frames * spatial + text
+    out = torch.zeros(n, n, dtype=torch.bool)
+    for x, y in itertools.product(range(n), range(n)):
+        if x >= frames * spatial or y >= frames * spatial:
+            out[x, y] = True
+            continue
+        (i, k), (j, l) = divmod(x, spatial), divmod(y, spatial)
+        r = math.floor(math.log2(max(abs(i - j), 1)))
+        band = 2**r <= spatial and abs(k - l) + 1 <= spatial / 2**r
+        sampled = abs(i - j) % math.ceil(2**r / spatial) == 0 and k == l
+        out[x, y] = band or sampled or (dense_first_frame and j == 0)
+    return out
+
+
+def brute_blocks(frames: int, spatial: int, text: int, first: bool, block: int, decay: float) -> torch.Tensor:
+    """The deployed block mask with loops: the released code's per-frame-pair rule, then the strict shrink per block."""
+    video, n = frames * spatial, frames * spatial + text
+    nb, nbv = math.ceil(n / block), video // block
+    size = 2 ** math.ceil(math.log2(spatial + 1))  # 2^bitlen(s)
+
+    def seen(x: int, y: int) -> bool:
+        (i, k), (j, l) = divmod(x, spatial), divmod(y, spatial)
+        d = abs(i - j)
+        if first and j == 0:
+            return True
+        decay_length = size / (2 ** math.ceil(math.log2(d + 1)))  # P / 2^bitlen(d)
+        if decay_length < block and d % math.floor(block / decay_length) != 0:
+            return False
+        return d <= 1 or abs(k - l) <= max(decay * decay_length, block)
+
+    out = torch.ones(nb, nb, dtype=torch.bool)
+    for a, b in itertools.product(range(nbv), range(nbv)):
+        densities = [sum(seen(a * block + r, b * block + c) for r in range(block)) / block for c in range(block)]
+        nonzero = sum(x > 0 for x in densities)
+        high = sum(x > 1 / 3 for x in densities)
+        out[a, b] = high / (nonzero + 1e-9) > 0.6
+    return out
+
+
+@pytest.mark.parametrize(
+    ("frames", "spatial", "text", "first"),
+    [(20, 1, 0, False), (9, 3, 0, False), (17, 8, 0, False), (6, 5, 3, True), (33, 2, 1, False)],
+)
+def test_radial_token_rule_matches_brute_force(frames, spatial, text, first):
+    n = frames * spatial + text
+    got = dense(radial(frames, spatial, text, first, "cpu"), n)
+    assert torch.equal(got, brute_token(frames, spatial, text, first))
+
+
+@pytest.mark.parametrize(
+    ("frames", "spatial", "text", "first", "block", "decay"),
+    [(24, 8, 0, False, 4, 1.0),   # aligned: one s×s mask per distance
+     (20, 8, 5, True, 4, 0.5),    # aligned, sink and a partial text block
+     (16, 12, 0, False, 4, 2.0),  # aligned, s not a power of two
+     (30, 3, 2, False, 4, 1.0),   # blocks straddle frames
+     (12, 6, 0, True, 4, 0.2)],
+)
+def test_radial_block_mask_matches_brute_force(frames, spatial, text, first, block, decay):
+    assert torch.equal(radial_blocks(frames, spatial, text, first, block, decay),
+                       brute_blocks(frames, spatial, text, first, block, decay))
+
+
+def test_radial_block_mask_is_sparse_in_frames():
+    # the paper's shape family: 128-blocks, s = 2B; at block level about 4 frames per octave of distance are kept
+    density = [float(radial_blocks(f, 256, 0, False, 128, 1.0).float().mean()) for f in (32, 64, 128)]
+    assert density[0] > density[1] > density[2] and density[2] < 0.2
+
+
+@pytest.mark.parametrize(
+    "params",
+    [dict(layout=(12, 5, 5)), dict(layout=(9, 4, 8), text_tokens=12, dense_first_frame=True), dict(),
+     dict(layout=(25, 5), text_tokens=5),
+     dict(layout=(12, 5, 5), block_size=4), dict(layout=(25, 12), block_size=8, decay_factor=0.5),
+     dict(layout=(9, 4, 8), text_tokens=12, dense_first_frame=True, block_size=8, decay_factor=0.2),
+     dict(layout=(64, 4), text_tokens=6, block_size=3)],
+)
+def test_radial_torch_matches_reference(params):
+    n = math.prod(params.get("layout", (65,))) + params.get("text_tokens", 0)
+    q, k, v = qkv(2, 4, 2, n)
+    assert_matches_reference("radial", q, k, v, **params)
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_radial_user_mask_and_bias(block_size):
+    q, k, v = qkv(1, 2, 1, 70)
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(1, 1, 70, 70, generator=g) > 0.3
+    mask[..., 2, :] = False
+    mask[..., 69, :] = False
+    bias = torch.randn(1, 2, 70, 70, generator=g, dtype=torch.float64)
+    assert_matches_reference("radial", q, k, v, mask=mask, bias=bias, layout=(8, 2, 4), text_tokens=6,
+                             block_size=block_size)
+
+
+def test_radial_block_path_in_many_chunks(monkeypatch):
+    # tiny gather budget: every run is its own chunk, checkpointed under autograd
+    monkeypatch.setattr(block_sparse, "GATHER_BYTES", 1)
+    q, k, v = qkv(2, 4, 2, 8 * 16 + 3)
+    assert_matches_reference("radial", q, k, v, layout=(16, 8), text_tokens=3, block_size=4, dense_first_frame=True)
+
+
+@pytest.mark.flex
+def test_radial_flex_matches_reference():
+    q, k, v = (t.detach().float() for t in qkv(1, 2, 2, 200))
+    for extra in ({}, {"block_size": 16}):
+        kw = dict(method="radial", layout=(12, 4, 4), text_tokens=8, dense_first_frame=True, **extra)
+        torch.testing.assert_close(az.attention(q, k, v, backend="flex", **kw),
+                                   az.attention(q, k, v, backend="reference", **kw), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [(dict(layout=(5, 7)), "layout"), (dict(layout=(2, 2, 2, 6)), "layout"), (dict(text_tokens=48), "text_tokens"),
+     (dict(text_tokens=-1), "text_tokens"), (dict(layout=(4, 10), text_tokens=7), "layout"),
+     (dict(block_size=0), "block_size"), (dict(decay_factor=0.5), "decay_factor"),
+     (dict(block_size=4, decay_factor=0.0), "decay_factor")],
+)
+def test_radial_errors(params, needle):
+    q = torch.randn(1, 2, 48, 8)
+    with pytest.raises(AttnzooError, match=needle):
+        az.attention(q, q, q, method="radial", **params)

@@ -200,11 +200,11 @@ def tiled_attention(
         if zero_empty:
             seen = tiling.mask[start:end].view(1, 1, nc, t, 1, w)
             if mask is not None:
-                seen = seen & _gather_pairs(mask, qi, ki, hkv, g)
+                seen = seen & gather_pairs(mask, qi, ki, hkv, g)
                 attn = attn.masked_fill(~seen & seen.any(dim=-1, keepdim=True), float("-inf"))
             some = seen.any(dim=-1, keepdim=True)
         if bias is not None:
-            attn = attn + _gather_pairs(bias, qi, ki, hkv, g)
+            attn = attn + gather_pairs(bias, qi, ki, hkv, g)
         if g > 1:
             attn = attn.expand(*attn.shape[:4], g, w)
         if attn.shape[0] * attn.shape[1] not in (1, b * hkv):
@@ -232,7 +232,7 @@ def _bands(x: torch.Tensor, lo: int, count: int, width: int, step: int) -> torch
     return span.unfold(1, width, step).transpose(-1, -2)
 
 
-def _gather_pairs(t: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor, hkv: int, g: int) -> torch.Tensor:
+def gather_pairs(t: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor, hkv: int, g: int) -> torch.Tensor:
     """A 4-D mask/bias view gathered at (query, key) pairs of tiles: ``(B', Hkv|1, nc, T, G|1, W)``."""
     rows = qi.clamp(min=0) if t.shape[2] > 1 else torch.zeros_like(qi)
     cols = ki.clamp(min=0) if t.shape[3] > 1 else torch.zeros_like(ki)

@@ -40,3 +40,14 @@ def safe_softmax(scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     e = torch.exp(s - row_max)
     total = e.sum(dim=-1, keepdim=True)
     return e / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, scale: float,
+                     mask: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """Dense softmax attention over the keys ``seen`` by each query AND the user ``mask``, with ``bias`` added."""
+    if mask is not None:
+        seen = seen & mask
+    s = dense_scores(q, k, scale)
+    if bias is not None:
+        s = s + bias
+    return safe_softmax(s, seen) @ repeat_kv(v, q.shape[1])

@@ -12,6 +12,7 @@ from attnzoo.methods.local import (  # noqa: F401
     long_short,
     maxvit,
     neighborhood,
+    radial,
     sliding_window,
     varied_window,
 )

@@ -46,20 +46,25 @@ def per_axis_ints(name: str, value: Any, call: Call, low: int) -> tuple[int, ...
     return values
 
 
-_tilings: dict[Hashable, Tiling] = {}
-_MAX_TILINGS = 8  # a 1-D tiling for N=65536, k=1023 holds ~0.4 GiB of masks (bool + fp32 additive)
+_cache: dict[Hashable, Any] = {}
+_MAX_CACHED = 8  # a 1-D tiling for N=65536, k=1023 holds ~0.4 GiB of masks (bool + fp32 additive)
+
+
+def cached(key: Hashable, device: torch.device, build: Callable[[], Any]) -> Any:
+    """``build()`` for a configuration ``key`` (tilings, block layouts), built once per device and kept (LRU of 8)."""
+    full_key = (key, str(device))
+    value = _cache.get(full_key)
+    if value is None:
+        if len(_cache) >= _MAX_CACHED:
+            _cache.pop(next(iter(_cache)))
+        value = build()
+        _cache[full_key] = value
+    return value
 
 
 def cached_tiling(key: Hashable, device: torch.device, build: Callable[[], Tiles]) -> Tiling:
     """The tiling of the tiles ``build()`` makes for a configuration ``key``, built once per device (O(n·T·W))."""
-    full_key = (key, str(device))
-    tiling = _tilings.get(full_key)
-    if tiling is None:
-        if len(_tilings) >= _MAX_TILINGS:
-            _tilings.pop(next(iter(_tilings)))
-        tiling = Tiling(*(t.to(device) for t in build()))
-        _tilings[full_key] = tiling
-    return tiling
+    return cached(("tiling", key), device, lambda: Tiling(*(t.to(device) for t in build())))
 
 
 def flex_serves(call: Call) -> str | None:

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from attnzoo import masks
 from attnzoo.masks_local_extra import concentric_position_ids, position_causal
-from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
+from attnzoo.methods.common import masked_attention
 from attnzoo.methods.local.common import flex_attention, flex_serves
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
@@ -96,12 +96,7 @@ def reference(
     b, h, n, _ = q.shape
     pos = concentric_position_ids(n, layout, image_start, q.device)
     seen = masks.dense(position_causal(pos, pos), b, h, n, n, q.device)
-    if mask is not None:
-        seen = seen & mask
-    s = dense_scores(q, k, scale)
-    if bias is not None:
-        s = s + bias
-    return safe_softmax(s, seen) @ repeat_kv(v, h)
+    return masked_attention(q, k, v, seen, scale, mask, bias)
 
 
 class _Plan:

@@ -23,7 +23,7 @@ import torch
 from attnzoo import masks
 from attnzoo.kernels.band import strided_band_tiles, tiled_attention
 from attnzoo.masks_local import dilated as dilated_mod
-from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
+from attnzoo.methods.common import masked_attention
 from attnzoo.methods.local.common import cached_tiling, flex_attention, flex_serves
 from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
@@ -68,12 +68,7 @@ def reference(
 ) -> torch.Tensor:
     b, h, n, _ = q.shape
     seen = masks.dense(dilated_mod(dilation, window, causal), b, h, n, n, q.device)
-    if mask is not None:
-        seen = seen & mask
-    s = dense_scores(q, k, scale)
-    if bias is not None:
-        s = s + bias
-    return safe_softmax(s, seen) @ repeat_kv(v, h)
+    return masked_attention(q, k, v, seen, scale, mask, bias)
 
 
 def _tiling(n: int, dilation: int, window: int | None, causal: bool) -> tuple[torch.Tensor, ...]:

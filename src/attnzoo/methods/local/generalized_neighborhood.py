@@ -36,7 +36,7 @@ from attnzoo import masks
 from attnzoo.kernels.band import product_tiles, strided_band_tiles, tiled_attention
 from attnzoo.masks_gna import generalized_neighborhood as gna_mod
 from attnzoo.masks_gna import gna_axis, gna_leader
-from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
+from attnzoo.methods.common import masked_attention
 from attnzoo.methods.local.common import cached_tiling, flex_attention, flex_serves, per_axis_ints
 from attnzoo.methods.local.neighborhood import TILES, _check_dilation, _check_is_causal, _check_kernel, _check_layout
 from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
@@ -104,12 +104,7 @@ def reference(
     b, h, n, _ = q.shape
     seen = masks.dense(gna_mod(*_axes(n, causal, kernel_size, stride, dilation, layout, is_causal)), b, h, n, n,
                        q.device)
-    if mask is not None:
-        seen = seen & mask
-    s = dense_scores(q, k, scale)
-    if bias is not None:
-        s = s + bias
-    return safe_softmax(s, seen) @ repeat_kv(v, h)
+    return masked_attention(q, k, v, seen, scale, mask, bias)
 
 
 def _axis_tiling(

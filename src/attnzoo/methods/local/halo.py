@@ -26,7 +26,7 @@ from attnzoo import masks
 from attnzoo.kernels.band import product_tiles, tiled_attention
 from attnzoo.masks_local import halo as halo_mod
 from attnzoo.masks_local import halo_axis
-from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
+from attnzoo.methods.common import masked_attention
 from attnzoo.methods.local.common import cached_tiling, check_layout, flex_attention, flex_serves, per_axis_ints
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
@@ -98,12 +98,7 @@ def reference(
 ) -> torch.Tensor:
     b, h, n, _ = q.shape
     seen = masks.dense(halo_mod(*_axes(n, block_size, halo_size, layout)), b, h, n, n, q.device)
-    if mask is not None:
-        seen = seen & mask
-    s = dense_scores(q, k, scale)
-    if bias is not None:
-        s = s + bias
-    return safe_softmax(s, seen) @ repeat_kv(v, h)
+    return masked_attention(q, k, v, seen, scale, mask, bias)
 
 
 def _axis_tiling(length: int, block: int, halo: int) -> tuple[torch.Tensor, ...]:

@@ -35,7 +35,7 @@ from attnzoo import masks
 from attnzoo.kernels.band import product_tiles, strided_band_tiles, tiled_attention
 from attnzoo.masks_local import neighborhood as neighborhood_mod
 from attnzoo.masks_local import neighborhood_axis
-from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
+from attnzoo.methods.common import masked_attention
 from attnzoo.methods.local.common import cached_tiling, check_layout, flex_attention, flex_serves, per_axis_ints
 from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
@@ -140,12 +140,7 @@ def reference(
     b, h, n, _ = q.shape
     seen = masks.dense(neighborhood_mod(*_axes(n, causal, kernel_size, dilation, layout, is_causal)), b, h, n, n,
                        q.device)
-    if mask is not None:
-        seen = seen & mask
-    s = dense_scores(q, k, scale)
-    if bias is not None:
-        s = s + bias
-    return safe_softmax(s, seen) @ repeat_kv(v, h)
+    return masked_attention(q, k, v, seen, scale, mask, bias)
 
 
 def _axis_tiling(length: int, kernel: int, dilation: int, causal: bool, tile: int) -> tuple[torch.Tensor, ...]:

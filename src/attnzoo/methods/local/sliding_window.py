@@ -32,7 +32,7 @@ from attnzoo import masks
 from attnzoo.kernels.band import band_tiles, tiled_attention
 from attnzoo.masks_local import sliding_window as sliding_window_mod
 from attnzoo.masks_local import sliding_window_starts
-from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
+from attnzoo.methods.common import masked_attention
 from attnzoo.methods.local.common import cached_tiling, flex_attention, flex_serves
 from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
@@ -77,12 +77,7 @@ def reference(
     b, h, sq, _ = q.shape
     skv = k.shape[2]
     seen = masks.dense(sliding_window_mod(sq, skv, window, causal, inward), b, h, sq, skv, q.device)
-    if mask is not None:
-        seen = seen & mask
-    s = dense_scores(q, k, scale)
-    if bias is not None:
-        s = s + bias
-    return safe_softmax(s, seen) @ repeat_kv(v, h)
+    return masked_attention(q, k, v, seen, scale, mask, bias)
 
 
 def _tiling(sq: int, skv: int, window: int, causal: bool, inward: bool) -> tuple[torch.Tensor, ...]:
