@@ -307,7 +307,8 @@ def test_radial_flex_matches_reference():
     [(dict(layout=(5, 7)), "layout"), (dict(layout=(2, 2, 2, 6)), "layout"), (dict(text_tokens=48), "text_tokens"),
      (dict(text_tokens=-1), "text_tokens"), (dict(layout=(4, 10), text_tokens=7), "layout"),
      (dict(block_size=0), "block_size"), (dict(decay_factor=0.5), "decay_factor"),
-     (dict(block_size=4, decay_factor=0.0), "decay_factor")],
+     (dict(layout=(3, 16), block_size=17), "block_size"), (dict(block_size=2), "block_size"),
+     (dict(layout=(3, 16), block_size=4, decay_factor=0.0), "decay_factor")],
 )
 def test_radial_errors(params, needle):
     q = torch.randn(1, 2, 48, 8)

@@ -8,17 +8,19 @@ tokens per frame, row-major inside a frame), optionally followed by ``text_token
 by every token. ``O_i = Σ_{j visible} softmax_j(scale · q_i·k_j + bias_ij) v_j`` where "visible" is the radial mask AND
 the user mask. Two masks (predicates in :mod:`attnzoo.masks_radial`, where they are spelt out):
 
-- ``block_size=None`` (default): the paper's token rule (Sec. 4.1). With ``d = |i − j|`` the frame distance and
+- ``block_size=None``: the paper's token rule (Sec. 4.1). With ``d = |i − j|`` the frame distance and
   ``r = ⌊log2 max(d, 1)⌋``, token ``k`` of frame ``i`` sees token ``l`` of frame ``j`` iff
   ``(2^r ≤ s and |k − l| + 1 ≤ s / 2^r)`` or ``(d mod ⌈2^r / s⌉ = 0 and k = l)``: the same and adjacent frames are
   dense, each doubling of ``d`` halves the spatial band (energy decay), and once the band would be thinner than one
   token only the same position is kept in every ``⌈2^r / s⌉``-th frame. About ``s·(3 + 4·log2 F)`` keys per query.
-- ``block_size=B``: the mask the paper's released code builds and its kernels run (``decay_factor`` ``δ``: 1 in its
-  HunyuanVideo script, 0.2 in its Wan script). The token band of distance ``d`` is ``|k − l| ≤ max(δ·λ_d, B)`` with
-  ``λ_d = 2^{bitlen(s) − bitlen(d)}`` (``d ≤ 1``: dense), and frame pairs with ``λ_d < B`` are kept only every
-  ``⌊B / λ_d⌋`` frames; that token mask is rounded to ``B × B`` blocks by the paper's strict rule (a block is kept iff
-  more than 60 % of its touched key columns are seen by more than a third of its query rows); blocks from the last
-  whole video block on are dense (text). Every kept block is seen entirely.
+- ``block_size=B`` (the paper uses 128; at most ``s``): the mask the paper's released code builds and its kernels
+  run (``decay_factor`` ``δ``: 1 in its HunyuanVideo script, 0.2 in its Wan script). The token band of distance
+  ``d`` is ``|k − l| ≤ max(δ·λ_d, B)`` with ``λ_d = 2^{bitlen(s) − bitlen(d)}`` (``d ≤ 1``: dense), and frame pairs
+  with ``λ_d < B`` are kept only every ``⌊B / λ_d⌋`` frames; that token mask is rounded to ``B × B`` blocks by the
+  paper's strict rule (a block is kept iff more than 60 % of its touched key columns are seen by more than a third
+  of its query rows); blocks from the last whole video block on are dense (text). Every kept block is seen entirely.
+  Choice: ``B ≤ s`` is required — with several small frames per block the paper's criterion drops even the diagonal
+  blocks (every row would see nothing); its models have thousands of tokens per frame.
 
 ``dense_first_frame`` (both masks): every query also sees all of frame 0 (the attention sink of the paper's Wan
 masks). Default layout ``None`` means ``(N − text_tokens, 1, 1)``: one token per frame, where the token rule keeps frame
@@ -87,14 +89,27 @@ def _check_decay(value: Any, call: Call) -> str | None:
     return None
 
 
+def _check_block(value: Any, call: Call) -> str | None:
+    layout = call.params.get("layout")
+    spatial = math.prod(layout[1:]) if isinstance(layout, tuple) and layout else 1
+    if value > spatial:
+        # blocks straddling frames degenerate under the paper's block criterion (a block that holds several small
+        # frames loses even its diagonal: every row would see nothing)
+        return f"at most the tokens per frame ({spatial}, from layout) for the block mask; None for the token rule"
+    return None
+
+
 def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
     def pick(n: int) -> int:
         return int(torch.randint(0, n, (1,), generator=generator))
 
     text = pick(min(call.seq_q, 4))
     video = call.seq_q - text
-    frames = video // 2 if video % 2 == 0 and video > 2 else video
-    block = (None, 2, 3)[pick(3)]
+    per_frame = 1 << max(0, int(math.log2(max(video, 1))) // 2)  # about √video tokens per frame (a video's shape)
+    if video % per_frame or per_frame < 4:
+        per_frame = 2 if video % 2 == 0 and video > 2 else 1
+    frames = video // per_frame
+    block = (None, 2, 3)[pick(3)] if per_frame >= 3 else None
     return {"layout": (frames, video // frames, 1), "text_tokens": text, "dense_first_frame": bool(pick(2)),
             "block_size": block, "decay_factor": 1.0 if block is None else (1.0, 0.5, 3.0)[pick(3)]}
 
@@ -116,7 +131,7 @@ SPEC = MethodSpec(
               check=_check_text),
         Param("dense_first_frame", (bool,), False, "every query also sees the whole first frame (attention sink)"),
         Param("block_size", (int,), None, "None: the token rule; B: the paper's deployed mask on B×B blocks (128)",
-              low=1),
+              low=1, check=_check_block),
         Param("decay_factor", (float,), 1.0, "band scale of the block mask (paper: 1 HunyuanVideo, 0.2 Wan)", low=0,
               low_open=True, check=_check_decay),
     ),
