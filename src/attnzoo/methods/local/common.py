@@ -8,10 +8,12 @@ from typing import Any
 
 import torch
 
+from attnzoo import masks
 from attnzoo.kernels import flex
-from attnzoo.kernels.band import Tiles, Tiling
+from attnzoo.kernels.band import Tiles, Tiling, tiled_attention
 from attnzoo.masks import MaskMod
-from attnzoo.registry import Call
+from attnzoo.methods.common import masked_attention
+from attnzoo.registry import Backend, Call
 
 
 def check_layout(value: Any, call: Call, max_ndim: int | None = None) -> str | None:
@@ -80,6 +82,40 @@ def flex_attention(
     """FlexAttention with the block mask of predicate ``mod`` (cached under ``key``, which must identify it)."""
     bm = flex.block_mask(key, mod, None, None, q.shape[2], k.shape[2], q.device)
     return flex.attention(q, k, v, scale=scale, block_mask=bm)
+
+
+def mask_method(
+    name: str,
+    config: Callable[..., Hashable],
+    mod: Callable[[Any], MaskMod],
+    tiles: Callable[[Any], Tiles],
+) -> tuple[Callable[..., torch.Tensor], list[Backend]]:
+    """The reference and the ``torch``/``flex`` backends of a local method whose mask is one predicate.
+
+    ``config(q, k, causal, **params)`` turns a call into the hashable configuration that fixes the mask; ``mod(config)``
+    is its predicate, shared by the reference (a dense mask) and ``flex`` (a FlexAttention block mask, cached), and
+    ``tiles(config)`` gives the query tiles and the key band each sees for ``torch``
+    (:func:`attnzoo.kernels.band.tiled_attention`; the tiling is cached per configuration and device).
+    """
+
+    def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+                  mask: torch.Tensor | None, bias: torch.Tensor | None, **params: Any) -> torch.Tensor:
+        b, h, sq, _ = q.shape
+        seen = masks.dense(mod(config(q, k, causal, **params)), b, h, sq, k.shape[2], q.device)
+        return masked_attention(q, k, v, seen, scale, mask, bias)
+
+    def blockwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+                  mask: torch.Tensor | None, bias: torch.Tensor | None, **params: Any) -> torch.Tensor:
+        key = config(q, k, causal, **params)
+        tiling = cached_tiling((name, key), q.device, lambda: tiles(key))
+        return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+
+    def flex_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+                     mask: torch.Tensor | None, bias: torch.Tensor | None, **params: Any) -> torch.Tensor:
+        key = config(q, k, causal, **params)
+        return flex_attention(q, k, v, scale, (name, key), mod(key))
+
+    return reference, [Backend("torch", blockwise), Backend("flex", flex_backend, flex_serves)]
 
 
 def check_divisor(name: str) -> Callable[[Any, Call], str | None]:

@@ -20,12 +20,10 @@ from typing import Any
 
 import torch
 
-from attnzoo import masks
-from attnzoo.kernels.band import strided_band_tiles, tiled_attention
+from attnzoo.kernels.band import strided_band_tiles
 from attnzoo.masks_local import dilated as dilated_mod
-from attnzoo.methods.common import masked_attention
-from attnzoo.methods.local.common import cached_tiling, flex_attention, flex_serves
-from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+from attnzoo.methods.local.common import mask_method
+from attnzoo.registry import SELF_PATTERNS, Call, MethodSpec, Param, TestHints, register
 
 TILE = 128
 
@@ -54,23 +52,6 @@ SPEC = MethodSpec(
 )
 
 
-def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    dilation: int,
-    window: int | None,
-) -> torch.Tensor:
-    b, h, n, _ = q.shape
-    seen = masks.dense(dilated_mod(dilation, window, causal), b, h, n, n, q.device)
-    return masked_attention(q, k, v, seen, scale, mask, bias)
-
-
 def _tiling(n: int, dilation: int, window: int | None, causal: bool) -> tuple[torch.Tensor, ...]:
     def starts(group_len: int) -> torch.Tensor:
         u = torch.arange(group_len)
@@ -81,36 +62,11 @@ def _tiling(n: int, dilation: int, window: int | None, causal: bool) -> tuple[to
     return q_tiles, k_tiles, dilated_mod(dilation, window, causal)(0, 0, q_tiles.unsqueeze(2), k_tiles.unsqueeze(1))
 
 
-def blockwise(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    dilation: int,
-    window: int | None,
-) -> torch.Tensor:
-    config = (q.shape[2], dilation, window, causal)
-    tiling = cached_tiling(("dilated", config), q.device, lambda: _tiling(*config))
-    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+def _config(q: torch.Tensor, k: torch.Tensor, causal: bool, *, dilation: int, window: int | None) -> tuple[Any, ...]:
+    return q.shape[2], dilation, window, causal
 
 
-def flex(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    dilation: int,
-    window: int | None,
-) -> torch.Tensor:
-    return flex_attention(q, k, v, scale, ("dilated", dilation, window, causal), dilated_mod(dilation, window, causal))
-
-
-register(SPEC, reference, [Backend("torch", blockwise), Backend("flex", flex, flex_serves)])
+reference, backends = mask_method(
+    "dilated", _config, lambda config: dilated_mod(*config[1:]), lambda config: _tiling(*config)
+)
+register(SPEC, reference, backends)

@@ -22,13 +22,11 @@ from typing import Any
 
 import torch
 
-from attnzoo import masks
-from attnzoo.kernels.band import product_tiles, tiled_attention
+from attnzoo.kernels.band import product_tiles
 from attnzoo.masks_local import halo as halo_mod
 from attnzoo.masks_local import halo_axis
-from attnzoo.methods.common import masked_attention
-from attnzoo.methods.local.common import cached_tiling, check_layout, flex_attention, flex_serves, per_axis_ints
-from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
+from attnzoo.methods.local.common import check_layout, mask_method, per_axis_ints
+from attnzoo.registry import Call, MethodSpec, Param, TestHints, register
 
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
@@ -83,24 +81,6 @@ def _axes(seq: int, block_size: Any, halo_size: Any, layout: Any) -> Axes:
     return shape, per_axis(block_size), per_axis(halo_size)
 
 
-def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    block_size: Any,
-    halo_size: Any,
-    layout: Any,
-) -> torch.Tensor:
-    b, h, n, _ = q.shape
-    seen = masks.dense(halo_mod(*_axes(n, block_size, halo_size, layout)), b, h, n, n, q.device)
-    return masked_attention(q, k, v, seen, scale, mask, bias)
-
-
 def _axis_tiling(length: int, block: int, halo: int) -> tuple[torch.Tensor, ...]:
     n = -(-length // block)
     q_tiles = torch.arange(n * block).view(n, block)
@@ -116,39 +96,9 @@ def _tiling(axes: Axes) -> tuple[torch.Tensor, ...]:
     return product_tiles([_axis_tiling(*a) for a in zip(layout, block, halo, strict=True)], layout)
 
 
-def blockwise(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    block_size: Any,
-    halo_size: Any,
-    layout: Any,
-) -> torch.Tensor:
-    axes = _axes(q.shape[2], block_size, halo_size, layout)
-    tiling = cached_tiling(("halo", axes), q.device, lambda: _tiling(axes))
-    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+def _config(q: torch.Tensor, k: torch.Tensor, causal: bool, *, block_size: Any, halo_size: Any, layout: Any) -> Axes:
+    return _axes(q.shape[2], block_size, halo_size, layout)
 
 
-def flex(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    block_size: Any,
-    halo_size: Any,
-    layout: Any,
-) -> torch.Tensor:
-    axes = _axes(q.shape[2], block_size, halo_size, layout)
-    return flex_attention(q, k, v, scale, ("halo", axes), halo_mod(*axes))
-
-
-register(SPEC, reference, [Backend("torch", blockwise), Backend("flex", flex, flex_serves)])
+reference, backends = mask_method("halo", _config, lambda axes: halo_mod(*axes), _tiling)
+register(SPEC, reference, backends)

@@ -31,13 +31,11 @@ from typing import Any
 
 import torch
 
-from attnzoo import masks
-from attnzoo.kernels.band import product_tiles, strided_band_tiles, tiled_attention
+from attnzoo.kernels.band import product_tiles, strided_band_tiles
 from attnzoo.masks_local import neighborhood as neighborhood_mod
 from attnzoo.masks_local import neighborhood_axis
-from attnzoo.methods.common import masked_attention
-from attnzoo.methods.local.common import cached_tiling, check_layout, flex_attention, flex_serves, per_axis_ints
-from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+from attnzoo.methods.local.common import check_layout, mask_method, per_axis_ints
+from attnzoo.registry import SELF_PATTERNS, Call, MethodSpec, Param, TestHints, register
 
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]
 TILES = {1: (128,), 2: (8, 16), 3: (4, 4, 8)}
@@ -123,26 +121,6 @@ def _axes(seq: int, causal: bool, kernel_size: Any, dilation: Any, layout: Any, 
     return shape, _tuple(kernel_size, ndim), _tuple(dilation, ndim), per_axis_causal
 
 
-def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    kernel_size: Any,
-    dilation: Any,
-    layout: Any,
-    is_causal: Any,
-) -> torch.Tensor:
-    b, h, n, _ = q.shape
-    seen = masks.dense(neighborhood_mod(*_axes(n, causal, kernel_size, dilation, layout, is_causal)), b, h, n, n,
-                       q.device)
-    return masked_attention(q, k, v, seen, scale, mask, bias)
-
-
 def _axis_tiling(length: int, kernel: int, dilation: int, causal: bool, tile: int) -> tuple[torch.Tensor, ...]:
     """One axis' tiles over coordinates: per dilation group, bands of consecutive group positions."""
 
@@ -162,41 +140,10 @@ def _tiling(axes: Axes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return product_tiles(per_axis, layout)
 
 
-def blockwise(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    kernel_size: Any,
-    dilation: Any,
-    layout: Any,
-    is_causal: Any,
-) -> torch.Tensor:
-    axes = _axes(q.shape[2], causal, kernel_size, dilation, layout, is_causal)
-    tiling = cached_tiling(("neighborhood", axes), q.device, lambda: _tiling(axes))
-    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+def _config(q: torch.Tensor, k: torch.Tensor, causal: bool, *, kernel_size: Any, dilation: Any, layout: Any,
+            is_causal: Any) -> Axes:
+    return _axes(q.shape[2], causal, kernel_size, dilation, layout, is_causal)
 
 
-def flex(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    kernel_size: Any,
-    dilation: Any,
-    layout: Any,
-    is_causal: Any,
-) -> torch.Tensor:
-    axes = _axes(q.shape[2], causal, kernel_size, dilation, layout, is_causal)
-    return flex_attention(q, k, v, scale, ("neighborhood", axes), neighborhood_mod(*axes))
-
-
-register(SPEC, reference, [Backend("torch", blockwise), Backend("flex", flex, flex_serves)])
+reference, backends = mask_method("neighborhood", _config, lambda axes: neighborhood_mod(*axes), _tiling)
+register(SPEC, reference, backends)

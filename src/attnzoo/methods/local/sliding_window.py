@@ -28,13 +28,11 @@ from typing import Any
 
 import torch
 
-from attnzoo import masks
-from attnzoo.kernels.band import band_tiles, tiled_attention
+from attnzoo.kernels.band import band_tiles
 from attnzoo.masks_local import sliding_window as sliding_window_mod
 from attnzoo.masks_local import sliding_window_starts
-from attnzoo.methods.common import masked_attention
-from attnzoo.methods.local.common import cached_tiling, flex_attention, flex_serves
-from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+from attnzoo.methods.local.common import mask_method
+from attnzoo.registry import ALL_PATTERNS, Call, MethodSpec, Param, TestHints, register
 
 TILE = 128
 
@@ -62,24 +60,6 @@ SPEC = MethodSpec(
 )
 
 
-def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    window: int,
-    inward: bool,
-) -> torch.Tensor:
-    b, h, sq, _ = q.shape
-    skv = k.shape[2]
-    seen = masks.dense(sliding_window_mod(sq, skv, window, causal, inward), b, h, sq, skv, q.device)
-    return masked_attention(q, k, v, seen, scale, mask, bias)
-
-
 def _tiling(sq: int, skv: int, window: int, causal: bool, inward: bool) -> tuple[torch.Tensor, ...]:
     starts, span = sliding_window_starts(sq, skv, window, causal, inward)
     q_tiles, k_tiles = band_tiles(starts, span, skv, TILE)
@@ -87,37 +67,11 @@ def _tiling(sq: int, skv: int, window: int, causal: bool, inward: bool) -> tuple
     return q_tiles, k_tiles, seen
 
 
-def blockwise(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    window: int,
-    inward: bool,
-) -> torch.Tensor:
-    config = (q.shape[2], k.shape[2], window, causal, inward)
-    tiling = cached_tiling(("sliding_window", config), q.device, lambda: _tiling(*config))
-    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+def _config(q: torch.Tensor, k: torch.Tensor, causal: bool, *, window: int, inward: bool) -> tuple[Any, ...]:
+    return q.shape[2], k.shape[2], window, causal, inward
 
 
-def flex(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    window: int,
-    inward: bool,
-) -> torch.Tensor:
-    config = (q.shape[2], k.shape[2], window, causal, inward)
-    return flex_attention(q, k, v, scale, ("sliding_window", config), sliding_window_mod(*config))
-
-
-register(SPEC, reference, [Backend("torch", blockwise), Backend("flex", flex, flex_serves)])
+reference, backends = mask_method(
+    "sliding_window", _config, lambda config: sliding_window_mod(*config), lambda config: _tiling(*config)
+)
+register(SPEC, reference, backends)
