@@ -33,9 +33,9 @@ chunks so the intra-chunk scores never exceed ``SCORES_BUDGET`` elements at once
 budget), linear in N. fp16/bf16 inputs are computed and accumulated in fp32 (state included) and the output is cast
 back.
 
-Training: without decay, a hand-written backward (:class:`_NoDecayScan`) recomputes features and intra-chunk scores
-group by group, so training memory stays O(N·(F+Dv)) (autograd would keep every group's scores: N·C per head); with a
-decay, or when the final state is returned, the forward loop is differentiated by autograd.
+Training: a hand-written backward (:class:`_ChunkedScan`) recomputes features and intra-chunk scores group by group,
+so training memory stays O(N·(F+Dv)) (autograd would keep every group's scores: N·C per head); with a learnable
+decay (a tensor requiring grad), or when the final state is returned, the forward loop is differentiated by autograd.
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def causal(
     qf, kf, v = qf.to(acc), kf.to(acc), v.to(acc)
     params = (qf, kf, v) if decay is None else (qf, kf, v, decay)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in params)
-    if training and decay is None and not return_state:
-        return _NoDecayScan.apply(qf, kf, v, chunk, normalize, features).to(out_dtype)
+    if training and not return_state and (decay is None or not decay.requires_grad):
+        return _ChunkedScan.apply(qf, kf, v, decay, chunk, normalize, features).to(out_dtype)
     grid = _Grid(qf, kf, chunk)
     o_ext, final, _ = _scan(grid, qf, kf, v, decay=decay, normalize=normalize, features=features, training=training)
     out = _finish(grid.unpad(o_ext), normalize, out_dtype)
@@ -160,6 +160,20 @@ class _Grid:
         return t[:, None] >= t[None, :]
 
 
+def _decay_factors(
+    grid: _Grid, decay: torch.Tensor, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(D, q_fac, k_fac, λ^C)``: the intra-chunk weights ``D_ts = λ^{t−s}`` (``s ≤ t``, else 0) as
+    ``(Hkv, G, C, C)``, ``λ^{t+1}`` and ``λ^{C−1−s}`` as ``(Hkv, G, C)``, and ``λ^C`` as ``(1, Hkv, G, 1, 1)``."""
+    la = _log_decay(decay, grid.h, grid.hkv, dtype)  # (Hkv, G)
+    tf = torch.arange(grid.c, device=device, dtype=dtype)
+    diff = (tf[:, None] - tf[None, :]).clamp_min(0)
+    weight = torch.where(grid.lower(device), torch.exp(la[..., None, None] * diff), torch.zeros((), dtype=dtype))
+    q_fac = torch.exp(la[..., None] * (tf + 1))
+    k_fac = torch.exp(la[..., None] * (grid.c - 1 - tf))
+    return weight, q_fac, k_fac, torch.exp(la * grid.c)[None, :, :, None, None]
+
+
 def _scan(
     grid: _Grid,
     qf: torch.Tensor,
@@ -182,13 +196,7 @@ def _scan(
     if decay is None:
         state = qf.new_zeros(b, hkv, f, dve)  # the running state before the current group's first chunk
     else:
-        la = _log_decay(decay, grid.h, hkv, qf.dtype)  # (Hkv, G)
-        tf = torch.arange(c, device=qf.device, dtype=qf.dtype)
-        diff = (tf[:, None] - tf[None, :]).clamp_min(0)
-        intra_weight = torch.where(lower, torch.exp(la[..., None, None] * diff), torch.zeros((), dtype=qf.dtype))
-        q_fac = torch.exp(la[..., None] * (tf + 1))  # (Hkv, G, C)
-        k_fac = torch.exp(la[..., None] * (c - 1 - tf))
-        lam = torch.exp(la * c)[None, :, :, None, None]  # (1, Hkv, G, 1, 1)
+        intra_weight, q_fac, k_fac, lam = _decay_factors(grid, decay, qf.dtype, qf.device)
         state = qf.new_zeros(b, hkv, g, f, dve)
 
     # Groups of chunks bound the scores in memory, and each group computes its own chunk states from the running
@@ -242,20 +250,23 @@ def _exclusive_cumsum(u: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(u[:, :, :1]), u[:, :, :-1]], dim=2).cumsum(dim=2) + start[:, :, None]
 
 
-class _NoDecayScan(torch.autograd.Function):
-    """The chunked scan without decay, with a hand-written backward that recomputes features and intra-chunk scores
-    group by group (forward memory saved: the inputs, the output and one state per chunk group).
+class _ChunkedScan(torch.autograd.Function):
+    """The chunked scan (decay fixed or absent) with a hand-written backward that recomputes features and intra-chunk
+    scores group by group: saved are the inputs, the output and one state per chunk group, never the scores.
 
-    With ``P = qf_c kf_cᵀ ⊙ L`` (``L`` the causal chunk mask), ``S_c`` the state before chunk ``c`` and
-    ``R_c = Σ_{c' > c} qf_c'ᵀ dO_c'`` the gradient flowing back into it (a reverse running sum):
+    With ``D`` the intra-chunk weights (``D_ts = λ^{t−s}`` for ``s ≤ t``, else 0; ``λ = 1`` without decay),
+    ``P = (qf_c kf_cᵀ) ⊙ D``, ``dP = (dO_c v_cᵀ) ⊙ D``, ``S_c`` the state before chunk ``c`` (per query head with a
+    decay) and ``R_c`` the gradient of the state after it, the reverse recurrence ``R_{c−1} = λ^C R_c +
+    Σ_t λ^{t+1} qf_tᵀ dO_t`` (a reverse running sum without decay):
 
-        dqf_c = (dO_c v_cᵀ ⊙ L) kf_c + dO_c S_cᵀ
-        dkf_c = (dO_c v_cᵀ ⊙ L)ᵀ qf_c + v_c R_cᵀ
-        dv_c  = Pᵀ dO_c + kf_c R_c
+        dqf_t = (dP kf_c)_t + λ^{t+1} dO_t S_cᵀ
+        dkf_s = (dPᵀ qf_c)_s + λ^{C−1−s} v_s R_cᵀ
+        dv_s  = (Pᵀ dO_c)_s + λ^{C−1−s} kf_s R_c
 
-    GQA: the query heads of a group are rows of the same matmuls, so the sums over them come out of the products.
-    The normaliser column's gradient is ``−(dO·o)/den``; the value gradient skips that column (it is a constant).
-    Under autograd this is 1.3–1.5× faster than differentiating the forward loop and keeps training memory linear.
+    GQA: the query heads of a group are rows of the same matmuls, so the sums over them come out of the products (with
+    a decay, the key side sums its per-head terms). The normaliser column's gradient is ``−(dO·o)/den``; the value
+    gradient skips that column (it is a constant). A learnable decay (a tensor requiring grad) is not served here: the
+    caller differentiates the forward loop with autograd instead.
     """
 
     @staticmethod
@@ -264,25 +275,26 @@ class _NoDecayScan(torch.autograd.Function):
         qf: torch.Tensor,
         kf: torch.Tensor,
         v: torch.Tensor,
+        decay: torch.Tensor | None,
         chunk: int,
         normalize: bool,
         features: FeatureMaps | None,
     ) -> torch.Tensor:
         grid = _Grid(qf, kf, chunk)
-        o_ext, _, starts = _scan(grid, qf, kf, v, decay=None, normalize=normalize, features=features, training=False)
+        o_ext, _, starts = _scan(grid, qf, kf, v, decay=decay, normalize=normalize, features=features, training=False)
         if normalize:  # in place: o_ext becomes [o, den]
             num, den = o_ext[..., :-1], o_ext[..., -1:]
             positive = den > 0
             num.div_(torch.where(positive, den, torch.ones_like(den))).masked_fill_(~positive, 0.0)
         ctx.save_for_backward(qf, kf, v, o_ext, torch.stack(starts))
-        ctx.grid, ctx.normalize, ctx.features = grid, normalize, features
+        ctx.grid, ctx.normalize, ctx.features, ctx.decay = grid, normalize, features, decay
         out = grid.unpad(o_ext)
         return out[..., :-1] if normalize else out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         qf, kf, v, o_ext, starts = ctx.saved_tensors
-        grid, normalize, features = ctx.grid, ctx.normalize, ctx.features
+        grid, normalize, features, decay = ctx.grid, ctx.normalize, ctx.features, ctx.decay
         b, hkv, g, c = grid.b, grid.hkv, grid.g, grid.c
         dv_width = v.shape[-1]
         q_, k_, v_ = grid.cut(qf, query=True), grid.cut(kf), grid.cut(v, ones=normalize)
@@ -292,7 +304,12 @@ class _NoDecayScan(torch.autograd.Function):
         dv = qf.new_empty(b, hkv, length, dv_width)
         dq_ = dq.view(b, hkv, g, grid.nc, c, -1).transpose(2, 3)
         dk_, dv_ = dk.view(b, hkv, grid.nc, c, -1), dv.view(b, hkv, grid.nc, c, -1)
-        upper = ~grid.lower(qf.device)
+        if decay is None:
+            upper = ~grid.lower(qf.device)
+        else:
+            weight, q_fac, k_fac, lam = _decay_factors(grid, decay, qf.dtype, qf.device)
+            weight = weight[None, :, None]  # (1, Hkv, 1, G, C, C), like the scores
+            q_fac, k_fac = q_fac[None, :, None, ..., None], k_fac[None, :, None, ..., None]  # (1, Hkv, 1, G, C, 1)
         reverse = qf.new_zeros(starts.shape[1:])  # R: the gradient of the state after the current group
         for i in reversed(range(len(q_))):
             lo, hi = grid.bounds[i], grid.bounds[i + 1]
@@ -307,27 +324,49 @@ class _NoDecayScan(torch.autograd.Function):
                 with torch.enable_grad():
                     q_in, k_in = q_g.detach().requires_grad_(), k_g.detach().requires_grad_()
                     q_g, k_g = features[0](q_in), features[1](k_in)
-            rows, d_rows = grid.rows(q_g), grid.rows(do_g)
-            u = k_g.detach().transpose(-1, -2) @ v_g
-            prev = _exclusive_cumsum(u, starts[i])  # S_c
-            w = rows.detach().transpose(-1, -2) @ d_rows  # qf_cᵀ dO_c, summed over the query heads of a group
-            later = _exclusive_cumsum(w.flip(2), reverse).flip(2)  # R_c
-            reverse = reverse + w.sum(dim=2)
-            kd, rd = k_g.detach(), rows.detach()
-            dp = (d_rows @ v_g.transpose(-1, -2)).view(b, hkv, m, g, c, c).masked_fill_(upper, 0.0)
-            dp = dp.view(b, hkv, m, g * c, c)
-            p = (rd @ kd.transpose(-1, -2)).view(b, hkv, m, g, c, c).masked_fill_(upper, 0.0)
-            p = p.view(b, hkv, m, g * c, c)
-            dqf = dp @ kd + d_rows @ prev.transpose(-1, -2)
-            dkf = dp.transpose(-1, -2) @ rd + v_g @ later.transpose(-1, -2)
-            dv_[:, :, lo:hi] = p.transpose(-1, -2) @ d_rows[..., :dv_width] + kd @ later[..., :dv_width]
+            qd, kd = q_g.detach(), k_g.detach()  # (B, Hkv, m, G, C, F), (B, Hkv, m, C, F)
+            rd, d_rows = grid.rows(qd), grid.rows(do_g)
+            p = (rd @ kd.transpose(-1, -2)).view(b, hkv, m, g, c, c)
+            dp = (d_rows @ v_g.transpose(-1, -2)).view(b, hkv, m, g, c, c)
+            if decay is None:
+                p, dp = p.masked_fill_(upper, 0.0), dp.masked_fill_(upper, 0.0)
+            else:
+                p, dp = p.mul_(weight), dp.mul_(weight)
+            p, dp = p.view(b, hkv, m, g * c, c), dp.view(b, hkv, m, g * c, c)
+            dqf = dp @ kd
+            dkf = dp.transpose(-1, -2) @ rd
+            dvs = p.transpose(-1, -2) @ d_rows
+            if decay is None:
+                prev = _exclusive_cumsum(kd.transpose(-1, -2) @ v_g, starts[i])  # S_c
+                w = rd.transpose(-1, -2) @ d_rows  # qf_cᵀ dO_c, summed over the query heads of a group
+                later = _exclusive_cumsum(w.flip(2), reverse).flip(2)  # R_c
+                reverse = reverse + w.sum(dim=2)
+                dqf += d_rows @ prev.transpose(-1, -2)
+                dkf += v_g @ later.transpose(-1, -2)
+                dvs += kd @ later
+            else:
+                kw = kd[:, :, :, None] * k_fac  # (B, Hkv, m, G, C, F)
+                states, state = [], starts[i]
+                for u_j in (kw.transpose(-1, -2) @ v_g[:, :, :, None]).unbind(dim=2):
+                    states.append(state)
+                    state = lam * state + u_j
+                ds = (qd * q_fac).transpose(-1, -2) @ do_g  # (B, Hkv, m, G, F, Dve)
+                laters = []
+                for ds_j in reversed(ds.unbind(dim=2)):
+                    laters.append(reverse)
+                    reverse = lam * reverse + ds_j
+                later = torch.stack(laters[::-1], dim=2)  # R_c per query head
+                dqf += ((do_g * q_fac) @ torch.stack(states, dim=2).transpose(-1, -2)).view(dqf.shape)
+                dkf += ((v_g[:, :, :, None] @ later.transpose(-1, -2)) * k_fac).sum(dim=3)
+                dvs += (kw @ later).sum(dim=3)
+            dv_[:, :, lo:hi] = dvs[..., :dv_width]
             dqf = dqf.view(b, hkv, m, g, c, -1)
             if features is not None:
                 dqf, dkf = torch.autograd.grad((q_g, k_g), (q_in, k_in), (dqf, dkf))
             dq_[:, :, lo:hi] = dqf
             dk_[:, :, lo:hi] = dkf
         pad = grid.pad
-        return dq[:, :, pad:], dk[:, :, pad:], dv[:, :, pad:], None, None, None
+        return dq[:, :, pad:], dk[:, :, pad:], dv[:, :, pad:], None, None, None, None
 
 
 def noncausal(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
