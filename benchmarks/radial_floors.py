@@ -88,7 +88,7 @@ CASES: dict[str, Callable[[], None]] = {
     # the exact token rule (tiled, element-masked)
     "token_f64": lambda: case(64, 256, block=None),
     "token_f128": lambda: case(128, 128, block=None),
-    # training: forward + backward (gathered K/V recomputed in the backward pass)
+    # training: forward + backward (per chunk the flash kernel's backward from the saved output and log-sum-exp)
     "grad_f64": lambda: case(64, 256, grad=True, repeats=2),
     "grad_s128": lambda: case(128, 128, grad=True, repeats=2),
 }

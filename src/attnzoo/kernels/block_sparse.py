@@ -5,20 +5,39 @@ A :class:`BlockLayout` is built once from a boolean block mask ``(nq, nk)`` and 
 partial (``nk = ⌈Skv / B⌉``), and queries from ``nq·B`` on (a *dense query tail*, e.g. text after a video) see every
 key, so sequences need not be multiples of ``B``.
 
-:func:`block_sparse_attention` groups runs of up to ``RUN`` consecutive query blocks with equal rows by their run
-length and number ``c`` of visible key blocks; each group runs as batched ``scaled_dot_product_attention`` calls of a
-run's queries against its ``c·B`` gathered keys, with no mask (but on the padding of a partial last key block): the
-work is exactly the visible blocks' ``Σ B²·d`` and the fused kernel never sees a masked element.
-Gathered K/V copies are bounded to ``CHUNK_BYTES`` per call and, under autograd, recomputed in the backward pass
-(checkpointed) instead of kept, so memory stays O(N·d) plus one chunk. A user mask/bias is gathered at the chunk's
-(query, key) pairs (:func:`attnzoo.kernels.band.gather_pairs`); rows with no visible key give 0, never NaN.
-GQA stacks the query heads of a group as extra rows, so K/V are never repeated.
+Approach (:func:`block_sparse_attention`): runs of up to ``RUN`` consecutive query blocks with equal rows are grouped by
+their run length and number ``c`` of visible key blocks; each group is cut into chunks whose gathered blocks stay within
+``GATHER_BYTES`` (Q, K, V and output blocks, plus the logits of a user mask/bias), and a chunk runs as one batched
+fused-attention call of its runs' queries against their ``c·B`` gathered keys (``index_select`` of whole blocks), with
+no mask but on the padding of a partial last key block: the work is exactly the visible blocks' ``Σ B²·d`` and the
+kernel never sees a masked element. Per row, ``O_i = Σ_j softmax_j(scale·q_i·k_j + bias_ij) v_j`` over the keys of its
+visible blocks that the user mask keeps. GQA stacks the query heads of a group as extra rows, so K/V are never repeated.
+A user mask/bias is gathered at the chunk's (query, key) pairs (:func:`attnzoo.kernels.band.gather_pairs`); rows with no
+visible key give 0 and zero gradients, never NaN. The dense query tail runs as one autograd SDPA call.
+
+Two implementations of the block rows, same chunks:
+- CPU with ``D == Dv`` (forward and training): :class:`_FlashBlocks`, an autograd Function around PyTorch's CPU flash
+  kernel (``aten._scaled_dot_product_flash_attention_for_cpu``, the kernel SDPA itself dispatches to; any float dtype).
+  Forward: per chunk the kernel returns the output rows and their log-sum-exp ``L_i``; both are written into one
+  preallocated ``(B, Hkv, nq, B·G, ·)`` output and LSE buffer, and the Function saves Q/K/V, O and L only. Backward: per
+  chunk the blocks of Q/K/V/O/dO and L are gathered again and the kernel's backward computes ``dS = P ∘ (dO·Vᵀ −
+  rowsum(dO ∘ O))`` with ``P = exp(scale·QKᵀ + bias − L)`` — no forward recomputation; the chunk gradients are scattered
+  into dQ/dK/dV allocated once (``index_copy_`` for the rows, ``index_add_`` for the key blocks, which several runs
+  share); first-order gradients only. Profiled before it (fwd+bwd, N=16384), a third of the time was autograd
+  bookkeeping of the per-chunk version: full-size zero gradients per ``index_select`` backward and copies of the
+  in-place output writes, plus the forward run twice (checkpointing).
+- elsewhere (CUDA, ``D != Dv`` — the CPU kernel wants equal head dims — or a ``bias`` that needs a gradient):
+  :func:`_autograd_blocks`, SDPA per chunk under autograd with each chunk checkpointed (recomputed in the backward pass)
+  so that training memory stays O(N·d) plus one chunk.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from attnzoo.kernels.band import gather_pairs
@@ -81,7 +100,9 @@ def block_sparse_attention(
 
     The layout covers the first ``nq·B ≤ Sq`` queries and all keys (``nk = ⌈Skv / B⌉``; the last key block may be
     partial: K/V are zero-padded once and the padded keys masked). ``mask``/``bias``: optional 4-D views
-    broadcastable to ``(B, H, Sq, Skv)``, applied on top of the layout.
+    broadcastable to ``(B, H, Sq, Skv)``, applied on top of the layout. On CPU with ``D == Dv`` the block rows run
+    through :class:`_FlashBlocks` (flash forward/backward per chunk); elsewhere, and when ``bias`` needs a gradient,
+    through autograd with checkpointed chunks (:func:`_autograd_blocks`).
     """
     b, h, sq, d = q.shape
     hkv, skv, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -95,55 +116,161 @@ def block_sparse_attention(
     q_blocks = q[:, :, : nq * bs].reshape(b, hkv, g, nq * bs, d).transpose(2, 3).reshape(b, hkv, nq, bs * g, d)
     kp, vp = (F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))) if pad else (k, v)
     k_blocks, v_blocks = kp.reshape(b, hkv, nk, bs, d), vp.reshape(b, hkv, nk, bs, dv)
-    positions = torch.arange(bs, device=q.device)
+    plan = _Plan(layout, b, hkv, g, skv, d, dv, mask, bias, q.dtype)
+    bias_grad = torch.is_grad_enabled() and bias is not None and bias.requires_grad
+    if q.device.type == "cpu" and d == dv and not bias_grad:
+        rows_out = _FlashBlocks.apply(q_blocks, k_blocks, v_blocks, scale, plan)
+    else:
+        rows_out = _autograd_blocks(q_blocks, k_blocks, v_blocks, scale, plan)
+    if g == 1:
+        rows = rows_out.view(b, h, nq * bs, dv)
+    else:
+        rows = rows_out.view(b, hkv, nq * bs, g, dv).transpose(2, 3).reshape(b, h, nq * bs, dv)
+    if sq == nq * bs:
+        return rows
+    return torch.cat([rows, _dense_rows(q, k, v, nq * bs, scale, mask, bias)], dim=2)
+
+
+class _Plan:
+    """The chunks of one call and what each needs: gathers from the block views and the chunk's additive logits.
+
+    A chunk is ``(rows (n, r), cols (n, c) | None)``: ``n`` runs of ``r`` query blocks, each run seeing its ``c`` key
+    blocks (``None``: they see no key). Chunks are cut so that one chunk's gathered Q/K/V/O (and logits) stay within
+    ``GATHER_BYTES``.
+    """
+
+    def __init__(self, layout: BlockLayout, b: int, hkv: int, g: int, skv: int, d: int, dv: int,
+                 mask: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        self.b, self.hkv, self.g, self.skv, self.mask, self.bias, self.dtype = b, hkv, g, skv, mask, bias, dtype
+        self.bs = bs = layout.block
+        self.positions = torch.arange(bs, device=layout.blocks.device)
+        user = mask is not None or bias is not None
+        unit = b * hkv * bs * torch.empty(0, dtype=dtype).element_size()
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        for rows, cols in layout.groups:
+            r, c = rows.shape[1], cols.shape[1]
+            if c == 0:  # these query blocks see no key at all
+                self.chunks.append((rows, None))
+                continue
+            per_run = unit * ((c + r * g) * (d + dv) + (2 * r * bs * g * c if user else 0))
+            step = max(1, GATHER_BYTES // per_run)
+            self.chunks += [(rows[s : s + step], cols[s : s + step]) for s in range(0, rows.shape[0], step)]
+
+    def gather(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """Blocks ``(n, ·)`` of ``x (B, Hkv, nblocks, T, ·)`` as ``(B·Hkv, n, ·×T, ·)`` (a copy)."""
+        n = blocks.shape[0]
+        return torch.index_select(x, 2, blocks.flatten()).view(self.b * self.hkv, n, -1, *x.shape[4:])
+
+    def logits(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A chunk's additive logits, broadcastable to ``(B·Hkv, n, r·B·G, c·B)`` (user mask/bias and the padding of
+        the last key block; None if there is nothing to add), and with a user mask/bias which rows see a key
+        ``(B'|1, Hkv|1, n·r·B, G|1, 1)`` (the others get 0 logits; the caller zeroes them)."""
+        bs, b, hkv, g = self.bs, self.b, self.hkv, self.g
+        (n, r), width = rows.shape, cols.shape[1] * bs
+        ki = (cols.unsqueeze(2) * bs + self.positions).view(n, width)
+        if self.mask is not None or self.bias is not None:
+            qi = (rows.unsqueeze(2) * bs + self.positions).view(n, r * bs)
+            attn, some = _pair_logits(self.mask, self.bias, qi, ki, self.skv, hkv, g, self.dtype)
+            attn = attn.expand(b, hkv, n, r * bs, g, width).reshape(b * hkv, n, r * bs * g, width)
+            # (without a mask, ``some`` has one row per tile: expand it to the chunk's rows)
+            some = some.expand(*some.shape[:2], n, r * bs, *some.shape[4:])
+            return attn, some.reshape(some.shape[0], some.shape[1], n * r * bs, -1, 1)
+        padding = ki >= self.skv
+        if bool(padding.any()):
+            return torch.zeros(1, n, 1, width, dtype=self.dtype, device=ki.device).masked_fill_(
+                padding.view(1, n, 1, width), float("-inf")), None
+        return None, None
+
+    def keep(self, x: torch.Tensor, some: torch.Tensor | None) -> torch.Tensor:
+        """``x (B·Hkv, n, r·B·G, Dv)`` with the rows that see no key zeroed."""
+        if some is None:
+            return x
+        return (x.view(self.b, self.hkv, -1, self.g, x.shape[-1]) * some.to(x.dtype)).view(x.shape)
+
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class _FlashBlocks(torch.autograd.Function):
+    """Block rows on CPU: per chunk, gathered Q/K/V blocks through PyTorch's CPU flash kernel, which returns the
+    row log-sum-exp; the backward pass feeds the saved output and log-sum-exp to the kernel's backward per chunk (no
+    forward recomputation) and scatters the chunk gradients into dQ/dK/dV allocated once."""
+
+    @staticmethod
+    def forward(ctx: Any, q_blocks: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, scale: float,
+                plan: _Plan) -> torch.Tensor:
+        b, hkv, nq, rows_per_block, _ = q_blocks.shape
+        out = q_blocks.new_empty(b, hkv, nq, rows_per_block, v_blocks.shape[-1])
+        lse = q_blocks.new_empty(b, hkv, nq, rows_per_block, dtype=torch.promote_types(q_blocks.dtype, torch.float32))
+        for rows, cols in plan.chunks:
+            index = rows.flatten()
+            if cols is None:
+                out.index_fill_(2, index, 0)
+                lse.index_fill_(2, index, 0)
+                continue
+            attn, some = plan.logits(rows, cols)
+            o, rows_lse = _flash(plan.gather(q_blocks, rows), plan.gather(k_blocks, cols), plan.gather(v_blocks, cols),
+                                 0.0, False, attn_mask=attn, scale=scale)
+            out.index_copy_(2, index, plan.keep(o, some).view(b, hkv, -1, *out.shape[3:]))
+            lse.index_copy_(2, index, rows_lse.reshape(b, hkv, -1, rows_per_block))  # (B', L, n) strides
+        ctx.save_for_backward(q_blocks, k_blocks, v_blocks, out, lse)
+        ctx.scale, ctx.plan = scale, plan
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q_blocks, k_blocks, v_blocks, out, lse = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        b, hkv, _, rows_per_block, _ = q_blocks.shape
+        dq = q_blocks.new_empty(q_blocks.shape)
+        dk, dv = (torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (k_blocks, v_blocks))
+        for rows, cols in plan.chunks:
+            if cols is None:
+                dq.index_fill_(2, rows.flatten(), 0)
+                continue
+            attn, some = plan.logits(rows, cols)
+            lse_rows = torch.index_select(lse, 2, rows.flatten()).view(b * hkv, rows.shape[0], -1)
+            dqg, dkg, dvg = _flash_backward(
+                plan.keep(plan.gather(grad, rows), some), plan.gather(q_blocks, rows), plan.gather(k_blocks, cols),
+                plan.gather(v_blocks, cols), plan.gather(out, rows), lse_rows, 0.0, False, attn_mask=attn,
+                scale=ctx.scale)
+            # The kernel's gradients have (B·Hkv, L, n, D) strides: scattered run by run, as strided views (one
+            # reshape of the whole chunk would copy it).
+            for j in range(rows.shape[0]):
+                dq.index_copy_(2, rows[j], dqg[:, j].view(b, hkv, -1, rows_per_block, dqg.shape[-1]))
+                dk.index_add_(2, cols[j], dkg[:, j].view(b, hkv, -1, plan.bs, dkg.shape[-1]))
+                dv.index_add_(2, cols[j], dvg[:, j].view(b, hkv, -1, plan.bs, dvg.shape[-1]))
+        needs = ctx.needs_input_grad
+        return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None
+
+
+def _autograd_blocks(q_blocks: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, scale: float,
+                     plan: _Plan) -> torch.Tensor:
+    """Block rows through autograd (any device, any head dims, gradients for a bias): SDPA per chunk, chunks
+    checkpointed under autograd (recomputed in the backward pass) so memory stays O(N·d) plus one chunk."""
+    b, hkv, nq, rows_per_block, _ = q_blocks.shape
+    dv = v_blocks.shape[-1]
 
     def run(q_blocks: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, rows: torch.Tensor,
             cols: torch.Tensor) -> torch.Tensor:
-        (n, r), c = rows.shape, cols.shape[1]
-        width = c * bs
-        qg = torch.index_select(q_blocks, 2, rows.flatten()).view(b * hkv, n, r * bs * g, d)
-        kg = torch.index_select(k_blocks, 2, cols.flatten()).view(b * hkv, n, width, d)
-        vg = torch.index_select(v_blocks, 2, cols.flatten()).view(b * hkv, n, width, dv)
-        ki = (cols.unsqueeze(2) * bs + positions).view(n, width)
-        attn = some = None
-        if mask is not None or bias is not None:
-            qi = (rows.unsqueeze(2) * bs + positions).view(n, r * bs)
-            attn, some = _pair_logits(mask, bias, qi, ki, skv, hkv, g, q.dtype)
-            attn = attn.expand(b, hkv, n, r * bs, g, width).reshape(b * hkv, n, r * bs * g, width)
-        elif pad and bool((cols == nk - 1).any()):
-            attn = torch.zeros(1, n, 1, width, dtype=q.dtype, device=q.device).masked_fill_(
-                (ki >= skv).view(1, n, 1, width), float("-inf"))
-        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=attn, scale=scale)
-        if some is not None:
-            out = out.view(b, hkv, n * r * bs, g, dv) * some.reshape(some.shape[0], some.shape[1], n * r * bs, -1,
-                                                                     1).to(out.dtype)
-        return out.view(b, hkv, n * r, bs * g, dv)
+        attn, some = plan.logits(rows, cols)
+        out = F.scaled_dot_product_attention(plan.gather(q_blocks, rows), plan.gather(k_blocks, cols),
+                                             plan.gather(v_blocks, cols), attn_mask=attn, scale=scale)
+        return plan.keep(out, some).view(b, hkv, -1, rows_per_block, dv)
 
-    chunks = []
-    for rows, cols in layout.groups:
-        r, c = rows.shape[1], cols.shape[1]
-        if c == 0:  # these query blocks see no key at all
-            chunks.append((rows, None))
-            continue
-        per_run = b * hkv * c * bs * (d + dv + (0 if mask is None and bias is None else 2 * r * bs * g))
-        step = max(1, GATHER_BYTES // max(1, per_run * q.element_size()))
-        chunks += [(rows[s : s + step], cols[s : s + step]) for s in range(0, rows.shape[0], step)]
-    recompute = torch.is_grad_enabled() and len(chunks) > 1
+    recompute = torch.is_grad_enabled() and len(plan.chunks) > 1
     # Results are written in place into one output (fresh allocations per piece cost page faults on CPU).
-    out = q.new_empty(b, h, sq, dv)
-    rows_out = out[:, :, : nq * bs].view(b, hkv, nq, bs, dv) if g == 1 else q.new_empty(b, hkv, nq, bs * g, dv)
-    for rows, cols in chunks:
+    out = q_blocks.new_empty(b, hkv, nq, rows_per_block, dv)
+    for rows, cols in plan.chunks:
         if cols is None:
-            res = q.new_zeros(b, hkv, rows.numel(), bs * g, dv)
+            res = q_blocks.new_zeros(b, hkv, rows.numel(), rows_per_block, dv)
         elif recompute:
             res = checkpoint(run, q_blocks, k_blocks, v_blocks, rows, cols, use_reentrant=False)
         else:
             res = run(q_blocks, k_blocks, v_blocks, rows, cols)
-        rows_out.index_copy_(2, rows.flatten(), res.view(b, hkv, rows.numel(), *rows_out.shape[3:]))
-    if g > 1:
-        out[:, :, : nq * bs] = rows_out.view(b, hkv, nq * bs, g, dv).transpose(2, 3).reshape(b, h, nq * bs, dv)
-    if sq > nq * bs:
-        out[:, :, nq * bs :] = _dense_rows(q, k, v, nq * bs, scale, mask, bias)
+        out.index_copy_(2, rows.flatten(), res)
     return out
 
 
