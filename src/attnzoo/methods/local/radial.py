@@ -37,7 +37,8 @@ every kept frame pair is dense at block level and about 4 frames per octave of d
 Fast path ``torch``:
 - block mask: :mod:`attnzoo.kernels.block_sparse` — query blocks grouped by their number of visible key blocks, each
   group's keys gathered block-wise (plus the dense text tail) and attended with one batched unmasked SDPA per chunk;
-  time ``O(density · N² · d)``, memory O(N·d) plus one bounded chunk (recomputed under autograd).
+  time ``O(density · N² · d)``, memory O(N·d) plus one bounded chunk (on CPU the backward reruns the flash kernel's
+  backward per chunk from the saved log-sum-exp, never the forward).
 - token rule: :mod:`attnzoo.kernels.band` — a video query tile is ``T = min(s, 64)`` consecutive positions of one
   frame; its keys are, per key frame, the spatial band the rule allows around the tile (all of frame 0 with the sink),
   plus the text; text queries see every key. One batched SDPA with the cached tile mask per chunk of tiles; work
