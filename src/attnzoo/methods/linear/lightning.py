@@ -24,6 +24,7 @@ the ``D×Dv`` state recurrence is a loop over blocks. Time O(N·B·D + N·D²), 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -107,7 +108,13 @@ def blocked(
     block_size: int,
 ) -> torch.Tensor:
     s = rates(decay, q.shape[1], q.device, linear_scan.accumulation_dtype(q.dtype))
-    return linear_scan.causal(q * scale, k, v, decay=s, chunk=block_size)
+    # the scale is applied per chunk group inside the scan (no sequence-wide scaled copy of q)
+    maps = (functools.partial(torch.mul, other=scale), _unchanged)
+    return linear_scan.causal(q, k, v, decay=s, chunk=block_size, features=maps)
+
+
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def prefill(
