@@ -220,11 +220,8 @@ def _scan(
         else:
             kw = k_g[:, :, :, None] * k_fac[None, :, None, :, :, None]  # (B, Hkv, m, G, C, F)
             u = kw.transpose(-1, -2) @ v_g[:, :, :, None]  # (B, Hkv, m, G, F, Dve)
-            states = []
-            for u_i in u.unbind(dim=2):  # unbind, not u[:, :, i]: its backward is one stack, not m scatters
-                states.append(state)
-                state = lam * state + u_i
-            inter = _scaled(q_g @ torch.stack(states, dim=2), q_fac[None, :, None, :, :, None])
+            states, state = _decayed_states(u, state, lam)
+            inter = _scaled(q_g @ states, q_fac[None, :, None, :, :, None])
             del kw, states
         scores = (rows @ k_g.transpose(-1, -2)).view(b, hkv, m, g, c, c)
         if intra_weight is None:
@@ -243,6 +240,16 @@ def _scan(
     if o_all is None:
         o_all = torch.cat(pieces, dim=3) if len(pieces) > 1 else pieces[0]
     return o_all, final, starts
+
+
+def _decayed_states(u: torch.Tensor, state: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states before each chunk of a group, ``S_{c+1} = λ^C S_c + U_c`` from ``state``, stacked along dim 2, and
+    the state after the group (a short loop of tiny ``F×Dv`` updates)."""
+    states = []
+    for u_i in u.unbind(dim=2):  # unbind, not u[:, :, i]: its backward is one stack, not m scatters
+        states.append(state)
+        state = lam * state + u_i
+    return torch.stack(states, dim=2), state
 
 
 def _exclusive_cumsum(u: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
@@ -346,17 +353,14 @@ class _ChunkedScan(torch.autograd.Function):
                 dvs += kd @ later
             else:
                 kw = kd[:, :, :, None] * k_fac  # (B, Hkv, m, G, C, F)
-                states, state = [], starts[i]
-                for u_j in (kw.transpose(-1, -2) @ v_g[:, :, :, None]).unbind(dim=2):
-                    states.append(state)
-                    state = lam * state + u_j
+                states, _ = _decayed_states(kw.transpose(-1, -2) @ v_g[:, :, :, None], starts[i], lam)
                 ds = (qd * q_fac).transpose(-1, -2) @ do_g  # (B, Hkv, m, G, F, Dve)
                 laters = []
                 for ds_j in reversed(ds.unbind(dim=2)):
                     laters.append(reverse)
                     reverse = lam * reverse + ds_j
                 later = torch.stack(laters[::-1], dim=2)  # R_c per query head
-                dqf += ((do_g * q_fac) @ torch.stack(states, dim=2).transpose(-1, -2)).view(dqf.shape)
+                dqf += ((do_g * q_fac) @ states.transpose(-1, -2)).view(dqf.shape)
                 dkf += ((v_g[:, :, :, None] @ later.transpose(-1, -2)) * k_fac).sum(dim=3)
                 dvs += (kw @ later).sum(dim=3)
             dv_[:, :, lo:hi] = dvs[..., :dv_width]
