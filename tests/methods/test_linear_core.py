@@ -167,6 +167,22 @@ def test_long_sequences_stay_finite(dtype: torch.dtype, method: str, params: dic
         assert bool((out[:, :, :100] == 0).all())
 
 
+@pytest.mark.parametrize(("method", "params"), [("linear", {}), ("lightning", {"decay": 0.05}), ("nala", {})])
+def test_half_precision_training_matches_fp32(method: str, params: dict) -> None:
+    """bf16 through the hand-written backward: computed in fp32 inside, gradients finite and close to fp32's."""
+    inputs = [t.bfloat16() for t in _qkv(1, 4, 2, 300, 16, 16, seed=8, dtype=torch.float32)]
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):  # the same (bf16-representable) values in both runs
+        q, k, v = (t.to(dtype).requires_grad_() for t in inputs)
+        out = az.attention(q, k, v, method=method, causal=True, **params)
+        assert out.dtype == dtype
+        grads[dtype] = torch.autograd.grad((out.float() * torch.linspace(-1, 1, 16)).sum(), (q, k, v))
+    for lo, hi in zip(grads[torch.bfloat16], grads[torch.float32], strict=True):
+        assert lo.dtype == torch.bfloat16 and bool(torch.isfinite(lo).all())
+        # bf16 rounding of the output, of its incoming gradient and of the results: 1 % of the gradient's scale
+        torch.testing.assert_close(lo.float(), hi, atol=1e-2 * float(hi.abs().max()), rtol=1e-2)
+
+
 def test_bad_feature_maps_and_states_are_refused() -> None:
     q, k, v = _qkv(1, 2, 2, 8, 4, 4)
     with pytest.raises(AttnzooError, match="feature_map"):
