@@ -91,6 +91,7 @@ CASES: dict[str, Callable[[], None]] = {
     # training: forward + backward (per chunk the flash kernel's backward from the saved output and log-sum-exp)
     "grad_f64": lambda: case(64, 256, grad=True, repeats=2),
     "grad_s128": lambda: case(128, 128, grad=True, repeats=2),
+    "grad_token_f64": lambda: case(64, 256, block=None, grad=True, repeats=2),
 }
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ import torch
 import attnzoo as az
 from attnzoo import masks
 from attnzoo.errors import AttnzooError
-from attnzoo.kernels import block_sparse
+from attnzoo.kernels import block_sparse, union
 from attnzoo.masks_gna import generalized_neighborhood
 from attnzoo.masks_local import neighborhood, window_partition
 from attnzoo.masks_radial import radial, radial_blocks
+from attnzoo.methods.local import radial as radial_method
 
 
 def qkv(b: int, h: int, hkv: int, n: int, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -340,6 +341,53 @@ def test_block_sparse_autograd_fallback(monkeypatch):
                     strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
+
+
+@pytest.mark.parametrize("frames, spatial, text, first", [
+    (1, 5, 0, True), (2, 3, 2, False), (9, 5, 3, True), (40, 3, 2, False), (33, 70, 0, True), (17, 1, 2, True),
+    (64, 16, 1, False), (20, 64, 0, True)])
+def test_radial_token_parts_are_disjoint_and_cover_the_rule(frames, spatial, text, first):
+    # the union path's parts, counted pair by pair: every (video query, key) pair the rule keeps exactly once, no other
+    n = frames * spatial + text
+    count = torch.zeros(n, n, dtype=torch.long)
+    for part in radial_method._parts((frames, spatial, text, first)):
+        for group in part:
+            shape = (group.q.shape[0], group.q.shape[1], group.k.shape[1])
+            seen = torch.ones(shape, dtype=torch.bool) if group.mask is None else group.mask.expand(shape)
+            qi, ki = group.q.unsqueeze(2).expand(shape), group.k.unsqueeze(1).expand(shape)
+            seen = seen & (qi >= 0)
+            count.index_put_((qi[seen], ki[seen]), torch.ones(int(seen.sum()), dtype=torch.long), accumulate=True)
+    want = dense(radial(frames, spatial, text, first, "cpu"), n).long()
+    want[frames * spatial :] = 0  # text rows run as plain SDPA, outside the parts
+    assert torch.equal(count, want)
+
+
+def test_radial_token_union_path_in_many_chunks(monkeypatch):
+    # CPU, D == Dv, no user mask/bias: the union kernel serves forward and backward (never the tiled path); one tile
+    # per chunk (tiny gather budget); GQA, text, the sink, tiles with padded queries (70 positions per frame)
+    monkeypatch.setattr(union, "GATHER_BYTES", 1)
+
+    def no_tiles(*args, **kwargs):
+        raise AssertionError("the tiled path ran")
+
+    monkeypatch.setattr(radial_method, "tiled_attention", no_tiles)
+    params = dict(layout=(9, 70), text_tokens=3, dense_first_frame=True)
+    q, k, v = qkv(2, 4, 2, 9 * 70 + 3)
+    assert_matches_reference("radial", q, k, v, **params)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        got = az.attention(*x, method="radial", backend="torch", **params)
+        want = az.attention(q, k, v, method="radial", backend="reference", **params)
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+        got.float().square().sum().backward()
+        assert all(t.grad is not None and bool(torch.isfinite(t.grad).all()) for t in x)
+
+
+def test_radial_token_rule_other_head_dims_take_the_tiled_path():
+    # Dv != D (the CPU flash kernel wants equal head dims): the tiled path, still exact
+    q, k, _ = qkv(1, 4, 2, 8 * 6 + 2)
+    v = torch.randn(1, 2, 8 * 6 + 2, 5, dtype=torch.float64, requires_grad=True)
+    assert_matches_reference("radial", q, k, v, layout=(8, 6), text_tokens=2, dense_first_frame=True)
 
 @pytest.mark.flex
 def test_radial_flex_matches_reference():

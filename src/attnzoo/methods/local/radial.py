@@ -27,22 +27,36 @@ masks). Default layout ``None`` means ``(N − text_tokens, 1, 1)``: one token p
 distances 0, 1 and the powers of two (log-sparse attention). Self-attention, non-causal; GQA supported.
 
 Why two masks: the token rule is the paper's definition; the block mask is what it measures its speed-ups with (its
-kernels are block-sparse FlashInfer/SpargeAttn on 128×128 blocks). On a GPU or a CPU the element-masked token rule
-cannot be fast: at paper-like shapes its 64-query tiles see nearly whole frames (the band is ``≥ s/2^r`` wide at every
-``r``), so tiled work is about twice the mask's (0.54 vs 0.24 of N² at 64 frames of 256). The block mask has no
-masked element at all, so its cost is its density, which falls like ``(3 + 4·log2 F)/F`` in frames: at ``s = 2B``
-every kept frame pair is dense at block level and about 4 frames per octave of distance are kept (density 0.45, 0.28,
-0.17 at 32, 64, 128 frames of 256 tokens; measured 2.0×, 3.1×, 5.1× SDPA's speed, docs/benchmarks.md).
+kernels are block-sparse FlashInfer/SpargeAttn on 128×128 blocks). The element-masked token rule is the harder one to
+make fast: its bands are 1–``s`` tokens wide, so any tiling pays for masked elements (the path below computes about
+0.37 of N² for the mask's 0.24 at 64 frames of 256) and runs the flash kernel with an element mask, at about half its
+unmasked rate; measured 1.5–1.9× SDPA's forward speed at N = 16384 (fp32, 2 CPU threads; docs/benchmarks.md). The
+block mask has no masked element at all, so its cost is its density, which falls like ``(3 + 4·log2 F)/F`` in
+frames: at ``s = 2B`` every kept frame pair is dense at block level and about 4 frames per octave of distance are
+kept (density 0.45, 0.28, 0.17 at 32, 64, 128 frames of 256 tokens; measured 2.0×, 3.1×, 5.1× SDPA's speed).
 
 Fast path ``torch``:
 - block mask: :mod:`attnzoo.kernels.block_sparse` — query blocks grouped by their number of visible key blocks, each
   group's keys gathered block-wise (plus the dense text tail) and attended with one batched unmasked SDPA per chunk;
   time ``O(density · N² · d)``, memory O(N·d) plus one bounded chunk (on CPU the backward reruns the flash kernel's
   backward per chunk from the saved log-sum-exp, never the forward).
-- token rule: :mod:`attnzoo.kernels.band` — a video query tile is ``T = min(s, 64)`` consecutive positions of one
-  frame; its keys are, per key frame, the spatial band the rule allows around the tile (all of frame 0 with the sink),
-  plus the text; text queries see every key. One batched SDPA with the cached tile mask per chunk of tiles; work
-  ``≈ N · Σ_j (T + 2·reach_j)``, ``O(N·s·log F)`` for ``s ≥ F``.
+- token rule, on CPU with ``D == Dv`` and no user mask/bias: :mod:`attnzoo.kernels.union` — the visible keys of a
+  video query split into disjoint parts, each attended by the CPU flash kernel (which returns the log-sum-exp) and
+  merged by log-sum-exp into one output; the backward feeds each part the global output and log-sum-exp (the
+  ring-attention identity), no forward recomputation. The parts (:func:`_parts`, cached per configuration): distance
+  class ``r = 0`` (``d ≤ 1``: frames ``i−1..i+1``, dense) with whole-frame query tiles whose keys are one contiguous
+  range (strided views, no gathered copies, no mask); with the sink, frame 0 as a part of its own for every video
+  query (and left out of every class); the text keys as a part; each class ``r ≥ 1`` (``d ∈ [2^r, 2^{r+1})``, both
+  sides, the frames the rule keeps) as a part whose tiles are ``T = clamp(w + 1, 8, 64)`` positions (``w`` the band
+  half-width) of up to ``ROWS / T = 64 / T`` consecutive frames (at most ``2^{r−1}``), seeing per key frame of the
+  class the ``min(T + 2w, s)`` positions around the tile with the element mask ``|k − l| ≤ w`` (and which frame
+  pairs are in the class); tiles are grouped by key count and mask, so a group shares one mask. Work
+  ``≈ N·Σ_r c_r·(T_r + 2w_r)`` (``c_r`` key frames of class ``r``), 1.5–2× the mask's. Text query rows are one
+  SDPA over every key.
+- token rule, otherwise (CUDA, ``Dv ≠ D``, a user mask/bias): :mod:`attnzoo.kernels.band` — a video query tile is
+  ``T = min(s, 64)`` consecutive positions of one frame; its keys are, per key frame, the spatial band the rule allows
+  around the tile (all of frame 0 with the sink), plus the text; text queries see every key. One batched SDPA with
+  the cached tile mask per chunk of tiles; work ``≈ N · Σ_j (T + 2·reach_j)``, ``O(N·s·log F)`` for ``s ≥ F``.
 Fast path ``flex``: FlexAttention with the mask's block mask (cached), forward only on CPU.
 """
 
@@ -52,10 +66,12 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from attnzoo import masks
 from attnzoo.kernels.band import Tiling, concat_tiles, tiled_attention
 from attnzoo.kernels.block_sparse import BlockLayout, block_sparse_attention
+from attnzoo.kernels.union import Part, TileGroup, union_attention
 from attnzoo.masks import MaskMod
 from attnzoo.masks_radial import radial as radial_mod
 from attnzoo.masks_radial import radial_block_mod, radial_blocks, radial_reach
@@ -64,6 +80,8 @@ from attnzoo.methods.local.common import cached, cached_tiling, flex_attention, 
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 TILE = 64
+ROWS = 64  # query rows per tile of a distance class: consecutive frames are stacked up to this
+MIN_TILE = 8  # fewest positions in a query tile of a distance class (tiles stack frames up to ROWS rows)
 
 Config = tuple[int, int, int, bool]  # frames, tokens per frame, text tokens, dense first frame
 
@@ -202,6 +220,92 @@ def _tiling(config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return q_tiles, k_tiles, seen
 
 
+def _frame_groups(frames: int, key_frames: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Query frames grouped by their number ``c`` of key frames: ``c -> (frames (m,), key frames (m, c))``."""
+    by_count: dict[int, tuple[list[int], list[list[int]]]] = {}
+    for i in range(frames):
+        js = key_frames(i)
+        if js:
+            entry = by_count.setdefault(len(js), ([], []))
+            entry[0].append(i)
+            entry[1].append(js)
+    return {c: (torch.tensor(i_list), torch.tensor(j_lists)) for c, (i_list, j_lists) in by_count.items()}
+
+
+def _parts(config: Config) -> list[Part]:
+    """The token rule of the video rows as disjoint parts (:mod:`attnzoo.kernels.union`), one per distance class.
+
+    Class ``r = 0`` (``d ≤ 1``), with the sink frame and the text keys: whole frames, seen entirely (no mask), by
+    tiles of ``min(s, 64)`` positions. Class ``r ≥ 1`` (``d ∈ [2^r, 2^{r+1})`` on both sides, with the frames the
+    rule keeps; frame 0 excluded when it is the sink): band half-width ``w = reach``, tiles of
+    ``T = clamp(w + 1, MIN_TILE, 64)`` positions, which see per key frame the ``min(T + 2w, s)`` positions around the
+    tile (clamped into the frame) with the element mask ``|k − l| ≤ w``. Tiles are grouped by (key-frame count, tile
+    mask), so a group's mask is one ``(T, W)`` pattern shared by all its tiles.
+    """
+    frames, s, text, sink = config
+    video = frames * s
+    reach = radial_reach(max(frames, 1), s).tolist()
+    text_keys = torch.arange(video, video + text)
+    parts: list[Part] = []
+
+    def query_tiles(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.arange(0, s, t)
+        pos = starts.unsqueeze(1) + torch.arange(t)
+        return starts, torch.where(pos < s, pos, -1)
+
+    # r = 0: frames i-1..i+1 (but frame 0 with the sink) are dense: tiles of a whole frame, their keys one contiguous
+    # range (read as strided views, no gathered copies); the sink frame and the text are parts of their own (also
+    # contiguous ranges, seen by every video query)
+    frame = torch.arange(s)
+    near: Part = []
+    for c, (fi, fj) in _frame_groups(frames, lambda i: [j for j in (i - 1, i, i + 1)
+                                                        if 0 <= j < frames and not (sink and j == 0)]).items():
+        near.append(TileGroup(fi.unsqueeze(1) * s + frame, (fj.unsqueeze(2) * s + frame).view(len(fi), c * s), None))
+    parts.append(near)
+    every = torch.arange(frames).unsqueeze(1) * s + frame
+    if sink:
+        parts.append([TileGroup(every, frame.expand(frames, s), None)])
+    if text:
+        parts.append([TileGroup(every, text_keys.expand(frames, text), None)])
+
+    for r in range(1, max(frames - 1, 1).bit_length()):
+        ds = [d for d in range(1 << r, min(1 << (r + 1), frames)) if reach[d] >= 0]
+        if not ds:
+            continue
+        w = reach[ds[0]]
+        t = min(s, max(MIN_TILE, min(TILE, w + 1)))
+        width = min(t + 2 * w, s)
+        block = min(max(1, ROWS // t), 1 << (r - 1))  # query frames per tile (their union adds 2·(block − 1) frames)
+        starts, pos = query_tiles(t)
+        lo = (starts - w).clamp(min=0, max=s - width)
+        kpos = lo.unsqueeze(1) + torch.arange(width)  # (na, W)
+        band = (starts.view(-1, 1, 1) + torch.arange(t).view(1, -1, 1) - kpos.unsqueeze(1)).abs() <= w  # (na, T, W)
+        in_class = torch.zeros(frames, dtype=torch.bool)
+        in_class[ds] = True
+        groups: dict[tuple[int, bytes], tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = {}
+        for i0 in range(0, frames, block):
+            fq = torch.arange(i0, min(i0 + block, frames))
+            seen = in_class[(fq.unsqueeze(1) - torch.arange(frames)).abs()]  # (Qb, F): key frames of the class
+            if sink:
+                seen[:, 0] = False
+            fk = torch.nonzero(seen.any(dim=0)).squeeze(1)
+            if fk.numel() == 0:
+                continue
+            fm = F.pad(seen[:, fk], (0, 0, 0, block - fq.numel()))  # (Q, c), padding frames see nothing
+            fq = F.pad(fq, (0, block - fq.numel()), value=-1)
+            c = fk.numel()
+            for a in range(starts.shape[0]):
+                q = torch.where((fq.unsqueeze(1) >= 0) & (pos[a] >= 0), fq.unsqueeze(1) * s + pos[a], -1).view(-1)
+                keys = (fk.unsqueeze(1) * s + kpos[a]).view(-1)
+                mask = (fm.view(block, 1, c, 1) & band[a].view(1, t, 1, width)).view(block * t, c * width)
+                entry = groups.setdefault((c, mask.numpy().tobytes()), ([], [], mask))
+                entry[0].append(q)
+                entry[1].append(keys)
+        parts.append([TileGroup(torch.stack(qs), torch.stack(ks), mask.unsqueeze(0))
+                      for qs, ks, mask in groups.values()])
+    return parts
+
+
 def block_layout(seq: int, layout: Any, text_tokens: int, dense_first_frame: bool, block_size: int,
                  decay_factor: float, device: torch.device) -> BlockLayout:
     """The cached block-sparse layout of the deployed block mask (the rows of its whole video blocks)."""
@@ -221,6 +325,14 @@ def blockwise(
         blocks = block_layout(n, layout, text_tokens, dense_first_frame, block_size, decay_factor, q.device)
         return block_sparse_attention(q, k, v, scale=scale, layout=blocks, mask=mask, bias=bias)
     config = _config(n, layout, text_tokens, dense_first_frame)
+    if q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and mask is None and bias is None:
+        parts = cached(("radial-parts", config), q.device, lambda: _parts(config))
+        video = config[0] * config[1]
+        out = union_attention(q[:, :, :video], k, v, scale=scale, parts=parts)
+        if video == n:
+            return out
+        text = F.scaled_dot_product_attention(q[:, :, video:], k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return torch.cat([out, text], dim=2)
     tiling: Tiling = cached_tiling(("radial", config), q.device, lambda: _tiling(config))
     return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
 
