@@ -189,6 +189,17 @@ def test_long_short_errors():
     az.attention(q, q, q, method="long_short", distance="long", interval=(2, 4), group_size=5, layout=(6, 8))
 
 
+def _check_low_precision(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **params: object) -> None:
+    """fp32 and bf16 radial outputs close to the fp64 reference, with finite gradients."""
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        got = az.attention(*x, method="radial", backend="torch", **params)
+        want = az.attention(q, k, v, method="radial", backend="reference", **params)
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+        got.float().square().sum().backward()
+        assert all(t.grad is not None and bool(torch.isfinite(t.grad).all()) for t in x)
+
+
 # --- P7 radial attention ---------------------------------------------------------------------------------------------
 
 def brute_token(frames: int, spatial: int, text: int, dense_first_frame: bool) -> torch.Tensor:
@@ -315,14 +326,7 @@ def test_block_sparse_flash_backward_in_many_chunks(monkeypatch):
     assert_matches_reference("radial", q, k, v, bias=bias, **params)  # a bias alone (no per-row emptiness)
     out = az.attention(q, k, v, method="radial", mask=mask, backend="torch", **params)
     assert bool((out[:, :, 5] == 0).all())
-    # fp32 and bf16 go through the same kernel
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
-        x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        got = az.attention(*x, method="radial", backend="torch", **params)
-        want = az.attention(q, k, v, method="radial", backend="reference", **params)
-        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
-        got.float().square().sum().backward()
-        assert all(t.grad is not None and bool(torch.isfinite(t.grad).all()) for t in x)
+    _check_low_precision(q, k, v, **params)  # fp32 and bf16 go through the same kernel
 
 
 def test_block_sparse_autograd_fallback(monkeypatch):
@@ -374,13 +378,7 @@ def test_radial_token_union_path_in_many_chunks(monkeypatch):
     params = dict(layout=(9, 70), text_tokens=3, dense_first_frame=True)
     q, k, v = qkv(2, 4, 2, 9 * 70 + 3)
     assert_matches_reference("radial", q, k, v, **params)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
-        x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        got = az.attention(*x, method="radial", backend="torch", **params)
-        want = az.attention(q, k, v, method="radial", backend="reference", **params)
-        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
-        got.float().square().sum().backward()
-        assert all(t.grad is not None and bool(torch.isfinite(t.grad).all()) for t in x)
+    _check_low_precision(q, k, v, **params)
 
 
 def test_radial_token_rule_other_head_dims_take_the_tiled_path():
