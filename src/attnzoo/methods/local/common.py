@@ -55,12 +55,12 @@ _MAX_CACHED = 8  # a 1-D tiling for N=65536, k=1023 holds ~0.4 GiB of masks (boo
 def cached(key: Hashable, device: torch.device, build: Callable[[], Any]) -> Any:
     """``build()`` for a configuration ``key`` (tilings, block layouts), built once per device and kept (LRU of 8)."""
     full_key = (key, str(device))
-    value = _cache.get(full_key)
+    value = _cache.pop(full_key, None)  # re-inserted below: the dict's order is the recency order
     if value is None:
         if len(_cache) >= _MAX_CACHED:
-            _cache.pop(next(iter(_cache)))
+            _cache.pop(next(iter(_cache)))  # the least recently used
         value = build()
-        _cache[full_key] = value
+    _cache[full_key] = value
     return value
 
 
