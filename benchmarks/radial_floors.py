@@ -14,6 +14,7 @@ large SDPA.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -75,6 +76,41 @@ def case(frames: int, spatial: int, *, block: int | None = 128, decay: float = 1
           f"{times['radial']:.3f}s, ratio {times['sdpa'] / times['radial']:.2f}x", flush=True)
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def memory_child(which: str, grad: bool) -> None:
+    """Peak RSS above the inputs of one call at 64 × 256 (``which``: sdpa, block or token), plans built beforehand."""
+    n = 64 * 256
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, n, 64, generator=g).requires_grad_(grad) for _ in range(3))
+    params = dict(method="radial", layout=(64, 256), backend="torch", block_size=None if which == "token" else 128)
+
+    def call() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v) if which == "sdpa" else az.attention(q, k, v, **params)
+
+    with torch.no_grad():
+        call()  # builds and caches the method's plan (not part of a call's working memory)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
+    with torch.set_grad_enabled(grad):
+        out = call()
+        if grad:
+            out.sum().backward()
+    print(f"{which} {'fwd+bwd' if grad else 'fwd'} 64x256: peak {(_status_kib('VmHWM') - base) / 2**20:.3f} GiB "
+          "above the inputs", flush=True)
+
+
+def memory() -> None:
+    """Each case in a fresh process (``/proc/self/clear_refs`` then ``VmHWM``); dense scores would be 4 GiB."""
+    for which in ("sdpa", "block", "token"):
+        for grad in ("0", "1"):
+            subprocess.run([sys.executable, __file__, "--memory-child", which, grad], check=True)
+
+
 CASES: dict[str, Callable[[], None]] = {
     # speed-up grows with frames at 256 tokens per frame (N = 8k, 16k, 32k)
     "f32": lambda: case(32, 256),
@@ -92,10 +128,15 @@ CASES: dict[str, Callable[[], None]] = {
     "grad_f64": lambda: case(64, 256, grad=True, repeats=2),
     "grad_s128": lambda: case(128, 128, grad=True, repeats=2),
     "grad_token_f64": lambda: case(64, 256, block=None, grad=True, repeats=2),
+    # peak memory of the block and token paths against SDPA's
+    "memory": memory,
 }
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if args[:1] == ["--memory-child"]:
+        memory_child(args[1], args[2] == "1")
+        sys.exit()
     if args[:1] == ["--threads"]:
         torch.set_num_threads(int(args[1]))
         args = args[2:]
