@@ -188,8 +188,9 @@ class _Plan:
         return (x.view(self.b, self.hkv, -1, self.g, x.shape[-1]) * some.to(x.dtype)).view(x.shape)
 
 
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# PyTorch's CPU flash kernel (what SDPA dispatches to on CPU): returns the row log-sum-exp, and its backward takes it
+flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 class _FlashBlocks(torch.autograd.Function):
@@ -210,8 +211,8 @@ class _FlashBlocks(torch.autograd.Function):
                 lse.index_fill_(2, index, 0)
                 continue
             attn, some = plan.logits(rows, cols)
-            o, rows_lse = _flash(plan.gather(q_blocks, rows), plan.gather(k_blocks, cols), plan.gather(v_blocks, cols),
-                                 0.0, False, attn_mask=attn, scale=scale)
+            o, rows_lse = flash_cpu(plan.gather(q_blocks, rows), plan.gather(k_blocks, cols),
+                                    plan.gather(v_blocks, cols), 0.0, False, attn_mask=attn, scale=scale)
             out.index_copy_(2, index, plan.keep(o, some).view(b, hkv, -1, *out.shape[3:]))
             lse.index_copy_(2, index, rows_lse.reshape(b, hkv, -1, rows_per_block))  # (B', L, n) strides
         ctx.save_for_backward(q_blocks, k_blocks, v_blocks, out, lse)
@@ -232,7 +233,7 @@ class _FlashBlocks(torch.autograd.Function):
                 continue
             attn, some = plan.logits(rows, cols)
             lse_rows = torch.index_select(lse, 2, rows.flatten()).view(b * hkv, rows.shape[0], -1)
-            dqg, dkg, dvg = _flash_backward(
+            dqg, dkg, dvg = flash_cpu_backward(
                 plan.keep(plan.gather(grad, rows), some), plan.gather(q_blocks, rows), plan.gather(k_blocks, cols),
                 plan.gather(v_blocks, cols), plan.gather(out, rows), lse_rows, 0.0, False, attn_mask=attn,
                 scale=ctx.scale)

@@ -38,10 +38,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from attnzoo.kernels.block_sparse import GATHER_BYTES
-
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+from attnzoo.kernels.block_sparse import GATHER_BYTES, flash_cpu, flash_cpu_backward
 
 
 class TileGroup:
@@ -193,7 +190,7 @@ class _UnionAttention(torch.autograd.Function):
             n = end - start
             rows = plan.rows(group, start, end)
             keys = group.k[start:end].flatten()
-            o, chunk_lse = _flash(_take(qr, rows.clamp(max=sq - 1), n, group.q_steps, start),
+            o, chunk_lse = flash_cpu(_take(qr, rows.clamp(max=sq - 1), n, group.q_steps, start),
                                   _take(kr, keys, n, group.k_steps, start), _take(vr, keys, n, group.k_steps, start),
                                   0.0, False, attn_mask=plan.mask(group, start, end, q.dtype), scale=scale)
             # (B·Hkv, n, T·G, ·) -> rows (n·T, G, B·Hkv, ·)
@@ -238,7 +235,7 @@ class _UnionAttention(torch.autograd.Function):
             keys = group.k[start:end].flatten()
             qs, ks = group.q_steps, group.k_steps
             lse_rows = _take(lse_p, rows, n, qs, start).squeeze(-1)
-            dqg, dkg, dvg = _flash_backward(
+            dqg, dkg, dvg = flash_cpu_backward(
                 _take(grad, rows, n, qs, start), _take(qr, rows.clamp(max=sq - 1), n, qs, start),
                 _take(kr, keys, n, ks, start), _take(vr, keys, n, ks, start), _take(out_p, rows, n, qs, start),
                 lse_rows, 0.0, False, attn_mask=plan.mask(group, start, end, q.dtype), scale=ctx.scale)
