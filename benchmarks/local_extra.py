@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import attnzoo as az
 from attnzoo.masks import dense
-from attnzoo.masks_local_extra import concentric_position_ids, position_causal
+from attnzoo.masks.positional import concentric_position_ids, position_causal
 
 Runs = dict[str, Callable[[], object]]
 

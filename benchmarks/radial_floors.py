@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 import attnzoo as az
 from attnzoo.masks import dense
-from attnzoo.masks_radial import radial
-from attnzoo.methods.local.radial import block_layout
+from attnzoo.masks.radial import radial
+from attnzoo.methods.structured.radial import block_layout
 
 HEADS = 4
 

@@ -9,7 +9,8 @@ import torch
 import attnzoo as az
 from attnzoo.errors import AttnzooError
 from attnzoo.masks import dense
-from attnzoo.masks_local_extra import concentric_position_ids, latent_groups, position_causal
+from attnzoo.masks.groups import latent_groups
+from attnzoo.masks.positional import concentric_position_ids, position_causal
 
 
 def qkv(b: int, h: int, hkv: int, s: int, d: int = 8, dv: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:

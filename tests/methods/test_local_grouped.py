@@ -9,7 +9,7 @@ import torch
 import attnzoo as az
 from attnzoo import masks
 from attnzoo.errors import AttnzooError
-from attnzoo.masks_local import grouped
+from attnzoo.masks.groups import grouped
 
 
 def test_grouped_predicate_matches_brute_force():

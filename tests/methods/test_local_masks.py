@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from attnzoo import masks
-from attnzoo.masks_local import axial, dilated, grid, halo, neighborhood, sliding_window, window_partition
+from attnzoo.masks.layouts import axial
+from attnzoo.masks.neighborhood import neighborhood
+from attnzoo.masks.partitions import grid, window_partition
+from attnzoo.masks.windows import dilated, halo, sliding_window
 
 
 def natten_window(x: int, length: int, kernel: int, dilation: int, causal: bool) -> set[int]:

@@ -13,10 +13,10 @@ import attnzoo as az
 from attnzoo import masks
 from attnzoo.errors import AttnzooError
 from attnzoo.kernels import block_sparse, union
-from attnzoo.masks_gna import generalized_neighborhood
-from attnzoo.masks_local import neighborhood, window_partition
-from attnzoo.masks_radial import radial, radial_blocks
-from attnzoo.methods.local import radial as radial_method
+from attnzoo.masks.neighborhood import generalized_neighborhood, neighborhood
+from attnzoo.masks.partitions import window_partition
+from attnzoo.masks.radial import radial, radial_blocks
+from attnzoo.methods.structured import radial as radial_method
 
 
 def qkv(b: int, h: int, hkv: int, n: int, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:

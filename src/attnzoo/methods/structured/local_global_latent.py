@@ -9,7 +9,7 @@ so that a single call or ``nn`` layer mixes data and latents both ways; FIT's se
 projections, are not offered as modes): the sequence is ``[data; latents]``, ``N_d`` data
 tokens in ``G = num_groups`` contiguous groups of ``N_d / G``, then ``G · L`` latents (``L = latents_per_group``),
 group-major. Query ``i`` attends with softmax to the keys ``j`` of its own group (data and latents alike) and, if ``i``
-is a latent, to every latent: ``s = scale · q·k``. Predicate: :func:`attnzoo.masks_local_extra.latent_groups`.
+is a latent, to every latent: ``s = scale · q·k``. Predicate: :func:`attnzoo.masks.groups.latent_groups`.
 Defaults ``num_groups=1``, ``latents_per_group=0`` (plain full attention). Self-attention, non-causal, no user mask or
 bias; GQA supported.
 
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo import masks
-from attnzoo.masks_local_extra import latent_groups
+from attnzoo.masks.groups import latent_groups
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
-from attnzoo.methods.local.common import flex_attention, flex_serves, smallest_divisor
+from attnzoo.methods.structured.common import flex_attention, flex_serves, smallest_divisor
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 
@@ -59,7 +59,7 @@ def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
 
 SPEC = MethodSpec(
     name="local_global_latent",
-    family="local",
+    family="structured",
     mechanism="P12",
     paper="FIT: Far-reaching Interleaved Transformers",
     arxiv="2305.12689",

@@ -95,7 +95,7 @@ def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
 
 SPEC = MethodSpec(
     name="varied_window",
-    family="local",
+    family="structured",
     mechanism="P14",
     paper="VSA: Learning Varied-Size Window Attention in Vision Transformers",
     arxiv="2204.08446",

@@ -8,7 +8,7 @@ block attends with softmax to the keys of its block widened by ``halo_size`` on 
 mask; ``s = scale · q·k + bias``. Choice: at the grid borders the halo has no keys (the paper zero-pads the image;
 here positions outside the grid simply do not exist, so no attention weight goes to padding). Self-attention,
 non-causal (the paper's setting). Defaults: ``block_size=8``, ``halo_size=3`` (the paper's b=8, h=3). The predicate is
-:func:`attnzoo.masks_local.halo`.
+:func:`attnzoo.masks.windows.halo`.
 
 Fast path ``torch``: the tiles *are* the blocks; each sees ``block + 2·halo`` positions per axis (shifted inside the
 grid at the borders, the mask hiding the extra ones), batched SDPA per chunk of tiles with a cached tile mask
@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from attnzoo.kernels.band import product_tiles
-from attnzoo.masks_local import halo as halo_mod
-from attnzoo.masks_local import halo_axis
-from attnzoo.methods.local.common import check_layout, mask_method, per_axis_ints
+from attnzoo.masks.windows import halo as halo_mod
+from attnzoo.masks.windows import halo_axis
+from attnzoo.methods.structured.common import check_layout, mask_method, per_axis_ints
 from attnzoo.registry import Call, MethodSpec, Param, TestHints, register
 
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
@@ -52,7 +52,7 @@ def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
 
 SPEC = MethodSpec(
     name="halo",
-    family="local",
+    family="structured",
     mechanism="P8",
     paper="Scaling Local Self-Attention for Parameter Efficient Visual Backbones",
     arxiv="2103.12731",

@@ -7,7 +7,7 @@ Formula as implemented: query ``i`` attends with softmax to keys ``j`` with ``(i
 ``|i − j| ≤ window · dilation`` (``causal=True``: ``0 ≤ i − j ≤ window · dilation``), AND the user mask;
 ``window=None`` removes the distance limit (every ``dilation``-th key: O(N²/dilation)). No border shift (contrast
 P2's dilated neighborhoods, which keep exactly ``kernel_size`` keys). Self-attention only. Defaults: ``dilation=2``,
-``window=None`` (the Sparse Transformer's strided pattern). The predicate is :func:`attnzoo.masks_local.dilated`.
+``window=None`` (the Sparse Transformer's strided pattern). The predicate is :func:`attnzoo.masks.windows.dilated`.
 
 Fast path ``torch``: tokens of one residue class mod ``dilation`` are a plain sliding window over the class; each class
 is cut into tiles of 128 class positions seeing a band of ``128 + 2·window`` class positions (gathered keys), batched
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from attnzoo.kernels.band import strided_band_tiles
-from attnzoo.masks_local import dilated as dilated_mod
-from attnzoo.methods.local.common import mask_method
+from attnzoo.masks.windows import dilated as dilated_mod
+from attnzoo.methods.structured.common import mask_method
 from attnzoo.registry import SELF_PATTERNS, Call, MethodSpec, Param, TestHints, register
 
 TILE = 128
@@ -35,7 +35,7 @@ def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
 
 SPEC = MethodSpec(
     name="dilated",
-    family="local",
+    family="structured",
     mechanism="P6",
     paper="Generating Long Sequences with Sparse Transformers (strided pattern); Longformer (dilated window)",
     arxiv="1904.10509",

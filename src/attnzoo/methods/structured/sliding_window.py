@@ -15,7 +15,7 @@ lengths behave as in decoding) and attends with softmax to
   no shift is possible and the window is the causal one.
 
 AND the user mask; ``s = scale · q·k + bias``; a row with no visible key gives 0. The predicate is
-:func:`attnzoo.masks_local.sliding_window`. Default ``window=256``.
+:func:`attnzoo.masks.windows.sliding_window`. Default ``window=256``.
 
 Fast path ``torch``: query tiles of 128 against their contiguous key band (``128 + span − 1`` keys) with a band mask,
 batched SDPA per chunk of tiles (:mod:`attnzoo.kernels.band`): O(N·w·d) time, O(chunk·w·d) memory. Fast path
@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from attnzoo.kernels.band import band_tiles
-from attnzoo.masks_local import sliding_window as sliding_window_mod
-from attnzoo.masks_local import sliding_window_starts
-from attnzoo.methods.local.common import mask_method
+from attnzoo.masks.windows import sliding_window as sliding_window_mod
+from attnzoo.masks.windows import sliding_window_starts
+from attnzoo.methods.structured.common import mask_method
 from attnzoo.registry import ALL_PATTERNS, Call, MethodSpec, Param, TestHints, register
 
 TILE = 128
@@ -43,7 +43,7 @@ def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
 
 SPEC = MethodSpec(
     name="sliding_window",
-    family="local",
+    family="structured",
     mechanism="P1",
     paper="Longformer: The Long-Document Transformer; FreeSwim (inward sliding window)",
     arxiv="2004.05150",

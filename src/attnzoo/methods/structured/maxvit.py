@@ -6,10 +6,10 @@ followed by grid attention, each its own layer with its own projections, so the 
 Formula as implemented: the sequence is a row-major grid of shape ``layout`` (default ``(seq,)``).
 - ``maxvit_block``: each axis is cut into windows of ``window_size`` (which must divide it, as in the paper); a query
   attends with softmax to the keys of its window on every axis: ``x_q // P == x_k // P``
-  (predicate :func:`attnzoo.masks_local.window_partition`).
+  (predicate :func:`attnzoo.masks.partitions.window_partition`).
 - ``maxvit_grid``: each axis of length ``L`` is split as ``x = g · (L/G) + r`` with ``G = grid_size`` (which must
   divide it); tokens with the same ``r`` on every axis attend to each other — ``G`` tokens per axis, ``L/G`` apart (a
-  dilated, global mixing) (predicate :func:`attnzoo.masks_local.grid`).
+  dilated, global mixing) (predicate :func:`attnzoo.masks.partitions.grid`).
 Defaults ``window_size=7`` and ``grid_size=7`` (the paper's P = G = 7). Self-attention, non-causal; no user mask or
 bias.
 
@@ -26,9 +26,9 @@ import torch
 
 from attnzoo import masks
 from attnzoo.kernels.partition import partitioned_attention
-from attnzoo.masks_local import grid, window_partition
+from attnzoo.masks.partitions import grid, window_partition
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
-from attnzoo.methods.local.common import check_divisor, check_layout, layout_and_sizes, smallest_divisor
+from attnzoo.methods.structured.common import check_divisor, check_layout, layout_and_sizes, smallest_divisor
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 
@@ -42,7 +42,7 @@ def _register(
 
     spec = MethodSpec(
         name=name,
-        family="local",
+        family="structured",
         mechanism="P5",
         paper="MaxViT: Multi-Axis Vision Transformer",
         arxiv="2204.01697",

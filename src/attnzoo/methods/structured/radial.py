@@ -6,7 +6,7 @@ arXiv:2506.19852).
 Formula as implemented: the sequence is ``F × s`` video tokens in frame-major order (``layout = (F, h, w)``, ``s = h·w``
 tokens per frame, row-major inside a frame), optionally followed by ``text_tokens`` text tokens that see and are seen
 by every token. ``O_i = Σ_{j visible} softmax_j(scale · q_i·k_j + bias_ij) v_j`` where "visible" is the radial mask AND
-the user mask. Two masks (predicates in :mod:`attnzoo.masks_radial`, where they are spelt out):
+the user mask. Two masks (predicates in :mod:`attnzoo.masks.radial`, where they are spelt out):
 
 - ``block_size=None``: the paper's token rule (Sec. 4.1). With ``d = |i − j|`` the frame distance and
   ``r = ⌊log2 max(d, 1)⌋``, token ``k`` of frame ``i`` sees token ``l`` of frame ``j`` iff
@@ -73,10 +73,11 @@ from attnzoo.kernels.band import Tiling, concat_tiles, tiled_attention
 from attnzoo.kernels.block_sparse import BlockLayout, block_sparse_attention
 from attnzoo.kernels.union import Part, TileGroup, union_attention
 from attnzoo.masks import MaskMod
-from attnzoo.masks_radial import radial as radial_mod
-from attnzoo.masks_radial import radial_block_mod, radial_blocks, radial_reach
+from attnzoo.masks.partitions import block_table
+from attnzoo.masks.radial import radial as radial_mod
+from attnzoo.masks.radial import radial_blocks, radial_reach
 from attnzoo.methods.common import masked_attention
-from attnzoo.methods.local.common import cached, cached_tiling, flex_attention, flex_serves
+from attnzoo.methods.structured.common import cached, cached_tiling, flex_attention, flex_serves
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 TILE = 64
@@ -140,7 +141,7 @@ def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
 
 SPEC = MethodSpec(
     name="radial",
-    family="local",
+    family="structured",
     mechanism="P7",
     paper="Radial Attention: O(n log n) Sparse Attention with Energy Decay for Long Video Generation",
     arxiv="2506.19852",
@@ -184,7 +185,7 @@ def _mod(seq: int, layout: Any, text_tokens: int, dense_first_frame: bool, block
     if block_size is None:
         return radial_mod(*config, device), ("radial", config)
     blocks = _blocks(config, block_size, decay_factor).to(device)
-    return radial_block_mod(blocks, block_size), ("radial", config, block_size, decay_factor)
+    return block_table(blocks, block_size), ("radial", config, block_size, decay_factor)
 
 
 def reference(

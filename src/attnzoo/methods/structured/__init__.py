@@ -1,6 +1,6 @@
 """P-family: structured sparsity, local windows and neighborhoods (MECHANISMS.md P1–P14)."""
 
-from attnzoo.methods.local import (  # noqa: F401
+from attnzoo.methods.structured import (  # noqa: F401
     axial,
     channel_group,
     concentric_causal,

@@ -1,4 +1,4 @@
-"""Mask predicates and their combinators, in dense and block form.
+"""The mask predicate type, causal/full predicates, their dense and row-block evaluation, and combinators.
 
 A mask predicate (``MaskMod``) is FlexAttention's ``mask_mod``: ``mod(b, h, q_idx, kv_idx) -> bool tensor``, True where
 the query may attend to the key. Written with elementwise tensor ops only, one predicate serves three uses:

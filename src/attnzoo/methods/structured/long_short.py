@@ -13,7 +13,8 @@ softmax_j(scale · q_i·k_j) v_j``:
   on every axis, so a group holds ``L/I`` tokens per axis spread over the whole layout (the paper's ``S/I × S/I``
   groups).
 
-The predicates are :func:`attnzoo.masks_local.window_partition` (short) and :func:`attnzoo.masks_local.grid` with
+The predicates are :func:`attnzoo.masks.partitions.window_partition` (short) and
+:func:`attnzoo.masks.partitions.grid` with
 ``L / I`` grid cells (long), the same groupings MaxViT's block/grid attention use. Defaults: the paper's ``G = 7``
 and ``I = 8`` (its first stage: 56×56 tokens, groups of 7×7 either way). Choice: the paper pads the feature map to a
 multiple of ``G`` / ``I``; here the size must divide every axis (an error otherwise) so no padded token takes part.
@@ -32,9 +33,9 @@ import torch
 from attnzoo import masks
 from attnzoo.kernels.partition import partitioned_attention
 from attnzoo.masks import MaskMod
-from attnzoo.masks_local import grid, window_partition
+from attnzoo.masks.partitions import grid, window_partition
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
-from attnzoo.methods.local.common import check_divisor, check_layout, layout_and_sizes, smallest_divisor
+from attnzoo.methods.structured.common import check_divisor, check_layout, layout_and_sizes, smallest_divisor
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 
@@ -55,7 +56,7 @@ def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
 
 SPEC = MethodSpec(
     name="long_short",
-    family="local",
+    family="structured",
     mechanism="P9",
     paper="CrossFormer: A Versatile Vision Transformer Hinging on Cross-scale Attention",
     arxiv="2108.00154",

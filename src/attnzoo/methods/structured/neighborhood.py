@@ -8,7 +8,7 @@ with softmax to the keys in its neighborhood ``N(i)`` (AND the user mask), ``O_i
 ``s = scale · q·k + bias``. Per axis (kernel ``k`` odd, dilation ``d``), tokens with equal ``x mod d`` form a group;
 within it the query at group position ``u`` sees the ``k`` positions from ``clamp(u − k//2, 0, L_g − k)`` (the window
 shifts inward at the borders so every query sees exactly ``k`` keys per axis), or with causal masking on that axis the
-positions ``u − k + 1 … u`` that exist. The predicate is :func:`attnzoo.masks_local.neighborhood`.
+positions ``u − k + 1 … u`` that exist. The predicate is :func:`attnzoo.masks.neighborhood.neighborhood`.
 
 Causal masking: ``causal=True`` makes every axis causal; ``is_causal`` (bool or a tuple per axis, NATTEN's name) makes
 the listed axes causal (an axis is causal if either says so). Choice: this is NATTEN's causal window (the ``k`` most
@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from attnzoo.kernels.band import product_tiles, strided_band_tiles
-from attnzoo.masks_local import neighborhood as neighborhood_mod
-from attnzoo.masks_local import neighborhood_axis
-from attnzoo.methods.local.common import check_layout, mask_method, per_axis_ints
+from attnzoo.masks.neighborhood import neighborhood as neighborhood_mod
+from attnzoo.masks.neighborhood import neighborhood_axis
+from attnzoo.methods.structured.common import check_layout, mask_method, per_axis_ints
 from attnzoo.registry import SELF_PATTERNS, Call, MethodSpec, Param, TestHints, register
 
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]
@@ -92,7 +92,7 @@ def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
 
 SPEC = MethodSpec(
     name="neighborhood",
-    family="local",
+    family="structured",
     mechanism="P2",
     paper="Neighborhood Attention Transformer (also: Dilated NAT; Faster Neighborhood Attention)",
     arxiv="2204.07143",

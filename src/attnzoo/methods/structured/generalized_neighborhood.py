@@ -10,7 +10,7 @@ the queries are cut into stride groups of ``s`` consecutive group positions that
 leader: non-causal, the centre query ``ℓ = min(⌊u/s⌋·s + ⌊s/2⌋, L_g − 1)`` (the right one of the two centres for even
 ``s``) with NATTEN's border-shifted window ``[clamp(ℓ − k//2, 0, L_g − k), … + k)``; causal, the last query
 ``ℓ = min(⌊u/s⌋·s + s − 1, L_g − 1)`` and the positions ``ℓ − k < w ≤ u`` (the window still ends at the query).
-Predicate: :func:`attnzoo.masks_gna.generalized_neighborhood`. ``stride=1`` is exactly P2 ``neighborhood``;
+Predicate: :func:`attnzoo.masks.neighborhood.generalized_neighborhood`. ``stride=1`` is exactly P2 ``neighborhood``;
 ``stride=kernel_size`` with ``k`` dividing the axis is blocked (non-overlapping window) attention; in between, queries
 of a stride group see identical keys, which is what lets fused kernels skip whole tiles (GNA's point).
 
@@ -33,10 +33,16 @@ from typing import Any
 import torch
 
 from attnzoo.kernels.band import product_tiles, strided_band_tiles
-from attnzoo.masks_gna import generalized_neighborhood as gna_mod
-from attnzoo.masks_gna import gna_axis, gna_leader
-from attnzoo.methods.local.common import mask_method, per_axis_ints
-from attnzoo.methods.local.neighborhood import TILES, _check_dilation, _check_is_causal, _check_kernel, _check_layout
+from attnzoo.masks.neighborhood import generalized_neighborhood as gna_mod
+from attnzoo.masks.neighborhood import neighborhood_axis, stride_leader
+from attnzoo.methods.structured.common import mask_method, per_axis_ints
+from attnzoo.methods.structured.neighborhood import (
+    TILES,
+    _check_dilation,
+    _check_is_causal,
+    _check_kernel,
+    _check_layout,
+)
 from attnzoo.registry import SELF_PATTERNS, Call, MethodSpec, Param, TestHints, register
 
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]
@@ -64,7 +70,7 @@ def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
 
 SPEC = MethodSpec(
     name="generalized_neighborhood",
-    family="local",
+    family="structured",
     mechanism="P3",
     paper="Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed of Light",
     arxiv="2504.16922",
@@ -101,11 +107,11 @@ def _axis_tiling(
     """One axis' tiles over coordinates: per dilation group, bands of whole stride groups."""
 
     def starts(group_len: int) -> torch.Tensor:
-        leader = gna_leader(torch.arange(group_len), group_len, stride, causal)
+        leader = stride_leader(torch.arange(group_len), group_len, stride, causal)
         return leader - kernel + 1 if causal else torch.clamp(leader - kernel // 2, min=0, max=group_len - kernel)
 
     q_tiles, k_tiles = strided_band_tiles(length, dilation, starts, kernel, stride * max(1, tile // stride))
-    seen = gna_axis(q_tiles.unsqueeze(2), k_tiles.unsqueeze(1), length, kernel, stride, dilation, causal)
+    seen = neighborhood_axis(q_tiles.unsqueeze(2), k_tiles.unsqueeze(1), length, kernel, dilation, causal, stride)
     return q_tiles, k_tiles, seen
 
 

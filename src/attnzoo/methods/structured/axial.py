@@ -13,7 +13,7 @@ axial structure is the mask); GQA supported.
 
 Fast path ``sdpa``: the grid is permuted so that the chosen axis is the sequence axis and every other axis joins the
 batch: one batched ``scaled_dot_product_attention`` per step (``is_causal`` for causal), O(N · L_a · d) time per step,
-no mask tensor. The predicate (:func:`attnzoo.masks_local.axial`) defines the reference.
+no mask tensor. The predicate (:func:`attnzoo.masks.layouts.axial`) defines the reference.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo import masks
-from attnzoo.masks_local import axial as axial_mod
+from attnzoo.masks.layouts import axial as axial_mod
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
-from attnzoo.methods.local.common import check_layout
+from attnzoo.methods.structured.common import check_layout
 from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, register
 
 
@@ -40,7 +40,7 @@ def _check_axis(value: Any, call: Call) -> str | None:
 
 SPEC = MethodSpec(
     name="axial",
-    family="local",
+    family="structured",
     mechanism="P4",
     paper="Axial Attention in Multidimensional Transformers",
     arxiv="1912.12180",

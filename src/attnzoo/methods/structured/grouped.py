@@ -9,7 +9,7 @@ Formula as implemented: query ``i`` of batch ``b`` attends with softmax to the k
 ``s = scale · q·k + bias``; a query whose group has no key gives 0. ``group_ids``: integer tensor ``(Sq,)`` (shared
 by the batch) or ``(B, Sq)``; ``kv_group_ids``: the keys' ids for cross-attention (``(Skv,)`` or ``(B, Skv)``),
 defaulting to ``group_ids`` in self-attention. ``group_ids=None`` puts every token in one group (plain softmax
-attention). Ids need not be sorted or contiguous. The predicate is :func:`attnzoo.masks_local.grouped`.
+attention). Ids need not be sorted or contiguous. The predicate is :func:`attnzoo.masks.groups.grouped`.
 
 Fast path ``torch``: per distinct ids row, queries and keys are stably sorted by id; each group present on both
 sides is one SDPA call on its gathered queries and keys (``is_causal`` when the query and key positions of the group
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo import masks
-from attnzoo.masks_local import grouped as grouped_mod
+from attnzoo.masks.groups import grouped as grouped_mod
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
 from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
@@ -54,7 +54,7 @@ def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
 
 SPEC = MethodSpec(
     name="grouped",
-    family="local",
+    family="structured",
     mechanism="P10",
     paper="Group / isolation masks (packed documents; Group Pose; Seg2Any; IR-Diffusion; DyST-XL; EE-MLLM)",
     arxiv=None,

@@ -1,7 +1,4 @@
-"""Position ids and mask predicates of the local family's later methods (P12 FIT groups, P13 concentric causal).
-
-Kept apart from :mod:`attnzoo.masks_local` (owned by another work stream); the predicates follow the same rules:
-FlexAttention ``mask_mod``s written with elementwise tensor ops, shared by the dense reference and the flex path.
+"""Masks from position ids: a query sees the keys whose position id is not larger than its own.
 
 Concentric position ids (CCA, arXiv:2410.15926): the ``h × w`` visual tokens of a multimodal sequence are numbered by
 ring, ``ring(y, x) = min(y, x, h − 1 − y, w − 1 − x)`` (0 on the border, growing toward the centre). In a sequence of
@@ -21,9 +18,9 @@ from collections.abc import Sequence
 
 import torch
 
-from attnzoo.masks import MaskMod
+from attnzoo.masks.core import MaskMod
 
-__all__ = ["concentric_position_ids", "concentric_rings", "latent_groups", "position_causal"]
+__all__ = ["concentric_position_ids", "concentric_rings", "position_causal"]
 
 
 def concentric_rings(layout: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -64,22 +61,3 @@ def position_causal(q_pos: torch.Tensor, kv_pos: torch.Tensor) -> MaskMod:
         return kv_pos[kv_idx] <= q_pos[q_idx]
 
     return position_causal_mod
-
-
-def latent_groups(num_data: int, num_groups: int, latents_per_group: int) -> MaskMod:
-    """FIT's local + global latent predicate on a sequence ``[data tokens; latent tokens]``, both group-major.
-
-    Data token ``t < num_data`` is in group ``t // (num_data / G)``; latent ``num_data + l`` in group
-    ``l // latents_per_group``. Key ``j`` is visible to query ``i`` iff they share a group (local attention among data,
-    data ↔ its own latents) or both are latents (global attention among latents).
-    """
-    size = num_data // num_groups
-    lat = max(latents_per_group, 1)
-
-    def latent_groups_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        q_lat, k_lat = q_idx >= num_data, kv_idx >= num_data
-        q_group = torch.where(q_lat, (q_idx - num_data) // lat, q_idx // size)
-        k_group = torch.where(k_lat, (kv_idx - num_data) // lat, kv_idx // size)
-        return (q_group == k_group) | (q_lat & k_lat)
-
-    return latent_groups_mod

@@ -35,7 +35,7 @@ from attnzoo.registry import NONCAUSAL_PATTERNS, Backend, MethodSpec, register
 
 SPEC = MethodSpec(
     name="channel_group",
-    family="local",
+    family="structured",
     mechanism="P11",
     paper="DaViT: Dual Attention Vision Transformers",
     arxiv="2204.03645",

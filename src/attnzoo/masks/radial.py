@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from attnzoo.masks import MaskMod
+from attnzoo.masks.core import MaskMod
 
-__all__ = ["radial", "radial_block_mod", "radial_blocks", "radial_deployed", "radial_reach"]
+__all__ = ["radial", "radial_blocks", "radial_deployed", "radial_reach"]
 
 
 def radial_reach(frames: int, spatial: int) -> torch.Tensor:
@@ -133,12 +133,3 @@ def radial_blocks(frames: int, spatial: int, text: int, dense_first_frame: bool,
         ])
     out[:nbv, :nbv] = video_blocks
     return out
-
-
-def radial_block_mod(blocks: torch.Tensor, block: int) -> MaskMod:
-    """A block mask ``(nb, nb)`` as a token predicate: query ``x`` sees key ``y`` iff ``blocks[x // B, y // B]``."""
-
-    def radial_block(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        return blocks[q_idx // block, kv_idx // block]
-
-    return radial_block

@@ -5,7 +5,7 @@ paper's description and the authors' public code (cca-llava) for the exact defin
 
 Formula as implemented: the sequence is ``image_start`` text tokens, an ``(h, w) = layout`` image in row-major order,
 then text tokens up to the end. Every token gets a concentric position id ``p``
-(:func:`attnzoo.masks_local_extra.concentric_position_ids`): text before the image counts ``0, 1, …``; visual token
+(:func:`attnzoo.masks.positional.concentric_position_ids`): text before the image counts ``0, 1, …``; visual token
 ``(y, x)`` gets ``image_start + min(y, x, h−1−y, w−1−x)`` (outer ring first, centre last, so the centre sits next to
 the instruction text); text after the image continues at ``image_start + ceil(min(h, w)/2)``. Query ``i`` attends with
 softmax to the keys ``j`` with ``p_j ≤ p_i`` (AND the user mask), ``s = scale · q·k + bias``: plain causal attention
@@ -21,7 +21,7 @@ the same keys; the text after the image runs in blocks of ``BLOCK`` rows over th
 lower-triangular tile zero-padded on the left. With a user mask or bias every segment builds its own mask rows.
 Segments are checkpointed under autograd and write their rows straight to the un-permuted output: about half the
 dense FLOPs, never the ``N × N`` mask. ``flex``: the predicate's cached block mask
-(:func:`attnzoo.masks_local_extra.position_causal`).
+(:func:`attnzoo.masks.positional.position_causal`).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attnzoo import masks
-from attnzoo.masks_local_extra import concentric_position_ids, position_causal
+from attnzoo.masks.positional import concentric_position_ids, position_causal
 from attnzoo.methods.common import masked_attention
-from attnzoo.methods.local.common import flex_attention, flex_serves
+from attnzoo.methods.structured.common import flex_attention, flex_serves
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 BLOCK = 128
@@ -71,7 +71,7 @@ def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
 
 SPEC = MethodSpec(
     name="concentric_causal",
-    family="local",
+    family="structured",
     mechanism="P13",
     paper="Mitigating Object Hallucination via Concentric Causal Attention",
     arxiv="2410.15926",
