@@ -1,4 +1,6 @@
-"""The registry-driven conformance suite: every method × supported pattern × backend, and bad inputs per method."""
+"""The registry-driven conformance suite: every method × supported pattern × backend, bad inputs and decoding per
+method. The cases are read from the registry at collection time, so a backend registered before collection (by a
+package outside attnzoo, through ``attnzoo.register_backend``) is checked too."""
 
 from __future__ import annotations
 
@@ -26,7 +28,21 @@ def test_bad_inputs(name: str) -> None:
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("name", verify.decoding_methods())
+def test_prefill_then_step_equals_one_causal_forward(name: str) -> None:
+    result = verify.decoding_check(name)
+    assert result.status == "pass", result.detail
+
+
 def test_every_method_has_a_fast_path() -> None:
     for m in all_methods():
         assert m.backends, f"{m.name} has only its reference"
         assert all(b.fn is not m.reference for b in m.backends), f"{m.name}: a fast path is the reference"
+
+
+def test_every_causal_linear_method_decodes() -> None:
+    """What ``attnzoo.methods.linear`` says: its causal methods decode, its non-causal-only ones do not."""
+    for m in all_methods():
+        if m.spec.family == "linear":
+            causal = any(p.endswith("/causal") for p in m.spec.patterns)
+            assert m.spec.decoding == causal == (m.decoder is not None), m.name
