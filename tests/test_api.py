@@ -185,3 +185,9 @@ def test_bad_decoding_calls_name_the_argument(call, argument):
 
 def _state(q, k, v):
     return az.prefill(q, k, v, method="lightning", decay=0.2)[1]
+
+
+def test_step_suggests_a_misspelt_parameter():
+    q, k, v = _decode_inputs()
+    with pytest.raises(AttnzooError, match="did you mean 'decay'"):
+        az.step(_state(q, k, v), q[:, :, :1], k[:, :, :1], v[:, :, :1], decai=0.5)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -187,7 +187,7 @@ def select_backend(m: Method, call: Call, backend: str) -> Backend:
     raise fail("backend", f"a backend of {m.name!r} that can serve this call", "; ".join(reasons))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DecodeState:
     """Where a decoded sequence stands: returned by :func:`prefill` and :func:`step`, passed to the next :func:`step`.
 
@@ -232,9 +232,9 @@ def prefill(
     return out, DecodeState(m.name, scale_, kept, call.seq_q, call, data, given)
 
 
-def step(state: DecodeState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **params: Any) -> tuple[
-    torch.Tensor, DecodeState
-]:
+def step(
+    state: DecodeState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **params: Any
+) -> tuple[torch.Tensor, DecodeState]:
     """Continue a sequence by ``T >= 1`` tokens: ``q (B, H, T, D)``, ``k (B, Hkv, T, D)``, ``v (B, Hkv, T, Dv)``.
 
     Returns ``(out, state)`` with ``out (B, H, T, Dv)``: what one causal forward over the whole sequence gives for
@@ -249,7 +249,8 @@ def step(state: DecodeState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     missing = [n for n in state.token_params if n not in params]
     if missing:
         raise fail(missing[0], f"this step's values (the prefill was given per-token {missing[0]})", "none")
-    changed = [n for n, p in params.items() if n not in decoder.token_params and not _same(p, state.params.get(n))]
+    fixed = [n for n in params if n in state.params and n not in decoder.token_params]
+    changed = [n for n in fixed if not _same(params[n], state.params[n])]
     if changed:
         raise fail(changed[0], "the prefill's value (only per-token parameters change per step)", "another value")
     call, _, _, _, full = prepare(m, q, k, v, True, state.scale, None, None, {**state.params, **params})
@@ -261,8 +262,7 @@ def step(state: DecodeState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         out, data = decoder.step(data, *(x[:, :, t : t + 1] for x in (q, k, v)), scale=state.scale, **token)
         outs.append(out)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return out, DecodeState(m.name, state.scale, state.params, state.length + call.seq_q, state.call, data,
-                            state.token_params)
+    return out, replace(state, length=state.length + call.seq_q, data=data)
 
 
 def _decoder(m: Method) -> Decoder:

@@ -221,7 +221,7 @@ class Backend:
     differentiable: bool = True
     exact: bool = True
     tolerance: Tolerance | None = None
-    priority: Mapping[str, int] = field(default_factory=dict)
+    priority: Mapping[str, int] = field(default_factory=dict, hash=False)
 
     def priority_on(self, device_type: str) -> int:
         """This backend's priority on ``device_type`` (``"cpu"``, ``"cuda"``...): higher is tried first."""
