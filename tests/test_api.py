@@ -175,6 +175,7 @@ def test_step_takes_this_steps_per_token_parameters():
         (lambda q, k, v: az.step(_state(q, k, v), q[:1, :, :1], k[:1, :, :1], v[:1, :, :1]), "q"),
         (lambda q, k, v: az.step(_state(q, k, v), *(x[:, :, :1].float() for x in (q, k, v))), "q"),
         (lambda q, k, v: az.step(_state(q, k, v), q[:, :, :1], k[:, :, :1], v[:, :, :1], decay=0.5), "decay"),
+        (lambda q, k, v: az.step(_state(q, k, v), q[:, :, :1], k[:, :, :1], v[:, :, :1], scale=0.5), "scale"),
         (lambda q, k, v: az.step(_state(q, k, v), q[:, :, :1], k[:, :, :1], v[:, :, :1], decai=0.5), "decai"),
     ],
 )

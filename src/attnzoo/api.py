@@ -229,7 +229,7 @@ def prefill(
     out, data = decoder.prefill(q, k, v, scale=scale_, **full)
     given = tuple(n for n in decoder.token_params if isinstance(full[n], torch.Tensor))
     kept = {n: p for n, p in full.items() if n not in given}
-    return out, DecodeState(m.name, scale_, kept, call.seq_q, call, data, given)
+    return out, DecodeState(m.name, scale_, kept, call.seq_q, replace(call, params={}), data, given)
 
 
 def step(
@@ -244,6 +244,8 @@ def step(
     """
     if not isinstance(state, DecodeState):
         raise fail("state", "a DecodeState from attnzoo.prefill or attnzoo.step", type(state).__name__)
+    if "scale" in params:
+        raise fail("scale", "no value (the prefill's scale holds for the whole sequence)", params["scale"])
     m = get(state.method)
     decoder = _decoder(m)
     missing = [n for n in state.token_params if n not in params]
