@@ -128,3 +128,67 @@ def test_auto_prefers_torch_over_flex_on_cpu():
         q, k, v = qkv()
         call = prepare(m, q, k, v, False, None, None, None, {})[0]
         assert select_backend(m, call, "auto").name == "torch"
+
+
+def test_backend_names_only_the_methods_own_backends():
+    with pytest.raises(AttnzooError, match=r"^backend: expected 'auto' or one of \['sdpa', 'reference'\]"):
+        az.attention(*qkv(), backend="flex")
+
+
+def _decode_inputs(n=12, dtype=torch.float64):
+    return qkv(sq=n, skv=n, dtype=dtype)
+
+
+def test_prefill_then_step_continues_the_causal_forward():
+    q, k, v = _decode_inputs()
+    full = az.attention(q, k, v, method="lightning", causal=True, decay=0.2)
+    out, state = az.prefill(q[:, :, :7], k[:, :, :7], v[:, :, :7], method="lightning", decay=0.2)
+    assert isinstance(state, az.DecodeState) and (state.method, state.length) == ("lightning", 7)
+    assert state.params["decay"] == 0.2 and state.params["block_size"] == 128  # resolved: defaults included
+    one, state = az.step(state, q[:, :, 7:8], k[:, :, 7:8], v[:, :, 7:8])  # the method comes from the state
+    rest, state = az.step(state, q[:, :, 8:], k[:, :, 8:], v[:, :, 8:])  # a chunk of 4 tokens
+    assert state.length == 12
+    torch.testing.assert_close(torch.cat([out, one, rest], dim=2), full)
+
+
+def test_step_takes_this_steps_per_token_parameters():
+    q, k, v = _decode_inputs()
+    g = torch.Generator().manual_seed(1)
+    log_gate = -torch.rand(2, 4, 12, generator=g, dtype=torch.float64)
+    full = az.attention(q, k, v, method="gated_delta", causal=True, log_gate=log_gate, beta=0.5)
+    out, state = az.prefill(q[:, :, :5], k[:, :, :5], v[:, :, :5], method="gated_delta", log_gate=log_gate[..., :5],
+                            beta=0.5)
+    assert state.token_params == ("log_gate",)  # a float beta is the same for every token: kept in the state
+    with pytest.raises(AttnzooError, match=r"^log_gate:"):
+        az.step(state, q[:, :, 5:6], k[:, :, 5:6], v[:, :, 5:6])
+    rest, _ = az.step(state, q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], log_gate=log_gate[..., 5:])
+    torch.testing.assert_close(torch.cat([out, rest], dim=2), full)
+
+
+@pytest.mark.parametrize(
+    ("call", "argument"),
+    [
+        (lambda q, k, v: az.prefill(q, k, v, method="softmax"), "method"),  # does not decode
+        (lambda q, k, v: az.prefill(q, k, v, method="lightning", decay=-1.0), "decay"),
+        (lambda q, k, v: az.prefill(q, k[:, :, :5], v[:, :, :5], method="lightning"), "causal"),  # cross
+        (lambda q, k, v: az.step("state", q, k, v), "state"),
+        (lambda q, k, v: az.step(_state(q, k, v), q[:1, :, :1], k[:1, :, :1], v[:1, :, :1]), "q"),
+        (lambda q, k, v: az.step(_state(q, k, v), *(x[:, :, :1].float() for x in (q, k, v))), "q"),
+        (lambda q, k, v: az.step(_state(q, k, v), q[:, :, :1], k[:, :, :1], v[:, :, :1], decay=0.5), "decay"),
+        (lambda q, k, v: az.step(_state(q, k, v), q[:, :, :1], k[:, :, :1], v[:, :, :1], scale=0.5), "scale"),
+        (lambda q, k, v: az.step(_state(q, k, v), q[:, :, :1], k[:, :, :1], v[:, :, :1], decai=0.5), "decai"),
+    ],
+)
+def test_bad_decoding_calls_name_the_argument(call, argument):
+    with pytest.raises(AttnzooError, match=rf"^{argument}:"):
+        call(*_decode_inputs())
+
+
+def _state(q, k, v):
+    return az.prefill(q, k, v, method="lightning", decay=0.2)[1]
+
+
+def test_step_suggests_a_misspelt_parameter():
+    q, k, v = _decode_inputs()
+    with pytest.raises(AttnzooError, match="did you mean 'decay'"):
+        az.step(_state(q, k, v), q[:, :, :1], k[:, :, :1], v[:, :, :1], decai=0.5)

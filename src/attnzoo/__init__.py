@@ -2,13 +2,41 @@
 
 >>> import attnzoo as az
 >>> out = az.attention(q, k, v, method="sigmoid", causal=True)
+>>> out, state = az.prefill(q, k, v, method="lightning")       # methods whose spec says ``decoding``
+>>> out_t, state = az.step(state, q_t, k_t, v_t)
 """
 
 from attnzoo import methods as _methods  # noqa: F401  (registers every method)
 from attnzoo import nn
-from attnzoo.api import attention
+from attnzoo.api import DecodeState, attention, prefill, step
 from attnzoo.errors import AttnzooError
-from attnzoo.registry import Method, MethodSpec, Param, get, methods
+from attnzoo.registry import (
+    Backend,
+    Decoder,
+    Method,
+    MethodSpec,
+    Param,
+    Tolerance,
+    get,
+    methods,
+    register_backend,
+)
 
-__all__ = ["AttnzooError", "Method", "MethodSpec", "Param", "attention", "get", "methods", "nn"]
+__all__ = [
+    "AttnzooError",
+    "Backend",
+    "DecodeState",
+    "Decoder",
+    "Method",
+    "MethodSpec",
+    "Param",
+    "Tolerance",
+    "attention",
+    "get",
+    "methods",
+    "nn",
+    "prefill",
+    "register_backend",
+    "step",
+]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""``attnzoo.attention``: one entry point for every registered method.
+"""``attnzoo.attention``, ``attnzoo.prefill`` and ``attnzoo.step``: one entry point for every registered method, and
+one decoding API for every method that declares a :class:`~attnzoo.registry.Decoder`.
 
 Everything about a call is checked here, before any compute, so that bad input gets one clear
 :class:`~attnzoo.errors.AttnzooError` naming the argument instead of a wrong answer or a crash deep in a kernel.
@@ -8,12 +9,14 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from attnzoo.errors import AttnzooError, fail
-from attnzoo.registry import BACKEND_ORDER, CPU_BACKEND_ORDER, Backend, Call, Method, get
+from attnzoo.registry import Backend, Call, Decoder, Method, get, methods
 
 
 def attention(
@@ -161,27 +164,134 @@ def _check_mask_like(
 def select_backend(m: Method, call: Call, backend: str) -> Backend:
     """The backend that serves ``call``: the named one (or an error saying why not), or the first that can.
 
-    ``auto`` tries the method's backends in the device's priority order (:data:`~attnzoo.registry.BACKEND_ORDER`, or
-    :data:`~attnzoo.registry.CPU_BACKEND_ORDER` on CPU) and falls back to the dense reference only for methods that
-    do not promise sub-quadratic memory.
+    ``auto`` tries the method's backends from the highest priority on the call's device type down
+    (:meth:`~attnzoo.registry.Method.by_priority`), each checked by :meth:`~attnzoo.registry.Backend.refusal`, and
+    falls back to the dense reference only for methods that do not promise sub-quadratic memory.
     """
     if not isinstance(backend, str):
         raise fail("backend", "a backend name (str)", repr(backend))
     if backend != "auto":
-        if backend not in BACKEND_ORDER:
-            raise fail("backend", f"'auto' or one of {list(BACKEND_ORDER)}", repr(backend))
         chosen = m.backend(backend)
-        reason = chosen.serves(call)
+        reason = chosen.refusal(call)
         if reason is not None:
             raise fail("backend", f"a backend that can serve this call ({backend!r} cannot: {reason})", repr(backend))
         return chosen
     reasons = []
-    order = CPU_BACKEND_ORDER if call.device.type == "cpu" else BACKEND_ORDER
-    for b in sorted(m.backends, key=lambda b: order.index(b.name)):
-        reason = b.serves(call)
+    for b in m.by_priority(call.device.type):
+        reason = b.refusal(call)
         if reason is None:
             return b
         reasons.append(f"{b.name}: {reason}")
     if not m.spec.subquadratic_memory:
         return m.backend("reference")
     raise fail("backend", f"a backend of {m.name!r} that can serve this call", "; ".join(reasons))
+
+
+@dataclass(frozen=True, eq=False)
+class DecodeState:
+    """Where a decoded sequence stands: returned by :func:`prefill` and :func:`step`, passed to the next :func:`step`.
+
+    It carries everything ``step`` needs, so ``step`` takes no method argument: the ``method`` name, the resolved
+    ``scale``, the resolved ``params`` (all but the per-token ones, see ``token_params``), ``length`` (tokens seen),
+    ``call`` (the prefill's validated call: batch, heads, head dims, dtype, device that every step must match) and
+    ``data``, the method's own state (a recurrent tensor, a KV cache...). ``token_params`` names the per-token
+    parameters the prefill was given as tensors: each step must pass its own token's. Treat it as a value: ``step``
+    returns a new one and never modifies the one it was given.
+    """
+
+    method: str
+    scale: float
+    params: Mapping[str, Any]
+    length: int
+    call: Call
+    data: Any
+    token_params: tuple[str, ...] = ()
+
+
+def prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    method: str,
+    scale: float | None = None,
+    **params: Any,
+) -> tuple[torch.Tensor, DecodeState]:
+    """Causal self-attention over a prompt, returning ``(out, state)`` to continue the sequence with :func:`step`.
+
+    ``q (B, H, S, D)``, ``k (B, Hkv, S, D)``, ``v (B, Hkv, S, Dv)``; ``out`` is what ``attention(q, k, v,
+    method=method, causal=True, scale=scale, **params)`` returns. ``method`` must declare decoding
+    (``attnzoo.get(method).spec.decoding``). Arguments are validated exactly as :func:`attention` does.
+    """
+    m = get(method)
+    decoder = _decoder(m)
+    call, scale_, _, _, full = prepare(m, q, k, v, True, scale, None, None, params)
+    _require_self(call)
+    out, data = decoder.prefill(q, k, v, scale=scale_, **full)
+    given = tuple(n for n in decoder.token_params if isinstance(full[n], torch.Tensor))
+    kept = {n: p for n, p in full.items() if n not in given}
+    return out, DecodeState(m.name, scale_, kept, call.seq_q, replace(call, params={}), data, given)
+
+
+def step(
+    state: DecodeState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **params: Any
+) -> tuple[torch.Tensor, DecodeState]:
+    """Continue a sequence by ``T >= 1`` tokens: ``q (B, H, T, D)``, ``k (B, Hkv, T, D)``, ``v (B, Hkv, T, Dv)``.
+
+    Returns ``(out, state)`` with ``out (B, H, T, Dv)``: what one causal forward over the whole sequence gives for
+    these ``T`` positions. The method, scale and parameters come from ``state``; ``params`` passes the per-token
+    parameters of these tokens (``(B, H, T)`` gates, say), and must not change the others. ``T > 1`` runs the
+    method's step token by token.
+    """
+    if not isinstance(state, DecodeState):
+        raise fail("state", "a DecodeState from attnzoo.prefill or attnzoo.step", type(state).__name__)
+    if "scale" in params:
+        raise fail("scale", "no value (the prefill's scale holds for the whole sequence)", params["scale"])
+    m = get(state.method)
+    decoder = _decoder(m)
+    missing = [n for n in state.token_params if n not in params]
+    if missing:
+        raise fail(missing[0], f"this step's values (the prefill was given per-token {missing[0]})", "none")
+    fixed = [n for n in params if n in state.params and n not in decoder.token_params]
+    changed = [n for n in fixed if not _same(params[n], state.params[n])]
+    if changed:
+        raise fail(changed[0], "the prefill's value (only per-token parameters change per step)", "another value")
+    call, _, _, _, full = prepare(m, q, k, v, True, state.scale, None, None, {**state.params, **params})
+    _require_self(call)
+    _require_continues(state.call, call)
+    data, outs = state.data, []
+    for t in range(call.seq_q):
+        token = {n: _token(p, t) if n in decoder.token_params else p for n, p in full.items()}
+        out, data = decoder.step(data, *(x[:, :, t : t + 1] for x in (q, k, v)), scale=state.scale, **token)
+        outs.append(out)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out, replace(state, length=state.length + call.seq_q, data=data)
+
+
+def _decoder(m: Method) -> Decoder:
+    if m.decoder is None:
+        decoding = [name for name, spec in methods().items() if spec.decoding]
+        raise fail("method", f"a method that decodes ({', '.join(decoding)})", repr(m.name))
+    return m.decoder
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether a parameter passed to a step is the prefill's value (the same tensor, or an equal scalar)."""
+    return a is b or (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b)
+
+
+def _require_self(call: Call) -> None:
+    if call.cross:
+        raise fail("k", f"as many tokens as q ({call.seq_q}) when decoding", call.seq_kv)
+
+
+def _require_continues(before: Call, now: Call) -> None:
+    """Every step must have the prefill's batch, heads, head dims, dtype and device."""
+    for name, arg in (("batch", "q"), ("heads", "q"), ("head_dim", "q"), ("kv_heads", "k"), ("head_dim_v", "v"),
+                      ("dtype", "q"), ("device", "q")):
+        if getattr(now, name) != getattr(before, name):
+            raise fail(arg, f"{name} {getattr(before, name)} (that of the prefill)", getattr(now, name))
+
+
+def _token(value: Any, t: int) -> Any:
+    """Token ``t`` of a per-token parameter (dim 2); a scalar is the same for every token."""
+    return value[:, :, t : t + 1] if isinstance(value, torch.Tensor) else value

@@ -1,7 +1,14 @@
-"""The method registry: every mechanism registers a :class:`MethodSpec`, its reference and its fast paths.
+"""The method registry: every mechanism registers a :class:`MethodSpec`, its reference, its fast paths and, if it
+decodes, its recurrent form.
 
 A method file ends with one ``register(...)`` call. The API, the CLI, the benchmark and the conformance suite all
 walk this registry, so a new method is tested, listed and benchmarked without new code elsewhere.
+
+- :data:`FAMILIES`: the catalogue's families (letter, name, title, folder), in catalogue order (MECHANISMS.md).
+- :class:`Backend`: one implementation of a method, declaring what it serves (devices, dtypes, training, exact or
+  approximate within a tolerance) and its priority per device type, which ``backend="auto"`` sorts by.
+  :func:`register_backend` adds one to a registered method from anywhere (a package outside attnzoo, say).
+- :class:`Decoder`: a method's ``prefill``/``step`` pair, behind ``attnzoo.prefill`` and ``attnzoo.step``.
 """
 
 from __future__ import annotations
@@ -20,10 +27,39 @@ PATTERNS: tuple[str, ...] = ("self/noncausal", "self/causal", "cross/noncausal",
 ALL_PATTERNS = frozenset(PATTERNS)
 SELF_PATTERNS = frozenset({"self/noncausal", "self/causal"})
 NONCAUSAL_PATTERNS = frozenset({"self/noncausal", "cross/noncausal"})
-BACKEND_ORDER: tuple[str, ...] = ("triton", "sdpa", "flex", "torch", "reference")
-# On CPU, ``auto`` tries ``torch`` before ``flex``: CPU FlexAttention compiles for seconds per new shape and, measured
-# here, beats the blockwise torch paths only narrowly where it wins at all (and loses 4x on 2-D neighborhoods).
-CPU_BACKEND_ORDER: tuple[str, ...] = ("triton", "sdpa", "torch", "flex", "reference")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of the catalogue: ``letter`` prefixes its IDs (``L10``), ``name`` is what specs say (``"linear"``),
+    ``title`` is the catalogue's heading, ``folder`` where its files live under ``attnzoo/``."""
+
+    letter: str
+    name: str
+    title: str
+    folder: str
+
+
+# The families of MECHANISMS.md, in its order (which is the order of ``attnzoo list`` and docs/methods.md). D, H, Q,
+# K and C have no registered method yet; their names and folders are reserved here.
+FAMILIES: tuple[Family, ...] = (
+    Family("S", "softmax", "softmax-form variants", "methods/softmax"),
+    Family("P", "structured", "static structured sparsity", "methods/structured"),
+    Family("D", "sparse", "dynamic, content-dependent sparsity", "methods/sparse"),
+    Family("L", "linear", "linear, kernelised and recurrent attention", "methods/linear"),
+    Family("H", "heads", "head structure and projections", "methods/heads"),
+    Family("Q", "precision", "low-precision attention", "methods/precision"),
+    Family("K", "kv", "KV cache and inference", "kv"),
+    Family("C", "analysis", "analysis of attention in any model", "analysis"),
+)
+
+
+def family(name: str) -> Family:
+    """The family called ``name`` (``"linear"``); an unknown name raises, listing the known ones."""
+    for f in FAMILIES:
+        if f.name == name:
+            return f
+    raise fail("family", f"one of {[f.name for f in FAMILIES]}", repr(name))
 
 
 def pattern_of(cross: bool, causal: bool) -> str:
@@ -146,12 +182,81 @@ def always(_: Call) -> str | None:
 
 
 @dataclass(frozen=True)
+class Tolerance:
+    """How far an approximate backend may be from the method's reference: ``|got − ref| <= atol + rtol·|ref|``."""
+
+    atol: float
+    rtol: float
+
+
+# ``auto`` tries a method's backends from the highest priority down. Built-in backend names get these defaults (a
+# backend may declare its own per device type); any other name defaults to 0, after them. On CPU ``torch`` comes
+# before ``flex``: CPU FlexAttention compiles for seconds per new shape and, measured here, beats the blockwise torch
+# paths only narrowly where it wins at all (and loses 4x on 2-D neighborhoods).
+DEFAULT_PRIORITY: Mapping[str, int] = {"triton": 40, "sdpa": 30, "flex": 20, "torch": 10}
+CPU_DEFAULT_PRIORITY: Mapping[str, int] = {**DEFAULT_PRIORITY, "torch": 20, "flex": 10}
+
+
+@dataclass(frozen=True)
 class Backend:
-    """One implementation of a method. ``serves(call)`` returns why it cannot serve a call, or None if it can."""
+    """One implementation of a method, and what it declares it serves.
+
+    - ``fn(q, k, v, *, causal, scale, mask, bias, **params)``: called with validated inputs and every parameter.
+    - ``serves(call)``: why it cannot serve a call (shapes, parameters...), or None if it can.
+    - ``devices``: device types it runs on (``("cuda",)``), None for any; ``dtypes``: input dtypes, None for any;
+      ``differentiable``: whether it has a backward (False: it refuses calls that need gradients). These generic
+      declarations are checked before ``serves`` (see :meth:`refusal`).
+    - ``exact``: whether it matches the method's reference to float tolerance; an approximate backend (a quantised
+      kernel of an exact method, say) gives its ``tolerance`` against the reference instead, and the conformance
+      suite holds it to that.
+    - ``priority``: per device type (``{"cpu": 5, "cuda": 50}``); ``auto`` tries higher first. A device type it
+      does not name gets :data:`DEFAULT_PRIORITY` (:data:`CPU_DEFAULT_PRIORITY` on CPU) for its name, else 0.
+    """
 
     name: str
     fn: Callable[..., torch.Tensor]
     serves: Serves = always
+    devices: tuple[str, ...] | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None
+    differentiable: bool = True
+    exact: bool = True
+    tolerance: Tolerance | None = None
+    priority: Mapping[str, int] = field(default_factory=dict, hash=False)
+
+    def priority_on(self, device_type: str) -> int:
+        """This backend's priority on ``device_type`` (``"cpu"``, ``"cuda"``...): higher is tried first."""
+        if device_type in self.priority:
+            return self.priority[device_type]
+        return (CPU_DEFAULT_PRIORITY if device_type == "cpu" else DEFAULT_PRIORITY).get(self.name, 0)
+
+    def refusal(self, call: Call) -> str | None:
+        """Why this backend cannot serve ``call`` (its declared devices, dtypes, training, then ``serves``), or None."""
+        if self.devices is not None and call.device.type not in self.devices:
+            return f"runs on {'/'.join(self.devices)}, not {call.device.type}"
+        if self.dtypes is not None and call.dtype not in self.dtypes:
+            return f"serves dtypes {', '.join(str(d).removeprefix('torch.') for d in self.dtypes)}, not {call.dtype}"
+        if call.requires_grad and not self.differentiable:
+            return "has no backward (inputs require grad)"
+        return self.serves(call)
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """A method's recurrent form: a causal forward that returns a state, and a step that continues from it.
+
+    - ``prefill(q, k, v, *, scale, **params) -> (out, state)``: causal self-attention over a prompt;
+    - ``step(state, q, k, v, *, scale, **params) -> (out, state)``: one token (seq 1); ``state=None`` starts an empty
+      sequence.
+
+    Both are called, like a backend, with validated inputs, the resolved scale and every parameter. The state is the
+    method's own (a tensor, a dataclass); ``attnzoo.prefill``/``attnzoo.step`` carry it in a
+    :class:`~attnzoo.api.DecodeState`. ``token_params`` names the parameters that hold one entry per token along
+    dim 2, ``(B, H, S)`` like gated-delta gates: the prefill takes the prompt's, each step its own token's.
+    """
+
+    prefill: Callable[..., tuple[torch.Tensor, Any]]
+    step: Callable[..., tuple[torch.Tensor, Any]]
+    token_params: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -186,7 +291,8 @@ class MethodSpec:
     differentiable: bool = True
     subquadratic_memory: bool = False
     tests: TestHints = TestHints()
-    backends: tuple[str, ...] = ()  # filled in by register(): the fast paths in priority order, then "reference"
+    backends: tuple[str, ...] = ()  # filled in by register(): the fast paths in (GPU) priority order, then "reference"
+    decoding: bool = False  # filled in by register(): whether it has a Decoder (attnzoo.prefill / attnzoo.step)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -197,43 +303,91 @@ class MethodSpec:
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: its spec, its dense reference and its fast paths (in priority order)."""
+    """A registered method: its spec, its dense reference, its fast paths (in GPU priority order), its decoder."""
 
     spec: MethodSpec
     reference: Callable[..., torch.Tensor]
     backends: tuple[Backend, ...]
+    decoder: Decoder | None = None
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def backend(self, name: str) -> Backend:
+        """The backend called ``name`` (``"reference"``: the dense reference, exact, on any device)."""
         if name == "reference":
-            return Backend("reference", self.reference)
+            return Backend("reference", self.reference, differentiable=self.spec.differentiable)
         for b in self.backends:
             if b.name == name:
                 return b
-        raise fail("backend", f"one of {list(self.spec.backends)} for method {self.name!r}", repr(name))
+        raise fail("backend", f"'auto' or one of {list(self.spec.backends)} for method {self.name!r}", repr(name))
+
+    def by_priority(self, device_type: str) -> list[Backend]:
+        """The fast paths in the order ``auto`` tries them on ``device_type`` (ties keep registration order)."""
+        return sorted(self.backends, key=lambda b: -b.priority_on(device_type))
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(spec: MethodSpec, reference: Callable[..., torch.Tensor], backends: list[Backend]) -> Method:
-    """Register a method. Called once at the bottom of each method file."""
+def register(
+    spec: MethodSpec,
+    reference: Callable[..., torch.Tensor],
+    backends: list[Backend],
+    decoder: Decoder | None = None,
+) -> Method:
+    """Register a method. Called once at the bottom of each method file.
+
+    Fills in ``spec.backends`` and ``spec.decoding``. A bad spec (unknown family, an ID of another family's letter,
+    unknown patterns, a bad backend) raises :class:`AttnzooError` naming the field.
+    """
+    where = f"method {spec.name!r}"
     if spec.name in _REGISTRY:
-        raise RuntimeError(f"method {spec.name!r} registered twice")
+        raise fail("name", f"a name not registered yet ({where} is)", repr(spec.name))
+    fam = family(spec.family)
+    if not spec.mechanism.startswith(fam.letter):
+        raise fail("mechanism", f"a {fam.name!r} catalogue ID ({fam.letter}<n>) for {where}", repr(spec.mechanism))
     bad = set(spec.patterns) - ALL_PATTERNS
     if bad or not spec.patterns:
-        raise RuntimeError(f"method {spec.name!r}: patterns must be a non-empty subset of {PATTERNS}, got {bad}")
-    names = [b.name for b in backends]
-    if "reference" in names or len(set(names)) != len(names):
-        raise RuntimeError(f"method {spec.name!r}: backend names must be unique and not 'reference'")
-    ordered = tuple(sorted(backends, key=lambda b: BACKEND_ORDER.index(b.name)))
-    spec = replace(spec, backends=(*(b.name for b in ordered), "reference"))
-    method = Method(spec=spec, reference=reference, backends=ordered)
+        raise fail("patterns", f"a non-empty subset of {list(PATTERNS)} for {where}", sorted(spec.patterns))
+    method = Method(spec=replace(spec, decoding=decoder is not None), reference=reference, backends=(),
+                    decoder=decoder)
+    for b in backends:
+        method = _with_backend(method, b)
     _REGISTRY[spec.name] = method
     return method
+
+
+def register_backend(method: str, backend: Backend) -> Method:
+    """Add ``backend`` to the registered ``method``: one call, from any package (a Triton kernel of a method, say).
+
+    ``attnzoo.attention(..., backend=backend.name)`` then runs it, ``backend="auto"`` tries it by its priority, and
+    the conformance suite (``attnzoo verify``, ``tests/conformance``) checks it against the reference, within its
+    declared tolerance if it is approximate. Returns the updated :class:`Method`.
+    """
+    updated = _with_backend(get(method), backend)
+    _REGISTRY[updated.name] = updated
+    return updated
+
+
+def _with_backend(m: Method, b: Backend) -> Method:
+    """``m`` with ``b`` added, after checking ``b``'s declarations."""
+    where = f"method {m.name!r}"
+    if not isinstance(b, Backend):
+        raise fail("backend", f"an attnzoo.registry.Backend for {where}", type(b).__name__)
+    if not isinstance(b.name, str) or not b.name.isidentifier() or b.name in ("auto", "reference"):
+        raise fail("backend", f"a name that is an identifier, not 'auto' or 'reference', for {where}", repr(b.name))
+    if any(other.name == b.name for other in m.backends):
+        raise fail("backend", f"a name {where} does not have yet ({list(m.spec.backends)})", repr(b.name))
+    if not b.exact and b.tolerance is None:
+        raise fail("tolerance", f"a Tolerance(atol, rtol) for approximate backend {b.name!r} of {where}", None)
+    if b.tolerance is not None and not isinstance(b.tolerance, Tolerance):
+        raise fail("tolerance", f"a Tolerance(atol, rtol) for backend {b.name!r} of {where}", repr(b.tolerance))
+    backends = (*m.backends, b)
+    order = tuple(sorted(backends, key=lambda x: -x.priority_on("cuda")))
+    spec = replace(m.spec, backends=(*(x.name for x in order), "reference"))
+    return replace(m, spec=spec, backends=order)
 
 
 def get(name: str) -> Method:
@@ -253,14 +407,11 @@ def methods() -> dict[str, MethodSpec]:
     return {m.name: m.spec for m in all_methods()}
 
 
-FAMILY_ORDER = "SPDLHQKC"
-
-
 def _catalogue_key(m: Method) -> tuple[int, int, str]:
-    """Order methods as MECHANISMS.md does: by family letter, then number (S1, S2, …, P1, …)."""
-    letter, number = m.spec.mechanism[:1], m.spec.mechanism[1:]
-    family = FAMILY_ORDER.index(letter) if letter in FAMILY_ORDER else len(FAMILY_ORDER)
-    return family, int(number) if number.isdigit() else 0, m.name
+    """Order methods as MECHANISMS.md does: by family, then number (S1, S2, …, P1, …)."""
+    number = m.spec.mechanism[1:]
+    order = [f.name for f in FAMILIES].index(m.spec.family)
+    return order, int(number) if number.isdigit() else 0, m.name
 
 
 def all_methods() -> list[Method]:

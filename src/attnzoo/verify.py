@@ -1,7 +1,8 @@
 """The conformance checks, generated from the registry.
 
-For every registered method, every pattern it supports and every backend that can run on the device, a :class:`Case`
-runs these checks against the method's dense ``reference``:
+For every registered method, every pattern it supports and every backend registered for it (those of packages outside
+attnzoo included, see :func:`attnzoo.registry.register_backend`), a :class:`Case` runs these checks against the
+method's dense ``reference``:
 
 - ``fp64``: output on random shapes (batch > 1, GQA, odd sizes, cross lengths) equals the fp64 reference;
 - ``fp32``: fp32 output against the fp64 reference within the method's tolerance;
@@ -11,6 +12,13 @@ runs these checks against the method's dense ``reference``:
 - ``masked-rows``: with a user mask hiding every key from some rows, those rows are exactly 0 and gradients are
   finite (methods taking ``mask``);
 - ``low-precision``: bf16 (and fp16 on GPU) inputs with logits in the thousands give finite outputs (no overflow).
+
+An exact backend is held to fp64 round-off (fp32: the method's ``tests`` tolerance); an approximate one to the
+:class:`~attnzoo.registry.Tolerance` it declares (fp32: the looser of the two). A check whose call the backend refuses
+(device, dtype, training, its own ``serves``) is a skip with its reason.
+
+:func:`decoding_check` checks, for every method whose spec declares ``decoding``, that ``attnzoo.prefill`` on a prompt
+then ``attnzoo.step`` one token at a time and then a chunk of tokens give the one causal forward's output (fp64).
 
 :func:`bad_input_checks` checks, per method, that unsupported patterns and out-of-range parameters raise
 :class:`~attnzoo.errors.AttnzooError` naming the argument. ``tests/conformance`` turns these into pytest cases and
@@ -25,9 +33,9 @@ from typing import Any
 
 import torch
 
-from attnzoo.api import attention, prepare
+from attnzoo.api import attention, prefill, prepare, step
 from attnzoo.errors import AttnzooError
-from attnzoo.registry import PATTERNS, Call, Method, all_methods, get
+from attnzoo.registry import PATTERNS, Call, Method, Tolerance, all_methods, get
 
 
 @dataclass(frozen=True)
@@ -136,18 +144,18 @@ def _serves(m: Method, backend: str, x: Inputs, causal: bool, **kw: Any) -> str 
         call = prepare(m, x.q, x.k, x.v, causal, None, kw.get("mask"), None, x.params)[0]
     except AttnzooError as e:
         return f"rejected: {e}"
-    return m.backend(backend).serves(call)
+    return m.backend(backend).refusal(call)
 
 
-def _close(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> str | None:
+def _close(got: torch.Tensor, want: torch.Tensor, tol: Tolerance) -> str | None:
     if got.shape != want.shape:
         return f"shape {tuple(got.shape)} != reference {tuple(want.shape)}"
     if not torch.isfinite(got).all():
         return "non-finite values"
     err = (got.double() - want.double()).abs()
-    bound = atol + rtol * want.double().abs()
+    bound = tol.atol + tol.rtol * want.double().abs()
     if bool((err > bound).any()):
-        return f"max abs error {err.max().item():.3g} (atol {atol:g}, rtol {rtol:g})"
+        return f"max abs error {err.max().item():.3g} (atol {tol.atol:g}, rtol {tol.rtol:g})"
     return None
 
 
@@ -195,12 +203,25 @@ def _require(m: Method, backend: str, x: Inputs, causal: bool, **kw: Any) -> Non
         raise _SkipCheck(reason)
 
 
+FP64 = Tolerance(atol=1e-9, rtol=1e-7)
+FP64_GRAD = Tolerance(atol=1e-8, rtol=1e-6)
+
+
+def tolerance(m: Method, backend: str, exact: Tolerance) -> Tolerance:
+    """What ``backend`` is held to where an exact backend is held to ``exact``: its declared tolerance if approximate
+    (never tighter than ``exact``)."""
+    declared = m.backend(backend).tolerance
+    if m.backend(backend).exact or declared is None:
+        return exact
+    return Tolerance(max(declared.atol, exact.atol), max(declared.rtol, exact.rtol))
+
+
 def _check_fp64(m: Method, backend: str, x: Inputs, causal: bool, device: torch.device) -> str | None:
     _require(m, backend, x, causal)
     with torch.no_grad():
         got = _run(m, backend, x, causal)
         want = _run(m, "reference", x, causal)
-    return _close(got, want, 1e-9, 1e-7)
+    return _close(got, want, tolerance(m, backend, FP64))
 
 
 def _check_fp32(m: Method, backend: str, x: Inputs, causal: bool, device: torch.device) -> str | None:
@@ -209,7 +230,7 @@ def _check_fp32(m: Method, backend: str, x: Inputs, causal: bool, device: torch.
     with torch.no_grad():
         got = _run(m, backend, x32, causal)
         want = _run(m, "reference", x, causal)
-    return _close(got, want, m.spec.tests.atol, m.spec.tests.rtol)
+    return _close(got, want, tolerance(m, backend, Tolerance(m.spec.tests.atol, m.spec.tests.rtol)))
 
 
 def _grads(m: Method, backend: str, x: Inputs, causal: bool, cotangent: torch.Tensor, **kw: Any) -> dict[str, Any]:
@@ -233,7 +254,7 @@ def _check_grad(m: Method, backend: str, x: Inputs, causal: bool, device: torch.
             continue
         if got[name] is None:
             return f"no gradient for {name}"
-        problem = _close(got[name], w, 1e-8, 1e-6)
+        problem = _close(got[name], w, tolerance(m, backend, FP64_GRAD))
         if problem is not None:
             return f"{'output' if name == 'out' else 'd' + name}: {problem}"
     return None
@@ -249,7 +270,7 @@ def _check_noncontiguous(m: Method, backend: str, x: Inputs, causal: bool, devic
     with torch.no_grad():
         got = _run(m, backend, xs, causal)
         want = _run(m, "reference", x, causal)
-    return _close(got, want, 1e-9, 1e-7)
+    return _close(got, want, tolerance(m, backend, FP64))
 
 
 def _check_masked_rows(m: Method, backend: str, x: Inputs, causal: bool, device: torch.device) -> str | None:
@@ -276,7 +297,7 @@ def _check_masked_rows(m: Method, backend: str, x: Inputs, causal: bool, device:
     for name, t in got.items():
         if t is not None and not torch.isfinite(t).all():
             return f"non-finite {'output' if name == 'out' else 'd' + name}"
-    return _close(got["out"], want, 1e-9, 1e-7)
+    return _close(got["out"], want, tolerance(m, backend, FP64))
 
 
 def _check_low_precision(m: Method, backend: str, x: Inputs, causal: bool, device: torch.device) -> str | None:
@@ -293,6 +314,53 @@ def _check_low_precision(m: Method, backend: str, x: Inputs, causal: bool, devic
         if not torch.isfinite(got).all():
             return f"{dtype}: non-finite output"
     return None
+
+
+# Decoding: a prompt, then single tokens, then a chunk of several tokens (GQA, odd lengths).
+DECODE_SHAPE = Shape(2, 4, 2, 29, 29, 8, 6)
+DECODE_PROMPT, DECODE_SINGLE_STEPS = 13, 5
+
+
+def decoding_methods() -> list[str]:
+    """The registered methods whose spec declares decoding."""
+    return [m.name for m in all_methods() if m.spec.decoding]
+
+
+def decoding_check(name: str, device: torch.device | str = "cpu") -> Result:
+    """``prefill`` on a prompt, ``step`` token by token, then ``step`` on a chunk equal one causal forward (fp64)."""
+    device = torch.device(device)
+    m = get(name)
+    label = f"{name}-decoding"
+    if m.decoder is None:
+        return Result(label, "decoding", "skip", "the method does not declare decoding")
+    x = make_inputs(m, DECODE_SHAPE, True, device)
+    token_params = m.decoder.token_params
+
+    def part(start: int, stop: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+        tensors = tuple(t[:, :, start:stop] for t in (x.q, x.k, x.v))
+        per_token = {n: t[:, :, start:stop] for n, t in x.params.items() if n in token_params and torch.is_tensor(t)}
+        return tensors, per_token
+
+    n, cut = DECODE_SHAPE.seq_q, DECODE_PROMPT
+    try:
+        with torch.no_grad():
+            want = _run(m, "reference", x, True)
+            tensors, per_token = part(0, cut)
+            out, state = prefill(*tensors, method=name, **{**x.params, **per_token})
+            outs = [out]
+            for t in range(cut, cut + DECODE_SINGLE_STEPS):
+                tensors, per_token = part(t, t + 1)
+                out, state = step(state, *tensors, **per_token)
+                outs.append(out)
+            tensors, per_token = part(cut + DECODE_SINGLE_STEPS, n)
+            out, state = step(state, *tensors, **per_token)
+            outs.append(out)
+    except Exception as e:  # a crash is a failure of the check, reported with its type
+        return Result(label, "decoding", "fail", f"raised {type(e).__name__}: {e}")
+    if state.length != n:
+        return Result(label, "decoding", "fail", f"state.length {state.length} after {n} tokens")
+    problem = _close(torch.cat(outs, dim=2), want, FP64)
+    return Result(label, "decoding", "fail" if problem else "pass", problem or "")
 
 
 def bad_input_checks(name: str, device: torch.device | str = "cpu") -> Iterator[Result]:

@@ -35,7 +35,7 @@ def crashing(q, k, v, *, causal, scale, mask, bias, **_):
 
 
 def spec(name: str, exact: bool = True, params: tuple[Param, ...] = ()) -> MethodSpec:
-    return MethodSpec(name=name, family="test", mechanism="T0", paper="none", arxiv=None, summary="test only",
+    return MethodSpec(name=name, family="softmax", mechanism="S0", paper="none", arxiv=None, summary="test only",
                       exact=exact, patterns=ALL_PATTERNS, params=params, supports_mask=False, supports_bias=False)
 
 

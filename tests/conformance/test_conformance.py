@@ -1,23 +1,30 @@
-"""The registry-driven conformance suite: every method × supported pattern × backend, and bad inputs per method."""
+"""The registry-driven conformance suite: every method × supported pattern × backend, bad inputs and decoding per
+method. The cases are read from the registry at collection time, so a backend registered before collection (by a
+package outside attnzoo, through ``attnzoo.register_backend``) is checked too."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 import attnzoo  # noqa: F401  (registers every method)
 from attnzoo import verify
-from attnzoo.registry import all_methods
+from attnzoo.registry import all_methods, get
 
 CASES = verify.cases()
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_conformance(case: verify.Case) -> None:
+    backend = get(case.method).backend(case.backend)
+    if backend.devices is not None and "cpu" not in backend.devices:
+        pytest.skip(f"{case.backend} runs on {'/'.join(backend.devices)} only (attnzoo verify --device cuda)")
     results = verify.run_case(case)
     failures = [f"{r.check}: {r.detail}" for r in results if r.status == "fail"]
     assert not failures, "\n".join(failures)
     ran = [r.check for r in results if r.status == "pass"]
-    assert "fp32" in ran, f"the fp32 output check did not run: {results}"
+    if backend.dtypes is None or torch.float32 in backend.dtypes:
+        assert "fp32" in ran, f"the fp32 output check did not run: {results}"
 
 
 @pytest.mark.parametrize("name", [m.name for m in all_methods()])
@@ -26,7 +33,21 @@ def test_bad_inputs(name: str) -> None:
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("name", verify.decoding_methods())
+def test_prefill_then_step_equals_one_causal_forward(name: str) -> None:
+    result = verify.decoding_check(name)
+    assert result.status == "pass", result.detail
+
+
 def test_every_method_has_a_fast_path() -> None:
     for m in all_methods():
         assert m.backends, f"{m.name} has only its reference"
         assert all(b.fn is not m.reference for b in m.backends), f"{m.name}: a fast path is the reference"
+
+
+def test_every_causal_linear_method_decodes() -> None:
+    """What ``attnzoo.methods.linear`` says: its causal methods decode, its non-causal-only ones do not."""
+    for m in all_methods():
+        if m.spec.family == "linear":
+            causal = any(p.endswith("/causal") for p in m.spec.patterns)
+            assert m.spec.decoding == causal == (m.decoder is not None), m.name

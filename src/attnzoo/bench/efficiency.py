@@ -148,7 +148,7 @@ def pick_backend(m: Method, call: Call, avoid: Iterable[str]) -> str:
     """The first registered fast path (priority order) not in ``avoid`` that serves ``call``; ``"auto"`` if none."""
     avoid = set(avoid)
     for b in m.backends:
-        if b.name not in avoid and b.serves(call) is None:
+        if b.name not in avoid and b.refusal(call) is None:
             return b.name
     return "auto"
 

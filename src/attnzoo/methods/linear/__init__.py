@@ -1,7 +1,10 @@
 """L-family: linear, kernelised and recurrent attention (MECHANISMS.md L1–L11).
 
-Each method has a dense parallel reference, a chunked fast path (:mod:`attnzoo.kernels.linear_scan`) and a recurrent
-decoding API (``prefill``/``step`` in its module, see :mod:`attnzoo.methods.linear.common`).
+Each method has a dense parallel reference and a fast path (chunked scans of :mod:`attnzoo.kernels.linear_scan` and
+:mod:`attnzoo.kernels.delta_scan` for the causal ones). Every method with a causal pattern (linear, lightning,
+hedgehog, inline, nala, ecoformer, gated_delta, nats_hybrid) also registers a recurrent decoder, so its spec says
+``decoding`` and ``attnzoo.prefill``/``attnzoo.step`` run it (its module exposes the same pair on raw states, see
+:mod:`attnzoo.methods.linear.common`). agent, rala and l2vit are non-causal only (vision methods) and do not decode.
 """
 
 from attnzoo.methods.linear import (  # noqa: F401

@@ -1,6 +1,7 @@
-"""Pieces the L-family method files share: call resolution for the recurrent (prefill/step) API, decay defaults.
+"""Pieces the L-family method files share: their decoders (prefill/step), call resolution, decay defaults.
 
-Every L method file exposes, besides its registered reference and fast paths, a decoding API::
+Every causal L method registers a :class:`~attnzoo.registry.Decoder` (``DECODER`` in its file), which
+``attnzoo.prefill``/``attnzoo.step`` run; the file also exposes the same pair on raw states::
 
     out, state = prefill(q, k, v, scale=None, **params)      # causal, whole prompt, chunked; returns the state
     out_t, state = step(state, q_t, k_t, v_t, scale=None, **params)   # one token (seq 1), fixed-size state
@@ -18,10 +19,11 @@ import torch
 
 from attnzoo.api import prepare
 from attnzoo.kernels import linear_scan
-from attnzoo.registry import get
+from attnzoo.registry import Decoder, get
 
 Features = Callable[[torch.Tensor, torch.Tensor, float, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
-Decoding = tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., tuple[torch.Tensor, torch.Tensor]]]
+Prefill = Callable[..., tuple[torch.Tensor, Any]]
+Step = Callable[..., tuple[torch.Tensor, Any]]
 
 
 def resolve(
@@ -37,35 +39,45 @@ def alibi_rates(heads: int, device: torch.device, dtype: torch.dtype) -> torch.T
     return torch.pow(2.0, -8.0 * torch.arange(1, heads + 1, device=device, dtype=dtype) / heads)
 
 
-def feature_map_decoding(method: str, features: Features, normalized: Callable[[dict[str, Any]], bool]) -> Decoding:
-    """``(prefill, step)`` of a method whose fast path is :func:`linear_scan.causal` on feature maps (no decay).
+def feature_map_decoder(features: Features, normalized: Callable[[dict[str, Any]], bool]) -> Decoder:
+    """The :class:`Decoder` of a method whose fast path is :func:`linear_scan.causal` on feature maps (no decay).
 
     ``features(q, k, scale, params)`` gives ``(qf, kf)``; ``normalized(params)`` says whether the scan normalises.
     """
 
     def prefill(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal forward over a prompt; returns ``(out, state)`` to continue with ``step``."""
-        scale_, p = resolve(method, q, k, v, scale, params)
-        qf, kf = features(q, k, scale_, p)
+        qf, kf = features(q, k, scale, p)
         out, state = linear_scan.causal(qf, kf, v, chunk=p["chunk_size"], normalize=normalized(p), return_state=True)
         return out, state
 
     def step(
-        state: torch.Tensor | None,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        scale: float | None = None,
-        **params: Any,
+        state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoding step for one token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
-        scale_, p = resolve(method, q, k, v, scale, params)
-        qf, kf = features(q, k, scale_, p)
+        qf, kf = features(q, k, scale, p)
         if state is None:
             state = linear_scan.empty_state(qf, kf, v, decay=None, normalize=normalized(p))
         return linear_scan.step(state, qf, kf, v, normalize=normalized(p))
+
+    return Decoder(prefill, step)
+
+
+def module_decoding(method: str, decoder: Decoder) -> tuple[Prefill, Step]:
+    """The ``(prefill, step)`` a method file exposes: its ``decoder`` on raw states, validating as ``attention``."""
+
+    def prefill(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """Causal forward over a prompt; returns ``(out, state)`` to continue with ``step``."""
+        scale_, p = resolve(method, q, k, v, scale, params)
+        return decoder.prefill(q, k, v, scale=scale_, **p)
+
+    def step(
+        state: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """One decoding step for one token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
+        scale_, p = resolve(method, q, k, v, scale, params)
+        return decoder.step(state, q, k, v, scale=scale_, **p)
 
     return prefill, step

@@ -53,7 +53,7 @@ import torch
 from attnzoo.errors import fail
 from attnzoo.kernels import linear_scan
 from attnzoo.methods.common import repeat_kv, visible
-from attnzoo.methods.linear.common import feature_map_decoding
+from attnzoo.methods.linear.common import feature_map_decoder, module_decoding
 from attnzoo.registry import Backend, Call, LayerInfo, MethodSpec, Param, TestHints, register
 
 PATTERNS = frozenset({"self/causal", "self/noncausal", "cross/noncausal"})
@@ -224,7 +224,8 @@ def chunked(
     return linear_scan.noncausal(qf, kf, v, normalize=True)
 
 
-prefill, step = feature_map_decoding("ecoformer", lambda q, k, scale, p: features(q, k, p), lambda p: True)
+DECODER = feature_map_decoder(lambda q, k, scale, p: features(q, k, p), lambda p: True)
+prefill, step = module_decoding("ecoformer", DECODER)
 
 
-register(SPEC, reference, [Backend("torch", chunked)])
+register(SPEC, reference, [Backend("torch", chunked)], DECODER)

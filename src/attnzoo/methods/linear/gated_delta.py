@@ -32,8 +32,8 @@ import torch
 
 from attnzoo.kernels import delta_scan, linear_scan
 from attnzoo.methods.common import repeat_kv
-from attnzoo.methods.linear.common import resolve
-from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
+from attnzoo.methods.linear.common import module_decoding
+from attnzoo.registry import Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 NORM_EPS = 1e-6
 
@@ -149,30 +149,25 @@ def chunked(
     return delta_scan.chunked(*_fast_inputs(q, k, v, scale, params), chunk=params["chunk_size"])[0]
 
 
-def prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal forward over a prompt; returns ``(out, state)`` to continue with :func:`step`."""
-    scale_, p = resolve("gated_delta", q, k, v, scale, params)
-    return delta_scan.chunked(*_fast_inputs(q, k, v, scale_, p), chunk=p["chunk_size"])
+    """Causal forward over a prompt (validated parameters); returns ``(out, state)`` to continue with a step."""
+    return delta_scan.chunked(*_fast_inputs(q, k, v, scale, params), chunk=params["chunk_size"])
 
 
-def step(
-    state: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float | None = None,
-    **params: Any,
+def decode_step(
+    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step for one token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
-    scale_, p = resolve("gated_delta", q, k, v, scale, params)
-    inputs = _fast_inputs(q, k, v, scale_, p)
+    """One token ``q (B, H, 1, D)`` (validated parameters, gates ``(B, H, 1)``); ``state=None`` starts a sequence."""
+    inputs = _fast_inputs(q, k, v, scale, params)
     if state is None:
         b, h, _, dk = q.shape
         state = torch.zeros(b, h, dk, v.shape[-1], dtype=linear_scan.accumulation_dtype(q.dtype), device=q.device)
     return delta_scan.step(state, *inputs)
 
 
-register(SPEC, reference, [Backend("torch", chunked)])
+DECODER = Decoder(decode_prefill, decode_step, token_params=("log_gate", "beta"))
+prefill, step = module_decoding("gated_delta", DECODER)
+
+register(SPEC, reference, [Backend("torch", chunked)], DECODER)

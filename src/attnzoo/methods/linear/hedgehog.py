@@ -39,7 +39,7 @@ import torch
 from attnzoo.errors import fail
 from attnzoo.kernels import linear_scan
 from attnzoo.methods.common import repeat_kv, visible
-from attnzoo.methods.linear.common import feature_map_decoding
+from attnzoo.methods.linear.common import feature_map_decoder, module_decoding
 from attnzoo.registry import Backend, Call, LayerInfo, MethodSpec, Param, TestHints, register
 
 PATTERNS = frozenset({"self/causal", "self/noncausal", "cross/noncausal"})
@@ -170,7 +170,8 @@ def chunked(
     return linear_scan.noncausal(qf, kf, v, normalize=True)
 
 
-prefill, step = feature_map_decoding("hedgehog", features, lambda p: True)
+DECODER = feature_map_decoder(features, lambda p: True)
+prefill, step = module_decoding("hedgehog", DECODER)
 
 
 def distill(
@@ -214,4 +215,4 @@ def distill(
     return {name: t.detach() for name, t in params.items()}, history
 
 
-register(SPEC, reference, [Backend("torch", chunked)])
+register(SPEC, reference, [Backend("torch", chunked)], DECODER)

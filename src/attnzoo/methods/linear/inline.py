@@ -23,14 +23,12 @@ Recurrent form: :func:`prefill` and :func:`step` (see :mod:`attnzoo.methods.line
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from attnzoo.kernels import linear_scan
 from attnzoo.methods.common import dense_scores, repeat_kv, visible
-from attnzoo.methods.linear.common import resolve
-from attnzoo.registry import Backend, MethodSpec, Param, register
+from attnzoo.methods.linear.common import module_decoding
+from attnzoo.registry import Backend, Decoder, MethodSpec, Param, register
 
 SPEC = MethodSpec(
     name="inline",
@@ -111,30 +109,22 @@ def chunked(
     return _scan(q, k, v, scale, causal, chunk_size)[0]
 
 
-def prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal forward over a prompt; returns ``(out, state)`` to continue with :func:`step`."""
-    scale_, p = resolve("inline", q, k, v, scale, params)
-    out, kv = _scan(q, k, v, scale_, True, p["chunk_size"])
+    """Causal forward over a prompt (validated parameters); returns ``(out, state)`` to continue with a step."""
+    out, kv = _scan(q, k, v, scale, True, chunk_size)
     assert kv is not None
     totals = _with_ones(v.to(kv.dtype)).sum(dim=2, keepdim=True)  # (B, Hkv, 1, Dv+1)
     return out, torch.cat([kv, totals], dim=2)
 
 
-def step(
-    state: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float | None = None,
-    **params: Any,
+def decode_step(
+    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step for one token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
-    scale_, _ = resolve("inline", q, k, v, scale, params)
+    """One token ``q (B, H, 1, D)`` (validated parameters); ``state=None`` starts a new sequence."""
     acc = linear_scan.accumulation_dtype(q.dtype)
-    q_aug = torch.cat([q.to(acc) * scale_, q.new_zeros(*q.shape[:-1], 1, dtype=acc)], dim=-1)
+    q_aug = torch.cat([q.to(acc) * scale, q.new_zeros(*q.shape[:-1], 1, dtype=acc)], dim=-1)
     k_aug = _with_ones(k.to(acc))
     v_aug = _with_ones(v.to(acc))
     if state is None:
@@ -146,4 +136,7 @@ def step(
     return out.to(v.dtype), state
 
 
-register(SPEC, reference, [Backend("torch", chunked)])
+DECODER = Decoder(decode_prefill, decode_step)
+prefill, step = module_decoding("inline", DECODER)
+
+register(SPEC, reference, [Backend("torch", chunked)], DECODER)

@@ -31,8 +31,8 @@ import torch
 
 from attnzoo.kernels import linear_scan
 from attnzoo.methods.common import dense_scores, repeat_kv, visible
-from attnzoo.methods.linear.common import alibi_rates, resolve
-from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
+from attnzoo.methods.linear.common import alibi_rates, module_decoding
+from attnzoo.registry import Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 
 def _check_decay(value: Any, call: Call) -> str | None:
@@ -117,31 +117,28 @@ def _unchanged(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, decay: float | torch.Tensor | None,
+    block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal forward over a prompt; returns ``(out, state)`` to continue with :func:`step`."""
-    scale_, p = resolve("lightning", q, k, v, scale, params)
-    s = rates(p["decay"], q.shape[1], q.device, linear_scan.accumulation_dtype(q.dtype))
-    out, state = linear_scan.causal(q * scale_, k, v, decay=s, chunk=p["block_size"], return_state=True)
+    """Causal forward over a prompt (validated parameters); returns ``(out, state)`` to continue with a step."""
+    s = rates(decay, q.shape[1], q.device, linear_scan.accumulation_dtype(q.dtype))
+    out, state = linear_scan.causal(q * scale, k, v, decay=s, chunk=block_size, return_state=True)
     return out, state
 
 
-def step(
-    state: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float | None = None,
-    **params: Any,
+def decode_step(
+    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+    decay: float | torch.Tensor | None, block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step for one token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
-    scale_, p = resolve("lightning", q, k, v, scale, params)
-    s = rates(p["decay"], q.shape[1], q.device, linear_scan.accumulation_dtype(q.dtype))
+    """One token ``q (B, H, 1, D)`` (validated parameters); ``state=None`` starts a new sequence."""
+    s = rates(decay, q.shape[1], q.device, linear_scan.accumulation_dtype(q.dtype))
     if state is None:
         state = linear_scan.empty_state(q, k, v, decay=s, normalize=False)
-    return linear_scan.step(state, q * scale_, k, v, decay=s)
+    return linear_scan.step(state, q * scale, k, v, decay=s)
 
 
-register(SPEC, reference, [Backend("torch", blocked)])
+DECODER = Decoder(decode_prefill, decode_step)
+prefill, step = module_decoding("lightning", DECODER)
+
+register(SPEC, reference, [Backend("torch", blocked)], DECODER)

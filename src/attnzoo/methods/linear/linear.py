@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from attnzoo.errors import fail
 from attnzoo.kernels import linear_scan
 from attnzoo.methods.common import repeat_kv, visible
-from attnzoo.methods.linear.common import feature_map_decoding
+from attnzoo.methods.linear.common import feature_map_decoder, module_decoding
 from attnzoo.registry import Backend, Call, MethodSpec, Param, register
 
 NAMED_MAPS = ("elu1", "relu", "identity", "softmax_kernel")
@@ -206,13 +206,14 @@ def chunked(
     return linear_scan.noncausal(qf, kf, v, normalize=normalize)
 
 
-prefill, step = feature_map_decoding(
-    "linear", lambda q, k, scale, p: features(q, k, scale=scale, **_feature_params(p)), lambda p: p["normalize"]
+DECODER = feature_map_decoder(
+    lambda q, k, scale, p: features(q, k, scale=scale, **_feature_params(p)), lambda p: p["normalize"]
 )
+prefill, step = module_decoding("linear", DECODER)
 
 
 def _feature_params(p: dict[str, Any]) -> dict[str, Any]:
     return {name: p[name] for name in ("feature_map", "normalize", "num_features", "seed")}
 
 
-register(SPEC, reference, [Backend("torch", chunked)])
+register(SPEC, reference, [Backend("torch", chunked)], DECODER)

@@ -40,7 +40,7 @@ import torch
 
 from attnzoo.kernels import linear_scan
 from attnzoo.methods.common import repeat_kv, visible
-from attnzoo.methods.linear.common import feature_map_decoding
+from attnzoo.methods.linear.common import feature_map_decoder, module_decoding
 from attnzoo.registry import Backend, Call, MethodSpec, Param, register
 
 PATTERNS = frozenset({"self/causal", "self/noncausal", "cross/noncausal"})
@@ -135,9 +135,8 @@ def chunked(
     return linear_scan.noncausal(qf, kf, v, normalize=True)
 
 
-prefill, step = feature_map_decoding(
-    "nala", lambda q, k, scale, p: features(q, k, p["alpha"], p["key_power"]), lambda p: True
-)
+DECODER = feature_map_decoder(lambda q, k, scale, p: features(q, k, p["alpha"], p["key_power"]), lambda p: True)
+prefill, step = module_decoding("nala", DECODER)
 
 
-register(SPEC, reference, [Backend("torch", chunked)])
+register(SPEC, reference, [Backend("torch", chunked)], DECODER)

@@ -46,8 +46,8 @@ from attnzoo.kernels import retained
 from attnzoo.kernels.linear_scan import accumulation_dtype
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
 from attnzoo.methods.linear import gated_delta
-from attnzoo.methods.linear.common import resolve
-from attnzoo.registry import Backend, Call, LayerInfo, MethodSpec, Param, TestHints, register
+from attnzoo.methods.linear.common import module_decoding
+from attnzoo.registry import Backend, Call, Decoder, LayerInfo, MethodSpec, Param, TestHints, register
 
 
 def _flags_check(value: Any, call: Call) -> str | None:
@@ -195,32 +195,24 @@ def _forward(
     pos, gathered = retained.compact(hard, k, v, *(() if ste is None else (ste,)))
     keys, values = gathered[0], gathered[1]
     soft_part = retained.attend(q, keys, values, pos, scale, key_bias=gathered[2] if ste is not None else None)
-    linear_part, state = gated_delta.prefill(q, k, v, scale=scale, **_delta_params(q, f, p))
+    linear_part, state = gated_delta.decode_prefill(q, k, v, scale=scale, **_delta_params(q, f, p))
     n = q.shape[2]
     pos = torch.where(pos < n, pos, torch.full_like(pos, torch.iinfo(pos.dtype).max))
     return (soft_part + linear_part).to(v.dtype), HybridState(state, keys, values, pos, n)
 
 
-def prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any
 ) -> tuple[torch.Tensor, HybridState]:
-    """Causal forward over a prompt; returns ``(out, state)`` to continue with :func:`step`."""
-    scale_, p = resolve("nats_hybrid", q, k, v, scale, params)
-    return _forward(q, k, v, scale_, p)
+    """Causal forward over a prompt (validated parameters); returns ``(out, state)`` to continue with a step."""
+    return _forward(q, k, v, scale, params)
 
 
-def step(
-    state: HybridState | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float | None = None,
-    **params: Any,
+def decode_step(
+    state: HybridState | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any
 ) -> tuple[torch.Tensor, HybridState]:
-    """One decoding step for one token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
-    scale_, p = resolve("nats_hybrid", q, k, v, scale, params)
-    hard, f = routing(k, p)
+    """One token ``q (B, H, 1, D)`` (validated parameters, ``flags``/gates of that token); ``state=None`` starts."""
+    hard, f = routing(k, params)
     b, hkv = k.shape[:2]
     if state is None:
         acc = accumulation_dtype(q.dtype)
@@ -234,9 +226,12 @@ def step(
         never = torch.full_like(hard, torch.iinfo(torch.long).max, dtype=torch.long)
         keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
         positions = torch.cat([positions, torch.where(hard, state.length, never)], dim=2)
-    soft_part = retained.attend(q, keys, values, positions, scale_, offset=state.length)
-    linear_part, delta = gated_delta.step(state.delta, q, k, v, scale=scale_, **_delta_params(q, f, p))
+    soft_part = retained.attend(q, keys, values, positions, scale, offset=state.length)
+    linear_part, delta = gated_delta.decode_step(state.delta, q, k, v, scale=scale, **_delta_params(q, f, params))
     return (soft_part + linear_part).to(v.dtype), HybridState(delta, keys, values, positions, state.length + 1)
 
 
-register(SPEC, reference, [Backend("torch", hybrid)])
+DECODER = Decoder(decode_prefill, decode_step, token_params=("flags", "log_gate", "beta"))
+prefill, step = module_decoding("nats_hybrid", DECODER)
+
+register(SPEC, reference, [Backend("torch", hybrid)], DECODER)
