@@ -1,17 +1,13 @@
-"""The nn layer in a training loop, the CLI, and the generated methods table."""
+"""The nn layer: it trains, cross attention and its argument errors, and it owns (and trains) the learnable
+parameters of the methods that have them."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
 import attnzoo as az
-from attnzoo.cli import main, methods_markdown
 from attnzoo.errors import AttnzooError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("method", ["softmax", "sigmoid"])
@@ -53,17 +49,25 @@ def test_learnable_parameters_are_owned_by_the_layer():
         assert set(learnable) <= set(layer.learnable.keys())
 
 
-def test_methods_table_is_up_to_date():
-    path = ROOT / "docs" / "methods.md"
-    assert path.read_text() == methods_markdown(), "docs/methods.md is stale: run `attnzoo list --markdown`"
-
-
-def test_cli_commands(capsys):
-    assert main(["list"]) == 0
-    assert "sigmoid" in capsys.readouterr().out
-    assert main(["info", "sigmoid"]) == 0
-    assert "2409.04431" in capsys.readouterr().out
-    assert main(["verify", "softmax"]) == 0
-    assert "0 failed" in capsys.readouterr().out
-    assert main(["info", "sigmod"]) == 2
-    assert "did you mean 'sigmoid'" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("method", "params", "learnable"),
+    [
+        ("selective", {}, {"query_temp": (8, 8), "pos_beta": (8,), "value_temp": (2, 8)}),
+        ("urpe", {"max_len": 32}, {"urpe_coeffs": (8, 63)}),
+    ],
+)
+def test_layer_owns_and_trains_the_learnable_parts(
+    method: str, params: dict[str, object], learnable: dict[str, tuple[int, ...]]
+) -> None:
+    torch.manual_seed(0)
+    layer = az.nn.Attention(64, 8, kv_heads=2, method=method, causal=True, **params)
+    plain = az.nn.Attention(64, 8, kv_heads=2, method="softmax", causal=True)
+    plain.load_state_dict(layer.state_dict(), strict=False)
+    assert {n: tuple(p.shape) for n, p in layer.learnable.items()} == learnable
+    x = torch.randn(2, 20, 64)
+    out = layer(x)
+    if method == "urpe":  # initialised to ones: starts as softmax attention
+        torch.testing.assert_close(out, plain(x))
+    out.square().sum().backward()
+    for name, p in layer.learnable.items():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name

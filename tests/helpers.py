@@ -1,0 +1,119 @@
+"""Helpers more than one test file uses: seeded inputs, dense masks, fast-path-against-reference checks, and the
+per-token parameter slicing of the linear family's decoding API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import attnzoo as az
+from attnzoo import masks
+
+F64 = torch.float64
+
+
+def qkv(
+    b: int,
+    h: int,
+    hkv: int,
+    sq: int,
+    d: int = 8,
+    dv: int | None = None,
+    *,
+    skv: int | None = None,
+    seed: int | torch.Generator = 0,
+    dtype: torch.dtype = F64,
+    requires_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q (b, h, sq, d)``, ``k (b, hkv, skv, d)``, ``v (b, hkv, skv, dv)``, drawn in that order from one generator.
+
+    ``skv`` defaults to ``sq`` and ``dv`` to ``d``. ``seed`` is a seed, or a generator to draw from (it is left
+    advanced, so a test can draw more from it). ``requires_grad`` makes the three tensors autograd leaves.
+    """
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    skv = sq if skv is None else skv
+    shapes = ((b, h, sq, d), (b, hkv, skv, d), (b, hkv, skv, d if dv is None else dv))
+    q, k, v = (torch.randn(*s, generator=gen, dtype=dtype).requires_grad_(requires_grad) for s in shapes)
+    return q, k, v
+
+
+def dense_mask(mod: masks.MaskMod, n: int) -> torch.Tensor:
+    """The ``(n, n)`` boolean mask ``mod`` gives one batch and head of self-attention over ``n`` positions."""
+    return masks.dense(mod, 1, 1, n, n, "cpu")[0, 0]
+
+
+def weights_of(method: str, q: torch.Tensor, k: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """The attention weights, read off by attending over one-hot values (v = identity)."""
+    b, hkv, skv, _ = k.shape
+    eye = torch.eye(skv, dtype=q.dtype).expand(b, hkv, skv, skv)
+    return az.attention(q, k, eye, method=method, **kwargs)
+
+
+def assert_matches_reference(
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    backend: str = "torch",
+    grads: tuple[torch.Tensor, ...] = (),
+    **params: Any,
+) -> None:
+    """``backend`` equals the dense reference to 1e-10: the output, and the gradients with respect to ``q``, ``k``,
+    ``v`` and the extra leaves ``grads`` for one random output gradient (the inputs must be fp64 autograd leaves)."""
+    ref = az.attention(q, k, v, method=method, causal=causal, mask=mask, bias=bias, backend="reference", **params)
+    out = az.attention(q, k, v, method=method, causal=causal, mask=mask, bias=bias, backend=backend, **params)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    cot = torch.randn_like(ref)
+    inputs = (q, k, v, *grads)
+    for a, b in zip(torch.autograd.grad(out, inputs, cot), torch.autograd.grad(ref, inputs, cot), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def assert_low_precision_close(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **params: Any) -> None:
+    """fp32 and bf16 outputs of the torch path close to the fp64 reference, with finite gradients."""
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        got = az.attention(*x, method=method, backend="torch", **params)
+        want = az.attention(q, k, v, method=method, backend="reference", **params)
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+        got.float().square().sum().backward()
+        assert all(t.grad is not None and bool(torch.isfinite(t.grad).all()) for t in x)
+
+
+def token(params: dict[str, Any], t: int) -> dict[str, Any]:
+    """The parameters of one decoding step: per-token ``(B, H, N)`` tensors sliced to position ``t``."""
+    return {name: p[:, :, t : t + 1] if torch.is_tensor(p) and p.dim() == 3 else p for name, p in params.items()}
+
+
+def decode_each_token(
+    module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict[str, Any]
+) -> tuple[torch.Tensor, Any]:
+    """Run a linear method's ``step`` over every position from an empty state: the outputs, concatenated along the
+    sequence, and the final state."""
+    outs, state = [], None
+    for t in range(q.shape[2]):
+        o_t, state = module.step(state, *(x[:, :, t : t + 1] for x in (q, k, v)), **token(params, t))
+        outs.append(o_t)
+    return torch.cat(outs, dim=2), state
+
+
+def with_gates(params: dict[str, Any], b: int, h: int, n: int) -> dict[str, Any]:
+    """Replace the marker ``gates=True`` by random per-token gated-delta gates for a (b, h, n) call."""
+    if not params.pop("gates", False):
+        return params
+    gen = torch.Generator().manual_seed(7)
+    log_gate = torch.nn.functional.logsigmoid(torch.randn(b, h, n, generator=gen, dtype=F64) + 2.0)
+    return {**params, "log_gate": log_gate, "beta": torch.rand(b, h, n, generator=gen, dtype=F64)}
+
+
+def eco_params(gen: torch.Generator, kv_heads: int = 2, d: int = 6, m: int = 7, bits: int = 5) -> dict[str, Any]:
+    """Random EcoFormer hash parameters (anchors, hash weights, kernel means) drawn from ``gen``."""
+    return {
+        "anchors": torch.randn(kv_heads, m, d, generator=gen, dtype=F64),
+        "hash_weight": torch.randn(kv_heads, bits, m, generator=gen, dtype=F64),
+        "kernel_mean": 0.3 * torch.rand(kv_heads, m, generator=gen, dtype=F64),
+    }

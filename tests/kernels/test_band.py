@@ -1,0 +1,32 @@
+"""The banded tiled kernel (used by neighborhood and sliding-window attention): user masks, biases and empty rows,
+and tiny chunks that force several gathered and bounded chunks, checkpointed under autograd."""
+
+from __future__ import annotations
+
+import torch
+
+import attnzoo as az
+from attnzoo.kernels import band
+from tests.helpers import assert_matches_reference, qkv
+
+
+def test_user_mask_bias_and_empty_rows():
+    q, k, v = qkv(2, 4, 2, 65, requires_grad=True)
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(2, 1, 65, 65, generator=g) > 0.3
+    mask[..., 3, :] = False  # a row that sees nothing gives zeros, not NaN
+    bias = torch.randn(1, 4, 65, 65, generator=g, dtype=torch.float64)
+    for method, params in (("neighborhood", dict(kernel_size=(3, 5), layout=(5, 13))), ("sliding_window",
+                           dict(window=4))):
+        assert_matches_reference(method, q, k, v, mask=mask, bias=bias, **params)
+        out = az.attention(q, k, v, method=method, mask=mask, **params)
+        assert not out.isnan().any() and bool((out[:, :, 3] == 0).all())
+
+
+def test_small_chunks_gather_and_checkpoint(monkeypatch):
+    """Tiny chunks force several gathered (2-D) and bounded (masked 1-D) chunks, checkpointed under autograd."""
+    monkeypatch.setattr(band, "CHUNK_BYTES", 1)
+    q, k, v = qkv(1, 2, 1, 300, requires_grad=True)
+    assert_matches_reference("neighborhood", q, k, v, kernel_size=(3, 5), layout=(15, 20))
+    mask = torch.rand(300, 300, generator=torch.Generator().manual_seed(2)) > 0.2
+    assert_matches_reference("sliding_window", q, k, v, mask=mask, window=40)

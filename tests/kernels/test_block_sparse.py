@@ -1,0 +1,44 @@
+"""The block-sparse kernel (radial attention's block path): the CPU flash Function in many chunks (GQA, a partial
+key block, a text tail, a user mask with an empty row, a bias, low precision), and the autograd fallback."""
+
+from __future__ import annotations
+
+import torch
+
+import attnzoo as az
+from attnzoo.kernels import block_sparse
+from tests.helpers import assert_low_precision_close, assert_matches_reference, qkv
+
+
+def test_block_sparse_flash_backward_in_many_chunks(monkeypatch):
+    # CPU, D == Dv: the flash Function serves forward and backward, one chunk per run (tiny gather budget); GQA, a
+    # partial last key block (131 keys, blocks of 4), a dense text tail, a user mask with an empty row and a bias
+    monkeypatch.setattr(block_sparse, "GATHER_BYTES", 1)
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the autograd fallback ran")
+
+    monkeypatch.setattr(block_sparse, "_autograd_blocks", no_fallback)
+    n = 16 * 8 + 3
+    params = dict(layout=(16, 8), text_tokens=3, block_size=4, dense_first_frame=True)
+    q, k, v = qkv(2, 4, 2, n, requires_grad=True)
+    assert_matches_reference("radial", q, k, v, **params)
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(2, 1, n, n, generator=g) > 0.4
+    mask[:, :, 5, :] = False  # a video row that sees nothing: zeros, zero gradients
+    bias = torch.randn(1, 4, n, n, generator=g, dtype=torch.float64)
+    assert_matches_reference("radial", q, k, v, mask=mask, bias=bias, **params)
+    assert_matches_reference("radial", q, k, v, bias=bias, **params)  # a bias alone (no per-row emptiness)
+    out = az.attention(q, k, v, method="radial", mask=mask, backend="torch", **params)
+    assert bool((out[:, :, 5] == 0).all())
+    assert_low_precision_close("radial", q, k, v, **params)  # fp32 and bf16 go through the same kernel
+
+
+def test_block_sparse_autograd_fallback(monkeypatch):
+    # a bias that needs a gradient, and Dv != D, take the autograd path (chunks checkpointed): still exact
+    monkeypatch.setattr(block_sparse, "GATHER_BYTES", 1)
+    n = 8 * 8 + 2
+    q, k, _ = qkv(1, 4, 2, n, requires_grad=True)
+    v = torch.randn(1, 2, n, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, 4, n, n, dtype=torch.float64, requires_grad=True)
+    assert_matches_reference("radial", q, k, v, bias=bias, grads=(bias,), layout=(8, 8), text_tokens=2, block_size=4)

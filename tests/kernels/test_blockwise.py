@@ -1,0 +1,23 @@
+"""Blockwise GQA helpers: grouped logits and values equal repeated heads; query blocks checkpoint exactly."""
+
+from __future__ import annotations
+
+import torch
+
+from attnzoo.kernels.blockwise import grouped_logits, grouped_pv, query_blocks
+
+
+def test_grouped_helpers_equal_repeated_heads_and_blocks_checkpoint():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 6, 10, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 3, 7, 5, generator=g, dtype=torch.float64)
+    s = grouped_logits(q, k, 0.5)
+    torch.testing.assert_close(s, 0.5 * q @ k.repeat_interleave(2, 1).transpose(-1, -2))
+    torch.testing.assert_close(grouped_pv(s.softmax(-1), v), s.softmax(-1) @ v.repeat_interleave(2, 1))
+    out = query_blocks(lambda rows, start: grouped_pv(grouped_logits(rows, k, 0.5).softmax(-1), v), q, 3)
+    (gq,) = torch.autograd.grad(out.sum(), q)
+    want = grouped_pv(s.softmax(-1), v)
+    (gq_want,) = torch.autograd.grad(want.sum(), q)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(gq, gq_want)

@@ -1,0 +1,27 @@
+"""P4 axial attention on 2-D/3-D layouts (the conformance suite sees only 1-D): the SDPA path against the reference,
+and layout/axis errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnzoo as az
+from attnzoo.errors import AttnzooError
+from tests.helpers import assert_matches_reference, qkv
+
+
+@pytest.mark.parametrize(
+    ("layout", "axis", "causal"),
+    [((5, 6), 1, False), ((5, 6), 0, True), ((5, 6), None, False), ((2, 3, 5), None, True), ((2, 3, 5), -2, False)],
+)
+def test_axial_sdpa_matches_reference(layout, axis, causal):
+    q, k, v = qkv(2, 4, 2, 30, 8, 6, requires_grad=True)
+    assert_matches_reference("axial", q, k, v, causal=causal, backend="sdpa", layout=layout, axis=axis)
+
+
+@pytest.mark.parametrize(("params", "needle"), [(dict(layout=(5, 7)), "layout"), (dict(layout=(5, 6), axis=2), "axis")])
+def test_axial_errors(params, needle):
+    q = torch.randn(1, 2, 30, 8)
+    with pytest.raises(AttnzooError, match=needle):
+        az.attention(q, q, q, method="axial", **params)
