@@ -113,7 +113,7 @@ def reference(
     return (dense @ repeat_kv(v, q.shape[1]).to(dense.dtype)).to(v.dtype)
 
 
-def factored(
+def torch_factored(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -135,4 +135,4 @@ def factored(
     return torch.matmul(query_weights, agent_values).to(v.dtype)
 
 
-register(SPEC, reference, [Backend("torch", factored)])
+register(SPEC, reference, [Backend("torch", torch_factored)])

@@ -207,7 +207,7 @@ def reference(
     return o.to(v.dtype)
 
 
-def chunked(
+def torch_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -227,4 +227,4 @@ def chunked(
 prefill, step = feature_map_decoding("ecoformer", lambda q, k, scale, p: features(q, k, p), lambda p: True)
 
 
-register(SPEC, reference, [Backend("torch", chunked)])
+register(SPEC, reference, [Backend("torch", torch_chunked)])

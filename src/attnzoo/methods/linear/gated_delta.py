@@ -135,7 +135,7 @@ def _fast_inputs(
     return qs, repeat_kv(kn, h), repeat_kv(v, h), g, bt
 
 
-def chunked(
+def torch_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -175,4 +175,4 @@ def step(
     return delta_scan.step(state, *inputs)
 
 
-register(SPEC, reference, [Backend("torch", chunked)])
+register(SPEC, reference, [Backend("torch", torch_chunked)])

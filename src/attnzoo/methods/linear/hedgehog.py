@@ -153,7 +153,7 @@ def reference(
     return (w @ repeat_kv(v, q.shape[1]).to(w.dtype)).to(v.dtype)
 
 
-def chunked(
+def torch_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -214,4 +214,4 @@ def distill(
     return {name: t.detach() for name, t in params.items()}, history
 
 
-register(SPEC, reference, [Backend("torch", chunked)])
+register(SPEC, reference, [Backend("torch", torch_chunked)])

@@ -97,7 +97,7 @@ def _scan(
     return _combine(o_aug, v_aug[..., :-1].mean(dim=2, keepdim=True), count, h).to(v.dtype), None
 
 
-def chunked(
+def torch_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -146,4 +146,4 @@ def step(
     return out.to(v.dtype), state
 
 
-register(SPEC, reference, [Backend("torch", chunked)])
+register(SPEC, reference, [Backend("torch", torch_chunked)])

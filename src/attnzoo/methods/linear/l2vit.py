@@ -203,7 +203,7 @@ def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
                 groups=w.shape[0])
 
 
-def factored(
+def torch_factored(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -231,4 +231,4 @@ def factored(
     return (g + local.reshape(b, h, dv, sq).transpose(-1, -2)).to(v.dtype)
 
 
-register(SPEC, reference, [Backend("torch", factored)])
+register(SPEC, reference, [Backend("torch", torch_factored)])

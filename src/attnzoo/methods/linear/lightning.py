@@ -95,7 +95,7 @@ def reference(
     return (dense_scores(q, k, scale) * m) @ repeat_kv(v, q.shape[1])
 
 
-def blocked(
+def torch_blocked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -144,4 +144,4 @@ def step(
     return linear_scan.step(state, q * scale_, k, v, decay=s)
 
 
-register(SPEC, reference, [Backend("torch", blocked)])
+register(SPEC, reference, [Backend("torch", torch_blocked)])

@@ -177,7 +177,7 @@ def reference(
     return o.to(v.dtype)
 
 
-def chunked(
+def torch_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -215,4 +215,4 @@ def _feature_params(p: dict[str, Any]) -> dict[str, Any]:
     return {name: p[name] for name in ("feature_map", "normalize", "num_features", "seed")}
 
 
-register(SPEC, reference, [Backend("torch", chunked)])
+register(SPEC, reference, [Backend("torch", torch_chunked)])

@@ -115,7 +115,7 @@ def reference(
     return o.to(v.dtype)
 
 
-def chunked(
+def torch_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -140,4 +140,4 @@ prefill, step = feature_map_decoding(
 )
 
 
-register(SPEC, reference, [Backend("torch", chunked)])
+register(SPEC, reference, [Backend("torch", torch_chunked)])

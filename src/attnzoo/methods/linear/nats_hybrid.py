@@ -158,7 +158,7 @@ def reference(
     return (soft_part + linear_part).to(v.dtype)
 
 
-def hybrid(
+def torch_hybrid(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -239,4 +239,4 @@ def step(
     return (soft_part + linear_part).to(v.dtype), HybridState(delta, keys, values, positions, state.length + 1)
 
 
-register(SPEC, reference, [Backend("torch", hybrid)])
+register(SPEC, reference, [Backend("torch", torch_hybrid)])

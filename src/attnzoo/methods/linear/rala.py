@@ -86,7 +86,7 @@ def reference(
     return o if output_gate is None else o * output_gate
 
 
-def factored(
+def torch_factored(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -110,4 +110,4 @@ def factored(
     return out if output_gate is None else out * output_gate
 
 
-register(SPEC, reference, [Backend("torch", factored)])
+register(SPEC, reference, [Backend("torch", torch_factored)])

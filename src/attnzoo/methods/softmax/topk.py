@@ -74,7 +74,7 @@ def reference(
     return p @ repeat_kv(v, q.shape[1])
 
 
-def blockwise(
+def torch_blockwise(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -97,4 +97,4 @@ def blockwise(
     return blocked_softmax_attention(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias, select=keep_top)
 
 
-register(SPEC, reference, [Backend("torch", blockwise)])
+register(SPEC, reference, [Backend("torch", torch_blockwise)])

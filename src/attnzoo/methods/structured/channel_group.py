@@ -65,7 +65,7 @@ def reference(
     return (weights @ values).reshape(b, h, dv, sq).transpose(-1, -2)
 
 
-def channel_tokens(
+def torch_channel_tokens(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -76,4 +76,4 @@ def channel_tokens(
     return (q.reshape(b, hkv, -1, d) @ weights.transpose(-1, -2)).view(b, h, sq, dv)
 
 
-register(SPEC, reference, [Backend("torch", channel_tokens)])
+register(SPEC, reference, [Backend("torch", torch_channel_tokens)])

@@ -107,7 +107,7 @@ def reference(
     return safe_softmax(s, same & visible(causal, mask, q, k)) @ repeat_kv(v, h)
 
 
-def segments(
+def torch_segments(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -179,4 +179,4 @@ def _batch_rows(t: torch.Tensor, bs: slice) -> torch.Tensor:
     return t if t.shape[0] == 1 else t[bs]
 
 
-register(SPEC, reference, [Backend("torch", segments)])
+register(SPEC, reference, [Backend("torch", torch_segments)])

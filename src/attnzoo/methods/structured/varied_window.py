@@ -171,7 +171,7 @@ def _bilinear(t: torch.Tensor, sy: torch.Tensor, sx: torch.Tensor, h: int, w: in
     return out.view(b, heads, c, -1).transpose(-1, -2)
 
 
-def sampled_windows(
+def torch_sampled_windows(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, window_size: Any, layout: Any, window_regression: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -211,4 +211,4 @@ def _window_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     return out.view(b, u, h, p, -1).transpose(1, 2)
 
 
-register(SPEC, reference, [Backend("torch", sampled_windows)])
+register(SPEC, reference, [Backend("torch", torch_sampled_windows)])
