@@ -1,4 +1,4 @@
-"""L-family: linear, kernelised and recurrent attention (MECHANISMS.md L1–L11).
+"""L-family: linear, kernelised and recurrent attention (catalogue IDs L1–L11; each file cites its paper).
 
 Each method has a dense parallel reference, a chunked fast path (:mod:`attnzoo.kernels.linear_scan`) and a recurrent
 decoding API (``prefill``/``step`` in its module, see :mod:`attnzoo.methods.linear.common`).

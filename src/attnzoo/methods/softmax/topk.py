@@ -2,9 +2,9 @@
 
 Paper: "DLGSANet: Lightweight Dynamic Local and Global Self-Attention Networks for Image Super-Resolution"
 (Li, Pan, Tang, Dong; ICCV 2023; arXiv:2301.02031), whose sparse global self-attention (SparseGSA) keeps only the
-most useful query-key similarities. We implement the catalogue's definition of that selection (MECHANISMS.md S7): the
-top-k of each query's logits, as also used by KVT's k-NN attention; we did not reproduce SparseGSA's exact
-sparsification or its image-specific layout.
+most useful query-key similarities. We implement that selection as the top-k of each query's logits (catalogue entry
+S7), as also used by k-NN attention ("KVT: k-NN Attention for Boosting Vision Transformers", Wang et al.,
+arXiv:2106.00515); we did not reproduce SparseGSA's exact sparsification or its image-specific layout.
 
 Formula as implemented: with logits ``s_ij = scale · q_i·k_j + bias_ij`` over the keys ``j`` visible to query ``i``,
 let ``t_i`` be the ``top_k``-th largest of them. Then ``O_i = Σ_j softmax_j(s_ij | s_ij ≥ t_i) v_j``: a softmax over the

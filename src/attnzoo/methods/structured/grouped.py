@@ -1,8 +1,11 @@
 """P10 — group / isolation masks: attention restricted to tokens with the same group id.
 
-Papers (the mask these share): packed-document masking; "Group Pose" (within-group attention); Seg2Any and
-IR-Diffusion (region isolation); DyST-XL (frame-aware groups); EE-MLLM. MECHANISMS.md lists them under P10; the
-mechanism is one predicate.
+Papers (the mask these share, catalogue entry P10): packed-document masking; "Group Pose: A Simple Baseline for
+End-to-End Multi-person Pose Estimation" (within-instance group self-attention); "Seg2Any: Open-set
+Segmentation-Mask-to-Image Generation with Precise Shape and Semantic Control" and IR-Diffusion (region isolation);
+"DyST-XL: Dynamic Layout Planning and Content Control for Compositional Text-to-Video Generation" (frame-aware
+masking); "EE-MLLM: A Data-Efficient and Compute-Efficient Multimodal Large Language Model". The mechanism is one
+predicate.
 
 Formula as implemented: query ``i`` of batch ``b`` attends with softmax to the keys ``j`` with
 ``group_ids[b, i] == kv_group_ids[b, j]`` (AND bottom-right causal when ``causal=True``, AND the user mask);
