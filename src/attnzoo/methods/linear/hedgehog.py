@@ -25,8 +25,9 @@ Distillation: :func:`distill` fits the four tensors on the user's (q, k) samples
 from the softmax attention weights to the Hedgehog weights (the paper's soft-label cross-entropy, up to a constant),
 with Adam.
 
-Fast path ``torch``: :mod:`attnzoo.kernels.linear_scan` (chunked causal scan, or ``φ(Q)(φ(K)ᵀV)`` noncausally).
-Recurrent form: :func:`prefill` and :func:`step` (see :mod:`attnzoo.methods.linear.common`).
+Fast path ``torch`` (:func:`torch_chunked`): :mod:`attnzoo.kernels.linear_scan` (chunked causal scan, or
+``φ(Q)(φ(K)ᵀV)`` noncausally). Recurrent form: :func:`prefill` and :func:`step` (see
+:mod:`attnzoo.methods.linear.common`).
 """
 
 from __future__ import annotations

@@ -24,11 +24,11 @@ Formula as implemented, with ``s_ij = scale · q_i·k_j``:
 - A row with no visible key gives 0.
 
 Fast paths:
-- ``flex``: FlexAttention with a ``score_mod`` (cap and slopes held in tensors, so new values reuse the compiled
-  kernel) and a cached causal block mask that skips fully hidden key blocks; bias and user mask are read inside the
-  ``score_mod``. Forward-only on CPU.
-- ``torch``: query blocks (``attnzoo.kernels.blocked_softmax``) with autograd, for training on CPU; memory
-  O(rows · Skv).
+- ``flex`` (:func:`flex_score_mod`): FlexAttention with a ``score_mod`` (cap and slopes held in tensors, so new values
+  reuse the compiled kernel) and a cached causal block mask that skips fully hidden key blocks; bias and user mask are
+  read inside the ``score_mod``. Forward-only on CPU.
+- ``torch`` (:func:`torch_blockwise`): query blocks (``attnzoo.kernels.blocked_softmax``) with autograd, for training on
+  CPU; memory O(rows · Skv).
 """
 
 from __future__ import annotations

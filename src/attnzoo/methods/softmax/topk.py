@@ -16,9 +16,10 @@ Choices:
 - The selection is a hard mask: gradients flow to the kept logits only (the threshold itself is not differentiated).
 - ``top_k`` defaults to 64 (our choice).
 
-Fast path ``torch``: query blocks (``attnzoo.kernels.blocked_softmax``) compute one block of logits, find each row's
-threshold with ``torch.topk`` (O(Skv) per row rather than a full sort), mask below it and multiply the sparse weights
-with V; memory O(block · Skv), blocks are recomputed in the backward pass. The reference sorts the dense score matrix.
+Fast path ``torch`` (:func:`torch_blockwise`): query blocks (``attnzoo.kernels.blocked_softmax``) compute one block of
+logits, find each row's threshold with ``torch.topk`` (O(Skv) per row rather than a full sort), mask below it and
+multiply the sparse weights with V; memory O(block · Skv), blocks are recomputed in the backward pass. The reference
+sorts the dense score matrix.
 """
 
 from __future__ import annotations

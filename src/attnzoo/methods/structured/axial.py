@@ -11,9 +11,9 @@ step's output as values; the composed weights give every token a full receptive 
 projections between steps belong to the layer, not to this function. Self-attention only; no user mask or bias (the
 axial structure is the mask); GQA supported.
 
-Fast path ``sdpa``: the grid is permuted so that the chosen axis is the sequence axis and every other axis joins the
-batch: one batched ``scaled_dot_product_attention`` per step (``is_causal`` for causal), O(N · L_a · d) time per step,
-no mask tensor. The predicate (:func:`attnzoo.masks.layouts.axial`) defines the reference.
+Fast path ``sdpa`` (:func:`sdpa_lines`): the grid is permuted so that the chosen axis is the sequence axis and every
+other axis joins the batch: one batched ``scaled_dot_product_attention`` per step (``is_causal`` for causal),
+O(N · L_a · d) time per step, no mask tensor. The predicate (:func:`attnzoo.masks.layouts.axial`) defines the reference.
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ the key/value positions, the output keeps the query positions); no user mask or 
 not on channel tokens).
 
 Dense reference: every channel of every head is one token of one ``(H·Dv) × (H·D)`` attention masked to equal groups.
-Fast path ``torch``: per KV head, one ``(Dv, S) @ (S, D)`` product for the logits, a ``Dv × D`` softmax and one
-``(G·Sq, D) @ (D, Dv)`` product with the ``G`` query heads of the KV head stacked as rows (no copies for GQA):
-O(S·D·Dv) per head — linear in the sequence — instead of the reference's O(S·H²·D·Dv). (SDPA with channels as its
-sequence axis computes the same but is several times slower on CPU with a feature axis of length S.)
+Fast path ``torch`` (:func:`torch_channel_tokens`): per KV head, one ``(Dv, S) @ (S, D)`` product for the logits, a
+``Dv × D`` softmax and one ``(G·Sq, D) @ (D, Dv)`` product with the ``G`` query heads of the KV head stacked as rows (no
+copies for GQA): O(S·D·Dv) per head — linear in the sequence — instead of the reference's O(S·H²·D·Dv). (SDPA with
+channels as its sequence axis computes the same but is several times slower on CPU with a feature axis of length S.)
 """
 
 from __future__ import annotations

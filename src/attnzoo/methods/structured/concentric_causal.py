@@ -14,13 +14,13 @@ for text, and inside the image each ring sees itself and every outer ring. ``lay
 them to q and k before calling (this function takes q and k as given). Self-attention with ``causal=True`` only (the
 mask is a causal mask); GQA supported.
 
-Fast path ``torch``: tokens are stably sorted by position id (a cached permutation), which makes the mask "causal with
-ties": sorted query ``i`` sees the key prefix ``[0, end_i)``. The text before the image is one causal SDPA; each ring
-(in pieces of ``BLOCK`` rows) is one SDPA without any mask over the keys up to the ring's end, since all its rows see
-the same keys; the text after the image runs in blocks of ``BLOCK`` rows over their key prefix with a cached
-lower-triangular tile zero-padded on the left. With a user mask or bias every segment builds its own mask rows.
-Segments are checkpointed under autograd and write their rows straight to the un-permuted output: about half the
-dense FLOPs, never the ``N × N`` mask. ``flex``: the predicate's cached block mask
+Fast path ``torch`` (:func:`torch_sorted_blocks`): tokens are stably sorted by position id (a cached permutation), which
+makes the mask "causal with ties": sorted query ``i`` sees the key prefix ``[0, end_i)``. The text before the image is
+one causal SDPA; each ring (in pieces of ``BLOCK`` rows) is one SDPA without any mask over the keys up to the ring's
+end, since all its rows see the same keys; the text after the image runs in blocks of ``BLOCK`` rows over their key
+prefix with a cached lower-triangular tile zero-padded on the left. With a user mask or bias every segment builds its
+own mask rows. Segments are checkpointed under autograd and write their rows straight to the un-permuted output: about
+half the dense FLOPs, never the ``N × N`` mask. ``flex`` (:func:`flex_block_mask`): the predicate's cached block mask
 (:func:`attnzoo.masks.positional.position_causal`).
 """
 

@@ -9,9 +9,10 @@ Formula as implemented: query ``i`` attends with softmax to keys ``j`` with ``(i
 P2's dilated neighborhoods, which keep exactly ``kernel_size`` keys). Self-attention only. Defaults: ``dilation=2``,
 ``window=None`` (the Sparse Transformer's strided pattern). The predicate is :func:`attnzoo.masks.windows.dilated`.
 
-Fast path ``torch``: tokens of one residue class mod ``dilation`` are a plain sliding window over the class; each class
-is cut into tiles of 128 class positions seeing a band of ``128 + 2·window`` class positions (gathered keys), batched
-SDPA with a cached tile mask (:mod:`attnzoo.kernels.band`). ``flex``: the predicate's cached block mask.
+Fast path ``torch`` (:func:`torch_tiled`): tokens of one residue class mod ``dilation`` are a plain sliding window over
+the class; each class is cut into tiles of 128 class positions seeing a band of ``128 + 2·window`` class positions
+(gathered keys), batched SDPA with a cached tile mask (:mod:`attnzoo.kernels.band`). ``flex`` (:func:`flex_block_mask`):
+the predicate's cached block mask.
 """
 
 from __future__ import annotations

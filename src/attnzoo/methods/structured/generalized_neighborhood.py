@@ -18,12 +18,13 @@ Parameters as P2 (``kernel_size``, ``dilation``, ``layout``, ``is_causal``, same
 ``kernel_size · dilation ≤`` the axis length) plus ``stride`` (int or tuple, default 1; ``1 ≤ stride ≤ kernel_size``
 as in NATTEN). Self-attention only; GQA supported.
 
-Fast path ``torch`` (:mod:`attnzoo.kernels.band`): per axis and dilation group, tiles of consecutive group positions
-whose size is a multiple of the stride (1-D: 128, 2-D: 8×16, 3-D: 4×4×8, rounded down to a multiple of ``s``, at least
-``s``). Because a tile holds whole stride groups, its queries' windows lie in the ``tile + k − 1`` positions from its
-first query's window start, so the band tiling of P2 covers them; the tile mask is the predicate. N-d tiles are per-axis
-products; one batched SDPA per chunk. Work ``≈ N · Π(t_a + k_a − 1)``, memory O(chunk · W · d). Fast path ``flex``:
-FlexAttention with the predicate's block mask (cached), forward only on CPU.
+Fast path ``torch`` (:func:`torch_tiled`): :func:`attnzoo.kernels.band.neighborhood_tiles`, per axis and dilation
+group, tiles of consecutive group positions whose size is a multiple of the stride (1-D: 128, 2-D: 8×16, 3-D: 4×4×8,
+rounded down to a multiple of ``s``, at least ``s``). Because a tile holds whole stride groups, its queries' windows
+lie in the ``tile + k − 1`` positions from its first query's window start, so the band tiling of P2 covers them; the
+tile mask is the predicate. N-d tiles are per-axis products; one batched SDPA per chunk. Work
+``≈ N · Π(t_a + k_a − 1)``, memory ``O(chunk · W · d)``. Fast path ``flex`` (:func:`flex_block_mask`): FlexAttention
+with the predicate's block mask (cached), forward only on CPU.
 """
 
 from __future__ import annotations

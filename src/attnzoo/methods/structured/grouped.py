@@ -14,11 +14,11 @@ by the batch) or ``(B, Sq)``; ``kv_group_ids``: the keys' ids for cross-attentio
 defaulting to ``group_ids`` in self-attention. ``group_ids=None`` puts every token in one group (plain softmax
 attention). Ids need not be sorted or contiguous. The predicate is :func:`attnzoo.masks.groups.grouped`.
 
-Fast path ``torch``: per distinct ids row, queries and keys are stably sorted by id; each group present on both
-sides is one SDPA call on its gathered queries and keys (``is_causal`` when the query and key positions of the group
-coincide, an explicit mask otherwise), outputs scattered back. Time Σ_g n_g·m_g·d instead of N²·d; memory is that of
-the largest group's mask at most (none for plain self-attention groups). No ``flex`` path: its block mask would
-depend on the id tensors' contents, which a configuration cache cannot key.
+Fast path ``torch`` (:func:`torch_segments`): per distinct ids row, queries and keys are stably sorted by id; each group
+present on both sides is one SDPA call on its gathered queries and keys (``is_causal`` when the query and key positions
+of the group coincide, an explicit mask otherwise), outputs scattered back. Time Σ_g n_g·m_g·d instead of N²·d; memory
+is that of the largest group's mask at most (none for plain self-attention groups). No ``flex`` path: its block mask
+would depend on the id tensors' contents, which a configuration cache cannot key.
 """
 
 from __future__ import annotations

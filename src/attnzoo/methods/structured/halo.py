@@ -10,10 +10,10 @@ here positions outside the grid simply do not exist, so no attention weight goes
 non-causal (the paper's setting). Defaults: ``block_size=8``, ``halo_size=3`` (the paper's b=8, h=3). The predicate is
 :func:`attnzoo.masks.windows.halo`.
 
-Fast path ``torch``: the tiles *are* the blocks; each sees ``block + 2·halo`` positions per axis (shifted inside the
-grid at the borders, the mask hiding the extra ones), batched SDPA per chunk of tiles with a cached tile mask
-(:mod:`attnzoo.kernels.band`; 1-D key ranges are strided views, N-d ones gathered). ``flex``: the predicate's cached
-block mask.
+Fast path ``torch`` (:func:`torch_tiled`): the tiles *are* the blocks; each sees ``block + 2·halo`` positions per axis
+(shifted inside the grid at the borders, the mask hiding the extra ones), batched SDPA per chunk of tiles with a cached
+tile mask (:mod:`attnzoo.kernels.band`; 1-D key ranges are strided views, N-d ones gathered). ``flex``
+(:func:`flex_block_mask`): the predicate's cached block mask.
 """
 
 from __future__ import annotations

@@ -13,10 +13,11 @@ is a latent, to every latent: ``s = scale · q·k``. Predicate: :func:`attnzoo.m
 Defaults ``num_groups=1``, ``latents_per_group=0`` (plain full attention). Self-attention, non-causal, no user mask or
 bias; GQA supported.
 
-Fast path ``torch``: two batched SDPA calls without masks on row-gathered keys (cached index sets). Data queries of
-group ``g`` over the ``N_d/G + L`` keys of their group's data and latents; latent queries of group ``g`` over all
-``G·L`` latents plus their group's data. Time ``O((N_d·(N_d/G + L) + G·L·(G·L + N_d/G))·d)`` instead of
-``(N_d + G·L)²·d``; no ``N × N`` tensor. ``flex``: the predicate's cached block mask.
+Fast path ``torch`` (:func:`torch_grouped_sdpa`): two batched SDPA calls without masks on row-gathered keys (cached
+index sets). Data queries of group ``g`` over the ``N_d/G + L`` keys of their group's data and latents; latent queries
+of group ``g`` over all ``G·L`` latents plus their group's data. Time ``O((N_d·(N_d/G + L) + G·L·(G·L + N_d/G))·d)``
+instead of ``(N_d + G·L)²·d``; no ``N × N`` tensor. ``flex`` (:func:`flex_block_mask`): the predicate's cached block
+mask.
 """
 
 from __future__ import annotations

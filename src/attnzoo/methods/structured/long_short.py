@@ -20,8 +20,9 @@ and ``I = 8`` (its first stage: 56×56 tokens, groups of 7×7 either way). Choic
 multiple of ``G`` / ``I``; here the size must divide every axis (an error otherwise) so no padded token takes part.
 Only the size ``distance`` uses is checked. Self-attention, non-causal; no user mask or bias; GQA supported.
 
-Fast path ``sdpa``: one permutation that makes every group a contiguous batch entry, one batched SDPA without a mask,
-the inverse permutation (:func:`attnzoo.kernels.partition.partitioned_attention`): O(N·|group|·d) time, O(N·d) memory.
+Fast path ``sdpa`` (:func:`sdpa_partitioned`): one permutation that makes every group a contiguous batch entry, one
+batched SDPA without a mask, the inverse permutation (:func:`attnzoo.kernels.partition.partitioned_attention`):
+O(N·|group|·d) time, O(N·d) memory.
 """
 
 from __future__ import annotations

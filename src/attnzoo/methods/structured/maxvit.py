@@ -13,8 +13,9 @@ Formula as implemented: the sequence is a row-major grid of shape ``layout`` (de
 Defaults ``window_size=7`` and ``grid_size=7`` (the paper's P = G = 7). Self-attention, non-causal; no user mask or
 bias.
 
-Fast path ``sdpa``: windows (or grid groups) become batch entries by one permutation, one batched SDPA without a mask,
-one inverse permutation (:func:`attnzoo.kernels.partition.partitioned_attention`): O(N·P^n·d) time, O(N·d) memory.
+Fast path ``sdpa`` (:func:`block_sdpa_partitioned`, :func:`grid_sdpa_partitioned`): windows (or grid groups) become
+batch entries by one permutation, one batched SDPA without a mask, one inverse permutation
+(:func:`attnzoo.kernels.partition.partitioned_attention`): O(N·P^n·d) time, O(N·d) memory.
 """
 
 from __future__ import annotations

@@ -18,11 +18,12 @@ Defaults: ``kernel_size=7`` (clamped by the user, never silently), ``dilation=1`
 ``kernel_size · dilation ≤`` the axis length (so every dilation group has at least ``k`` positions), ``layout``'s
 product equal to the sequence length. Self-attention only; GQA supported.
 
-Fast path ``torch`` (:mod:`attnzoo.kernels.band`): per axis, each dilation group is cut into tiles of consecutive
-group positions (1-D: 128; 2-D: 8×16; 3-D: 4×4×8); a tile sees a band of ``tile + k − 1`` positions on each axis.
-N-d tiles are the products of per-axis tiles, their keys gathered and one batched SDPA with a tile mask runs per chunk
-of tiles. Work ``≈ N · Π(t_a + k_a − 1)`` instead of ``N²``; memory O(chunk · W · d). Tilings are cached by
-configuration. Fast path ``flex``: FlexAttention with the predicate's block mask (cached), forward only on CPU.
+Fast path ``torch`` (:func:`torch_tiled`, :mod:`attnzoo.kernels.band`): per axis, each dilation group is cut into tiles
+of consecutive group positions (1-D: 128; 2-D: 8×16; 3-D: 4×4×8); a tile sees a band of ``tile + k − 1`` positions on
+each axis. N-d tiles are the products of per-axis tiles, their keys gathered and one batched SDPA with a tile mask runs
+per chunk of tiles. Work ``≈ N · Π(t_a + k_a − 1)`` instead of ``N²``; memory O(chunk · W · d). Tilings are cached by
+configuration. Fast path ``flex`` (:func:`flex_block_mask`): FlexAttention with the predicate's block mask (cached),
+forward only on CPU.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ block mask has no masked element at all, so its cost is its density, which falls
 frames: at ``s = 2B`` every kept frame pair is dense at block level and about 4 frames per octave of distance are
 kept (density 0.45, 0.28, 0.17 at 32, 64, 128 frames of 256 tokens; measured 2.0×, 3.1×, 5.1× SDPA's speed).
 
-Fast path ``torch``:
+Fast path ``torch`` (:func:`torch_sparse`):
 - block mask: :mod:`attnzoo.kernels.block_sparse` — query blocks grouped by their number of visible key blocks, each
   group's keys gathered block-wise (plus the dense text tail) and attended with one batched unmasked SDPA per chunk;
   time ``O(density · N² · d)``, memory O(N·d) plus one bounded chunk (on CPU the backward reruns the flash kernel's
@@ -57,7 +57,7 @@ Fast path ``torch``:
   ``T = min(s, 64)`` consecutive positions of one frame; its keys are, per key frame, the spatial band the rule allows
   around the tile (all of frame 0 with the sink), plus the text; text queries see every key. One batched SDPA with
   the cached tile mask per chunk of tiles; work ``≈ N · Σ_j (T + 2·reach_j)``, ``O(N·s·log F)`` for ``s ≥ F``.
-Fast path ``flex``: FlexAttention with the mask's block mask (cached), forward only on CPU.
+Fast path ``flex`` (:func:`flex_block_mask`): FlexAttention with the mask's block mask (cached), forward only on CPU.
 """
 
 from __future__ import annotations

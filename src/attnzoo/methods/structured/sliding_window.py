@@ -17,9 +17,10 @@ lengths behave as in decoding) and attends with softmax to
 AND the user mask; ``s = scale · q·k + bias``; a row with no visible key gives 0. The predicate is
 :func:`attnzoo.masks.windows.sliding_window`. Default ``window=256``.
 
-Fast path ``torch``: query tiles of 128 against their contiguous key band (``128 + span − 1`` keys) with a band mask,
-batched SDPA per chunk of tiles (:mod:`attnzoo.kernels.band`): O(N·w·d) time, O(chunk·w·d) memory. Fast path
-``flex``: FlexAttention with the predicate's cached block mask (forward only on CPU).
+Fast path ``torch`` (:func:`torch_tiled`): query tiles of 128 against their contiguous key band (``128 + span − 1``
+keys) with a band mask, batched SDPA per chunk of tiles (:mod:`attnzoo.kernels.band`): O(N·w·d) time, O(chunk·w·d)
+memory. Fast path ``flex`` (:func:`flex_block_mask`): FlexAttention with the predicate's cached block mask (forward only
+on CPU).
 """
 
 from __future__ import annotations

@@ -25,9 +25,10 @@ samples from key/value head ``n // (H / Hkv)``. Gradients flow to q, k, v and ``
 points that fall exactly on grid lines bilinear interpolation has a kink and the two implementations may pick
 different one-sided gradients there.
 
-Fast path ``torch``: keys and values are sampled together by one ``grid_sample`` call (O(N·d) per head) and each window
-runs one batched SDPA over its ``P_h·P_w`` samples: O(N·P_h·P_w·d) time, O(N·d) memory. The reference builds the
-dense ``N × N`` interpolation weights from the tent kernel and masks the ``N × N`` scores to each query's window.
+Fast path ``torch`` (:func:`torch_sampled_windows`): keys and values are sampled together by one ``grid_sample`` call
+(O(N·d) per head) and each window runs one batched SDPA over its ``P_h·P_w`` samples: O(N·P_h·P_w·d) time, O(N·d)
+memory. The reference builds the dense ``N × N`` interpolation weights from the tent kernel and masks the ``N × N``
+scores to each query's window.
 """
 
 from __future__ import annotations
