@@ -8,6 +8,9 @@ than one method uses; a check only one method needs stays in that method's file.
 Per-axis parameters (``kernel_size``, ``dilation``, ``block_size``, ...) are an int (the same on every axis) or a tuple
 with one int per axis of the ``layout`` (the spatial shape of the sequence, row-major; ``None`` means ``(seq,)``).
 A check that needs the layout returns ``None`` when the layout itself is invalid: the layout's own check reports it.
+
+NATTEN's parameters (``kernel_size``, ``dilation``, ``layout``, ``is_causal``), which neighborhood attention (P2) and
+its strided generalisation (P3) both take, are defined here once as :data:`NATTEN_PARAMS`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from attnzoo.registry import Call, Check
+from attnzoo.registry import Call, Check, Param
 
 
 def layout_shape(seq: int, layout: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -137,3 +140,20 @@ def check_is_causal(value: Any, call: Call) -> str | None:
     if isinstance(value, tuple) and (len(value) != ndim or not all(isinstance(x, bool) for x in value)):
         return f"a bool or a tuple of {ndim} bools (one per layout axis)"
     return None
+
+
+NATTEN_PARAMS: tuple[Param, ...] = (
+    Param("kernel_size", (int, tuple), 7, "neighborhood size per axis (odd int or tuple)", low=1,
+          check=check_kernel_size),
+    Param("dilation", (int, tuple), 1, "dilation per axis (int or tuple)", low=1, check=per_axis_check("dilation", 1)),
+    Param("layout", (tuple,), None, "spatial shape of the sequence, 1 to 3 axes; None means (seq,)",
+          check=check_layout_3d),
+    Param("is_causal", (bool, tuple), False, "causal masking per axis (bool or tuple); causal=True sets all",
+          check=check_is_causal),
+)
+"""NATTEN's ``kernel_size``, ``dilation``, ``layout`` and ``is_causal``, with their defaults and checks."""
+
+
+def per_axis_causal(causal: bool, is_causal: Any, ndim: int) -> tuple[bool, ...]:
+    """NATTEN's causal masking per axis: an axis is causal if ``causal`` or its ``is_causal`` entry says so."""
+    return tuple(c or causal for c in per_axis_values(is_causal, ndim))

@@ -36,15 +36,7 @@ import torch
 from attnzoo.kernels import flex
 from attnzoo.kernels.band import cached_tiling, neighborhood_tiles, tiled_attention
 from attnzoo.masks.neighborhood import generalized_neighborhood as gna_mod
-from attnzoo.methods.checks import (
-    check_is_causal,
-    check_kernel_size,
-    check_layout_3d,
-    layout_shape,
-    per_axis_check,
-    per_axis_ints,
-    per_axis_values,
-)
+from attnzoo.methods.checks import NATTEN_PARAMS, layout_shape, per_axis_causal, per_axis_ints, per_axis_values
 from attnzoo.methods.common import mask_reference
 from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
@@ -78,16 +70,10 @@ SPEC = MethodSpec(
     exact=True,
     patterns=SELF_PATTERNS,
     params=(
-        Param("kernel_size", (int, tuple), 7, "neighborhood size per axis (odd int or tuple)", low=1,
-              check=check_kernel_size),
+        *NATTEN_PARAMS[:1],
         Param("stride", (int, tuple), 1, "stride per axis: queries in a stride group share one window (<= kernel)",
               low=1, check=_check_stride),
-        Param("dilation", (int, tuple), 1, "dilation per axis (int or tuple)", low=1,
-              check=per_axis_check("dilation", 1)),
-        Param("layout", (tuple,), None, "spatial shape of the sequence, 1 to 3 axes; None means (seq,)",
-              check=check_layout_3d),
-        Param("is_causal", (bool, tuple), False, "causal masking per axis (bool or tuple); causal=True sets all",
-              check=check_is_causal),
+        *NATTEN_PARAMS[1:],
     ),
     complexity="O(N·Π(t+k−1)·d) time with tiles t (≈ N·k·d), O(N·d) memory",
     subquadratic_memory=True,
@@ -99,9 +85,8 @@ def _axes(seq: int, causal: bool, kernel_size: Any, stride: Any, dilation: Any, 
     """The call's configuration, per axis: it fixes the mask (and keys its cached tiling and block mask)."""
     shape = layout_shape(seq, layout)
     ndim = len(shape)
-    per_axis_causal = tuple(c or causal for c in per_axis_values(is_causal, ndim))
     return (shape, per_axis_values(kernel_size, ndim), per_axis_values(stride, ndim), per_axis_values(dilation, ndim),
-            per_axis_causal)
+            per_axis_causal(causal, is_causal, ndim))
 
 
 def reference(

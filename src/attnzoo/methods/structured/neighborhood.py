@@ -35,16 +35,9 @@ import torch
 from attnzoo.kernels import flex
 from attnzoo.kernels.band import cached_tiling, neighborhood_tiles, tiled_attention
 from attnzoo.masks.neighborhood import neighborhood as neighborhood_mod
-from attnzoo.methods.checks import (
-    check_is_causal,
-    check_kernel_size,
-    check_layout_3d,
-    layout_shape,
-    per_axis_check,
-    per_axis_values,
-)
+from attnzoo.methods.checks import NATTEN_PARAMS, layout_shape, per_axis_causal, per_axis_values
 from attnzoo.methods.common import mask_reference
-from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, TestHints, register
 
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]  # layout, kernel, dilation, causal
 
@@ -63,16 +56,7 @@ SPEC = MethodSpec(
     summary="each token attends to its kernel_size nearest neighbours per axis (1-D/2-D/3-D), NATTEN semantics",
     exact=True,
     patterns=SELF_PATTERNS,
-    params=(
-        Param("kernel_size", (int, tuple), 7, "neighborhood size per axis (odd int or tuple)", low=1,
-              check=check_kernel_size),
-        Param("dilation", (int, tuple), 1, "dilation per axis (int or tuple)", low=1,
-              check=per_axis_check("dilation", 1)),
-        Param("layout", (tuple,), None, "spatial shape of the sequence, 1 to 3 axes; None means (seq,)",
-              check=check_layout_3d),
-        Param("is_causal", (bool, tuple), False, "causal masking per axis (bool or tuple); causal=True sets all",
-              check=check_is_causal),
-    ),
+    params=NATTEN_PARAMS,
     complexity="O(N·Π(t+k−1)·d) time with tiles t (≈ N·k·d), O(N·d) memory",
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample_params),
@@ -83,8 +67,8 @@ def _axes(seq: int, causal: bool, kernel_size: Any, dilation: Any, layout: Any, 
     """The call's configuration, per axis: it fixes the mask (and keys its cached tiling and block mask)."""
     shape = layout_shape(seq, layout)
     ndim = len(shape)
-    per_axis_causal = tuple(c or causal for c in per_axis_values(is_causal, ndim))
-    return shape, per_axis_values(kernel_size, ndim), per_axis_values(dilation, ndim), per_axis_causal
+    return (shape, per_axis_values(kernel_size, ndim), per_axis_values(dilation, ndim),
+            per_axis_causal(causal, is_causal, ndim))
 
 
 def _tiles(axes: Axes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
