@@ -86,3 +86,44 @@ def test_grouped_helpers_equal_repeated_heads_and_blocks_checkpoint():
     (gq_want,) = torch.autograd.grad(want.sum(), q)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(gq, gq_want)
+
+
+def test_lru_cache_keeps_the_recently_used_and_evicts_the_least() -> None:
+    from attnzoo.kernels.cache import LRUCache
+
+    cache: LRUCache[str] = LRUCache(2)
+    builds: list[str] = []
+
+    def build(key: str):
+        return lambda: builds.append(key) or key.upper()
+
+    assert cache.get("a", build("a")) == "A"
+    assert cache.get("b", build("b")) == "B"
+    assert cache.get("a", build("a")) == "A"  # a hit: built once, now the most recent
+    assert cache.get("c", build("c")) == "C"  # full: evicts b, the least recently used
+    assert cache.get("a", build("a")) == "A"
+    assert cache.get("b", build("b")) == "B"  # rebuilt
+    assert builds == ["a", "b", "c", "b"]
+    assert len(cache) == 2
+
+
+def test_score_mods_compose_in_order_on_index_tensors() -> None:
+    from attnzoo.masks import mods
+
+    g = torch.Generator().manual_seed(0)
+    h, sq, skv = 3, 4, 6
+    score = 5 * torch.randn(1, h, sq, skv, generator=g, dtype=torch.float64)
+    bias = torch.randn(1, h, sq, skv, generator=g, dtype=torch.float64)
+    mask = torch.rand(1, h, sq, skv, generator=g) > 0.3
+    slopes = torch.tensor(mods.alibi_slopes(h), dtype=torch.float64)
+    cap = torch.tensor(2.0, dtype=torch.float64)
+    b_idx = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    h_idx = torch.arange(h).view(1, h, 1, 1)
+    q_idx, k_idx = torch.arange(sq).view(1, 1, sq, 1), torch.arange(skv).view(1, 1, 1, skv)
+    mod = mods.compose(mods.softcap(cap), mods.alibi(slopes, skv - sq), mods.additive(bias), mods.masked(mask))
+    got = mod(score, b_idx, h_idx, q_idx, k_idx)
+    distance = (q_idx + skv - sq - k_idx).abs()
+    want = (2.0 * torch.tanh(score / 2.0) - slopes.view(1, h, 1, 1) * distance + bias).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(got, want)
+    assert mods.alibi_slopes(8) == [2.0 ** -(i + 1) for i in range(8)]
+    assert mods.alibi_slopes(6)[:4] == mods.alibi_slopes(4)
