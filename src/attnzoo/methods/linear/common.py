@@ -1,7 +1,6 @@
 """Pieces the L-family method files share: call resolution for the recurrent (prefill/step) API, decay defaults.
 
-Every L method file defines, besides its registered reference and fast paths, a decoding API as two module-level
-functions (those whose fast path is a plain feature-map scan call :func:`feature_prefill` and :func:`feature_step`)::
+Every L method file exposes, besides its registered reference and fast paths, a decoding API::
 
     out, state = prefill(q, k, v, scale=None, **params)      # causal, whole prompt, chunked; returns the state
     out_t, state = step(state, q_t, k_t, v_t, scale=None, **params)   # one token (seq 1), fixed-size state
@@ -12,6 +11,7 @@ full causal forward over the concatenated sequence. Parameters are validated exa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,6 +19,9 @@ import torch
 from attnzoo.api import prepare
 from attnzoo.kernels import linear_scan
 from attnzoo.registry import get
+
+Features = Callable[[torch.Tensor, torch.Tensor, float, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
+Decoding = tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., tuple[torch.Tensor, torch.Tensor]]]
 
 
 def resolve(
@@ -34,19 +37,35 @@ def alibi_rates(heads: int, device: torch.device, dtype: torch.dtype) -> torch.T
     return torch.pow(2.0, -8.0 * torch.arange(1, heads + 1, device=device, dtype=dtype) / heads)
 
 
-def feature_prefill(
-    qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, *, chunk: int, normalize: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``prefill`` of a method whose fast path is :func:`linear_scan.causal` on feature maps ``qf``/``kf`` (no
-    decay): the causal output and the state to continue from."""
-    out, state = linear_scan.causal(qf, kf, v, chunk=chunk, normalize=normalize, return_state=True)
-    return out, state
+def feature_map_decoding(method: str, features: Features, normalized: Callable[[dict[str, Any]], bool]) -> Decoding:
+    """``(prefill, step)`` of a method whose fast path is :func:`linear_scan.causal` on feature maps (no decay).
 
+    ``features(q, k, scale, params)`` gives ``(qf, kf)``; ``normalized(params)`` says whether the scan normalises.
+    """
 
-def feature_step(
-    state: torch.Tensor | None, qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, *, normalize: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``step`` of such a method for one token's feature maps; ``state=None`` starts a new sequence."""
-    if state is None:
-        state = linear_scan.empty_state(qf, kf, v, decay=None, normalize=normalize)
-    return linear_scan.step(state, qf, kf, v, normalize=normalize)
+    def prefill(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal forward over a prompt; returns ``(out, state)`` to continue with ``step``."""
+        scale_, p = resolve(method, q, k, v, scale, params)
+        qf, kf = features(q, k, scale_, p)
+        out, state = linear_scan.causal(qf, kf, v, chunk=p["chunk_size"], normalize=normalized(p), return_state=True)
+        return out, state
+
+    def step(
+        state: torch.Tensor | None,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        **params: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoding step for one token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
+        scale_, p = resolve(method, q, k, v, scale, params)
+        qf, kf = features(q, k, scale_, p)
+        if state is None:
+            state = linear_scan.empty_state(qf, kf, v, decay=None, normalize=normalized(p))
+        return linear_scan.step(state, qf, kf, v, normalize=normalized(p))
+
+    return prefill, step

@@ -53,7 +53,7 @@ import torch
 from attnzoo.errors import fail
 from attnzoo.kernels import linear_scan
 from attnzoo.methods.common import repeat_kv, visible
-from attnzoo.methods.linear.common import feature_prefill, feature_step, resolve
+from attnzoo.methods.linear.common import feature_map_decoding
 from attnzoo.registry import Backend, Call, LayerInfo, MethodSpec, Param, TestHints, register
 
 PATTERNS = frozenset({"self/causal", "self/noncausal", "cross/noncausal"})
@@ -224,21 +224,7 @@ def torch_chunked(
     return linear_scan.noncausal(qf, kf, v, normalize=True)
 
 
-def prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal forward over a prompt; returns ``(out, state)`` to continue with :func:`step`."""
-    _, p = resolve("ecoformer", q, k, v, scale, params)
-    return feature_prefill(*features(q, k, p), v, chunk=p["chunk_size"], normalize=True)
-
-
-def step(
-    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-    **params: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step for one token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
-    _, p = resolve("ecoformer", q, k, v, scale, params)
-    return feature_step(state, *features(q, k, p), v, normalize=True)
+prefill, step = feature_map_decoding("ecoformer", lambda q, k, scale, p: features(q, k, p), lambda p: True)
 
 
 register(SPEC, reference, [Backend("torch", torch_chunked)])

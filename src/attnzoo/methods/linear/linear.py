@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from attnzoo.errors import fail
 from attnzoo.kernels import linear_scan
 from attnzoo.methods.common import repeat_kv, visible
-from attnzoo.methods.linear.common import feature_prefill, feature_step, resolve
+from attnzoo.methods.linear.common import feature_map_decoding
 from attnzoo.registry import Backend, Call, MethodSpec, Param, register
 
 NAMED_MAPS = ("elu1", "relu", "identity", "softmax_kernel")
@@ -206,22 +206,9 @@ def torch_chunked(
     return linear_scan.noncausal(qf, kf, v, normalize=normalize)
 
 
-def prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal forward over a prompt; returns ``(out, state)`` to continue with :func:`step`."""
-    scale_, p = resolve("linear", q, k, v, scale, params)
-    qf, kf = features(q, k, scale=scale_, **_feature_params(p))
-    return feature_prefill(qf, kf, v, chunk=p["chunk_size"], normalize=p["normalize"])
-
-
-def step(
-    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-    **params: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step for one token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
-    scale_, p = resolve("linear", q, k, v, scale, params)
-    return feature_step(state, *features(q, k, scale=scale_, **_feature_params(p)), v, normalize=p["normalize"])
+prefill, step = feature_map_decoding(
+    "linear", lambda q, k, scale, p: features(q, k, scale=scale, **_feature_params(p)), lambda p: p["normalize"]
+)
 
 
 def _feature_params(p: dict[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ import torch
 
 from attnzoo.kernels import linear_scan
 from attnzoo.methods.common import repeat_kv, visible
-from attnzoo.methods.linear.common import feature_prefill, feature_step, resolve
+from attnzoo.methods.linear.common import feature_map_decoding
 from attnzoo.registry import Backend, Call, MethodSpec, Param, register
 
 PATTERNS = frozenset({"self/causal", "self/noncausal", "cross/noncausal"})
@@ -136,21 +136,9 @@ def torch_chunked(
     return linear_scan.noncausal(qf, kf, v, normalize=True)
 
 
-def prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal forward over a prompt; returns ``(out, state)`` to continue with :func:`step`."""
-    _, p = resolve("nala", q, k, v, scale, params)
-    return feature_prefill(*features(q, k, p["alpha"], p["key_power"]), v, chunk=p["chunk_size"], normalize=True)
-
-
-def step(
-    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-    **params: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step for one token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
-    _, p = resolve("nala", q, k, v, scale, params)
-    return feature_step(state, *features(q, k, p["alpha"], p["key_power"]), v, normalize=True)
+prefill, step = feature_map_decoding(
+    "nala", lambda q, k, scale, p: features(q, k, p["alpha"], p["key_power"]), lambda p: True
+)
 
 
 register(SPEC, reference, [Backend("torch", torch_chunked)])
