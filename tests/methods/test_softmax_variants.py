@@ -13,7 +13,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
-from attnzoo.masks.mods import alibi_slopes
+from attnzoo.methods.softmax.score_mod import alibi_slopes
 
 
 def qkv(
