@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import attnzoo  # noqa: F401  (registers every method)
+import attnzoo  # registers every method
 from attnzoo import bench, verify
 from attnzoo.errors import AttnzooError
 from attnzoo.registry import FAMILIES, PATTERNS, Method, MethodSpec, all_methods, get
@@ -101,6 +103,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def where(fn: Callable[..., object]) -> tuple[str, str]:
+    """A backend function's qualified name and ``path:line`` of its definition, the path relative to the folder that
+    holds the package (``src/attnzoo/...`` in a checkout)."""
+    fn = inspect.unwrap(fn)
+    name = f"{fn.__module__}.{fn.__qualname__}"
+    try:
+        source, line = inspect.getsourcefile(fn), inspect.getsourcelines(fn)[1]
+    except (OSError, TypeError):
+        return name, "?"
+    package = Path(attnzoo.__file__).resolve().parent
+    root = package.parent.parent if package.parent.name == "src" else package.parent
+    return name, f"{Path(os.path.relpath(Path(source or '').resolve(), root)).as_posix()}:{line}"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     m = get(args.name)
     s = m.spec
@@ -112,6 +128,11 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"differentiable: {s.differentiable}")
     for p in s.params:
         print(f"  {p.name} = {p.default!r} ({p.describe_type()}): {p.doc}")
+    print("implementations (backend, function, definition):")
+    rows = [(backend, *where(m.backend(backend).fn)) for backend in s.backends]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    for backend, name, place in rows:
+        print(f"  {backend:<{widths[0]}}  {name:<{widths[1]}}  {place}")
     return 0
 
 

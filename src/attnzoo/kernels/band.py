@@ -13,6 +13,10 @@ Builders:
   consecutive queries sees the ``T + width − 1`` keys from its first query's start (clamped into the sequence).
 - :func:`product_tiles`: N-d tiles as the Cartesian product of per-axis tilings (each axis' tiles, key sets and
   masks), for layouts in row-major order: the tile mask is the AND of the per-axis masks.
+- :func:`neighborhood_tiles`: the tiling of NATTEN neighborhoods and their strided generalisation (GNA): per axis and
+  dilation group, bands of consecutive (whole stride groups of) positions, then their product.
+
+:func:`cached_tiling` keeps a configuration's :class:`Tiling` in the shared cache (:mod:`attnzoo.kernels.cache`).
 
 Rows with no visible key give 0 (forward and backward, never NaN). Under autograd, chunks whose keys are gathered
 copies are checkpointed (recomputed in the backward pass), so training memory stays O(N·d) plus one chunk.
@@ -21,13 +25,17 @@ copies are checkpointed (recomputed in the backward pass), so training memory st
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from attnzoo.kernels.cache import cached
+from attnzoo.masks.neighborhood import neighborhood_axis, stride_leader
+
 CHUNK_BYTES = 96 << 20
+NEIGHBORHOOD_TILES = {1: (128,), 2: (8, 16), 3: (4, 4, 8)}  # query tile per axis of a 1-D, 2-D, 3-D neighborhood
 
 Tiles = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -92,6 +100,37 @@ def product_tiles(axes: Sequence[Tiles], layout: Sequence[int]) -> Tiles:
         mask = (mask.view(n0, 1, t0, 1, w0, 1) & ma.view(1, n1, 1, t1, 1, w1)).reshape(n0 * n1, t0 * t1, w0 * w1)
     assert q_flat is not None and k_flat is not None and mask is not None
     return q_flat, k_flat, mask
+
+
+def neighborhood_tiles(
+    layout: Sequence[int], kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
+    causal: Sequence[bool],
+) -> Tiles:
+    """The tiling of the strided neighborhood :func:`attnzoo.masks.neighborhood.generalized_neighborhood`.
+
+    Per axis and dilation group, tiles of consecutive group positions whose size is a multiple of the stride
+    (:data:`NEIGHBORHOOD_TILES`, rounded down to a multiple of ``s``, at least ``s``). A tile holds whole stride groups,
+    so its queries' windows lie in the ``tile + k − 1`` positions from its first query's window start; the tile mask
+    is the predicate's axis rule. N-d tiles are the per-axis products. Stride 1 is plain neighborhood attention.
+    """
+    per_axis = []
+    for length, k, s, d, c, tile in zip(layout, kernel, stride, dilation, causal, NEIGHBORHOOD_TILES[len(layout)],
+                                        strict=True):
+
+        def starts(group_len: int, k: int = k, s: int = s, c: bool = c) -> torch.Tensor:
+            leader = stride_leader(torch.arange(group_len), group_len, s, c)
+            return leader - k + 1 if c else torch.clamp(leader - k // 2, min=0, max=group_len - k)
+
+        q_tiles, k_tiles = strided_band_tiles(length, d, starts, k, s * max(1, tile // s))
+        seen = neighborhood_axis(q_tiles.unsqueeze(2), k_tiles.unsqueeze(1), length, k, d, c, s)
+        per_axis.append((q_tiles, k_tiles, seen))
+    return product_tiles(per_axis, layout)
+
+
+def cached_tiling(key: Hashable, device: torch.device, build: Callable[[], Tiles]) -> Tiling:
+    """The :class:`Tiling` of the tiles ``build()`` makes for a configuration ``key`` (which must identify them),
+    built once per device (O(n·T·W)) and kept in the shared configuration cache."""
+    return cached(("tiling", key), device, lambda: Tiling(*(t.to(device) for t in build())))
 
 
 def _combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,42 @@
-"""Dense softmax attention returning the log-sum-exp, for exact merges (see :mod:`attnzoo.kernels.merge`)."""
+"""Dense softmax attention: through PyTorch's fused SDPA, or returning the log-sum-exp for exact merges.
+
+- :func:`sdpa_attention` — ``scaled_dot_product_attention`` with attnzoo's call conventions (bottom-right causal mask,
+  boolean user mask, additive bias, GQA without K/V copies): the fast path of softmax attention and of the methods
+  that reduce to it after transforming q, k or v;
+- :func:`softmax_attention_lse` — output and log-sum-exp (see :mod:`attnzoo.kernels.merge`).
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from attnzoo import masks
 from attnzoo.kernels.blockwise import grouped_logits, grouped_pv
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Softmax attention by ``scaled_dot_product_attention`` with ``enable_gqa`` (no K/V copies).
+
+    A plain causal self-attention call uses ``is_causal=True`` (no mask tensor); other masks are materialised once as
+    a boolean (or, with a bias, float) mask.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if causal and mask is None and bias is None and q.shape[2] == k.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    attn_mask = masks.combine(causal, mask, q.shape[2], k.shape[2], q.device)
+    if bias is not None:
+        attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
 
 
 def softmax_attention_lse(

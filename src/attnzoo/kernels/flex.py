@@ -3,7 +3,7 @@
 ``torch.compile(flex_attention)`` costs seconds the first time and for every new mask/score function, so the compiled
 callable is created once and reused; inductor's own cache reuses kernels when only closed-over *tensors* change (keep
 scalars in 0-d tensors, not Python floats, or every value compiles anew). Block masks cost O(N²/block²) predicate
-evaluations and are cached by the caller's key.
+evaluations and are kept in a least-recently-used cache (:mod:`attnzoo.kernels.cache`) under the caller's key.
 
 Dynamo recompiles the wrapped function for every new shape, dtype or mask/score function and, past its recompile limit
 (8 by default), silently falls back to *eager* FlexAttention, which materialises the full score matrix. A library
@@ -11,7 +11,8 @@ that serves many configurations in one process hits that limit quickly, so :func
 ``RECOMPILE_LIMIT``.
 
 On CPU FlexAttention is forward-only (PyTorch has no backward there) and cannot return the log-sum-exp: backends
-built on it say so through :func:`unavailable`.
+built on it say so through :func:`unavailable` (or :func:`unavailable_masked` for those that take no user mask or
+bias: :func:`mask_attention`, a method's mask predicate as a cached block mask).
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ from typing import Any
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from attnzoo.kernels.cache import LRUCache
 from attnzoo.masks import MaskMod
+from attnzoo.masks.mods import ScoreMod
 from attnzoo.registry import Call
 
-ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
 _compiled: Callable[..., Any] | None = None
-_block_masks: dict[Hashable, BlockMask] = {}
-_MAX_CACHED_MASKS = 64
+block_masks: LRUCache[BlockMask] = LRUCache(64)
 RECOMPILE_LIMIT = 256
 
 
@@ -40,6 +40,13 @@ def unavailable(call: Call) -> str | None:
     if call.dtype == torch.float64:
         return "FlexAttention does not take float64"
     return None
+
+
+def unavailable_masked(call: Call) -> str | None:
+    """Why a flex backend that takes no user mask or bias (:func:`mask_attention`) cannot serve ``call``, or None."""
+    if call.has_mask or call.has_bias:
+        return "this flex backend takes no user mask or bias; use backend='torch'"
+    return unavailable(call)
 
 
 def compiled() -> Callable[..., Any]:
@@ -62,13 +69,7 @@ def block_mask(
     and head.
     """
     full_key = (key, batch, heads, seq_q, seq_kv, str(device))
-    cached = _block_masks.get(full_key)
-    if cached is None:
-        if len(_block_masks) >= _MAX_CACHED_MASKS:
-            _block_masks.pop(next(iter(_block_masks)))
-        cached = create_block_mask(mod, batch, heads, seq_q, seq_kv, device=device)
-        _block_masks[full_key] = cached
-    return cached
+    return block_masks.get(full_key, lambda: create_block_mask(mod, batch, heads, seq_q, seq_kv, device=device))
 
 
 def attention(
@@ -90,3 +91,12 @@ def attention(
     return compiled()(
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
+
+
+def mask_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, key: Hashable, mod: MaskMod
+) -> torch.Tensor:
+    """FlexAttention restricted to the mask predicate ``mod`` (its block mask cached under ``key``, which must identify
+    the predicate; one mask serves every batch and head)."""
+    bm = block_mask(key, mod, None, None, q.shape[2], k.shape[2], q.device)
+    return attention(q, k, v, scale=scale, block_mask=bm)

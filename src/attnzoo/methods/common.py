@@ -1,4 +1,4 @@
-"""Pieces every method file shares: spec building blocks and the dense reference helpers.
+"""The dense reference helpers every method file shares.
 
 The reference helpers are plain, readable PyTorch (repeat the KV heads, materialise every score): they are what
 fast paths are checked against, so they must stay free of the tricks that fast paths use.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from attnzoo import masks
+from attnzoo.masks import MaskMod
 
 
 def repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -51,3 +52,12 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: to
     if bias is not None:
         s = s + bias
     return safe_softmax(s, seen) @ repeat_kv(v, q.shape[1])
+
+
+def mask_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mod: MaskMod, scale: float,
+                   mask: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """Dense softmax attention restricted to the mask predicate ``mod`` (evaluated on every query-key pair) AND the
+    user ``mask``, with ``bias`` added: the reference of every method whose mask is one predicate."""
+    b, h, sq, _ = q.shape
+    seen = masks.dense(mod, b, h, sq, k.shape[2], q.device)
+    return masked_attention(q, k, v, seen, scale, mask, bias)

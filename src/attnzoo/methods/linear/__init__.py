@@ -1,4 +1,4 @@
-"""L-family: linear, kernelised and recurrent attention (MECHANISMS.md L1–L11).
+"""L-family: linear, kernelised and recurrent attention (catalogue IDs L1–L11; each file cites its paper).
 
 Each method has a dense parallel reference and a fast path (chunked scans of :mod:`attnzoo.kernels.linear_scan` and
 :mod:`attnzoo.kernels.delta_scan` for the causal ones). Every method with a causal pattern (linear, lightning,

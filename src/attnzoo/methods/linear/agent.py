@@ -16,9 +16,9 @@ fewer queries than agents, queries are repeated). The depthwise convolution the 
 feature diversity is a layer-level module and is not part of this function. Default ``num_agents = 49`` (the paper's
 DeiT setting, 7×7).
 
-Reference: the dense ``(Sq × Skv)`` matrix ``σ(QAᵀ) σ(AKᵀ)`` times ``V``. Fast path ``torch``: the associative order
-``σ(QAᵀ)(σ(AKᵀ)V)``, O(N·n·D) time and O(N·n) memory; GQA by stacking each group's agents as rows against its key
-head (no K/V copies). Softmaxes of half-precision inputs are computed in fp32.
+Reference: the dense ``(Sq × Skv)`` matrix ``σ(QAᵀ) σ(AKᵀ)`` times ``V``. Fast path ``torch`` (:func:`torch_factored`):
+the associative order ``σ(QAᵀ)(σ(AKᵀ)V)``, O(N·n·D) time and O(N·n) memory; GQA by stacking each group's agents as rows
+against its key head (no K/V copies). Softmaxes of half-precision inputs are computed in fp32.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def reference(
     return (dense @ repeat_kv(v, q.shape[1]).to(dense.dtype)).to(v.dtype)
 
 
-def factored(
+def torch_factored(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -135,4 +135,4 @@ def factored(
     return torch.matmul(query_weights, agent_values).to(v.dtype)
 
 
-register(SPEC, reference, [Backend("torch", factored)])
+register(SPEC, reference, [Backend("torch", torch_factored)])

@@ -35,7 +35,7 @@ Choices:
 - A code bit can flip between fp32 and fp64 when ``|y|`` is at rounding level; outputs then differ by one bit's
   weight (a discontinuity of the method itself).
 
-Fast path ``torch``: the codes as ``±1`` features ``[h(q), b+1]`` and ``[h(k), 1]`` through
+Fast path ``torch`` (:func:`torch_chunked`): the codes as ``±1`` features ``[h(q), b+1]`` and ``[h(k), 1]`` through
 :mod:`attnzoo.kernels.linear_scan` (chunked causal scan, or the key summary ``[H(K), 1]ᵀ[V, 1]`` once per key head
 noncausally), O(N·(m·D + b·Dv)) time, O(N) memory. Bit packing (popcount Hamming distances) only pays for the
 quadratic form ``H(Q)H(K)ᵀ``, which the linear form never builds: here the codes meet ``V`` in one matmul, where
@@ -207,7 +207,7 @@ def reference(
     return o.to(v.dtype)
 
 
-def chunked(
+def torch_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -228,4 +228,4 @@ DECODER = feature_map_decoder(lambda q, k, scale, p: features(q, k, p), lambda p
 prefill, step = module_decoding("ecoformer", DECODER)
 
 
-register(SPEC, reference, [Backend("torch", chunked)], DECODER)
+register(SPEC, reference, [Backend("torch", torch_chunked)], DECODER)

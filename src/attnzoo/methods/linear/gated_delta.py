@@ -17,11 +17,12 @@ Reference (the parallel form over the whole sequence, dense and quadratic): with
 ``Γ_ti = exp(G_t − G_i)`` for ``i ≤ t``, the pseudo values solve ``(I + tril(diag(β)(K̂K̂ᵀ ⊙ Γ), −1)) U = diag(β) V``
 (one ``N×N`` unit-lower-triangular solve) and ``O = (scale·Q̂K̂ᵀ ⊙ Γ ⊙ causal) U``.
 
-Fast path ``torch``: :mod:`attnzoo.kernels.delta_scan`, chunks of ``chunk_size`` tokens: a batched triangular solve
-per chunk for the WY factors, batched intra-chunk matmuls, and a loop over chunks of one ``Dk×Dk`` by ``Dk×Dv``
-product for the state. O(N·C·D + N·D²) time, O(N·C) memory. GQA: key/value heads are repeated to the query heads
-(each query head has its own gates, hence its own state). Recurrent form: :func:`prefill` and :func:`step` (see
-:mod:`attnzoo.methods.linear.common`); ``log_gate``/``beta`` for a step are ``(B, H, 1)``; state ``(B, H, Dk, Dv)``.
+Fast path ``torch`` (:func:`torch_chunked`): :mod:`attnzoo.kernels.delta_scan`, chunks of ``chunk_size`` tokens: a
+batched triangular solve per chunk for the WY factors, batched intra-chunk matmuls, and a loop over chunks of one
+``Dk×Dk`` by ``Dk×Dv`` product for the state. O(N·C·D + N·D²) time, O(N·C) memory. GQA: key/value heads are repeated to
+the query heads (each query head has its own gates, hence its own state). Recurrent form: :func:`prefill` and
+:func:`step` (see :mod:`attnzoo.methods.linear.common`); ``log_gate``/``beta`` for a step are ``(B, H, 1)``; state
+``(B, H, Dk, Dv)``.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def _fast_inputs(
     return qs, repeat_kv(kn, h), repeat_kv(v, h), g, bt
 
 
-def chunked(
+def torch_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -170,4 +171,4 @@ def decode_step(
 DECODER = Decoder(decode_prefill, decode_step, token_params=("log_gate", "beta"))
 prefill, step = module_decoding("gated_delta", DECODER)
 
-register(SPEC, reference, [Backend("torch", chunked)], DECODER)
+register(SPEC, reference, [Backend("torch", torch_chunked)], DECODER)

@@ -25,8 +25,9 @@ Distillation: :func:`distill` fits the four tensors on the user's (q, k) samples
 from the softmax attention weights to the Hedgehog weights (the paper's soft-label cross-entropy, up to a constant),
 with Adam.
 
-Fast path ``torch``: :mod:`attnzoo.kernels.linear_scan` (chunked causal scan, or ``φ(Q)(φ(K)ᵀV)`` noncausally).
-Recurrent form: :func:`prefill` and :func:`step` (see :mod:`attnzoo.methods.linear.common`).
+Fast path ``torch`` (:func:`torch_chunked`): :mod:`attnzoo.kernels.linear_scan` (chunked causal scan, or
+``φ(Q)(φ(K)ᵀV)`` noncausally). Recurrent form: :func:`prefill` and :func:`step` (see
+:mod:`attnzoo.methods.linear.common`).
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def reference(
     return (w @ repeat_kv(v, q.shape[1]).to(w.dtype)).to(v.dtype)
 
 
-def chunked(
+def torch_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -215,4 +216,4 @@ def distill(
     return {name: t.detach() for name, t in params.items()}, history
 
 
-register(SPEC, reference, [Backend("torch", chunked)], DECODER)
+register(SPEC, reference, [Backend("torch", torch_chunked)], DECODER)

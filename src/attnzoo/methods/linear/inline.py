@@ -15,9 +15,9 @@ same definition to the visible prefix, so ``n_i = i + 1``. The paper's local-mod
 convolution of V with weights predicted from the input) needs the image grid and the layer input, so it belongs to
 the layer, not to this function.
 
-Fast path ``torch``: :mod:`attnzoo.kernels.linear_scan` on ``v`` with a column of ones appended (unnormalised), which
-yields ``Σ_j s_ij v_j`` and ``Σ_j s_ij`` together; ``v̄_i`` is a running mean. O(N·D·Dv) time, O(N) memory.
-Recurrent form: :func:`prefill` and :func:`step` (see :mod:`attnzoo.methods.linear.common`); the state is
+Fast path ``torch`` (:func:`torch_chunked`): :mod:`attnzoo.kernels.linear_scan` on ``v`` with a column of ones appended
+(unnormalised), which yields ``Σ_j s_ij v_j`` and ``Σ_j s_ij`` together; ``v̄_i`` is a running mean. O(N·D·Dv) time,
+O(N) memory. Recurrent form: :func:`prefill` and :func:`step` (see :mod:`attnzoo.methods.linear.common`); the state is
 ``(B, Hkv, D + 1, Dv + 1)``: ``Σ k_j [v_j, 1]ᵀ`` with a last row ``Σ [v_j, 1]`` (the running value sum and count).
 """
 
@@ -95,7 +95,7 @@ def _scan(
     return _combine(o_aug, v_aug[..., :-1].mean(dim=2, keepdim=True), count, h).to(v.dtype), None
 
 
-def chunked(
+def torch_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -139,4 +139,4 @@ def decode_step(
 DECODER = Decoder(decode_prefill, decode_step)
 prefill, step = module_decoding("inline", DECODER)
 
-register(SPEC, reference, [Backend("torch", chunked)], DECODER)
+register(SPEC, reference, [Backend("torch", torch_chunked)], DECODER)

@@ -24,9 +24,9 @@ GELU and the second convolution; here it acts on the attention output itself (``
 training-statistics layer) is left to the surrounding model.
 
 Reference: the dense ``(Sq × Skv)`` matrix ``a`` and the convolutions as explicit sums of shifted copies. Fast path
-``torch``: ``relu(Q)(relu(K)ᵀ[V, 1])`` through :func:`attnzoo.kernels.linear_scan.noncausal` (numerator and
-normaliser from one key/value summary per key head, O(N·D·Dv)) and ``torch.nn.functional.conv1d/conv2d`` with
-``groups = H·Dv``. Time and memory O(N·D·(Dv + k^dims)).
+``torch`` (:func:`torch_factored`): ``relu(Q)(relu(K)ᵀ[V, 1])`` through :func:`attnzoo.kernels.linear_scan.noncausal`
+(numerator and normaliser from one key/value summary per key head, O(N·D·Dv)) and ``torch.nn.functional.conv1d/conv2d``
+with ``groups = H·Dv``. Time and memory O(N·D·(Dv + k^dims)).
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
                 groups=w.shape[0])
 
 
-def factored(
+def torch_factored(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -231,4 +231,4 @@ def factored(
     return (g + local.reshape(b, h, dv, sq).transpose(-1, -2)).to(v.dtype)
 
 
-register(SPEC, reference, [Backend("torch", factored)])
+register(SPEC, reference, [Backend("torch", torch_factored)])

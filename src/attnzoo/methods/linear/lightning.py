@@ -14,12 +14,12 @@ row normalisation and no feature map: in TransNormerLLM the activation of Q, K a
 around the kernel. Choice: ``scale`` (default ``1/√D``) multiplies the scores as everywhere in attnzoo; pass
 ``scale=1.0`` for the paper's unscaled form. GQA: each query head keeps its own decayed state.
 
-Fast path ``torch``: the Lightning Attention-2 tiling in PyTorch, via :mod:`attnzoo.kernels.linear_scan`: blocks of
-``block_size`` tokens; inside a block the masked, decayed ``(QKᵀ ⊙ D)V``; across blocks a running ``KᵀV`` state
-decayed by ``λ^B`` per block (``λ = exp(−s)``), queries weighted by ``λ^{t+1}`` and keys by ``λ^{B−1−t}``, so no
-factor ever exceeds 1 and there is no cumulative sum over the whole sequence. All blocks are batched matmuls; only
-the ``D×Dv`` state recurrence is a loop over blocks. Time O(N·B·D + N·D²), memory O(N). Recurrent form:
-:func:`prefill` and :func:`step`, state ``(B, H, D, Dv)``.
+Fast path ``torch`` (:func:`torch_blocked`): the Lightning Attention-2 tiling in PyTorch, via
+:mod:`attnzoo.kernels.linear_scan`: blocks of ``block_size`` tokens; inside a block the masked, decayed ``(QKᵀ ⊙ D)V``;
+across blocks a running ``KᵀV`` state decayed by ``λ^B`` per block (``λ = exp(−s)``), queries weighted by ``λ^{t+1}``
+and keys by ``λ^{B−1−t}``, so no factor ever exceeds 1 and there is no cumulative sum over the whole sequence. All
+blocks are batched matmuls; only the ``D×Dv`` state recurrence is a loop over blocks. Time O(N·B·D + N·D²), memory O(N).
+Recurrent form: :func:`prefill` and :func:`step`, state ``(B, H, D, Dv)``.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def reference(
     return (dense_scores(q, k, scale) * m) @ repeat_kv(v, q.shape[1])
 
 
-def blocked(
+def torch_blocked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -141,4 +141,4 @@ def decode_step(
 DECODER = Decoder(decode_prefill, decode_step)
 prefill, step = module_decoding("lightning", DECODER)
 
-register(SPEC, reference, [Backend("torch", blocked)], DECODER)
+register(SPEC, reference, [Backend("torch", torch_blocked)], DECODER)

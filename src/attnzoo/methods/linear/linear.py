@@ -26,12 +26,12 @@ Feature maps ``φ`` (applied to each head's raw query/key vectors):
 Choice: ``scale`` multiplies the scores (as in flash-linear-attention); it cancels when ``normalize=True``, so it is
 not applied there.
 
-Fast path ``torch``: :mod:`attnzoo.kernels.linear_scan` — the chunked causal scan (``chunk_size`` tokens per chunk,
-intra-chunk masked ``φ(Q)φ(K)ᵀ``, inter-chunk state by an exclusive cumulative sum of chunk states, all chunks as
-batched matmuls; the elementwise maps ``elu1``/``relu`` run inside it one chunk group at a time and are recomputed in
-its backward) or, noncausally, ``φ(Q)(φ(K)ᵀV)`` with the summary computed once per key head. The normaliser is a
-column of ones appended to ``V``. O(N·F·Dv) time, O(N) memory. Recurrent form: :func:`prefill` and :func:`step`
-(see :mod:`attnzoo.methods.linear.common`), state ``(B, Hkv, F, Dv + normalize)``.
+Fast path ``torch`` (:func:`torch_chunked`): :mod:`attnzoo.kernels.linear_scan` — the chunked causal scan
+(``chunk_size`` tokens per chunk, intra-chunk masked ``φ(Q)φ(K)ᵀ``, inter-chunk state by an exclusive cumulative sum of
+chunk states, all chunks as batched matmuls; the elementwise maps ``elu1``/``relu`` run inside it one chunk group at a
+time and are recomputed in its backward) or, noncausally, ``φ(Q)(φ(K)ᵀV)`` with the summary computed once per key head.
+The normaliser is a column of ones appended to ``V``. O(N·F·Dv) time, O(N) memory. Recurrent form: :func:`prefill` and
+:func:`step` (see :mod:`attnzoo.methods.linear.common`), state ``(B, Hkv, F, Dv + normalize)``.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def reference(
     return o.to(v.dtype)
 
 
-def chunked(
+def torch_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -216,4 +216,4 @@ def _feature_params(p: dict[str, Any]) -> dict[str, Any]:
     return {name: p[name] for name in ("feature_map", "normalize", "num_features", "seed")}
 
 
-register(SPEC, reference, [Backend("torch", chunked)], DECODER)
+register(SPEC, reference, [Backend("torch", torch_chunked)], DECODER)

@@ -25,10 +25,11 @@ direction: its features are 0 and its row gives 0. Causal use restricts every su
 vision, noncausal); the features of a token depend only on that token, so the recurrent form is exact. Features are
 computed in fp32 for half-precision inputs (``k^r`` would overflow fp16).
 
-Fast path ``torch``: :mod:`attnzoo.kernels.linear_scan` (chunked causal scan, or ``φ_q(Q)(φ_k(K)ᵀ[V, 1])``
-noncausally), O(N·D·Dv) time and O(N) memory. Causally the two maps run inside the scan one chunk group at a time (and
-are recomputed in its backward), so the ``2D``-wide features never exist for the whole sequence. Recurrent form:
-:func:`prefill` and :func:`step` (see :mod:`attnzoo.methods.linear.common`), state ``(B, Hkv, 2D, Dv + 1)``.
+Fast path ``torch`` (:func:`torch_chunked`): :mod:`attnzoo.kernels.linear_scan` (chunked causal scan, or
+``φ_q(Q)(φ_k(K)ᵀ[V, 1])`` noncausally), O(N·D·Dv) time and O(N) memory. Causally the two maps run inside the scan one
+chunk group at a time (and are recomputed in its backward), so the ``2D``-wide features never exist for the whole
+sequence. Recurrent form: :func:`prefill` and :func:`step` (see :mod:`attnzoo.methods.linear.common`), state
+``(B, Hkv, 2D, Dv + 1)``.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def reference(
     return o.to(v.dtype)
 
 
-def chunked(
+def torch_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -139,4 +140,4 @@ DECODER = feature_map_decoder(lambda q, k, scale, p: features(q, k, p["alpha"], 
 prefill, step = module_decoding("nala", DECODER)
 
 
-register(SPEC, reference, [Backend("torch", chunked)], DECODER)
+register(SPEC, reference, [Backend("torch", torch_chunked)], DECODER)

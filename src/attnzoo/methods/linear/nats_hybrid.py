@@ -28,10 +28,11 @@ add; norms, gates and mixing weights are layer-level. No gating of the softmax l
 ``use_g_for_attn=False``). Causal self-attention only.
 
 Reference: dense ``(S × S)`` softmax over the retained keys plus the dense gated-delta reference with ``β'``.
-Fast path ``torch``: the retained keys are compacted (:mod:`attnzoo.kernels.retained`, query-blocked softmax over them,
-O(N·T·D) for T retained keys) and the state part is the chunked WY scan (:mod:`attnzoo.kernels.delta_scan`,
-O(N·C·D + N·D²)). Decoding: :func:`prefill` and :func:`step` carry a :class:`HybridState`: the fixed-size delta state
-plus the softmax cache of retained keys (it grows only with retained tokens).
+Fast path ``torch`` (:func:`torch_hybrid`): the retained keys are compacted (:mod:`attnzoo.kernels.retained`,
+query-blocked softmax over them, O(N·T·D) for T retained keys) and the state part is the chunked WY scan
+(:mod:`attnzoo.kernels.delta_scan`, O(N·C·D + N·D²)). Decoding: :func:`prefill` and :func:`step` carry a
+:class:`HybridState`: the fixed-size delta state plus the softmax cache of retained keys (it grows only with retained
+tokens).
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def reference(
     return (soft_part + linear_part).to(v.dtype)
 
 
-def hybrid(
+def torch_hybrid(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -234,4 +235,4 @@ def decode_step(
 DECODER = Decoder(decode_prefill, decode_step, token_params=("flags", "log_gate", "beta"))
 prefill, step = module_decoding("nats_hybrid", DECODER)
 
-register(SPEC, reference, [Backend("torch", hybrid)], DECODER)
+register(SPEC, reference, [Backend("torch", torch_hybrid)], DECODER)

@@ -17,9 +17,9 @@ normaliser is exactly ``Σ_j φ(q_i)·k̃_j`` (positive for elu+1 features) with
 ``φ(q)``, ``k̃`` and the depthwise-convolution positional term (LePE) are layer-level and not part of this function.
 Causal use is not defined (``q̄`` averages every query), so only noncausal patterns are offered.
 
-Fast path ``torch``: ``φ(Q) (K̃ᵀ [V, 1])`` via :func:`attnzoo.kernels.linear_scan.noncausal`, O(N·D·Dv) time and
-O(N) memory. GQA: each query head has its own ``α``, so the reweighted keys (and the values) are laid out per query
-head (a G-fold copy of K and V).
+Fast path ``torch`` (:func:`torch_factored`): ``φ(Q) (K̃ᵀ [V, 1])`` via :func:`attnzoo.kernels.linear_scan.noncausal`,
+O(N·D·Dv) time and O(N) memory. GQA: each query head has its own ``α``, so the reweighted keys (and the values) are laid
+out per query head (a G-fold copy of K and V).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def reference(
     return o if output_gate is None else o * output_gate
 
 
-def factored(
+def torch_factored(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -110,4 +110,4 @@ def factored(
     return out if output_gate is None else out * output_gate
 
 
-register(SPEC, reference, [Backend("torch", factored)])
+register(SPEC, reference, [Backend("torch", torch_factored)])

@@ -1,4 +1,4 @@
-"""S-family: softmax-form variants (MECHANISMS.md S1–S13)."""
+"""S-family: softmax-form variants (catalogue IDs S1–S13; each file cites its paper)."""
 
 from attnzoo.methods.softmax import (  # noqa: F401
     momentum,

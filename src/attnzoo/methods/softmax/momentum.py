@@ -16,9 +16,9 @@ Choices:
   (``seq_q != seq_kv``, e.g. a decode chunk over a KV cache) the first query's predecessor is not part of the call,
   so the shift would silently use the wrong boundary. The call is refused rather than answered wrongly.
 
-Fast path ``sdpa``: the shear is one fused elementwise op per tensor (O(N·d)), then the S1 SDPA path (GQA without
-copies; flash/efficient kernels where available). The reference builds the shear as an explicit ``(N, N)`` matrix
-applied to Q and K and then materialises every score.
+Fast path ``sdpa`` (:func:`sdpa_sheared`): the shear is one fused elementwise op per tensor (O(N·d)), then S1's SDPA
+path, :func:`attnzoo.kernels.dense.sdpa_attention` (GQA without copies; flash/efficient kernels where available). The
+reference builds the shear as an explicit ``(N, N)`` matrix applied to Q and K and then materialises every score.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
+from attnzoo.kernels.dense import sdpa_attention
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
-from attnzoo.methods.softmax.softmax import sdpa as softmax_sdpa
 from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
 
@@ -85,7 +85,7 @@ def _shear(x: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.lerp(x, previous, -gamma)  # x + (−γ)(previous − x) = x + γ(x − previous)
 
 
-def sdpa(
+def sdpa_sheared(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -96,7 +96,7 @@ def sdpa(
     bias: torch.Tensor | None,
     gamma: float,
 ) -> torch.Tensor:
-    return softmax_sdpa(_shear(q, gamma), _shear(k, gamma), v, causal=causal, scale=scale, mask=mask, bias=bias)
+    return sdpa_attention(_shear(q, gamma), _shear(k, gamma), v, causal=causal, scale=scale, mask=mask, bias=bias)
 
 
-register(SPEC, reference, [Backend("sdpa", sdpa)])
+register(SPEC, reference, [Backend("sdpa", sdpa_sheared)])

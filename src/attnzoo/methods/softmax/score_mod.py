@@ -24,16 +24,15 @@ Formula as implemented, with ``s_ij = scale · q_i·k_j``:
 - A row with no visible key gives 0.
 
 Fast paths:
-- ``flex``: FlexAttention with a ``score_mod`` (cap and slopes held in tensors, so new values reuse the compiled
-  kernel) and a cached causal block mask that skips fully hidden key blocks; bias and user mask are read inside the
-  ``score_mod``. Forward-only on CPU.
-- ``torch``: query blocks (``attnzoo.kernels.blocked_softmax``) with autograd, for training on CPU; memory
-  O(rows · Skv).
+- ``flex`` (:func:`flex_score_mod`): FlexAttention with a ``score_mod`` (cap and slopes held in tensors, so new values
+  reuse the compiled kernel) and a cached causal block mask that skips fully hidden key blocks; bias and user mask are
+  read inside the ``score_mod``. Forward-only on CPU.
+- ``torch`` (:func:`torch_blockwise`): query blocks (``attnzoo.kernels.blocked_softmax``) with autograd, for training on
+  CPU; memory O(rows · Skv).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -41,20 +40,10 @@ import torch
 from attnzoo import masks
 from attnzoo.kernels import flex
 from attnzoo.kernels.blocked_softmax import blocked_softmax_attention, inplace
+from attnzoo.masks import mods
+from attnzoo.masks.mods import alibi_slopes
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
 from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
-
-
-def alibi_slopes(heads: int) -> list[float]:
-    """The ALiBi paper's head slopes for ``heads`` heads (geometric, ratio ``2^(−8/P)`` for a power of two ``P``)."""
-
-    def geometric(n: int) -> list[float]:
-        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
-
-    power = 2 ** math.floor(math.log2(heads))
-    if power == heads:
-        return geometric(heads)
-    return geometric(power) + geometric(2 * power)[0::2][: heads - power]
 
 
 def _check_alibi(value: bool | torch.Tensor, call: Call) -> str | None:
@@ -138,7 +127,7 @@ def _distance_rows(start: int, end: int, offset: int, keys: int, like: torch.Ten
     return (rows - torch.arange(keys, dtype=dtype, device=like.device).view(1, -1)).abs_().to(like.dtype)
 
 
-def blockwise(
+def torch_blockwise(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -171,7 +160,7 @@ def blockwise(
     )
 
 
-def flex_attention(
+def flex_score_mod(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -191,27 +180,17 @@ def flex_attention(
     b, h, sq, _ = q.shape
     skv = k.shape[2]
     slopes = _slopes(alibi, h, q)
-    cap = torch.tensor(softcap, dtype=q.dtype, device=q.device)
-    offset = skv - sq
-    full_bias = None if bias is None else bias.expand(b, h, sq, skv)
-    full_mask = None if mask is None else mask.expand(b, h, sq, skv)
-    capped = softcap > 0  # a bool in the closure: the compiled kernel is reused for every cap value
-
-    def modify(
-        score: torch.Tensor, bi: torch.Tensor, hi: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor
-    ) -> torch.Tensor:
-        if capped:
-            score = torch.tanh(score / cap) * cap
-        if slopes is not None:
-            score = score - slopes[hi] * torch.abs(qi + offset - ki)
-        if full_bias is not None:
-            score = score + full_bias[bi, hi, qi, ki]
-        if full_mask is not None:
-            score = torch.where(full_mask[bi, hi, qi, ki], score, float("-inf"))
-        return score
-
+    steps = []
+    if softcap > 0:  # the cap rides in a tensor: the compiled kernel is reused for every cap value
+        steps.append(mods.softcap(torch.tensor(softcap, dtype=q.dtype, device=q.device)))
+    if slopes is not None:
+        steps.append(mods.alibi(slopes, skv - sq))
+    if bias is not None:
+        steps.append(mods.additive(bias.expand(b, h, sq, skv)))
+    if mask is not None:
+        steps.append(mods.masked(mask.expand(b, h, sq, skv)))
     block_mask = flex.block_mask("causal", masks.causal(sq, skv), None, None, sq, skv, q.device) if causal else None
-    return flex.attention(q, k, v, scale=scale, score_mod=modify, block_mask=block_mask)
+    return flex.attention(q, k, v, scale=scale, score_mod=mods.compose(*steps), block_mask=block_mask)
 
 
-register(SPEC, reference, [Backend("flex", flex_attention, flex.unavailable), Backend("torch", blockwise)])
+register(SPEC, reference, [Backend("torch", torch_blockwise), Backend("flex", flex_score_mod, flex.unavailable)])

@@ -24,8 +24,9 @@ by a token-dependent temperature, then runs softmax attention:
   ``pos_beta`` ``(heads,)`` = β, init 2.0; ``value_temp`` ``(kv_heads, head_dim_v)`` = w, init 0. ``None`` turns a
   term off; with all three ``None`` (the defaults of a plain call) this is softmax attention.
 
-Fast path ``sdpa``: the temperatures are per-row scalars, so ``τ_q(i)·(q_i·k_j) = (τ_q(i) q_i)·k_j`` exactly: we scale
-Q and V (O(N·d)) and call the S1 SDPA path. Gradients reach u, β and w through autograd. The reference instead puts
+Fast path ``sdpa`` (:func:`sdpa_rescaled`): the temperatures are per-row scalars, so
+``τ_q(i)·(q_i·k_j) = (τ_q(i) q_i)·k_j`` exactly: we scale Q and V (O(N·d)) and call S1's SDPA path,
+:func:`attnzoo.kernels.dense.sdpa_attention`. Gradients reach u, β and w through autograd. The reference instead puts
 the temperature on each materialised logit.
 """
 
@@ -36,8 +37,8 @@ from typing import Any
 
 import torch
 
+from attnzoo.kernels.dense import sdpa_attention
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
-from attnzoo.methods.softmax.softmax import sdpa as softmax_sdpa
 from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
 POS_BETA_INIT = 2.0
@@ -135,7 +136,7 @@ def _row_scale(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.tanh(torch.matmul(x, weight.to(x.dtype).unsqueeze(-1)))
 
 
-def sdpa(
+def sdpa_rescaled(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -164,7 +165,7 @@ def sdpa(
         q = q * tau
     if value_temp is not None:
         v = v * (1.0 + _row_scale(v, value_temp))
-    return softmax_sdpa(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias)
+    return sdpa_attention(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias)
 
 
-register(SPEC, reference, [Backend("sdpa", sdpa)])
+register(SPEC, reference, [Backend("sdpa", sdpa_rescaled)])

@@ -2,9 +2,9 @@
 
 Paper: "DLGSANet: Lightweight Dynamic Local and Global Self-Attention Networks for Image Super-Resolution"
 (Li, Pan, Tang, Dong; ICCV 2023; arXiv:2301.02031), whose sparse global self-attention (SparseGSA) keeps only the
-most useful query-key similarities. We implement the catalogue's definition of that selection (MECHANISMS.md S7): the
-top-k of each query's logits, as also used by KVT's k-NN attention; we did not reproduce SparseGSA's exact
-sparsification or its image-specific layout.
+most useful query-key similarities. We implement that selection as the top-k of each query's logits (catalogue entry
+S7), as also used by k-NN attention ("KVT: k-NN Attention for Boosting Vision Transformers", Wang et al.,
+arXiv:2106.00515); we did not reproduce SparseGSA's exact sparsification or its image-specific layout.
 
 Formula as implemented: with logits ``s_ij = scale · q_i·k_j + bias_ij`` over the keys ``j`` visible to query ``i``,
 let ``t_i`` be the ``top_k``-th largest of them. Then ``O_i = Σ_j softmax_j(s_ij | s_ij ≥ t_i) v_j``: a softmax over the
@@ -16,9 +16,10 @@ Choices:
 - The selection is a hard mask: gradients flow to the kept logits only (the threshold itself is not differentiated).
 - ``top_k`` defaults to 64 (our choice).
 
-Fast path ``torch``: query blocks (``attnzoo.kernels.blocked_softmax``) compute one block of logits, find each row's
-threshold with ``torch.topk`` (O(Skv) per row rather than a full sort), mask below it and multiply the sparse weights
-with V; memory O(block · Skv), blocks are recomputed in the backward pass. The reference sorts the dense score matrix.
+Fast path ``torch`` (:func:`torch_blockwise`): query blocks (``attnzoo.kernels.blocked_softmax``) compute one block of
+logits, find each row's threshold with ``torch.topk`` (O(Skv) per row rather than a full sort), mask below it and
+multiply the sparse weights with V; memory O(block · Skv), blocks are recomputed in the backward pass. The reference
+sorts the dense score matrix.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def reference(
     return p @ repeat_kv(v, q.shape[1])
 
 
-def blockwise(
+def torch_blockwise(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -97,4 +98,4 @@ def blockwise(
     return blocked_softmax_attention(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias, select=keep_top)
 
 
-register(SPEC, reference, [Backend("torch", blockwise)])
+register(SPEC, reference, [Backend("torch", torch_blockwise)])

@@ -17,10 +17,10 @@ can represent; URPE re-weights the attention matrix element-wise by a learnable 
   sequence; with ``seq_q != seq_kv`` there is no shared position axis to measure it on.
 - A row with no visible key gives 0.
 
-Fast path ``torch``: query blocks (``attnzoo.kernels.blocked_softmax``); each block takes its band ``c_h[i − j]`` for
-``i`` in the block as consecutive sliding windows of the reversed coefficients (a strided view plus one flip, an
-``(H, rows, N)`` tensor, never the ``(H, N, N)`` matrix), multiplies the softmax weights and then V. Memory
-O(rows · N); autograd reaches ``urpe_coeffs`` through the view (blocks are recomputed in the backward pass). The
+Fast path ``torch`` (:func:`torch_blockwise`): query blocks (``attnzoo.kernels.blocked_softmax``); each block takes its
+band ``c_h[i − j]`` for ``i`` in the block as consecutive sliding windows of the reversed coefficients (a strided view
+plus one flip, an ``(H, rows, N)`` tensor, never the ``(H, N, N)`` matrix), multiplies the softmax weights and then V.
+Memory O(rows · N); autograd reaches ``urpe_coeffs`` through the view (blocks are recomputed in the backward pass). The
 reference indexes the coefficients with the full ``(N, N)`` matrix of distances ``i − j``.
 """
 
@@ -105,7 +105,7 @@ def reference(
     return p @ repeat_kv(v, q.shape[1])
 
 
-def blockwise(
+def torch_blockwise(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -134,4 +134,4 @@ def blockwise(
     return blocked_softmax_attention(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias, prob_mod=reweight)
 
 
-register(SPEC, reference, [Backend("torch", blockwise)])
+register(SPEC, reference, [Backend("torch", torch_blockwise)])

@@ -1,4 +1,4 @@
-"""P-family: structured sparsity, local windows and neighborhoods (MECHANISMS.md P1–P14)."""
+"""P-family: structured sparsity, local windows and neighborhoods (catalogue IDs P1–P14; each file cites its paper)."""
 
 from attnzoo.methods.structured import (  # noqa: F401
     axial,

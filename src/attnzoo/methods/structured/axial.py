@@ -11,9 +11,9 @@ step's output as values; the composed weights give every token a full receptive 
 projections between steps belong to the layer, not to this function. Self-attention only; no user mask or bias (the
 axial structure is the mask); GQA supported.
 
-Fast path ``sdpa``: the grid is permuted so that the chosen axis is the sequence axis and every other axis joins the
-batch: one batched ``scaled_dot_product_attention`` per step (``is_causal`` for causal), O(N · L_a · d) time per step,
-no mask tensor. The predicate (:func:`attnzoo.masks.layouts.axial`) defines the reference.
+Fast path ``sdpa`` (:func:`sdpa_lines`): the grid is permuted so that the chosen axis is the sequence axis and every
+other axis joins the batch: one batched ``scaled_dot_product_attention`` per step (``is_causal`` for causal),
+O(N · L_a · d) time per step, no mask tensor. The predicate (:func:`attnzoo.masks.layouts.axial`) defines the reference.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from attnzoo import masks
 from attnzoo.masks.layouts import axial as axial_mod
+from attnzoo.methods.checks import check_layout, layout_shape
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
-from attnzoo.methods.structured.common import check_layout
 from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, register
 
 
@@ -60,7 +60,7 @@ SPEC = MethodSpec(
 
 
 def _axes(seq: int, layout: tuple[int, ...] | None, axis: int | None) -> tuple[tuple[int, ...], list[int]]:
-    shape = (seq,) if layout is None else tuple(layout)
+    shape = layout_shape(seq, layout)
     ndim = len(shape)
     return shape, list(range(ndim - 1, -1, -1)) if axis is None else [axis % ndim]
 
@@ -101,7 +101,7 @@ def _from_lines(y: torch.Tensor, b: int, shape: tuple[int, ...], axis: int) -> t
     return grid.reshape(b, h, -1, d)
 
 
-def sdpa(
+def sdpa_lines(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -126,4 +126,4 @@ def sdpa(
     return out
 
 
-register(SPEC, reference, [Backend("sdpa", sdpa)])
+register(SPEC, reference, [Backend("sdpa", sdpa_lines)])

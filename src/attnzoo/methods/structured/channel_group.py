@@ -20,10 +20,10 @@ the key/value positions, the output keeps the query positions); no user mask or 
 not on channel tokens).
 
 Dense reference: every channel of every head is one token of one ``(H·Dv) × (H·D)`` attention masked to equal groups.
-Fast path ``torch``: per KV head, one ``(Dv, S) @ (S, D)`` product for the logits, a ``Dv × D`` softmax and one
-``(G·Sq, D) @ (D, Dv)`` product with the ``G`` query heads of the KV head stacked as rows (no copies for GQA):
-O(S·D·Dv) per head — linear in the sequence — instead of the reference's O(S·H²·D·Dv). (SDPA with channels as its
-sequence axis computes the same but is several times slower on CPU with a feature axis of length S.)
+Fast path ``torch`` (:func:`torch_channel_tokens`): per KV head, one ``(Dv, S) @ (S, D)`` product for the logits, a
+``Dv × D`` softmax and one ``(G·Sq, D) @ (D, Dv)`` product with the ``G`` query heads of the KV head stacked as rows (no
+copies for GQA): O(S·D·Dv) per head — linear in the sequence — instead of the reference's O(S·H²·D·Dv). (SDPA with
+channels as its sequence axis computes the same but is several times slower on CPU with a feature axis of length S.)
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def reference(
     return (weights @ values).reshape(b, h, dv, sq).transpose(-1, -2)
 
 
-def channel_tokens(
+def torch_channel_tokens(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -76,4 +76,4 @@ def channel_tokens(
     return (q.reshape(b, hkv, -1, d) @ weights.transpose(-1, -2)).view(b, h, sq, dv)
 
 
-register(SPEC, reference, [Backend("torch", channel_tokens)])
+register(SPEC, reference, [Backend("torch", torch_channel_tokens)])

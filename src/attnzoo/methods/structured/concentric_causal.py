@@ -14,13 +14,13 @@ for text, and inside the image each ring sees itself and every outer ring. ``lay
 them to q and k before calling (this function takes q and k as given). Self-attention with ``causal=True`` only (the
 mask is a causal mask); GQA supported.
 
-Fast path ``torch``: tokens are stably sorted by position id (a cached permutation), which makes the mask "causal with
-ties": sorted query ``i`` sees the key prefix ``[0, end_i)``. The text before the image is one causal SDPA; each ring
-(in pieces of ``BLOCK`` rows) is one SDPA without any mask over the keys up to the ring's end, since all its rows see
-the same keys; the text after the image runs in blocks of ``BLOCK`` rows over their key prefix with a cached
-lower-triangular tile zero-padded on the left. With a user mask or bias every segment builds its own mask rows.
-Segments are checkpointed under autograd and write their rows straight to the un-permuted output: about half the
-dense FLOPs, never the ``N × N`` mask. ``flex``: the predicate's cached block mask
+Fast path ``torch`` (:func:`torch_sorted_blocks`): tokens are stably sorted by position id (a cached permutation), which
+makes the mask "causal with ties": sorted query ``i`` sees the key prefix ``[0, end_i)``. The text before the image is
+one causal SDPA; each ring (in pieces of ``BLOCK`` rows) is one SDPA without any mask over the keys up to the ring's
+end, since all its rows see the same keys; the text after the image runs in blocks of ``BLOCK`` rows over their key
+prefix with a cached lower-triangular tile zero-padded on the left. With a user mask or bias every segment builds its
+own mask rows. Segments are checkpointed under autograd and write their rows straight to the un-permuted output: about
+half the dense FLOPs, never the ``N × N`` mask. ``flex`` (:func:`flex_block_mask`): the predicate's cached block mask
 (:func:`attnzoo.masks.positional.position_causal`).
 """
 
@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attnzoo import masks
+from attnzoo.kernels import flex
 from attnzoo.masks.positional import concentric_position_ids, position_causal
-from attnzoo.methods.common import masked_attention
-from attnzoo.methods.structured.common import flex_attention, flex_serves
+from attnzoo.methods.common import mask_reference
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 BLOCK = 128
@@ -93,10 +93,8 @@ def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, layout: Any, image_start: int,
 ) -> torch.Tensor:
-    b, h, n, _ = q.shape
-    pos = concentric_position_ids(n, layout, image_start, q.device)
-    seen = masks.dense(position_causal(pos, pos), b, h, n, n, q.device)
-    return masked_attention(q, k, v, seen, scale, mask, bias)
+    pos = concentric_position_ids(q.shape[2], layout, image_start, q.device)
+    return mask_reference(q, k, v, position_causal(pos, pos), scale, mask, bias)
 
 
 class _Plan:
@@ -139,7 +137,7 @@ def _plan(n: int, layout: tuple[int, int] | None, image_start: int) -> _Plan:
     return _Plan(n, layout, image_start)
 
 
-def sorted_blocks(
+def torch_sorted_blocks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, layout: Any, image_start: int,
 ) -> torch.Tensor:
@@ -179,13 +177,15 @@ def sorted_blocks(
     return out.transpose(1, 2)
 
 
-def flex(
+def flex_block_mask(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, layout: Any, image_start: int,
 ) -> torch.Tensor:
     n = q.shape[2]
     pos = concentric_position_ids(n, layout, image_start, q.device)
-    return flex_attention(q, k, v, scale, ("concentric_causal", n, layout, image_start), position_causal(pos, pos))
+    return flex.mask_attention(q, k, v, scale=scale, key=("concentric_causal", n, layout, image_start),
+                               mod=position_causal(pos, pos))
 
 
-register(SPEC, reference, [Backend("torch", sorted_blocks), Backend("flex", flex, flex_serves)])
+register(SPEC, reference, [Backend("torch", torch_sorted_blocks),
+                           Backend("flex", flex_block_mask, flex.unavailable_masked)])

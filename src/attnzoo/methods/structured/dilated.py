@@ -9,9 +9,10 @@ Formula as implemented: query ``i`` attends with softmax to keys ``j`` with ``(i
 P2's dilated neighborhoods, which keep exactly ``kernel_size`` keys). Self-attention only. Defaults: ``dilation=2``,
 ``window=None`` (the Sparse Transformer's strided pattern). The predicate is :func:`attnzoo.masks.windows.dilated`.
 
-Fast path ``torch``: tokens of one residue class mod ``dilation`` are a plain sliding window over the class; each class
-is cut into tiles of 128 class positions seeing a band of ``128 + 2·window`` class positions (gathered keys), batched
-SDPA with a cached tile mask (:mod:`attnzoo.kernels.band`). ``flex``: the predicate's cached block mask.
+Fast path ``torch`` (:func:`torch_tiled`): tokens of one residue class mod ``dilation`` are a plain sliding window over
+the class; each class is cut into tiles of 128 class positions seeing a band of ``128 + 2·window`` class positions
+(gathered keys), batched SDPA with a cached tile mask (:mod:`attnzoo.kernels.band`). ``flex`` (:func:`flex_block_mask`):
+the predicate's cached block mask.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from typing import Any
 
 import torch
 
-from attnzoo.kernels.band import strided_band_tiles
+from attnzoo.kernels import flex
+from attnzoo.kernels.band import cached_tiling, strided_band_tiles, tiled_attention
 from attnzoo.masks.windows import dilated as dilated_mod
-from attnzoo.methods.structured.common import mask_method
-from attnzoo.registry import SELF_PATTERNS, Call, MethodSpec, Param, TestHints, register
+from attnzoo.methods.common import mask_reference
+from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
 TILE = 128
 
@@ -62,11 +64,28 @@ def _tiling(n: int, dilation: int, window: int | None, causal: bool) -> tuple[to
     return q_tiles, k_tiles, dilated_mod(dilation, window, causal)(0, 0, q_tiles.unsqueeze(2), k_tiles.unsqueeze(1))
 
 
-def _config(q: torch.Tensor, k: torch.Tensor, causal: bool, *, dilation: int, window: int | None) -> tuple[Any, ...]:
-    return q.shape[2], dilation, window, causal
+def reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, dilation: int, window: int | None,
+) -> torch.Tensor:
+    return mask_reference(q, k, v, dilated_mod(dilation, window, causal), scale, mask, bias)
 
 
-reference, backends = mask_method(
-    "dilated", _config, lambda config: dilated_mod(*config[1:]), lambda config: _tiling(*config)
-)
-register(SPEC, reference, backends)
+def torch_tiled(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, dilation: int, window: int | None,
+) -> torch.Tensor:
+    config = q.shape[2], dilation, window, causal
+    tiling = cached_tiling(("dilated", config), q.device, lambda: _tiling(*config))
+    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+
+
+def flex_block_mask(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, dilation: int, window: int | None,
+) -> torch.Tensor:
+    config = q.shape[2], dilation, window, causal
+    return flex.mask_attention(q, k, v, scale=scale, key=("dilated", config), mod=dilated_mod(dilation, window, causal))
+
+
+register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)])

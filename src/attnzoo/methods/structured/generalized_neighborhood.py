@@ -18,12 +18,13 @@ Parameters as P2 (``kernel_size``, ``dilation``, ``layout``, ``is_causal``, same
 ``kernel_size · dilation ≤`` the axis length) plus ``stride`` (int or tuple, default 1; ``1 ≤ stride ≤ kernel_size``
 as in NATTEN). Self-attention only; GQA supported.
 
-Fast path ``torch`` (:mod:`attnzoo.kernels.band`): per axis and dilation group, tiles of consecutive group positions
-whose size is a multiple of the stride (1-D: 128, 2-D: 8×16, 3-D: 4×4×8, rounded down to a multiple of ``s``, at least
-``s``). Because a tile holds whole stride groups, its queries' windows lie in the ``tile + k − 1`` positions from its
-first query's window start, so the band tiling of P2 covers them; the tile mask is the predicate. N-d tiles are per-axis
-products; one batched SDPA per chunk. Work ``≈ N · Π(t_a + k_a − 1)``, memory O(chunk · W · d). Fast path ``flex``:
-FlexAttention with the predicate's block mask (cached), forward only on CPU.
+Fast path ``torch`` (:func:`torch_tiled`): :func:`attnzoo.kernels.band.neighborhood_tiles`, per axis and dilation
+group, tiles of consecutive group positions whose size is a multiple of the stride (1-D: 128, 2-D: 8×16, 3-D: 4×4×8,
+rounded down to a multiple of ``s``, at least ``s``). Because a tile holds whole stride groups, its queries' windows
+lie in the ``tile + k − 1`` positions from its first query's window start, so the band tiling of P2 covers them; the
+tile mask is the predicate. N-d tiles are per-axis products; one batched SDPA per chunk. Work
+``≈ N · Π(t_a + k_a − 1)``, memory ``O(chunk · W · d)``. Fast path ``flex`` (:func:`flex_block_mask`): FlexAttention
+with the predicate's block mask (cached), forward only on CPU.
 """
 
 from __future__ import annotations
@@ -32,24 +33,15 @@ from typing import Any
 
 import torch
 
-from attnzoo.kernels.band import product_tiles, strided_band_tiles
+from attnzoo.kernels import flex
+from attnzoo.kernels.band import cached_tiling, neighborhood_tiles, tiled_attention
 from attnzoo.masks.neighborhood import generalized_neighborhood as gna_mod
-from attnzoo.masks.neighborhood import neighborhood_axis, stride_leader
-from attnzoo.methods.structured.common import mask_method, per_axis_ints
-from attnzoo.methods.structured.neighborhood import (
-    TILES,
-    _check_dilation,
-    _check_is_causal,
-    _check_kernel,
-    _check_layout,
-)
-from attnzoo.registry import SELF_PATTERNS, Call, MethodSpec, Param, TestHints, register
+from attnzoo.methods.checks import NATTEN_PARAMS, layout_shape, per_axis_causal, per_axis_ints, per_axis_values
+from attnzoo.methods.common import mask_reference
+from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
+# layout, kernel, stride, dilation, causal
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]
-
-
-def _tuple(value: Any, ndim: int) -> tuple[Any, ...]:
-    return tuple(value) if isinstance(value, tuple) else (value,) * ndim
 
 
 def _check_stride(value: Any, call: Call) -> str | None:
@@ -78,15 +70,10 @@ SPEC = MethodSpec(
     exact=True,
     patterns=SELF_PATTERNS,
     params=(
-        Param("kernel_size", (int, tuple), 7, "neighborhood size per axis (odd int or tuple)", low=1,
-              check=_check_kernel),
+        *NATTEN_PARAMS[:1],
         Param("stride", (int, tuple), 1, "stride per axis: queries in a stride group share one window (<= kernel)",
               low=1, check=_check_stride),
-        Param("dilation", (int, tuple), 1, "dilation per axis (int or tuple)", low=1, check=_check_dilation),
-        Param("layout", (tuple,), None, "spatial shape of the sequence, 1 to 3 axes; None means (seq,)",
-              check=_check_layout),
-        Param("is_causal", (bool, tuple), False, "causal masking per axis (bool or tuple); causal=True sets all",
-              check=_check_is_causal),
+        *NATTEN_PARAMS[1:],
     ),
     complexity="O(N·Π(t+k−1)·d) time with tiles t (≈ N·k·d), O(N·d) memory",
     subquadratic_memory=True,
@@ -95,36 +82,36 @@ SPEC = MethodSpec(
 
 
 def _axes(seq: int, causal: bool, kernel_size: Any, stride: Any, dilation: Any, layout: Any, is_causal: Any) -> Axes:
-    shape = (seq,) if layout is None else tuple(layout)
+    """The call's configuration, per axis: it fixes the mask (and keys its cached tiling and block mask)."""
+    shape = layout_shape(seq, layout)
     ndim = len(shape)
-    per_axis_causal = tuple(c or causal for c in _tuple(is_causal, ndim))
-    return shape, _tuple(kernel_size, ndim), _tuple(stride, ndim), _tuple(dilation, ndim), per_axis_causal
+    return (shape, per_axis_values(kernel_size, ndim), per_axis_values(stride, ndim), per_axis_values(dilation, ndim),
+            per_axis_causal(causal, is_causal, ndim))
 
 
-def _axis_tiling(
-    length: int, kernel: int, stride: int, dilation: int, causal: bool, tile: int
-) -> tuple[torch.Tensor, ...]:
-    """One axis' tiles over coordinates: per dilation group, bands of whole stride groups."""
-
-    def starts(group_len: int) -> torch.Tensor:
-        leader = stride_leader(torch.arange(group_len), group_len, stride, causal)
-        return leader - kernel + 1 if causal else torch.clamp(leader - kernel // 2, min=0, max=group_len - kernel)
-
-    q_tiles, k_tiles = strided_band_tiles(length, dilation, starts, kernel, stride * max(1, tile // stride))
-    seen = neighborhood_axis(q_tiles.unsqueeze(2), k_tiles.unsqueeze(1), length, kernel, dilation, causal, stride)
-    return q_tiles, k_tiles, seen
+def reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, kernel_size: Any, stride: Any, dilation: Any, layout: Any, is_causal: Any,
+) -> torch.Tensor:
+    axes = _axes(q.shape[2], causal, kernel_size, stride, dilation, layout, is_causal)
+    return mask_reference(q, k, v, gna_mod(*axes), scale, mask, bias)
 
 
-def _tiling(axes: Axes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    layout = axes[0]
-    per_axis = [_axis_tiling(*a) for a in zip(*axes, TILES[len(layout)], strict=True)]
-    return product_tiles(per_axis, layout)
+def torch_tiled(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, kernel_size: Any, stride: Any, dilation: Any, layout: Any, is_causal: Any,
+) -> torch.Tensor:
+    axes = _axes(q.shape[2], causal, kernel_size, stride, dilation, layout, is_causal)
+    tiling = cached_tiling(("generalized_neighborhood", axes), q.device, lambda: neighborhood_tiles(*axes))
+    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
 
 
-def _config(q: torch.Tensor, k: torch.Tensor, causal: bool, *, kernel_size: Any, stride: Any, dilation: Any,
-            layout: Any, is_causal: Any) -> Axes:
-    return _axes(q.shape[2], causal, kernel_size, stride, dilation, layout, is_causal)
+def flex_block_mask(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, kernel_size: Any, stride: Any, dilation: Any, layout: Any, is_causal: Any,
+) -> torch.Tensor:
+    axes = _axes(q.shape[2], causal, kernel_size, stride, dilation, layout, is_causal)
+    return flex.mask_attention(q, k, v, scale=scale, key=("generalized_neighborhood", axes), mod=gna_mod(*axes))
 
 
-reference, backends = mask_method("generalized_neighborhood", _config, lambda axes: gna_mod(*axes), _tiling)
-register(SPEC, reference, backends)
+register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)])

@@ -1,8 +1,11 @@
 """P10 — group / isolation masks: attention restricted to tokens with the same group id.
 
-Papers (the mask these share): packed-document masking; "Group Pose" (within-group attention); Seg2Any and
-IR-Diffusion (region isolation); DyST-XL (frame-aware groups); EE-MLLM. MECHANISMS.md lists them under P10; the
-mechanism is one predicate.
+Papers (the mask these share, catalogue entry P10): packed-document masking; "Group Pose: A Simple Baseline for
+End-to-End Multi-person Pose Estimation" (within-instance group self-attention); "Seg2Any: Open-set
+Segmentation-Mask-to-Image Generation with Precise Shape and Semantic Control" and IR-Diffusion (region isolation);
+"DyST-XL: Dynamic Layout Planning and Content Control for Compositional Text-to-Video Generation" (frame-aware
+masking); "EE-MLLM: A Data-Efficient and Compute-Efficient Multimodal Large Language Model". The mechanism is one
+predicate.
 
 Formula as implemented: query ``i`` of batch ``b`` attends with softmax to the keys ``j`` with
 ``group_ids[b, i] == kv_group_ids[b, j]`` (AND bottom-right causal when ``causal=True``, AND the user mask);
@@ -11,11 +14,11 @@ by the batch) or ``(B, Sq)``; ``kv_group_ids``: the keys' ids for cross-attentio
 defaulting to ``group_ids`` in self-attention. ``group_ids=None`` puts every token in one group (plain softmax
 attention). Ids need not be sorted or contiguous. The predicate is :func:`attnzoo.masks.groups.grouped`.
 
-Fast path ``torch``: per distinct ids row, queries and keys are stably sorted by id; each group present on both
-sides is one SDPA call on its gathered queries and keys (``is_causal`` when the query and key positions of the group
-coincide, an explicit mask otherwise), outputs scattered back. Time Σ_g n_g·m_g·d instead of N²·d; memory is that of
-the largest group's mask at most (none for plain self-attention groups). No ``flex`` path: its block mask would
-depend on the id tensors' contents, which a configuration cache cannot key.
+Fast path ``torch`` (:func:`torch_segments`): per distinct ids row, queries and keys are stably sorted by id; each group
+present on both sides is one SDPA call on its gathered queries and keys (``is_causal`` when the query and key positions
+of the group coincide, an explicit mask otherwise), outputs scattered back. Time Σ_g n_g·m_g·d instead of N²·d; memory
+is that of the largest group's mask at most (none for plain self-attention groups). No ``flex`` path: its block mask
+would depend on the id tensors' contents, which a configuration cache cannot key.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def reference(
     return safe_softmax(s, same & visible(causal, mask, q, k)) @ repeat_kv(v, h)
 
 
-def segments(
+def torch_segments(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -179,4 +182,4 @@ def _batch_rows(t: torch.Tensor, bs: slice) -> torch.Tensor:
     return t if t.shape[0] == 1 else t[bs]
 
 
-register(SPEC, reference, [Backend("torch", segments)])
+register(SPEC, reference, [Backend("torch", torch_segments)])

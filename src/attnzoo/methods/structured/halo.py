@@ -10,10 +10,10 @@ here positions outside the grid simply do not exist, so no attention weight goes
 non-causal (the paper's setting). Defaults: ``block_size=8``, ``halo_size=3`` (the paper's b=8, h=3). The predicate is
 :func:`attnzoo.masks.windows.halo`.
 
-Fast path ``torch``: the tiles *are* the blocks; each sees ``block + 2·halo`` positions per axis (shifted inside the
-grid at the borders, the mask hiding the extra ones), batched SDPA per chunk of tiles with a cached tile mask
-(:mod:`attnzoo.kernels.band`; 1-D key ranges are strided views, N-d ones gathered). ``flex``: the predicate's cached
-block mask.
+Fast path ``torch`` (:func:`torch_tiled`): the tiles *are* the blocks; each sees ``block + 2·halo`` positions per axis
+(shifted inside the grid at the borders, the mask hiding the extra ones), batched SDPA per chunk of tiles with a cached
+tile mask (:mod:`attnzoo.kernels.band`; 1-D key ranges are strided views, N-d ones gathered). ``flex``
+(:func:`flex_block_mask`): the predicate's cached block mask.
 """
 
 from __future__ import annotations
@@ -22,27 +22,15 @@ from typing import Any
 
 import torch
 
-from attnzoo.kernels.band import product_tiles
+from attnzoo.kernels import flex
+from attnzoo.kernels.band import cached_tiling, product_tiles, tiled_attention
 from attnzoo.masks.windows import halo as halo_mod
 from attnzoo.masks.windows import halo_axis
-from attnzoo.methods.structured.common import check_layout, mask_method, per_axis_ints
-from attnzoo.registry import Call, MethodSpec, Param, TestHints, register
+from attnzoo.methods.checks import check_layout_3d, layout_shape, per_axis_check, per_axis_values
+from attnzoo.methods.common import mask_reference
+from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
-
-
-def _check_block(value: Any, call: Call) -> str | None:
-    ints = per_axis_ints("block_size", value, call, 1)
-    return ints if isinstance(ints, str) else None
-
-
-def _check_halo(value: Any, call: Call) -> str | None:
-    ints = per_axis_ints("halo_size", value, call, 0)
-    return ints if isinstance(ints, str) else None
-
-
-def _check_layout(value: Any, call: Call) -> str | None:
-    return check_layout(value, call, max_ndim=3)
 
 
 def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
@@ -60,10 +48,12 @@ SPEC = MethodSpec(
     exact=True,
     patterns=frozenset({"self/noncausal"}),
     params=(
-        Param("block_size", (int, tuple), 8, "query block size per axis", low=1, check=_check_block),
-        Param("halo_size", (int, tuple), 3, "halo width per axis, on each side", low=0, check=_check_halo),
+        Param("block_size", (int, tuple), 8, "query block size per axis", low=1,
+              check=per_axis_check("block_size", 1)),
+        Param("halo_size", (int, tuple), 3, "halo width per axis, on each side", low=0,
+              check=per_axis_check("halo_size", 0)),
         Param("layout", (tuple,), None, "spatial shape of the sequence, 1 to 3 axes; None means (seq,)",
-              check=_check_layout),
+              check=check_layout_3d),
     ),
     complexity="O(N·Π(b+2h)·d) time, O(N·d) memory",
     subquadratic_memory=True,
@@ -72,13 +62,9 @@ SPEC = MethodSpec(
 
 
 def _axes(seq: int, block_size: Any, halo_size: Any, layout: Any) -> Axes:
-    shape = (seq,) if layout is None else tuple(layout)
-    ndim = len(shape)
-
-    def per_axis(x: Any) -> tuple[int, ...]:
-        return tuple(x) if isinstance(x, tuple) else (x,) * ndim
-
-    return shape, per_axis(block_size), per_axis(halo_size)
+    """The call's configuration, per axis: it fixes the mask (and keys its cached tiling and block mask)."""
+    shape = layout_shape(seq, layout)
+    return shape, per_axis_values(block_size, len(shape)), per_axis_values(halo_size, len(shape))
 
 
 def _axis_tiling(length: int, block: int, halo: int) -> tuple[torch.Tensor, ...]:
@@ -96,9 +82,29 @@ def _tiling(axes: Axes) -> tuple[torch.Tensor, ...]:
     return product_tiles([_axis_tiling(*a) for a in zip(layout, block, halo, strict=True)], layout)
 
 
-def _config(q: torch.Tensor, k: torch.Tensor, causal: bool, *, block_size: Any, halo_size: Any, layout: Any) -> Axes:
-    return _axes(q.shape[2], block_size, halo_size, layout)
+def reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, block_size: Any, halo_size: Any, layout: Any,
+) -> torch.Tensor:
+    axes = _axes(q.shape[2], block_size, halo_size, layout)
+    return mask_reference(q, k, v, halo_mod(*axes), scale, mask, bias)
 
 
-reference, backends = mask_method("halo", _config, lambda axes: halo_mod(*axes), _tiling)
-register(SPEC, reference, backends)
+def torch_tiled(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, block_size: Any, halo_size: Any, layout: Any,
+) -> torch.Tensor:
+    axes = _axes(q.shape[2], block_size, halo_size, layout)
+    tiling = cached_tiling(("halo", axes), q.device, lambda: _tiling(axes))
+    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+
+
+def flex_block_mask(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, block_size: Any, halo_size: Any, layout: Any,
+) -> torch.Tensor:
+    axes = _axes(q.shape[2], block_size, halo_size, layout)
+    return flex.mask_attention(q, k, v, scale=scale, key=("halo", axes), mod=halo_mod(*axes))
+
+
+register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)])

@@ -13,10 +13,11 @@ is a latent, to every latent: ``s = scale · q·k``. Predicate: :func:`attnzoo.m
 Defaults ``num_groups=1``, ``latents_per_group=0`` (plain full attention). Self-attention, non-causal, no user mask or
 bias; GQA supported.
 
-Fast path ``torch``: two batched SDPA calls without masks on row-gathered keys (cached index sets). Data queries of
-group ``g`` over the ``N_d/G + L`` keys of their group's data and latents; latent queries of group ``g`` over all
-``G·L`` latents plus their group's data. Time ``O((N_d·(N_d/G + L) + G·L·(G·L + N_d/G))·d)`` instead of
-``(N_d + G·L)²·d``; no ``N × N`` tensor. ``flex``: the predicate's cached block mask.
+Fast path ``torch`` (:func:`torch_grouped_sdpa`): two batched SDPA calls without masks on row-gathered keys (cached
+index sets). Data queries of group ``g`` over the ``N_d/G + L`` keys of their group's data and latents; latent queries
+of group ``g`` over all ``G·L`` latents plus their group's data. Time ``O((N_d·(N_d/G + L) + G·L·(G·L + N_d/G))·d)``
+instead of ``(N_d + G·L)²·d``; no ``N × N`` tensor. ``flex`` (:func:`flex_block_mask`): the predicate's cached block
+mask.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnzoo import masks
+from attnzoo.kernels import flex
 from attnzoo.masks.groups import latent_groups
-from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
-from attnzoo.methods.structured.common import flex_attention, flex_serves, smallest_divisor
+from attnzoo.methods.checks import smallest_divisor
+from attnzoo.methods.common import mask_reference
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 
@@ -83,10 +84,8 @@ def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, num_groups: int, latents_per_group: int,
 ) -> torch.Tensor:
-    b, h, n, _ = q.shape
-    seen = masks.dense(latent_groups(n - num_groups * latents_per_group, num_groups, latents_per_group),
-                       b, h, n, n, q.device)
-    return safe_softmax(dense_scores(q, k, scale), seen) @ repeat_kv(v, h)
+    mod = latent_groups(q.shape[2] - num_groups * latents_per_group, num_groups, latents_per_group)
+    return mask_reference(q, k, v, mod, scale, mask, bias)
 
 
 @lru_cache(maxsize=32)
@@ -101,7 +100,7 @@ def _index_sets(n: int, g: int, lat: int) -> tuple[tuple[torch.Tensor, torch.Ten
     return (data, torch.cat([data, latents], dim=1)), (latents, torch.cat([every, data], dim=1))
 
 
-def grouped_sdpa(
+def torch_grouped_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, num_groups: int, latents_per_group: int,
 ) -> torch.Tensor:
@@ -123,14 +122,15 @@ def grouped_sdpa(
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
-def flex(
+def flex_block_mask(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, num_groups: int, latents_per_group: int,
 ) -> torch.Tensor:
     n = q.shape[2]
     nd = n - num_groups * latents_per_group
-    return flex_attention(q, k, v, scale, ("local_global_latent", n, num_groups, latents_per_group),
-                          latent_groups(nd, num_groups, latents_per_group))
+    return flex.mask_attention(q, k, v, scale=scale, key=("local_global_latent", n, num_groups, latents_per_group),
+                               mod=latent_groups(nd, num_groups, latents_per_group))
 
 
-register(SPEC, reference, [Backend("torch", grouped_sdpa), Backend("flex", flex, flex_serves)])
+register(SPEC, reference, [Backend("torch", torch_grouped_sdpa),
+                           Backend("flex", flex_block_mask, flex.unavailable_masked)])

@@ -20,8 +20,9 @@ and ``I = 8`` (its first stage: 56×56 tokens, groups of 7×7 either way). Choic
 multiple of ``G`` / ``I``; here the size must divide every axis (an error otherwise) so no padded token takes part.
 Only the size ``distance`` uses is checked. Self-attention, non-causal; no user mask or bias; GQA supported.
 
-Fast path ``sdpa``: one permutation that makes every group a contiguous batch entry, one batched SDPA without a mask,
-the inverse permutation (:func:`attnzoo.kernels.partition.partitioned_attention`): O(N·|group|·d) time, O(N·d) memory.
+Fast path ``sdpa`` (:func:`sdpa_partitioned`): one permutation that makes every group a contiguous batch entry, one
+batched SDPA without a mask, the inverse permutation (:func:`attnzoo.kernels.partition.partitioned_attention`):
+O(N·|group|·d) time, O(N·d) memory.
 """
 
 from __future__ import annotations
@@ -30,17 +31,16 @@ from typing import Any
 
 import torch
 
-from attnzoo import masks
 from attnzoo.kernels.partition import partitioned_attention
 from attnzoo.masks import MaskMod
 from attnzoo.masks.partitions import grid, window_partition
-from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
-from attnzoo.methods.structured.common import check_divisor, check_layout, layout_and_sizes, smallest_divisor
+from attnzoo.methods.checks import check_layout, divides_layout, layout_and_sizes, smallest_divisor
+from attnzoo.methods.common import mask_reference
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 
 def _check_size(name: str, distance: str) -> Any:
-    divides = check_divisor(name)
+    divides = divides_layout(name)
 
     def check(value: Any, call: Call) -> str | None:
         return divides(value, call) if call.params.get("distance", "short") == distance else None
@@ -91,12 +91,11 @@ def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, distance: str, group_size: Any, interval: Any, layout: Any,
 ) -> torch.Tensor:
-    b, h, n, _ = q.shape
-    seen = masks.dense(_predicate(n, distance, group_size, interval, layout), b, h, n, n, q.device)
-    return safe_softmax(dense_scores(q, k, scale), seen) @ repeat_kv(v, h)
+    mod = _predicate(q.shape[2], distance, group_size, interval, layout)
+    return mask_reference(q, k, v, mod, scale, mask, bias)
 
 
-def sdpa(
+def sdpa_partitioned(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, distance: str, group_size: Any, interval: Any, layout: Any,
 ) -> torch.Tensor:
@@ -105,4 +104,4 @@ def sdpa(
     return partitioned_attention(q, k, v, scale=scale, layout=shape, inner=inner, group=group)
 
 
-register(SPEC, reference, [Backend("sdpa", sdpa)])
+register(SPEC, reference, [Backend("sdpa", sdpa_partitioned)])

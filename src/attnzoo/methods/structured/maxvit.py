@@ -13,34 +13,31 @@ Formula as implemented: the sequence is a row-major grid of shape ``layout`` (de
 Defaults ``window_size=7`` and ``grid_size=7`` (the paper's P = G = 7). Self-attention, non-causal; no user mask or
 bias.
 
-Fast path ``sdpa``: windows (or grid groups) become batch entries by one permutation, one batched SDPA without a mask,
-one inverse permutation (:func:`attnzoo.kernels.partition.partitioned_attention`): O(N·P^n·d) time, O(N·d) memory.
+Fast path ``sdpa`` (:func:`block_sdpa_partitioned`, :func:`grid_sdpa_partitioned`): windows (or grid groups) become
+batch entries by one permutation, one batched SDPA without a mask, one inverse permutation
+(:func:`attnzoo.kernels.partition.partitioned_attention`): O(N·P^n·d) time, O(N·d) memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from attnzoo import masks
 from attnzoo.kernels.partition import partitioned_attention
 from attnzoo.masks.partitions import grid, window_partition
-from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
-from attnzoo.methods.structured.common import check_divisor, check_layout, layout_and_sizes, smallest_divisor
+from attnzoo.methods.checks import check_layout, divides_layout, layout_and_sizes, smallest_divisor
+from attnzoo.methods.common import mask_reference
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 
-def _register(
-    name: str, size: str, letter: str, predicate: Callable[..., masks.MaskMod], group: str, summary: str
-) -> None:
-    """Register one MaxViT axis: ``size`` names its size parameter, ``group`` the partition SDPA batches over."""
+def _spec(name: str, size: str, letter: str, summary: str) -> MethodSpec:
+    """The spec of one MaxViT axis; ``size`` names its size parameter, ``letter`` its symbol (P or G)."""
 
     def sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
         return {size: smallest_divisor(call.seq_q)}
 
-    spec = MethodSpec(
+    return MethodSpec(
         name=name,
         family="structured",
         mechanism="P5",
@@ -51,7 +48,7 @@ def _register(
         patterns=frozenset({"self/noncausal"}),
         params=(
             Param(size, (int, tuple), 7, f"{size.split('_')[0]} size per axis; must divide each axis", low=1,
-                  check=check_divisor(size)),
+                  check=divides_layout(size)),
             Param("layout", (tuple,), None, "spatial shape of the sequence; None means (seq,)", check=check_layout),
         ),
         complexity=f"O(N·{letter}^n·d) time, O(N·d) memory",
@@ -61,26 +58,44 @@ def _register(
         tests=TestHints(sample_params=sample_params),
     )
 
-    def reference(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-        bias: torch.Tensor | None, layout: Any, **sizes: Any,
-    ) -> torch.Tensor:
-        b, h, n, _ = q.shape
-        seen = masks.dense(predicate(*layout_and_sizes(n, layout, sizes[size])), b, h, n, n, q.device)
-        return safe_softmax(dense_scores(q, k, scale), seen) @ repeat_kv(v, h)
 
-    def sdpa(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-        bias: torch.Tensor | None, layout: Any, **sizes: Any,
-    ) -> torch.Tensor:
-        shape, p = layout_and_sizes(q.shape[2], layout, sizes[size])
-        inner = p if group == "outer" else tuple(n // s for n, s in zip(shape, p, strict=True))
-        return partitioned_attention(q, k, v, scale=scale, layout=shape, inner=inner, group=group)
-
-    register(spec, reference, [Backend("sdpa", sdpa)])
+BLOCK_SPEC = _spec("maxvit_block", "window_size", "P", "attention inside non-overlapping P×P windows (MaxViT's block "
+                   "attention)")
+GRID_SPEC = _spec("maxvit_grid", "grid_size", "G", "attention across a sparse G×G grid spanning the layout (MaxViT's "
+                  "grid attention)")
 
 
-_register("maxvit_block", "window_size", "P", window_partition, "outer",
-          "attention inside non-overlapping P×P windows (MaxViT's block attention)")
-_register("maxvit_grid", "grid_size", "G", grid, "inner",
-          "attention across a sparse G×G grid spanning the layout (MaxViT's grid attention)")
+def block_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, window_size: Any, layout: Any,
+) -> torch.Tensor:
+    mod = window_partition(*layout_and_sizes(q.shape[2], layout, window_size))
+    return mask_reference(q, k, v, mod, scale, mask, bias)
+
+
+def block_sdpa_partitioned(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, window_size: Any, layout: Any,
+) -> torch.Tensor:
+    shape, p = layout_and_sizes(q.shape[2], layout, window_size)
+    return partitioned_attention(q, k, v, scale=scale, layout=shape, inner=p, group="outer")
+
+
+def grid_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, grid_size: Any, layout: Any,
+) -> torch.Tensor:
+    return mask_reference(q, k, v, grid(*layout_and_sizes(q.shape[2], layout, grid_size)), scale, mask, bias)
+
+
+def grid_sdpa_partitioned(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, grid_size: Any, layout: Any,
+) -> torch.Tensor:
+    shape, g = layout_and_sizes(q.shape[2], layout, grid_size)
+    inner = tuple(n // s for n, s in zip(shape, g, strict=True))
+    return partitioned_attention(q, k, v, scale=scale, layout=shape, inner=inner, group="inner")
+
+
+register(BLOCK_SPEC, block_reference, [Backend("sdpa", block_sdpa_partitioned)])
+register(GRID_SPEC, grid_reference, [Backend("sdpa", grid_sdpa_partitioned)])

@@ -18,11 +18,12 @@ Defaults: ``kernel_size=7`` (clamped by the user, never silently), ``dilation=1`
 ``kernel_size · dilation ≤`` the axis length (so every dilation group has at least ``k`` positions), ``layout``'s
 product equal to the sequence length. Self-attention only; GQA supported.
 
-Fast path ``torch`` (:mod:`attnzoo.kernels.band`): per axis, each dilation group is cut into tiles of consecutive
-group positions (1-D: 128; 2-D: 8×16; 3-D: 4×4×8); a tile sees a band of ``tile + k − 1`` positions on each axis.
-N-d tiles are the products of per-axis tiles, their keys gathered and one batched SDPA with a tile mask runs per chunk
-of tiles. Work ``≈ N · Π(t_a + k_a − 1)`` instead of ``N²``; memory O(chunk · W · d). Tilings are cached by
-configuration. Fast path ``flex``: FlexAttention with the predicate's block mask (cached), forward only on CPU.
+Fast path ``torch`` (:func:`torch_tiled`, :mod:`attnzoo.kernels.band`): per axis, each dilation group is cut into tiles
+of consecutive group positions (1-D: 128; 2-D: 8×16; 3-D: 4×4×8); a tile sees a band of ``tile + k − 1`` positions on
+each axis. N-d tiles are the products of per-axis tiles, their keys gathered and one batched SDPA with a tile mask runs
+per chunk of tiles. Work ``≈ N · Π(t_a + k_a − 1)`` instead of ``N²``; memory O(chunk · W · d). Tilings are cached by
+configuration. Fast path ``flex`` (:func:`flex_block_mask`): FlexAttention with the predicate's block mask (cached),
+forward only on CPU.
 """
 
 from __future__ import annotations
@@ -31,58 +32,14 @@ from typing import Any
 
 import torch
 
-from attnzoo.kernels.band import product_tiles, strided_band_tiles
+from attnzoo.kernels import flex
+from attnzoo.kernels.band import cached_tiling, neighborhood_tiles, tiled_attention
 from attnzoo.masks.neighborhood import neighborhood as neighborhood_mod
-from attnzoo.masks.neighborhood import neighborhood_axis
-from attnzoo.methods.structured.common import check_layout, mask_method, per_axis_ints
-from attnzoo.registry import SELF_PATTERNS, Call, MethodSpec, Param, TestHints, register
+from attnzoo.methods.checks import NATTEN_PARAMS, layout_shape, per_axis_causal, per_axis_values
+from attnzoo.methods.common import mask_reference
+from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, TestHints, register
 
-Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]
-TILES = {1: (128,), 2: (8, 16), 3: (4, 4, 8)}
-
-
-def _tuple(value: Any, ndim: int) -> tuple[Any, ...]:
-    return tuple(value) if isinstance(value, tuple) else (value,) * ndim
-
-
-def _layout(value: tuple[int, ...] | None, call: Call) -> tuple[int, ...]:
-    return (call.seq_q,) if value is None else value
-
-
-def _check_layout(value: Any, call: Call) -> str | None:
-    return check_layout(value, call, max_ndim=3)
-
-
-def _check_kernel(value: Any, call: Call) -> str | None:
-    kernel = per_axis_ints("kernel_size", value, call, 1)
-    if isinstance(kernel, str):
-        return kernel
-    layout = call.params.get("layout")
-    if _check_layout(layout, call) is not None:
-        return None  # the layout's own check reports it
-    dilation = per_axis_ints("dilation", call.params.get("dilation", 1), call, 1)
-    if isinstance(dilation, str):
-        return None
-    for k, d, n in zip(kernel, dilation, _layout(layout, call), strict=True):
-        if k % 2 == 0:
-            return "odd kernel sizes"
-        if k * d > n:
-            return f"kernel_size · dilation <= the axis length (axis of {n} with dilation {d})"
-    return None
-
-
-def _check_dilation(value: Any, call: Call) -> str | None:
-    dilation = per_axis_ints("dilation", value, call, 1)
-    return dilation if isinstance(dilation, str) else None
-
-
-def _check_is_causal(value: Any, call: Call) -> str | None:
-    if _check_layout(call.params.get("layout"), call) is not None:
-        return None  # the layout's own check reports it
-    ndim = len(_layout(call.params.get("layout"), call))
-    if isinstance(value, tuple) and (len(value) != ndim or not all(isinstance(x, bool) for x in value)):
-        return f"a bool or a tuple of {ndim} bools (one per layout axis)"
-    return None
+Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]  # layout, kernel, dilation, causal
 
 
 def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
@@ -99,15 +56,7 @@ SPEC = MethodSpec(
     summary="each token attends to its kernel_size nearest neighbours per axis (1-D/2-D/3-D), NATTEN semantics",
     exact=True,
     patterns=SELF_PATTERNS,
-    params=(
-        Param("kernel_size", (int, tuple), 7, "neighborhood size per axis (odd int or tuple)", low=1,
-              check=_check_kernel),
-        Param("dilation", (int, tuple), 1, "dilation per axis (int or tuple)", low=1, check=_check_dilation),
-        Param("layout", (tuple,), None, "spatial shape of the sequence, 1 to 3 axes; None means (seq,)",
-              check=_check_layout),
-        Param("is_causal", (bool, tuple), False, "causal masking per axis (bool or tuple); causal=True sets all",
-              check=_check_is_causal),
-    ),
+    params=NATTEN_PARAMS,
     complexity="O(N·Π(t+k−1)·d) time with tiles t (≈ N·k·d), O(N·d) memory",
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample_params),
@@ -115,35 +64,42 @@ SPEC = MethodSpec(
 
 
 def _axes(seq: int, causal: bool, kernel_size: Any, dilation: Any, layout: Any, is_causal: Any) -> Axes:
-    shape = (seq,) if layout is None else tuple(layout)
+    """The call's configuration, per axis: it fixes the mask (and keys its cached tiling and block mask)."""
+    shape = layout_shape(seq, layout)
     ndim = len(shape)
-    per_axis_causal = tuple(c or causal for c in _tuple(is_causal, ndim))
-    return shape, _tuple(kernel_size, ndim), _tuple(dilation, ndim), per_axis_causal
+    return (shape, per_axis_values(kernel_size, ndim), per_axis_values(dilation, ndim),
+            per_axis_causal(causal, is_causal, ndim))
 
 
-def _axis_tiling(length: int, kernel: int, dilation: int, causal: bool, tile: int) -> tuple[torch.Tensor, ...]:
-    """One axis' tiles over coordinates: per dilation group, bands of consecutive group positions."""
-
-    def starts(group_len: int) -> torch.Tensor:
-        u = torch.arange(group_len)
-        return u - kernel + 1 if causal else torch.clamp(u - kernel // 2, min=0, max=group_len - kernel)
-
-    q_tiles, k_tiles = strided_band_tiles(length, dilation, starts, kernel, tile)
-    seen = neighborhood_axis(q_tiles.unsqueeze(2), k_tiles.unsqueeze(1), length, kernel, dilation, causal)
-    return q_tiles, k_tiles, seen
-
-
-def _tiling(axes: Axes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tiles(axes: Axes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The band tiling: :func:`attnzoo.kernels.band.neighborhood_tiles` with stride 1 on every axis."""
     layout, kernel, dilation, causal = axes
-    tiles = TILES[len(layout)]
-    per_axis = [_axis_tiling(*a) for a in zip(layout, kernel, dilation, causal, tiles, strict=True)]
-    return product_tiles(per_axis, layout)
+    return neighborhood_tiles(layout, kernel, (1,) * len(layout), dilation, causal)
 
 
-def _config(q: torch.Tensor, k: torch.Tensor, causal: bool, *, kernel_size: Any, dilation: Any, layout: Any,
-            is_causal: Any) -> Axes:
-    return _axes(q.shape[2], causal, kernel_size, dilation, layout, is_causal)
+def reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, kernel_size: Any, dilation: Any, layout: Any, is_causal: Any,
+) -> torch.Tensor:
+    axes = _axes(q.shape[2], causal, kernel_size, dilation, layout, is_causal)
+    return mask_reference(q, k, v, neighborhood_mod(*axes), scale, mask, bias)
 
 
-reference, backends = mask_method("neighborhood", _config, lambda axes: neighborhood_mod(*axes), _tiling)
-register(SPEC, reference, backends)
+def torch_tiled(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, kernel_size: Any, dilation: Any, layout: Any, is_causal: Any,
+) -> torch.Tensor:
+    axes = _axes(q.shape[2], causal, kernel_size, dilation, layout, is_causal)
+    tiling = cached_tiling(("neighborhood", axes), q.device, lambda: _tiles(axes))
+    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+
+
+def flex_block_mask(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, kernel_size: Any, dilation: Any, layout: Any, is_causal: Any,
+) -> torch.Tensor:
+    axes = _axes(q.shape[2], causal, kernel_size, dilation, layout, is_causal)
+    return flex.mask_attention(q, k, v, scale=scale, key=("neighborhood", axes), mod=neighborhood_mod(*axes))
+
+
+register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)])

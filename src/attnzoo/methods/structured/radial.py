@@ -35,7 +35,7 @@ block mask has no masked element at all, so its cost is its density, which falls
 frames: at ``s = 2B`` every kept frame pair is dense at block level and about 4 frames per octave of distance are
 kept (density 0.45, 0.28, 0.17 at 32, 64, 128 frames of 256 tokens; measured 2.0×, 3.1×, 5.1× SDPA's speed).
 
-Fast path ``torch``:
+Fast path ``torch`` (:func:`torch_sparse`):
 - block mask: :mod:`attnzoo.kernels.block_sparse` — query blocks grouped by their number of visible key blocks, each
   group's keys gathered block-wise (plus the dense text tail) and attended with one batched unmasked SDPA per chunk;
   time ``O(density · N² · d)``, memory O(N·d) plus one bounded chunk (on CPU the backward reruns the flash kernel's
@@ -57,7 +57,7 @@ Fast path ``torch``:
   ``T = min(s, 64)`` consecutive positions of one frame; its keys are, per key frame, the spatial band the rule allows
   around the tile (all of frame 0 with the sink), plus the text; text queries see every key. One batched SDPA with
   the cached tile mask per chunk of tiles; work ``≈ N · Σ_j (T + 2·reach_j)``, ``O(N·s·log F)`` for ``s ≥ F``.
-Fast path ``flex``: FlexAttention with the mask's block mask (cached), forward only on CPU.
+Fast path ``flex`` (:func:`flex_block_mask`): FlexAttention with the mask's block mask (cached), forward only on CPU.
 """
 
 from __future__ import annotations
@@ -68,16 +68,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnzoo import masks
-from attnzoo.kernels.band import Tiling, concat_tiles, tiled_attention
+from attnzoo.kernels import flex
+from attnzoo.kernels.band import Tiling, cached_tiling, concat_tiles, tiled_attention
 from attnzoo.kernels.block_sparse import BlockLayout, block_sparse_attention
+from attnzoo.kernels.cache import cached
 from attnzoo.kernels.union import Part, TileGroup, union_attention
 from attnzoo.masks import MaskMod
 from attnzoo.masks.partitions import block_table
 from attnzoo.masks.radial import radial as radial_mod
 from attnzoo.masks.radial import radial_blocks, radial_reach
-from attnzoo.methods.common import masked_attention
-from attnzoo.methods.structured.common import cached, cached_tiling, flex_attention, flex_serves
+from attnzoo.methods.common import mask_reference
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 TILE = 64
@@ -193,9 +193,8 @@ def reference(
     bias: torch.Tensor | None, layout: Any, text_tokens: int, dense_first_frame: bool, block_size: int | None,
     decay_factor: float,
 ) -> torch.Tensor:
-    b, h, n, _ = q.shape
-    mod, _ = _mod(n, layout, text_tokens, dense_first_frame, block_size, decay_factor, q.device)
-    return masked_attention(q, k, v, masks.dense(mod, b, h, n, n, q.device), scale, mask, bias)
+    mod, _ = _mod(q.shape[2], layout, text_tokens, dense_first_frame, block_size, decay_factor, q.device)
+    return mask_reference(q, k, v, mod, scale, mask, bias)
 
 
 def _tiling(config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -316,7 +315,7 @@ def block_layout(seq: int, layout: Any, text_tokens: int, dense_first_frame: boo
         _blocks(config, block_size, decay_factor)[:nbv].to(device), block_size))
 
 
-def blockwise(
+def torch_sparse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, layout: Any, text_tokens: int, dense_first_frame: bool, block_size: int | None,
     decay_factor: float,
@@ -338,13 +337,13 @@ def blockwise(
     return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
 
 
-def flex(
+def flex_block_mask(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, layout: Any, text_tokens: int, dense_first_frame: bool, block_size: int | None,
     decay_factor: float,
 ) -> torch.Tensor:
     mod, key = _mod(q.shape[2], layout, text_tokens, dense_first_frame, block_size, decay_factor, q.device)
-    return flex_attention(q, k, v, scale, key, mod)
+    return flex.mask_attention(q, k, v, scale=scale, key=key, mod=mod)
 
 
-register(SPEC, reference, [Backend("torch", blockwise), Backend("flex", flex, flex_serves)])
+register(SPEC, reference, [Backend("torch", torch_sparse), Backend("flex", flex_block_mask, flex.unavailable_masked)])

@@ -17,9 +17,10 @@ lengths behave as in decoding) and attends with softmax to
 AND the user mask; ``s = scale · q·k + bias``; a row with no visible key gives 0. The predicate is
 :func:`attnzoo.masks.windows.sliding_window`. Default ``window=256``.
 
-Fast path ``torch``: query tiles of 128 against their contiguous key band (``128 + span − 1`` keys) with a band mask,
-batched SDPA per chunk of tiles (:mod:`attnzoo.kernels.band`): O(N·w·d) time, O(chunk·w·d) memory. Fast path
-``flex``: FlexAttention with the predicate's cached block mask (forward only on CPU).
+Fast path ``torch`` (:func:`torch_tiled`): query tiles of 128 against their contiguous key band (``128 + span − 1``
+keys) with a band mask, batched SDPA per chunk of tiles (:mod:`attnzoo.kernels.band`): O(N·w·d) time, O(chunk·w·d)
+memory. Fast path ``flex`` (:func:`flex_block_mask`): FlexAttention with the predicate's cached block mask (forward only
+on CPU).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from typing import Any
 
 import torch
 
-from attnzoo.kernels.band import band_tiles
+from attnzoo.kernels import flex
+from attnzoo.kernels.band import band_tiles, cached_tiling, tiled_attention
 from attnzoo.masks.windows import sliding_window as sliding_window_mod
 from attnzoo.masks.windows import sliding_window_starts
-from attnzoo.methods.structured.common import mask_method
-from attnzoo.registry import ALL_PATTERNS, Call, MethodSpec, Param, TestHints, register
+from attnzoo.methods.common import mask_reference
+from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
 TILE = 128
 
@@ -67,11 +69,29 @@ def _tiling(sq: int, skv: int, window: int, causal: bool, inward: bool) -> tuple
     return q_tiles, k_tiles, seen
 
 
-def _config(q: torch.Tensor, k: torch.Tensor, causal: bool, *, window: int, inward: bool) -> tuple[Any, ...]:
-    return q.shape[2], k.shape[2], window, causal, inward
+def reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, window: int, inward: bool,
+) -> torch.Tensor:
+    mod = sliding_window_mod(q.shape[2], k.shape[2], window, causal, inward)
+    return mask_reference(q, k, v, mod, scale, mask, bias)
 
 
-reference, backends = mask_method(
-    "sliding_window", _config, lambda config: sliding_window_mod(*config), lambda config: _tiling(*config)
-)
-register(SPEC, reference, backends)
+def torch_tiled(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, window: int, inward: bool,
+) -> torch.Tensor:
+    config = q.shape[2], k.shape[2], window, causal, inward
+    tiling = cached_tiling(("sliding_window", config), q.device, lambda: _tiling(*config))
+    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+
+
+def flex_block_mask(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, window: int, inward: bool,
+) -> torch.Tensor:
+    config = q.shape[2], k.shape[2], window, causal, inward
+    return flex.mask_attention(q, k, v, scale=scale, key=("sliding_window", config), mod=sliding_window_mod(*config))
+
+
+register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)])

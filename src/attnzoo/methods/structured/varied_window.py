@@ -25,9 +25,10 @@ samples from key/value head ``n // (H / Hkv)``. Gradients flow to q, k, v and ``
 points that fall exactly on grid lines bilinear interpolation has a kink and the two implementations may pick
 different one-sided gradients there.
 
-Fast path ``torch``: keys and values are sampled together by one ``grid_sample`` call (O(N·d) per head) and each window
-runs one batched SDPA over its ``P_h·P_w`` samples: O(N·P_h·P_w·d) time, O(N·d) memory. The reference builds the
-dense ``N × N`` interpolation weights from the tent kernel and masks the ``N × N`` scores to each query's window.
+Fast path ``torch`` (:func:`torch_sampled_windows`): keys and values are sampled together by one ``grid_sample`` call
+(O(N·d) per head) and each window runs one batched SDPA over its ``P_h·P_w`` samples: O(N·P_h·P_w·d) time, O(N·d)
+memory. The reference builds the dense ``N × N`` interpolation weights from the tent kernel and masks the ``N × N``
+scores to each query's window.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def _bilinear(t: torch.Tensor, sy: torch.Tensor, sx: torch.Tensor, h: int, w: in
     return out.view(b, heads, c, -1).transpose(-1, -2)
 
 
-def sampled_windows(
+def torch_sampled_windows(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, window_size: Any, layout: Any, window_regression: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -211,4 +212,4 @@ def _window_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     return out.view(b, u, h, p, -1).transpose(1, 2)
 
 
-register(SPEC, reference, [Backend("torch", sampled_windows)])
+register(SPEC, reference, [Backend("torch", torch_sampled_windows)])
