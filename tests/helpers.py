@@ -3,12 +3,14 @@ per-token parameter slicing of the linear family's decoding API."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 import attnzoo as az
 from attnzoo import masks
+from attnzoo.api import prepare
 
 F64 = torch.float64
 
@@ -87,6 +89,27 @@ def assert_low_precision_close(method: str, q: torch.Tensor, k: torch.Tensor, v:
 def token(params: dict[str, Any], t: int) -> dict[str, Any]:
     """The parameters of one decoding step: per-token ``(B, H, N)`` tensors sliced to position ``t``."""
     return {name: p[:, :, t : t + 1] if torch.is_tensor(p) and p.dim() == 3 else p for name, p in params.items()}
+
+
+def decoding(method: str) -> SimpleNamespace:
+    """``method``'s registered decoder on raw states (``.prefill``, ``.step``; ``state=None`` starts an empty
+    sequence), its parameters validated as ``attnzoo.attention`` validates them: what ``attnzoo.prefill``/``step``
+    run inside their :class:`~attnzoo.api.DecodeState`."""
+    m = az.get(method)
+
+    def prefill(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
+    ) -> tuple[torch.Tensor, Any]:
+        _, scale_, _, _, full = prepare(m, q, k, v, True, scale, None, None, params)
+        return m.decoder.prefill(q, k, v, scale=scale_, **full)
+
+    def step(
+        state: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
+    ) -> tuple[torch.Tensor, Any]:
+        _, scale_, _, _, full = prepare(m, q, k, v, True, scale, None, None, params)
+        return m.decoder.step(state, q, k, v, scale=scale_, **full)
+
+    return SimpleNamespace(prefill=prefill, step=step)
 
 
 def decode_each_token(

@@ -7,7 +7,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.kernels import linear_scan
-from attnzoo.methods.linear import lightning, linear, nala
+from tests.helpers import decoding
 
 
 @pytest.mark.parametrize("method", ["linear", "lightning", "nala"])
@@ -30,7 +30,7 @@ def test_many_chunk_groups_match_reference_with_state_and_grads(method, monkeypa
             got = az.attention(q, k, v, method=method, causal=True, backend="torch", normalize=normalize, **kw)
             want = az.attention(q, k, v, method=method, causal=True, backend="reference", normalize=normalize, **kw)
         torch.testing.assert_close(got, want)
-    module = {"linear": linear, "lightning": lightning, "nala": nala}[method]
+    module = decoding(method)
     with torch.no_grad():
         _, state = module.prefill(q, k, v, **kw)
         s = None

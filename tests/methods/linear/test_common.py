@@ -1,4 +1,4 @@
-"""Checks across the L family: the decoding API (``prefill``/``step``, resolved in ``common.py``) against the
+"""Checks across the L family: the registered decoders (``prefill``/``step`` on raw states) against the
 parallel and chunked forwards, long sequences stay finite, bf16 training through the hand-written backwards, and bad
 feature maps, decays, gates and states refused. What is particular to one method is in its own file."""
 
@@ -11,8 +11,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
-from attnzoo.methods.linear import ecoformer, gated_delta, inline, lightning, linear, nala
-from tests.helpers import F64, decode_each_token, eco_params, qkv, token, with_gates
+from tests.helpers import F64, decode_each_token, decoding, eco_params, qkv, token, with_gates
 
 CASES = [
     ("linear", {"feature_map": "elu1"}),
@@ -27,7 +26,7 @@ CASES = [
     ("gated_delta", {"gates": True}),
     ("inline", {}),
 ]
-MODULES = {"linear": linear, "lightning": lightning, "gated_delta": gated_delta, "inline": inline}
+MODULES = {name: decoding(name) for name in ("linear", "lightning", "gated_delta", "inline")}
 CHUNK_PARAM = {"linear": "chunk_size", "lightning": "block_size", "gated_delta": "chunk_size", "inline": "chunk_size"}
 
 
@@ -128,6 +127,7 @@ def test_bad_feature_maps_and_states_are_refused() -> None:
         az.attention(q, k, v, method="gated_delta", causal=True, beta=torch.ones(1, 2, 7, dtype=F64))
     with pytest.raises(AttnzooError, match="mask"):
         az.attention(q, k, v, method="linear", mask=torch.ones(8, 8, dtype=torch.bool))
+    linear = decoding("linear")
     _, state = linear.prefill(q, k, v)
     with pytest.raises(AttnzooError, match="q"):
         linear.step(state, q[:, :, :2], k[:, :, :2], v[:, :, :2])
@@ -138,8 +138,8 @@ def test_bad_feature_maps_and_states_are_refused() -> None:
 # --- the hashed (EcoFormer) and norm-aware (NaLaFormer) methods -----------------------------------------------------
 
 HASHED_AND_NORMED = [
-    ("nala", nala, lambda gen: {"alpha": 2.0}),
-    ("ecoformer", ecoformer, eco_params),
+    ("nala", decoding("nala"), lambda gen: {"alpha": 2.0}),
+    ("ecoformer", decoding("ecoformer"), eco_params),
 ]
 
 

@@ -8,6 +8,7 @@ import torch
 import attnzoo as az
 from attnzoo.errors import AttnzooError
 from attnzoo.methods.linear import hedgehog
+from tests.helpers import decoding
 
 F64 = torch.float64
 
@@ -46,6 +47,7 @@ def test_prefill_step_chunked_reference_agree() -> None:
     params["chunk_size"] = 8
     ref = az.attention(q, k, v, method="hedgehog", causal=True, backend="reference", **params)
     torch.testing.assert_close(az.attention(q, k, v, method="hedgehog", causal=True, **params), ref)
+    hedgehog = decoding("hedgehog")
     out, state = hedgehog.prefill(q[:, :, :11], k[:, :, :11], v[:, :, :11], **params)
     outs = [out]
     for t in range(11, 19):

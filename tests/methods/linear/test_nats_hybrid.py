@@ -7,8 +7,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
-from attnzoo.methods.linear import nats_hybrid
-from tests.helpers import F64, decode_each_token, qkv
+from tests.helpers import F64, decode_each_token, decoding, qkv
 
 
 def _params(kind: str, b: int, h: int, hkv: int, n: int, d: int) -> dict:
@@ -34,9 +33,9 @@ def test_parallel_chunked_recurrent_agree(kind: str, n: int, chunk: int) -> None
     fast = az.attention(q, k, v, method="nats_hybrid", causal=True, backend="torch", **params)
     torch.testing.assert_close(fast, ref, atol=1e-10, rtol=1e-9)
 
-    out, state = nats_hybrid.prefill(q, k, v, **params)
+    out, state = decoding("nats_hybrid").prefill(q, k, v, **params)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
-    decoded, rec = decode_each_token(nats_hybrid, q, k, v, params)
+    decoded, rec = decode_each_token(decoding("nats_hybrid"), q, k, v, params)
     torch.testing.assert_close(decoded, ref, atol=1e-10, rtol=1e-9)
     torch.testing.assert_close(rec.delta, state.delta, atol=1e-10, rtol=1e-9)
     assert rec.keys.shape[2] >= int(state.positions.lt(n).sum(-1).max())  # the same retained tokens, padded
@@ -82,11 +81,11 @@ def test_prefill_then_decode_and_cache_size() -> None:
     flags = torch.zeros(1, 1, 60, dtype=torch.bool)
     flags[..., ::10] = True
     full = az.attention(q, k, v, method="nats_hybrid", causal=True, flags=flags)
-    out, state = nats_hybrid.prefill(q[:, :, :45], k[:, :, :45], v[:, :, :45], flags=flags[..., :45])
+    out, state = decoding("nats_hybrid").prefill(q[:, :, :45], k[:, :, :45], v[:, :, :45], flags=flags[..., :45])
     assert state.keys.shape[2] == 5  # only retained tokens are cached
     outs = [out]
     for t in range(45, 60):
-        o_t, state = nats_hybrid.step(state, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1],
+        o_t, state = decoding("nats_hybrid").step(state, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1],
                                       flags=flags[..., t : t + 1])
         outs.append(o_t)
     torch.testing.assert_close(torch.cat(outs, dim=2), full, atol=1e-10, rtol=1e-9)

@@ -1,37 +1,19 @@
-"""Pieces the L-family method files share: their decoders (prefill/step), call resolution, decay defaults.
+"""Pieces the L-family method files share: the decoder halves of feature-map methods, decay defaults.
 
-Every causal L method registers a :class:`~attnzoo.registry.Decoder` (``DECODER`` in its file), which
-``attnzoo.prefill``/``attnzoo.step`` run; the file also exposes the same pair on raw states::
+Every causal L method registers a :class:`~attnzoo.registry.Decoder` (``DECODER`` in its file: module-level
+``decode_prefill``/``decode_step``), which ``attnzoo.prefill``/``attnzoo.step`` validate and run::
 
-    out, state = prefill(q, k, v, scale=None, **params)      # causal, whole prompt, chunked; returns the state
-    out_t, state = step(state, q_t, k_t, v_t, scale=None, **params)   # one token (seq 1), fixed-size state
+    out, state = attnzoo.prefill(q, k, v, method="linear", **params)   # causal, whole prompt, chunked
+    out_t, state = attnzoo.step(state, q_t, k_t, v_t)                  # next tokens, fixed-size state
 
-``state=None`` in ``step`` starts an empty sequence. ``prefill`` followed by ``step`` gives the same outputs as the
-full causal forward over the concatenated sequence. Parameters are validated exactly as ``attnzoo.attention`` does.
+``prefill`` followed by ``step`` gives the same outputs as the full causal forward over the concatenated sequence.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 
-from attnzoo.api import prepare
 from attnzoo.kernels import linear_scan
-from attnzoo.registry import Decoder, get
-
-Features = Callable[[torch.Tensor, torch.Tensor, float, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
-Prefill = Callable[..., tuple[torch.Tensor, Any]]
-Step = Callable[..., tuple[torch.Tensor, Any]]
-
-
-def resolve(
-    method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, params: dict[str, Any]
-) -> tuple[float, dict[str, Any]]:
-    """Validate a causal self-attention call of ``method``; return its resolved scale and all its parameters."""
-    _, scale_, _, _, full = prepare(get(method), q, k, v, True, scale, None, None, params)
-    return scale_, full
 
 
 def alibi_rates(heads: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -39,45 +21,18 @@ def alibi_rates(heads: int, device: torch.device, dtype: torch.dtype) -> torch.T
     return torch.pow(2.0, -8.0 * torch.arange(1, heads + 1, device=device, dtype=dtype) / heads)
 
 
-def feature_map_decoder(features: Features, normalized: Callable[[dict[str, Any]], bool]) -> Decoder:
-    """The :class:`Decoder` of a method whose fast path is :func:`linear_scan.causal` on feature maps (no decay).
-
-    ``features(q, k, scale, params)`` gives ``(qf, kf)``; ``normalized(params)`` says whether the scan normalises.
-    """
-
-    def prefill(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        qf, kf = features(q, k, scale, p)
-        out, state = linear_scan.causal(qf, kf, v, chunk=p["chunk_size"], normalize=normalized(p), return_state=True)
-        return out, state
-
-    def step(
-        state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        qf, kf = features(q, k, scale, p)
-        if state is None:
-            state = linear_scan.empty_state(qf, kf, v, decay=None, normalize=normalized(p))
-        return linear_scan.step(state, qf, kf, v, normalize=normalized(p))
-
-    return Decoder(prefill, step)
+def feature_prefill(
+    qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, *, chunk_size: int, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder prefill of a method whose fast path is :func:`linear_scan.causal` on feature maps (no decay): the
+    chunked causal scan over the prompt's features, returning its final state."""
+    return linear_scan.causal(qf, kf, v, chunk=chunk_size, normalize=normalize, return_state=True)
 
 
-def module_decoding(method: str, decoder: Decoder) -> tuple[Prefill, Step]:
-    """The ``(prefill, step)`` a method file exposes: its ``decoder`` on raw states, validating as ``attention``."""
-
-    def prefill(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
-    ) -> tuple[torch.Tensor, Any]:
-        """Causal forward over a prompt; returns ``(out, state)`` to continue with ``step``."""
-        scale_, p = resolve(method, q, k, v, scale, params)
-        return decoder.prefill(q, k, v, scale=scale_, **p)
-
-    def step(
-        state: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, **params: Any
-    ) -> tuple[torch.Tensor, Any]:
-        """One decoding step for one token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
-        scale_, p = resolve(method, q, k, v, scale, params)
-        return decoder.step(state, q, k, v, scale=scale_, **p)
-
-    return prefill, step
+def feature_step(
+    state: torch.Tensor | None, qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, *, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder step of such a method on one token's features; ``state=None`` starts an empty sequence."""
+    if state is None:
+        state = linear_scan.empty_state(qf, kf, v, decay=None, normalize=normalize)
+    return linear_scan.step(state, qf, kf, v, normalize=normalize)

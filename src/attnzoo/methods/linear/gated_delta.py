@@ -33,7 +33,6 @@ import torch
 
 from attnzoo.kernels import delta_scan, linear_scan
 from attnzoo.methods.common import repeat_kv
-from attnzoo.methods.linear.common import module_decoding
 from attnzoo.registry import Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 NORM_EPS = 1e-6
@@ -169,6 +168,5 @@ def decode_step(
 
 
 DECODER = Decoder(decode_prefill, decode_step, token_params=("log_gate", "beta"))
-prefill, step = module_decoding("gated_delta", DECODER)
 
 register(SPEC, reference, [Backend("torch", torch_chunked)], DECODER)

@@ -40,8 +40,8 @@ import torch
 from attnzoo.errors import fail
 from attnzoo.kernels import linear_scan
 from attnzoo.methods.common import repeat_kv, visible
-from attnzoo.methods.linear.common import feature_map_decoder, module_decoding
-from attnzoo.registry import Backend, Call, LayerInfo, MethodSpec, Param, TestHints, register
+from attnzoo.methods.linear.common import feature_prefill, feature_step
+from attnzoo.registry import Backend, Call, Decoder, LayerInfo, MethodSpec, Param, TestHints, register
 
 PATTERNS = frozenset({"self/causal", "self/noncausal", "cross/noncausal"})
 NAMES = ("q_weight", "q_bias", "k_weight", "k_bias")
@@ -171,8 +171,23 @@ def torch_chunked(
     return linear_scan.noncausal(qf, kf, v, normalize=True)
 
 
-DECODER = feature_map_decoder(features, lambda p: True)
-prefill, step = module_decoding("hedgehog", DECODER)
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal forward over a prompt (validated parameters ``p``), returning the scan's state."""
+    qf, kf = features(q, k, scale, p)
+    return feature_prefill(qf, kf, v, chunk_size=p["chunk_size"], normalize=True)
+
+
+def decode_step(
+    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
+    qf, kf = features(q, k, scale, p)
+    return feature_step(state, qf, kf, v, normalize=True)
+
+
+DECODER = Decoder(decode_prefill, decode_step)
 
 
 def distill(

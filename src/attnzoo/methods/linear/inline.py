@@ -27,7 +27,6 @@ import torch
 
 from attnzoo.kernels import linear_scan
 from attnzoo.methods.common import dense_scores, repeat_kv, visible
-from attnzoo.methods.linear.common import module_decoding
 from attnzoo.registry import Backend, Decoder, MethodSpec, Param, register
 
 SPEC = MethodSpec(
@@ -137,6 +136,5 @@ def decode_step(
 
 
 DECODER = Decoder(decode_prefill, decode_step)
-prefill, step = module_decoding("inline", DECODER)
 
 register(SPEC, reference, [Backend("torch", torch_chunked)], DECODER)

@@ -31,7 +31,7 @@ import torch
 
 from attnzoo.kernels import linear_scan
 from attnzoo.methods.common import dense_scores, repeat_kv, visible
-from attnzoo.methods.linear.common import alibi_rates, module_decoding
+from attnzoo.methods.linear.common import alibi_rates
 from attnzoo.registry import Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 
@@ -139,6 +139,5 @@ def decode_step(
 
 
 DECODER = Decoder(decode_prefill, decode_step)
-prefill, step = module_decoding("lightning", DECODER)
 
 register(SPEC, reference, [Backend("torch", torch_blocked)], DECODER)

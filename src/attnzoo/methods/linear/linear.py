@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from attnzoo.errors import fail
 from attnzoo.kernels import linear_scan
 from attnzoo.methods.common import repeat_kv, visible
-from attnzoo.methods.linear.common import feature_map_decoder, module_decoding
-from attnzoo.registry import Backend, Call, MethodSpec, Param, register
+from attnzoo.methods.linear.common import feature_prefill, feature_step
+from attnzoo.registry import Backend, Call, Decoder, MethodSpec, Param, register
 
 NAMED_MAPS = ("elu1", "relu", "identity", "softmax_kernel")
 PATTERNS = frozenset({"self/causal", "self/noncausal", "cross/noncausal"})
@@ -206,10 +206,23 @@ def torch_chunked(
     return linear_scan.noncausal(qf, kf, v, normalize=normalize)
 
 
-DECODER = feature_map_decoder(
-    lambda q, k, scale, p: features(q, k, scale=scale, **_feature_params(p)), lambda p: p["normalize"]
-)
-prefill, step = module_decoding("linear", DECODER)
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal forward over a prompt (validated parameters ``p``), returning the scan's state."""
+    qf, kf = features(q, k, scale=scale, **_feature_params(p))
+    return feature_prefill(qf, kf, v, chunk_size=p["chunk_size"], normalize=p["normalize"])
+
+
+def decode_step(
+    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
+    qf, kf = features(q, k, scale=scale, **_feature_params(p))
+    return feature_step(state, qf, kf, v, normalize=p["normalize"])
+
+
+DECODER = Decoder(decode_prefill, decode_step)
 
 
 def _feature_params(p: dict[str, Any]) -> dict[str, Any]:

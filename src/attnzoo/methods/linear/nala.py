@@ -41,8 +41,8 @@ import torch
 
 from attnzoo.kernels import linear_scan
 from attnzoo.methods.common import repeat_kv, visible
-from attnzoo.methods.linear.common import feature_map_decoder, module_decoding
-from attnzoo.registry import Backend, Call, MethodSpec, Param, register
+from attnzoo.methods.linear.common import feature_prefill, feature_step
+from attnzoo.registry import Backend, Call, Decoder, MethodSpec, Param, register
 
 PATTERNS = frozenset({"self/causal", "self/noncausal", "cross/noncausal"})
 
@@ -136,8 +136,23 @@ def torch_chunked(
     return linear_scan.noncausal(qf, kf, v, normalize=True)
 
 
-DECODER = feature_map_decoder(lambda q, k, scale, p: features(q, k, p["alpha"], p["key_power"]), lambda p: True)
-prefill, step = module_decoding("nala", DECODER)
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal forward over a prompt (validated parameters ``p``), returning the scan's state."""
+    qf, kf = features(q, k, p["alpha"], p["key_power"])
+    return feature_prefill(qf, kf, v, chunk_size=p["chunk_size"], normalize=True)
+
+
+def decode_step(
+    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
+    qf, kf = features(q, k, p["alpha"], p["key_power"])
+    return feature_step(state, qf, kf, v, normalize=True)
+
+
+DECODER = Decoder(decode_prefill, decode_step)
 
 
 register(SPEC, reference, [Backend("torch", torch_chunked)], DECODER)

@@ -47,7 +47,6 @@ from attnzoo.kernels import retained
 from attnzoo.kernels.linear_scan import accumulation_dtype
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
 from attnzoo.methods.linear import gated_delta
-from attnzoo.methods.linear.common import module_decoding
 from attnzoo.registry import Backend, Call, Decoder, LayerInfo, MethodSpec, Param, TestHints, register
 
 
@@ -233,6 +232,5 @@ def decode_step(
 
 
 DECODER = Decoder(decode_prefill, decode_step, token_params=("flags", "log_gate", "beta"))
-prefill, step = module_decoding("nats_hybrid", DECODER)
 
 register(SPEC, reference, [Backend("torch", torch_hybrid)], DECODER)
