@@ -20,16 +20,9 @@ from attnzoo.registry import Backend, Call, Decoder, Method, get, methods
 
 
 def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    method: str = "softmax",
-    causal: bool = False,
-    scale: float | None = None,
-    mask: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    backend: str = "auto",
-    **params: Any,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str = "softmax", causal: bool = False,
+    scale: float | None = None, mask: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+    backend: str = "auto", **params: Any,
 ) -> torch.Tensor:
     """Attention of ``q (B, H, Sq, D)`` over ``k (B, Hkv, Skv, D)``, ``v (B, Hkv, Skv, Dv)`` by ``method``.
 
@@ -52,15 +45,8 @@ def attention(
 
 
 def prepare(
-    m: Method,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool,
-    scale: float | None,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    params: dict[str, Any],
+    m: Method, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None,
+    mask: torch.Tensor | None, bias: torch.Tensor | None, params: dict[str, Any],
 ) -> tuple[Call, float, torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
     """Validate a call; return its :class:`Call`, the resolved scale, 4-D mask/bias views and all parameters."""
     spec = m.spec
@@ -133,11 +119,7 @@ def prepare(
 
 
 def _check_mask_like(
-    name: str,
-    t: torch.Tensor | None,
-    q: torch.Tensor,
-    target: tuple[int, int, int, int],
-    supported: bool,
+    name: str, t: torch.Tensor | None, q: torch.Tensor, target: tuple[int, int, int, int], supported: bool,
     boolean: bool,
 ) -> torch.Tensor | None:
     if t is None:
@@ -209,12 +191,7 @@ class DecodeState:
 
 
 def prefill(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    method: str,
-    scale: float | None = None,
-    **params: Any,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str, scale: float | None = None, **params: Any,
 ) -> tuple[torch.Tensor, DecodeState]:
     """Causal self-attention over a prompt, returning ``(out, state)`` to continue the sequence with :func:`step`.
 
@@ -233,7 +210,7 @@ def prefill(
 
 
 def step(
-    state: DecodeState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **params: Any
+    state: DecodeState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **params: Any,
 ) -> tuple[torch.Tensor, DecodeState]:
     """Continue a sequence by ``T >= 1`` tokens: ``q (B, H, T, D)``, ``k (B, Hkv, T, D)``, ``v (B, Hkv, T, Dv)``.
 

@@ -332,10 +332,7 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(
-    spec: MethodSpec,
-    reference: Callable[..., torch.Tensor],
-    backends: list[Backend],
-    decoder: Decoder | None = None,
+    spec: MethodSpec, reference: Callable[..., torch.Tensor], backends: list[Backend], decoder: Decoder | None = None,
 ) -> Method:
     """Register a method. Called once at the bottom of each method file.
 

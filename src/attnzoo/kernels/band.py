@@ -58,7 +58,7 @@ def band_tiles(starts: torch.Tensor, width: int, seq_kv: int, tile: int) -> tupl
 
 
 def strided_band_tiles(
-    length: int, dilation: int, starts: Callable[[int], torch.Tensor], width: int, tile: int
+    length: int, dilation: int, starts: Callable[[int], torch.Tensor], width: int, tile: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`band_tiles` inside each residue class ``x ≡ g (mod dilation)`` of ``[0, length)``, over coordinates.
 
@@ -190,14 +190,8 @@ class Tiling:
 
 
 def tiled_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float,
-    tiling: Tiling,
-    mask: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, tiling: Tiling,
+    mask: torch.Tensor | None = None, bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of ``q (B, H, Sq, D)`` over ``k, v (B, Hkv, Skv, ·)`` restricted to a tiling.
 

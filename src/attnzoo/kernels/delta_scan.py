@@ -32,13 +32,7 @@ from attnzoo.kernels.linear_scan import accumulation_dtype
 
 
 def chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_gate: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    chunk: int = 64,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor, beta: torch.Tensor, *, chunk: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``q, k (B, H, N, Dk)``, ``v (B, H, N, Dv)``, ``log_gate, beta (B, H, N)``; returns ``(o, S_N)``."""
     out_dtype = v.dtype
@@ -86,7 +80,7 @@ def chunked(
 
 
 def step(
-    state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor, beta: torch.Tensor
+    state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor, beta: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token: ``q, k (B, H, 1, Dk)``, ``v (B, H, 1, Dv)``, ``log_gate, beta (B, H, 1)``; returns ``(o, S)``."""
     if q.shape[2] != 1:

@@ -16,13 +16,7 @@ from attnzoo.kernels.blockwise import grouped_logits, grouped_pv
 
 
 def sdpa_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """Softmax attention by ``scaled_dot_product_attention`` with ``enable_gqa`` (no K/V copies).
@@ -40,11 +34,7 @@ def sdpa_attention(
 
 
 def softmax_attention_lse(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    mask: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention ``(B, H, Sq, Dv)`` and its log-sum-exp ``(B, H, Sq)``; GQA without copies.

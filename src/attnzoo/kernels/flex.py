@@ -61,7 +61,7 @@ def compiled() -> Callable[..., Any]:
 
 
 def block_mask(
-    key: Hashable, mod: MaskMod, batch: int | None, heads: int | None, seq_q: int, seq_kv: int, device: torch.device
+    key: Hashable, mod: MaskMod, batch: int | None, heads: int | None, seq_q: int, seq_kv: int, device: torch.device,
 ) -> BlockMask:
     """A ``BlockMask`` for ``mod``, cached under ``key`` (which must identify the predicate) and the shapes.
 
@@ -73,12 +73,7 @@ def block_mask(
 
 
 def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float,
-    score_mod: ScoreMod | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, score_mod: ScoreMod | None = None,
     block_mask: BlockMask | None = None,
 ) -> torch.Tensor:
     """Compiled FlexAttention on ``(B, H, S, D)`` tensors; GQA is handled without copying K/V.
@@ -94,7 +89,7 @@ def attention(
 
 
 def mask_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, key: Hashable, mod: MaskMod
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, key: Hashable, mod: MaskMod,
 ) -> torch.Tensor:
     """FlexAttention restricted to the mask predicate ``mod`` (its block mask cached under ``key``, which must identify
     the predicate; one mask serves every batch and head)."""

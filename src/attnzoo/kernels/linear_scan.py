@@ -83,15 +83,8 @@ def _log_decay(decay: torch.Tensor, heads: int, kv_heads: int, dtype: torch.dtyp
 
 
 def causal(
-    qf: torch.Tensor,
-    kf: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    decay: torch.Tensor | None = None,
-    chunk: int = 128,
-    normalize: bool = False,
-    return_state: bool = False,
-    features: FeatureMaps | None = None,
+    qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, *, decay: torch.Tensor | None = None, chunk: int = 128,
+    normalize: bool = False, return_state: bool = False, features: FeatureMaps | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Chunked causal linear attention (see the module docstring); ``decay`` is a ``(H,)`` non-negative rate.
 
@@ -161,7 +154,7 @@ class _Grid:
 
 
 def _decay_factors(
-    grid: _Grid, decay: torch.Tensor, dtype: torch.dtype, device: torch.device
+    grid: _Grid, decay: torch.Tensor, dtype: torch.dtype, device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(D, q_fac, k_fac, λ^C)``: the intra-chunk weights ``D_ts = λ^{t−s}`` (``s ≤ t``, else 0) as
     ``(Hkv, G, C, C)``, ``λ^{t+1}`` and ``λ^{C−1−s}`` as ``(Hkv, G, C)``, and ``λ^C`` as ``(1, Hkv, G, 1, 1)``."""
@@ -175,15 +168,8 @@ def _decay_factors(
 
 
 def _scan(
-    grid: _Grid,
-    qf: torch.Tensor,
-    kf: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    decay: torch.Tensor | None,
-    normalize: bool,
-    features: FeatureMaps | None,
-    training: bool,
+    grid: _Grid, qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, *, decay: torch.Tensor | None, normalize: bool,
+    features: FeatureMaps | None, training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The chunked forward: ``(o, final state, running state at the start of each chunk group)``, ``o`` chunk-major
     ``(B, Hkv, G, nc, C, Dv + normalize)`` with the normaliser as its last column (not divided yet)."""
@@ -386,7 +372,7 @@ def noncausal(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, *, normalize:
 
 
 def empty_state(
-    qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, *, decay: torch.Tensor | None, normalize: bool
+    qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, *, decay: torch.Tensor | None, normalize: bool,
 ) -> torch.Tensor:
     """The zero state for a sequence about to start (shapes from one token's features)."""
     heads = qf.shape[1] if decay is not None else kf.shape[1]
@@ -397,12 +383,7 @@ def empty_state(
 
 
 def step(
-    state: torch.Tensor,
-    qf: torch.Tensor,
-    kf: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    decay: torch.Tensor | None = None,
+    state: torch.Tensor, qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, *, decay: torch.Tensor | None = None,
     normalize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step: ``S ← λ S + kf vᵀ``, ``o = qf S`` for one token ``qf (B, H, 1, F)``; returns ``(o, S)``."""

@@ -20,9 +20,7 @@ from attnzoo.kernels.linear_scan import accumulation_dtype
 QUERY_BLOCK = 256
 
 
-def compact(
-    keep: torch.Tensor, *tensors: torch.Tensor
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+def compact(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Positions ``(B, Hkv, T)`` of the retained keys and each ``(B, Hkv, N[, F])`` tensor gathered at them."""
     n = keep.shape[-1]
     count = int(keep.sum(dim=-1).max()) if keep.numel() else 0
@@ -39,15 +37,8 @@ def compact(
 
 
 def attend(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    pos: torch.Tensor,
-    scale: float,
-    *,
-    key_bias: torch.Tensor | None = None,
-    offset: int = 0,
-    block: int = QUERY_BLOCK,
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, scale: float, *,
+    key_bias: torch.Tensor | None = None, offset: int = 0, block: int = QUERY_BLOCK,
 ) -> torch.Tensor:
     """Softmax attention of ``q`` (positions ``offset + i``) over the cache, keys at ``pos ≤`` the query's position.
 

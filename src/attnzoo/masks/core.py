@@ -39,7 +39,7 @@ def full(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Te
 
 
 def dense_rows(
-    mod: MaskMod, batch: int, heads: int, q_start: int, q_end: int, seq_kv: int, device: torch.device | str
+    mod: MaskMod, batch: int, heads: int, q_start: int, q_end: int, seq_kv: int, device: torch.device | str,
 ) -> torch.Tensor:
     """Evaluate ``mod`` on query rows ``[q_start, q_end)``: a bool tensor broadcastable to ``(B, H, rows, Skv)``."""
     b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
@@ -68,7 +68,7 @@ def pairs(t: torch.Tensor, q_index: torch.Tensor, kv_index: torch.Tensor) -> tor
 
 
 def combine(
-    causal_: bool, mask: torch.Tensor | None, seq_q: int, seq_kv: int, device: torch.device | str
+    causal_: bool, mask: torch.Tensor | None, seq_q: int, seq_kv: int, device: torch.device | str,
 ) -> torch.Tensor | None:
     """One boolean mask (broadcastable to ``(B, H, Sq, Skv)``) for a causal flag and an optional user mask."""
     if not causal_:

@@ -35,7 +35,7 @@ def stride_leader(u: torch.Tensor, group_len: torch.Tensor | int, stride: int, c
 
 
 def neighborhood_axis(
-    xq: torch.Tensor, xk: torch.Tensor, length: int, kernel: int, dilation: int, causal: bool, stride: int = 1
+    xq: torch.Tensor, xk: torch.Tensor, length: int, kernel: int, dilation: int, causal: bool, stride: int = 1,
 ) -> torch.Tensor:
     """Visibility of key coordinate ``xk`` to query coordinate ``xq`` on one axis (tensors, broadcast together)."""
     group = xq % dilation
@@ -62,7 +62,7 @@ def generalized_neighborhood(
 
 
 def neighborhood(
-    layout: Sequence[int], kernel: Sequence[int], dilation: Sequence[int], causal: Sequence[bool]
+    layout: Sequence[int], kernel: Sequence[int], dilation: Sequence[int], causal: Sequence[bool],
 ) -> MaskMod:
     """The N-d neighborhood predicate: :func:`generalized_neighborhood` with stride 1 on every axis."""
     return generalized_neighborhood(layout, kernel, (1,) * len(layout), dilation, causal, name="neighborhood_mod")

@@ -28,9 +28,7 @@ def grid(layout: Sequence[int], grid_size: Sequence[int]) -> MaskMod:
 def block_table(blocks: torch.Tensor, block: int) -> MaskMod:
     """A block mask ``(nb_q, nb_kv)`` as a predicate: query ``x`` sees key ``y`` iff ``blocks[x // B, y // B]``."""
 
-    def block_table_mod(
-        b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
-    ) -> torch.Tensor:
+    def block_table_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return blocks[q_idx // block, kv_idx // block]
 
     return block_table_mod

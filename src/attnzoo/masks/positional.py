@@ -32,7 +32,7 @@ def concentric_rings(layout: Sequence[int], device: torch.device | str = "cpu") 
 
 
 def concentric_position_ids(
-    seq: int, layout: Sequence[int] | None, image_start: int = 0, device: torch.device | str = "cpu"
+    seq: int, layout: Sequence[int] | None, image_start: int = 0, device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """CCA position ids ``(seq,)`` for a sequence holding an ``(h, w)`` image from token ``image_start`` on.
 
@@ -56,7 +56,7 @@ def position_causal(q_pos: torch.Tensor, kv_pos: torch.Tensor) -> MaskMod:
     """Key ``j`` visible to query ``i`` iff ``kv_pos[j] <= q_pos[i]`` (causal in position ids, ties visible)."""
 
     def position_causal_mod(
-        b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+        b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor,
     ) -> torch.Tensor:
         return kv_pos[kv_idx] <= q_pos[q_idx]
 

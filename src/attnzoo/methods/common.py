@@ -22,9 +22,7 @@ def dense_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor
     return scale * q @ repeat_kv(k, q.shape[1]).transpose(-1, -2)
 
 
-def visible(
-    causal: bool, mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor
-) -> torch.Tensor:
+def visible(causal: bool, mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """The dense ``(B, H, Sq, Skv)`` visibility of each key to each query (causal bottom-right, user mask)."""
     b, h, sq, _ = q.shape
     skv = k.shape[2]

@@ -25,16 +25,8 @@ class Attention(nn.Module):
     """
 
     def __init__(
-        self,
-        dim: int,
-        heads: int,
-        kv_heads: int | None = None,
-        head_dim: int | None = None,
-        method: str = "softmax",
-        causal: bool = False,
-        context_dim: int | None = None,
-        qkv_bias: bool = False,
-        backend: str = "auto",
+        self, dim: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None, method: str = "softmax",
+        causal: bool = False, context_dim: int | None = None, qkv_bias: bool = False, backend: str = "auto",
         **params: Any,
     ) -> None:
         super().__init__()
@@ -69,7 +61,7 @@ class Attention(nn.Module):
         self.fixed = fixed
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if x.dim() != 3:
             raise fail("x", "a (batch, seq, dim) tensor", f"shape {tuple(x.shape)}")

@@ -93,17 +93,8 @@ def _softmax(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    num_agents: int,
-    agents: torch.Tensor | None,
-    agent_bias: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, num_agents: int, agents: torch.Tensor | None, agent_bias: torch.Tensor | None,
     query_bias: torch.Tensor | None,
 ) -> torch.Tensor:
     a = pooled_agents(q, num_agents) if agents is None else agents
@@ -114,17 +105,8 @@ def reference(
 
 
 def torch_factored(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    num_agents: int,
-    agents: torch.Tensor | None,
-    agent_bias: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, num_agents: int, agents: torch.Tensor | None, agent_bias: torch.Tensor | None,
     query_bias: torch.Tensor | None,
 ) -> torch.Tensor:
     a = (pooled_agents(q, num_agents) if agents is None else agents).contiguous()

@@ -22,7 +22,7 @@ def alibi_rates(heads: int, device: torch.device, dtype: torch.dtype) -> torch.T
 
 
 def feature_prefill(
-    qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, *, chunk_size: int, normalize: bool
+    qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, *, chunk_size: int, normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder prefill of a method whose fast path is :func:`linear_scan.causal` on feature maps (no decay): the
     chunked causal scan over the prompt's features, returning its final state."""
@@ -30,7 +30,7 @@ def feature_prefill(
 
 
 def feature_step(
-    state: torch.Tensor | None, qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, *, normalize: bool
+    state: torch.Tensor | None, qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, *, normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder step of such a method on one token's features; ``state=None`` starts an empty sequence."""
     if state is None:

@@ -134,9 +134,7 @@ SPEC = MethodSpec(
 )
 
 
-def _hash_params(
-    x: torch.Tensor, kv_heads: int, p: dict[str, Any]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _hash_params(x: torch.Tensor, kv_heads: int, p: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(anchors, A, μ)`` as tensors of ``x``'s device and dtype, with the sizes checked against each other."""
     anchors, weight, mean = p.get("anchors"), p.get("hash_weight"), p.get("kernel_mean")
     if anchors is None or weight is None:
@@ -185,15 +183,8 @@ def features(q: torch.Tensor, k: torch.Tensor, p: dict[str, Any]) -> tuple[torch
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    **params: Any,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, **params: Any,
 ) -> torch.Tensor:
     """Dense: bits ``c = (h+1)/2``, ``a_ij = 2b + 1 − 2·Hamming(c_i, c_j)`` on visible pairs, rows normalised."""
     h = q.shape[1]
@@ -208,15 +199,8 @@ def reference(
 
 
 def torch_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    **params: Any,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, **params: Any,
 ) -> torch.Tensor:
     qf, kf = features(q, k, params)
     if causal:
@@ -225,7 +209,7 @@ def torch_chunked(
 
 
 def decode_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal forward over a prompt (validated parameters ``p``), returning the scan's state."""
     qf, kf = features(q, k, p)
@@ -233,7 +217,7 @@ def decode_prefill(
 
 
 def decode_step(
-    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
+    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
     qf, kf = features(q, k, p)

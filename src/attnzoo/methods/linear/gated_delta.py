@@ -90,7 +90,7 @@ def _normed(q: torch.Tensor, k: torch.Tensor, scale: float, qk_l2norm: bool) -> 
 
 
 def _gates(
-    q: torch.Tensor, log_gate: torch.Tensor | None, beta: float | torch.Tensor
+    q: torch.Tensor, log_gate: torch.Tensor | None, beta: float | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     shape = q.shape[:3]
     g = torch.zeros(shape, dtype=q.dtype, device=q.device) if log_gate is None else log_gate
@@ -99,17 +99,8 @@ def _gates(
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    log_gate: torch.Tensor | None,
-    beta: float | torch.Tensor,
-    qk_l2norm: bool,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, log_gate: torch.Tensor | None, beta: float | torch.Tensor, qk_l2norm: bool,
     chunk_size: int,
 ) -> torch.Tensor:
     h, n = q.shape[1], q.shape[2]
@@ -127,7 +118,7 @@ def reference(
 
 
 def _fast_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, p: dict[str, Any]
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, p: dict[str, Any],
 ) -> tuple[torch.Tensor, ...]:
     h = q.shape[1]
     qs, kn = _normed(q, k, scale, p["qk_l2norm"])
@@ -136,28 +127,21 @@ def _fast_inputs(
 
 
 def torch_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    **params: Any,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, **params: Any,
 ) -> torch.Tensor:
     return delta_scan.chunked(*_fast_inputs(q, k, v, scale, params), chunk=params["chunk_size"])[0]
 
 
 def decode_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal forward over a prompt (validated parameters); returns ``(out, state)`` to continue with a step."""
     return delta_scan.chunked(*_fast_inputs(q, k, v, scale, params), chunk=params["chunk_size"])
 
 
 def decode_step(
-    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any
+    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token ``q (B, H, 1, D)`` (validated parameters, gates ``(B, H, 1)``); ``state=None`` starts a sequence."""
     inputs = _fast_inputs(q, k, v, scale, params)

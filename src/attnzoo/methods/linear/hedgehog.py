@@ -104,7 +104,7 @@ SPEC = MethodSpec(
 
 
 def _map(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, root: float, query: bool
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, root: float, query: bool,
 ) -> torch.Tensor:
     acc = linear_scan.accumulation_dtype(x.dtype)
     z = (x.to(acc) * root) if weight is None else (x.to(acc) * root) @ weight.to(acc)[None]
@@ -116,9 +116,7 @@ def _map(
     return torch.cat([torch.exp(z), torch.exp(-z)], dim=-1)
 
 
-def features(
-    q: torch.Tensor, k: torch.Tensor, scale: float, p: dict[str, Any]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def features(q: torch.Tensor, k: torch.Tensor, scale: float, p: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(φ_q(q), φ_k(k))`` for the call's map parameters ``p`` (``q_weight``, ``q_bias``, ``k_weight``, ``k_bias``)."""
     if (p.get("q_weight") is None) != (p.get("k_weight") is None) or (
         p.get("q_weight") is not None and p["q_weight"].shape[-1] != p["k_weight"].shape[-1]
@@ -140,30 +138,16 @@ def weights(q: torch.Tensor, k: torch.Tensor, *, causal: bool, scale: float, **p
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    **params: Any,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, **params: Any,
 ) -> torch.Tensor:
     w = weights(q, k, causal=causal, scale=scale, **params)
     return (w @ repeat_kv(v, q.shape[1]).to(w.dtype)).to(v.dtype)
 
 
 def torch_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    **params: Any,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, **params: Any,
 ) -> torch.Tensor:
     qf, kf = features(q, k, scale, params)
     if causal:
@@ -172,7 +156,7 @@ def torch_chunked(
 
 
 def decode_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal forward over a prompt (validated parameters ``p``), returning the scan's state."""
     qf, kf = features(q, k, scale, p)
@@ -180,7 +164,7 @@ def decode_prefill(
 
 
 def decode_step(
-    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
+    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
     qf, kf = features(q, k, scale, p)
@@ -191,14 +175,8 @@ DECODER = Decoder(decode_prefill, decode_step)
 
 
 def distill(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-    steps: int = 300,
-    lr: float = 1e-2,
-    init: dict[str, torch.Tensor] | None = None,
+    q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, scale: float | None = None, steps: int = 300,
+    lr: float = 1e-2, init: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Fit the feature maps to softmax attention on samples ``q (B, H, N, D)``, ``k (B, Hkv, N', D)``.
 

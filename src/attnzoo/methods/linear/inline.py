@@ -47,15 +47,8 @@ SPEC = MethodSpec(
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    chunk_size: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, chunk_size: int,
 ) -> torch.Tensor:
     seen = visible(causal, None, q, k).to(q.dtype)
     n = seen.sum(dim=-1, keepdim=True)
@@ -79,7 +72,7 @@ def _with_ones(v: torch.Tensor) -> torch.Tensor:
 
 
 def _scan(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, chunk: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     acc = linear_scan.accumulation_dtype(q.dtype)
     h = q.shape[1]
@@ -95,21 +88,14 @@ def _scan(
 
 
 def torch_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    chunk_size: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, chunk_size: int,
 ) -> torch.Tensor:
     return _scan(q, k, v, scale, causal, chunk_size)[0]
 
 
 def decode_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, chunk_size: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal forward over a prompt (validated parameters); returns ``(out, state)`` to continue with a step."""
     out, kv = _scan(q, k, v, scale, True, chunk_size)
@@ -119,7 +105,7 @@ def decode_prefill(
 
 
 def decode_step(
-    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, chunk_size: int
+    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token ``q (B, H, 1, D)`` (validated parameters); ``state=None`` starts a new sequence."""
     acc = linear_scan.accumulation_dtype(q.dtype)

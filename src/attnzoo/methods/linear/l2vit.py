@@ -168,15 +168,8 @@ def _shifted_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    **params: Any,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, **params: Any,
 ) -> torch.Tensor:
     lcm = _check_lcm(params)
     h = q.shape[1]
@@ -204,15 +197,8 @@ def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 
 def torch_factored(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    **params: Any,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, **params: Any,
 ) -> torch.Tensor:
     lcm = _check_lcm(params)
     acc = linear_scan.accumulation_dtype(q.dtype)

@@ -76,16 +76,8 @@ def rates(decay: float | torch.Tensor | None, heads: int, device: torch.device, 
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    decay: float | torch.Tensor | None,
-    block_size: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, decay: float | torch.Tensor | None, block_size: int,
 ) -> torch.Tensor:
     n = q.shape[2]
     s = rates(decay, q.shape[1], q.device, q.dtype)
@@ -96,16 +88,8 @@ def reference(
 
 
 def torch_blocked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    decay: float | torch.Tensor | None,
-    block_size: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, decay: float | torch.Tensor | None, block_size: int,
 ) -> torch.Tensor:
     s = rates(decay, q.shape[1], q.device, linear_scan.accumulation_dtype(q.dtype))
     # the scale is applied per chunk group inside the scan (no sequence-wide scaled copy of q)

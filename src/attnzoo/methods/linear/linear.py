@@ -117,14 +117,8 @@ ELEMENTWISE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"elu1": _elu1,
 
 
 def features(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    scale: float,
-    feature_map: str | Callable[[torch.Tensor], torch.Tensor],
-    normalize: bool,
-    num_features: int | None,
-    seed: int,
+    q: torch.Tensor, k: torch.Tensor, *, scale: float, feature_map: str | Callable[[torch.Tensor], torch.Tensor],
+    normalize: bool, num_features: int | None, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale·φ(q), φ(k))``, ``scale`` left out when ``normalize`` (it cancels there).
 
@@ -152,19 +146,9 @@ def features(
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    feature_map: str | Callable[[torch.Tensor], torch.Tensor],
-    normalize: bool,
-    chunk_size: int,
-    num_features: int | None,
-    seed: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, feature_map: str | Callable[[torch.Tensor], torch.Tensor], normalize: bool,
+    chunk_size: int, num_features: int | None, seed: int,
 ) -> torch.Tensor:
     qf, kf = features(
         q, k, scale=scale, feature_map=feature_map, normalize=normalize, num_features=num_features, seed=seed
@@ -178,19 +162,9 @@ def reference(
 
 
 def torch_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    feature_map: str | Callable[[torch.Tensor], torch.Tensor],
-    normalize: bool,
-    chunk_size: int,
-    num_features: int | None,
-    seed: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, feature_map: str | Callable[[torch.Tensor], torch.Tensor], normalize: bool,
+    chunk_size: int, num_features: int | None, seed: int,
 ) -> torch.Tensor:
     if causal and feature_map in ELEMENTWISE:
         # The map runs inside the scan, one chunk group at a time (never a sequence-wide feature tensor; the backward
@@ -207,7 +181,7 @@ def torch_chunked(
 
 
 def decode_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal forward over a prompt (validated parameters ``p``), returning the scan's state."""
     qf, kf = features(q, k, scale=scale, **_feature_params(p))
@@ -215,7 +189,7 @@ def decode_prefill(
 
 
 def decode_step(
-    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
+    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
     qf, kf = features(q, k, scale=scale, **_feature_params(p))

@@ -96,17 +96,8 @@ def features(q: torch.Tensor, k: torch.Tensor, alpha: float, key_power: int) -> 
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    alpha: float,
-    key_power: int,
-    chunk_size: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, alpha: float, key_power: int, chunk_size: int,
 ) -> torch.Tensor:
     qf, kf = features(q, k, alpha, key_power)
     a = (qf @ repeat_kv(kf, q.shape[1]).transpose(-1, -2)) * visible(causal, None, q, k)
@@ -117,17 +108,8 @@ def reference(
 
 
 def torch_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    alpha: float,
-    key_power: int,
-    chunk_size: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, alpha: float, key_power: int, chunk_size: int,
 ) -> torch.Tensor:
     if causal:  # the maps run per chunk group inside the scan: the 2D-wide features never span the sequence
         maps = (functools.partial(query_features, alpha=alpha), functools.partial(key_features, key_power=key_power))
@@ -137,7 +119,7 @@ def torch_chunked(
 
 
 def decode_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal forward over a prompt (validated parameters ``p``), returning the scan's state."""
     qf, kf = features(q, k, p["alpha"], p["key_power"])
@@ -145,7 +127,7 @@ def decode_prefill(
 
 
 def decode_step(
-    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any
+    state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token ``q (B, H, 1, D)``; ``state=None`` starts a new sequence."""
     qf, kf = features(q, k, p["alpha"], p["key_power"])

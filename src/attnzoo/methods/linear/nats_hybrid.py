@@ -135,15 +135,8 @@ def _router_bias(f: torch.Tensor) -> torch.Tensor | None:
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    **params: Any,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, **params: Any,
 ) -> torch.Tensor:
     h = q.shape[1]
     hard, f = routing(k, params)
@@ -159,15 +152,8 @@ def reference(
 
 
 def torch_hybrid(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    **params: Any,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, **params: Any,
 ) -> torch.Tensor:
     return _forward(q, k, v, scale, params)[0]
 
@@ -188,7 +174,7 @@ class HybridState:
 
 
 def _forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, p: dict[str, Any]
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, p: dict[str, Any],
 ) -> tuple[torch.Tensor, HybridState]:
     hard, f = routing(k, p)
     ste = _router_bias(f)
@@ -202,14 +188,14 @@ def _forward(
 
 
 def decode_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any,
 ) -> tuple[torch.Tensor, HybridState]:
     """Causal forward over a prompt (validated parameters); returns ``(out, state)`` to continue with a step."""
     return _forward(q, k, v, scale, params)
 
 
 def decode_step(
-    state: HybridState | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any
+    state: HybridState | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any,
 ) -> tuple[torch.Tensor, HybridState]:
     """One token ``q (B, H, 1, D)`` (validated parameters, ``flags``/gates of that token); ``state=None`` starts."""
     hard, f = routing(k, params)

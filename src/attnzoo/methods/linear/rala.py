@@ -65,15 +65,8 @@ SPEC = MethodSpec(
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    output_gate: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, output_gate: torch.Tensor | None,
 ) -> torch.Tensor:
     h, n = q.shape[1], k.shape[2]
     phi_q = F.elu(q) + 1
@@ -87,15 +80,8 @@ def reference(
 
 
 def torch_factored(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    output_gate: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, output_gate: torch.Tensor | None,
 ) -> torch.Tensor:
     b, h, _, d = q.shape
     hkv, n = k.shape[1], k.shape[2]

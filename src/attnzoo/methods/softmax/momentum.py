@@ -62,15 +62,8 @@ def _shear_matrix(n: int, gamma: float, like: torch.Tensor) -> torch.Tensor:
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    gamma: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, gamma: float,
 ) -> torch.Tensor:
     shear = _shear_matrix(q.shape[2], gamma, q)
     s = dense_scores(shear @ q, shear @ k, scale)
@@ -86,15 +79,8 @@ def _shear(x: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def sdpa_sheared(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    gamma: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, gamma: float,
 ) -> torch.Tensor:
     return sdpa_attention(_shear(q, gamma), _shear(k, gamma), v, causal=causal, scale=scale, mask=mask, bias=bias)
 

@@ -90,16 +90,8 @@ def _slopes(alibi: bool | torch.Tensor, heads: int, like: torch.Tensor) -> torch
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    alibi: bool | torch.Tensor,
-    softcap: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, alibi: bool | torch.Tensor, softcap: float,
 ) -> torch.Tensor:
     h, sq, skv = q.shape[1], q.shape[2], k.shape[2]
     s = dense_scores(q, k, scale)
@@ -128,16 +120,8 @@ def _distance_rows(start: int, end: int, offset: int, keys: int, like: torch.Ten
 
 
 def torch_blockwise(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    alibi: bool | torch.Tensor,
-    softcap: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, alibi: bool | torch.Tensor, softcap: float,
 ) -> torch.Tensor:
     sq, skv = q.shape[2], k.shape[2]
     slopes = _slopes(alibi, q.shape[1], q)
@@ -161,16 +145,8 @@ def torch_blockwise(
 
 
 def flex_score_mod(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    alibi: bool | torch.Tensor,
-    softcap: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, alibi: bool | torch.Tensor, softcap: float,
 ) -> torch.Tensor:
     if not torch.is_grad_enabled():
         # FlexAttention refuses closed-over tensors that require grad on CPU, even under no_grad (flex.attention

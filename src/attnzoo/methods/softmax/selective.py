@@ -100,16 +100,8 @@ SPEC = MethodSpec(
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    query_temp: torch.Tensor | None,
-    pos_beta: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, query_temp: torch.Tensor | None, pos_beta: torch.Tensor | None,
     value_temp: torch.Tensor | None,
 ) -> torch.Tensor:
     b, h, sq, _ = q.shape
@@ -137,16 +129,8 @@ def _row_scale(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def sdpa_rescaled(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    query_temp: torch.Tensor | None,
-    pos_beta: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, query_temp: torch.Tensor | None, pos_beta: torch.Tensor | None,
     value_temp: torch.Tensor | None,
 ) -> torch.Tensor:
     sq, skv = q.shape[2], k.shape[2]

@@ -33,13 +33,7 @@ SPEC = MethodSpec(
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     s = dense_scores(q, k, scale)
@@ -50,13 +44,7 @@ def reference(
 
 
 def sdpa_fused(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     return sdpa_attention(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias)

@@ -81,16 +81,8 @@ SPEC = MethodSpec(
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    urpe_coeffs: torch.Tensor | None,
-    max_len: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, urpe_coeffs: torch.Tensor | None, max_len: int,
 ) -> torch.Tensor:
     s = dense_scores(q, k, scale)
     if bias is not None:
@@ -106,16 +98,8 @@ def reference(
 
 
 def torch_blockwise(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    urpe_coeffs: torch.Tensor | None,
-    max_len: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, urpe_coeffs: torch.Tensor | None, max_len: int,
 ) -> torch.Tensor:
     if urpe_coeffs is None:
         return blocked_softmax_attention(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias)

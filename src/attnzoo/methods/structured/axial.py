@@ -66,16 +66,8 @@ def _axes(seq: int, layout: tuple[int, ...] | None, axis: int | None) -> tuple[t
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    layout: tuple[int, ...] | None,
-    axis: int | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, layout: tuple[int, ...] | None, axis: int | None,
 ) -> torch.Tensor:
     b, h, n, _ = q.shape
     shape, order = _axes(n, layout, axis)
@@ -102,16 +94,8 @@ def _from_lines(y: torch.Tensor, b: int, shape: tuple[int, ...], axis: int) -> t
 
 
 def sdpa_lines(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    layout: tuple[int, ...] | None,
-    axis: int | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, layout: tuple[int, ...] | None, axis: int | None,
 ) -> torch.Tensor:
     b, h, n, _ = q.shape
     shape, order = _axes(n, layout, axis)

@@ -90,16 +90,8 @@ def _ids(q: torch.Tensor, k: torch.Tensor, group_ids: torch.Tensor | None, kv_gr
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    group_ids: torch.Tensor | None,
-    kv_group_ids: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, group_ids: torch.Tensor | None, kv_group_ids: torch.Tensor | None,
 ) -> torch.Tensor:
     b, h, sq, _ = q.shape
     qi, ki = _ids(q, k, group_ids, kv_group_ids)
@@ -111,16 +103,8 @@ def reference(
 
 
 def torch_segments(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    scale: float,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    group_ids: torch.Tensor | None,
-    kv_group_ids: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, group_ids: torch.Tensor | None, kv_group_ids: torch.Tensor | None,
 ) -> torch.Tensor:
     h, sq = q.shape[1], q.shape[2]
     skv, dv = k.shape[2], v.shape[-1]
