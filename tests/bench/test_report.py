@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from attnzoo.bench import compare, report, results as schema
+from attnzoo.bench import compare, report
+from attnzoo.bench import results as schema
 from attnzoo.errors import AttnzooError
 
 

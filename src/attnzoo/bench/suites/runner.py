@@ -184,10 +184,11 @@ def _metric_text(case: Case, metric: str, x: float) -> str:
             "step_ratio": f"{x:.2f} (step after {case.n2} / after {case.n})"}[metric]
 
 
-def run_case(case: Case, device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
-    """The row of one case: what ran, the metrics, the figure and floor texts, ``passed`` (None without a floor)."""
+def run_case(case: Case, device: str = "cpu", threads: int | None = None, suite: str | None = None) -> dict[str, Any]:
+    """The row of one case: what ran, the metrics, the figure and floor texts, ``passed`` (None without a floor).
+    ``suite`` names the case's suite (default: the one it is found in)."""
     row: dict[str, Any] = {
-        "suite": origin(case.name), "case": case.name, "what": case.what, "measure": case.measure,
+        "suite": suite or origin(case.name), "case": case.name, "what": case.what, "measure": case.measure,
         "method": case.target.method or case.target.peer or "sdpa", "backend": case.target.backend,
         "against": (case.against or SDPA).label if case.measure != "scaling" else None, "mode": case.mode,
         "causal": case.causal, "batch": case.batch, "heads": case.heads, "length": case.n, "length2": case.n2,
