@@ -21,6 +21,7 @@ side of a named suite case (``kind: "suite"``, run through :func:`attnzoo.bench.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -29,9 +30,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from attnzoo.bench.efficiency import guarded, pick_backend
+from attnzoo.bench.efficiency import BASELINE, guarded, pick_backend, shape
 from attnzoo.bench.measure import make_call
-from attnzoo.registry import PATTERNS, Method
+from attnzoo.registry import PATTERNS, Method, get
 
 
 def probe(job: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
@@ -77,7 +78,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     import attnzoo  # noqa: F401  (registers the methods)
 
     for name in job.get("imports", []):
-        __import__(name)
+        importlib.import_module(name)
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     if job["kind"] == "efficiency":
@@ -109,23 +110,19 @@ def plan(methods: Iterable[Method], patterns: list[str], length: int, dims: dict
     """One fresh-process case per method that promises sub-quadratic memory, SDPA's first: forward at ``length``, on
     the first of ``patterns`` (in CAB order) it supports, through its first fast path not in ``avoid`` that serves the
     call. The case is the efficiency case of the same shape with ``kind: "fresh"``."""
-    from attnzoo.bench.efficiency import BASELINE, shape
-    from attnzoo.registry import get
-
     chosen = [get(BASELINE[0])] + [m for m in methods if m.spec.subquadratic_memory and m.name != BASELINE[0]]
     cases = []
     for m in chosen:
         pattern = next((p for p in PATTERNS if p in patterns and p in m.spec.patterns), None)
         if pattern is None:
             continue
-        dims_ = shape(pattern, length, **dims)
+        sizes = shape(pattern, length, **dims)
         if m.name == BASELINE[0]:
             backend = BASELINE[1]
         else:
-            call = make_call(dims_, pattern.endswith("/causal"), requires_grad=False)
-            backend = pick_backend(m, call, avoid)
+            backend = pick_backend(m, make_call(sizes, pattern.endswith("/causal"), requires_grad=False), avoid)
         cases.append({"kind": "fresh", "method": m.name, "backend": backend, "pattern": pattern, "mode": "fwd",
-                      **dims_, **run})
+                      **sizes, **run})
     return cases
 
 

@@ -191,7 +191,7 @@ def plan_all(cfg: Config) -> dict[str, list[dict[str, Any]]]:
             case["threads"] = cfg.threads
     if "fresh" in cfg.phases and (cfg.fresh_length or cfg.lengths):
         length = cfg.fresh_length or max(cfg.lengths)
-        run = {"seed": cfg.seed, "threads": cfg.threads, "timeout_s": cfg.case_timeout_s}
+        run = {"seed": cfg.seed, "threads": cfg.threads, "timeout_s": cfg.case_timeout_s, "imports": cfg.imports}
         plans["fresh_memory"] = fresh.plan(methods, cfg.patterns, length, dims, list(skip), run)
     if "quality" in cfg.phases and cfg.tasks:
         model = {k: v for k, v in cfg.model.items() if k != "widths"}
