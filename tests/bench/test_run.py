@@ -101,6 +101,13 @@ def test_quick_smoke_two_methods(tmp_path):
     assert {(r["method"], r["status"]) for r in results["efficiency"]} == {("softmax", "ok"), ("sigmoid", "ok")}
     assert {r["length"] for r in results["efficiency"] if r["mode"] == "fwd+bwd"} == {32}
     assert {r["method"] for r in results["quality"]} == {"softmax", "sigmoid"}
+    # sigmoid promises sub-quadratic memory: one fresh-process case beside SDPA's, at the longest forward length
+    fresh = {r["method"]: r for r in results["fresh_memory"]}
+    assert set(fresh) == {"softmax", "sigmoid"} and fresh["sigmoid"]["length"] == 64
+    assert all(r["status"] == "ok" and r["fresh_peak_bytes"] >= 0 for r in fresh.values())
+    warm = next(r for r in results["efficiency"] if r["method"] == "sigmoid" and r["length"] == 64
+                and r["pattern"] == "self/causal" and r["mode"] == "fwd")
+    assert warm["fresh_peak_bytes"] == fresh["sigmoid"]["fresh_peak_bytes"]
     if hasattr(attnzoo.nn, "Attention"):
         assert all(r["status"] == "ok" for r in results["quality"])
         assert (tmp_path / "quality.png").exists()

@@ -26,7 +26,7 @@ def test_case_names_are_unique_and_floors_collects_every_floored_case():
 
 
 def test_every_case_targets_a_registered_method_backend_and_parameters():
-    for case in suites.suites()["floors"] + suites.suites()["softmax"] + suites.suites()["radial"]:
+    for case in (c for cases in suites.suites().values() for c in cases):
         for target in (case.target, case.against):
             if target is None or target.method is None:
                 continue
