@@ -3,6 +3,7 @@ import json
 import pytest
 
 from attnzoo.bench import compare, report
+from attnzoo.bench import results as schema
 from attnzoo.errors import AttnzooError
 
 
@@ -20,7 +21,7 @@ def results(scale=1.0):
         eff.append(row("softmax", "sdpa", n, 1e-9 * n * n, 100 * n))
         eff.append(row("linear", "torch", n, scale * 1e-6 * n, 20_000 * n))
     eff.append(row("broken", "torch", 256, None, None, status="error"))
-    return {"schema": report.SCHEMA, "status": "complete", "created": "now", "finished": "now", "wall_s": 1.0,
+    return {"schema": schema.SCHEMA, "status": "complete", "created": "now", "finished": "now", "wall_s": 1.0,
             "command": "attnzoo bench", "machine": {"torch": "x"}, "config": {"batch": 1}, "memory_method": "m",
             "efficiency": eff, "efficiency_length": [], "approximation": [], "quality": [
                 {"method": m, "task": {"name": "mqar", "pairs": p}, "dim": 32, "status": "ok",
@@ -31,8 +32,8 @@ def results(scale=1.0):
 def test_round_trip_and_efficiency_lengths(tmp_path):
     res = results()
     report.write_report(res, tmp_path)
-    back = report.load_results(tmp_path / "results.json")
-    assert back["schema"] == report.SCHEMA
+    back = schema.load_results(tmp_path / "results.json")
+    assert back["schema"] == schema.SCHEMA
     assert back["efficiency"] == json.loads(json.dumps(res["efficiency"]))
     by_metric = {e["metric"]: e for e in back["efficiency_length"] if e["method"] == "linear"}
     assert by_metric["time"]["kind"] == "crossing" and by_metric["time"]["length"] == pytest.approx(1000)
@@ -49,7 +50,7 @@ def test_round_trip_and_efficiency_lengths(tmp_path):
     "content, message",
     [
         ("not json", "a JSON file"),
-        (json.dumps({"schema": "something/1"}), "schema 'attnzoo.bench/1'"),
+        (json.dumps({"schema": "something/1"}), "schema 'attnzoo.bench/1.1'"),
         (json.dumps({"schema": "attnzoo.bench/2"}), "schema version 1.x"),
         (json.dumps({"schema": "attnzoo.bench/1", "efficiency": {}}), "a list under 'efficiency'"),
     ],
@@ -58,7 +59,7 @@ def test_load_rejects_bad_files(tmp_path, content, message):
     path = tmp_path / "r.json"
     path.write_text(content)
     with pytest.raises(AttnzooError, match="results") as e:
-        report.load_results(path)
+        schema.load_results(path)
     assert message in str(e.value)
 
 
@@ -66,7 +67,7 @@ def test_saved_results_are_strict_json(tmp_path):
     res = results()
     res["efficiency"][0]["time_median_s"] = float("nan")
     res["efficiency"][1]["peak_bytes"] = float("inf")
-    report.save_results(tmp_path / "r.json", res)
+    schema.save_results(tmp_path / "r.json", res)
     back = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert back["efficiency"][0]["time_median_s"] is None and back["efficiency"][1]["peak_bytes"] is None
 
@@ -74,7 +75,7 @@ def test_saved_results_are_strict_json(tmp_path):
 def test_load_accepts_a_minor_version(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"schema": "attnzoo.bench/1.3", "efficiency": []}))
-    assert report.load_results(path)["quality"] == []
+    assert schema.load_results(path)["quality"] == []
 
 
 def test_compare_reports_faster_slower_and_status(tmp_path):
@@ -83,8 +84,8 @@ def test_compare_reports_faster_slower_and_status(tmp_path):
     b["efficiency"][-1].update(time_median_s=1.0)
     b["efficiency"].append(row("new", "torch", 256, 1.0, 1))
     for name, res in (("a.json", a), ("b.json", b)):
-        report.save_results(tmp_path / name, res)
-    changes = compare.compare(report.load_results(tmp_path / "a.json"), report.load_results(tmp_path / "b.json"))
+        schema.save_results(tmp_path / name, res)
+    changes = compare.compare(schema.load_results(tmp_path / "a.json"), schema.load_results(tmp_path / "b.json"))
     assert {c["case"][0] for c in changes["slower"]} == {"linear"}
     assert all(c["ratio"] == pytest.approx(2.0) for c in changes["slower"])
     assert changes["faster"] == [] and len(changes["only_b"]) == 1

@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 import attnzoo
-from attnzoo.bench import add_arguments, approx, main, suite
+from attnzoo.bench import add_arguments, approx, main, sweep
 from attnzoo.bench.worker import Runner
 from attnzoo.registry import Param
 
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny(methods, **overrides):
-    cfg = suite.quick_config(methods=methods, patterns=["self/causal", "cross/noncausal"], lengths=[16, 32],
+    cfg = sweep.quick_config(methods=methods, patterns=["self/causal", "cross/noncausal"], lengths=[16, 32],
                              bwd_lengths=[16], heads=2, head_dim=8, repeats=2, budget_s=0.05, isolate=False,
                              phases=["efficiency", "approximation"])
     for k, v in overrides.items():
@@ -28,7 +28,7 @@ def statuses(results, method):
 
 def test_a_method_that_raises_is_recorded_and_the_run_goes_on(tmp_path):
     with fakes.registered("test_raising", fakes.raising):
-        results = suite.run(tiny(["test_raising", "sigmoid"]), tmp_path, progress=False)
+        results = sweep.run(tiny(["test_raising", "sigmoid"]), tmp_path, progress=False)
     assert results["status"] == "complete"
     bad = statuses(results, "test_raising")
     assert len(bad) == 6 and all(r["status"] == "error" for r in bad.values())
@@ -48,7 +48,7 @@ def test_a_method_that_raises_is_recorded_and_the_run_goes_on(tmp_path):
 
 def test_ctrl_c_keeps_what_was_measured(tmp_path):
     with fakes.registered("test_interrupting", fakes.interrupting):
-        results = suite.run(tiny(["test_interrupting"]), tmp_path, progress=False)
+        results = sweep.run(tiny(["test_interrupting"]), tmp_path, progress=False)
     assert results["status"] == "interrupted"
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["status"] == "interrupted"
@@ -62,7 +62,7 @@ def test_approximate_methods_get_error_against_softmax(tmp_path):
     with fakes.registered("test_local", fakes.local_reference, exact=False, params=(window,)):
         assert approx.settings(attnzoo.get("test_local")) == [{}, {"window": 2}, {"window": 8}]
         cfg = tiny(["test_local"], phases=["approximation"], approx_length=32)
-        results = suite.run(cfg, tmp_path, progress=False)
+        results = sweep.run(cfg, tmp_path, progress=False)
     rows = {(r["pattern"], json.dumps(r["setting"])): r for r in results["approximation"]}
     assert len(rows) == 4  # defaults on two patterns, two more settings on the first
     assert all(r["status"] == "ok" for r in rows.values())
@@ -79,7 +79,7 @@ def test_a_crashing_worker_is_recorded_and_replaced(tmp_path, monkeypatch):
     cfg = tiny(["softmax"], patterns=["self/causal"], lengths=[16], bwd_lengths=[], isolate=True,
                imports=["tests.bench.fakes_plugin"])
     # the plugin's method is registered in the worker only: its case is the baseline's with another method name
-    case = suite.plan_all(cfg)["efficiency"][0]
+    case = sweep.plan_all(cfg)["efficiency"][0]
     with Runner(isolate=True, imports=cfg.imports, case_timeout_s=60) as runner:
         dead = runner.run({**case, "method": "test_crashing", "backend": "torch"})
         alive = runner.run(case)
@@ -101,6 +101,13 @@ def test_quick_smoke_two_methods(tmp_path):
     assert {(r["method"], r["status"]) for r in results["efficiency"]} == {("softmax", "ok"), ("sigmoid", "ok")}
     assert {r["length"] for r in results["efficiency"] if r["mode"] == "fwd+bwd"} == {32}
     assert {r["method"] for r in results["quality"]} == {"softmax", "sigmoid"}
+    # sigmoid promises sub-quadratic memory: one fresh-process case beside SDPA's, at the longest forward length
+    fresh = {r["method"]: r for r in results["fresh_memory"]}
+    assert set(fresh) == {"softmax", "sigmoid"} and fresh["sigmoid"]["length"] == 64
+    assert all(r["status"] == "ok" and r["fresh_peak_bytes"] >= 0 for r in fresh.values())
+    warm = next(r for r in results["efficiency"] if r["method"] == "sigmoid" and r["length"] == 64
+                and r["pattern"] == "self/causal" and r["mode"] == "fwd")
+    assert warm["fresh_peak_bytes"] == fresh["sigmoid"]["fresh_peak_bytes"]
     if hasattr(attnzoo.nn, "Attention"):
         assert all(r["status"] == "ok" for r in results["quality"])
         assert (tmp_path / "quality.png").exists()

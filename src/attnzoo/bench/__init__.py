@@ -2,9 +2,13 @@
 
 For each method × backend × supported pattern (self/cross × causal/noncausal) × length × {fwd, fwd+bwd}: median and
 spread of wall time, peak memory, FLOPs and ratios to ``scaled_dot_product_attention`` measured in the same run; the
-efficiency length where a method's fitted cost curve crosses SDPA's; error against softmax for approximate methods;
-accuracy on synthetic tasks (MQAR, induction copy, selective copy) with ``attnzoo.nn.Attention``. Writes
-``results.json``, ``summary.md``, PNG plots and a self-contained ``report.html`` (see docs/bench.md).
+efficiency length where a method's fitted cost curve crosses SDPA's; peak memory in a fresh process for methods that
+promise sub-quadratic memory; error against softmax for approximate methods; accuracy on synthetic tasks (MQAR,
+induction copy, selective copy) with ``attnzoo.nn.Attention``. Writes ``results.json``, ``summary.md``, PNG plots and a
+self-contained ``report.html`` (see docs/bench.md).
+
+``--suite NAME`` runs a named suite instead (:mod:`attnzoo.bench.suites`): the cases behind docs/benchmarks.md, each
+printed with its floor.
 
 The CLI calls :func:`add_arguments` and :func:`main`; ``python -m attnzoo.bench`` does the same on its own.
 """
@@ -19,6 +23,8 @@ from pathlib import Path
 from attnzoo.errors import AttnzooError, fail
 
 __all__ = ["add_arguments", "main"]
+
+PHASES = ("efficiency", "approximation", "quality", "fresh")
 
 
 def _csv(text: str) -> list[str]:
@@ -62,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--case-timeout", type=float, default=None, help="seconds before a case is stopped (timeout)")
     p.add_argument("--steps", type=int, default=None, help="training steps per quality case (equal for every method)")
     p.add_argument("--phases", type=_csv, default=None,
-                   help="efficiency,approximation,quality (default: all three)")
+                   help="efficiency,approximation,quality,fresh (default: all four; fresh: peak memory in a new "
+                        "interpreter for methods with sub-quadratic memory)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import MODULE first (registers your own methods); repeatable")
     p.add_argument("--in-process", action="store_true",
@@ -70,6 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no live progress display")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="attnzoo-bench", help="output directory (default: attnzoo-bench/)")
+    p.add_argument("--suite", default=None, metavar="NAME",
+                   help="run a named suite (the cases of docs/benchmarks.md; 'floors' = every case with a floor) "
+                        "instead of the sweep; '--suite list' lists the suites and their cases")
+    p.add_argument("--cases", type=_csv, default=None, metavar="NAMES",
+                   help="with --suite: only the cases with these names (comma-separated; * and ? patterns)")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
                    help="show what got faster or slower from run A to run B, then exit")
     p.add_argument("--threshold", type=float, default=0.1, help="relative change --compare reports (default 0.1)")
@@ -78,14 +90,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace):
     import torch
 
-    from attnzoo.bench import suite
+    from attnzoo.bench import sweep
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not device.startswith(("cpu", "cuda")):
         raise fail("--device", "cpu or cuda[:index]", repr(device))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise fail("--device", "a device this machine has (no CUDA device found)", repr(device))
-    base = suite.quick_config() if args.quick else suite.full_config()
+    base = sweep.quick_config() if args.quick else sweep.full_config()
     base.device = device
     base.dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     for name in ("methods", "patterns", "backends", "batch", "heads", "kv_heads", "head_dim", "repeats", "warmup",
@@ -112,9 +124,9 @@ def _config(args: argparse.Namespace):
         base.model = {**base.model, "steps": args.steps}
     if args.case_timeout is not None:
         base.case_timeout_s = args.case_timeout
-    bad = [p for p in base.phases if p not in ("efficiency", "approximation", "quality")]
+    bad = [p for p in base.phases if p not in PHASES]
     if bad:
-        raise fail("--phases", "some of efficiency, approximation, quality", bad)
+        raise fail("--phases", f"some of {', '.join(PHASES)}", bad)
     for name in ("batch", "heads", "head_dim", "repeats", "threads"):
         if getattr(base, name) is not None and getattr(base, name) < 1:
             raise fail(f"--{name.replace('_', '-')}", "a positive integer", getattr(base, name))
@@ -123,9 +135,40 @@ def _config(args: argparse.Namespace):
     return base
 
 
+def _command() -> str:
+    argv = sys.argv[1:]
+    if argv[:1] == ["bench"]:  # called as `attnzoo bench ...` rather than `python -m attnzoo.bench ...`
+        argv = argv[1:]
+    return "attnzoo bench " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _run_suite(args: argparse.Namespace) -> int:
+    """``--suite``: list the suites, or run the chosen cases. Exit status 0 when every floor holds, 1 when one does
+    not, 130 when interrupted."""
+    from attnzoo.bench import suites
+    from attnzoo.bench.suites import runner
+    from attnzoo.bench.tables import md_table, suite_table
+
+    if args.suite == "list":
+        print(suites.listing())
+        return 0
+    cases = suites.select(args.suite, args.cases)
+    device = args.device or "cpu"
+    if not device.startswith(("cpu", "cuda")):
+        raise fail("--device", "cpu or cuda[:index]", repr(device))
+    out = Path(args.out)
+    results = runner.run(cases, out, command=_command(), device=device, threads=args.threads)
+    print(md_table(*suite_table(results)))
+    print(f"report: {out / 'report.html'}  summary: {out / 'summary.md'}  results: {out / 'results.json'}")
+    if results["status"] != "complete":
+        return 130
+    return 1 if any(r.get("passed") is False for r in results["suites"]) else 0
+
+
 def main(args: argparse.Namespace) -> int:
-    """Run ``attnzoo bench`` with parsed ``args``; returns the exit status (130 when interrupted)."""
-    from attnzoo.bench import compare, suite
+    """Run ``attnzoo bench`` with parsed ``args``; returns the exit status (130 when interrupted, 2 for bad options;
+    with ``--suite``, 1 when a floor does not hold)."""
+    from attnzoo.bench import compare, sweep
 
     try:
         if args.compare:
@@ -137,16 +180,16 @@ def main(args: argparse.Namespace) -> int:
 
         for name in args.imports:
             importlib.import_module(name)
+        if args.suite:
+            return _run_suite(args)
+        if args.cases:
+            raise fail("--cases", "--suite NAME with it", "--cases without --suite")
         cfg = _config(args)
-        argv = sys.argv[1:]
-        if argv[:1] == ["bench"]:  # called as `attnzoo bench ...` rather than `python -m attnzoo.bench ...`
-            argv = argv[1:]
-        command = "attnzoo bench " + " ".join(shlex.quote(a) for a in argv)
         out = Path(args.out)
-        results = suite.run(cfg, out, command=command, progress=not args.no_progress)
+        results = sweep.run(cfg, out, command=_command(), progress=not args.no_progress)
     except AttnzooError as e:
         print(f"attnzoo bench: {e}", file=sys.stderr)
         return 2
-    suite.summary_table(results)
+    sweep.summary_table(results)
     print(f"report: {out / 'report.html'}  summary: {out / 'summary.md'}  results: {out / 'results.json'}")
     return 0 if results["status"] == "complete" else 130

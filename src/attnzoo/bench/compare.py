@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from attnzoo.bench.report import _md_table, load_results
+from attnzoo.bench.results import load_results
+from attnzoo.bench.tables import md_table
 
 
 def _key(r: dict[str, Any]) -> tuple:
@@ -66,12 +67,12 @@ def render(changes: dict[str, list[dict[str, Any]]], a_name: str, b_name: str) -
         scale = 1e3 if unit == "ms" else 1 / 2**20
         body = [[_case(c["case"]), f"{c['a'] * scale:.3g}", f"{c['b'] * scale:.3g}", f"{c['ratio']:.2f}×"]
                 for c in changes[name]]
-        lines += [f"## {title} ({len(body)})", "", _md_table(["case", f"A {unit}", f"B {unit}", "B / A"], body)]
+        lines += [f"## {title} ({len(body)})", "", md_table(["case", f"A {unit}", f"B {unit}", "B / A"], body)]
     body = [[_case(c["case"]), c["a"], c["b"], c["reason"]] for c in changes["status"]]
-    lines += [f"## Status changed ({len(body)})", "", _md_table(["case", "A", "B", "reason in B"], body)]
+    lines += [f"## Status changed ({len(body)})", "", md_table(["case", "A", "B", "reason in B"], body)]
     body = [[" ".join(map(str, c["case"])), f"{c['a']:.3f}", f"{c['b']:.3f}", f"{c['ratio']:+.3f}"]
             for c in changes["quality"]]
-    lines += [f"## Quality changed ({len(body)})", "", _md_table(["method task width", "A", "B", "B − A"], body)]
+    lines += [f"## Quality changed ({len(body)})", "", md_table(["method task width", "A", "B", "B − A"], body)]
     lines += [f"Cases only in A: {len(changes['only_a'])}; only in B: {len(changes['only_b'])}.", ""]
     return "\n".join(lines)
 

@@ -208,7 +208,10 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     return guarded(case, _measure)
 
 
-def _measure(case: dict[str, Any]) -> dict[str, Any]:
+def workload(case: dict[str, Any]) -> tuple[Callable[[], None], Method, Call, dict[str, Any]]:
+    """The call an efficiency case times, as ``(step, method, call, params)``: inputs from the case's seed, parameters
+    resolved (:func:`resolve`); ``step`` runs the forward (and the backward with a fixed output gradient, then drops
+    the gradients) exactly as a user would. The fresh-process probe (:mod:`attnzoo.bench.fresh`) runs the same step."""
     device = torch.device(case["device"])
     m = get(case["method"])
     causal = case["pattern"].endswith("/causal")
@@ -227,6 +230,13 @@ def _measure(case: dict[str, Any]) -> dict[str, Any]:
                 for t in leaves:
                     t.grad = None
 
+    return step, m, call, params
+
+
+def _measure(case: dict[str, Any]) -> dict[str, Any]:
+    device = torch.device(case["device"])
+    backward = case["mode"] == "fwd+bwd"
+    step, m, call, params = workload(case)
     peak = measure.PeakMemory(device)
     flops, flops_source = _warm_flops(m, case["backend"], step, call, params, backward)
     for _ in range(max(0, int(case.get("warmup", 1)) - 1)):
@@ -262,16 +272,17 @@ def fill_flops(rows: list[dict[str, Any]]) -> None:
     known: dict[tuple, dict[str, Any]] = {}
     for r in rows:
         if r.get("flops"):
-            known.setdefault(_shape_key(r) + (r["method"],), r)
+            known.setdefault(shape_key(r) + (r["method"],), r)
     for r in rows:
-        other = known.get(_shape_key(r) + (r["method"],))
+        other = known.get(shape_key(r) + (r["method"],))
         if r.get("status") == "ok" and not r.get("flops") and other is not None:
             r["flops"] = other["flops"]
             r["flops_source"] = f"as counted for the {other['backend']} backend"
             r["gflops_per_s"] = r["flops"] / r["time_median_s"] / 1e9 if r["time_median_s"] else None
 
 
-def _shape_key(r: dict[str, Any]) -> tuple:
+def shape_key(r: dict[str, Any]) -> tuple:
+    """What makes two rows the same shape: pattern, mode, length, device, dtype, batch, heads, head sizes."""
     return (r["pattern"], r["mode"], r["length"], r["device"], r["dtype"], r["batch"], r["heads"], r["kv_heads"],
             r["head_dim"])
 
@@ -279,10 +290,20 @@ def _shape_key(r: dict[str, Any]) -> tuple:
 def attach_ratios(rows: list[dict[str, Any]]) -> None:
     """Add ``time_ratio`` and ``memory_ratio`` (method / SDPA on the same shape, mode, device, dtype) to each row."""
 
-    base = {_shape_key(r): r for r in rows if (r["method"], r["backend"]) == BASELINE and r.get("status") == "ok"}
+    base = {shape_key(r): r for r in rows if (r["method"], r["backend"]) == BASELINE and r.get("status") == "ok"}
     for r in rows:
-        b = base.get(_shape_key(r))
+        b = base.get(shape_key(r))
         ok = r.get("status") == "ok" and b is not None
         r["time_ratio"] = r["time_median_s"] / b["time_median_s"] if ok and b["time_median_s"] else None
         mem, bmem = r.get("peak_bytes"), (b or {}).get("peak_bytes")
         r["memory_ratio"] = mem / bmem if ok and mem is not None and bmem else None
+
+
+def attach_fresh(rows: list[dict[str, Any]], fresh_rows: list[dict[str, Any]]) -> None:
+    """Give each efficiency row the fresh-process peak (``fresh_peak_bytes``) measured for the same method, backend
+    and shape, where there is one (see :mod:`attnzoo.bench.fresh`)."""
+    fresh = {shape_key(r) + (r["method"], r["backend"]): r for r in fresh_rows if r.get("status") == "ok"}
+    for r in rows:
+        match = fresh.get(shape_key(r) + (r["method"], r["backend"]))
+        if match is not None:
+            r["fresh_peak_bytes"] = match.get("fresh_peak_bytes")

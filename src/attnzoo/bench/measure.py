@@ -113,11 +113,28 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall seconds of one call of ``fn`` (synchronised before and after on a GPU): the one timer of the benchmark."""
     sync(device)
     start = time.perf_counter()
     fn()
     sync(device)
     return time.perf_counter() - start
+
+
+def interleaved(
+    fns: dict[str, Callable[[], Any]], rounds: int, device: torch.device, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Times of each function over ``rounds`` rounds, one call of each per round (a, b, a, b, ...), after ``warmup``
+    untimed calls each: on a machine shared with other jobs, interleaving makes load hit the compared calls alike, and
+    the best of the rounds is the least-disturbed estimate (what the suites report)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return times
 
 
 def spread(times: list[float]) -> dict[str, float]:

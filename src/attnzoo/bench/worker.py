@@ -25,8 +25,8 @@ READY = "ready"
 
 
 def run_any(case: dict[str, Any]) -> dict[str, Any]:
-    """Dispatch a case by its ``kind`` (efficiency, approx, quality), on ``threads`` torch threads if it says so (the
-    previous setting is restored afterwards)."""
+    """Dispatch a case by its ``kind`` (efficiency, approx, quality, fresh), on ``threads`` torch threads if it says
+    so (the previous setting is restored afterwards)."""
     import torch
 
     kind = case.get("kind")
@@ -36,6 +36,8 @@ def run_any(case: dict[str, Any]) -> dict[str, Any]:
         from attnzoo.bench.approx import run_case
     elif kind == "quality":
         from attnzoo.bench.quality import run_case
+    elif kind == "fresh":
+        from attnzoo.bench.fresh import run_case
     else:
         return {**case, "status": "error", "reason": f"unknown case kind {kind!r}"}
     threads = torch.get_num_threads()

@@ -1,4 +1,5 @@
-"""The benchmark run: plan every case from the registry, run them with live progress, keep every row as it comes.
+"""The sweep (``attnzoo bench`` without ``--suite``): plan every case from the registry, run them with live progress,
+keep every row as it comes.
 
 Rows are appended to ``<out>/cases.jsonl`` the moment they are measured, and ``results.json`` plus the report are
 written at the end, or when the run is interrupted (Ctrl-C keeps what was measured: ``status: "interrupted"``).
@@ -7,8 +8,10 @@ written at the end, or when the run is interrupted (Ctrl-C keeps what was measur
 forward+backward, batch 1, 4 heads of 64, one warm-up and up to 3 repeats within 0.25 s per case, torch on one
 thread (on a shared or busy 2-core machine two threads make small calls up to 10× slower and far noisier); FlexAttention
 backends are skipped (each compile costs seconds on CPU: run without ``--quick``, or name ``--backends flex``);
-induction-copy quality at tiny scale (80 steps, width 32, one thread). Each phase has a time budget (efficiency 85 s,
-approximation 10 s, quality 50 s); cases left when it is spent are recorded as skipped. Cases run in
+induction-copy quality at tiny scale (80 steps, width 32, one thread); fresh-process peak memory at N=1024 for every
+method whose spec promises sub-quadratic memory (SDPA first). Each phase has a time budget (efficiency 95 s,
+approximation 15 s, fresh memory 45 s, quality 115 s beside the others); cases left when it is spent are recorded as
+skipped. Cases run in
 :func:`attnzoo.bench.efficiency.rounds` order (fwd 256, fwd+bwd 512, fwd 1024, fwd 512), so every method gets a
 fitted curve and a training-mode point before any of the extra points.
 """
@@ -31,8 +34,10 @@ from typing import Any
 
 import torch
 
-from attnzoo.bench import approx, efficiency, quality, report
+from attnzoo.bench import approx, efficiency, fresh, quality, report
 from attnzoo.bench.measure import PeakMemory
+from attnzoo.bench.results import SCHEMA
+from attnzoo.bench.tables import md_table
 from attnzoo.bench.worker import Runner
 from attnzoo.errors import fail
 from attnzoo.registry import PATTERNS, Method, all_methods, get
@@ -67,7 +72,8 @@ class Config:
     quick: bool = False
     isolate: bool = True
     imports: list[str] = field(default_factory=list)
-    phases: list[str] = field(default_factory=lambda: ["efficiency", "approximation", "quality"])
+    phases: list[str] = field(default_factory=lambda: ["efficiency", "approximation", "quality", "fresh"])
+    fresh_length: int | None = None  # None: the longest forward length
     overlap_quality: bool = False
 
 
@@ -77,7 +83,8 @@ def quick_config(**overrides: Any) -> Config:
         budget_s=0.25, case_timeout_s=30.0, skip_flex=True, approx_length=128,
         tasks=[{"name": "induction", "seq": 16, "vocab": 16}],
         model={"dim": 32, "heads": 2, "layers": 2, "steps": 80, "batch": 32, "lr": 1e-2, "threads": 1},
-        budgets_s={"efficiency": 95.0, "approximation": 15.0, "quality": 115.0}, threads=1, quick=True,
+        budgets_s={"efficiency": 95.0, "approximation": 15.0, "fresh_memory": 45.0, "quality": 115.0}, threads=1,
+        quick=True,
         overlap_quality=True,
     )
     for k, v in overrides.items():
@@ -170,7 +177,7 @@ def plan_all(cfg: Config) -> dict[str, list[dict[str, Any]]]:
             "device": cfg.device, "dtype": cfg.dtype}
     skip = {"flex": "--quick skips FlexAttention (seconds of compilation per case on CPU); run without --quick or "
                     "pass --backends flex"} if cfg.skip_flex and not (cfg.backends and "flex" in cfg.backends) else {}
-    plans: dict[str, list[dict[str, Any]]] = {"efficiency": [], "approximation": [], "quality": []}
+    plans: dict[str, list[dict[str, Any]]] = {"efficiency": [], "approximation": [], "fresh_memory": [], "quality": []}
     if "efficiency" in cfg.phases:
         lengths = {"fwd": cfg.lengths, "fwd+bwd": cfg.bwd_lengths}
         run = {"warmup": cfg.warmup, "repeats": cfg.repeats, "budget_s": cfg.budget_s, "seed": cfg.seed,
@@ -182,6 +189,10 @@ def plan_all(cfg: Config) -> dict[str, list[dict[str, Any]]]:
                                              "self/noncausal", list(skip))
         for case in plans["approximation"]:
             case["threads"] = cfg.threads
+    if "fresh" in cfg.phases and (cfg.fresh_length or cfg.lengths):
+        length = cfg.fresh_length or max(cfg.lengths)
+        run = {"seed": cfg.seed, "threads": cfg.threads, "timeout_s": cfg.case_timeout_s, "imports": cfg.imports}
+        plans["fresh_memory"] = fresh.plan(methods, cfg.patterns, length, dims, list(skip), run)
     if "quality" in cfg.phases and cfg.tasks:
         model = {k: v for k, v in cfg.model.items() if k != "widths"}
         for width in cfg.model.get("widths", [model.get("dim", 64)]):
@@ -220,11 +231,11 @@ def run(cfg: Config, out: Path, command: str = "", progress: bool = True) -> dic
     plans = plan_all(cfg)
     started = time.perf_counter()
     results: dict[str, Any] = {
-        "schema": report.SCHEMA, "status": "running", "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "schema": SCHEMA, "status": "running", "created": dt.datetime.now(dt.timezone.utc).isoformat(),
         "finished": None, "wall_s": None, "command": command, "machine": machine_info(cfg.device, cfg.threads),
         "config": asdict(cfg), "memory_method": PeakMemory.source(torch.device(cfg.device))
         + ("" if cfg.isolate else " (cases run in the calling process)"),
-        "efficiency": [], "efficiency_length": [], "approximation": [], "quality": [],
+        "efficiency": [], "efficiency_length": [], "approximation": [], "quality": [], "fresh_memory": [], "suites": [],
     }
     record = _Recorder(results, out / "cases.jsonl")
     stop = threading.Event()
@@ -241,7 +252,7 @@ def run(cfg: Config, out: Path, command: str = "", progress: bool = True) -> dic
                 side = threading.Thread(target=_run_phase, daemon=True, args=(
                     "quality", plans["quality"], runners[1], record, bar, cfg.budgets_s.get("quality"), stop))
                 side.start()
-            for section in ("efficiency", "approximation") + (() if beside else ("quality",)):
+            for section in ("efficiency", "approximation", "fresh_memory") + (() if beside else ("quality",)):
                 if plans[section]:
                     _run_phase(section, plans[section], runners[0], record, bar, cfg.budgets_s.get(section), stop)
             if side is not None:
@@ -313,7 +324,7 @@ def summary_table(results: dict[str, Any]) -> None:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        print(report._md_table(header, body))
+        print(md_table(header, body))
         return
     table = Table(title=f"attnzoo bench ({results['status']}, {results['wall_s']:.0f} s)")
     for h in header:

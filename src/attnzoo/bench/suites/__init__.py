@@ -1,0 +1,187 @@
+"""Named suites of ``attnzoo bench``: the cases behind the figures and floors of docs/benchmarks.md, as data.
+
+A suite is a named tuple of :class:`Case` objects; ``attnzoo bench --suite NAME`` runs them
+(:mod:`attnzoo.bench.suites.runner`) and prints, per case, the figure, its floor and whether the floor holds. The
+suite ``floors`` is every case of every suite that has a floor; ``--suite list`` lists them all and ``--cases`` picks
+cases by name (``fnmatch`` patterns), so one case can be rerun.
+
+A case says what runs (a :class:`Target`: an attnzoo method with its backend and parameters, SDPA called directly, or
+a peer package's function), against what (``against``, SDPA by default), on which shape, in which mode (forward, or
+forward+backward), how it is measured (``measure``) and its floors. Measures:
+
+- ``compare``: best-of-``rounds`` interleaved wall time of the target and of ``against`` on the same inputs, in one
+  process (:func:`attnzoo.bench.measure.interleaved`): metrics ``speedup`` (their time / the target's) and
+  ``time_ratio`` (the inverse);
+- ``scaling``: the target at lengths ``n`` and ``n2``, interleaved: ``scaling`` = t(n2) / t(n);
+- ``memory``: peak memory above the inputs of one call in a fresh process (:mod:`attnzoo.bench.fresh`), for the
+  target and (in the details) for ``against``: ``peak_gib``;
+- ``fresh``: the target and ``against`` each in fresh processes, ``rounds`` times alternately, ``calls`` calls each:
+  ``time_ratio``/``speedup`` from the best call times and ``peak_gib`` from the target's highest peak;
+- ``decode``: one recurrent ``step`` after a prefill of ``n`` and of ``n2`` tokens, 50 steps per round, interleaved:
+  ``step_ratio`` = t(after n2) / t(after n) (a fixed-size state makes it 1).
+
+Every case's inputs are ``randn`` from seed 0, ``(batch, heads, n, head_dim)``, fp32; tensor parameters (document
+ids, learnable weights, a prebuilt mask) come from a named builder ``tensors(n, heads, generator)`` so that a fresh
+process rebuilds them from the case's name alone.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from attnzoo.errors import fail
+
+MEASURES = ("compare", "scaling", "memory", "fresh", "decode")
+METRICS = ("speedup", "time_ratio", "scaling", "peak_gib", "step_ratio")
+OPS = {"<=": "≤", ">=": "≥", "<": "<", ">": ">"}
+
+
+@dataclass(frozen=True)
+class Floor:
+    """A bound a figure must meet: ``op`` is one of ``<=``, ``>=``, ``<``, ``>``."""
+
+    op: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"floor op must be one of {list(OPS)}, got {self.op!r}")
+
+    def holds(self, x: float) -> bool:
+        return {"<=": x <= self.value, ">=": x >= self.value, "<": x < self.value, ">": x > self.value}[self.op]
+
+    def text(self, metric: str) -> str:
+        unit = " GiB" if metric == "peak_gib" else ("" if metric in ("scaling", "step_ratio") else "×")
+        return f"{OPS[self.op]} {self.value:g}{unit}"
+
+
+TensorBuilder = Callable[[int, int, torch.Generator], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a case calls. ``method=None`` and ``peer=None``: ``scaled_dot_product_attention`` itself (``tensors`` may
+    give it an ``attn_mask``). ``peer``: a function of :mod:`attnzoo.bench.suites.peers` (another package's
+    implementation). ``causal`` overrides the case's (e.g. plain causal SDPA against a method with its own mask)."""
+
+    label: str
+    method: str | None = None
+    backend: str = "auto"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    tensors: TensorBuilder | None = None
+    causal: bool | None = None
+    peer: str | None = None
+
+
+SDPA = Target("SDPA")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One figure of docs/benchmarks.md (see the module docstring for ``measure``). ``metric`` is the figure shown;
+    ``floors`` maps a metric to the bound it must meet. ``requires`` names an optional package the case needs (it is
+    skipped without it); ``threads`` sets torch's intra-op threads for it; ``prime`` makes one untimed call before a
+    fresh-process measurement (a method's cached plan is then not counted as working memory)."""
+
+    name: str
+    what: str
+    measure: str
+    target: Target
+    against: Target | None = SDPA
+    n: int = 16384
+    n2: int | None = None
+    batch: int = 1
+    heads: int = 8
+    head_dim: int = 64
+    causal: bool = False
+    backward: bool = False
+    metric: str = "speedup"
+    floors: Mapping[str, Floor] = field(default_factory=dict)
+    rounds: int = 3
+    calls: int = 1
+    threads: int | None = None
+    requires: str | None = None
+    prime: bool = False
+
+    def __post_init__(self) -> None:
+        if self.measure not in MEASURES:
+            raise ValueError(f"case {self.name}: measure must be one of {MEASURES}, got {self.measure!r}")
+        bad = [m for m in (self.metric, *self.floors) if m not in METRICS]
+        if bad:
+            raise ValueError(f"case {self.name}: metrics must be among {METRICS}, got {bad}")
+        if self.measure in ("scaling", "decode") and self.n2 is None:
+            raise ValueError(f"case {self.name}: a {self.measure} case needs n2")
+
+    @property
+    def mode(self) -> str:
+        return "fwd+bwd" if self.backward else "fwd"
+
+    def shown(self) -> list[str]:
+        """The metrics its line shows: the main one, then any other with a floor."""
+        return [self.metric] + [m for m in self.floors if m != self.metric]
+
+
+def at_most(x: float) -> Floor:
+    return Floor("<=", x)
+
+
+def at_least(x: float) -> Floor:
+    return Floor(">=", x)
+
+
+def below(x: float) -> Floor:
+    return Floor("<", x)
+
+
+def suites() -> dict[str, tuple[Case, ...]]:
+    """Every named suite, ``floors`` (the cases with a floor, from all the others) last."""
+    from attnzoo.bench.suites import core, linear, local, radial, softmax
+
+    named = {"core": core.CASES, "softmax": softmax.CASES, "local": local.CASES, "radial": radial.CASES,
+             "linear": linear.CASES}
+    named["floors"] = tuple(c for cases in list(named.values()) for c in cases if c.floors)
+    return named
+
+
+def origin(name: str) -> str:
+    """The suite a case belongs to (other than ``floors``)."""
+    for suite, cases in suites().items():
+        if suite != "floors" and any(c.name == name for c in cases):
+            return suite
+    raise fail("--cases", "a case name of some suite (see --suite list)", repr(name))
+
+
+def find(name: str) -> Case:
+    """The case called ``name`` in any suite."""
+    return next(c for c in suites()[origin(name)] if c.name == name)
+
+
+def select(suite: str, patterns: list[str] | None = None) -> list[Case]:
+    """The cases of ``suite``, or those whose names match one of ``patterns`` (``fnmatch``), in suite order."""
+    named = suites()
+    if suite not in named:
+        raise fail("--suite", f"one of {sorted(named)} or 'list'", repr(suite))
+    cases = list(named[suite])
+    if not patterns:
+        return cases
+    chosen = [c for c in cases if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(c.name, p) for c in cases)]
+    if unmatched:
+        raise fail("--cases", f"names of cases in suite {suite!r} (see --suite list)", unmatched)
+    return chosen
+
+
+def listing() -> str:
+    """``--suite list``: every suite, its cases and their floors."""
+    lines = []
+    for suite, cases in suites().items():
+        lines.append(f"{suite} ({len(cases)} cases)")
+        for c in cases:
+            floors = "; ".join(f"{m} {f.text(m)}" for m, f in c.floors.items())
+            lines.append(f"  {c.name:24s} {c.what}" + (f"  [floor: {floors}]" if floors else ""))
+    return "\n".join(lines)

@@ -1,0 +1,246 @@
+"""Run named suite cases: measure each (:data:`MEASURERS`), check its floors, record a row, print the table.
+
+Timing cases run in this process, one at a time, with :func:`attnzoo.bench.measure.interleaved` (the one timer);
+memory cases run each side in a fresh interpreter (:func:`attnzoo.bench.fresh.probe`, the one memory probe). A case
+that fails is recorded (``error`` with the exception, ``skipped`` when its optional package is missing) and the run
+goes on. Rows go to ``results.json`` under ``suites`` (schema ``attnzoo.bench/1.1``) and to ``summary.md`` and
+``report.html`` as the suite table (:func:`attnzoo.bench.tables.suite_table`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attnzoo.api import attention
+from attnzoo.bench import fresh, measure
+from attnzoo.bench.efficiency import classify
+from attnzoo.bench.suites import SDPA, Case, Target, find, origin
+from attnzoo.registry import get
+
+DECODE_STEPS = 50
+Step = Callable[[], None]
+
+
+def inputs(case: Case, n: int, device: str, requires_grad: bool) -> tuple[torch.Tensor, ...]:
+    """q, k, v of shape ``(batch, heads, n, head_dim)`` from seed 0 (the same for every side of a case)."""
+    g = torch.Generator().manual_seed(0)
+    shape = (case.batch, case.heads, n, case.head_dim)
+    return tuple(torch.randn(*shape, generator=g).to(device).requires_grad_(requires_grad) for _ in range(3))
+
+
+def bind(case: Case, target: Target, n: int, device: str) -> Step:
+    """A step that calls ``target`` on the case's inputs at length ``n`` (forward, or forward+backward with the
+    gradients dropped after each step, as a training loop's ``zero_grad(set_to_none=True)`` does)."""
+    q, k, v = inputs(case, n, device, case.backward)
+    g = torch.Generator().manual_seed(1)
+    extra = {name: t.to(device) for name, t in (target.tensors(n, case.heads, g) if target.tensors else {}).items()}
+    causal = case.causal if target.causal is None else target.causal
+    if target.peer is not None:
+        from attnzoo.bench.suites import peers
+
+        fn = getattr(peers, target.peer)
+
+        def call() -> torch.Tensor:
+            return fn(q, k, v, causal=causal, **target.params, **extra)
+    elif target.method is None:
+        def call() -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **extra)
+    else:
+        def call() -> torch.Tensor:
+            return attention(q, k, v, method=target.method, causal=causal, backend=target.backend,
+                             **target.params, **extra)
+
+    def step() -> None:
+        with torch.set_grad_enabled(case.backward):
+            out = call()
+            if case.backward:
+                out.sum().backward()
+                for t in (q, k, v):
+                    t.grad = None
+
+    return step
+
+
+def workload(name: str, role: str, n: int, device: str = "cpu") -> tuple[Step, str]:
+    """The step of one side (``target`` or ``against``) of the case called ``name``, for a fresh process."""
+    case = find(name)
+    target = case.target if role == "target" else (case.against or SDPA)
+    return bind(case, target, n, device), device
+
+
+def _best(times: dict[Any, list[float]]) -> dict[Any, float]:
+    return {k: min(v) for k, v in times.items()}
+
+
+def _compare(case: Case, device: str) -> tuple[dict[str, float], str]:
+    against = case.against or SDPA
+    fns = {"target": bind(case, case.target, case.n, device), "against": bind(case, against, case.n, device)}
+    t = _best(measure.interleaved(fns, case.rounds, torch.device(device)))
+    details = f"{case.target.label} {t['target']:.3g} s, {against.label} {t['against']:.3g} s"
+    return {"speedup": t["against"] / t["target"], "time_ratio": t["target"] / t["against"],
+            "target_s": t["target"], "against_s": t["against"]}, details
+
+
+def _scaling(case: Case, device: str) -> tuple[dict[str, float], str]:
+    assert case.n2 is not None
+    fns = {case.n: bind(case, case.target, case.n, device), case.n2: bind(case, case.target, case.n2, device)}
+    t = _best(measure.interleaved(fns, case.rounds, torch.device(device)))
+    details = f"N={case.n} {t[case.n]:.3g} s, N={case.n2} {t[case.n2]:.3g} s"
+    return {"scaling": t[case.n2] / t[case.n], "target_s": t[case.n], "target2_s": t[case.n2]}, details
+
+
+def _fresh_job(case: Case, role: str, device: str, threads: int | None) -> dict[str, Any]:
+    return {"kind": "suite", "case": case.name, "role": role, "length": case.n, "device": device,
+            "threads": threads or case.threads, "calls": case.calls, "prime": case.prime}
+
+
+def _probe(case: Case, role: str, device: str, threads: int | None) -> dict[str, Any]:
+    got = fresh.probe(_fresh_job(case, role, device, threads))
+    if got.get("status") != "ok":
+        raise RuntimeError(f"fresh process ({role}): {got.get('status')}: {got.get('reason')}")
+    return got
+
+
+def _memory(case: Case, device: str, threads: int | None) -> tuple[dict[str, float], str]:
+    mine = _probe(case, "target", device, threads)
+    metrics = {"peak_gib": mine["fresh_peak_bytes"] / 2**30}
+    details = f"{case.target.label} {metrics['peak_gib']:.3f} GiB above the inputs"
+    if case.against is not None:
+        theirs = _probe(case, "against", device, threads)
+        metrics["against_peak_gib"] = theirs["fresh_peak_bytes"] / 2**30
+        details += f"; {case.against.label} {metrics['against_peak_gib']:.3f} GiB"
+    return metrics, details
+
+
+def _fresh(case: Case, device: str, threads: int | None) -> tuple[dict[str, float], str]:
+    against = case.against or SDPA
+    runs: dict[str, list[dict[str, Any]]] = {"target": [], "against": []}
+    for _ in range(case.rounds):
+        for role in runs:
+            runs[role].append(_probe(case, role, device, threads))
+    t = {role: min(min(r["times_s"]) for r in rs) for role, rs in runs.items()}
+    peak = {role: max(r["fresh_peak_bytes"] for r in rs) / 2**30 for role, rs in runs.items()}
+    details = (f"{case.target.label} {t['target']:.3g} s, peak {peak['target']:.3f} GiB; {against.label} "
+               f"{t['against']:.3g} s, peak {peak['against']:.3f} GiB (fresh processes, best of {case.rounds})")
+    return {"time_ratio": t["target"] / t["against"], "speedup": t["against"] / t["target"],
+            "peak_gib": peak["target"], "against_peak_gib": peak["against"], "target_s": t["target"],
+            "against_s": t["against"]}, details
+
+
+def _decode(case: Case, device: str) -> tuple[dict[str, float], str]:
+    """Step time after prefills of ``n`` and ``n2`` tokens through the method's own ``prefill``/``step``."""
+    assert case.n2 is not None and case.target.method is not None
+    module = sys.modules[get(case.target.method).reference.__module__]
+    params = dict(case.target.params)
+    one = [t[:, :, :1].contiguous() for t in inputs(case, 1, device, False)]
+    fns: dict[int, Step] = {}
+    with torch.no_grad():
+        for n in (case.n, case.n2):
+            q, k, v = inputs(case, n, device, False)
+            state = module.prefill(q, k, v, **params)[1]
+
+            def steps(state: Any = state) -> None:
+                s = state
+                for _ in range(DECODE_STEPS):
+                    s = module.step(s, *one, **params)[1]
+
+            fns[n] = steps
+        t = {n: x / DECODE_STEPS for n, x in _best(measure.interleaved(fns, case.rounds, torch.device(device))).items()}
+    details = f"after {case.n} tokens {t[case.n] * 1e6:.0f} µs, after {case.n2} {t[case.n2] * 1e6:.0f} µs per step"
+    return {"step_ratio": t[case.n2] / t[case.n], "step_s": t[case.n], "step2_s": t[case.n2]}, details
+
+
+def measure_case(case: Case, device: str = "cpu", threads: int | None = None) -> tuple[dict[str, float], str]:
+    """``(metrics, details)`` of one case (see :mod:`attnzoo.bench.suites` for each measure's metrics)."""
+    if case.measure == "memory":
+        return _memory(case, device, threads)
+    if case.measure == "fresh":
+        return _fresh(case, device, threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or case.threads or before)
+    try:
+        if case.measure == "compare":
+            return _compare(case, device)
+        if case.measure == "scaling":
+            return _scaling(case, device)
+        return _decode(case, device)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _metric_text(case: Case, metric: str, x: float) -> str:
+    against = (case.against or SDPA).label
+    return {"speedup": f"{x:.2f}× ({against} time / this)", "time_ratio": f"{x:.2f}× {against}'s time",
+            "scaling": f"t({case.n2})/t({case.n}) = {x:.2f}", "peak_gib": f"{x:.3f} GiB",
+            "step_ratio": f"{x:.2f} (step after {case.n2} / after {case.n})"}[metric]
+
+
+def run_case(case: Case, device: str = "cpu", threads: int | None = None, suite: str | None = None) -> dict[str, Any]:
+    """The row of one case: what ran, the metrics, the figure and floor texts, ``passed`` (None without a floor).
+    ``suite`` names the case's suite (default: the one it is found in)."""
+    row: dict[str, Any] = {
+        "suite": suite or origin(case.name), "case": case.name, "what": case.what, "measure": case.measure,
+        "method": case.target.method or case.target.peer or "sdpa", "backend": case.target.backend,
+        "against": (case.against or SDPA).label if case.measure != "scaling" else None, "mode": case.mode,
+        "causal": case.causal, "batch": case.batch, "heads": case.heads, "length": case.n, "length2": case.n2,
+        "head_dim": case.head_dim, "device": device, "dtype": "float32", "rounds": case.rounds,
+        "threads": threads or case.threads or torch.get_num_threads(),
+        "floors": {m: f.text(m) for m, f in case.floors.items()},
+        "floor_text": "; ".join(f.text(m) for m, f in case.floors.items()) or "—",
+    }
+    if case.requires is not None and importlib.util.find_spec(case.requires) is None:
+        return {**row, "status": "skipped", "reason": f"the optional package {case.requires!r} is not installed"}
+    started = time.perf_counter()
+    try:
+        metrics, details = measure_case(case, device, threads)
+    except Exception as e:  # a failing case is recorded; the suite goes on
+        status, reason = classify(e)
+        return {**row, "status": status, "reason": reason}
+    passed = [f.holds(metrics[m]) for m, f in case.floors.items()]
+    return {**row, "status": "ok", "reason": "", "metrics": metrics, "details": details,
+            "measured_text": "; ".join(_metric_text(case, m, metrics[m]) for m in case.shown()),
+            "passed": all(passed) if passed else None, "wall_s": time.perf_counter() - started}
+
+
+def run(cases: list[Case], out: Path, command: str = "", device: str = "cpu", threads: int | None = None,
+        echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``cases`` in order, echoing each line as it is measured; write results.json and the report to ``out``."""
+    from attnzoo.bench.report import write_report
+    from attnzoo.bench.results import SCHEMA
+    from attnzoo.bench.sweep import machine_info
+
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "schema": SCHEMA, "status": "running", "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "finished": None, "wall_s": None, "command": command, "machine": machine_info(device, threads),
+        "config": {"cases": [c.name for c in cases], "device": device, "threads": threads},
+        "memory_method": fresh.__doc__.split("\n\n")[0] if fresh.__doc__ else "",
+        "efficiency": [], "efficiency_length": [], "approximation": [], "quality": [], "fresh_memory": [],
+        "suites": [],
+    }
+    try:
+        for case in cases:
+            echo(f"{case.name}: {case.what} ...")
+            row = run_case(case, device, threads)
+            results["suites"].append(row)
+            result = {True: "pass", False: "FAIL", None: "no floor"}[row.get("passed")] if row["status"] == "ok" \
+                else f"{row['status']}: {row['reason']}"
+            echo(f"  {row.get('measured_text', '—')}  [floor {row['floor_text']}] {result}  {row.get('details', '')}")
+        results["status"] = "complete"
+    except KeyboardInterrupt:
+        results["status"] = "interrupted"
+    finally:
+        results["wall_s"] = time.perf_counter() - started
+        results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat()
+        write_report(results, out)
+    return results

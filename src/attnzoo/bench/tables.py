@@ -1,0 +1,197 @@
+"""The report's tables: header and rows of each (efficiency, suite cases, difference from softmax, quality, failures),
+and their Markdown rendering (``summary.md``; :func:`md_table` is also what ``--compare`` prints with)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from attnzoo.bench.efficiency import BASELINE
+
+PATTERN_ORDER = ("self/noncausal", "self/causal", "cross/noncausal", "cross/causal")
+
+
+def _eff_cell(entries: dict[tuple, dict[str, Any]], key: tuple, metric: str) -> str:
+    e = entries.get((*key, metric))
+    if e is None:
+        return "—"
+    n = e.get("length")
+    short = (f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}") if n is not None else ""
+    if e["kind"] == "crossing":
+        return ("~" if e.get("extrapolated") else "") + short
+    if e["kind"] == "until":
+        return f"until {short}"
+    return str(e["kind"]) if e["kind"] != "unknown" else "—"
+
+
+def fmt(x: Any, spec: str = ".3g", scale: float = 1.0) -> str:
+    """``x × scale`` formatted with ``spec``; an em dash for a missing or non-finite value."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return format(x * scale, spec)
+
+
+def longest_rows(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """Per method, backend and pattern, its measured row at the longest length (a run cut short by its time budget
+    may have measured some methods at fewer lengths than others)."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        if r["mode"] != mode or r.get("status") != "ok":
+            continue
+        key = (r["method"], r["backend"], r["pattern"])
+        if key not in best or r["length"] > best[key]["length"]:
+            best[key] = r
+    return sorted(best.values(), key=lambda r: (PATTERN_ORDER.index(r["pattern"]), (r["method"], r["backend"]) !=
+                                               BASELINE, r.get("time_ratio") or 1e9, r["method"]))
+
+
+def efficiency_table(results: dict[str, Any], mode: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the efficiency table for ``mode``, each series at its longest measured length."""
+    rows = longest_rows(results["efficiency"], mode)
+    entries = {(e["method"], e["backend"], e["pattern"], e["mode"], e["metric"]): e
+               for e in results.get("efficiency_length", [])}
+    header = ["method", "backend", "pattern", "N", "ms", "± IQR", "× SDPA", "peak MiB", "mem × SDPA", "GFLOP/s",
+              "fresh MiB",
+              "time ∝ N^", "eff. length (time)", "eff. length (mem)"]
+    base_exp = {e["pattern"]: e.get("baseline_exponent") for e in results.get("efficiency_length", [])
+                if e["metric"] == "time" and e["mode"] == mode}
+    body = []
+    for r in rows:
+        key = (r["method"], r["backend"], r["pattern"], mode)
+        is_base = (r["method"], r["backend"]) == BASELINE
+        exp = base_exp.get(r["pattern"]) if is_base else (entries.get((*key, "time")) or {}).get("exponent")
+        body.append([
+            r["method"], r["backend"], r["pattern"], str(r["length"]), fmt(r["time_median_s"], ".3g", 1e3),
+            fmt(r.get("time_iqr_s"), ".2g", 1e3), fmt(r.get("time_ratio"), ".2f"),
+            fmt(r.get("peak_bytes"), ".3g", 1 / 2**20), fmt(r.get("memory_ratio"), ".2f"),
+            fmt(r.get("gflops_per_s"), ".3g"), fmt(r.get("fresh_peak_bytes"), ".3g", 1 / 2**20), fmt(exp, ".2f"),
+            "baseline" if is_base else _eff_cell(entries, key, "time"),
+            "baseline" if is_base else _eff_cell(entries, key, "memory"),
+        ])
+    return header, body
+
+
+def failures_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Every case that did not produce a measurement, grouped by what failed and why (lengths joined)."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for section in ("efficiency", "approximation", "quality"):
+        for r in results.get(section, []):
+            if r.get("status") == "ok":
+                continue
+            where = r.get("pattern") or (r.get("task") or {}).get("name", "")
+            what = f"{r.get('backend', '')} {r.get('mode', '')}".strip() if section == "efficiency" else section
+            groups[(r["method"], what, where, r["status"], r.get("reason", ""))].append(
+                str(r.get("length", "")) if section == "efficiency" else "")
+    header = ["method", "case", "pattern/task", "status", "lengths", "reason"]
+    body = [[m, w, p, s, ",".join(x for x in ls if x), reason] for (m, w, p, s, reason), ls in sorted(groups.items())]
+    return header, body
+
+
+def approximation_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "kind", "pattern", "setting", "rel. L2 vs softmax", "mass recall", "density"]
+    body = []
+    rows = [r for r in results.get("approximation", []) if r.get("status") == "ok"]
+    order = {name: i for i, name in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    rows.sort(key=lambda r: (order[r["method"]], PATTERN_ORDER.index(r["pattern"]), bool(r.get("setting"))))
+    for r in rows:
+        setting = ", ".join(f"{k}={v}" for k, v in (r.get("setting") or {}).items()) or "defaults"
+        kind = "exact" if r.get("exact") else "approx"
+        body.append([r["method"], kind, r["pattern"], setting, fmt(r.get("rel_l2"), ".3g"),
+                     fmt(r.get("mass_recall"), ".3f"), fmt(r.get("density"), ".3f")])
+    return header, body
+
+
+def task_label(task: dict[str, Any]) -> str:
+    """``mqar (pairs=8, vocab=256)``: a task's name and its settings."""
+    extra = ", ".join(f"{k}={v}" for k, v in task.items() if k != "name")
+    return f"{task['name']} ({extra})" if extra else task["name"]
+
+
+def quality_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["task", "width", "method", "accuracy", "chance", "final loss", "train s"]
+    ok = [r for r in results.get("quality", []) if r.get("status") == "ok"]
+    ok.sort(key=lambda r: (task_label(r["task"]), r["dim"], -r["accuracy"]))
+    body = [[task_label(r["task"]), str(r["dim"]), r["method"], f"{r['accuracy']:.3f}", f"{r['chance']:.3f}",
+             fmt(r.get("final_loss"), ".3f"), fmt(r.get("train_time_s"), ".1f")] for r in ok]
+    return header, body
+
+
+
+def suite_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One line per case of a named suite (``attnzoo bench --suite``): what it measures, the figure, its floor and
+    whether the floor holds (``pass``/``FAIL``; ``—`` where the case has no floor, ``skipped``/``error`` with the
+    reason where nothing was measured)."""
+    header = ["suite", "case", "what", "measured", "floor", "result", "details"]
+    body = []
+    for r in results.get("suites", []):
+        if r.get("status") != "ok":
+            body.append([r["suite"], r["case"], r["what"], "—", r.get("floor_text", ""), r["status"],
+                         r.get("reason", "")])
+            continue
+        result = {True: "pass", False: "FAIL", None: "—"}[r.get("passed")]
+        body.append([r["suite"], r["case"], r["what"], r["measured_text"], r.get("floor_text", ""), result,
+                     r.get("details", "")])
+    return header, body
+
+
+def md_table(header: list[str], body: list[list[str]]) -> str:
+    """A Markdown table (cells' pipes escaped); a placeholder line when ``body`` is empty."""
+    if not body:
+        return "_nothing measured_\n"
+    esc = [[c.replace("|", "\\|").replace("\n", " ") for c in row] for row in body]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in esc]
+    return "\n".join(lines) + "\n"
+
+
+def overview(results: dict[str, Any]) -> list[str]:
+    """The lines that open a report: status, command, machine, shapes, how time and memory were measured."""
+    m, c = results.get("machine", {}), results.get("config", {})
+    counts: dict[str, int] = defaultdict(int)
+    for r in results.get("efficiency", []):
+        counts[r.get("status", "?")] += 1
+    return [
+        f"status: **{results.get('status')}**, wall time {fmt(results.get('wall_s'), '.0f')} s, "
+        f"command `{results.get('command', '')}`",
+        f"machine: {m.get('device_name', '?')} ({m.get('cpu_count', '?')} CPUs, {m.get('threads', '?')} torch "
+        "threads), "
+        f"{m.get('platform', '')}, python {m.get('python', '')}, torch {m.get('torch', '')}, attnzoo "
+        f"{m.get('attnzoo', '')}",
+        f"shapes: batch {c.get('batch')}, heads {c.get('heads')} (kv {c.get('kv_heads') or c.get('heads')}), "
+        f"head_dim {c.get('head_dim')}, dtype {c.get('dtype')}, device {c.get('device')}; "
+        "self: seq_q = seq_kv = N; cross: seq_q = N/2, seq_kv = N",
+        f"timing: median over up to {c.get('repeats')} repeats after {c.get('warmup')} warm-up call(s)"
+        f"{' (synchronised)' if str(c.get('device', '')).startswith('cuda') else ''}; peak memory: "
+        f"{results.get('memory_method', '')}",
+        "efficiency cases: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+    ]
+
+
+def sections(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Every table of a report with something in it, in report order: ``(title, header, body)``. The Markdown summary
+    and the HTML page both render this list."""
+    out = [(f"Efficiency, {mode} (each at its longest measured N)", *efficiency_table(results, mode))
+           for mode in ("fwd", "fwd+bwd")]
+    out += [
+        ("Suite cases (each measured against its floor)", *suite_table(results)),
+        ("Output difference from softmax attention (approximation error for approximate methods)",
+         *approximation_table(results)),
+        ("Quality on synthetic tasks", *quality_table(results)),
+        ("Cases without a measurement", *failures_table(results)),
+    ]
+    return [(title, header, body) for title, header, body in out if body]
+
+
+def summary_markdown(results: dict[str, Any], images: Iterable[str] = ()) -> str:
+    """``summary.md``: the overview, every table and links to the plots."""
+    out = ["# attnzoo bench", ""]
+    out += [f"- {line}" for line in overview(results)] + [""]
+    for title, header, body in sections(results):
+        out += [f"## {title}", "", md_table(header, body)]
+    images = list(images)
+    if images:
+        out += ["## Plots", ""] + [f"![{Path(i).stem}]({i})" for i in images] + [""]
+    out += ["Column meanings: see docs/bench.md.", ""]
+    return "\n".join(out)
