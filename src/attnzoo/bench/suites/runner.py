@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +19,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from attnzoo import api
 from attnzoo.api import attention
 from attnzoo.bench import fresh, measure
 from attnzoo.bench.efficiency import classify
 from attnzoo.bench.suites import SDPA, Case, Target, find, origin
-from attnzoo.registry import get
 
 DECODE_STEPS = 50
 Step = Callable[[], None]
@@ -137,21 +136,20 @@ def _fresh(case: Case, device: str, threads: int | None) -> tuple[dict[str, floa
 
 
 def _decode(case: Case, device: str) -> tuple[dict[str, float], str]:
-    """Step time after prefills of ``n`` and ``n2`` tokens through the method's own ``prefill``/``step``."""
+    """Step time after prefills of ``n`` and ``n2`` tokens through ``attnzoo.prefill``/``attnzoo.step``."""
     assert case.n2 is not None and case.target.method is not None
-    module = sys.modules[get(case.target.method).reference.__module__]
     params = dict(case.target.params)
     one = [t[:, :, :1].contiguous() for t in inputs(case, 1, device, False)]
     fns: dict[int, Step] = {}
     with torch.no_grad():
         for n in (case.n, case.n2):
             q, k, v = inputs(case, n, device, False)
-            state = module.prefill(q, k, v, **params)[1]
+            state = api.prefill(q, k, v, method=case.target.method, **params)[1]
 
             def steps(state: Any = state) -> None:
                 s = state
                 for _ in range(DECODE_STEPS):
-                    s = module.step(s, *one, **params)[1]
+                    s = api.step(s, *one)[1]
 
             fns[n] = steps
         t = {n: x / DECODE_STEPS for n, x in _best(measure.interleaved(fns, case.rounds, torch.device(device))).items()}
