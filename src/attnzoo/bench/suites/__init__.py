@@ -140,9 +140,9 @@ def below(x: float) -> Floor:
 
 def suites() -> dict[str, tuple[Case, ...]]:
     """Every named suite, ``floors`` (the cases with a floor, from all the others) last."""
-    from attnzoo.bench.suites import core, linear, local, radial, softmax
+    from attnzoo.bench.suites import core, linear, radial, softmax, structured
 
-    named = {"core": core.CASES, "softmax": softmax.CASES, "local": local.CASES, "radial": radial.CASES,
+    named = {"core": core.CASES, "softmax": softmax.CASES, "structured": structured.CASES, "radial": radial.CASES,
              "linear": linear.CASES}
     named["floors"] = tuple(c for cases in list(named.values()) for c in cases if c.floors)
     return named
