@@ -4,7 +4,7 @@ decodes, its recurrent form.
 A method file ends with one ``register(...)`` call. The API, the CLI, the benchmark and the conformance suite all
 walk this registry, so a new method is tested, listed and benchmarked without new code elsewhere.
 
-- :data:`FAMILIES`: the catalogue's families (letter, name, title, folder), in catalogue order (MECHANISMS.md).
+- :data:`FAMILIES`: the catalogue's families (letter, name, title, folder), in the order of docs/methods.md.
 - :class:`Backend`: one implementation of a method, declaring what it serves (devices, dtypes, training, exact or
   approximate within a tolerance) and its priority per device type, which ``backend="auto"`` sorts by.
   :func:`register_backend` adds one to a registered method from anywhere (a package outside attnzoo, say).
@@ -40,7 +40,7 @@ class Family:
     folder: str
 
 
-# The families of MECHANISMS.md, in its order (which is the order of ``attnzoo list`` and docs/methods.md). D, H, Q,
+# The catalogue's families, in its order (which is the order of ``attnzoo list`` and docs/methods.md). D, H, Q,
 # K and C have no registered method yet; their names and folders are reserved here.
 FAMILIES: tuple[Family, ...] = (
     Family("S", "softmax", "softmax-form variants", "methods/softmax"),
@@ -405,7 +405,7 @@ def methods() -> dict[str, MethodSpec]:
 
 
 def _catalogue_key(m: Method) -> tuple[int, int, str]:
-    """Order methods as MECHANISMS.md does: by family, then number (S1, S2, …, P1, …)."""
+    """Catalogue order: by family, then number (S1, S2, …, P1, …)."""
     number = m.spec.mechanism[1:]
     order = [f.name for f in FAMILIES].index(m.spec.family)
     return order, int(number) if number.isdigit() else 0, m.name

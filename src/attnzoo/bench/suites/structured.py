@@ -1,4 +1,4 @@
-"""Suite ``structured`` (issue 5, P family): structured-sparsity fast paths against SDPA at N=16384 (B=1 H=8 D=64), their
+"""Suite ``structured`` (P family): structured-sparsity fast paths against SDPA at N=16384 (B=1 H=8 D=64), their
 training step, peak memory at N=65536, GNA and long/short attention, and P11–P14 against SDPA and their dense
 references."""
 
