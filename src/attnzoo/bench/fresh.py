@@ -7,13 +7,17 @@ the heap and the resident set can peak far higher: sigmoid attention at H=8, N=1
 process where the warm figure was tens of MiB. A method whose spec promises sub-quadratic memory
 (``spec.subquadratic_memory``) is therefore also measured here, beside its warm figure.
 
-How: the parent starts ``python -m attnzoo.bench.fresh`` and writes one job (JSON) on its stdin. The child, with
-glibc's defaults, creates the inputs (q, k, v and the parameters), optionally makes one untimed call (``prime``: for a
-method whose cached plan is not part of a call's working memory), resets its peak resident set, makes ``calls`` timed
-calls and answers the peak resident set above its value after the inputs existed (``fresh_peak_bytes``) and the call
-times. The peak is read as in :class:`~attnzoo.bench.measure.PeakMemory` (``VmHWM`` after ``/proc/self/clear_refs``):
-``getrusage``'s ``ru_maxrss`` would carry the parent's peak across fork and exec on Linux. On a GPU the figure is
-``torch.cuda.max_memory_allocated`` above the bytes allocated before the calls.
+How: each job runs in a child forked from a *zygote*: a process started once per benchmark
+(``python -m attnzoo.bench.fresh``) that imports torch and attnzoo and then never computes anything, so
+every child starts with the heap, allocator state and thread pools of a new interpreter that has just imported
+attnzoo (with glibc's defaults), at a fraction of an interpreter's start-up (~0.1 s instead of 1.5–4 s). The child
+creates the inputs (q, k, v and the parameters), optionally makes one untimed call (``prime``: for a method whose
+cached plan is not part of a call's working memory), resets its peak resident set, makes ``calls`` timed calls and
+answers the peak resident set above its value after the inputs existed (``fresh_peak_bytes``) and the call times.
+The zygote kills a child that overruns its timeout and reports one that crashed. The peak is read as in
+:class:`~attnzoo.bench.measure.PeakMemory` (``VmHWM`` after ``/proc/self/clear_refs``): ``getrusage``'s
+``ru_maxrss`` would carry the parent's peak across fork on Linux. On a GPU the figure is
+``torch.cuda.max_memory_allocated`` above the bytes allocated before the calls (the zygote never touches CUDA).
 
 A job is an efficiency case (``kind: "efficiency"``, run through :func:`attnzoo.bench.efficiency.workload`) or one
 side of a named suite case (``kind: "suite"``, run through :func:`attnzoo.bench.suites.runner.workload`).
@@ -21,11 +25,16 @@ side of a named suite case (``kind: "suite"``, run through :func:`attnzoo.bench.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -34,24 +43,37 @@ from attnzoo.bench.efficiency import BASELINE, guarded, pick_backend, shape
 from attnzoo.bench.measure import make_call
 from attnzoo.registry import PATTERNS, Method, get
 
+_zygote: subprocess.Popen[str] | None = None
+
 
 def probe(job: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
-    """Run ``job`` in a new interpreter; returns ``{"status": "ok", "fresh_peak_bytes", "times_s"}`` or a failure's
-    ``status`` (``timeout``, ``crashed``, ``error``) and ``reason``."""
+    """Run ``job`` in a fresh process (a child of the zygote); returns ``{"status": "ok", "fresh_peak_bytes",
+    "times_s"}`` or a failure's ``status`` (``timeout``, ``crashed``, ``error``) and ``reason``."""
+    global _zygote
+    for _attempt in range(2):  # a zygote that died (killed from outside, say) is started again once
+        if _zygote is None or _zygote.poll() is not None:
+            _zygote = _start_zygote()
+        try:
+            assert _zygote.stdin is not None and _zygote.stdout is not None
+            _zygote.stdin.write(json.dumps({**job, "timeout_s": timeout_s}) + "\n")
+            _zygote.stdin.flush()
+            line = _zygote.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if line:
+            return json.loads(line)
+        _zygote = None
+    return {"status": "crashed", "reason": "the fresh-process zygote ended without answering"}
+
+
+def _start_zygote() -> subprocess.Popen[str]:
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    try:
-        done = subprocess.run([sys.executable, "-m", "attnzoo.bench.fresh"], input=json.dumps(job), text=True,
-                              capture_output=True, env=env, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "reason": f"no result within {timeout_s:g} s"}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-        how = f"signal {-done.returncode}" if done.returncode < 0 else f"status {done.returncode}"
-        return {"status": "crashed", "reason": f"the fresh process ended with {how}: {tail}"}
-    return json.loads(lines[-1])
+    zygote = subprocess.Popen([sys.executable, "-m", "attnzoo.bench.fresh"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    atexit.register(zygote.kill)
+    return zygote
 
 
 def measure_step(step: Callable[[], Any], device: str, calls: int = 1, prime: bool = False) -> dict[str, Any]:
@@ -93,15 +115,57 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     return measure_step(step, device, int(job.get("calls", 1)), bool(job.get("prime", False)))
 
 
-def main() -> int:
-    """Child: read one job on stdin, answer one JSON line on stdout (anything the method prints goes to stderr)."""
-    answer = os.fdopen(os.dup(1), "w")
+def _fork_job(job: dict[str, Any]) -> dict[str, Any]:
+    """In the zygote: run ``job`` in a forked child; its answer, or why there is none (timeout, crash)."""
+    timeout_s = float(job.pop("timeout_s", 600.0))
+    read_end, write_end = os.pipe()
+    with tempfile.TemporaryFile() as log:
+        pid = os.fork()
+        if pid == 0:  # the child: anything the method prints goes to the log, the answer to the pipe
+            code = 1
+            try:  # never return into the zygote's loop, whatever happens
+                os.close(read_end)
+                os.dup2(log.fileno(), 1)
+                os.dup2(log.fileno(), 2)
+                row = guarded({}, lambda _: _child(job))  # a failing method is answered as a row, never raised
+                with os.fdopen(write_end, "wb") as out:
+                    out.write(json.dumps(row, default=str).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        chunks, deadline = [], time.monotonic() + timeout_s
+        with os.fdopen(read_end, "rb") as answer:
+            while select.select([answer], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                chunk = answer.read1(1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        if chunks and os.WIFEXITED(status):
+            return json.loads(b"".join(chunks))
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and time.monotonic() >= deadline:
+            return {"status": "timeout", "reason": f"no result within {timeout_s:g} s"}
+        log.seek(0)
+        tail = " | ".join(log.read().decode(errors="replace").strip().splitlines()[-3:])
+        how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"status {os.WEXITSTATUS(status)}"
+        return {"status": "crashed", "reason": f"the fresh process ended with {how}: {tail}"}
+
+
+def zygote() -> int:
+    """The zygote: import torch and attnzoo, compute nothing, answer one JSON line per job line on stdin."""
+    import torch  # noqa: F401
+
+    import attnzoo  # noqa: F401  (registers the methods)
+
+    answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    job = json.loads(sys.stdin.read())
-    row = guarded({}, lambda _: _child(job))  # a failing method is answered as a row, never raised
-    answer.write(json.dumps(row, default=str) + "\n")
-    answer.flush()
+    for line in sys.stdin:
+        answers.write(json.dumps(_fork_job(json.loads(line)), default=str) + "\n")
+        answers.flush()
     return 0
 
 
@@ -133,4 +197,4 @@ def run_case(case: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(zygote())
