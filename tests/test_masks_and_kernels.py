@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnzoo import masks
-from attnzoo.kernels.blockwise import grouped_logits, grouped_pv, query_blocks
+from attnzoo.kernels.blockwise import grouped_logits, grouped_pv, query_blocks, scores_buffer
 from attnzoo.kernels.dense import softmax_attention_lse
 from attnzoo.kernels.merge import merge
 
@@ -80,9 +80,17 @@ def test_grouped_helpers_equal_repeated_heads_and_blocks_checkpoint():
     s = grouped_logits(q, k, 0.5)
     torch.testing.assert_close(s, 0.5 * q @ k.repeat_interleave(2, 1).transpose(-1, -2))
     torch.testing.assert_close(grouped_pv(s.softmax(-1), v), s.softmax(-1) @ v.repeat_interleave(2, 1))
-    out = query_blocks(lambda rows, start: grouped_pv(grouped_logits(rows, k, 0.5).softmax(-1), v), q, 3)
+    out = query_blocks(lambda rows, start: grouped_pv(grouped_logits(rows, k, 0.5).softmax(-1), v), q, 3, 5)
     (gq,) = torch.autograd.grad(out.sum(), q)
     want = grouped_pv(s.softmax(-1), v)
     (gq_want,) = torch.autograd.grad(want.sum(), q)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(gq, gq_want)
+    with torch.no_grad():  # one shared scores buffer and one preallocated output
+        buffer = scores_buffer(q, 3, 7)
+        assert buffer is not None and buffer.numel() == 2 * 6 * 3 * 7
+        def block(rows: torch.Tensor, start: int) -> torch.Tensor:
+            return grouped_pv(grouped_logits(rows, k, 0.5, buffer).softmax(-1), v)
+
+        fast = query_blocks(block, q, 3, 5)
+    torch.testing.assert_close(fast, want)
