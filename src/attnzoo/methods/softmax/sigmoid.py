@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from attnzoo import masks
 from attnzoo.methods.common import dense_scores, repeat_kv, visible
 from attnzoo.registry import ALL_PATTERNS, Backend, MethodSpec, Param, register
 
-SCORES_PER_BLOCK = 1 << 22  # 16 MiB of fp32 scores per block: the block stays in cache between its passes
-CAUSAL_BLOCKS = 16  # causal calls use at least this many blocks, so the skipped upper triangle is large
+SCORES_PER_TILE = 1 << 20  # 4 MiB of fp32 scores per tile: the tile stays in cache between its three passes
+KEYS_PER_TILE = 4096  # a tile spans at most this many keys; longer rows are cut into key chunks
+CAUSAL_BLOCKS = 16  # causal calls use at least this many row blocks, so the skipped upper triangle is large
 
 SPEC = MethodSpec(
     name="sigmoid",
@@ -73,10 +73,11 @@ def reference(
 
 @dataclass(frozen=True)
 class _Plan:
-    """How one call is cut into blocks, and what every block applies to its scores.
+    """How one call is cut into tiles, and what every tile applies to its scores.
 
-    A block is ``heads`` key/value heads of one batch row (with their ``group`` query heads stacked as rows) times
-    ``rows`` query rows; its scores ``(heads, group·rows, keys)`` fill at most ``SCORES_PER_BLOCK`` elements.
+    A tile is ``heads`` key/value heads of one batch row (their ``group`` query heads stacked as rows) × ``rows``
+    query rows × up to ``keys`` keys; its scores ``(heads, group·rows, keys)`` fill at most ``SCORES_PER_TILE``
+    elements. The tiles of one row block are visited in key order, so the block's output accumulates in place.
     """
 
     batch: int
@@ -84,23 +85,26 @@ class _Plan:
     group: int
     seq_q: int
     seq_kv: int
-    heads: int  # key/value heads per block
-    rows: int  # query rows per block
+    heads: int  # key/value heads per tile
+    rows: int  # query rows per tile
+    keys: int  # keys per tile
     offset: float  # the sigmoid bias b
     causal: bool
     mask: torch.Tensor | None
     bias: torch.Tensor | None
 
-    def blocks(self) -> Iterator[tuple[int, int, int, int, int]]:
-        """``(batch row, first kv head, last kv head + 1, first query row, last query row + 1)`` of every block."""
+    def row_blocks(self) -> Iterator[tuple[int, int, int, int, int]]:
+        """``(batch row, first kv head, last kv head + 1, first query row, last query row + 1)`` of every row block."""
         for b in range(self.batch):
             for h0 in range(0, self.kv_heads, self.heads):
                 for start in range(0, self.seq_q, self.rows):
                     yield b, h0, min(self.kv_heads, h0 + self.heads), start, min(self.seq_q, start + self.rows)
 
-    def keys(self, end: int) -> int:
-        """Keys (from 0) that rows before ``end`` can see: causally none past ``end − 1 + Skv − Sq``."""
-        return max(0, min(self.seq_kv, end + self.seq_kv - self.seq_q)) if self.causal else self.seq_kv
+    def key_chunks(self, end: int) -> Iterator[tuple[int, int]]:
+        """``[j0, j1)`` key ranges that rows before ``end`` can see: causally none past ``end − 1 + Skv − Sq``."""
+        seen = max(0, min(self.seq_kv, end + self.seq_kv - self.seq_q)) if self.causal else self.seq_kv
+        for j0 in range(0, seen, self.keys):
+            yield j0, min(seen, j0 + self.keys)
 
 
 def _plan(q: torch.Tensor, k: torch.Tensor, causal: bool, mask: torch.Tensor | None, bias: torch.Tensor | None,
@@ -108,72 +112,82 @@ def _plan(q: torch.Tensor, k: torch.Tensor, causal: bool, mask: torch.Tensor | N
     b, h, sq, _ = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     g = h // hkv
-    rows = max(16, min(sq, SCORES_PER_BLOCK // (g * skv)))
+    keys = min(skv, KEYS_PER_TILE)
+    rows = max(16, min(sq, SCORES_PER_TILE // (g * keys)))
     if causal:
         rows = min(rows, max(16, -(-sq // CAUSAL_BLOCKS)))
-    heads = max(1, min(hkv, SCORES_PER_BLOCK // (g * rows * skv)))  # small calls batch several heads per block
-    return _Plan(b, hkv, g, sq, skv, heads, rows, offset, causal, mask, bias)
+    heads = max(1, min(hkv, SCORES_PER_TILE // (g * rows * keys)))  # small calls batch several heads per tile
+    return _Plan(b, hkv, g, sq, skv, heads, rows, keys, offset, causal, mask, bias)
 
 
-def _block_of(t: torch.Tensor, plan: _Plan, b: int, h0: int, h1: int, start: int, end: int, keys: int) -> torch.Tensor:
-    """A 4-D mask or bias (or its gradient) at one block: broadcastable to ``(heads·group, rows, keys)``."""
+Tile = tuple[int, int, int, int, int, int, int]  # batch row, kv heads [h0, h1), query rows [start, end), keys [j0, j1)
+
+
+def _tile_of(t: torch.Tensor, plan: _Plan, tile: Tile) -> torch.Tensor:
+    """A 4-D mask or bias (or its gradient) at one tile: broadcastable to ``(heads·group, rows, keys)``."""
+    b, h0, h1, start, end, j0, j1 = tile
     t = t[b if t.shape[0] > 1 else 0]
     t = t[h0 * plan.group : h1 * plan.group] if t.shape[0] > 1 else t
-    return masks.rows(t.unsqueeze(0), start, end)[0, ..., :keys]
+    t = t[:, start:end] if t.shape[1] > 1 else t
+    return t[..., j0:j1] if t.shape[2] > 1 else t
 
 
-def _weights(qf: torch.Tensor, kf: torch.Tensor, plan: _Plan, block: tuple[int, int, int, int, int],
+def _weights(qf: torch.Tensor, kf: torch.Tensor, plan: _Plan, tile: Tile, offset: torch.Tensor,
              buffer: torch.Tensor) -> torch.Tensor:
-    """``σ(q kᵀ + b + bias)`` of one block, masked entries 0, written into ``buffer``: ``(heads, group·rows, keys)``.
+    """``σ(q kᵀ + b + bias)`` of one tile, masked entries 0, written into ``buffer``: ``(heads, group·rows, keys)``.
 
-    ``qf (B·Hkv, G, Sq, D)`` holds the already scaled queries and ``kf (B·Hkv, Skv, D)`` the keys.
+    ``qf (B·Hkv, G, Sq, D)`` holds the already scaled queries, ``kf (B·Hkv, Skv, D)`` the keys, ``offset`` is b as a
+    0-d tensor (the matmul adds it while writing the scores).
     """
-    b, h0, h1, start, end = block
-    keys = plan.keys(end)
-    first = b * plan.kv_heads
-    q_rows = qf[first + h0 : first + h1, :, start:end].reshape(h1 - h0, -1, qf.shape[-1])
-    s = buffer[: q_rows.shape[0] * q_rows.shape[1] * keys].view(q_rows.shape[0], q_rows.shape[1], keys)
-    torch.baddbmm(buffer.new_tensor(plan.offset), q_rows, kf[first + h0 : first + h1, :keys].transpose(1, 2), out=s)
-    by_head = s.view((h1 - h0) * plan.group, end - start, keys)
+    b, h0, h1, start, end, j0, j1 = tile
+    heads = slice(b * plan.kv_heads + h0, b * plan.kv_heads + h1)
+    q_rows = qf[heads, :, start:end].reshape(h1 - h0, -1, qf.shape[-1])
+    s = buffer[: q_rows.shape[0] * q_rows.shape[1] * (j1 - j0)].view(q_rows.shape[0], q_rows.shape[1], j1 - j0)
+    torch.baddbmm(offset, q_rows, kf[heads, j0:j1].transpose(1, 2), out=s)
+    by_head = s.view((h1 - h0) * plan.group, end - start, j1 - j0)
     if plan.bias is not None:
-        by_head.add_(_block_of(plan.bias, plan, b, h0, h1, start, end, keys))
+        by_head.add_(_tile_of(plan.bias, plan, tile))
     if plan.mask is not None:
-        by_head.masked_fill_(_block_of(plan.mask, plan, b, h0, h1, start, end, keys).logical_not(), float("-inf"))
-    diagonal = max(0, start + plan.seq_kv - plan.seq_q + 1)  # causal: only keys from here on are hidden from some row
-    if plan.causal and diagonal < keys:
-        row = torch.arange(start, end, device=s.device).view(-1, 1) + plan.seq_kv - plan.seq_q
-        by_head[..., diagonal:].masked_fill_(torch.arange(diagonal, keys, device=s.device) > row, float("-inf"))
+        by_head.masked_fill_(_tile_of(plan.mask, plan, tile).logical_not(), float("-inf"))
+    shift = plan.seq_kv - plan.seq_q  # causal: row i sees keys j <= i + shift
+    diagonal = max(j0, start + shift + 1)  # keys from here on are hidden from some row of the tile
+    if plan.causal and diagonal < j1:
+        row = torch.arange(start + shift, end + shift, device=s.device).view(-1, 1)
+        hidden = torch.arange(diagonal, j1, device=s.device) > row
+        by_head[..., diagonal - j0 :].masked_fill_(hidden, float("-inf"))
     return s.sigmoid_()
 
 
-class _SigmoidBlocks(torch.autograd.Function):
-    """Sigmoid attention block by block with one reused scores buffer; the backward recomputes each block's weights.
+class _SigmoidTiles(torch.autograd.Function):
+    """Sigmoid attention tile by tile with one reused scores buffer; the backward recomputes each tile's weights.
 
-    Nothing score-sized is allocated per block, forward or backward, and nothing per block outlives its block, so the
-    peak does not depend on how the memory allocator reuses freed blocks (glibc's heap kept every freed block once,
-    growing to the full score matrix). Inputs: scaled ``q (B, H, Sq, D)``, ``k``, ``v``, the user's ``bias`` (or
-    None) and the :class:`_Plan`.
+    Nothing score-sized is allocated per tile, forward or backward, and nothing a tile allocates outlives it, so the
+    peak does not depend on how the memory allocator reuses freed blocks (glibc's heap, handed a fresh score block
+    per query block with the block's small result kept after it, once grew to the whole score matrix). Inputs: scaled
+    ``q (B, H, Sq, D)``, ``k``, ``v``, the user's ``bias`` (or None) and the :class:`_Plan`.
     """
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                 plan: _Plan) -> torch.Tensor:
-        n, g, dv = plan.batch * plan.kv_heads, plan.group, v.shape[-1]
+        g, dv = plan.group, v.shape[-1]
         qf, kf, vf = _flat(q, k, v, plan)
-        out = q.new_zeros(n, g, plan.seq_q, dv)
-        buffer = q.new_empty(plan.heads * g * plan.rows * plan.seq_kv)
-        for block in plan.blocks():
-            b, h0, h1, start, end = block
-            keys = plan.keys(end)
-            if keys == 0:  # causal rows that see no key stay 0
-                continue
-            p = _weights(qf, kf, plan, block, buffer)
+        out = q.new_zeros(plan.batch * plan.kv_heads, g, plan.seq_q, dv)
+        buffer = q.new_empty(plan.heads * g * plan.rows * plan.keys)
+        rows_out = q.new_empty(plan.heads * g * plan.rows * dv)
+        offset = q.new_tensor(plan.offset)
+        for b, h0, h1, start, end in plan.row_blocks():
             heads = slice(b * plan.kv_heads + h0, b * plan.kv_heads + h1)
-            rows = out[heads, :, start:end]
-            if g == 1:
-                torch.bmm(p, vf[heads, :keys], out=rows[:, 0])
-            else:
-                rows.copy_(torch.bmm(p, vf[heads, :keys]).view(h1 - h0, g, end - start, dv))
+            acc = rows_out[: (h1 - h0) * g * (end - start) * dv].view(h1 - h0, g * (end - start), dv)
+            chunks = list(plan.key_chunks(end))
+            for j0, j1 in chunks:
+                p = _weights(qf, kf, plan, (b, h0, h1, start, end, j0, j1), offset, buffer)
+                if j0 == 0:
+                    torch.bmm(p, vf[heads, j0:j1], out=acc)
+                else:
+                    acc.baddbmm_(p, vf[heads, j0:j1])
+            if chunks:  # causal rows that see no key stay 0
+                out[heads, :, start:end] = acc.view(h1 - h0, g, end - start, dv)
         ctx.save_for_backward(q, k, v, bias)
         ctx.plan = plan
         return out.view(plan.batch, plan.kv_heads * g, plan.seq_q, dv)
@@ -182,30 +196,37 @@ class _SigmoidBlocks(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, bias = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        n, g, d, dv = plan.batch * plan.kv_heads, plan.group, q.shape[-1], v.shape[-1]
+        g, d, dv = plan.group, q.shape[-1], v.shape[-1]
         qf, kf, vf = _flat(q, k, v, plan)
-        grad_rows = grad_out.reshape(n, g, plan.seq_q, dv)
-        dq, dk, dv_ = q.new_zeros(n, g, plan.seq_q, d), torch.zeros_like(kf), torch.zeros_like(vf)
+        grad_rows = grad_out.reshape(plan.batch * plan.kv_heads, g, plan.seq_q, dv)
+        dq, dk, dv_ = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
         dbias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[3] else None
-        buffer = q.new_empty(plan.heads * g * plan.rows * plan.seq_kv)
+        buffer = q.new_empty(plan.heads * g * plan.rows * plan.keys)
         grad_scores = torch.empty_like(buffer)
-        for block in plan.blocks():
-            b, h0, h1, start, end = block
-            keys = plan.keys(end)
-            if keys == 0:
-                continue
+        rows_grad = q.new_empty(plan.heads * g * plan.rows * d)
+        offset = q.new_tensor(plan.offset)
+        for b, h0, h1, start, end in plan.row_blocks():
             heads = slice(b * plan.kv_heads + h0, b * plan.kv_heads + h1)
-            p = _weights(qf, kf, plan, block, buffer)
             do = grad_rows[heads, :, start:end].reshape(h1 - h0, -1, dv)
-            dv_[heads, :keys].baddbmm_(p.transpose(1, 2), do)
-            ds = torch.bmm(do, vf[heads, :keys].transpose(1, 2), out=grad_scores[: p.numel()].view(p.shape))
-            torch.ops.aten.sigmoid_backward.grad_input(ds, p, grad_input=ds)  # ds ← dP · p · (1 − p), one pass
-            if dbias is not None:
-                target = _block_of(dbias, plan, b, h0, h1, start, end, keys)
-                target.add_(ds.view((h1 - h0) * g, end - start, keys).sum_to_size(target.shape))
             q_rows = qf[heads, :, start:end].reshape(h1 - h0, -1, d)
-            dk[heads, :keys].baddbmm_(ds.transpose(1, 2), q_rows)
-            dq[heads, :, start:end] = torch.bmm(ds, kf[heads, :keys]).view(h1 - h0, g, end - start, d)
+            acc = rows_grad[: q_rows.numel()].view(q_rows.shape)
+            chunks = list(plan.key_chunks(end))
+            for j0, j1 in chunks:
+                tile = (b, h0, h1, start, end, j0, j1)
+                p = _weights(qf, kf, plan, tile, offset, buffer)
+                dv_[heads, j0:j1].baddbmm_(p.transpose(1, 2), do)
+                ds = torch.bmm(do, vf[heads, j0:j1].transpose(1, 2), out=grad_scores[: p.numel()].view(p.shape))
+                torch.ops.aten.sigmoid_backward.grad_input(ds, p, grad_input=ds)  # ds ← dP · p · (1 − p), one pass
+                if dbias is not None:
+                    target = _tile_of(dbias, plan, tile)
+                    target.add_(ds.view((h1 - h0) * g, end - start, j1 - j0).sum_to_size(target.shape))
+                dk[heads, j0:j1].baddbmm_(ds.transpose(1, 2), q_rows)
+                if j0 == 0:
+                    torch.bmm(ds, kf[heads, j0:j1], out=acc)
+                else:
+                    acc.baddbmm_(ds, kf[heads, j0:j1])
+            if chunks:
+                dq[heads, :, start:end] = acc.view(h1 - h0, g, end - start, d)
         shape = plan.batch, plan.kv_heads, plan.seq_kv
         return dq.view(q.shape), dk.view(*shape, d), dv_.view(*shape, dv), dbias, None
 
@@ -230,7 +251,7 @@ def blockwise(
     sigmoid_bias: float | None,
 ) -> torch.Tensor:
     plan = _plan(q, k, causal, mask, bias, _bias_value(sigmoid_bias, k.shape[2]))
-    out: torch.Tensor = _SigmoidBlocks.apply(q * scale, k, v, bias, plan)
+    out: torch.Tensor = _SigmoidTiles.apply(q * scale, k, v, bias, plan)
     return out
 
 
