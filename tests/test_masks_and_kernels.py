@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+import attnzoo as az
 from attnzoo import masks
 from attnzoo.kernels.blockwise import grouped_logits, grouped_pv, query_blocks, scores_buffer
 from attnzoo.kernels.dense import softmax_attention_lse
@@ -117,3 +118,16 @@ def test_retained_attend_many_blocks_gradients_match_dense():
     for a, b in zip(torch.autograd.grad(out.square().sum(), (q, k, v, key_bias)),
                     torch.autograd.grad(want.square().sum(), (q, k, v, key_bias))):
         torch.testing.assert_close(a, b)
+
+
+def test_band_chunks_written_into_one_output_match_reference(monkeypatch):
+    from attnzoo.kernels import band
+
+    monkeypatch.setattr(band, "CHUNK_BYTES", 1 << 12)  # many chunks
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 4, 200, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.rand(200, 200, generator=g) < 0.8
+    ref = az.attention(q, k, v, method="neighborhood", kernel_size=15, mask=mask, backend="reference")
+    with torch.no_grad():
+        out = az.attention(q, k, v, method="neighborhood", kernel_size=15, mask=mask, backend="torch")
+    torch.testing.assert_close(out, ref)
