@@ -9,7 +9,7 @@ that keeps the initial attention norm near that of softmax attention. A row with
 Fast path ``torch`` (:class:`_SigmoidTiles`): since rows are not normalised, any split of the work simply adds up,
 so the scores are computed tile by tile, never all at once. On CPU a tile is one key/value head of one batch row (the
 query heads of its GQA group stacked as rows: no K/V copies) × ``r`` query rows × at most ``KEYS_PER_TILE`` keys,
-with ``r`` chosen so the tile's scores fill ``SCORES_PER_TILE`` = 2²⁰ elements (4 MiB in fp32: the tile stays in
+with ``r`` chosen so the tile's scores fill ``SCORES_PER_TILE`` = 2²¹ elements (8 MiB in fp32: the tile stays in
 cache between its three passes); small calls put several heads in one tile. Other devices use few large tiles
 (``GPU_SCORES_PER_TILE``, whole key rows), as each op is a kernel launch there. Per tile: one ``baddbmm`` writes
 ``scale·q kᵀ + b`` (the scale is folded into q once, b is the matmul's added term) into a scores buffer allocated
@@ -49,7 +49,7 @@ import torch
 from attnzoo.methods.common import dense_scores, repeat_kv, visible
 from attnzoo.registry import ALL_PATTERNS, Backend, MethodSpec, Param, register
 
-SCORES_PER_TILE = 1 << 20  # CPU: 4 MiB of fp32 scores per tile, which stays in cache between its three passes
+SCORES_PER_TILE = 1 << 21  # CPU: 8 MiB of fp32 scores per tile, which stays in cache between its three passes
 KEYS_PER_TILE = 4096  # CPU: a tile spans at most this many keys; longer rows are cut into key chunks
 GPU_SCORES_PER_TILE = 1 << 26  # other devices: few large tiles (whole key rows), since every op is a kernel launch
 CAUSAL_BLOCKS = 16  # causal calls use at least this many row blocks, so the skipped upper triangle is large
