@@ -29,12 +29,14 @@ O(tile) beyond the inputs and their gradients, on any device.
 
 Measured (2-core AMD EPYC, torch 2.13 CPU, 2 threads, fp32, B=1, D=64, no grad, each case in a fresh process: time
 of the call, best of several, divided by that of ``scaled_dot_product_attention`` on the same inputs in the same
-rounds; peak ``ru_maxrss`` above the inputs): H=8, N=16384: 1.01× SDPA (first call 1.01×), 0.077 GiB (SDPA 0.037);
-causal 1.02×; GQA H=8/Hkv=2 1.02×; H=4 1.01×. SDPA's CPU kernel is a fused flash kernel; this path matches it because
-the two matmuls and the sigmoid cost what the fused kernel costs once no score block leaves the cache. The ratio
-grows on a loaded machine (each of the many small ops ends in a thread barrier). FlexAttention is not a faster route
-on CPU: its compiled kernel took ~1.75× SDPA's time here even without a score modifier, and CPU flex cannot return
-the log-sum-exp that the ``σ(s) = exp(s − softplus(s))`` rewrite needs.
+rounds; peak ``ru_maxrss`` above the inputs): H=8, N=16384: 0.97–1.14× SDPA per round over two runs of three
+rounds, the first call alike, peak 0.081 GiB (SDPA 0.037; the former path 1.64× warm, 3.7× on the first call, 8.1
+GiB); causal 1.16–1.20× causal SDPA; GQA H=8/Hkv=2 0.99–1.12×; H=4 0.94–1.11×. SDPA's CPU kernel is a fused flash
+kernel; this path keeps up because the two matmuls and the sigmoid cost what the fused kernel costs once no score
+tile leaves the cache. The ratio grows on a loaded machine (each of the many small ops ends in a thread barrier;
+1.3× was seen at such a moment). FlexAttention is not a faster route on CPU: its compiled kernel took ~1.75× SDPA's
+time here even without a score modifier, and CPU flex cannot return the log-sum-exp that the
+``σ(s) = exp(s − softplus(s))`` rewrite needs.
 """
 
 from __future__ import annotations
