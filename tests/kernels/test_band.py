@@ -30,3 +30,14 @@ def test_small_chunks_gather_and_checkpoint(monkeypatch):
     assert_matches_reference("neighborhood", q, k, v, kernel_size=(3, 5), layout=(15, 20))
     mask = torch.rand(300, 300, generator=torch.Generator().manual_seed(2)) > 0.2
     assert_matches_reference("sliding_window", q, k, v, mask=mask, window=40)
+
+
+def test_band_chunks_written_into_one_output_match_reference(monkeypatch):
+    monkeypatch.setattr(band, "CHUNK_BYTES", 1 << 12)  # many chunks
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 4, 200, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.rand(200, 200, generator=g) < 0.8
+    ref = az.attention(q, k, v, method="neighborhood", kernel_size=15, mask=mask, backend="reference")
+    with torch.no_grad():
+        out = az.attention(q, k, v, method="neighborhood", kernel_size=15, mask=mask, backend="torch")
+    torch.testing.assert_close(out, ref)

@@ -246,14 +246,19 @@ def tiled_attention(
         out = out.reshape(b, hkv, nc * t, g, dv)
         return out if some is None else out * some.reshape(some.shape[0], some.shape[1], nc * t, -1, 1).to(out.dtype)
 
-    # Gathered K/V bands are copies: under autograd they are recomputed in the backward pass instead of being kept.
-    recompute = torch.is_grad_enabled() and len(chunks) > 1
-    outs = [
-        checkpoint(run, q_rows, kk, vv, *c, use_reentrant=False) if recompute and c[2] is None
-        else run(q_rows, kk, vv, *c)
-        for c in chunks
-    ]
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, Hkv, n·T, G, Dv)
+    if torch.is_grad_enabled():
+        # Gathered K/V bands are copies: under autograd they are recomputed in the backward pass instead of being kept.
+        recompute = len(chunks) > 1
+        outs = [
+            checkpoint(run, q_rows, kk, vv, *c, use_reentrant=False) if recompute and c[2] is None
+            else run(q_rows, kk, vv, *c)
+            for c in chunks
+        ]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, Hkv, n·T, G, Dv)
+    else:  # one output written chunk by chunk: nothing a chunk allocates outlives it
+        out = q.new_empty(b, hkv, tiling.q_tiles.shape[0] * t, g, dv)
+        for c in chunks:
+            out[:, :, c[0] * t : c[1] * t] = run(q_rows, kk, vv, *c)
     return out[:, :, tiling.position].transpose(2, 3).reshape(b, h, sq, dv)
 
 

@@ -3,14 +3,18 @@
 Many softmax-form variants differ from softmax attention only in what they do to one row of logits before the
 softmax (soft-capping, ALiBi, keeping the top k) or to one row of weights after it (a relative-position re-weighting).
 This kernel computes ``O = post(softmax(select(mod(scale · Q Kᵀ) + bias, visible))) V`` one block of query rows at a
-time, so memory is O(rows · Skv) instead of O(Sq · Skv), and each block is checkpointed under autograd
+time, so memory is O(rows · Skv) instead of O(Sq · Skv), and each block is recomputed in the backward pass
 (:func:`attnzoo.kernels.blockwise.query_blocks`). GQA stacks the query heads of a group: no K/V copies.
 
 Hooks see absolute query indices ``[start, end)`` so position-dependent terms can be built for the block alone:
-- ``score_mod(s, start, end)``: on the scaled logits ``(B, H, rows, keys)``, before the bias and the masks;
+- ``score_mod(s, start, end, *hook_tensors)``: on the scaled logits ``(B, H, rows, keys)``, before the bias and masks;
 - ``select(s)``: on the logits after the bias and with hidden keys at ``-inf`` (may hide more keys with ``-inf``);
-- ``prob_mod(p, start, end)``: on the normalised weights, before the product with V.
-Hooks may work in place when :func:`inplace` says so (autograd off), which saves a pass over the block each.
+- ``prob_mod(p, start, end, *hook_tensors)``: on the normalised weights, before the product with V.
+A hook reads its tensors (e.g. learnable slopes) from ``hook_tensors``, never from its closure: under autograd the
+backward pass recomputes each block with its own copies of them and differentiates those.
+Hooks may work in place when :func:`inplace` says so (autograd off), which saves a pass over the block each. Without
+autograd every step works in place on one scores buffer shared by the call's blocks, and rows go straight into one
+output (:mod:`attnzoo.kernels.blockwise`): nothing score-sized is allocated per block.
 
 Under the causal mask a block only computes the keys its last row can see, ``keys = [0, end + Skv − Sq)``, so hooks
 must read the number of key columns from the tensor they get (keys always start at 0). A row with no visible key gives
@@ -24,9 +28,9 @@ from collections.abc import Callable
 import torch
 
 from attnzoo import masks
-from attnzoo.kernels.blockwise import grouped_logits, grouped_pv, query_blocks
+from attnzoo.kernels.blockwise import grouped_logits, grouped_pv, query_blocks, scores_buffer
 
-ScoreHook = Callable[[torch.Tensor, int, int], torch.Tensor]
+ScoreHook = Callable[..., torch.Tensor]  # (s, start, end, *hook_tensors) -> s
 SelectHook = Callable[[torch.Tensor], torch.Tensor]
 
 SCORES_PER_BLOCK = 1 << 22  # 16 MiB of fp32 logits per block: stays in a server L3 cache
@@ -38,18 +42,9 @@ def block_rows(batch: int, heads: int, seq_q: int, seq_kv: int, scores_per_block
 
 
 def blocked_softmax_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float,
-    causal: bool,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    score_mod: ScoreHook | None = None,
-    select: SelectHook | None = None,
-    prob_mod: ScoreHook | None = None,
-    block: int | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, score_mod: ScoreHook | None = None, select: SelectHook | None = None,
+    prob_mod: ScoreHook | None = None, hook_tensors: tuple[torch.Tensor, ...] = (), block: int | None = None,
 ) -> torch.Tensor:
     """Softmax attention ``(B, H, Sq, Dv)`` computed by query blocks, with the hooks described in the module doc.
 
@@ -61,21 +56,25 @@ def blocked_softmax_attention(
     rows = block if block is not None else block_rows(b, h, sq, skv)
     # Scale q before the product: in fp16/bf16 the unscaled dot products could overflow where the logits do not.
     q_scaled = (q * scale).contiguous()
+    buffer = scores_buffer(q, rows, skv)
+    in_place = inplace()
 
-    def attend(q_rows: torch.Tensor, start: int) -> torch.Tensor:
+    def attend(q_rows: torch.Tensor, start: int, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               bias: torch.Tensor | None, *hook_tensors: torch.Tensor) -> torch.Tensor:
         end = start + q_rows.shape[2]
         # Under the causal mask the block's last query sees keys [0, end + offset): the rest is never computed, and
         # only the columns from `first` on are hidden from some row of the block (a rows × rows triangle at most).
         keys = min(skv, max(1, end + offset)) if causal else skv
         first = min(keys, max(0, start + offset + 1)) if causal else keys
-        s = grouped_logits(q_rows, k[:, :, :keys], 1.0)
+        s = grouped_logits(q_rows, k[:, :, :keys], 1.0, buffer)
         if score_mod is not None:
-            s = score_mod(s, start, end)
+            s = score_mod(s, start, end, *hook_tensors)
         if bias is not None:
-            s = s + _columns(masks.rows(bias, start, end), keys)
+            block_bias = _columns(masks.rows(bias, start, end), keys)
+            s = s.add_(block_bias) if in_place else s + block_bias
         seen = None if mask is None else _columns(masks.rows(mask, start, end), keys)
         if seen is not None:
-            s = s.masked_fill(seen.logical_not(), float("-inf"))
+            s = s.masked_fill_(~seen, float("-inf")) if in_place else s.masked_fill(~seen, float("-inf"))
         future = None
         if first < keys:
             row_index = torch.arange(start, end, device=q.device).view(-1, 1)
@@ -83,24 +82,19 @@ def blocked_softmax_attention(
             s[..., first:].masked_fill_(future, float("-inf"))  # in place on the block's own logits
         if select is not None:
             s = select(s)
-        p = torch.softmax(s, dim=-1)
+        p = torch.softmax(s, dim=-1, out=s) if in_place else torch.softmax(s, dim=-1)
         empty = _empty_rows(seen, future, first, start, end, offset if causal else None, q.device)
         if empty is not None:  # their softmax is NaN (all logits -inf); the masked_fills above stop its gradient
-            p = p.masked_fill(empty, 0.0)
+            p = p.masked_fill_(empty, 0.0) if in_place else p.masked_fill(empty, 0.0)
         if prob_mod is not None:
-            p = prob_mod(p, start, end)
+            p = prob_mod(p, start, end, *hook_tensors)
         return grouped_pv(p, v[:, :, :keys])
 
-    return query_blocks(attend, q_scaled, rows)
+    return query_blocks(attend, q_scaled, rows, v.shape[-1], k, v, mask, bias, *hook_tensors)
 
 
 def _empty_rows(
-    seen: torch.Tensor | None,
-    future: torch.Tensor | None,
-    first: int,
-    start: int,
-    end: int,
-    offset: int | None,
+    seen: torch.Tensor | None, future: torch.Tensor | None, first: int, start: int, end: int, offset: int | None,
     device: torch.device,
 ) -> torch.Tensor | None:
     """A ``(…, rows, 1)`` bool of the block's rows that see no key, or None if there is none."""

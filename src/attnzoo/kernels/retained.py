@@ -5,8 +5,8 @@ padded ``(B, Hkv, T, ·)`` cache (``T`` = the largest retained count over batch 
 (padding slots get position ``N``, which no query sees). :func:`attend` then runs query-blocked softmax attention of
 ``q (B, H, Sq, D)`` at positions ``offset + i`` over the cache, each query seeing the retained keys at positions
 ``≤`` its own; a query block reads the cache only up to the last slot that its last position sees (about half of the
-cache on average, causally). Cost O(Sq·T·D) time and O(block·T) memory (blocks are checkpointed under autograd), so a
-cache that keeps a fraction ``r`` of the keys costs about ``r`` of dense causal attention. A row that sees no
+cache on average, causally). Cost O(Sq·T·D) time and O(block·T) memory (blocks are recomputed in the backward pass),
+so a cache that keeps a fraction ``r`` of the keys costs about ``r`` of dense causal attention. A row that sees no
 retained key gives 0. GQA without copies (:mod:`attnzoo.kernels.blockwise`); fp16/bf16 inputs are computed in fp32.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from attnzoo.kernels.blockwise import grouped_logits, grouped_pv, query_blocks
+from attnzoo.kernels.blockwise import grouped_logits, grouped_pv, query_blocks, scores_buffer
 from attnzoo.kernels.linear_scan import accumulation_dtype
 
 QUERY_BLOCK = 256
@@ -58,12 +58,14 @@ def attend(
     last = torch.arange(offset, offset + sq, block, device=q.device).add_(block - 1).clamp_max_(offset + sq - 1)
     slot = torch.arange(1, t + 1, device=q.device)[:, None]
     reach = torch.where(pos[..., None] <= last, slot, 0).amax(dim=(0, 1, 2)).tolist()
+    buffer = None if grad else scores_buffer(q, block, t, acc)
 
-    def one_block(q_rows: torch.Tensor, start: int) -> torch.Tensor:
+    def one_block(q_rows: torch.Tensor, start: int, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor,
+                  kb: torch.Tensor | None) -> torch.Tensor:
         r, m = q_rows.shape[2], reach[start // block]
         if m == 0:  # nothing retained yet: these rows are 0
             return q_rows.new_zeros(b, h, r, values.shape[-1], dtype=acc)
-        s = grouped_logits(q_rows.to(acc), keys[:, :, :m], scale).view(b, hkv, g, r, m)
+        s = grouped_logits(q_rows.to(acc), keys[:, :, :m], scale, buffer).view(b, hkv, g, r, m)
         where = torch.arange(offset + start, offset + start + r, device=q.device)
         hidden = pos[:, :, None, None, :m] > where[:, None]  # (B, Hkv, 1, r, m)
         if grad:
@@ -78,4 +80,4 @@ def attend(
         p = e / total if grad else e.div_(total)
         return grouped_pv(p.view(b, h, r, m), values[:, :, :m])
 
-    return query_blocks(one_block, q, block, save_memory=grad).to(q.dtype)
+    return query_blocks(one_block, q, block, values.shape[-1], keys, values, pos, kb, dtype=acc).to(q.dtype)

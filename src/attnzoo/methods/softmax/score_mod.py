@@ -126,7 +126,8 @@ def torch_blockwise(
     sq, skv = q.shape[2], k.shape[2]
     slopes = _slopes(alibi, q.shape[1], q)
 
-    def modify(s: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def modify(s: torch.Tensor, start: int, end: int, *hook_tensors: torch.Tensor) -> torch.Tensor:
+        slopes = hook_tensors[0] if hook_tensors else None
         distance = None
         if slopes is not None:
             distance = _distance_rows(start, end, skv - sq, s.shape[-1], s)
@@ -140,7 +141,8 @@ def torch_blockwise(
 
     hooked = softcap > 0 or slopes is not None
     return blocked_softmax_attention(
-        q, k, v, scale=scale, causal=causal, mask=mask, bias=bias, score_mod=modify if hooked else None
+        q, k, v, scale=scale, causal=causal, mask=mask, bias=bias, score_mod=modify if hooked else None,
+        hook_tensors=() if slopes is None else (slopes,),
     )
 
 

@@ -107,7 +107,7 @@ def torch_blockwise(
     centre = (coeffs.shape[1] - 1) // 2
     reversed_ = coeffs.flip(-1)  # reversed_[centre − d] = c[d]
 
-    def reweight(p: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def reweight(p: torch.Tensor, start: int, end: int, reversed_: torch.Tensor) -> torch.Tensor:
         # Row i needs (c[i − j])_j = reversed_[centre − i + j], the window of reversed_ starting at centre − i: the
         # block's windows are consecutive, in reverse row order (a strided view, then one flip of the band).
         keys = p.shape[-1]
@@ -115,7 +115,9 @@ def torch_blockwise(
         band = windows.flip(-2)
         return p.mul_(band) if inplace() else p * band
 
-    return blocked_softmax_attention(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias, prob_mod=reweight)
+    return blocked_softmax_attention(
+        q, k, v, scale=scale, causal=causal, mask=mask, bias=bias, prob_mod=reweight, hook_tensors=(reversed_,)
+    )
 
 
 register(SPEC, reference, [Backend("torch", torch_blockwise)])
