@@ -6,8 +6,9 @@ Formula as implemented: ``O = (σ(scale · Q Kᵀ + bias + b) ⊙ M) V`` with ``
 bottom-right causal) and no row normalisation. ``b = sigmoid_bias`` defaults to ``−log(seq_kv)``, the paper's choice
 that keeps the initial attention norm near that of softmax attention. A row with no visible key gives 0.
 
-Fast path ``torch`` (:class:`_SigmoidTiles`): since rows are not normalised, any split of the work simply adds up,
-so the scores are computed tile by tile, never all at once. On CPU a tile is one key/value head of one batch row (the
+Fast path ``torch`` (:func:`torch_tiled`, the autograd function :class:`_SigmoidTiles`): since rows are not
+normalised, any split of the work simply adds up, so the scores are computed tile by tile, never all at once. On CPU a
+tile is one key/value head of one batch row (the
 query heads of its GQA group stacked as rows: no K/V copies) × ``r`` query rows × at most ``KEYS_PER_TILE`` keys,
 with ``r`` chosen so the tile's scores fill ``SCORES_PER_TILE`` = 2²¹ elements (8 MiB in fp32: the tile stays in
 cache between its three passes); small calls put several heads in one tile. Other devices use few large tiles
@@ -258,7 +259,7 @@ def _flat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan
             v.contiguous().view(n, plan.seq_kv, -1))
 
 
-def blockwise(
+def torch_tiled(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, sigmoid_bias: float | None,
 ) -> torch.Tensor:
@@ -267,4 +268,4 @@ def blockwise(
     return out
 
 
-register(SPEC, reference, [Backend("torch", blockwise)])
+register(SPEC, reference, [Backend("torch", torch_tiled)])
