@@ -68,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--case-timeout", type=float, default=None, help="seconds before a case is stopped (timeout)")
     p.add_argument("--steps", type=int, default=None, help="training steps per quality case (equal for every method)")
     p.add_argument("--phases", type=_csv, default=None,
-                   help="efficiency,approximation,quality,fresh (default: all four; fresh: peak memory in a new "
-                        "interpreter for methods with sub-quadratic memory)")
+                   help="efficiency,approximation,quality,fresh (default: all four; fresh: peak memory in a fresh "
+                        "process for methods with sub-quadratic memory)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import MODULE first (registers your own methods); repeatable")
     p.add_argument("--in-process", action="store_true",

@@ -1,4 +1,4 @@
-"""Fresh-process peak memory: one call measured in a new Python interpreter, as a user's first call would run.
+"""Fresh-process peak memory: one call measured in a fresh process, as a user's first call would run.
 
 Why: the warm figure (:class:`attnzoo.bench.measure.PeakMemory` in the benchmark's worker, where glibc is told to
 ``mmap`` every allocation of 64 KiB or more) measures the tensors a call keeps alive. A user's process runs with

@@ -9,7 +9,7 @@
 
 Every row keeps its case (method, backend, pattern, mode, length, shapes, device, dtype) and ``status`` (``ok``,
 ``unsupported``, ``error``, ``oom``, ``timeout``, ``crashed``, ``skipped``) with a ``reason``. ``fresh_memory`` (the
-peak memory of one call in a new interpreter, :mod:`attnzoo.bench.fresh`) and ``suites`` (the rows of a named suite,
+peak memory of one call in a fresh process, :mod:`attnzoo.bench.fresh`) and ``suites`` (the rows of a named suite,
 :mod:`attnzoo.bench.suites`) came with version 1.1. A reader accepts any ``attnzoo.bench/1.x`` file (sections missing
 from an older file read as empty lists); a later major version is refused with a clear error.
 """

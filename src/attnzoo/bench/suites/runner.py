@@ -1,7 +1,7 @@
 """Run named suite cases: measure each (:data:`MEASURERS`), check its floors, record a row, print the table.
 
 Timing cases run in this process, one at a time, with :func:`attnzoo.bench.measure.interleaved` (the one timer);
-memory cases run each side in a fresh interpreter (:func:`attnzoo.bench.fresh.probe`, the one memory probe). A case
+memory cases run each side in a fresh process (:func:`attnzoo.bench.fresh.probe`, the one memory probe). A case
 that fails is recorded (``error`` with the exception, ``skipped`` when its optional package is missing) and the run
 goes on. Rows go to ``results.json`` under ``suites`` (schema ``attnzoo.bench/1.1``) and to ``summary.md`` and
 ``report.html`` as the suite table (:func:`attnzoo.bench.tables.suite_table`).
