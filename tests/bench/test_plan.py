@@ -30,7 +30,9 @@ def test_pick_backend_skips_avoided_and_unable_backends():
     flexed = replace(m, backends=(Backend("flex", m.backends[0].fn, lambda call: None), *m.backends))
     call = efficiency.measure.make_call({**DIMS, "seq_q": 8, "seq_kv": 8}, causal=False, requires_grad=False)
     assert efficiency.pick_backend(flexed, call, ["flex"]) == "torch"
-    assert efficiency.pick_backend(flexed, call, []) == "flex"
+    assert efficiency.pick_backend(flexed, call, []) == "torch"  # auto's order on CPU: torch before flex
+    favoured = replace(m, backends=(Backend("flex", m.backends[0].fn, priority={"cpu": 99}), *m.backends))
+    assert efficiency.pick_backend(favoured, call, []) == "flex"  # a declared priority wins
     refusing = replace(m, backends=(Backend("torch", m.backends[0].fn, lambda call: "no"),))
     assert efficiency.pick_backend(refusing, call, []) == "auto"
 

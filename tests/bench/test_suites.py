@@ -9,7 +9,7 @@ import pytest
 import attnzoo
 from attnzoo.bench import add_arguments, efficiency, fresh, main, suites
 from attnzoo.bench.efficiency import attach_fresh
-from attnzoo.bench.suites import Case, Floor, Target, at_least, at_most, below, runner
+from attnzoo.bench.suites import Case, Floor, Target, at_least, at_most, below, runner, structured
 from attnzoo.bench.tables import md_table, suite_table, summary_markdown
 from attnzoo.errors import AttnzooError
 
@@ -85,7 +85,7 @@ def test_fresh_plan_covers_subquadratic_methods_and_attaches_beside_the_warm_row
 
 def test_small_cases_run_and_check_their_floors():
     compare = Case("tiny_compare", "grouped vs SDPA", "compare",
-                   Target("grouped", "grouped", "torch", tensors=suites.structured.documents_of_1024), n=64, heads=2,
+                   Target("grouped", "grouped", "torch", tensors=structured.documents_of_1024), n=64, heads=2,
                    head_dim=8, floors={"speedup": at_least(1e-9)}, rounds=1)
     scaling = Case("tiny_scaling", "linear scaling", "scaling", Target("linear", "linear"), against=None, n=32,
                    n2=64, heads=2, head_dim=8, causal=True, backward=True, metric="scaling", rounds=1)

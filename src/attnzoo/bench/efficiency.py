@@ -145,9 +145,10 @@ def resolve(
 
 
 def pick_backend(m: Method, call: Call, avoid: Iterable[str]) -> str:
-    """The first registered fast path (priority order) not in ``avoid`` that serves ``call``; ``"auto"`` if none."""
+    """The fast path ``auto`` would choose for ``call`` (priority order on its device) among those not in ``avoid``;
+    ``"auto"`` if none serves it."""
     avoid = set(avoid)
-    for b in m.backends:
+    for b in m.by_priority(call.device.type):
         if b.name not in avoid and b.refusal(call) is None:
             return b.name
     return "auto"
