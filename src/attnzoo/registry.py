@@ -68,8 +68,9 @@ def pattern_of(cross: bool, causal: bool) -> str:
 
 
 @dataclass(frozen=True)
-class Call:
-    """What a backend or a parameter check may know about a call, before any compute."""
+class Shape:
+    """The sizes of a call: ``q (batch, heads, seq_q, head_dim)``, ``k (batch, kv_heads, seq_kv, head_dim)``,
+    ``v (batch, kv_heads, seq_kv, head_dim_v)``."""
 
     batch: int
     heads: int
@@ -78,6 +79,12 @@ class Call:
     seq_kv: int
     head_dim: int
     head_dim_v: int
+
+
+@dataclass(frozen=True)
+class Call(Shape):
+    """What a backend or a parameter check may know about a call, before any compute: its :class:`Shape` and these."""
+
     causal: bool
     device: torch.device
     dtype: torch.dtype

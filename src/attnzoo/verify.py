@@ -28,26 +28,14 @@ then ``attnzoo.step`` one token at a time and then a chunk of tokens give the on
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from attnzoo.api import attention, prefill, prepare, step
 from attnzoo.errors import AttnzooError
-from attnzoo.registry import PATTERNS, Call, Method, Tolerance, all_methods, get
-
-
-@dataclass(frozen=True)
-class Shape:
-    batch: int
-    heads: int
-    kv_heads: int
-    seq_q: int
-    seq_kv: int
-    head_dim: int
-    head_dim_v: int
-
+from attnzoo.registry import PATTERNS, Call, Method, Shape, Tolerance, all_methods, get
 
 # Self-attention shapes (seq_q == seq_kv) and cross-attention shapes (seq_q != seq_kv, both longer and shorter).
 SELF_SHAPES = (Shape(2, 4, 2, 33, 33, 16, 16), Shape(1, 2, 2, 1, 1, 8, 8), Shape(2, 3, 1, 129, 129, 8, 12))
@@ -92,11 +80,8 @@ def shapes_for(case: Case) -> tuple[Shape, ...]:
 
 
 def _call(shape: Shape, causal: bool, device: torch.device, dtype: torch.dtype) -> Call:
-    return Call(
-        batch=shape.batch, heads=shape.heads, kv_heads=shape.kv_heads, seq_q=shape.seq_q, seq_kv=shape.seq_kv,
-        head_dim=shape.head_dim, head_dim_v=shape.head_dim_v, causal=causal, device=device, dtype=dtype,
-        requires_grad=False, has_mask=False, has_bias=False,
-    )
+    return Call(**asdict(shape), causal=causal, device=device, dtype=dtype, requires_grad=False, has_mask=False,
+                has_bias=False)
 
 
 @dataclass
