@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from attnzoo.errors import AttnzooError, fail
-from attnzoo.registry import Backend, Call, Decoder, Method, get, methods
+from attnzoo.registry import Backend, Call, Decoder, Method, decoding_methods, get
 
 
 def attention(
@@ -246,8 +246,7 @@ def step(
 
 def _decoder(m: Method) -> Decoder:
     if m.decoder is None:
-        decoding = [name for name, spec in methods().items() if spec.decoding]
-        raise fail("method", f"a method that decodes ({', '.join(decoding)})", repr(m.name))
+        raise fail("method", f"a method that decodes ({', '.join(decoding_methods())})", repr(m.name))
     return m.decoder
 
 

@@ -421,3 +421,8 @@ def _catalogue_key(m: Method) -> tuple[int, int, str]:
 def all_methods() -> list[Method]:
     """Every registered method, in catalogue order."""
     return sorted(_REGISTRY.values(), key=_catalogue_key)
+
+
+def decoding_methods() -> list[str]:
+    """The registered methods whose spec declares decoding, in catalogue order."""
+    return [m.name for m in all_methods() if m.spec.decoding]

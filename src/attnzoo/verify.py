@@ -306,11 +306,6 @@ DECODE_SHAPE = Shape(2, 4, 2, 29, 29, 8, 6)
 DECODE_PROMPT, DECODE_SINGLE_STEPS = 13, 5
 
 
-def decoding_methods() -> list[str]:
-    """The registered methods whose spec declares decoding."""
-    return [m.name for m in all_methods() if m.spec.decoding]
-
-
 def decoding_check(name: str, device: torch.device | str = "cpu") -> Result:
     """``prefill`` on a prompt, ``step`` token by token, then ``step`` on a chunk equal one causal forward (fp64)."""
     device = torch.device(device)

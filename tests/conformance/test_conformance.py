@@ -9,7 +9,7 @@ import torch
 
 import attnzoo  # noqa: F401  (registers every method)
 from attnzoo import verify
-from attnzoo.registry import all_methods, get
+from attnzoo.registry import all_methods, decoding_methods, get
 
 CASES = verify.cases()
 
@@ -33,7 +33,7 @@ def test_bad_inputs(name: str) -> None:
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("name", verify.decoding_methods())
+@pytest.mark.parametrize("name", decoding_methods())
 def test_prefill_then_step_equals_one_causal_forward(name: str) -> None:
     result = verify.decoding_check(name)
     assert result.status == "pass", result.detail
