@@ -135,14 +135,14 @@ def _fork_job(job: dict[str, Any]) -> dict[str, Any]:
                 os._exit(code)
         os.close(write_end)
         chunks, deadline = [], time.monotonic() + timeout_s
-        with os.fdopen(read_end, "rb") as answer:
-            while select.select([answer], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                chunk = answer.read1(1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            else:
-                os.kill(pid, signal.SIGKILL)
+        while select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            chunk = os.read(read_end, 1 << 16)  # unbuffered, so select never misses what was already read
+            if not chunk:
+                break
+            chunks.append(chunk)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        os.close(read_end)
         _, status = os.waitpid(pid, 0)
         if chunks and os.WIFEXITED(status):
             return json.loads(b"".join(chunks))
