@@ -160,7 +160,7 @@ def test_step_takes_this_steps_per_token_parameters():
 @pytest.mark.parametrize(
     ("call", "argument"),
     [
-        (lambda q, k, v: az.prefill(q, k, v, method="softmax"), "method"),  # does not decode
+        (lambda q, k, v: az.prefill(q, k, v, method="rala"), "method"),  # does not decode
         (lambda q, k, v: az.prefill(q, k, v, method="lightning", decay=-1.0), "decay"),
         (lambda q, k, v: az.prefill(q, k[:, :, :5], v[:, :, :5], method="lightning"), "causal"),  # cross
         (lambda q, k, v: az.step("state", q, k, v), "state"),

@@ -14,8 +14,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
 from attnzoo.errors import AttnzooError, fail
+from attnzoo.kv.cache import KVCache, check_lengths
+from attnzoo.kv.presses.base import Press, PressContext
 from attnzoo.registry import Backend, Call, Decoder, Method, decoding_methods, get
 
 
@@ -177,7 +181,8 @@ class DecodeState:
     ``scale``, the resolved ``params`` (all but the per-token ones, see ``token_params``), ``length`` (tokens seen),
     ``call`` (the prefill's validated call: batch, heads, head dims, dtype, device that every step must match) and
     ``data``, the method's own state (a recurrent tensor, a KV cache...). ``token_params`` names the per-token
-    parameters the prefill was given as tensors: each step must pass its own token's. Treat it as a value: ``step``
+    parameters the prefill was given as tensors: each step must pass its own token's. ``press`` (and the ``layer`` it
+    sees) is applied after each step. Treat it as a value: ``step``
     returns a new one and never modifies the one it was given.
     """
 
@@ -188,25 +193,48 @@ class DecodeState:
     call: Call
     data: Any
     token_params: tuple[str, ...] = ()
+    press: Press | None = None
+    layer: int | None = None
 
 
 def prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str, scale: float | None = None, **params: Any,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str, scale: float | None = None, *,
+    lengths: torch.Tensor | None = None, press: Press | None = None, layer: int | None = None, **params: Any,
 ) -> tuple[torch.Tensor, DecodeState]:
     """Causal self-attention over a prompt, returning ``(out, state)`` to continue the sequence with :func:`step`.
 
     ``q (B, H, S, D)``, ``k (B, Hkv, S, D)``, ``v (B, Hkv, S, Dv)``; ``out`` is what ``attention(q, k, v,
     method=method, causal=True, scale=scale, **params)`` returns. ``method`` must declare decoding
     (``attnzoo.get(method).spec.decoding``). Arguments are validated exactly as :func:`attention` does.
+
+    ``lengths (B,)``: the real tokens of each sequence, the rest right padding (their outputs are 0; each sequence
+    continues from its own length). ``press``: a :class:`~attnzoo.kv.presses.Press` applied to the cache once the
+    whole prompt has been attended, and after each step (methods that decode through a KV cache). ``layer``: the
+    layer index the press sees (per-layer presses).
     """
     m = get(method)
     decoder = _decoder(m)
     call, scale_, _, _, full = prepare(m, q, k, v, True, scale, None, None, params)
     _require_self(call)
-    out, data = decoder.prefill(q, k, v, scale=scale_, **full)
+    if lengths is not None:
+        lengths = check_lengths(lengths, call.batch, call.seq_q, q.device)
+    if decoder.kv_cache or lengths is None:
+        extra = {} if lengths is None else {"lengths": lengths}
+        out, data = decoder.prefill(q, k, v, scale=scale_, **full, **extra)
+    else:
+        out, data = _prefill_each(decoder, q, k, v, scale_, full, lengths)
+    if lengths is not None:
+        out = out.masked_fill(torch.arange(call.seq_q, device=q.device).view(1, 1, -1, 1)
+                              >= lengths.view(-1, 1, 1, 1), 0)
+    context = None
+    if press is not None:
+        _require_press_serves(press, data, m.name)
+        context = PressContext(q, scale_, m.name, layer, "prefill")
+        data = press.compress(data, context)
     given = tuple(n for n in decoder.token_params if isinstance(full[n], torch.Tensor))
     kept = {n: p for n, p in full.items() if n not in given}
-    return out, DecodeState(m.name, scale_, kept, call.seq_q, replace(call, params={}), data, given)
+    state = DecodeState(m.name, scale_, kept, call.seq_q, replace(call, params={}), data, given, press, layer)
+    return out, state
 
 
 def step(
@@ -217,7 +245,7 @@ def step(
     Returns ``(out, state)`` with ``out (B, H, T, Dv)``: what one causal forward over the whole sequence gives for
     these ``T`` positions. The method, scale and parameters come from ``state``; ``params`` passes the per-token
     parameters of these tokens (``(B, H, T)`` gates, say), and must not change the others. ``T > 1`` runs the
-    method's step token by token.
+    method's step token by token (and the state's press after each token).
     """
     if not isinstance(state, DecodeState):
         raise fail("state", "a DecodeState from attnzoo.prefill or attnzoo.step", type(state).__name__)
@@ -238,10 +266,38 @@ def step(
     data, outs = state.data, []
     for t in range(call.seq_q):
         token = {n: _token(p, t) if n in decoder.token_params else p for n, p in full.items()}
-        out, data = decoder.step(data, *(x[:, :, t : t + 1] for x in (q, k, v)), scale=state.scale, **token)
+        q_t, k_t, v_t = (x[:, :, t : t + 1] for x in (q, k, v))
+        out, data = decoder.step(data, q_t, k_t, v_t, scale=state.scale, **token)
+        if state.press is not None:
+            data = state.press.step(data, PressContext(q_t, state.scale, m.name, state.layer, "step"))
         outs.append(out)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out, replace(state, length=state.length + call.seq_q, data=data)
+
+
+def _prefill_each(
+    decoder: Decoder, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, params: dict[str, Any],
+    lengths: torch.Tensor,
+) -> tuple[torch.Tensor, Any]:
+    """Ragged prompts for a decoder with a fixed-size state: each sequence's prefill over its own tokens, the states
+    stacked along the batch (exact: padding never enters a state)."""
+    outs, states = [], []
+    for b, n in enumerate(lengths.tolist()):
+        one = {name: p[b : b + 1, :, :n] if name in decoder.token_params and isinstance(p, torch.Tensor) else p
+               for name, p in params.items()}
+        out, data = decoder.prefill(q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n], scale=scale, **one)
+        outs.append(F.pad(out, (0, 0, 0, q.shape[2] - n)))
+        states.append(data)
+    return torch.cat(outs), tree_map(lambda *parts: torch.cat(parts), states[0], *states[1:])
+
+
+def _require_press_serves(press: Any, data: Any, method: str) -> None:
+    if not isinstance(press, Press):
+        raise fail("press", "a Press (attnzoo.kv.presses)", type(press).__name__)
+    if not isinstance(data, KVCache):
+        cached = ", ".join(n for n in decoding_methods() if get(n).decoder.kv_cache)  # type: ignore[union-attr]
+        raise fail("press", f"a method that decodes through a KV cache ({cached})", f"{method!r}, whose state is "
+                   f"{type(data).__name__}")
 
 
 def _decoder(m: Method) -> Decoder:

@@ -259,11 +259,14 @@ class Decoder:
     method's own (a tensor, a dataclass); ``attnzoo.prefill``/``attnzoo.step`` carry it in a
     :class:`~attnzoo.api.DecodeState`. ``token_params`` names the parameters that hold one entry per token along
     dim 2, ``(B, H, S)`` like gated-delta gates: the prefill takes the prompt's, each step its own token's.
+    ``kv_cache``: the state is a :class:`~attnzoo.kv.cache.KVCache` (presses apply to it) and ``prefill`` takes
+    ``lengths=`` (right-padded prompts); other decoders get ragged prompts one sequence at a time.
     """
 
     prefill: Callable[..., tuple[torch.Tensor, Any]]
     step: Callable[..., tuple[torch.Tensor, Any]]
     token_params: tuple[str, ...] = ()
+    kv_cache: bool = False
 
 
 @dataclass(frozen=True)

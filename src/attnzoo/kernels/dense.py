@@ -3,7 +3,8 @@
 - :func:`sdpa_attention` — ``scaled_dot_product_attention`` with attnzoo's call conventions (bottom-right causal mask,
   boolean user mask, additive bias, GQA without K/V copies): the fast path of softmax attention and of the methods
   that reduce to it after transforming q, k or v;
-- :func:`softmax_attention_lse` — output and log-sum-exp (see :mod:`attnzoo.kernels.merge`).
+- :func:`softmax_attention_lse` — output and log-sum-exp (see :mod:`attnzoo.kernels.merge`);
+- :func:`safe_softmax` — a softmax over the visible entries whose fully hidden rows give zeros, not NaN.
 """
 
 from __future__ import annotations
@@ -50,3 +51,13 @@ def softmax_attention_lse(
     finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     p = torch.exp(s - finite.unsqueeze(-1))
     return grouped_pv(p, v), lse
+
+
+def safe_softmax(scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis restricted to ``seen``; a row that sees nothing gets all-zero weights."""
+    s = scores.masked_fill(~seen, float("-inf"))
+    row_max = s.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(s - row_max)
+    total = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(total > 0, total, torch.ones_like(total))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from attnzoo import masks
+from attnzoo.kernels.dense import safe_softmax as safe_softmax  # re-exported: the references use it
 from attnzoo.masks import MaskMod
 
 
@@ -29,16 +30,6 @@ def visible(causal: bool, mask: torch.Tensor | None, q: torch.Tensor, k: torch.T
     m = masks.combine(causal, mask, sq, skv, q.device)
     full = torch.ones(b, h, sq, skv, dtype=torch.bool, device=q.device)
     return full if m is None else full & m
-
-
-def safe_softmax(scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis restricted to ``seen``; a row that sees nothing gets all-zero weights."""
-    s = scores.masked_fill(~seen, float("-inf"))
-    row_max = s.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    e = torch.exp(s - row_max)
-    total = e.sum(dim=-1, keepdim=True)
-    return e / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, scale: float,

@@ -9,6 +9,10 @@ Fast path ``sdpa`` (:func:`sdpa_fused`): :func:`attnzoo.kernels.dense.sdpa_atten
 ``torch.nn.functional.scaled_dot_product_attention`` with ``enable_gqa`` (no K/V copies). A plain causal self-attention
 call uses ``is_causal=True`` (no mask tensor); other masks are materialised once as a boolean (or, with a bias, float)
 mask.
+
+Decoding (:data:`DECODER`): :func:`decode_prefill` runs the causal SDPA path over the prompt and returns a
+:class:`~attnzoo.kv.cache.KVCache` of its keys and values; :func:`decode_step` appends the token and attends over the
+cache (:func:`attnzoo.kv.attend.softmax_attention`: SDPA over the cached keys, no mask tensor for a plain cache).
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import torch
 
 from attnzoo.kernels.dense import sdpa_attention
+from attnzoo.kv.attend import softmax_attention
+from attnzoo.kv.cache import KVCache
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
-from attnzoo.registry import ALL_PATTERNS, Backend, MethodSpec, register
+from attnzoo.registry import ALL_PATTERNS, Backend, Decoder, MethodSpec, register
 
 SPEC = MethodSpec(
     name="softmax",
@@ -50,4 +56,22 @@ def sdpa_fused(
     return sdpa_attention(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias)
 
 
-register(SPEC, reference, [Backend("sdpa", sdpa_fused)])
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, KVCache]:
+    """Causal attention over a (right-padded) prompt and the cache of its keys and values."""
+    out = sdpa_attention(q, k, v, causal=True, scale=scale, mask=None, bias=None)
+    return out, KVCache.from_prompt(k, v, lengths)
+
+
+def decode_step(
+    cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+) -> tuple[torch.Tensor, KVCache]:
+    """One token per sequence: append its key and value, attend over the cache."""
+    cache = cache.append(k, v)
+    return softmax_attention(cache, q, scale), cache
+
+
+DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
+
+register(SPEC, reference, [Backend("sdpa", sdpa_fused)], DECODER)

@@ -1,0 +1,11 @@
+"""K — KV caches, decoding states and presses (KV-cache compression).
+
+- :class:`~attnzoo.kv.cache.KVCache`: the cache softmax-form methods decode with (slots with positions; ragged
+  batches; rings for windowed methods; compact caches after a press);
+- :mod:`attnzoo.kv.attend`: attention of new queries over a cache;
+- :mod:`attnzoo.kv.presses`: one press per file, ``attnzoo.prefill(..., press=SnapKVPress(compression_ratio=0.5))``.
+"""
+
+from attnzoo.kv.cache import KVCache
+
+__all__ = ["KVCache"]

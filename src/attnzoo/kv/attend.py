@@ -1,0 +1,46 @@
+"""Softmax attention of new queries over a :class:`~attnzoo.kv.cache.KVCache`: the read half of every cache decoder.
+
+:func:`softmax_attention` is what softmax-form decoders call after appending their token: the query at position
+``p`` sees the occupied slots at positions ``<= p``, AND a method's own visibility (a window, a 2-D neighbourhood),
+with a method's additive score terms (ALiBi, a soft-cap applied by the caller to :meth:`KVCache.scores`). When the
+cache is a plain one (every slot occupied, no merged slots, one query, nothing else to apply) it is exactly
+``scaled_dot_product_attention`` over the cached keys — the fused kernel, no mask tensor; otherwise SDPA with a
+boolean mask, or the explicit scores when a method transforms them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnzoo.kernels.dense import safe_softmax
+from attnzoo.kv.cache import KVCache
+
+
+def softmax_attention(
+    cache: KVCache, q: torch.Tensor, scale: float, visible: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``softmax(s + M) V`` for the cache's last ``T`` tokens' queries ``q (B, H, T, D)``: ``(B, H, T, Dv)``.
+
+    ``M`` hides empty slots, slots after each query and, if given, slots where ``visible (B, H|1, T, L)`` is False.
+    ``scores``: the method's own logits ``(B, H, T, L)`` (else ``cache.scores(q, scale)``). Rows that see nothing
+    give 0.
+    """
+    heads, tokens = q.shape[1], q.shape[2]
+    q_pos = cache.query_positions(tokens)
+    if scores is None and cache.log_weight is None:
+        if visible is None and tokens == 1 and not bool((cache.positions < 0).any()):
+            return F.scaled_dot_product_attention(q, cache.keys, cache.values, scale=scale,
+                                                  enable_gqa=heads != cache.keys.shape[1])
+        seen = cache.visible_to(q_pos, heads)
+        if visible is not None:
+            seen = seen & visible
+        out = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=seen, scale=scale,
+                                             enable_gqa=heads != cache.keys.shape[1])
+        return torch.where(seen.any(-1, keepdim=True), out, torch.zeros_like(out))
+    seen = cache.visible_to(q_pos, heads)
+    if visible is not None:
+        seen = seen & visible
+    s = cache.scores(q, scale) if scores is None else scores
+    return cache.combine(safe_softmax(s, seen))
