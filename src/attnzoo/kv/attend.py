@@ -30,7 +30,7 @@ def softmax_attention(
     heads, tokens = q.shape[1], q.shape[2]
     q_pos = cache.query_positions(tokens)
     if scores is None and cache.log_weight is None:
-        if visible is None and tokens == 1 and not bool((cache.positions < 0).any()):
+        if visible is None and tokens == 1 and cache.complete:
             return F.scaled_dot_product_attention(q, cache.keys, cache.values, scale=scale,
                                                   enable_gqa=heads != cache.keys.shape[1])
         seen = cache.visible_to(q_pos, heads)

@@ -57,7 +57,8 @@ class KVCache:
 
     ``length (B,)`` counts the tokens each sequence has seen (the position its next token takes). ``log_weight``
     (``(B, Hkv, L)`` or None) is added to every score of a slot (merged slots). ``ring`` keeps only the last ``ring``
-    positions. ``extras`` holds a method's (or a press's) own per-sequence tensors (e.g. the previous token for momentum
+    positions. ``complete`` says that every slot holds a token (known without scanning the positions; False only means
+    "not known"). ``extras`` holds a method's (or a press's) own per-sequence tensors (e.g. the previous token for momentum
     attention); ``slot_data`` holds per-slot ``(B, Hkv, L)`` tensors (a press's accumulated statistics): they follow
     the slots through :meth:`keep`, and new slots get 0.
     """
@@ -72,6 +73,7 @@ class KVCache:
     slot_data: dict[str, torch.Tensor] = field(default_factory=dict)
     storage: _Storage | None = field(default=None, repr=False)
     version: int = 0
+    complete: bool = False
 
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod
@@ -85,7 +87,7 @@ class KVCache:
         pos = torch.arange(s, device=k.device).expand(b, hkv, s)
         pos = torch.where(pos < lengths.view(b, 1, 1), pos, -1).to(POSITION_DTYPE)
         if ring is None:
-            return cls(k, v, pos, lengths)
+            return cls(k, v, pos, lengths, complete=bool((lengths == s).all()))
         cache = cls.empty(b, hkv, k.shape[-1], v.shape[-1], ring, k.dtype, k.device, ring=ring)
         if s == 0:
             return replace(cache, length=lengths)
@@ -176,7 +178,8 @@ class KVCache:
         if _recorded(k, v, self.keys):  # autograd: build new tensors, never write into recorded ones
             return replace(self, keys=torch.cat([self.keys, k], 2), values=torch.cat([self.values, v], 2),
                            positions=torch.cat([self.positions, pos], 2), length=length,
-                           log_weight=_pad(self.log_weight, t), slot_data=_pad_all(self.slot_data, t), storage=None)
+                           log_weight=_pad(self.log_weight, t), slot_data=_pad_all(self.slot_data, t), storage=None,
+                           complete=self.complete or n == 0)
         storage = self.storage
         if storage is None or storage.version != self.version or n + t > storage.capacity:
             grow = n + t + max(16, (n + t) // 16)
@@ -189,7 +192,7 @@ class KVCache:
         return replace(self, keys=storage.keys[:, :, : n + t], values=storage.values[:, :, : n + t],
                        positions=storage.positions[:, :, : n + t], length=length,
                        log_weight=_pad(self.log_weight, t), slot_data=_pad_all(self.slot_data, t), storage=storage,
-                       version=storage.version)
+                       version=storage.version, complete=self.complete or n == 0)
 
     def _write_ring(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, length: torch.Tensor) -> KVCache:
         """Ring append: position ``p`` overwrites slot ``p mod ring`` (the token ``ring`` positions older)."""
@@ -230,7 +233,8 @@ class KVCache:
             log_weight = self.log_weight.gather(2, safe)
         slot_data = {n: t.gather(2, safe).masked_fill(empty, 0) for n, t in self.slot_data.items()}
         return replace(self, keys=take(self.keys), values=take(self.values), positions=positions,
-                       log_weight=log_weight, slot_data=slot_data, ring=None, storage=None, version=0)
+                       log_weight=log_weight, slot_data=slot_data, ring=None, storage=None, version=0,
+                       complete=not bool(empty.any()))
 
 
 def check_lengths(lengths: torch.Tensor | None, batch: int, seq: int, device: torch.device) -> torch.Tensor:

@@ -18,7 +18,14 @@ forward+backward), how it is measured (``measure``) and its floors. Measures:
 - ``fresh``: the target and ``against`` each in fresh processes, ``rounds`` times alternately, ``calls`` calls each:
   ``time_ratio``/``speedup`` from the best call times and ``peak_gib`` from the target's highest peak;
 - ``decode``: one recurrent ``step`` after a prefill of ``n`` and of ``n2`` tokens, 50 steps per round, interleaved:
-  ``step_ratio`` = t(after n2) / t(after n) (a fixed-size state makes it 1).
+  ``step_ratio`` = t(after n2) / t(after n) (a fixed-size state makes it 1) and ``bytes_ratio`` = the state's bytes
+  after n2 / after n;
+- ``cache_step``: one ``step`` of the target (a decoding method, with its ``press`` if any) after a prefill of ``n``
+  tokens, against ``against``'s step (SDPA of one query over the same ``n`` keys, or another decoding target), 50 steps
+  per round continuing one sequence, interleaved: ``time_ratio`` and ``bytes_ratio`` (the target state's bytes over
+  the other's; SDPA's are those of its keys and values);
+- ``cache_bytes``: the target's state bytes after a prefill of ``n`` tokens (with its press) over the bytes of the
+  same keys and values stored in fp16: ``bytes_ratio``.
 
 Every case's inputs are ``randn`` from seed 0, ``(batch, heads, n, head_dim)``, fp32; tensor parameters (document
 ids, learnable weights, a prebuilt mask) come from a named builder ``tensors(n, heads, generator)`` so that a fresh
@@ -36,8 +43,8 @@ import torch
 
 from attnzoo.errors import fail
 
-MEASURES = ("compare", "scaling", "memory", "fresh", "decode")
-METRICS = ("speedup", "time_ratio", "scaling", "peak_gib", "step_ratio")
+MEASURES = ("compare", "scaling", "memory", "fresh", "decode", "cache_step", "cache_bytes")
+METRICS = ("speedup", "time_ratio", "scaling", "peak_gib", "step_ratio", "bytes_ratio")
 OPS = {"<=": "≤", ">=": "≥", "<": "<", ">": ">"}
 
 
@@ -56,7 +63,7 @@ class Floor:
         return {"<=": x <= self.value, ">=": x >= self.value, "<": x < self.value, ">": x > self.value}[self.op]
 
     def text(self, metric: str) -> str:
-        unit = " GiB" if metric == "peak_gib" else ("" if metric in ("scaling", "step_ratio") else "×")
+        unit = " GiB" if metric == "peak_gib" else ("" if metric in ("scaling", "step_ratio", "bytes_ratio") else "×")
         return f"{OPS[self.op]} {self.value:g}{unit}"
 
 
@@ -76,6 +83,8 @@ class Target:
     tensors: TensorBuilder | None = None
     causal: bool | None = None
     peer: str | None = None
+    press: str | None = None
+    press_params: Mapping[str, Any] = field(default_factory=dict)
 
 
 SDPA = Target("SDPA")
@@ -140,10 +149,10 @@ def below(x: float) -> Floor:
 
 def suites() -> dict[str, tuple[Case, ...]]:
     """Every named suite, ``floors`` (the cases with a floor, from all the others) last."""
-    from attnzoo.bench.suites import core, linear, radial, softmax, structured
+    from attnzoo.bench.suites import core, decode, linear, radial, softmax, structured
 
     named = {"core": core.CASES, "softmax": softmax.CASES, "structured": structured.CASES, "radial": radial.CASES,
-             "linear": linear.CASES}
+             "linear": linear.CASES, "decode": decode.CASES}
     named["floors"] = tuple(c for cases in list(named.values()) for c in cases if c.floors)
     return named
 

@@ -135,26 +135,99 @@ def _fresh(case: Case, device: str, threads: int | None) -> tuple[dict[str, floa
             "against_s": t["against"]}, details
 
 
-def _decode(case: Case, device: str) -> tuple[dict[str, float], str]:
-    """Step time after prefills of ``n`` and ``n2`` tokens through ``attnzoo.prefill``/``attnzoo.step``."""
-    assert case.n2 is not None and case.target.method is not None
-    params = dict(case.target.params)
-    one = [t[:, :, :1].contiguous() for t in inputs(case, 1, device, False)]
-    fns: dict[int, Step] = {}
+def state_bytes(state: api.DecodeState) -> int:
+    """Bytes of a decoding state: a cache's ``nbytes``, else the sum of the state's tensors."""
+    data = state.data
+    if hasattr(data, "nbytes") and not isinstance(data, torch.Tensor):
+        return int(data.nbytes)
+    leaves = torch.utils._pytree.tree_leaves(data)
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+
+
+def _prefilled(case: Case, target: Target, n: int, device: str) -> api.DecodeState:
+    """The state of ``target`` (a decoding method, with its press) after a prefill of ``n`` tokens."""
+    assert target.method is not None
+    q, k, v = inputs(case, n, device, False)
+    press = None
+    if target.press is not None:
+        from attnzoo.kv.presses import presses
+
+        press = {p.name: p.cls for p in presses()}[target.press](**target.press_params)
     with torch.no_grad():
-        for n in (case.n, case.n2):
-            q, k, v = inputs(case, n, device, False)
-            state = api.prefill(q, k, v, method=case.target.method, **params)[1]
+        return api.prefill(q, k, v, method=target.method, press=press, **target.params)[1]
 
-            def steps(state: Any = state) -> None:
-                s = state
-                for _ in range(DECODE_STEPS):
-                    s = api.step(s, *one)[1]
 
-            fns[n] = steps
-        t = {n: x / DECODE_STEPS for n, x in _best(measure.interleaved(fns, case.rounds, torch.device(device))).items()}
-    details = f"after {case.n} tokens {t[case.n] * 1e6:.0f} µs, after {case.n2} {t[case.n2] * 1e6:.0f} µs per step"
-    return {"step_ratio": t[case.n2] / t[case.n], "step_s": t[case.n], "step2_s": t[case.n2]}, details
+def _stepper(case: Case, target: Target, n: int, device: str) -> tuple[Step, api.DecodeState]:
+    """``DECODE_STEPS`` steps continuing one sequence from a prefill of ``n`` tokens (each call goes on where the last
+    stopped, so a cache's storage is appended in place as in a real decode loop), and the state after one step."""
+    one = [t[:, :, :1].contiguous() for t in inputs(case, 1, device, False)]
+    with torch.no_grad():
+        current = [api.step(_prefilled(case, target, n, device), *one)[1]]
+
+    def steps() -> None:
+        with torch.no_grad():
+            s = current[0]
+            for _ in range(DECODE_STEPS):
+                s = api.step(s, *one)[1]
+            current[0] = s
+
+    return steps, current[0]
+
+
+def _sdpa_stepper(case: Case, n: int, device: str) -> tuple[Step, int]:
+    """One query over ``n`` keys by SDPA, ``DECODE_STEPS`` times, and the bytes of those keys and values."""
+    q, k, v = inputs(case, n, device, False)
+    q1 = q[:, :, -1:].contiguous()
+
+    def steps() -> None:
+        with torch.no_grad():
+            for _ in range(DECODE_STEPS):
+                F.scaled_dot_product_attention(q1, k, v)
+
+    return steps, sum(t.numel() * t.element_size() for t in (k, v))
+
+
+def _decode(case: Case, device: str) -> tuple[dict[str, float], str]:
+    """Step time and state bytes after prefills of ``n`` and ``n2`` tokens through ``attnzoo.prefill``/``step``."""
+    assert case.n2 is not None
+    fns, size = {}, {}
+    for n in (case.n, case.n2):
+        fns[n], state = _stepper(case, case.target, n, device)
+        size[n] = state_bytes(state)
+    t = {n: x / DECODE_STEPS for n, x in _best(measure.interleaved(fns, case.rounds, torch.device(device))).items()}
+    details = (f"after {case.n} tokens {t[case.n] * 1e6:.0f} µs and {size[case.n] / 2**20:.2f} MiB, after {case.n2} "
+               f"{t[case.n2] * 1e6:.0f} µs and {size[case.n2] / 2**20:.2f} MiB per step")
+    return {"step_ratio": t[case.n2] / t[case.n], "bytes_ratio": size[case.n2] / size[case.n], "step_s": t[case.n],
+            "step2_s": t[case.n2]}, details
+
+
+def _cache_step(case: Case, device: str) -> tuple[dict[str, float], str]:
+    """A decoding target's step against SDPA over the same keys, or against another decoding target."""
+    against = case.against or SDPA
+    fns, size = {}, {}
+    fns["target"], state = _stepper(case, case.target, case.n, device)
+    size["target"] = state_bytes(state)
+    if against.method is None:
+        fns["against"], size["against"] = _sdpa_stepper(case, case.n, device)
+    else:
+        fns["against"], state = _stepper(case, against, case.n, device)
+        size["against"] = state_bytes(state)
+    t = {r: x / DECODE_STEPS for r, x in _best(measure.interleaved(fns, case.rounds, torch.device(device))).items()}
+    details = (f"{case.target.label} {t['target'] * 1e6:.0f} µs/step, {size['target'] / 2**20:.1f} MiB; "
+               f"{against.label} {t['against'] * 1e6:.0f} µs/step, {size['against'] / 2**20:.1f} MiB")
+    return {"time_ratio": t["target"] / t["against"], "speedup": t["against"] / t["target"],
+            "bytes_ratio": size["target"] / size["against"], "target_s": t["target"], "against_s": t["against"]}, \
+        details
+
+
+def _cache_bytes(case: Case, device: str) -> tuple[dict[str, float], str]:
+    """The target's state bytes after a prefill of ``n`` tokens over those of its keys and values in fp16."""
+    state = _prefilled(case, case.target, case.n, device)
+    kv_heads = state.call.kv_heads
+    fp16 = case.batch * kv_heads * case.n * (state.call.head_dim + state.call.head_dim_v) * 2
+    mine = state_bytes(state)
+    details = f"{case.target.label} {mine / 2**20:.2f} MiB; the fp16 cache {fp16 / 2**20:.2f} MiB"
+    return {"bytes_ratio": mine / fp16}, details
 
 
 def measure_case(case: Case, device: str = "cpu", threads: int | None = None) -> tuple[dict[str, float], str]:
@@ -170,6 +243,10 @@ def measure_case(case: Case, device: str = "cpu", threads: int | None = None) ->
             return _compare(case, device)
         if case.measure == "scaling":
             return _scaling(case, device)
+        if case.measure == "cache_step":
+            return _cache_step(case, device)
+        if case.measure == "cache_bytes":
+            return _cache_bytes(case, device)
         return _decode(case, device)
     finally:
         torch.set_num_threads(before)
@@ -179,7 +256,14 @@ def _metric_text(case: Case, metric: str, x: float) -> str:
     against = (case.against or SDPA).label
     return {"speedup": f"{x:.2f}× ({against} time / this)", "time_ratio": f"{x:.2f}× {against}'s time",
             "scaling": f"t({case.n2})/t({case.n}) = {x:.2f}", "peak_gib": f"{x:.3f} GiB",
-            "step_ratio": f"{x:.2f} (step after {case.n2} / after {case.n})"}[metric]
+            "step_ratio": f"{x:.2f} (step after {case.n2} / after {case.n})",
+            "bytes_ratio": f"{x:.3f} ({_bytes_ratio_of(case)})"}[metric]
+
+
+def _bytes_ratio_of(case: Case) -> str:
+    if case.measure == "decode":
+        return f"state bytes after {case.n2} / after {case.n}"
+    return "bytes / the fp16 cache's" if case.measure == "cache_bytes" else f"bytes / {(case.against or SDPA).label}'s"
 
 
 def run_case(case: Case, device: str = "cpu", threads: int | None = None, suite: str | None = None) -> dict[str, Any]:
