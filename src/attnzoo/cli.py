@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 import attnzoo  # registers every method
 from attnzoo import bench, verify
 from attnzoo.errors import AttnzooError
+from attnzoo.kv.presses import PressInfo, presses
 from attnzoo.registry import FAMILIES, PATTERNS, Method, MethodSpec, all_methods, get
 
 METHODS_MD = Path("docs") / "methods.md"
@@ -44,6 +46,27 @@ def _paper(spec: MethodSpec) -> str:
     return f"{spec.paper} (arXiv:{spec.arxiv})" if spec.arxiv else spec.paper
 
 
+def _decoding(m: Method) -> str:
+    if m.decoder is None:
+        return "—"
+    return "KV cache" if m.decoder.kv_cache else "state"
+
+
+def _press_paper(p: PressInfo) -> str:
+    return f"{p.paper} (arXiv:{p.arxiv})" if p.arxiv else p.paper
+
+
+def _press_options(p: PressInfo) -> str:
+    """The press's constructor fields with their defaults."""
+    fields = dataclasses.fields(p.cls) if dataclasses.is_dataclass(p.cls) else ()
+    shown = []
+    for f in fields:
+        default = f.default if f.default is not dataclasses.MISSING else (
+            "…" if f.default_factory is dataclasses.MISSING else f.default_factory())
+        shown.append(f"{f.name}={default!r}" if default != "…" else f.name)
+    return ", ".join(shown)
+
+
 def _backends(m: Method) -> str:
     """The backend names in (GPU) priority order; an approximate one shows its tolerance against the reference."""
     labels = []
@@ -57,7 +80,8 @@ def _backends(m: Method) -> str:
 MARKDOWN_INTRO = """\
 IDs are those of the catalogue (`S` softmax-form, `P` structured sparsity, `L` linear/recurrent...). *exact*: the
 method computes its own definition exactly (*approx*: it approximates softmax attention by design). *decoding*:
-`attnzoo.prefill` and `attnzoo.step` continue a causal sequence token by token. *backends*: in the order
+`attnzoo.prefill` and `attnzoo.step` continue a causal sequence token by token, through a KV cache (presses apply) or
+a fixed-size state. *backends*: in the order
 `backend="auto"` tries them on a GPU (on CPU `torch` comes before `flex`); `reference` is the dense definition every
 backend is checked against."""
 
@@ -82,12 +106,28 @@ def methods_markdown() -> str:
             params = "<br>".join(f"`{p.name}`={p.default!r}: {p.doc}" for p in s.params) or "—"
             lines.append(
                 f"| {s.mechanism} | `{s.name}` | {_paper(s)} | {'exact' if s.exact else 'approx'} | {_patterns(s)} | "
-                f"{'yes' if s.decoding else '—'} | {params} | {_backends(m)} | {s.complexity} |"
+                f"{_decoding(m)} | {params} | {_backends(m)} | {s.complexity} |"
             )
+    lines += ["", "## Presses — KV-cache compression (`attnzoo/kv/presses/`)", "", PRESSES_INTRO, "",
+              "| ID | press | paper | what it does | reads | options |", "|---|---|---|---|---|---|"]
+    for p in presses():
+        lines.append(f"| {p.mechanism} | `{p.name}` | {_press_paper(p)} | {p.summary} | "
+                     f"{', '.join(p.needs) or 'keys, values'} | `{_press_options(p)}` |")
     return "\n".join(lines) + "\n"
 
 
+PRESSES_INTRO = """\
+A press transforms the KV cache of a method that decodes through one: `attnzoo.prefill(q, k, v, method="softmax",
+press=SnapKVPress(compression_ratio=0.5))` attends the whole prompt, then compresses the cache (and, for presses that
+define it, keeps compressing while decoding). `compression_ratio` is the fraction of tokens removed."""
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.presses:
+        rows = [[p.mechanism, p.name, _press_paper(p), p.summary, ", ".join(p.needs) or "keys, values"]
+                for p in presses()]
+        _print_table("attnzoo presses", ["ID", "press", "paper", "what it does", "reads"], rows)
+        return 0
     if args.markdown is not None:
         path = Path(args.markdown)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +136,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     rows = [
         [m.spec.mechanism, m.name, m.spec.family, "exact" if m.spec.exact else "approx", _patterns(m.spec),
-         "yes" if m.spec.decoding else "—", _backends(m)]
+         _decoding(m), _backends(m)]
         for m in all_methods()
     ]
     _print_table("attnzoo methods", ["ID", "name", "family", "exact", "patterns", "decoding", "backends"], rows)
@@ -118,6 +158,15 @@ def where(fn: Callable[..., object]) -> tuple[str, str]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    known = {p.name: p for p in presses()}
+    if args.name in known:
+        p = known[args.name]
+        print(f"{p.name} ({p.mechanism}, press): {p.summary}")
+        print(f"paper: {_press_paper(p)}")
+        print(f"reads: {', '.join(p.needs) or 'keys, values'}")
+        print(f"options: {_press_options(p)}")
+        print(f"defined at: {where(p.cls)[1]}")
+        return 0
     m = get(args.name)
     s = m.spec
     print(f"{s.name} ({s.mechanism}, family {s.family}): {s.summary}")
@@ -169,11 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="CAB-style efficiency and quality benchmark of the registered methods")
     bench.add_arguments(p)
     p.set_defaults(fn=bench.main)
-    p = sub.add_parser("list", help="list registered methods")
+    p = sub.add_parser("list", help="list registered methods (or presses)")
+    p.add_argument("--presses", action="store_true", help="list the KV-cache presses instead of the methods")
     p.add_argument("--markdown", nargs="?", const=str(METHODS_MD), default=None, metavar="PATH",
                    help=f"write the methods table as Markdown (default path {METHODS_MD})")
     p.set_defaults(fn=cmd_list)
-    p = sub.add_parser("info", help="show one method's spec")
+    p = sub.add_parser("info", help="show one method's (or press's) spec")
     p.add_argument("name")
     p.set_defaults(fn=cmd_info)
     p = sub.add_parser("verify", help="run the conformance checks on this machine")
