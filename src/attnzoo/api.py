@@ -245,7 +245,8 @@ def step(
     Returns ``(out, state)`` with ``out (B, H, T, Dv)``: what one causal forward over the whole sequence gives for
     these ``T`` positions. The method, scale and parameters come from ``state``; ``params`` passes the per-token
     parameters of these tokens (``(B, H, T)`` gates, say), and must not change the others. ``T > 1`` runs the
-    method's step token by token (and the state's press after each token).
+    method's step once on the chunk if its decoder is ``chunked``, else token by token (and the state's press after
+    each).
     """
     if not isinstance(state, DecodeState):
         raise fail("state", "a DecodeState from attnzoo.prefill or attnzoo.step", type(state).__name__)
@@ -264,10 +265,11 @@ def step(
     _require_self(call)
     _require_continues(state.call, call)
     data, outs = state.data, []
-    for t in range(call.seq_q):
-        token = {n: _token(p, t) if n in decoder.token_params else p for n, p in full.items()}
-        q_t, k_t, v_t = (x[:, :, t : t + 1] for x in (q, k, v))
-        out, data = decoder.step(data, q_t, k_t, v_t, scale=state.scale, **token)
+    chunks = [(0, call.seq_q)] if decoder.chunked else [(t, t + 1) for t in range(call.seq_q)]
+    for a, b in chunks:
+        part = {n: _tokens(p, a, b) if n in decoder.token_params else p for n, p in full.items()}
+        q_t, k_t, v_t = (x[:, :, a:b] for x in (q, k, v))
+        out, data = decoder.step(data, q_t, k_t, v_t, scale=state.scale, **part)
         if state.press is not None:
             data = state.press.step(data, PressContext(q_t, state.scale, m.name, state.layer, "step"))
         outs.append(out)
@@ -324,6 +326,6 @@ def _require_continues(before: Call, now: Call) -> None:
             raise fail(arg, f"{name} {getattr(before, name)} (that of the prefill)", getattr(now, name))
 
 
-def _token(value: Any, t: int) -> Any:
-    """Token ``t`` of a per-token parameter (dim 2); a scalar is the same for every token."""
-    return value[:, :, t : t + 1] if isinstance(value, torch.Tensor) else value
+def _tokens(value: Any, start: int, stop: int) -> Any:
+    """Tokens ``start:stop`` of a per-token parameter (dim 2); a scalar is the same for every token."""
+    return value[:, :, start:stop] if isinstance(value, torch.Tensor) else value

@@ -252,21 +252,23 @@ class Decoder:
     """A method's recurrent form: a causal forward that returns a state, and a step that continues from it.
 
     - ``prefill(q, k, v, *, scale, **params) -> (out, state)``: causal self-attention over a prompt;
-    - ``step(state, q, k, v, *, scale, **params) -> (out, state)``: one token (seq 1); ``state=None`` starts an empty
-      sequence.
+    - ``step(state, q, k, v, *, scale, **params) -> (out, state)``: one token (seq 1; several if ``chunked``);
+      ``state=None`` starts an empty sequence.
 
     Both are called, like a backend, with validated inputs, the resolved scale and every parameter. The state is the
     method's own (a tensor, a dataclass); ``attnzoo.prefill``/``attnzoo.step`` carry it in a
     :class:`~attnzoo.api.DecodeState`. ``token_params`` names the parameters that hold one entry per token along
     dim 2, ``(B, H, S)`` like gated-delta gates: the prefill takes the prompt's, each step its own token's.
     ``kv_cache``: the state is a :class:`~attnzoo.kv.cache.KVCache` (presses apply to it) and ``prefill`` takes
-    ``lengths=`` (right-padded prompts); other decoders get ragged prompts one sequence at a time.
+    ``lengths=`` (right-padded prompts); other decoders get ragged prompts one sequence at a time. ``chunked``: ``step``
+    takes ``T >= 1`` tokens at once (else ``attnzoo.step`` runs it token by token).
     """
 
     prefill: Callable[..., tuple[torch.Tensor, Any]]
     step: Callable[..., tuple[torch.Tensor, Any]]
     token_params: tuple[str, ...] = ()
     kv_cache: bool = False
+    chunked: bool = False
 
 
 @dataclass(frozen=True)

@@ -57,10 +57,10 @@ class KVCache:
 
     ``length (B,)`` counts the tokens each sequence has seen (the position its next token takes). ``log_weight``
     (``(B, Hkv, L)`` or None) is added to every score of a slot (merged slots). ``ring`` keeps only the last ``ring``
-    positions. ``complete`` says that every slot holds a token (known without scanning the positions; False only means
-    "not known"). ``extras`` holds a method's (or a press's) own per-sequence tensors (e.g. the previous token for momentum
-    attention); ``slot_data`` holds per-slot ``(B, Hkv, L)`` tensors (a press's accumulated statistics): they follow
-    the slots through :meth:`keep`, and new slots get 0.
+    positions. ``complete`` says that every slot holds a token (known without scanning the positions; False only
+    means "not known"). ``extras`` holds a method's (or a press's) own per-sequence tensors (e.g. the previous token
+    for momentum attention); ``slot_data`` holds per-slot ``(B, Hkv, L)`` tensors (a press's accumulated
+    statistics): they follow the slots through :meth:`keep`, and new slots get 0.
     """
 
     keys: torch.Tensor

@@ -11,8 +11,9 @@ call uses ``is_causal=True`` (no mask tensor); other masks are materialised once
 mask.
 
 Decoding (:data:`DECODER`): :func:`decode_prefill` runs the causal SDPA path over the prompt and returns a
-:class:`~attnzoo.kv.cache.KVCache` of its keys and values; :func:`decode_step` appends the token and attends over the
-cache (:func:`attnzoo.kv.attend.softmax_attention`: SDPA over the cached keys, no mask tensor for a plain cache).
+:class:`~attnzoo.kv.cache.KVCache` of its keys and values; :func:`decode_step` appends the tokens (one, or a
+chunk) and attends over the cache (:func:`attnzoo.kv.attend.softmax_attention`: SDPA over the cached keys, no mask
+tensor for a plain cache; a chunk is causal within itself through the positions).
 """
 
 from __future__ import annotations
@@ -67,11 +68,11 @@ def decode_prefill(
 def decode_step(
     cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
 ) -> tuple[torch.Tensor, KVCache]:
-    """One token per sequence: append its key and value, attend over the cache."""
+    """``T`` tokens per sequence: append their keys and values, attend over the cache (causal within the chunk)."""
     cache = cache.append(k, v)
     return softmax_attention(cache, q, scale), cache
 
 
-DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
+DECODER = Decoder(decode_prefill, decode_step, kv_cache=True, chunked=True)
 
 register(SPEC, reference, [Backend("sdpa", sdpa_fused)], DECODER)
