@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
+from attnzoo.kv.cache import KVCache
+from attnzoo.kv.presses import Press, PressContext
 
 
 def qkv(b=2, h=4, hkv=2, sq=9, skv=9, d=8, dv=8, dtype=torch.float32):
@@ -169,11 +173,51 @@ def test_step_takes_this_steps_per_token_parameters():
         (lambda q, k, v: az.step(_state(q, k, v), q[:, :, :1], k[:, :, :1], v[:, :, :1], decay=0.5), "decay"),
         (lambda q, k, v: az.step(_state(q, k, v), q[:, :, :1], k[:, :, :1], v[:, :, :1], scale=0.5), "scale"),
         (lambda q, k, v: az.step(_state(q, k, v), q[:, :, :1], k[:, :, :1], v[:, :, :1], decai=0.5), "decai"),
+        (lambda q, k, v: az.prefill(q, k, v, method="softmax", lengths=torch.tensor([12, 13])), "lengths"),
+        (lambda q, k, v: az.prefill(q, k, v, method="softmax", lengths=torch.tensor([1.0, 2.0])), "lengths"),
+        (lambda q, k, v: az.prefill(q, k, v, method="softmax", lengths=torch.tensor([3])), "lengths"),
+        (lambda q, k, v: az.prefill(q, k, v, method="softmax", press="snapkv"), "press"),
+        (lambda q, k, v: az.prefill(q, k, v, method="lightning", press=_KeepFirst()), "press"),  # no KV cache
     ],
 )
 def test_bad_decoding_calls_name_the_argument(call, argument):
     with pytest.raises(AttnzooError, match=rf"^{argument}:"):
         call(*_decode_inputs())
+
+
+@dataclass(frozen=True)
+class _KeepFirst(Press):
+    """A press for the API tests: keeps each row's first two slots."""
+
+    def compress(self, cache: KVCache, context: PressContext) -> KVCache:
+        return cache.keep(torch.arange(2).expand(*cache.positions.shape[:2], 2))
+
+
+def test_a_press_transforms_the_cache_after_the_whole_prompt():
+    q, k, v = _decode_inputs()
+    full = az.attention(q[:, :, :8], k[:, :, :8], v[:, :, :8], method="softmax", causal=True)
+    out, state = az.prefill(q[:, :, :8], k[:, :, :8], v[:, :, :8], method="softmax", press=_KeepFirst())
+    torch.testing.assert_close(out, full)  # the prompt is attended in full
+    assert state.data.slots == 2 and state.press == _KeepFirst()
+    one, state = az.step(state, q[:, :, 8:9], k[:, :, 8:9], v[:, :, 8:9])
+    idx = [0, 1, 8]  # the step sees the kept tokens and itself
+    want = az.attention(q[:, :, 8:9], k[:, :, idx], v[:, :, idx], method="softmax", causal=True)
+    torch.testing.assert_close(one, want)
+    assert state.data.positions[0, 0].tolist() == [0, 1, 8]
+
+
+@pytest.mark.parametrize("method", ["softmax", "lightning"])
+def test_ragged_prompts_continue_each_sequence_from_its_own_length(method):
+    q, k, v = _decode_inputs()
+    lengths = torch.tensor([8, 5])
+    out, state = az.prefill(q[:, :, :8], k[:, :, :8], v[:, :, :8], method=method, lengths=lengths)
+    assert out[1, :, 5:].abs().max() == 0  # padding gives zeros
+    nxt, _ = az.step(state, q[:, :, 8:10], k[:, :, 8:10], v[:, :, 8:10])
+    for b, n in enumerate(lengths.tolist()):
+        idx = [*range(n), 8, 9]  # the sequence's own tokens, then the two new ones at positions n, n + 1
+        want = az.attention(*(x[b : b + 1, :, idx] for x in (q, k, v)), method=method, causal=True)
+        torch.testing.assert_close(out[b : b + 1, :, :n], want[:, :, :n])
+        torch.testing.assert_close(nxt[b : b + 1], want[:, :, n:])
 
 
 def _state(q, k, v):
