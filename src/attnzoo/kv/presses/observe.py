@@ -6,8 +6,11 @@
   a press that reads the whole prompt's attention (H2O, RazorAttention, EMS) never holds the ``S × L`` matrix.
 - :func:`accumulated_attention`: the attention every slot received from all prompt queries (H2O's heavy-hitter score),
   summed over each GQA group, and how many queries could see it.
-- :func:`group_mean`: per-kv-head weights (the mean over the query heads of a GQA group).
+- :func:`group_mean`: per-kv-head weights (the mean over the query heads of a GQA group); :func:`mean_attention`: the
+  attention of a few queries averaged over them and over each group (observation windows, pseudo queries).
 - :func:`protect`: scores with some slots forced above every other, the more recent first (sinks, windows).
+- :func:`kept_mask`, :func:`slot_counts`: which slots an index keeps, and how many tokens each slot stands for
+  (merging presses).
 - :func:`check_positive`, :func:`check_fraction`: the presses' own argument checks.
 - :func:`decode_target` and :func:`evict_to`: the tokens a press keeps while decoding (a ``budget``, or the share
   ``1 − compression_ratio`` of the tokens seen so far) and the eviction down to it.
@@ -51,6 +54,14 @@ def group_mean(weights: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return weights.reshape(b, kv_heads, h // kv_heads, *weights.shape[2:]).mean(2)
 
 
+def mean_attention(cache: KVCache, q: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(B, Hkv, L)``: the attention of queries ``q (B, H, T, D)`` at ``q_pos (B, 1, T, 1)`` over the slots,
+    averaged over each sequence's real queries (position ``>= 0``) and over each GQA group."""
+    weights = attention_weights(cache, q, q_pos, scale)
+    rows = (q_pos >= 0).sum(2).clamp(min=1)  # (B, 1, 1)
+    return group_mean(weights.sum(2) / rows, cache.keys.shape[1])
+
+
 def accumulated_attention(
     cache: KVCache, queries: torch.Tensor, scale: float, block: int = QUERY_BLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +99,20 @@ def evict_to(cache: KVCache, scores: torch.Tensor, target: torch.Tensor) -> KVCa
     if not bool((cache.token_counts() > target).any()):
         return cache
     return cache.keep(top_slots(scores, cache, target))
+
+
+def kept_mask(index: torch.Tensor, slots: int) -> torch.Tensor:
+    """``(B, Hkv, slots)``: the slots named in ``index (B, Hkv, L')`` (``-1`` entries name none)."""
+    mask = torch.zeros(*index.shape[:2], slots + 1, dtype=torch.bool, device=index.device)
+    mask.scatter_(2, torch.where(index >= 0, index, slots).long(), True)
+    return mask[..., :slots]
+
+
+def slot_counts(cache: KVCache) -> torch.Tensor:
+    """``(B, Hkv, L)``: the tokens each slot stands for (``exp(log_weight)``; 1 for a plain slot, 0 for an empty)."""
+    counts = torch.ones_like(cache.positions, dtype=torch.float32) if cache.log_weight is None else (
+        cache.log_weight.float().exp())
+    return counts * cache.occupied()
 
 
 def check_positive(name: str, value: int) -> None:

@@ -39,7 +39,15 @@ import torch.nn.functional as F
 from attnzoo.errors import fail
 from attnzoo.kv.cache import KVCache
 from attnzoo.kv.presses.base import PressContext, ScorerPress, kept_tokens, register_press, top_slots
-from attnzoo.kv.presses.observe import QUERY_BLOCK, attention_blocks, check_fraction, check_positive, group_mean
+from attnzoo.kv.presses.observe import (
+    QUERY_BLOCK,
+    attention_blocks,
+    check_fraction,
+    check_positive,
+    group_mean,
+    kept_mask,
+    slot_counts,
+)
 from attnzoo.kv.presses.streaming_llm import sink_and_recent
 
 
@@ -107,13 +115,8 @@ def head_mask(heads: Sequence[int] | Sequence[bool], kv_heads: int, device: torc
 def with_compensation(cache: KVCache, index: torch.Tensor, dropping: torch.Tensor) -> KVCache:
     """The cache of slots ``index`` plus, on rows where ``dropping``, one compensation slot: the count-weighted mean
     key and value of the dropped slots, ``log_weight = log(count)``, the last dropped token's position."""
-    b, hkv, n = cache.positions.shape
-    kept = torch.zeros(b, hkv, n + 1, dtype=torch.bool, device=index.device)
-    kept.scatter_(2, torch.where(index >= 0, index, n).long(), True)
-    dropped = cache.occupied() & ~kept[..., :n]
-    counts = torch.ones_like(cache.positions, dtype=torch.float32) if cache.log_weight is None else (
-        cache.log_weight.float().exp())
-    counts = counts * dropped
+    dropped = cache.occupied() & ~kept_mask(index, cache.slots)
+    counts = slot_counts(cache) * dropped
     total = counts.sum(-1, keepdim=True)  # (B, Hkv, 1)
     share = (counts / total.clamp(min=1e-30)).unsqueeze(-1)
     mean_k = (share * cache.keys.float()).sum(2, keepdim=True).to(cache.keys.dtype)

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from attnzoo.errors import fail
 from attnzoo.kv.cache import KVCache
-from attnzoo.kv.presses.base import PressContext, ScorerPress, attention_weights, recent_queries, register_press
-from attnzoo.kv.presses.observe import check_positive, group_mean, protect
+from attnzoo.kv.presses.base import PressContext, ScorerPress, recent_queries, register_press
+from attnzoo.kv.presses.observe import check_positive, mean_attention, protect
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,7 @@ class SnapKVPress(ScorerPress):
 def window_attention(cache: KVCache, context: PressContext, window: int) -> torch.Tensor:
     """``(B, Hkv, L)``: the attention of each sequence's last ``window`` queries over the slots, averaged over the
     window's queries and over each GQA group."""
-    q, q_pos = recent_queries(cache, context.queries, window)
-    weights = attention_weights(cache, q, q_pos, context.scale)  # (B, H, w, L)
-    rows = (q_pos >= 0).sum(2).clamp(min=1)  # (B, 1, 1): the window's real queries
-    return group_mean(weights.sum(2) / rows, cache.keys.shape[1])
+    return mean_attention(cache, *recent_queries(cache, context.queries, window), context.scale)
 
 
 def in_window(cache: KVCache, window: int) -> torch.Tensor:
