@@ -75,10 +75,11 @@ class RazorAttentionPress(ScorerPress):
                        repr(self.retrieval_heads))
 
     def score(self, cache: KVCache, context: PressContext) -> torch.Tensor:
-        """Sinks, then recency; retrieval heads' slots all rank first."""
+        """Sinks, then recency; a retrieval head's slots rank above every other head's (for wrappers that share a
+        budget across heads; :meth:`compress` keeps them all)."""
         retrieval = self.retrieval(cache, context).unsqueeze(-1)
         scores = sink_and_recent(cache, self.n_sink)
-        return torch.where(retrieval, scores + cache.length.view(-1, 1, 1) + 2, scores)
+        return torch.where(retrieval, scores + cache.length.view(-1, 1, 1) + self.n_sink + 1, scores)
 
     def retrieval(self, cache: KVCache, context: PressContext) -> torch.Tensor:
         """``(B, Hkv)``: which rows belong to retrieval heads."""

@@ -4,9 +4,9 @@ Paper: "Efficient Streaming Language Models with Attention Sinks" (Xiao, Tian, C
 Models put a large share of attention on the first tokens whatever they say ("attention sinks"); keeping those
 ``n_sink`` tokens (default 4, the paper's) and the most recent ones is enough to keep a model stable on streams.
 
-Score as implemented (per sequence, kv head and slot at position ``p``): ``length + 1`` for ``p < n_sink`` (always kept
-first), else ``p`` (the more recent, the better); the base keeps the top ``tokens − floor(tokens · ratio)`` (or
-``budget``). When fewer tokens are kept than ``n_sink``, the first sinks win. Positions are those of the original
+Score as implemented (per sequence, kv head and slot at position ``p``): ``length + n_sink − p`` for ``p < n_sink``
+(always kept first, the first sinks first when fewer tokens are kept than ``n_sink``), else ``p`` (the more recent,
+the better); the base keeps the top ``tokens − floor(tokens · ratio)`` (or ``budget``). Positions are those of the original
 sequence: the paper re-assigns positions inside the cache for RoPE models, which raw tensors cannot do (keys arrive
 already rotated).
 """
@@ -40,8 +40,8 @@ class StreamingLLMPress(ScorerPress):
 def sink_and_recent(cache: KVCache, n_sink: int) -> torch.Tensor:
     """``(B, Hkv, L)``: sinks (positions ``< n_sink``) above every other slot, the others by recency."""
     pos = cache.positions.float()
-    top = cache.length.view(-1, 1, 1).float() + 1
-    return torch.where((cache.positions >= 0) & (cache.positions < n_sink), top, pos)
+    sink = cache.length.view(-1, 1, 1).float() + n_sink - pos
+    return torch.where((cache.positions >= 0) & (cache.positions < n_sink), sink, pos)
 
 
 register_press(StreamingLLMPress, "K2", "Efficient Streaming Language Models with Attention Sinks", "2309.17453",
