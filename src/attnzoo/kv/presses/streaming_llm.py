@@ -6,9 +6,9 @@ Models put a large share of attention on the first tokens whatever they say ("at
 
 Score as implemented (per sequence, kv head and slot at position ``p``): ``length + n_sink − p`` for ``p < n_sink``
 (always kept first, the first sinks first when fewer tokens are kept than ``n_sink``), else ``p`` (the more recent,
-the better); the base keeps the top ``tokens − floor(tokens · ratio)`` (or ``budget``). Positions are those of the original
-sequence: the paper re-assigns positions inside the cache for RoPE models, which raw tensors cannot do (keys arrive
-already rotated).
+the better); the base keeps the top ``tokens − floor(tokens · ratio)`` (or ``budget``). Positions are those of the
+original sequence: the paper re-assigns positions inside the cache for RoPE models, which raw tensors cannot do (keys
+arrive already rotated).
 """
 
 from __future__ import annotations
