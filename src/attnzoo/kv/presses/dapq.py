@@ -29,7 +29,7 @@ import torch
 from attnzoo.errors import fail
 from attnzoo.kv.cache import KVCache
 from attnzoo.kv.presses.base import PressContext, ScorerPress, recent_queries, register_press
-from attnzoo.kv.presses.observe import check_positive, mean_attention
+from attnzoo.kv.presses.observe import check_number, check_positive, mean_attention
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,8 @@ class DapQPress(ScorerPress):
         check_positive("window_size", self.window_size)
         if self.lookahead is not None:
             check_positive("lookahead", self.lookahead)
-        if self.rope_base is not None and (isinstance(self.rope_base, bool)
-                                           or not isinstance(self.rope_base, (int, float)) or self.rope_base <= 1):
-            raise fail("rope_base", "a RoPE base > 1 (e.g. 10000.0) or None", repr(self.rope_base))
+        if self.rope_base is not None:
+            check_number("rope_base", self.rope_base, lambda x: x > 1, "a RoPE base > 1 (e.g. 10000.0) or None")
 
     def score(self, cache: KVCache, context: PressContext) -> torch.Tensor:
         q, q_pos = recent_queries(cache, context.queries, self.window_size)

@@ -28,12 +28,12 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from attnzoo.errors import fail
 from attnzoo.kv.cache import KVCache
 from attnzoo.kv.presses.base import PressContext, ScorerPress, kept_tokens, register_press, top_slots
 from attnzoo.kv.presses.observe import (
     QUERY_BLOCK,
     accumulated_attention,
+    check_number,
     check_positive,
     kept_mask,
     protect,
@@ -54,9 +54,8 @@ class EMSPress(ScorerPress):
         super().__post_init__()
         check_positive("window_size", self.window_size)
         check_positive("query_block", self.query_block)
-        if (isinstance(self.merge_threshold, bool) or not isinstance(self.merge_threshold, (int, float))
-                or not -1.0 <= self.merge_threshold <= 1.0):
-            raise fail("merge_threshold", "a cosine similarity in [-1, 1]", repr(self.merge_threshold))
+        check_number("merge_threshold", self.merge_threshold, lambda x: -1.0 <= x <= 1.0,
+                     "a cosine similarity in [-1, 1]")
 
     def score(self, cache: KVCache, context: PressContext) -> torch.Tensor:
         total, seen_by = accumulated_attention(cache, context.queries, context.scale, self.query_block)

@@ -30,7 +30,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from attnzoo.errors import fail
 from attnzoo.kv.cache import KVCache
 from attnzoo.kv.presses.base import (
     PressContext,
@@ -41,7 +40,7 @@ from attnzoo.kv.presses.base import (
     register_press,
     top_slots,
 )
-from attnzoo.kv.presses.observe import check_positive, decode_target, evict_to, group_mean, protect
+from attnzoo.kv.presses.observe import check_number, check_positive, decode_target, evict_to, group_mean, protect
 from attnzoo.kv.presses.snapkv import in_window
 
 MRI, LAST = "lazy_mri", "lazy_last"
@@ -57,10 +56,8 @@ class LazyEvictionPress(ScorerPress):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive("window_size", self.window_size)
-        if self.threshold is not None and (isinstance(self.threshold, bool)
-                                           or not isinstance(self.threshold, (int, float))
-                                           or not 0.0 < self.threshold <= 1.0):
-            raise fail("threshold", "an attention weight in (0, 1] or None", repr(self.threshold))
+        if self.threshold is not None:
+            check_number("threshold", self.threshold, lambda x: 0.0 < x <= 1.0, "an attention weight in (0, 1] or None")
 
     def score(self, cache: KVCache, context: PressContext) -> torch.Tensor:
         return self.recurrence(cache, context)[0]

@@ -11,14 +11,15 @@
 - :func:`protect`: scores with some slots forced above every other, the more recent first (sinks, windows).
 - :func:`kept_mask`, :func:`slot_counts`: which slots an index keeps, and how many tokens each slot stands for
   (merging presses).
-- :func:`check_positive`, :func:`check_fraction`: the presses' own argument checks.
+- :func:`check_positive`, :func:`check_integer`, :func:`check_number`, :func:`check_fraction`: the presses' own
+  argument checks.
 - :func:`decode_target` and :func:`evict_to`: the tokens a press keeps while decoding (a ``budget``, or the share
   ``1 − compression_ratio`` of the tokens seen so far) and the eviction down to it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -116,10 +117,20 @@ def slot_counts(cache: KVCache) -> torch.Tensor:
 
 
 def check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise fail(name, "a positive integer", repr(value))
+    check_integer(name, value, 1)
+
+
+def check_integer(name: str, value: int, minimum: int) -> None:
+    """``value`` must be an integer ``>= minimum`` (an :class:`~attnzoo.errors.AttnzooError` naming ``name``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise fail(name, f"an integer >= {minimum}", repr(value))
+
+
+def check_number(name: str, value: float, ok: Callable[[float], bool], expected: str) -> None:
+    """``value`` must be a real number for which ``ok`` holds (else an error naming ``name``, saying ``expected``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise fail(name, expected, repr(value))
 
 
 def check_fraction(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise fail(name, "a fraction in [0, 1]", repr(value))
+    check_number(name, value, lambda x: 0.0 <= x <= 1.0, "a fraction in [0, 1]")

@@ -43,6 +43,7 @@ from attnzoo.kv.presses.observe import (
     QUERY_BLOCK,
     attention_blocks,
     check_fraction,
+    check_integer,
     check_positive,
     group_mean,
     kept_mask,
@@ -64,8 +65,7 @@ class RazorAttentionPress(ScorerPress):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
-            raise fail("n_sink", "a number of sink tokens >= 0", repr(self.n_sink))
+        check_integer("n_sink", self.n_sink, 0)
         for name in ("induction_fraction", "echo_fraction", "same_token"):
             check_fraction(name, getattr(self, name))
         check_positive("query_block", self.query_block)

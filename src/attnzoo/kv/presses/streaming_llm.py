@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from attnzoo.errors import fail
 from attnzoo.kv.cache import KVCache
 from attnzoo.kv.presses.base import PressContext, ScorerPress, register_press
+from attnzoo.kv.presses.observe import check_integer
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,7 @@ class StreamingLLMPress(ScorerPress):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
-            raise fail("n_sink", "a number of sink tokens >= 0", repr(self.n_sink))
+        check_integer("n_sink", self.n_sink, 0)
 
     def score(self, cache: KVCache, context: PressContext) -> torch.Tensor:
         return sink_and_recent(cache, self.n_sink)
