@@ -68,14 +68,15 @@ def accumulated_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(total, seen_by)``, both ``(B, Hkv, L)``: the attention each slot received from every query row, summed over
     the rows and the GQA group, and the number of query rows (per head) that could see it."""
-    hkv = cache.keys.shape[1]
-    group = queries.shape[1] // hkv
+    group = queries.shape[1] // cache.keys.shape[1]
     total = cache.keys.new_zeros(cache.positions.shape, dtype=torch.float32)
-    seen_by = torch.zeros_like(total)
-    for _, weights, pos in attention_blocks(cache, queries, scale, block):
-        total += group_mean(weights.sum(2), hkv) * group
-        seen_by += (cache.visible_to(pos, hkv) & (pos >= 0)).sum(2)
-    return total, seen_by * group
+    for _, weights, _ in attention_blocks(cache, queries, scale, block):
+        total += weights.sum(2).reshape(*total.shape[:2], group, -1).sum(2)
+    # the query rows hold positions [max(length − S, 0), length): those at or after a slot's position see it
+    length = cache.length.view(-1, 1, 1)
+    first = (length - queries.shape[2]).clamp(min=0)
+    seen_by = (length - torch.maximum(cache.positions.long(), first)).clamp(min=0) * cache.occupied()
+    return total, (seen_by * group).float()
 
 
 def protect(scores: torch.Tensor, cache: KVCache, keep: torch.Tensor) -> torch.Tensor:
