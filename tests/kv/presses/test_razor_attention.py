@@ -90,3 +90,8 @@ def test_bad_arguments() -> None:
         RazorAttentionPress(n_sink=-1)
     with pytest.raises(AttnzooError, match="induction_fraction"):
         RazorAttentionPress(induction_fraction=2.0)
+
+
+def test_heads_are_stored_as_a_tuple() -> None:
+    press = RazorAttentionPress(retrieval_heads=[1, 0])
+    assert press.retrieval_heads == (1, 0) and hash(press) == hash(RazorAttentionPress(retrieval_heads=(1, 0)))

@@ -56,6 +56,7 @@ class H2OPress(ScorerPress):
         check_positive("query_block", self.query_block)
 
     def score(self, cache: KVCache, context: PressContext) -> torch.Tensor:
+        """The accumulated attention alone (:meth:`compress` also reserves the recent share)."""
         return accumulated_attention(cache, context.queries, context.scale, self.query_block)[0]
 
     def compress(self, cache: KVCache, context: PressContext) -> KVCache:

@@ -73,6 +73,8 @@ class RazorAttentionPress(ScorerPress):
                 isinstance(self.retrieval_heads, (str, bytes)) or not isinstance(self.retrieval_heads, Sequence)):
             raise fail("retrieval_heads", "kv head indices or a boolean mask over the kv heads (or None)",
                        repr(self.retrieval_heads))
+        if self.retrieval_heads is not None:  # a tuple: the press stays hashable and immutable
+            object.__setattr__(self, "retrieval_heads", tuple(self.retrieval_heads))
 
     def score(self, cache: KVCache, context: PressContext) -> torch.Tensor:
         """Sinks, then recency; a retrieval head's slots rank above every other head's (for wrappers that share a
