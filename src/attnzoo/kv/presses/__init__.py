@@ -4,5 +4,28 @@ Importing this package imports every press file, which registers it (:func:`~att
 """
 
 from attnzoo.kv.presses.base import Press, PressContext, PressInfo, ScorerPress, presses, register_press
+from attnzoo.kv.presses.dapq import DapQPress
+from attnzoo.kv.presses.ems import EMSPress
+from attnzoo.kv.presses.h2o import H2OPress
+from attnzoo.kv.presses.knorm import KnormPress
+from attnzoo.kv.presses.lazy_eviction import LazyEvictionPress
+from attnzoo.kv.presses.razor_attention import RazorAttentionPress
+from attnzoo.kv.presses.snapkv import SnapKVPress
+from attnzoo.kv.presses.streaming_llm import StreamingLLMPress
 
-__all__ = ["Press", "PressContext", "PressInfo", "ScorerPress", "presses", "register_press"]
+__all__ = [
+    "DapQPress",
+    "EMSPress",
+    "H2OPress",
+    "KnormPress",
+    "LazyEvictionPress",
+    "Press",
+    "PressContext",
+    "PressInfo",
+    "RazorAttentionPress",
+    "ScorerPress",
+    "SnapKVPress",
+    "StreamingLLMPress",
+    "presses",
+    "register_press",
+]

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 
 from attnzoo.errors import fail
-from attnzoo.kernels.dense import safe_softmax
 from attnzoo.kv.cache import KVCache
 
 
@@ -176,4 +175,6 @@ def attention_weights(cache: KVCache, q: torch.Tensor, q_pos: torch.Tensor, scal
     """Softmax weights ``(B, H, T, L)`` of queries ``q (B, H, T, D)`` at positions ``q_pos (B, 1, T, 1)`` over the
     cache's slots (causal; empty slots and rows of position ``-1`` get 0)."""
     seen = cache.visible_to(q_pos, q.shape[1]) & (q_pos >= 0)
-    return safe_softmax(cache.scores(q, scale).float(), seen)
+    weights = torch.softmax(cache.scores(q, scale).float().masked_fill(~seen, -math.inf), -1)  # one fused kernel
+    alive = seen.any(-1, keepdim=True)
+    return weights if bool(alive.all()) else torch.where(alive, weights, 0.0)  # rows that see nothing: NaN → 0
