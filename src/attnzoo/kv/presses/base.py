@@ -147,7 +147,7 @@ def top_slots(scores: torch.Tensor, cache: KVCache, keep: torch.Tensor) -> torch
                    tuple(scores.shape))
     width = int(keep.max()) if keep.numel() else 0
     s = scores.float().masked_fill(~cache.occupied(), -math.inf)
-    best = torch.topk(s, width, dim=-1, sorted=True).indices
+    best = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :width]  # stable: ties keep slot order
     rank = torch.arange(width, device=scores.device)
     index = torch.where(rank < keep.unsqueeze(-1), best, cache.slots)  # unused entries sort last
     index = index.sort(dim=-1).values
