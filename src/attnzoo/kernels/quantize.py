@@ -96,3 +96,21 @@ def _half_toward(x: torch.Tensor, direction: int) -> torch.Tensor:
     h = x.half()
     off = h.float() < x if direction > 0 else h.float() > x
     return torch.where(off, torch.nextafter(h, torch.full_like(h, direction * float("inf"))), h)
+
+
+def to_bytes(q: Quantized) -> torch.Tensor:
+    """One uint8 row per quantised vector: its packed codes, then its float16 scales and zeros as raw bytes
+    ``(..., n·bits/8 + 4·n/group)`` (what a cache stores; :func:`from_bytes` reads it back)."""
+    return torch.cat([q.codes, q.scale.contiguous().view(torch.uint8), q.zero.contiguous().view(torch.uint8)], -1)
+
+
+def from_bytes(row: torch.Tensor, n: int, bits: int, group: int) -> Quantized:
+    """The :class:`Quantized` of ``n`` values stored by :func:`to_bytes` in ``row (..., width)``."""
+    width, groups = n * bits // 8, n // group
+    codes, scale, zero = row.split([width, 2 * groups, 2 * groups], dim=-1)
+    return Quantized(codes, scale.contiguous().view(torch.float16), zero.contiguous().view(torch.float16))
+
+
+def row_bytes(n: int, bits: int, group: int) -> int:
+    """Bytes of one :func:`to_bytes` row of ``n`` values."""
+    return n * bits // 8 + 4 * (n // group)
