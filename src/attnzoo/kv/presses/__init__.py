@@ -4,6 +4,7 @@ Importing this package imports every press file, which registers it (:func:`~att
 """
 
 from attnzoo.kv.presses.base import Press, PressContext, PressInfo, ScorerPress, presses, register_press
+from attnzoo.kv.presses.matryoshka import MatryoshkaKVPress
 from attnzoo.kv.presses.rotatekv import RotateKVPress
 
-__all__ = ["Press", "PressContext", "PressInfo", "RotateKVPress", "ScorerPress", "presses", "register_press"]
+__all__ = ["MatryoshkaKVPress", "Press", "PressContext", "PressInfo", "RotateKVPress", "ScorerPress", "presses", "register_press"]
