@@ -7,6 +7,7 @@ import torch
 
 from attnzoo.errors import AttnzooError
 from attnzoo.kernels.quantize import (
+    Quantized,
     check_bits,
     dequantize,
     from_bytes,
@@ -15,7 +16,6 @@ from attnzoo.kernels.quantize import (
     row_bytes,
     to_bytes,
     unpack,
-    Quantized,
 )
 
 

@@ -69,7 +69,7 @@ class TokenCodec:
         :func:`channel_order`). ``group`` is capped at the ``Hkv·D`` channels of a token; ``head_group`` at the
         largest power of two dividing ``Hkv``."""
         check_bits(bits)
-        b, hkv, _, d = keys.shape
+        _, hkv, _, d = keys.shape
         dv = values.shape[-1]
         for name, dim in (("k", d), ("v", dv)):
             if not is_power_of_two(dim):
@@ -112,7 +112,8 @@ class TokenCodec:
         return to_bytes(quantize(flat, self.bits, self.group)).unsqueeze(1)
 
     def decode_values_rotated(self, rows: torch.Tensor) -> torch.Tensor:
-        """Byte rows ``(B, 1, L, ·)`` → the rotated values ``H_v v̂`` ``(B, Hkv, L, Dv)`` (undo with :func:`hadamard`)."""
+        """Byte rows ``(B, 1, L, ·)`` → the rotated values ``H_v v̂`` ``(B, Hkv, L, Dv)`` (:func:`hadamard` undoes
+        the rotation)."""
         b, _, n, _ = rows.shape
         flat = dequantize(from_bytes(rows[:, 0], self.kv_heads * self.head_dim_v, self.bits, self.group), self.bits)
         return flat.view(b, n, self.kv_heads, self.head_dim_v).transpose(1, 2).to(self.dtype)

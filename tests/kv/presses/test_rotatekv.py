@@ -32,7 +32,7 @@ def outlier_keys(b: int, hkv: int, n: int, d: int, seed: int = 0) -> torch.Tenso
 
 
 def test_registered() -> None:
-    info = [p for p in presses() if p.cls is RotateKVPress][0]
+    info = next(p for p in presses() if p.cls is RotateKVPress)
     assert info.mechanism == "K9" and info.arxiv == "2501.16383"
 
 

@@ -7,4 +7,7 @@ from attnzoo.kv.presses.base import Press, PressContext, PressInfo, ScorerPress,
 from attnzoo.kv.presses.matryoshka import MatryoshkaKVPress
 from attnzoo.kv.presses.rotatekv import RotateKVPress
 
-__all__ = ["MatryoshkaKVPress", "Press", "PressContext", "PressInfo", "RotateKVPress", "ScorerPress", "presses", "register_press"]
+__all__ = [
+    "MatryoshkaKVPress", "Press", "PressContext", "PressInfo", "RotateKVPress", "ScorerPress", "presses",
+    "register_press",
+]
