@@ -14,7 +14,8 @@ Every token of the prompt (and every token decoded after it) is stored as (cache
   ``ṽ = Q(H_v v)``;
 - ``Q``: asymmetric ``bits``-bit quantisation per token in groups of ``group_size`` consecutive channels of the
   flattened ``(kv_heads × head_dim)`` axis (the paper's per-token groups of 128 are one head of LLaMA's 128 channels;
-  with ``head_dim < 128`` a group spans several heads; a token with fewer than ``group_size`` channels is one group),
+  with ``head_dim < 128`` a group spans several heads; a token with fewer than ``group_size`` channels is one group;
+  otherwise ``group_size`` must divide ``Hkv·D``),
   codes packed four to a byte at 2 bits, scale and zero in float16 (:mod:`attnzoo.kernels.quantize`: the error of
   every value is at most half its group's scale).
 - attention sinks (*attention-sink-aware quantisation*): the first ``n_sink`` positions of each prompt stay in
