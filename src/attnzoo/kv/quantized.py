@@ -24,8 +24,9 @@ the rotated basis and weighted by the softmax; the rotation is undone once on th
 
 Tokens appended while decoding are encoded on append with the same codec (no full-precision window of recent tokens:
 RotateKV quantises every token per token, so a new token needs no company to be quantised). A quantised cache keeps
-whole tokens (its rotation and groups span kv heads), so it serves caches whose kv heads hold the same tokens, never
-drops slots (:meth:`QuantizedKVCache.keep` raises: apply token presses before quantising), and does not serve rings.
+whole tokens (its rotation and groups span kv heads), so it serves caches whose kv heads hold the same tokens, drops
+only whole tokens (:meth:`QuantizedKVCache.keep`: the same slots for every kv head, no merging), and does not serve
+rings.
 """
 
 from __future__ import annotations
@@ -217,8 +218,20 @@ class QuantizedKVCache:
         return replace(self, rows=self.rows.append(self.codec.encode_keys(k), self.codec.encode_values(v)))
 
     def keep(self, index: torch.Tensor, log_weight: torch.Tensor | None = None) -> QuantizedKVCache:
-        raise fail("press", "a press that drops tokens before RotateKV quantises them (a quantised cache keeps every "
-                   "token)", "a press dropping slots of a quantised cache")
+        """A compact cache of the slots ``index (B, Hkv, L')`` (``-1``: none), the same for every kv head (whole
+        tokens). The kept slots come back in the cache's slot order — sinks first — which is the order of
+        :func:`~attnzoo.kv.presses.base.top_slots`' indices. Merging (``log_weight``) is not supported."""
+        if log_weight is not None:
+            raise fail("log_weight", "None (a quantised cache stores one token per slot)", "merge weights")
+        b, hkv = self.sinks.positions.shape[:2]
+        if index.dim() != 3 or index.shape[:2] != (b, hkv) or not bool((index == index[:, :1]).all()):
+            raise fail("index", f"a (batch, kv_heads, slots) tensor of batch, kv_heads ({b}, {hkv}), the same slots "
+                       "for every kv head (a quantised cache keeps whole tokens)", tuple(index.shape))
+        chosen = torch.zeros(b, self.slots + 1, dtype=torch.bool, device=index.device)
+        chosen[torch.arange(b, device=index.device).unsqueeze(1), index[:, 0].clamp(min=-1).long()] = True
+        in_sinks, in_rows = chosen[:, :-1].split([self.sinks.slots, self.rows.slots], dim=1)  # the last column: -1
+        sinks = self.sinks.keep(_slots_where(in_sinks.unsqueeze(1)).expand(-1, hkv, -1))
+        return replace(self, sinks=sinks, rows=self.rows.keep(_slots_where(in_rows.unsqueeze(1))))
 
 
 def _slots_where(mask: torch.Tensor) -> torch.Tensor:

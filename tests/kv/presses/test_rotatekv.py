@@ -140,6 +140,18 @@ def test_eight_bits_is_close_and_bytes_grow_with_bits() -> None:
     assert sizes[0] < sizes[1] < sizes[2]
 
 
+def test_scoring_presses_can_follow_by_whole_tokens() -> None:
+    """keep(): whole tokens (the same slots for every kv head), sinks first, codes untouched."""
+    q, k, v = qkv(2, 4, 2, 24, 16, dtype=torch.float32, seed=4)
+    cache = compress(RotateKVPress(n_sink=3, group_size=32), k, v, torch.tensor([24, 10]))
+    index = torch.tensor([[15, 1, 20, -1, 0], [-1, 9, 2, 5, 4]]).unsqueeze(1).expand(2, 2, 5)  # slots, not positions
+    kept = cache.keep(index)
+    # sinks are slots 0-2 (positions 0-2), quantised slot j holds position j: compacted per part, padded with -1
+    assert kept.positions[:, 0].tolist() == [[0, 1, 15, 20, -1], [2, -1, 4, 5, 9]]
+    assert torch.equal(kept.rows.keys[0, 0, :2], cache.rows.keys[0, 0, [12, 17]])
+    torch.testing.assert_close(softmax_attention(kept, q[:, :, -1:], 0.25), reference(kept, q[:, :, -1:], 0.25))
+
+
 def test_for_budget_picks_bits() -> None:
     assert RotateKVPress.for_budget(0.15).bits == 2
     assert RotateKVPress.for_budget(0.3).bits == 4
@@ -163,8 +175,10 @@ def test_bad_input() -> None:
         az.prefill(q, k, v, method="softmax", press=RotateKVPress())
     q, k, v = qkv(1, 2, 2, 8, 16, dtype=torch.float32)
     cache = compress(RotateKVPress(), k, v)
-    with pytest.raises(AttnzooError, match="^press:"):
-        cache.keep(torch.zeros(1, 2, 3, dtype=torch.long))
+    with pytest.raises(AttnzooError, match="^index:"):
+        cache.keep(torch.tensor([[[0, 1], [0, 2]]]))  # per-head slots
+    with pytest.raises(AttnzooError, match="^log_weight:"):
+        cache.keep(torch.zeros(1, 2, 3, dtype=torch.long), torch.zeros(1, 2, 3))
     with pytest.raises(AttnzooError, match="^cache: expected a dense KVCache"):
         RotateKVPress().compress(cache, PressContext(q, 1.0, "softmax"))  # type: ignore[arg-type]
     ring = KVCache.from_prompt(k, v, ring=4)
