@@ -128,7 +128,7 @@ def channel_order(rotated: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """``(B, C)``: each sequence's rotated key channels sorted by their sum over its real tokens (ascending, ties in
     channel order), ``rotated (B, L, C)``, ``real (B, L)``. Channels of similar offset then share quantisation groups
     (RotateKV's calibration sorts the channel sums of the calibration keys the same way)."""
-    sums = (rotated * real.unsqueeze(-1)).sum(1)
+    sums = torch.where(real.unsqueeze(-1), rotated, 0).sum(1)
     return torch.sort(sums, dim=-1, stable=True).indices
 
 

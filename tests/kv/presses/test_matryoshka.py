@@ -69,6 +69,7 @@ def test_error_falls_with_rank_on_low_rank_data() -> None:
 
 def test_nested_bases_and_pca() -> None:
     k, v = low_rank(3, 2, 40, 8, 3, seed=6), low_rank(3, 2, 40, 8, 3, seed=7)
+    k[2, :, 10:] = v[2, :, 10:] = float("nan")  # padding never enters
     p = calibrate_matryoshka(k, v, lengths=torch.tensor([40, 40, 10]))
     assert p.key_basis.shape == (1, 2, 8, 8) and p.key_mean.shape == (1, 2, 8)
     eye = torch.eye(8, dtype=F64).expand(1, 2, 8, 8)

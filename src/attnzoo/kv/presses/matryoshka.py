@@ -76,12 +76,12 @@ def _pca(x: torch.Tensor, real: torch.Tensor, per_sequence: bool) -> tuple[torch
     """Bases ``(G, Hkv, D, D)`` (eigenvectors of the centred covariance, decreasing eigenvalue) and means
     ``(G, Hkv, D)`` of the rows of ``x (B, Hkv, L, D)`` where ``real (B, Hkv|1, L)``; ``G = B`` per sequence, else 1.
     Computed in float64."""
-    w = real.to(torch.float64).unsqueeze(-1).expand(*x.shape[:3], 1)
-    xs = x.detach().to(torch.float64) * w
+    real = real.unsqueeze(-1).expand(*x.shape[:3], 1)
+    xs = torch.where(real, x.detach().to(torch.float64), 0)  # padding never enters (even if it is not finite)
     dims = (2,) if per_sequence else (0, 2)
-    count = w.sum(dims, keepdim=True).clamp(min=1)
+    count = real.sum(dims, keepdim=True).clamp(min=1)
     mean = xs.sum(dims, keepdim=True) / count
-    centred = (x.detach().to(torch.float64) - mean) * w
+    centred = torch.where(real, xs - mean, 0)
     cov = torch.matmul(centred.transpose(-1, -2), centred)
     if not per_sequence:
         cov = cov.sum(0, keepdim=True)
