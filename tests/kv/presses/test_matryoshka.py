@@ -122,6 +122,18 @@ def test_scoring_presses_can_follow() -> None:
     torch.testing.assert_close(kept.keys[0, 1], cache.keys[0, 1, [5, 9]])
 
 
+def test_rings_and_appends_stay_exact_at_full_rank() -> None:
+    q, k, v = qkv(1, 2, 1, 12, 4, dtype=F64, seed=2)
+    ring = KVCache.from_prompt(k[:, :, :8], v[:, :, :8], ring=5)
+    cache = MatryoshkaKVPress(rank=4).compress(ring, PressContext(q, 0.5, "softmax"))
+    for t in range(8, 12):
+        ring, cache = ring.append(k[:, :, t : t + 1], v[:, :, t : t + 1]), cache.append(k[:, :, t : t + 1],
+                                                                                       v[:, :, t : t + 1])
+        assert torch.equal(cache.positions, ring.positions)
+        x = q[:, :, t : t + 1]
+        torch.testing.assert_close(softmax_attention(cache, x, 0.5), softmax_attention(ring, x, 0.5))
+
+
 def test_training_keeps_bases_orthogonal_and_lowers_the_error() -> None:
     d = 8
     k, v = low_rank(2, 2, 32, d, 4, seed=8, noise=0.3), low_rank(2, 2, 32, d, 4, seed=9, noise=0.3)
