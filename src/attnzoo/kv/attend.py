@@ -5,7 +5,8 @@
 with a method's additive score terms (ALiBi, a soft-cap applied by the caller to :meth:`KVCache.scores`). When the
 cache is a plain one (every slot occupied, no merged slots, one query, nothing else to apply) it is exactly
 ``scaled_dot_product_attention`` over the cached keys — the fused kernel, no mask tensor; otherwise SDPA with a
-boolean mask, or the explicit scores when a method transforms them.
+boolean mask, or the explicit scores when a method transforms them. A cache that is not ``plain`` (quantised or
+projected keys) is always read through its own ``scores`` and ``combine``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def softmax_attention(
     """
     heads, tokens = q.shape[1], q.shape[2]
     q_pos = cache.query_positions(tokens)
-    if scores is None and cache.log_weight is None:
+    if scores is None and cache.log_weight is None and cache.plain:
         if visible is None and tokens == 1 and cache.complete:
             return F.scaled_dot_product_attention(q, cache.keys, cache.values, scale=scale,
                                                   enable_gqa=heads != cache.keys.shape[1])

@@ -23,7 +23,7 @@ tensors. :attr:`KVCache.nbytes` counts the storage actually held (capacity inclu
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -74,6 +74,11 @@ class KVCache:
     storage: _Storage | None = field(default=None, repr=False)
     version: int = 0
     complete: bool = False
+
+    #: ``keys`` and ``values`` are exactly what attention reads, so SDPA may take them directly. Caches that store
+    #: tokens in another form (quantised, projected: :mod:`attnzoo.kv.quantized`, :mod:`attnzoo.kv.projected`) set it
+    #: False and are read only through :meth:`scores` and :meth:`combine`.
+    plain: ClassVar[bool] = True
 
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod

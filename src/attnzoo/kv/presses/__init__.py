@@ -9,7 +9,9 @@ from attnzoo.kv.presses.ems import EMSPress
 from attnzoo.kv.presses.h2o import H2OPress
 from attnzoo.kv.presses.knorm import KnormPress
 from attnzoo.kv.presses.lazy_eviction import LazyEvictionPress
+from attnzoo.kv.presses.matryoshka import MatryoshkaKVPress
 from attnzoo.kv.presses.razor_attention import RazorAttentionPress
+from attnzoo.kv.presses.rotatekv import RotateKVPress
 from attnzoo.kv.presses.snapkv import SnapKVPress
 from attnzoo.kv.presses.streaming_llm import StreamingLLMPress
 
@@ -19,10 +21,12 @@ __all__ = [
     "H2OPress",
     "KnormPress",
     "LazyEvictionPress",
+    "MatryoshkaKVPress",
     "Press",
     "PressContext",
     "PressInfo",
     "RazorAttentionPress",
+    "RotateKVPress",
     "ScorerPress",
     "SnapKVPress",
     "StreamingLLMPress",
