@@ -5,5 +5,16 @@ Importing this package imports every press file, which registers it (:func:`~att
 
 from attnzoo.kv.presses.base import Press, PressContext, PressInfo, ScorerPress, presses, register_press
 from attnzoo.kv.presses.moa import MoAPress, profile_moa
+from attnzoo.kv.presses.temporal_merge import TemporalMergePress
 
-__all__ = ["MoAPress", "Press", "PressContext", "PressInfo", "ScorerPress", "presses", "profile_moa", "register_press"]
+__all__ = [
+    "MoAPress",
+    "Press",
+    "PressContext",
+    "PressInfo",
+    "ScorerPress",
+    "TemporalMergePress",
+    "presses",
+    "profile_moa",
+    "register_press",
+]
