@@ -4,16 +4,19 @@ Importing this package imports every press file, which registers it (:func:`~att
 """
 
 from attnzoo.kv.presses.base import Press, PressContext, PressInfo, ScorerPress, presses, register_press
+from attnzoo.kv.presses.lococo import LoCoCoPress, fit_lococo
 from attnzoo.kv.presses.moa import MoAPress, profile_moa
 from attnzoo.kv.presses.temporal_merge import TemporalMergePress
 
 __all__ = [
+    "LoCoCoPress",
     "MoAPress",
     "Press",
     "PressContext",
     "PressInfo",
     "ScorerPress",
     "TemporalMergePress",
+    "fit_lococo",
     "presses",
     "profile_moa",
     "register_press",
