@@ -207,4 +207,4 @@ def _check_positive(name: str, value: Any) -> None:
 
 register_press(LoCoCoPress, "K8", "LoCoCo: Dropping In Convolutions for Long Context Compression", "2406.05317",
                "a fixed-size cache; a learnable 1-D convolution fuses old slots with incoming tokens",
-               ("training",))
+               ("queries", "training"))

@@ -130,8 +130,9 @@ def _merge(cache: KVCache, root: torch.Tensor, counts: torch.Tensor) -> dict[str
     total = torch.zeros_like(counts).scatter_add_(2, root, counts)
     out: dict[str, torch.Tensor] = {"counts": total}
     for name, t in (("keys", cache.keys), ("values", cache.values)):
-        summed = torch.zeros(t.shape, dtype=torch.float32, device=t.device).scatter_add_(
-            2, root.unsqueeze(-1).expand(t.shape), t.float() * counts.unsqueeze(-1))
+        dtype = torch.promote_types(t.dtype, torch.float32)
+        summed = torch.zeros(t.shape, dtype=dtype, device=t.device).scatter_add_(
+            2, root.unsqueeze(-1).expand(t.shape), t.to(dtype) * counts.unsqueeze(-1))
         out[name] = (summed / total.clamp(min=1e-30).unsqueeze(-1)).to(t.dtype)
     newest = torch.full_like(cache.positions, -1).scatter_reduce(2, root, cache.positions, "amax")
     out["positions"] = newest
@@ -141,4 +142,4 @@ def _merge(cache: KVCache, root: torch.Tensor, counts: torch.Tensor) -> dict[str
 register_press(TemporalMergePress, "K14",
                "Fast Autoregressive Video Diffusion and World Models with Temporal Cache Compression and Sparse "
                "Attention", "2602.01801",
-               "merge near-duplicate keys of consecutive frames (TempCache); merged slots keep log(count)")
+               "merge near-duplicate keys of consecutive frames (TempCache); merged slots keep log(count)", ("frames",))
