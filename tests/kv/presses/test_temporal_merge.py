@@ -68,6 +68,16 @@ def test_steps_merge_each_completed_frame_and_ragged_batches_work() -> None:
     assert counts.sum(-1).tolist() == [[12, 12], [10, 10]]
 
 
+def test_a_merged_slot_holds_the_mean_value_and_the_log_count() -> None:
+    q, k, v = video(frames=5, tpf=2, static=[0, 1])
+    _, pressed = az.prefill(q, k, v, method="softmax", press=TemporalMergePress(tokens_per_frame=2, threshold=0.99))
+    cache = pressed.data
+    assert cache.positions[0, 0].tolist() == [8, 9]
+    assert torch.allclose(cache.keys[0, 0], k[0, 0, :2])
+    assert torch.allclose(cache.values[0, 0, 0], v[0, 0, 0::2].mean(0))
+    assert torch.allclose(cache.log_weight[0, 0], torch.log(torch.tensor([5.0, 5.0], dtype=F64)))
+
+
 @pytest.mark.parametrize(("kwargs", "name"), [
     ({"tokens_per_frame": 0}, "tokens_per_frame"),
     ({"tokens_per_frame": 4, "threshold": 1.5}, "threshold"),
