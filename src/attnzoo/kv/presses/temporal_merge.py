@@ -91,7 +91,8 @@ def merge_frames(
     b, hkv, n = cache.positions.shape
     pos = cache.positions.long()
     occupied = pos >= 0
-    counts = torch.ones_like(pos, dtype=torch.float32) if cache.log_weight is None else cache.log_weight.float().exp()
+    dtype = torch.promote_types(cache.keys.dtype, torch.float32)
+    counts = torch.ones_like(pos, dtype=dtype) if cache.log_weight is None else cache.log_weight.to(dtype).exp()
     counts = torch.where(occupied, counts, 0.0)
     frame = torch.where(occupied, pos // tokens_per_frame, -2)
     r = n if newest is None else min(newest, n)
@@ -130,9 +131,8 @@ def _merge(cache: KVCache, root: torch.Tensor, counts: torch.Tensor) -> dict[str
     total = torch.zeros_like(counts).scatter_add_(2, root, counts)
     out: dict[str, torch.Tensor] = {"counts": total}
     for name, t in (("keys", cache.keys), ("values", cache.values)):
-        dtype = torch.promote_types(t.dtype, torch.float32)
-        summed = torch.zeros(t.shape, dtype=dtype, device=t.device).scatter_add_(
-            2, root.unsqueeze(-1).expand(t.shape), t.to(dtype) * counts.unsqueeze(-1))
+        summed = torch.zeros(t.shape, dtype=counts.dtype, device=t.device).scatter_add_(
+            2, root.unsqueeze(-1).expand(t.shape), t.to(counts.dtype) * counts.unsqueeze(-1))
         out[name] = (summed / total.clamp(min=1e-30).unsqueeze(-1)).to(t.dtype)
     newest = torch.full_like(cache.positions, -1).scatter_reduce(2, root, cache.positions, "amax")
     out["positions"] = newest
