@@ -19,11 +19,13 @@ As implemented here (one ``(sequence, kv head)`` row at a time, frames of ``toke
 ``f = position // tokens_per_frame``): every slot of frame ``f >= 1`` finds its most cosine-similar slot in frame
 ``f - 1``; the link is taken if the similarity is at least ``threshold``, or, with ``compression_ratio``, the most
 similar links of the row are taken until ``tokens − floor(tokens·ratio)`` slots remain (each link removes one slot;
-the ratio is honoured up to the links available: tokens of the first frame have none). Linked slots form chains
-across frames; each chain becomes one slot. At prefill every frame may link; after a decoding step the links into the
+the ratio is honoured up to the links available: tokens of the first frame have none). Linked slots form groups
+across frames; each group becomes one slot. At prefill every frame may link; after a decoding step the links into the
 frame that token completed are made (slots of earlier frames were decided before). ``tokens`` counts the tokens a row
 has seen (merged slots count their tokens). A frame links once, when complete (all its ``tokens_per_frame`` tokens
-seen), so every chain has at most one token per frame.
+seen); several tokens may pick the same correspondent, and a merged group is every slot linked to it, transitively.
+Matching compares each frame with the previous one only (slots laid on a grid of frames by position), so it costs
+O(tokens · tokens_per_frame) — exact nearest neighbours where the paper uses approximate ones.
 """
 
 from __future__ import annotations
@@ -77,17 +79,14 @@ class TemporalMergePress(Press):
         frame = torch.where(done, (cache.length - 1) // self.tokens_per_frame, torch.iinfo(torch.long).max)
         if not bool((done & (frame >= 1)).any()):
             return cache
-        return merge_frames(cache, self.tokens_per_frame, self.threshold, self.compression_ratio, frame,
-                            newest=self.tokens_per_frame)
+        return merge_frames(cache, self.tokens_per_frame, self.threshold, self.compression_ratio, frame)
 
 
 def merge_frames(
     cache: KVCache, tokens_per_frame: int, threshold: float, ratio: float, first_frame: torch.Tensor,
-    newest: int | None = None,
 ) -> KVCache:
     """The cache with the slots of complete frames ``>= first_frame[b]`` linked to their previous frame's slots, and
-    each chain of links merged into one slot (see the module). ``newest``: only the last ``newest`` slots may link (a
-    step's frame; default all)."""
+    each group of linked slots merged into one slot (see the module)."""
     b, hkv, n = cache.positions.shape
     pos = cache.positions.long()
     occupied = pos >= 0
@@ -95,17 +94,10 @@ def merge_frames(
     counts = torch.ones_like(pos, dtype=dtype) if cache.log_weight is None else cache.log_weight.to(dtype).exp()
     counts = torch.where(occupied, counts, 0.0)
     frame = torch.where(occupied, pos // tokens_per_frame, -2)
-    r = n if newest is None else min(newest, n)
-    rows = frame[:, :, n - r :]
     complete = (cache.length // tokens_per_frame - 1).view(b, 1, 1)  # the last frame all of whose tokens came
-    may_link = (rows >= first_frame.view(b, 1, 1)) & (rows <= complete) & (rows >= 0)
-    unit = F.normalize(cache.keys.float(), dim=-1)
-    sim = unit[:, :, n - r :] @ unit.transpose(-1, -2)  # (B, Hkv, r, n): the rows that may link against every slot
-    previous = (rows.unsqueeze(-1) - 1 == frame.unsqueeze(-2)) & may_link.unsqueeze(-1)
-    best, parent = sim.masked_fill(~previous, -math.inf).max(-1)  # each row's correspondent in the previous frame
+    may_link = (frame >= first_frame.view(b, 1, 1)) & (frame <= complete) & (frame >= 1)
     slot = torch.arange(n, device=pos.device).expand(b, hkv, n)
-    best = torch.cat([best.new_full((b, hkv, n - r), -math.inf), best], -1)
-    parent = torch.cat([slot[:, :, : n - r], parent], -1)
+    best, parent = _correspondents(F.normalize(cache.keys.float(), dim=-1), pos, may_link, tokens_per_frame)
     if ratio > 0:
         tokens = counts.sum(-1)
         links = (occupied.sum(-1) - (tokens - torch.floor(tokens * ratio))).clamp(min=0)  # slots to remove
@@ -116,7 +108,7 @@ def merge_frames(
     if not bool(linked.any()):
         return cache
     root = torch.where(linked, parent, slot)
-    for _ in range(max(1, math.ceil(math.log2(n)))):  # pointer jumping: every slot reaches its chain's first slot
+    for _ in range(max(1, math.ceil(math.log2(n)))):  # pointer jumping: every slot reaches its group's oldest slot
         root = root.gather(2, root)
     merged = _merge(cache, root, counts)
     keep = occupied & ~linked
@@ -125,8 +117,43 @@ def merge_frames(
     return replace(cache, **merged).keep(index, log_weight=torch.where(index >= 0, log_weight, 0.0))
 
 
+def _correspondents(
+    unit: torch.Tensor, pos: torch.Tensor, may_link: torch.Tensor, tokens_per_frame: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each linking slot's cosine similarity to its most similar slot of the previous frame and that slot's index,
+    ``(B, Hkv, L)`` each (``-inf`` and the slot itself where it may not link).
+
+    The slots are laid on a grid of frames by position (only the frames from the one before the earliest linking
+    slot's to the latest linking one), so each frame is compared with the previous one only: O(L·tokens_per_frame).
+    """
+    b, hkv, n = pos.shape
+    tpf = tokens_per_frame
+    slot = torch.arange(n, device=pos.device).expand(b, hkv, n)
+    none = (torch.full(pos.shape, -math.inf, device=pos.device), slot)
+    linking = pos[may_link]
+    if linking.numel() == 0:
+        return none
+    lo = (int(linking.min()) // tpf - 1) * tpf
+    width = (int(linking.max()) // tpf + 1) * tpf - lo
+    cell = pos - lo
+    in_grid = (cell >= 0) & (cell < width)
+    cell_slot = torch.full((b, hkv, width + 1), -1, device=pos.device).scatter(2, torch.where(in_grid, cell, width),
+                                                                                slot)[:, :, :width]
+    grid = unit.gather(2, cell_slot.clamp(min=0).unsqueeze(-1).expand(b, hkv, width, unit.shape[-1]))
+    frames = width // tpf
+    grid = grid.view(b, hkv, frames, tpf, -1)
+    empty = (cell_slot < 0).view(b, hkv, frames, tpf)
+    sim = (grid[:, :, 1:] @ grid[:, :, :-1].transpose(-1, -2)).masked_fill(empty[:, :, :-1].unsqueeze(-2), -math.inf)
+    best, arg = sim.max(-1)  # (B, Hkv, frames - 1, tpf): per cell of frames 1.., its match in the previous frame
+    parent = cell_slot.gather(2, (torch.arange(frames - 1, device=pos.device).view(1, 1, -1, 1) * tpf + arg).flatten(2))
+    at = (cell - tpf).clamp(0, (frames - 1) * tpf - 1)
+    ok = may_link & in_grid
+    return (torch.where(ok, best.flatten(2).gather(2, at), -math.inf),
+            torch.where(ok, parent.gather(2, at), slot))
+
+
 def _merge(cache: KVCache, root: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per slot (meaningful at each chain's first slot): the count-weighted mean key and value of its chain, its total
+    """Per slot (meaningful at each group's oldest slot): the count-weighted mean key and value of its group, its total
     count and its newest position."""
     total = torch.zeros_like(counts).scatter_add_(2, root, counts)
     out: dict[str, torch.Tensor] = {"counts": total}
