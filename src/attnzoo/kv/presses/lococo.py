@@ -27,7 +27,6 @@ always has exactly ``M`` slots. Fused slots carry no log-weight and no per-slot 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -111,22 +110,28 @@ def fuse(
     ``queries (B, H, T', D)`` at ``query_positions (B, Hkv, T')`` (``-1``: padding) are the segment's queries that
     weigh the candidates.
     """
-    hkv, n = cache.positions.shape[1:]
+    b, hkv, n = cache.positions.shape
     cache = cache.keep(_position_order(cache, empty_first=True))
-    t = n - size
     taps = kernel.shape[-1]
     m = torch.arange(size, device=kernel.device).view(size, 1)
-    offset = torch.arange(n, device=kernel.device).view(1, n) - (m + t) + taps - 1  # (size, n) tap index
-    band = (offset >= 0) & (offset < taps)
-    z = torch.where(band, kernel[:, offset.clamp(0, taps - 1)], -math.inf)  # (Hkv, size, n)
+    j = m + (n - size) - (taps - 1) + torch.arange(taps, device=kernel.device)  # (size, taps): slot m's candidates
+    valid = j >= 0
+    window = j.clamp(min=0).flatten().expand(b, hkv, -1)  # (B, Hkv, size·taps)
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t.gather(2, window).view(b, hkv, size, taps)
+
     mass = _attention_mass(cache, queries, query_positions, scale)  # (B, Hkv, n)
-    z = z + gamma.view(1, hkv, 1, 1) * mass.clamp(min=1e-30).log().unsqueeze(2)
-    seen = band & cache.occupied().unsqueeze(2)
-    w = safe_softmax(z, seen)  # (B, Hkv, size, n)
-    keys = w.to(cache.keys.dtype) @ cache.keys
-    values = w.to(cache.values.dtype) @ cache.values
-    top = w.argmax(-1)
-    positions = torch.where(seen.any(-1), cache.positions.gather(2, top), -1)
+    z = kernel.view(1, hkv, 1, taps) + gamma.view(1, hkv, 1, 1) * take(mass.clamp(min=1e-30).log())
+    seen = valid & take(cache.occupied())
+    w = safe_softmax(z, seen)  # (B, Hkv, size, taps)
+
+    def mix(t: torch.Tensor) -> torch.Tensor:
+        rows = t.gather(2, window.unsqueeze(-1).expand(b, hkv, size * taps, t.shape[-1]))
+        return (w.unsqueeze(-1).to(t.dtype) * rows.view(b, hkv, size, taps, -1)).sum(3)
+
+    keys, values = mix(cache.keys), mix(cache.values)
+    positions = torch.where(seen.any(-1), take(cache.positions).gather(3, w.argmax(-1, keepdim=True)).squeeze(3), -1)
     return replace(cache, keys=keys, values=values, positions=positions, log_weight=None, slot_data={})
 
 
