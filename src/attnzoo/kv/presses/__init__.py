@@ -3,25 +3,33 @@
 Importing this package imports every press file, which registers it (:func:`~attnzoo.kv.presses.base.presses`).
 """
 
+from attnzoo.kv.presses.attention_gate import AttentionGate, AttentionGatePress, train_attention_gate
 from attnzoo.kv.presses.base import Press, PressContext, PressInfo, ScorerPress, presses, register_press
 from attnzoo.kv.presses.dapq import DapQPress
 from attnzoo.kv.presses.ems import EMSPress
 from attnzoo.kv.presses.h2o import H2OPress
 from attnzoo.kv.presses.knorm import KnormPress
 from attnzoo.kv.presses.lazy_eviction import LazyEvictionPress
-from attnzoo.kv.presses.matryoshka import MatryoshkaKVPress
+from attnzoo.kv.presses.lococo import LoCoCoPress, fit_lococo
+from attnzoo.kv.presses.matryoshka import MatryoshkaKVPress, calibrate_matryoshka, train_matryoshka
+from attnzoo.kv.presses.moa import MoAPress, profile_moa
 from attnzoo.kv.presses.razor_attention import RazorAttentionPress
 from attnzoo.kv.presses.rotatekv import RotateKVPress
 from attnzoo.kv.presses.snapkv import SnapKVPress
 from attnzoo.kv.presses.streaming_llm import StreamingLLMPress
+from attnzoo.kv.presses.temporal_merge import TemporalMergePress
 
 __all__ = [
+    "AttentionGate",
+    "AttentionGatePress",
     "DapQPress",
     "EMSPress",
     "H2OPress",
     "KnormPress",
     "LazyEvictionPress",
+    "LoCoCoPress",
     "MatryoshkaKVPress",
+    "MoAPress",
     "Press",
     "PressContext",
     "PressInfo",
@@ -30,6 +38,12 @@ __all__ = [
     "ScorerPress",
     "SnapKVPress",
     "StreamingLLMPress",
+    "TemporalMergePress",
+    "calibrate_matryoshka",
+    "fit_lococo",
     "presses",
+    "profile_moa",
     "register_press",
+    "train_attention_gate",
+    "train_matryoshka",
 ]
