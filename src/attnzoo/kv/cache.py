@@ -149,6 +149,11 @@ class KVCache:
             s = s + _per_query_head(self.log_weight, q.shape[1]).unsqueeze(2)
         return s
 
+    def slot_log_weights(self, heads: int) -> torch.Tensor | None:
+        """``(B, heads, 1, L)``: each slot's ``log_weight`` (log of the tokens it stands for) as seen by ``heads``
+        query heads, or None when no slot is merged. For methods that transform raw logits before adding it."""
+        return None if self.log_weight is None else _per_query_head(self.log_weight, heads).unsqueeze(2)
+
     def combine(self, p: torch.Tensor) -> torch.Tensor:
         """``p v`` for weights ``p (B, H, T, L)`` over the slots: ``(B, H, T, Dv)``."""
         return grouped_pv(p.to(self.values.dtype), self.values)

@@ -38,10 +38,10 @@ DEFAULT_MAX_LEN = 1024
 
 
 def _check_coeffs(value: torch.Tensor, call: Call) -> str | None:
-    want = f"a floating-point tensor of shape (heads={call.heads}, 2·max_len − 1) with max_len >= seq={call.seq_q}"
+    want = f"a floating-point tensor of shape (heads={call.heads}, 2·max_len − 1) with max_len >= seq={call.length}"
     if value.dim() != 2 or value.shape[0] != call.heads or value.shape[1] % 2 == 0 or not value.is_floating_point():
         return want
-    if (value.shape[1] + 1) // 2 < call.seq_q:
+    if (value.shape[1] + 1) // 2 < call.length:
         return want
     return None
 

@@ -47,13 +47,13 @@ def _check_layout(value: Any, call: Call) -> str | None:
             or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value)):
         return "a tuple (h, w) of two positive ints: the image's token grid"
     start = call.params.get("image_start", 0)
-    if isinstance(start, int) and start >= 0 and start + value[0] * value[1] > call.seq_q:
+    if isinstance(start, int) and start >= 0 and start + value[0] * value[1] > call.seq_q and not call.decoding:
         return f"an image of at most {call.seq_q - start} tokens (seq {call.seq_q} minus image_start {start})"
     return None
 
 
 def _check_start(value: Any, call: Call) -> str | None:
-    if call.params.get("layout") is None and value > call.seq_q:
+    if call.params.get("layout") is None and value > call.length:
         return f"at most the sequence length {call.seq_q}"
     return None
 
