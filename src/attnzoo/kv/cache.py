@@ -15,9 +15,14 @@ not care where a key sits), which lets one layout serve every case:
 
 Memory. Appends write into preallocated storage (capacity grows by 1/16 of the cache, at least 16 slots, so a step
 costs O(new tokens), not a copy of the cache). A cache is a value: :meth:`append` never changes what an older cache
-sees. The storage remembers which cache appended last (``version``); only that one appends in place, any other (a
-second branch from an older state) copies first. Writing is never in place when autograd records the cache's
-tensors. :attr:`KVCache.nbytes` counts the storage actually held (capacity included).
+sees. The storage remembers which cache appended last (``version``); only that one, and only while its tensors are
+the storage's (not replaced by a press), appends in place; any other (a second branch from an older state) copies
+first. Writing is never in place when autograd records the cache's tensors. :attr:`KVCache.nbytes` counts the
+storage actually held (capacity included).
+
+Rings are the exception: a ring step overwrites a slot that older states of the ring still show (copying the ring
+every step would cost more than the attention over it). So a ring state that has been continued must not be
+continued again: that append raises, naming ``cache``; branch from :meth:`KVCache.copy` taken before.
 """
 
 from __future__ import annotations
@@ -183,7 +188,7 @@ class KVCache:
                            positions=torch.cat([self.positions, pos], 2), length=length,
                            log_weight=_pad(self.log_weight, t), slot_data=_pad_all(self.slot_data, t), storage=None)
         storage = self.storage
-        if storage is None or storage.version != self.version or n + t > storage.capacity:
+        if storage is None or not self._owns(storage) or n + t > storage.capacity:
             grow = n + t + max(16, (n + t) // 16)
             storage = _Storage(*(_grown(x, grow, fill) for x, fill in
                                  ((self.keys, 0), (self.values, 0), (self.positions, -1))))
@@ -203,12 +208,16 @@ class KVCache:
             k, v, pos = k[:, :, -self.ring :], v[:, :, -self.ring :], pos[:, :, -self.ring :]
         slot = (pos % self.ring).long()
         storage = self.storage
-        if storage is None or storage.version != self.version or _recorded(k, v, self.keys):
+        if storage is not None and storage.version != self.version:
+            raise fail("cache", "the newest state of a ring cache (rings are written in place: a continued state "
+                       "cannot be continued again; branch from cache.copy() taken before)", "an older state")
+        if not self._owns(storage) or _recorded(k, v, self.keys):
             keys = self.keys.scatter(2, slot.unsqueeze(-1).expand_as(k), k)
             values = self.values.scatter(2, slot.unsqueeze(-1).expand_as(v), v)
             positions = self.positions.scatter(2, slot, pos)
             if _recorded(k, v, self.keys):
-                return replace(self, keys=keys, values=values, positions=positions, length=length)
+                return replace(self, keys=keys, values=values, positions=positions, length=length,
+                               slot_data=_reset(self.slot_data, slot), storage=None, version=0)
             storage = _Storage(keys, values, positions)
         else:
             storage.keys.scatter_(2, slot.unsqueeze(-1).expand_as(k), k)
@@ -216,7 +225,19 @@ class KVCache:
             storage.positions.scatter_(2, slot, pos)
         storage.version += 1
         return replace(self, keys=storage.keys, values=storage.values, positions=storage.positions, length=length,
-                       storage=storage, version=storage.version)
+                       slot_data=_reset(self.slot_data, slot), storage=storage, version=storage.version)
+
+    def _owns(self, storage: _Storage | None) -> bool:
+        """Whether this cache is the newest state of ``storage`` and its tensors are the storage's (so an append may
+        write in place)."""
+        return storage is not None and storage.version == self.version and all(
+            mine.data_ptr() == held.data_ptr() for mine, held in
+            ((self.keys, storage.keys), (self.values, storage.values), (self.positions, storage.positions)))
+
+    def copy(self) -> KVCache:
+        """An independent copy (fresh tensors, no shared storage): what to branch a ring cache from."""
+        return replace(self, keys=self.keys.clone(), values=self.values.clone(), positions=self.positions.clone(),
+                       storage=None, version=0)
 
     def keep(self, index: torch.Tensor, log_weight: torch.Tensor | None = None) -> KVCache:
         """A compact cache of the slots ``index (B, Hkv, L')`` (``-1``: an empty slot) of each row, in fresh tensors
@@ -275,6 +296,11 @@ def _pad(per_slot: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
     if per_slot is None:
         return None
     return torch.cat([per_slot, per_slot.new_zeros(*per_slot.shape[:2], tokens)], 2)
+
+
+def _reset(slot_data: dict[str, torch.Tensor], slot: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-slot data with the ring slots ``slot (B, Hkv, T)`` just overwritten set to 0 (a new token's value)."""
+    return {n: t.scatter(2, slot, 0) for n, t in slot_data.items()}
 
 
 def _pad_all(slot_data: dict[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
