@@ -202,19 +202,14 @@ def decode_step(
         return softmax_attention(cache, q, scale), cache
     s = grouped_logits(q, cache.keys, scale)
     if softcap > 0:
-        s = mods.softcap(torch.tensor(softcap, dtype=s.dtype, device=s.device))(s, *_no_index(s))
+        s = softcap * torch.tanh(s / softcap)
     if slopes is not None:
+        b = torch.arange(q.shape[0], device=q.device).view(-1, 1, 1, 1)
         h = torch.arange(heads, device=q.device).view(1, -1, 1, 1)
         q_idx = cache.query_positions(q.shape[2]).long()
-        s = mods.alibi(slopes, 0)(s, h, h, q_idx, cache.key_positions(heads).long())
+        s = mods.alibi(slopes, 0)(s, b, h, q_idx, cache.key_positions(heads).long())
     counts = cache.slot_log_weights(heads)
     return softmax_attention(cache, q, scale, scores=s if counts is None else s + counts), cache
-
-
-def _no_index(s: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The index arguments of a score modifier that reads none of them."""
-    zero = torch.zeros((), dtype=torch.long, device=s.device)
-    return zero, zero, zero, zero
 
 
 DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)

@@ -204,10 +204,9 @@ def decode_step(
     b, heads, t = q.shape[:3]
     rows = ids.repeat_interleave(heads // ids.shape[1], 1).reshape(b * heads, -1)  # key ids per query head
     q_rows = _ids(q, k, group_ids, kv_group_ids)[0].expand(b, t).repeat_interleave(heads, 0)
-    same = grouped_mod(q_rows, rows)(
-        torch.arange(b * heads, device=q.device).view(b, heads, 1, 1), None,  # type: ignore[arg-type]
-        torch.arange(t, device=q.device).view(1, 1, t, 1), torch.arange(cache.slots, device=q.device).view(1, 1, 1, -1),
-    )
+    row = torch.arange(b * heads, device=q.device).view(b, heads, 1, 1)  # the predicate's batch index: a table row
+    same = grouped_mod(q_rows, rows)(row, row, torch.arange(t, device=q.device).view(1, 1, t, 1),
+                                     torch.arange(cache.slots, device=q.device).view(1, 1, 1, -1))
     return softmax_attention(cache, q, scale, visible=same), cache
 
 
