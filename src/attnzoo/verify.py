@@ -18,7 +18,9 @@ An exact backend is held to fp64 round-off (fp32: the method's ``tests`` toleran
 (device, dtype, training, its own ``serves``) is a skip with its reason.
 
 :func:`decoding_check` checks, for every method whose spec declares ``decoding``, that ``attnzoo.prefill`` on a prompt
-then ``attnzoo.step`` one token at a time and then a chunk of tokens give the one causal forward's output (fp64).
+then ``attnzoo.step`` one token at a time and then a chunk of tokens give the one causal forward's output (fp64), for
+a full batch and for a ragged one (``lengths=``: each sequence continues from its own length), and that a KV-cache
+state reports its ``nbytes``.
 
 :func:`bad_input_checks` checks, per method, that unsupported patterns and out-of-range parameters raise
 :class:`~attnzoo.errors.AttnzooError` naming the argument. ``tests/conformance`` turns these into pytest cases and
