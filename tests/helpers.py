@@ -140,3 +140,24 @@ def eco_params(gen: torch.Generator, kv_heads: int = 2, d: int = 6, m: int = 7, 
         "hash_weight": torch.randn(kv_heads, bits, m, generator=gen, dtype=F64),
         "kernel_mean": 0.3 * torch.rand(kv_heads, m, generator=gen, dtype=F64),
     }
+
+
+def assert_decodes(
+    method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], **params: Any,
+) -> Any:
+    """``attnzoo.prefill`` on right-padded prompts of ``lengths`` tokens, then one ``attnzoo.step`` per token, each
+    sequence continuing from its own length to the end of ``q``: every output equals the causal forward (reference)
+    over the whole sequence at that position. Returns the final state."""
+    want = az.attention(q, k, v, method=method, causal=True, backend="reference", **params)
+    prompt, n, batch = max(lengths), q.shape[2], q.shape[0]
+    at = torch.tensor(lengths)
+    out, state = az.prefill(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], method=method, lengths=at,
+                            **params)
+    for b, length in enumerate(lengths):
+        torch.testing.assert_close(out[b, :, :length], want[b, :, :length])
+    for t in range(n - prompt):
+        index = at + t
+        out, state = az.step(state, *(x[torch.arange(batch), :, index].unsqueeze(2) for x in (q, k, v)))
+        for b in range(batch):
+            torch.testing.assert_close(out[b, :, 0], want[b, :, index[b]])
+    return state

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from attnzoo.errors import AttnzooError, fail
 from attnzoo.kv.cache import KVCache, check_lengths
@@ -50,9 +50,11 @@ def attention(
 
 def prepare(
     m: Method, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None,
-    mask: torch.Tensor | None, bias: torch.Tensor | None, params: dict[str, Any],
+    mask: torch.Tensor | None, bias: torch.Tensor | None, params: dict[str, Any], sequence: int | None = None,
 ) -> tuple[Call, float, torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
-    """Validate a call; return its :class:`Call`, the resolved scale, 4-D mask/bias views and all parameters."""
+    """Validate a call; return its :class:`Call`, the resolved scale, 4-D mask/bias views and all parameters.
+
+    ``sequence``: decoding, the tokens of the sequence so far (:attr:`attnzoo.registry.Call.sequence`)."""
     spec = m.spec
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -103,7 +105,7 @@ def prepare(
     call = Call(
         batch=b, heads=h, kv_heads=hkv, seq_q=sq, seq_kv=skv, head_dim=d, head_dim_v=v.shape[3], causal=causal,
         device=q.device, dtype=q.dtype, requires_grad=requires_grad, has_mask=mask is not None,
-        has_bias=bias is not None, params=params,
+        has_bias=bias is not None, params=params, sequence=sequence,
     )
     if call.pattern not in spec.patterns:
         raise fail(
@@ -214,7 +216,7 @@ def prefill(
     """
     m = get(method)
     decoder = _decoder(m)
-    call, scale_, _, _, full = prepare(m, q, k, v, True, scale, None, None, params)
+    call, scale_, _, _, full = prepare(m, q, k, v, True, scale, None, None, params, sequence=q.shape[2])
     _require_self(call)
     if lengths is not None:
         lengths = check_lengths(lengths, call.batch, call.seq_q, q.device)
@@ -261,7 +263,8 @@ def step(
     changed = [n for n in fixed if not _same(params[n], state.params[n])]
     if changed:
         raise fail(changed[0], "the prefill's value (only per-token parameters change per step)", "another value")
-    call, _, _, _, full = prepare(m, q, k, v, True, state.scale, None, None, {**state.params, **params})
+    call, _, _, _, full = prepare(m, q, k, v, True, state.scale, None, None, {**state.params, **params},
+                                  sequence=state.length + q.shape[2])
     _require_self(call)
     _require_continues(state.call, call)
     data, outs = state.data, []
@@ -285,11 +288,14 @@ def _prefill_each(
     stacked along the batch (exact: padding never enters a state)."""
     outs, states = [], []
     for b, n in enumerate(lengths.tolist()):
-        one = {name: p[b : b + 1, :, :n] if name in decoder.token_params and isinstance(p, torch.Tensor) else p
+        one = {name: p[b : b + 1, ..., :n] if name in decoder.token_params and isinstance(p, torch.Tensor) else p
                for name, p in params.items()}
         out, data = decoder.prefill(q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n], scale=scale, **one)
         outs.append(F.pad(out, (0, 0, 0, q.shape[2] - n)))
         states.append(data)
+    if not all(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(states[0])):
+        raise fail("lengths", f"None: this method's decoding state ({type(states[0]).__name__}) cannot hold "
+                   "sequences of different lengths", lengths.tolist())
     return torch.cat(outs), tree_map(lambda *parts: torch.cat(parts), states[0], *states[1:])
 
 
@@ -327,5 +333,5 @@ def _require_continues(before: Call, now: Call) -> None:
 
 
 def _tokens(value: Any, start: int, stop: int) -> Any:
-    """Tokens ``start:stop`` of a per-token parameter (dim 2); a scalar is the same for every token."""
-    return value[:, :, start:stop] if isinstance(value, torch.Tensor) else value
+    """Tokens ``start:stop`` of a per-token parameter (its last dim); a scalar is the same for every token."""
+    return value[..., start:stop] if isinstance(value, torch.Tensor) else value

@@ -83,7 +83,12 @@ class Shape:
 
 @dataclass(frozen=True)
 class Call(Shape):
-    """What a backend or a parameter check may know about a call, before any compute: its :class:`Shape` and these."""
+    """What a backend or a parameter check may know about a call, before any compute: its :class:`Shape` and these.
+
+    ``sequence``: set when decoding (``attnzoo.prefill``/``attnzoo.step``): the tokens of the decoded sequence so far,
+    these included; the sequence may go on, so a check of a sequence-level parameter (a layout, a kernel size) reads
+    :attr:`length`, and a layout may be larger than the tokens seen so far (a prompt is a prefix of the grid).
+    """
 
     causal: bool
     device: torch.device
@@ -92,6 +97,16 @@ class Call(Shape):
     has_mask: bool
     has_bias: bool
     params: Mapping[str, Any] = field(default_factory=dict)
+    sequence: int | None = None
+
+    @property
+    def decoding(self) -> bool:
+        return self.sequence is not None
+
+    @property
+    def length(self) -> int:
+        """The sequence's length: the tokens decoded so far, else ``seq_q``."""
+        return self.seq_q if self.sequence is None else self.sequence
 
     @property
     def cross(self) -> bool:
@@ -258,7 +273,8 @@ class Decoder:
     Both are called, like a backend, with validated inputs, the resolved scale and every parameter. The state is the
     method's own (a tensor, a dataclass); ``attnzoo.prefill``/``attnzoo.step`` carry it in a
     :class:`~attnzoo.api.DecodeState`. ``token_params`` names the parameters that hold one entry per token along
-    dim 2, ``(B, H, S)`` like gated-delta gates: the prefill takes the prompt's, each step its own token's.
+    their last dim, ``(B, H, S)`` like gated-delta gates or ``(B, S)`` like group ids: the prefill takes the prompt's,
+    each step its own tokens'.
     ``kv_cache``: the state is a :class:`~attnzoo.kv.cache.KVCache` (presses apply to it) and ``prefill`` takes
     ``lengths=`` (right-padded prompts); other decoders get ragged prompts one sequence at a time. ``chunked``: ``step``
     takes ``T >= 1`` tokens at once (else ``attnzoo.step`` runs it token by token).
@@ -276,10 +292,14 @@ class TestHints:
     """What the conformance suite needs to know that the signature does not say.
 
     ``sample_params(call, generator)`` gives valid parameter values (e.g. learnable tensors) for a call's shapes.
-    ``atol``/``rtol`` are fp32 tolerances against the fp64 reference.
+    ``atol``/``rtol`` are fp32 tolerances against the fp64 reference. ``decoding_params(call, params, prompt)``
+    gives what a decoded sequence must be told that a forward derives from its length (sigmoid's bias ``−log N``, the
+    final layout of a strided neighbourhood), for a call over the whole sequence with the sampled ``params`` decoded
+    from a prompt of ``prompt`` tokens; they replace the sampled values in the forward too.
     """
 
     sample_params: Callable[[Call, torch.Generator], dict[str, Any]] | None = None
+    decoding_params: Callable[[Call, dict[str, Any], int], dict[str, Any]] | None = None
     atol: float = 2e-5
     rtol: float = 1e-4
 

@@ -18,7 +18,9 @@ An exact backend is held to fp64 round-off (fp32: the method's ``tests`` toleran
 (device, dtype, training, its own ``serves``) is a skip with its reason.
 
 :func:`decoding_check` checks, for every method whose spec declares ``decoding``, that ``attnzoo.prefill`` on a prompt
-then ``attnzoo.step`` one token at a time and then a chunk of tokens give the one causal forward's output (fp64).
+then ``attnzoo.step`` one token at a time and then a chunk of tokens give the one causal forward's output (fp64), for
+a full batch and for a ragged one (``lengths=``: each sequence continues from its own length), and that a KV-cache
+state reports its ``nbytes``.
 
 :func:`bad_input_checks` checks, per method, that unsupported patterns and out-of-range parameters raise
 :class:`~attnzoo.errors.AttnzooError` naming the argument. ``tests/conformance`` turns these into pytest cases and
@@ -301,46 +303,102 @@ def _check_low_precision(m: Method, backend: str, x: Inputs, causal: bool, devic
     return None
 
 
-# Decoding: a prompt, then single tokens, then a chunk of several tokens (GQA, odd lengths).
+# Decoding: a prompt, then single tokens, then a chunk of several tokens (GQA, odd lengths); the ragged run gives the
+# second sequence a prompt RAGGED_SHORTER tokens shorter (right padding), so it ends that much earlier.
 DECODE_SHAPE = Shape(2, 4, 2, 29, 29, 8, 6)
-DECODE_PROMPT, DECODE_SINGLE_STEPS = 13, 5
+DECODE_PROMPT, DECODE_SINGLE_STEPS, RAGGED_SHORTER = 13, 5, 4
 
 
 def decoding_check(name: str, device: torch.device | str = "cpu") -> Result:
-    """``prefill`` on a prompt, ``step`` token by token, then ``step`` on a chunk equal one causal forward (fp64)."""
+    """``prefill`` on a prompt, ``step`` token by token, then ``step`` on a chunk equal one causal forward (fp64); the
+    same with a ragged batch (``prefill(..., lengths=)``): each sequence's outputs equal the causal forward over its
+    own tokens, padded prompt outputs are 0; a KV-cache state reports its ``nbytes``."""
     device = torch.device(device)
     m = get(name)
     label = f"{name}-decoding"
     if m.decoder is None:
         return Result(label, "decoding", "skip", "the method does not declare decoding")
-    x = make_inputs(m, DECODE_SHAPE, True, device)
-    token_params = m.decoder.token_params
-
-    def part(start: int, stop: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
-        tensors = tuple(t[:, :, start:stop] for t in (x.q, x.k, x.v))
-        per_token = {n: t[:, :, start:stop] for n, t in x.params.items() if n in token_params and torch.is_tensor(t)}
-        return tensors, per_token
-
+    x = _decoding_inputs(m, device)
     n, cut = DECODE_SHAPE.seq_q, DECODE_PROMPT
     try:
         with torch.no_grad():
             want = _run(m, "reference", x, True)
-            tensors, per_token = part(0, cut)
-            out, state = prefill(*tensors, method=name, **{**x.params, **per_token})
-            outs = [out]
-            for t in range(cut, cut + DECODE_SINGLE_STEPS):
-                tensors, per_token = part(t, t + 1)
-                out, state = step(state, *tensors, **per_token)
-                outs.append(out)
-            tensors, per_token = part(cut + DECODE_SINGLE_STEPS, n)
-            out, state = step(state, *tensors, **per_token)
-            outs.append(out)
+            for ragged in (False, True):
+                lengths = torch.tensor([cut, cut - RAGGED_SHORTER if ragged else cut], device=device)
+                try:
+                    got, state = _decode(m, x, lengths, ragged)
+                except AttnzooError as e:  # a decoder may refuse ragged prompts, naming lengths
+                    if ragged and "lengths" in str(e):
+                        return Result(label, "decoding", "pass", f"ragged prompts refused: {e}")
+                    raise
+                if state.length != n:
+                    return Result(label, "decoding", "fail", f"state.length {state.length} after {n} tokens")
+                problem = _nbytes_problem(m, state.data)
+                for b, length in enumerate(lengths.tolist()):
+                    seen = length + n - cut
+                    problem = problem or _close(got[b, :, :seen], want[b, :, :seen], FP64)
+                    if problem is None and ragged and bool(got[b, :, seen:].any()):
+                        problem = "outputs of padding positions are not 0"
+                if problem:
+                    return Result(label, "decoding", "fail", f"{'ragged: ' if ragged else ''}{problem}")
     except Exception as e:  # a crash is a failure of the check, reported with its type
         return Result(label, "decoding", "fail", f"raised {type(e).__name__}: {e}")
-    if state.length != n:
-        return Result(label, "decoding", "fail", f"state.length {state.length} after {n} tokens")
-    problem = _close(torch.cat(outs, dim=2), want, FP64)
-    return Result(label, "decoding", "fail" if problem else "pass", problem or "")
+    return Result(label, "decoding", "pass")
+
+
+def _decoding_inputs(m: Method, device: torch.device) -> Inputs:
+    """The decoding check's inputs: sampled ones, with what decoding must be told (``TestHints.decoding_params``)."""
+    x = make_inputs(m, DECODE_SHAPE, True, device)
+    extra = m.spec.tests.decoding_params
+    if extra is None:
+        return x
+    call = _call(DECODE_SHAPE, True, device, torch.float64)
+    told = extra(call, x.params, DECODE_PROMPT - RAGGED_SHORTER)
+    return Inputs(x.q, x.k, x.v, {**x.params, **{n: t.to(device) if isinstance(t, torch.Tensor) else t
+                                                for n, t in told.items()}})
+
+
+def _decode(m: Method, x: Inputs, lengths: torch.Tensor, ragged: bool) -> tuple[torch.Tensor, Any]:
+    """Decode ``x``: a prompt of ``lengths[b]`` tokens per sequence (one ``prefill``), then single steps, then one
+    chunk, sequence ``b`` continuing from its own token ``lengths[b]``. Returns the outputs ``(B, H, n, Dv)``, each
+    sequence's at its own positions (0 past its end), and the final state."""
+    token_params = m.decoder.token_params  # type: ignore[union-attr]
+    batch, n, cut = x.q.shape[0], x.q.shape[2], DECODE_PROMPT
+    per_token = {name: t.expand(batch, *t.shape) if t.dim() == 1 else t
+                 for name, t in x.params.items() if name in token_params and torch.is_tensor(t)}
+
+    def tokens(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Tokens ``[lengths[b] + start, lengths[b] + stop)`` of each sequence (last dim for parameters, else 2)."""
+        index = lengths.view(-1, 1) + torch.arange(start, stop, device=t.device)
+        if t.dim() == 4:
+            return t.gather(2, index.view(batch, 1, -1, 1).expand(-1, t.shape[1], -1, t.shape[3]))
+        return t.gather(-1, index.view(batch, *(1,) * (t.dim() - 2), -1).expand(*t.shape[:-1], -1))
+
+    prompt = {name: t[..., :cut] for name, t in per_token.items()}
+    out, state = prefill(x.q[:, :, :cut], x.k[:, :, :cut], x.v[:, :, :cut], method=m.name,
+                         lengths=lengths if ragged else None, **{**x.params, **prompt})
+    outs = [out]
+    for start, stop in [(t, t + 1) for t in range(DECODE_SINGLE_STEPS)] + [(DECODE_SINGLE_STEPS, n - cut)]:
+        part = {name: tokens(t, start, stop) for name, t in per_token.items()}
+        out, state = step(state, *(tokens(t, start, stop) for t in (x.q, x.k, x.v)), **part)
+        outs.append(out)
+    got = torch.zeros_like(torch.cat(outs, dim=2))
+    got[:, :, :cut] = outs[0]
+    decoded = torch.cat(outs[1:], dim=2)
+    for b, length in enumerate(lengths.tolist()):
+        got[b, :, length : length + n - cut] = decoded[b]
+    return got, state
+
+
+def _nbytes_problem(m: Method, data: Any) -> str | None:
+    """A KV-cache decoder's state must report the bytes it holds."""
+    if not m.decoder.kv_cache:  # type: ignore[union-attr]
+        return None
+    held = getattr(data, "nbytes", None)
+    keys = data.keys.numel() * data.keys.element_size()
+    if not isinstance(held, int) or held < keys:
+        return f"state.data.nbytes is {held!r}, not the bytes held (at least the keys' {keys})"
+    return None
 
 
 def bad_input_checks(name: str, device: torch.device | str = "cpu") -> Iterator[Result]:

@@ -45,9 +45,16 @@ def test_every_method_has_a_fast_path() -> None:
         assert all(b.fn is not m.reference for b in m.backends), f"{m.name}: a fast path is the reference"
 
 
-def test_every_causal_linear_method_decodes() -> None:
-    """What ``attnzoo.methods.linear`` says: its causal methods decode, its non-causal-only ones do not."""
+DECODING_EXCEPTIONS: dict[str, str] = {}
+"""Exact methods with a self/causal pattern that deliberately do not decode, with the reason (none today)."""
+
+
+def test_every_exact_causal_method_decodes() -> None:
+    """Every exact method with a self/causal pattern decodes (``attnzoo.prefill``/``attnzoo.step``), and only methods
+    with a causal pattern declare decoding."""
     for m in all_methods():
-        if m.spec.family == "linear":
-            causal = any(p.endswith("/causal") for p in m.spec.patterns)
-            assert m.spec.decoding == causal == (m.decoder is not None), m.name
+        causal = "self/causal" in m.spec.patterns
+        if causal and m.spec.exact and m.name not in DECODING_EXCEPTIONS:
+            assert m.spec.decoding and m.decoder is not None, f"{m.name} is exact and causal but does not decode"
+        if not causal:
+            assert not m.spec.decoding, f"{m.name} declares decoding without a causal pattern"

@@ -4,9 +4,13 @@
 ``p`` sees the occupied slots at positions ``<= p``, AND a method's own visibility (a window, a 2-D neighbourhood),
 with a method's additive score terms (ALiBi, a soft-cap applied by the caller to :meth:`KVCache.scores`). When the
 cache is a plain one (every slot occupied, no merged slots, one query, nothing else to apply) it is exactly
-``scaled_dot_product_attention`` over the cached keys — the fused kernel, no mask tensor; otherwise SDPA with a
-boolean mask, or the explicit scores when a method transforms them. A cache that is not ``plain`` (quantised or
-projected keys) is always read through its own ``scores`` and ``combine``.
+``scaled_dot_product_attention`` over the cached keys — the fused kernel, no mask tensor (also when a method's
+visibility hides no slot, e.g. a full ring of a sliding window); otherwise SDPA with a boolean mask, or the explicit
+scores when a method transforms them. A cache that is not ``plain`` (quantised or projected keys) is always read
+through its own ``scores`` and ``combine``.
+
+:func:`predicate_visible` evaluates a method's mask predicate (the ``MaskMod`` its forward uses) on the cache's
+positions, so that a decoder's visibility is its forward's rule, not a second copy of it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 
 from attnzoo.kernels.dense import safe_softmax
 from attnzoo.kv.cache import KVCache
+from attnzoo.masks.core import MaskMod
 
 
 def softmax_attention(
@@ -31,7 +36,8 @@ def softmax_attention(
     heads, tokens = q.shape[1], q.shape[2]
     q_pos = cache.query_positions(tokens)
     if scores is None and cache.log_weight is None and cache.plain:
-        if visible is None and tokens == 1 and cache.complete:
+        plain = tokens == 1 and cache.complete
+        if plain and (visible is None or bool(visible.all())):
             return F.scaled_dot_product_attention(q, cache.keys, cache.values, scale=scale,
                                                   enable_gqa=heads != cache.keys.shape[1])
         seen = cache.visible_to(q_pos, heads)
@@ -45,3 +51,23 @@ def softmax_attention(
         seen = seen & visible
     s = cache.scores(q, scale) if scores is None else scores
     return cache.combine(safe_softmax(s, seen))
+
+
+def predicate_visible(cache: KVCache, mod: MaskMod, heads: int, tokens: int = 1) -> torch.Tensor:
+    """``(B, heads, T, L)``: ``mod(b, h, q_idx, kv_idx)`` for the cache's last ``T`` query positions against every
+    slot's position (empty slots give some value; :func:`softmax_attention` hides them anyway)."""
+    batch = cache.length.shape[0]
+    device = cache.length.device
+    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(heads, device=device).view(1, -1, 1, 1)
+    q_idx = cache.query_positions(tokens).long()
+    kv_idx = cache.key_positions(heads).long()
+    return torch.broadcast_to(mod(b, h, q_idx, kv_idx), (batch, heads, tokens, cache.slots))
+
+
+def masked_step(
+    cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mod: MaskMod,
+) -> tuple[torch.Tensor, KVCache]:
+    """The step of a method whose mask is one predicate: append the token, attend to the slots ``mod`` shows it."""
+    cache = cache.append(k, v)
+    return softmax_attention(cache, q, scale, predicate_visible(cache, mod, q.shape[1], q.shape[2])), cache

@@ -15,9 +15,14 @@ not care where a key sits), which lets one layout serve every case:
 
 Memory. Appends write into preallocated storage (capacity grows by 1/16 of the cache, at least 16 slots, so a step
 costs O(new tokens), not a copy of the cache). A cache is a value: :meth:`append` never changes what an older cache
-sees. The storage remembers which cache appended last (``version``); only that one appends in place, any other (a
-second branch from an older state) copies first. Writing is never in place when autograd records the cache's
-tensors. :attr:`KVCache.nbytes` counts the storage actually held (capacity included).
+sees. The storage remembers which cache appended last (``version``); only that one, and only while its tensors are
+the storage's (not replaced by a press), appends in place; any other (a second branch from an older state) copies
+first. Writing is never in place when autograd records the cache's tensors. :attr:`KVCache.nbytes` counts the
+storage actually held (capacity included).
+
+Rings are the exception: a ring step overwrites a slot that older states of the ring still show (copying the ring
+every step would cost more than the attention over it). So a ring state that has been continued must not be
+continued again: that append raises, naming ``cache``; branch from :meth:`KVCache.copy` taken before.
 """
 
 from __future__ import annotations
@@ -57,10 +62,11 @@ class KVCache:
 
     ``length (B,)`` counts the tokens each sequence has seen (the position its next token takes). ``log_weight``
     (``(B, Hkv, L)`` or None) is added to every score of a slot (merged slots). ``ring`` keeps only the last ``ring``
-    positions. ``complete`` says that every slot holds a token (known without scanning the positions; False only
-    means "not known"). ``extras`` holds a method's (or a press's) own per-sequence tensors (e.g. the previous token
-    for momentum attention); ``slot_data`` holds per-slot ``(B, Hkv, L)`` tensors (a press's accumulated
-    statistics): they follow the slots through :meth:`keep`, and new slots get 0.
+    positions. :attr:`complete` says whether every slot holds a token (an append or a construction that knows it says
+    so, in ``known_complete``; otherwise the positions are scanned once). ``extras`` holds a method's (or a press's)
+    own per-sequence tensors (e.g. the previous token for momentum attention); ``slot_data`` holds per-slot
+    ``(B, Hkv, L)`` tensors (a press's accumulated statistics): they follow the slots through :meth:`keep`, and new
+    slots get 0.
     """
 
     keys: torch.Tensor
@@ -73,7 +79,7 @@ class KVCache:
     slot_data: dict[str, torch.Tensor] = field(default_factory=dict)
     storage: _Storage | None = field(default=None, repr=False)
     version: int = 0
-    complete: bool = False
+    known_complete: tuple[torch.Tensor, bool] | None = field(default=None, repr=False)
 
     #: ``keys`` and ``values`` are exactly what attention reads, so SDPA may take them directly. Caches that store
     #: tokens in another form (quantised, projected: :mod:`attnzoo.kv.quantized`, :mod:`attnzoo.kv.projected`) set it
@@ -92,7 +98,7 @@ class KVCache:
         pos = torch.arange(s, device=k.device).expand(b, hkv, s)
         pos = torch.where(pos < lengths.view(b, 1, 1), pos, -1).to(POSITION_DTYPE)
         if ring is None:
-            return cls(k, v, pos, lengths, complete=bool((lengths == s).all()))
+            return cls(k, v, pos, lengths, known_complete=(pos, bool((lengths == s).all())))
         cache = cls.empty(b, hkv, k.shape[-1], v.shape[-1], ring, k.dtype, k.device, ring=ring)
         if s == 0:
             return replace(cache, length=lengths)
@@ -105,7 +111,9 @@ class KVCache:
         positions = torch.where(real, take, -1).to(POSITION_DTYPE).view(b, 1, keep).expand(b, hkv, keep)
         keys = cache.keys.scatter(2, slot.unsqueeze(-1).expand_as(gathered[0]), gathered[0])
         values = cache.values.scatter(2, slot.unsqueeze(-1).expand_as(gathered[1]), gathered[1])
-        return cls(keys, values, cache.positions.scatter(2, slot, positions), lengths, ring=ring)
+        positions = cache.positions.scatter(2, slot, positions)
+        return cls(keys, values, positions, lengths, ring=ring,
+                   known_complete=(positions, bool((lengths >= ring).all())))
 
     @classmethod
     def empty(
@@ -134,6 +142,17 @@ class KVCache:
         extra += [*self.extras.values(), *self.slot_data.values()]
         return held + sum(t.numel() * t.element_size() for t in extra)
 
+    @property
+    def complete(self) -> bool:
+        """Whether every slot holds a token: what an append or construction recorded for these very positions, or
+        else one scan of them (remembered)."""
+        known = self.known_complete
+        if known is not None and known[0] is self.positions:
+            return known[1]
+        complete = not bool((self.positions < 0).any())
+        object.__setattr__(self, "known_complete", (self.positions, complete))
+        return complete
+
     def occupied(self) -> torch.Tensor:
         """``(B, Hkv, L)``: which slots hold a token."""
         return self.positions >= 0
@@ -155,6 +174,11 @@ class KVCache:
         if self.log_weight is not None:
             s = s + _per_query_head(self.log_weight, q.shape[1]).unsqueeze(2)
         return s
+
+    def slot_log_weights(self, heads: int) -> torch.Tensor | None:
+        """``(B, heads, 1, L)``: each slot's ``log_weight`` (log of the tokens it stands for) as seen by ``heads``
+        query heads, or None when no slot is merged. For methods that transform raw logits before adding it."""
+        return None if self.log_weight is None else _per_query_head(self.log_weight, heads).unsqueeze(2)
 
     def combine(self, p: torch.Tensor) -> torch.Tensor:
         """``p v`` for weights ``p (B, H, T, L)`` over the slots: ``(B, H, T, Dv)``."""
@@ -180,13 +204,14 @@ class KVCache:
         if self.ring is not None:
             return self._write_ring(k, v, pos, length)
         n = self.slots
+        complete = self.complete or n == 0  # the new slots all hold tokens
         if _recorded(k, v, self.keys):  # autograd: build new tensors, never write into recorded ones
+            positions = torch.cat([self.positions, pos], 2)
             return replace(self, keys=torch.cat([self.keys, k], 2), values=torch.cat([self.values, v], 2),
-                           positions=torch.cat([self.positions, pos], 2), length=length,
-                           log_weight=_pad(self.log_weight, t), slot_data=_pad_all(self.slot_data, t), storage=None,
-                           complete=self.complete or n == 0)
+                           positions=positions, length=length, log_weight=_pad(self.log_weight, t),
+                           slot_data=_pad_all(self.slot_data, t), storage=None, known_complete=(positions, complete))
         storage = self.storage
-        if storage is None or storage.version != self.version or n + t > storage.capacity:
+        if storage is None or not self._owns(storage) or n + t > storage.capacity:
             grow = n + t + max(16, (n + t) // 16)
             storage = _Storage(*(_grown(x, grow, fill) for x, fill in
                                  ((self.keys, 0), (self.values, 0), (self.positions, -1))))
@@ -194,10 +219,11 @@ class KVCache:
         storage.values[:, :, n : n + t] = v
         storage.positions[:, :, n : n + t] = pos
         storage.version += 1
+        positions = storage.positions[:, :, : n + t]
         return replace(self, keys=storage.keys[:, :, : n + t], values=storage.values[:, :, : n + t],
-                       positions=storage.positions[:, :, : n + t], length=length,
-                       log_weight=_pad(self.log_weight, t), slot_data=_pad_all(self.slot_data, t), storage=storage,
-                       version=storage.version, complete=self.complete or n == 0)
+                       positions=positions, length=length, log_weight=_pad(self.log_weight, t),
+                       slot_data=_pad_all(self.slot_data, t), storage=storage, version=storage.version,
+                       known_complete=(positions, complete))
 
     def _write_ring(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, length: torch.Tensor) -> KVCache:
         """Ring append: position ``p`` overwrites slot ``p mod ring`` (the token ``ring`` positions older)."""
@@ -206,12 +232,17 @@ class KVCache:
             k, v, pos = k[:, :, -self.ring :], v[:, :, -self.ring :], pos[:, :, -self.ring :]
         slot = (pos % self.ring).long()
         storage = self.storage
-        if storage is None or storage.version != self.version or _recorded(k, v, self.keys):
+        if storage is not None and storage.version != self.version:
+            raise fail("cache", "the newest state of a ring cache (rings are written in place: a continued state "
+                       "cannot be continued again; branch from cache.copy() taken before)", "an older state")
+        if not self._owns(storage) or _recorded(k, v, self.keys):
             keys = self.keys.scatter(2, slot.unsqueeze(-1).expand_as(k), k)
             values = self.values.scatter(2, slot.unsqueeze(-1).expand_as(v), v)
             positions = self.positions.scatter(2, slot, pos)
             if _recorded(k, v, self.keys):
-                return replace(self, keys=keys, values=values, positions=positions, length=length)
+                return replace(self, keys=keys, values=values, positions=positions, length=length,
+                               slot_data=_reset(self.slot_data, slot), storage=None, version=0,
+                               known_complete=(positions, bool((length >= self.ring).all())))
             storage = _Storage(keys, values, positions)
         else:
             storage.keys.scatter_(2, slot.unsqueeze(-1).expand_as(k), k)
@@ -219,7 +250,20 @@ class KVCache:
             storage.positions.scatter_(2, slot, pos)
         storage.version += 1
         return replace(self, keys=storage.keys, values=storage.values, positions=storage.positions, length=length,
-                       storage=storage, version=storage.version)
+                       slot_data=_reset(self.slot_data, slot), storage=storage, version=storage.version,
+                       known_complete=(storage.positions, bool((length >= self.ring).all())))
+
+    def _owns(self, storage: _Storage | None) -> bool:
+        """Whether this cache is the newest state of ``storage`` and its tensors are the storage's (so an append may
+        write in place)."""
+        return storage is not None and storage.version == self.version and all(
+            mine.data_ptr() == held.data_ptr() for mine, held in
+            ((self.keys, storage.keys), (self.values, storage.values), (self.positions, storage.positions)))
+
+    def copy(self) -> KVCache:
+        """An independent copy (fresh tensors, no shared storage): what to branch a ring cache from."""
+        return replace(self, keys=self.keys.clone(), values=self.values.clone(), positions=self.positions.clone(),
+                       storage=None, version=0)
 
     def keep(self, index: torch.Tensor, log_weight: torch.Tensor | None = None) -> KVCache:
         """A compact cache of the slots ``index (B, Hkv, L')`` (``-1``: an empty slot) of each row, in fresh tensors
@@ -239,7 +283,7 @@ class KVCache:
         slot_data = {n: t.gather(2, safe).masked_fill(empty, 0) for n, t in self.slot_data.items()}
         return replace(self, keys=take(self.keys), values=take(self.values), positions=positions,
                        log_weight=log_weight, slot_data=slot_data, ring=None, storage=None, version=0,
-                       complete=not bool(empty.any()))
+                       known_complete=None)
 
 
 def check_lengths(lengths: torch.Tensor | None, batch: int, seq: int, device: torch.device) -> torch.Tensor:
@@ -279,6 +323,11 @@ def _pad(per_slot: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
     if per_slot is None:
         return None
     return torch.cat([per_slot, per_slot.new_zeros(*per_slot.shape[:2], tokens)], 2)
+
+
+def _reset(slot_data: dict[str, torch.Tensor], slot: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-slot data with the ring slots ``slot (B, Hkv, T)`` just overwritten set to 0 (a new token's value)."""
+    return {n: t.scatter(2, slot, 0) for n, t in slot_data.items()}
 
 
 def _pad_all(slot_data: dict[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:

@@ -49,7 +49,9 @@ def _layout_problem(value: Any, call: Call, max_ndim: int | None) -> str | None:
     if (not isinstance(value, tuple) or not value or (max_ndim is not None and len(value) > max_ndim)
             or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value)):
         return f"a tuple of {most} positive ints (the spatial shape of the sequence)"
-    if math.prod(value) != call.seq_q:
+    if call.decoding and math.prod(value) < call.length:
+        return f"a shape of at least the {call.length} tokens decoded so far (the whole decoded sequence's grid)"
+    if not call.decoding and math.prod(value) != call.seq_q:
         return f"a shape whose product is the sequence length {call.seq_q}"
     return None
 
@@ -103,7 +105,7 @@ def divides_layout(name: str) -> Check:
         sizes = per_axis_ints(name, value, call, 1)
         if isinstance(sizes, str):
             return sizes
-        layout = layout_shape(call.seq_q, call.params.get("layout"))
+        layout = layout_shape(call.length, call.params.get("layout"))
         if sizes and any(n % s for n, s in zip(layout, sizes, strict=True)):
             return f"sizes dividing each axis of the layout {layout}"
         return None
@@ -123,7 +125,7 @@ def check_kernel_size(value: Any, call: Call) -> str | None:
     dilation = per_axis_ints("dilation", call.params.get("dilation", 1), call, 1)
     if isinstance(dilation, str):
         return None  # the dilation's own check reports it
-    for k, d, n in zip(kernel, dilation, layout_shape(call.seq_q, layout), strict=True):
+    for k, d, n in zip(kernel, dilation, layout_shape(call.length, layout), strict=True):
         if k % 2 == 0:
             return "odd kernel sizes"
         if k * d > n:
@@ -136,7 +138,7 @@ def check_is_causal(value: Any, call: Call) -> str | None:
     layout = call.params.get("layout")
     if check_layout_3d(layout, call) is not None:
         return None
-    ndim = len(layout_shape(call.seq_q, layout))
+    ndim = len(layout_shape(call.length, layout))
     if isinstance(value, tuple) and (len(value) != ndim or not all(isinstance(x, bool) for x in value)):
         return f"a bool or a tuple of {ndim} bools (one per layout axis)"
     return None

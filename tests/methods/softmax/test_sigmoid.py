@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 import attnzoo as az
+from attnzoo.errors import AttnzooError
 from attnzoo.methods.softmax import sigmoid
+from tests.helpers import assert_decodes, qkv
 
 
 def test_default_bias_is_minus_log_seq_kv():
@@ -74,3 +77,10 @@ def test_causal_cross_lengths_give_zero_rows_and_match_reference(monkeypatch):
             assert out[:, :, : sq - skv].abs().max() == 0
         for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
             torch.testing.assert_close(a, b)
+
+
+def test_sigmoid_decoding_needs_an_explicit_bias() -> None:
+    q, k, v = qkv(2, 4, 2, 20)
+    with pytest.raises(AttnzooError, match="sigmoid_bias"):
+        az.prefill(q, k, v, method="sigmoid")
+    assert_decodes("sigmoid", q, k, v, [9, 4], sigmoid_bias=-math.log(20))

@@ -8,7 +8,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
-from tests.helpers import assert_matches_reference, qkv
+from tests.helpers import assert_decodes, assert_matches_reference, qkv
 
 
 @pytest.mark.parametrize(
@@ -25,3 +25,9 @@ def test_axial_errors(params, needle):
     q = torch.randn(1, 2, 30, 8)
     with pytest.raises(AttnzooError, match=needle):
         az.attention(q, q, q, method="axial", **params)
+
+
+@pytest.mark.parametrize("params", [{}, {"layout": (5, 6)}, {"layout": (5, 6), "axis": 0},
+                                    {"layout": (2, 3, 5), "axis": None}])
+def test_axial_decodes_ragged_prompts_that_start_the_layout(params: dict) -> None:
+    assert_decodes("axial", *qkv(2, 4, 2, 30), [11, 6], **params)

@@ -8,7 +8,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
-from tests.helpers import assert_matches_reference, qkv
+from tests.helpers import assert_decodes, assert_matches_reference, qkv
 
 
 @pytest.mark.parametrize("params", [dict(layout=(16, 20), image_start=37), dict(layout=(3, 130), image_start=0),
@@ -39,3 +39,15 @@ def test_concentric_errors(params, name):
         az.attention(q, k, v, method="concentric_causal", causal=True, **params)
     with pytest.raises(AttnzooError, match="causal"):
         az.attention(q, k, v, method="concentric_causal", layout=(2, 2))
+
+
+def test_concentric_causal_decodes_the_text_after_an_image_held_by_the_prompt() -> None:
+    assert_decodes("concentric_causal", *qkv(2, 4, 2, 24), [14, 11], layout=(3, 3), image_start=2)
+
+
+def test_concentric_causal_decoding_refuses_a_prompt_without_the_whole_image() -> None:
+    q, k, v = qkv(2, 2, 2, 12)
+    with pytest.raises(AttnzooError, match="layout"):
+        az.prefill(q[:, :, :8], k[:, :, :8], v[:, :, :8], method="concentric_causal", layout=(3, 3), image_start=2)
+    with pytest.raises(AttnzooError, match="lengths"):
+        az.prefill(q, k, v, method="concentric_causal", layout=(3, 3), image_start=2, lengths=torch.tensor([12, 9]))

@@ -11,7 +11,7 @@ import attnzoo as az
 from attnzoo.errors import AttnzooError
 from attnzoo.masks.neighborhood import generalized_neighborhood, neighborhood
 from attnzoo.masks.partitions import window_partition
-from tests.helpers import assert_matches_reference, dense_mask, qkv
+from tests.helpers import assert_decodes, assert_matches_reference, dense_mask, qkv
 
 
 def test_gna_stride_one_is_neighborhood_and_stride_kernel_is_blocked():
@@ -71,3 +71,27 @@ def test_gna_errors(params, needle):
     q = torch.randn(1, 2, 30, 8)
     with pytest.raises(AttnzooError, match=needle):
         az.attention(q, q, q, method="generalized_neighborhood", **params)
+
+
+@pytest.mark.parametrize("params", [
+    {"layout": (5, 6), "kernel_size": 3, "stride": (2, 3), "dilation": (1, 2)},
+    {"layout": (2, 3, 5), "kernel_size": (1, 3, 3), "stride": (1, 2, 3)},
+    {"layout": (30,), "kernel_size": 5, "stride": 3},
+])
+def test_gna_decodes_ragged_prompts_that_start_the_layout(params: dict) -> None:
+    assert_decodes("generalized_neighborhood", *qkv(2, 4, 2, 30), [11, 7], **params)
+
+
+def test_gna_decoding_keeps_a_ring_of_its_look_back_on_a_large_grid() -> None:
+    q, k, v = qkv(1, 2, 1, 96, seed=1)
+    state = assert_decodes("generalized_neighborhood", q, k, v, [80], layout=(8, 12), kernel_size=3, stride=2)
+    assert state.data.ring == state.data.slots == 2 * 12 + 2 + 1  # (k − 1)·12 + (k − 1) + 1
+
+
+def test_gna_decoding_with_a_stride_needs_the_layout_and_stops_at_its_end() -> None:
+    q, k, v = qkv(1, 2, 2, 8)
+    with pytest.raises(AttnzooError, match="layout"):
+        az.prefill(q, k, v, method="generalized_neighborhood", kernel_size=3, stride=2)
+    _, state = az.prefill(q, k, v, method="generalized_neighborhood", kernel_size=3, stride=2, layout=(8,))
+    with pytest.raises(AttnzooError, match="layout"):
+        az.step(state, q[:, :, :1], k[:, :, :1], v[:, :, :1])

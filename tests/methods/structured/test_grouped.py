@@ -8,7 +8,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
-from tests.helpers import assert_matches_reference, qkv
+from tests.helpers import assert_decodes, assert_matches_reference, qkv
 
 CASES = [
     (40, 40, False, lambda g: dict(group_ids=torch.randint(0, 4, (40,), generator=g))),
@@ -39,3 +39,31 @@ def test_grouped_errors(params, skv, needle):
     q, k = torch.randn(1, 2, 8, 4), torch.randn(1, 2, skv, 4)
     with pytest.raises(AttnzooError, match=needle):
         az.attention(q, k, k, method="grouped", **params)
+
+
+def test_grouped_decodes_with_the_ids_of_each_step() -> None:
+    q, k, v = qkv(2, 4, 2, 12)
+    ids = torch.tensor([[0, 1, 0, 2, 1, 1, 0, 2, 2, 0, 1, 0], [1, 1, 0, 0, 2, 2, 1, 0, 1, 2, 0, 0]])
+    want = az.attention(q, k, v, method="grouped", causal=True, group_ids=ids, backend="reference")
+    out, state = az.prefill(q[:, :, :7], k[:, :, :7], v[:, :, :7], method="grouped", group_ids=ids[:, :7])
+    outs = [out]
+    for t in range(7, 12):
+        out, state = az.step(state, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1],
+                             group_ids=ids[:, t : t + 1])
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, 2), want)
+    assert state.data.slot_data["group_ids"][:, 0].tolist() == ids.tolist()
+    with pytest.raises(AttnzooError, match="group_ids"):
+        az.step(state, q[:, :, :1], k[:, :, :1], v[:, :, :1])
+
+
+def test_grouped_decodes_shared_ids_and_ragged_prompts() -> None:
+    q, k, v = qkv(2, 2, 2, 9)
+    ids = torch.tensor([0, 0, 1, 1, 0, 1, 1, 0, 1])
+    want = az.attention(q, k, v, method="grouped", causal=True, group_ids=ids, backend="reference")
+    out, state = az.prefill(q[:, :, :6], k[:, :, :6], v[:, :, :6], method="grouped", group_ids=ids[:6],
+                            lengths=torch.tensor([6, 6]))
+    torch.testing.assert_close(out, want[:, :, :6])
+    out, state = az.step(state, q[:, :, 6:], k[:, :, 6:], v[:, :, 6:], group_ids=ids[6:])
+    torch.testing.assert_close(out, want[:, :, 6:])
+    assert_decodes("grouped", q, k, v, [5, 3])  # no ids: one group

@@ -7,7 +7,7 @@ import pytest
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
-from tests.helpers import assert_matches_reference, qkv
+from tests.helpers import assert_decodes, assert_matches_reference, qkv
 
 NEIGHBORHOOD = [
     dict(kernel_size=31, dilation=3),  # 300 = 3 groups of 100, tiles of 128 do not divide
@@ -42,3 +42,15 @@ def test_neighborhood_errors(params, needle):
     q, k, v = qkv(1, 2, 2, 32, requires_grad=True)
     with pytest.raises(AttnzooError, match=needle):
         az.attention(q, k, v, method="neighborhood", **params)
+
+
+@pytest.mark.parametrize("params", [{"kernel_size": 5, "dilation": 2}, {"layout": (5, 6), "kernel_size": (3, 5)},
+                                    {"layout": (3, 10), "kernel_size": 3, "dilation": (1, 3)}])
+def test_neighborhood_decodes_ragged_prompts(params: dict) -> None:
+    assert_decodes("neighborhood", *qkv(2, 4, 2, 30), [12, 9], **params)
+
+
+def test_neighborhood_decoding_memory_does_not_grow_with_the_context() -> None:
+    q, k, v = qkv(1, 2, 1, 40)
+    state = assert_decodes("neighborhood", q, k, v, [20], kernel_size=5, dilation=2)
+    assert state.data.slots == (5 - 1) * 2 + 1

@@ -19,17 +19,27 @@ Choices:
 Fast path ``sdpa`` (:func:`sdpa_sheared`): the shear is one fused elementwise op per tensor (O(N·d)), then S1's SDPA
 path, :func:`attnzoo.kernels.dense.sdpa_attention` (GQA without copies; flash/efficient kernels where available). The
 reference builds the shear as an explicit ``(N, N)`` matrix applied to Q and K and then materialises every score.
+
+Decoding (:data:`DECODER`): the cache holds the *sheared* keys and the values; the shear of a new token needs its
+predecessor, so ``cache.extras`` keeps each sequence's previous raw query and key (``previous_q (B, H, 1, D)``,
+``previous_k (B, Hkv, 1, D)``; ragged prompts: each sequence's own last token). :func:`decode_prefill` runs
+:func:`sdpa_sheared` over the prompt; :func:`decode_step` shears the token with the stored predecessor (a sequence
+with no token yet uses the token itself, the ``x_{−1} = x_0`` boundary), appends, and attends with
+:func:`attnzoo.kv.attend.softmax_attention` (SDPA over the cache).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from attnzoo.kernels.dense import sdpa_attention
+from attnzoo.kv.attend import softmax_attention
+from attnzoo.kv.cache import KVCache
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
-from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+from attnzoo.registry import SELF_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 
 def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
@@ -74,6 +84,7 @@ def reference(
 
 
 def _shear(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``x_t + γ(x_t − x_{t−1})`` along dim 2, ``x_{−1} = x_0``."""
     previous = torch.cat((x[:, :, :1], x[:, :, :-1]), dim=2)
     return torch.lerp(x, previous, -gamma)  # x + (−γ)(previous − x) = x + γ(x − previous)
 
@@ -85,4 +96,35 @@ def sdpa_sheared(
     return sdpa_attention(_shear(q, gamma), _shear(k, gamma), v, causal=causal, scale=scale, mask=mask, bias=bias)
 
 
-register(SPEC, reference, [Backend("sdpa", sdpa_sheared)])
+def _last_tokens(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each sequence's last real token ``(B, H, 1, D)`` (its first, ``x_0``, if it has none yet: never read)."""
+    index = (lengths - 1).clamp(min=0).view(-1, 1, 1, 1).expand(-1, x.shape[1], 1, x.shape[3])
+    return x.gather(2, index)
+
+
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, gamma: float,
+    lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, KVCache]:
+    """Causal momentum attention over a (right-padded) prompt; the cache of its sheared keys, values and last tokens."""
+    out = sdpa_sheared(q, k, v, causal=True, scale=scale, mask=None, bias=None, gamma=gamma)
+    cache = KVCache.from_prompt(_shear(k, gamma), v, lengths)
+    extras = {"previous_q": _last_tokens(q, cache.length), "previous_k": _last_tokens(k, cache.length)}
+    return out, replace(cache, extras={**cache.extras, **extras})
+
+
+def decode_step(
+    cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, gamma: float,
+) -> tuple[torch.Tensor, KVCache]:
+    """One token per sequence: shear it with the stored predecessor, append, attend."""
+    first = (cache.length == 0).view(-1, 1, 1, 1)
+    previous_q = torch.where(first, q, cache.extras["previous_q"])
+    previous_k = torch.where(first, k, cache.extras["previous_k"])
+    cache = cache.append(torch.lerp(k, previous_k, -gamma), v)
+    out = softmax_attention(cache, torch.lerp(q, previous_q, -gamma), scale)
+    return out, replace(cache, extras={**cache.extras, "previous_q": q, "previous_k": k})
+
+
+DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
+
+register(SPEC, reference, [Backend("sdpa", sdpa_sheared)], DECODER)

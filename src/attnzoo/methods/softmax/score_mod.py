@@ -29,6 +29,13 @@ Fast paths:
   read inside the ``score_mod``. Forward-only on CPU.
 - ``torch`` (:func:`torch_blockwise`): query blocks (``attnzoo.kernels.blocked_softmax``) with autograd, for training on
   CPU; memory O(rows · Skv).
+
+Decoding (:data:`DECODER`): :func:`decode_prefill` runs :func:`torch_blockwise` causally over the prompt and caches
+its keys and values; :func:`decode_step` appends the token, takes the raw logits of every slot, caps them, subtracts
+ALiBi with the distances of the slots' true positions (:func:`attnzoo.masks.mods.alibi` evaluated on
+``cache.query_positions()`` and the slots' positions, so a pressed cache keeps true distances), adds a merged slot's
+``log_weight``, and attends (:func:`attnzoo.kv.attend.softmax_attention` with these scores). With neither a cap nor
+ALiBi the step is S1's (SDPA over the cache).
 """
 
 from __future__ import annotations
@@ -40,10 +47,13 @@ import torch
 from attnzoo import masks
 from attnzoo.kernels import flex
 from attnzoo.kernels.blocked_softmax import blocked_softmax_attention, inplace
+from attnzoo.kernels.blockwise import grouped_logits
+from attnzoo.kv.attend import softmax_attention
+from attnzoo.kv.cache import KVCache
 from attnzoo.masks import mods
 from attnzoo.masks.mods import alibi_slopes
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
-from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+from attnzoo.registry import ALL_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 
 def _check_alibi(value: bool | torch.Tensor, call: Call) -> str | None:
@@ -171,4 +181,38 @@ def flex_score_mod(
     return flex.attention(q, k, v, scale=scale, score_mod=mods.compose(*steps), block_mask=block_mask)
 
 
-register(SPEC, reference, [Backend("torch", torch_blockwise), Backend("flex", flex_score_mod, flex.unavailable)])
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, alibi: bool | torch.Tensor, softcap: float,
+    lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, KVCache]:
+    """Causal attention with the score modifiers over a (right-padded) prompt and the cache of its keys and values."""
+    out = torch_blockwise(q, k, v, causal=True, scale=scale, mask=None, bias=None, alibi=alibi, softcap=softcap)
+    return out, KVCache.from_prompt(k, v, lengths)
+
+
+def decode_step(
+    cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, alibi: bool | torch.Tensor,
+    softcap: float,
+) -> tuple[torch.Tensor, KVCache]:
+    """One token per sequence: append, modify the logits of every slot by position, attend."""
+    cache = cache.append(k, v)
+    heads = q.shape[1]
+    slopes = _slopes(alibi, heads, q)
+    if softcap <= 0 and slopes is None:
+        return softmax_attention(cache, q, scale), cache
+    s = grouped_logits(q, cache.keys, scale)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if slopes is not None:
+        b = torch.arange(q.shape[0], device=q.device).view(-1, 1, 1, 1)
+        h = torch.arange(heads, device=q.device).view(1, -1, 1, 1)
+        q_idx = cache.query_positions(q.shape[2]).long()
+        s = mods.alibi(slopes, 0)(s, b, h, q_idx, cache.key_positions(heads).long())
+    counts = cache.slot_log_weights(heads)
+    return softmax_attention(cache, q, scale, scores=s if counts is None else s + counts), cache
+
+
+DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
+
+register(SPEC, reference, [Backend("torch", torch_blockwise), Backend("flex", flex_score_mod, flex.unavailable)],
+         DECODER)

@@ -28,6 +28,12 @@ Fast path ``sdpa`` (:func:`sdpa_rescaled`): the temperatures are per-row scalars
 ``τ_q(i)·(q_i·k_j) = (τ_q(i) q_i)·k_j`` exactly: we scale Q and V (O(N·d)) and call S1's SDPA path,
 :func:`attnzoo.kernels.dense.sdpa_attention`. Gradients reach u, β and w through autograd. The reference instead puts
 the temperature on each materialised logit.
+
+Decoding (:data:`DECODER`): the same folding. A causal query at position ``p`` has ``n = p + 1`` (its own position
+in its sequence, ragged batches included), so its temperature is known when it arrives; the cache stores the keys
+and the *scaled* values ``τ_v(j) v_j``. :func:`decode_prefill` runs :func:`sdpa_rescaled` over the prompt;
+:func:`decode_step` scales the token's query and value, appends, and attends with
+:func:`attnzoo.kv.attend.softmax_attention` (SDPA over the cache).
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ from typing import Any
 import torch
 
 from attnzoo.kernels.dense import sdpa_attention
+from attnzoo.kv.attend import softmax_attention
+from attnzoo.kv.cache import KVCache
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
-from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+from attnzoo.registry import ALL_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 POS_BETA_INIT = 2.0
 
@@ -128,28 +136,60 @@ def _row_scale(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.tanh(torch.matmul(x, weight.to(x.dtype).unsqueeze(-1)))
 
 
+def _scaled_queries(
+    q: torch.Tensor, window: torch.Tensor, query_temp: torch.Tensor | None, pos_beta: torch.Tensor | None,
+) -> torch.Tensor:
+    """``τ_q · q`` for context sizes ``window`` (broadcastable to ``(B, 1, Sq, 1)``)."""
+    tau: torch.Tensor | None = None
+    if pos_beta is not None:
+        coefficient = torch.exp(-torch.exp(pos_beta.to(q.dtype))).view(1, -1, 1, 1)
+        tau = 1.0 + coefficient * torch.log(window.to(q.dtype))
+    if query_temp is not None:
+        token = _row_scale(q, query_temp)
+        tau = 1.0 + token if tau is None else tau + token
+    return q if tau is None else q * tau
+
+
+def _scaled_values(v: torch.Tensor, value_temp: torch.Tensor | None) -> torch.Tensor:
+    """``τ_v · v``."""
+    return v if value_temp is None else v * (1.0 + _row_scale(v, value_temp))
+
+
 def sdpa_rescaled(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, query_temp: torch.Tensor | None, pos_beta: torch.Tensor | None,
     value_temp: torch.Tensor | None,
 ) -> torch.Tensor:
     sq, skv = q.shape[2], k.shape[2]
-    tau: torch.Tensor | None = None
-    if pos_beta is not None:
-        if causal:
-            window = torch.arange(1 + skv - sq, 1 + skv, device=q.device).clamp_(min=1)
-        else:
-            window = torch.full((sq,), skv, device=q.device)
-        coefficient = torch.exp(-torch.exp(pos_beta.to(q.dtype))).view(1, -1, 1, 1)
-        tau = 1.0 + coefficient * torch.log(window.to(q.dtype)).view(1, 1, sq, 1)
-    if query_temp is not None:
-        token = _row_scale(q, query_temp)
-        tau = 1.0 + token if tau is None else tau + token
-    if tau is not None:
-        q = q * tau
-    if value_temp is not None:
-        v = v * (1.0 + _row_scale(v, value_temp))
-    return sdpa_attention(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias)
+    if causal:
+        window = torch.arange(1 + skv - sq, 1 + skv, device=q.device).clamp_(min=1)
+    else:
+        window = torch.full((sq,), skv, device=q.device)
+    q = _scaled_queries(q, window.view(1, 1, sq, 1), query_temp, pos_beta)
+    return sdpa_attention(q, k, _scaled_values(v, value_temp), causal=causal, scale=scale, mask=mask, bias=bias)
 
 
-register(SPEC, reference, [Backend("sdpa", sdpa_rescaled)])
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, query_temp: torch.Tensor | None,
+    pos_beta: torch.Tensor | None, value_temp: torch.Tensor | None, lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, KVCache]:
+    """Causal selective attention over a (right-padded) prompt and the cache of its keys and scaled values."""
+    out = sdpa_rescaled(q, k, v, causal=True, scale=scale, mask=None, bias=None, query_temp=query_temp,
+                        pos_beta=pos_beta, value_temp=value_temp)
+    return out, KVCache.from_prompt(k, _scaled_values(v, value_temp), lengths)
+
+
+def decode_step(
+    cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+    query_temp: torch.Tensor | None, pos_beta: torch.Tensor | None, value_temp: torch.Tensor | None,
+) -> tuple[torch.Tensor, KVCache]:
+    """One token per sequence: its query scaled for context ``position + 1``, its scaled value appended."""
+    cache = cache.append(k, _scaled_values(v, value_temp))
+    q = _scaled_queries(q, cache.query_positions(q.shape[2]) + 1, query_temp, pos_beta)
+    return softmax_attention(cache, q, scale), cache
+
+
+DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
+
+
+register(SPEC, reference, [Backend("sdpa", sdpa_rescaled)], DECODER)

@@ -38,6 +38,13 @@ tile leaves the cache. The ratio grows on a loaded machine (each of the many sma
 1.3× was seen at such a moment). FlexAttention is not a faster route on CPU: its compiled kernel took ~1.75× SDPA's
 time here even without a score modifier, and CPU flex cannot return the log-sum-exp that the
 ``σ(s) = exp(s − softplus(s))`` rewrite needs.
+
+Decoding (:data:`DECODER`): the default ``b = −log(seq_kv)`` depends on the length the sequence will finally have,
+which a decoder does not know, so decoding requires an explicit ``sigmoid_bias`` (``attnzoo.prefill(...,
+sigmoid_bias=-math.log(N))`` reproduces the forward over ``N`` tokens) and refuses ``None`` naming it.
+:func:`decode_prefill` runs the tiled causal path over the prompt and keeps its keys and values in a
+:class:`~attnzoo.kv.cache.KVCache`; :func:`decode_step` appends the token and sums ``σ(scale·q·k_j + b) v_j`` over the
+slots at or before it (a slot that stands for ``n`` merged tokens, ``log_weight = log n``, counts ``n`` times).
 """
 
 from __future__ import annotations
@@ -49,8 +56,11 @@ from typing import Any
 
 import torch
 
+from attnzoo.errors import fail
+from attnzoo.kernels.blockwise import grouped_logits
+from attnzoo.kv.cache import KVCache
 from attnzoo.methods.common import dense_scores, repeat_kv, visible
-from attnzoo.registry import ALL_PATTERNS, Backend, MethodSpec, Param, register
+from attnzoo.registry import ALL_PATTERNS, Backend, Decoder, MethodSpec, Param, TestHints, register
 
 SCORES_PER_TILE = 1 << 21  # CPU: 8 MiB of fp32 scores per tile, which stays in cache between its three passes
 KEYS_PER_TILE = 4096  # CPU: a tile spans at most this many keys; longer rows are cut into key chunks
@@ -71,6 +81,7 @@ SPEC = MethodSpec(
     ),
     complexity="O(N²d) time, O(N·r) memory (query blocks of r rows)",
     subquadratic_memory=True,
+    tests=TestHints(decoding_params=lambda call, params, prompt: {"sigmoid_bias": -math.log(call.seq_kv)}),
 )
 
 
@@ -268,4 +279,32 @@ def torch_tiled(
     return out
 
 
-register(SPEC, reference, [Backend("torch", torch_tiled)])
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, sigmoid_bias: float | None,
+    lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, KVCache]:
+    """Causal sigmoid attention over a (right-padded) prompt and the cache of its keys and values."""
+    if sigmoid_bias is None:
+        raise fail("sigmoid_bias", "a float when decoding (the default −log(seq_kv) depends on the final length; "
+                   "pass -math.log(N) to match a forward over N tokens)", None)
+    out = torch_tiled(q, k, v, causal=True, scale=scale, mask=None, bias=None, sigmoid_bias=sigmoid_bias)
+    return out, KVCache.from_prompt(k, v, lengths)
+
+
+def decode_step(
+    cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, sigmoid_bias: float,
+) -> tuple[torch.Tensor, KVCache]:
+    """One token per sequence: append its key and value, sum ``σ(scale·q·k + b) v`` over the slots it sees."""
+    cache = cache.append(k, v)
+    heads = q.shape[1]
+    w = torch.sigmoid(grouped_logits(q, cache.keys, scale) + sigmoid_bias)
+    w = w * cache.visible_to(cache.query_positions(q.shape[2]), heads)
+    counts = cache.slot_log_weights(heads)
+    if counts is not None:
+        w = w * counts.exp()
+    return cache.combine(w), cache
+
+
+DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
+
+register(SPEC, reference, [Backend("torch", torch_tiled)], DECODER)

@@ -20,6 +20,12 @@ Fast path ``torch`` (:func:`torch_blockwise`): query blocks (``attnzoo.kernels.b
 logits, find each row's threshold with ``torch.topk`` (O(Skv) per row rather than a full sort), mask below it and
 multiply the sparse weights with V; memory O(block · Skv), blocks are recomputed in the backward pass. The reference
 sorts the dense score matrix.
+
+Decoding (:data:`DECODER`): the cache keeps every key (any of them may be in a later query's top k).
+:func:`decode_prefill` runs :func:`torch_blockwise` over the prompt; :func:`decode_step` appends the token, takes the
+``top_k``-th largest logit among the slots it sees (``torch.topk``, O(L)) and attends over the slots at or above it
+(:func:`attnzoo.kv.attend.softmax_attention` with those slots visible; a merged slot's ``log_weight`` counts in its
+logit, so it ranks as the tokens it stands for).
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ from typing import Any
 import torch
 
 from attnzoo.kernels.blocked_softmax import blocked_softmax_attention, inplace
+from attnzoo.kv.attend import softmax_attention
+from attnzoo.kv.cache import KVCache
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
-from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+from attnzoo.registry import ALL_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 
 def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
@@ -84,4 +92,27 @@ def torch_blockwise(
     return blocked_softmax_attention(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias, select=keep_top)
 
 
-register(SPEC, reference, [Backend("torch", torch_blockwise)])
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, top_k: int,
+    lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, KVCache]:
+    """Causal top-k attention over a (right-padded) prompt and the cache of its keys and values."""
+    out = torch_blockwise(q, k, v, causal=True, scale=scale, mask=None, bias=None, top_k=top_k)
+    return out, KVCache.from_prompt(k, v, lengths)
+
+
+def decode_step(
+    cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, top_k: int,
+) -> tuple[torch.Tensor, KVCache]:
+    """One token per sequence: append, keep the slots whose logits reach the ``top_k``-th largest it sees."""
+    cache = cache.append(k, v)
+    s = cache.scores(q, scale)
+    seen = cache.visible_to(cache.query_positions(q.shape[2]), q.shape[1])
+    ranked = s.masked_fill(~seen, float("-inf"))
+    threshold = torch.topk(ranked, min(top_k, cache.slots), dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    return softmax_attention(cache, q, scale, visible=s >= threshold, scores=s), cache
+
+
+DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
+
+register(SPEC, reference, [Backend("torch", torch_blockwise)], DECODER)

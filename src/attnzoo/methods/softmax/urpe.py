@@ -22,6 +22,12 @@ band ``c_h[i − j]`` for ``i`` in the block as consecutive sliding windows of t
 plus one flip, an ``(H, rows, N)`` tensor, never the ``(H, N, N)`` matrix), multiplies the softmax weights and then V.
 Memory O(rows · N); autograd reaches ``urpe_coeffs`` through the view (blocks are recomputed in the backward pass). The
 reference indexes the coefficients with the full ``(N, N)`` matrix of distances ``i − j``.
+
+Decoding (:data:`DECODER`): :func:`decode_prefill` runs :func:`torch_blockwise` causally over the prompt and caches
+its keys and values; :func:`decode_step` appends the token, takes the softmax weights over the slots it sees, scales
+slot ``j`` by ``c_h[p − p_j]`` (the true positions of the query and of the slot, so a pressed cache keeps its
+distances) and combines the values. Every position must be below ``max_len`` of ``urpe_coeffs`` (each step is checked
+against the sequence's length).
 """
 
 from __future__ import annotations
@@ -31,17 +37,19 @@ from typing import Any
 import torch
 
 from attnzoo.kernels.blocked_softmax import blocked_softmax_attention, inplace
+from attnzoo.kv.attend import softmax_attention
+from attnzoo.kv.cache import KVCache
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
-from attnzoo.registry import SELF_PATTERNS, Backend, Call, LayerInfo, MethodSpec, Param, TestHints, register
+from attnzoo.registry import SELF_PATTERNS, Backend, Call, Decoder, LayerInfo, MethodSpec, Param, TestHints, register
 
 DEFAULT_MAX_LEN = 1024
 
 
 def _check_coeffs(value: torch.Tensor, call: Call) -> str | None:
-    want = f"a floating-point tensor of shape (heads={call.heads}, 2·max_len − 1) with max_len >= seq={call.seq_q}"
+    want = f"a floating-point tensor of shape (heads={call.heads}, 2·max_len − 1) with max_len >= seq={call.length}"
     if value.dim() != 2 or value.shape[0] != call.heads or value.shape[1] % 2 == 0 or not value.is_floating_point():
         return want
-    if (value.shape[1] + 1) // 2 < call.seq_q:
+    if (value.shape[1] + 1) // 2 < call.length:
         return want
     return None
 
@@ -120,4 +128,35 @@ def torch_blockwise(
     )
 
 
-register(SPEC, reference, [Backend("torch", torch_blockwise)])
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, urpe_coeffs: torch.Tensor | None,
+    max_len: int, lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, KVCache]:
+    """Causal URPE attention over a (right-padded) prompt and the cache of its keys and values."""
+    out = torch_blockwise(q, k, v, causal=True, scale=scale, mask=None, bias=None, urpe_coeffs=urpe_coeffs,
+                          max_len=max_len)
+    return out, KVCache.from_prompt(k, v, lengths)
+
+
+def decode_step(
+    cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+    urpe_coeffs: torch.Tensor | None, max_len: int,
+) -> tuple[torch.Tensor, KVCache]:
+    """One token per sequence: append, softmax over the slots it sees, reweight by ``c_h[p − p_j]``, combine."""
+    cache = cache.append(k, v)
+    if urpe_coeffs is None:
+        return softmax_attention(cache, q, scale), cache
+    heads = q.shape[1]
+    q_pos = cache.query_positions(q.shape[2])
+    seen = cache.visible_to(q_pos, heads)
+    p = safe_softmax(cache.scores(q, scale), seen)
+    centre = (urpe_coeffs.shape[1] - 1) // 2
+    distance = (q_pos - cache.key_positions(heads)).clamp(0, centre).long()  # hidden slots: any valid index
+    coeffs = urpe_coeffs.to(q.dtype)
+    band = coeffs[torch.arange(heads, device=q.device).view(1, -1, 1, 1), centre + distance]
+    return cache.combine(p * band), cache
+
+
+DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
+
+register(SPEC, reference, [Backend("torch", torch_blockwise)], DECODER)

@@ -14,20 +14,33 @@ axial structure is the mask); GQA supported.
 Fast path ``sdpa`` (:func:`sdpa_lines`): the grid is permuted so that the chosen axis is the sequence axis and every
 other axis joins the batch: one batched ``scaled_dot_product_attention`` per step (``is_causal`` for causal),
 O(N · L_a · d) time per step, no mask tensor. The predicate (:func:`attnzoo.masks.layouts.axial`) defines the reference.
+
+Decoding (:data:`DECODER`, causal): ``layout`` is the shape of the *whole* decoded sequence (tokens arrive in
+row-major order; the prompt is its start, a step past its end is refused naming ``layout``). A causal axial stage
+only reads earlier tokens, so each token's stage outputs are final when it arrives: the cache stores, per slot, the
+key (repeated to every query head, since later stages' values have one row per query head) and the values of every
+stage, ``[v, A_{n−1}V, …]`` side by side (``n·Dv`` features). A step takes the new query's logits over the cached
+keys and its own once, and for each stage a softmax over the slots the forward's predicate shows it (same
+coordinates on the other axes, not after it on the stage's axis), the new token's own value being the previous
+stage's output just computed; then it appends the token with all its stage values. The cache keeps every slot
+(a column stage looks back a whole image row per step). :func:`decode_prefill` runs the stages over the prompt
+(:func:`sdpa_lines`' batched lines for a prompt that is the whole layout, else SDPA with the predicate's mask, O(S²)).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from attnzoo import masks
+from attnzoo.kv.cache import KVCache
 from attnzoo.masks.layouts import axial as axial_mod
 from attnzoo.methods.checks import check_layout, layout_shape
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
-from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, register
+from attnzoo.registry import SELF_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, register
 
 
 def _check_axis(value: Any, call: Call) -> str | None:
@@ -97,17 +110,68 @@ def sdpa_lines(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, layout: tuple[int, ...] | None, axis: int | None,
 ) -> torch.Tensor:
+    return _stage_outputs(q, k, v, scale, causal, *_axes(q.shape[2], layout, axis))[-1]
+
+
+def _stage_outputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, shape: tuple[int, ...],
+    order: list[int],
+) -> list[torch.Tensor]:
+    """The output of every stage. Tokens that fill ``shape`` run as batched lines; fewer (a decoded prompt, the start
+    of the grid) run as one SDPA with the stage's predicate as mask."""
     b, h, n, _ = q.shape
-    shape, order = _axes(n, layout, axis)
-    out = v
+    outs, out = [], v
     for step, a in enumerate(order):
         keys = k if step == 0 else repeat_kv(k, h)  # later steps' values have every query head
-        y = F.scaled_dot_product_attention(
-            _to_lines(q, shape, a), _to_lines(keys, shape, a), _to_lines(out, shape, a), is_causal=causal,
-            scale=scale, enable_gqa=keys.shape[1] != h,
-        )
-        out = _from_lines(y, b, shape, a)
-    return out
+        gqa = keys.shape[1] != h
+        if math.prod(shape) == n:
+            y = F.scaled_dot_product_attention(_to_lines(q, shape, a), _to_lines(keys, shape, a),
+                                               _to_lines(out, shape, a), is_causal=causal, scale=scale, enable_gqa=gqa)
+            out = _from_lines(y, b, shape, a)
+        else:
+            seen = masks.dense(axial_mod(shape, a, causal), 1, 1, n, n, q.device)
+            out = F.scaled_dot_product_attention(q, keys, out, attn_mask=seen, scale=scale, enable_gqa=gqa)
+        outs.append(out)
+    return outs
 
 
-register(SPEC, reference, [Backend("sdpa", sdpa_lines)])
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, layout: tuple[int, ...] | None,
+    axis: int | None, lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, KVCache]:
+    """Causal axial attention over a (right-padded) prompt, the start of the layout; the cache of its keys and of
+    every stage's values."""
+    h = q.shape[1]
+    shape, order = _axes(q.shape[2] if layout is None else math.prod(layout), layout, axis)
+    outs = _stage_outputs(q, k, v, scale, True, shape, order)
+    values = torch.cat([repeat_kv(v, h), *outs[:-1]], dim=-1)
+    return outs[-1], KVCache.from_prompt(repeat_kv(k, h), values, lengths)
+
+
+def decode_step(
+    cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+    layout: tuple[int, ...] | None, axis: int | None,
+) -> tuple[torch.Tensor, KVCache]:
+    """One token per sequence: every stage over the cached slots and the token itself, then append it."""
+    b, h = q.shape[:2]
+    dv = v.shape[-1]
+    shape, order = _axes(int(cache.length.max()) + 1 if layout is None else math.prod(layout), layout, axis)
+    k_new, out = repeat_kv(k, h), repeat_kv(v, h)
+    logits = torch.cat([cache.scores(q, scale), (q * k_new).sum(-1, keepdim=True) * scale], dim=-1)
+    rows = torch.arange(b, device=q.device).view(-1, 1, 1, 1), torch.arange(h, device=q.device).view(1, -1, 1, 1)
+    position = cache.length.view(-1, 1, 1, 1)
+    occupied = cache.visible_to(position, h)
+    itself = torch.ones_like(occupied[..., :1])
+    stage_values = [out]
+    for stage, a in enumerate(order):
+        seen = occupied & axial_mod(shape, a, True)(*rows, position, cache.key_positions(h).long())
+        p = safe_softmax(logits, torch.cat([seen, itself], dim=-1))
+        out = p[..., :-1] @ cache.values[..., stage * dv : (stage + 1) * dv] + p[..., -1:] * out
+        stage_values.append(out)
+    return out, cache.append(k_new, torch.cat(stage_values[:-1], dim=-1))
+
+
+DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
+
+
+register(SPEC, reference, [Backend("sdpa", sdpa_lines)], DECODER)

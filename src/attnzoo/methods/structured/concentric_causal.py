@@ -22,6 +22,15 @@ prefix with a cached lower-triangular tile zero-padded on the left. With a user 
 own mask rows. Segments are checkpointed under autograd and write their rows straight to the un-permuted output: about
 half the dense FLOPs, never the ``N × N`` mask. ``flex`` (:func:`flex_block_mask`): the predicate's cached block mask
 (:func:`attnzoo.masks.positional.position_causal`).
+
+Decoding (:data:`DECODER`): inside the image a token sees image tokens that come *after* it in row-major order (an
+outer-ring token at the bottom of the image is visible to the centre), so an image token's output depends on tokens
+a decoder has not seen yet. Decoding therefore requires the whole image inside the prompt (``image_start + h·w`` at
+most every sequence's prompt length; otherwise an error names ``layout`` or ``lengths``); the text after it is
+causal in token order and decodes exactly. :func:`decode_prefill` runs :func:`torch_sorted_blocks` over the prompt
+(ragged padding gets position ids above every real token's, so no real query sees it); :func:`decode_step` appends
+the token and attends over the slots that the forward's predicate, on the concentric position ids of the slots'
+positions, shows it (every earlier token, once past the image: SDPA without a mask).
 """
 
 from __future__ import annotations
@@ -34,10 +43,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attnzoo import masks
+from attnzoo.errors import fail
 from attnzoo.kernels import flex
+from attnzoo.kv.attend import masked_step
+from attnzoo.kv.cache import KVCache
 from attnzoo.masks.positional import concentric_position_ids, position_causal
 from attnzoo.methods.common import mask_reference
-from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
+from attnzoo.registry import Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 BLOCK = 128
 
@@ -47,13 +59,13 @@ def _check_layout(value: Any, call: Call) -> str | None:
             or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value)):
         return "a tuple (h, w) of two positive ints: the image's token grid"
     start = call.params.get("image_start", 0)
-    if isinstance(start, int) and start >= 0 and start + value[0] * value[1] > call.seq_q:
-        return f"an image of at most {call.seq_q - start} tokens (seq {call.seq_q} minus image_start {start})"
+    if isinstance(start, int) and start >= 0 and start + value[0] * value[1] > call.length:
+        return f"an image of at most {call.length - start} tokens (seq {call.length} minus image_start {start})"
     return None
 
 
 def _check_start(value: Any, call: Call) -> str | None:
-    if call.params.get("layout") is None and value > call.seq_q:
+    if call.params.get("layout") is None and value > call.length:
         return f"at most the sequence length {call.seq_q}"
     return None
 
@@ -67,6 +79,13 @@ def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
     h = 1 + pick(min(n, 9) - 1)
     w = 1 + pick(min(n // h, 9) - 1)
     return {"layout": (h, w), "image_start": pick(n - h * w)}
+
+
+def _decoding_params(call: Call, params: dict[str, Any], prompt: int) -> dict[str, Any]:
+    """The sampled image, shrunk to fit in a prompt of ``prompt`` tokens (decoding needs the whole image in it)."""
+    h, w = params["layout"]
+    h, w = min(h, 2), min(w, prompt // 2)
+    return {"layout": (h, w), "image_start": min(params["image_start"], prompt - h * w)}
 
 
 SPEC = MethodSpec(
@@ -85,7 +104,7 @@ SPEC = MethodSpec(
     ),
     complexity="O(N²·d/2) time, O(N·block) memory",
     subquadratic_memory=True,
-    tests=TestHints(sample_params=_sample_params),
+    tests=TestHints(sample_params=_sample_params, decoding_params=_decoding_params),
 )
 
 
@@ -187,5 +206,30 @@ def flex_block_mask(
                                mod=position_causal(pos, pos))
 
 
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, layout: Any, image_start: int,
+    lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, KVCache]:
+    """Concentric causal attention over a (right-padded) prompt that holds the whole image; the cache of its keys."""
+    cache = KVCache.from_prompt(k, v, lengths)
+    if layout is not None and bool((cache.length < image_start + layout[0] * layout[1]).any()):
+        raise fail("lengths", f"prompts holding the whole image (at least {image_start + layout[0] * layout[1]} "
+                   "tokens: image tokens see later image tokens, which decoding cannot)", cache.length.tolist())
+    out = torch_sorted_blocks(q, k, v, causal=True, scale=scale, mask=None, bias=None, layout=layout,
+                              image_start=image_start)
+    return out, cache
+
+
+def decode_step(
+    cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, layout: Any,
+    image_start: int,
+) -> tuple[torch.Tensor, KVCache]:
+    """One token per sequence (after the image): append, attend over the slots of lower or equal position ids."""
+    pos = concentric_position_ids(int(cache.length.max()) + 1, layout, image_start, q.device)
+    return masked_step(cache, q, k, v, scale, position_causal(pos, pos))
+
+
+DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
+
 register(SPEC, reference, [Backend("torch", torch_sorted_blocks),
-                           Backend("flex", flex_block_mask, flex.unavailable_masked)])
+                           Backend("flex", flex_block_mask, flex.unavailable_masked)], DECODER)

@@ -13,6 +13,12 @@ Fast path ``torch`` (:func:`torch_tiled`): tokens of one residue class mod ``dil
 the class; each class is cut into tiles of 128 class positions seeing a band of ``128 + 2·window`` class positions
 (gathered keys), batched SDPA with a cached tile mask (:mod:`attnzoo.kernels.band`). ``flex`` (:func:`flex_block_mask`):
 the predicate's cached block mask.
+
+Decoding (:data:`DECODER`, causal): with a window a query looks back at most ``window · dilation`` positions, so the
+cache is a ring of ``window · dilation + 1`` slots (memory O(window · dilation), whatever the context); with
+``window=None`` every ``dilation``-th earlier key stays visible and the cache is a full one. :func:`decode_prefill`
+runs :func:`torch_tiled` causally over the prompt; :func:`decode_step` appends the token and attends over the slots
+the forward's predicate shows it (:func:`attnzoo.kv.attend.masked_step`).
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ import torch
 
 from attnzoo.kernels import flex
 from attnzoo.kernels.band import cached_tiling, strided_band_tiles, tiled_attention
+from attnzoo.kv.attend import masked_step
+from attnzoo.kv.cache import KVCache
 from attnzoo.masks.windows import dilated as dilated_mod
 from attnzoo.methods.common import mask_reference
-from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+from attnzoo.registry import SELF_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 TILE = 128
 
@@ -88,4 +96,24 @@ def flex_block_mask(
     return flex.mask_attention(q, k, v, scale=scale, key=("dilated", config), mod=dilated_mod(dilation, window, causal))
 
 
-register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)])
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, dilation: int, window: int | None,
+    lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, KVCache]:
+    """Causal dilated attention over a (right-padded) prompt and the cache of the keys it can still see."""
+    out = torch_tiled(q, k, v, causal=True, scale=scale, mask=None, bias=None, dilation=dilation, window=window)
+    return out, KVCache.from_prompt(k, v, lengths, ring=None if window is None else window * dilation + 1)
+
+
+def decode_step(
+    cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, dilation: int,
+    window: int | None,
+) -> tuple[torch.Tensor, KVCache]:
+    """One token per sequence: append, attend over the slots at a multiple of ``dilation`` within its window."""
+    return masked_step(cache, q, k, v, scale, dilated_mod(dilation, window, True))
+
+
+DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
+
+register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)],
+         DECODER)

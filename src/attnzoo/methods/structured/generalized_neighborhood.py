@@ -25,20 +25,40 @@ lie in the ``tile + k − 1`` positions from its first query's window start, so 
 tile mask is the predicate. N-d tiles are per-axis products; one batched SDPA per chunk. Work
 ``≈ N · Π(t_a + k_a − 1)``, memory ``O(chunk · W · d)``. Fast path ``flex`` (:func:`flex_block_mask`): FlexAttention
 with the predicate's block mask (cached), forward only on CPU.
+
+Decoding (:data:`DECODER`, every axis causal; also P2's): tokens arrive in row-major order and a causal window only
+looks back, at most ``Σ_a (k_a − 1)·d_a`` steps along each axis, i.e. ``R = Σ_a (k_a − 1)·d_a·r_a`` flat positions
+(``r_a`` the row-major stride of axis ``a``). The cache is a ring of ``R + 1`` slots when that is at most half the
+whole sequence (always for a 1-D sequence without ``layout``: memory O(k·d) whatever the context), else a full cache.
+Each slot's visibility is the forward's predicate on its position (:func:`attnzoo.kv.attend.masked_step`).
+
+- ``layout`` is the shape of the *whole* decoded sequence (an image generated in raster order, say): the prompt is
+  its first tokens, steps fill the rest, and a step past its end is refused (naming ``layout``). Without ``layout`` a
+  1-D sequence grows without end.
+- A stride group's causal window starts from its leader, which at the end of an axis is clamped to the last
+  position: it depends on where the sequence ends. With ``stride > 1`` decoding therefore needs ``layout`` (a 1-D
+  ``(N,)`` for a sequence of ``N`` tokens) and refuses ``None`` naming it.
+- :func:`decode_prefill` runs :func:`torch_tiled` over a prompt that is the whole layout (or has none); a prompt that
+  is only the start of a layout is attended densely with the predicate (O(S²) for ``S`` prompt tokens).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from attnzoo.errors import fail
 from attnzoo.kernels import flex
 from attnzoo.kernels.band import cached_tiling, neighborhood_tiles, tiled_attention
+from attnzoo.kv.attend import masked_step
+from attnzoo.kv.cache import KVCache
+from attnzoo.masks.layouts import strides
 from attnzoo.masks.neighborhood import generalized_neighborhood as gna_mod
 from attnzoo.methods.checks import NATTEN_PARAMS, layout_shape, per_axis_causal, per_axis_ints, per_axis_values
 from attnzoo.methods.common import mask_reference
-from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+from attnzoo.registry import SELF_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 # layout, kernel, stride, dilation, causal
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]
@@ -77,7 +97,8 @@ SPEC = MethodSpec(
     ),
     complexity="O(N·Π(t+k−1)·d) time with tiles t (≈ N·k·d), O(N·d) memory",
     subquadratic_memory=True,
-    tests=TestHints(sample_params=_sample_params),
+    tests=TestHints(sample_params=_sample_params,
+                    decoding_params=lambda call, params, prompt: {"layout": (call.seq_q,)}),
 )
 
 
@@ -114,4 +135,50 @@ def flex_block_mask(
     return flex.mask_attention(q, k, v, scale=scale, key=("generalized_neighborhood", axes), mod=gna_mod(*axes))
 
 
-register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)])
+def _decoded_axes(length: int, kernel_size: Any, stride: Any, dilation: Any, layout: Any, is_causal: Any) -> Axes:
+    """The axes of a decoded sequence (every axis causal), ``length`` tokens long so far; ``stride > 1`` needs the
+    whole sequence's ``layout``."""
+    axes = _axes(length, True, kernel_size, stride, dilation, layout, is_causal)
+    if layout is None and any(s > 1 for s in axes[2]):
+        raise fail("layout", "the whole decoded sequence's shape when stride > 1 (a causal stride group's window "
+                   "depends on where the sequence ends), e.g. (N,) for N tokens", None)
+    return axes
+
+
+def look_back(axes: Axes) -> int:
+    """The farthest a causal query looks back, in flat positions: ``Σ_a (k_a − 1)·d_a·r_a``."""
+    layout, kernel, _, dilation, _ = axes
+    return sum((k - 1) * d * r for k, d, r in zip(kernel, dilation, strides(layout), strict=True))
+
+
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, kernel_size: Any, stride: Any,
+    dilation: Any, layout: Any, is_causal: Any, lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, KVCache]:
+    """Causal (generalized) neighborhood attention over a (right-padded) prompt, the start of the sequence; the cache
+    of the keys later tokens can still see."""
+    n = q.shape[2]
+    axes = _decoded_axes(n, kernel_size, stride, dilation, layout, is_causal)
+    if math.prod(axes[0]) == n:
+        out = torch_tiled(q, k, v, causal=True, scale=scale, mask=None, bias=None, kernel_size=kernel_size,
+                          stride=stride, dilation=dilation, layout=layout, is_causal=is_causal)
+    else:
+        out = mask_reference(q, k, v, gna_mod(*axes), scale, None, None)
+    reach = look_back(axes) + 1
+    whole = None if layout is None else math.prod(layout)
+    return out, KVCache.from_prompt(k, v, lengths, ring=reach if whole is None or 2 * reach <= whole else None)
+
+
+def decode_step(
+    cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, kernel_size: Any,
+    stride: Any, dilation: Any, layout: Any, is_causal: Any,
+) -> tuple[torch.Tensor, KVCache]:
+    """One token per sequence: append, attend over the slots in its causal window."""
+    axes = _decoded_axes(int(cache.length.max()) + 1, kernel_size, stride, dilation, layout, is_causal)
+    return masked_step(cache, q, k, v, scale, gna_mod(*axes))
+
+
+DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
+
+register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)],
+         DECODER)

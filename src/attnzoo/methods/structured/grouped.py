@@ -19,19 +19,29 @@ present on both sides is one SDPA call on its gathered queries and keys (``is_ca
 of the group coincide, an explicit mask otherwise), outputs scattered back. Time Σ_g n_g·m_g·d instead of N²·d; memory
 is that of the largest group's mask at most (none for plain self-attention groups). No ``flex`` path: its block mask
 would depend on the id tensors' contents, which a configuration cache cannot key.
+
+Decoding (:data:`DECODER`): the ids are per-token parameters (``Decoder.token_params``): the prefill takes the
+prompt's ``(S,)`` or ``(B, S)``, each ``attnzoo.step`` its own tokens' ``(T,)`` or ``(B, T)``. The cache stores every
+slot's key id in ``cache.slot_data["group_ids"]`` (so the ids follow the slots through a press), and a new query sees
+the slots the forward's predicate (:func:`attnzoo.masks.groups.grouped`, evaluated on the query's id and the slots'
+ids) and causality show it. ``group_ids=None``: one group, S1's step. :func:`decode_prefill` runs
+:func:`torch_segments` causally over the prompt (padding comes after every real token, so no real query sees it).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from attnzoo import masks
+from attnzoo.kv.attend import softmax_attention
+from attnzoo.kv.cache import KVCache
 from attnzoo.masks.groups import grouped as grouped_mod
 from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
-from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+from attnzoo.registry import ALL_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 
 def _check_ids(length_of: str) -> Any:
@@ -166,4 +176,49 @@ def _batch_rows(t: torch.Tensor, bs: slice) -> torch.Tensor:
     return t if t.shape[0] == 1 else t[bs]
 
 
-register(SPEC, reference, [Backend("torch", torch_segments)])
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, group_ids: torch.Tensor | None,
+    kv_group_ids: torch.Tensor | None, lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, KVCache]:
+    """Causal grouped attention over a (right-padded) prompt; the cache of its keys, values and key ids."""
+    out = torch_segments(q, k, v, causal=True, scale=scale, mask=None, bias=None, group_ids=group_ids,
+                         kv_group_ids=kv_group_ids)
+    cache = KVCache.from_prompt(k, v, lengths)
+    if group_ids is None:
+        return out, cache
+    return out, replace(cache, slot_data={**cache.slot_data, IDS: _slot_ids(q, k, group_ids, kv_group_ids)})
+
+
+def decode_step(
+    cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+    group_ids: torch.Tensor | None, kv_group_ids: torch.Tensor | None,
+) -> tuple[torch.Tensor, KVCache]:
+    """One token per sequence: append it with its key id, attend over the slots of its group."""
+    if group_ids is None:
+        cache = cache.append(k, v)
+        return softmax_attention(cache, q, scale), cache
+    ids = cache.slot_data[IDS]
+    cache = replace(cache, slot_data={n: t for n, t in cache.slot_data.items() if n != IDS}).append(k, v)
+    ids = torch.cat([ids, _slot_ids(q, k, group_ids, kv_group_ids)], 2)
+    cache = replace(cache, slot_data={**cache.slot_data, IDS: ids})
+    b, heads, t = q.shape[:3]
+    rows = ids.repeat_interleave(heads // ids.shape[1], 1).reshape(b * heads, -1)  # key ids per query head
+    q_rows = _ids(q, k, group_ids, kv_group_ids)[0].expand(b, t).repeat_interleave(heads, 0)
+    row = torch.arange(b * heads, device=q.device).view(b, heads, 1, 1)  # the predicate's batch index: a table row
+    same = grouped_mod(q_rows, rows)(row, row, torch.arange(t, device=q.device).view(1, 1, t, 1),
+                                     torch.arange(cache.slots, device=q.device).view(1, 1, 1, -1))
+    return softmax_attention(cache, q, scale, visible=same), cache
+
+
+def _slot_ids(q: torch.Tensor, k: torch.Tensor, group_ids: torch.Tensor, kv_group_ids: torch.Tensor | None
+              ) -> torch.Tensor:
+    """The keys' ids as per-slot data ``(B, Hkv, S)``."""
+    ids = _ids(q, k, group_ids, kv_group_ids)[1]
+    return ids.expand(k.shape[0], -1).unsqueeze(1).expand(-1, k.shape[1], -1).contiguous()
+
+
+IDS = "group_ids"  # the cache's per-slot key ids (cache.slot_data)
+
+DECODER = Decoder(decode_prefill, decode_step, token_params=("group_ids", "kv_group_ids"), kv_cache=True)
+
+register(SPEC, reference, [Backend("torch", torch_segments)], DECODER)

@@ -24,6 +24,11 @@ each axis. N-d tiles are the products of per-axis tiles, their keys gathered and
 per chunk of tiles. Work ``≈ N · Π(t_a + k_a − 1)`` instead of ``N²``; memory O(chunk · W · d). Tilings are cached by
 configuration. Fast path ``flex`` (:func:`flex_block_mask`): FlexAttention with the predicate's block mask (cached),
 forward only on CPU.
+
+Decoding (:data:`DECODER`, every axis causal): that of P3 with stride 1
+(:func:`attnzoo.methods.structured.generalized_neighborhood.decode_prefill`): a ring of the ``Σ_a (k_a − 1)·d_a·r_a
++ 1`` last positions (a 1-D sequence: ``(k − 1)·d + 1`` slots, whatever the context), visibility from this predicate
+on the slots' positions; ``layout`` is the shape of the whole decoded sequence, of which the prompt is the start.
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ import torch
 
 from attnzoo.kernels import flex
 from attnzoo.kernels.band import cached_tiling, neighborhood_tiles, tiled_attention
+from attnzoo.kv.cache import KVCache
 from attnzoo.masks.neighborhood import neighborhood as neighborhood_mod
 from attnzoo.methods.checks import NATTEN_PARAMS, layout_shape, per_axis_causal, per_axis_values
 from attnzoo.methods.common import mask_reference
-from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, TestHints, register
+from attnzoo.methods.structured import generalized_neighborhood as gna
+from attnzoo.registry import SELF_PATTERNS, Backend, Call, Decoder, MethodSpec, TestHints, register
 
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]  # layout, kernel, dilation, causal
 
@@ -102,4 +109,25 @@ def flex_block_mask(
     return flex.mask_attention(q, k, v, scale=scale, key=("neighborhood", axes), mod=neighborhood_mod(*axes))
 
 
-register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)])
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, kernel_size: Any, dilation: Any,
+    layout: Any, is_causal: Any, lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, KVCache]:
+    """P3's prefill with stride 1."""
+    return gna.decode_prefill(q, k, v, scale=scale, kernel_size=kernel_size, stride=1, dilation=dilation,
+                              layout=layout, is_causal=is_causal, lengths=lengths)
+
+
+def decode_step(
+    cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, kernel_size: Any,
+    dilation: Any, layout: Any, is_causal: Any,
+) -> tuple[torch.Tensor, KVCache]:
+    """P3's step with stride 1."""
+    return gna.decode_step(cache, q, k, v, scale=scale, kernel_size=kernel_size, stride=1, dilation=dilation,
+                           layout=layout, is_causal=is_causal)
+
+
+DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
+
+register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)],
+         DECODER)

@@ -21,6 +21,13 @@ Fast path ``torch`` (:func:`torch_tiled`): query tiles of 128 against their cont
 keys) with a band mask, batched SDPA per chunk of tiles (:mod:`attnzoo.kernels.band`): O(N·w·d) time, O(chunk·w·d)
 memory. Fast path ``flex`` (:func:`flex_block_mask`): FlexAttention with the predicate's cached block mask (forward only
 on CPU).
+
+Decoding (:data:`DECODER`, causal): a query sees at most ``window + 1`` keys, so the cache is a ring of
+``window + 1`` slots (``KVCache.from_prompt(..., ring=window + 1)``): position ``p`` overwrites position
+``p − window − 1``, memory O(window) whatever the context. :func:`decode_prefill` runs :func:`torch_tiled` causally
+over the prompt; :func:`decode_step` writes the token into its slot (O(1)) and attends over the ring, each slot's
+visibility being the forward's predicate on its position (:func:`attnzoo.kv.attend.masked_step`). Once the ring is
+full every slot is visible, so the step is one mask-free SDPA over ``window + 1`` keys: O(window) time.
 """
 
 from __future__ import annotations
@@ -31,10 +38,12 @@ import torch
 
 from attnzoo.kernels import flex
 from attnzoo.kernels.band import band_tiles, cached_tiling, tiled_attention
+from attnzoo.kv.attend import masked_step
+from attnzoo.kv.cache import KVCache
 from attnzoo.masks.windows import sliding_window as sliding_window_mod
 from attnzoo.masks.windows import sliding_window_starts
 from attnzoo.methods.common import mask_reference
-from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
+from attnzoo.registry import ALL_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 TILE = 128
 
@@ -94,4 +103,23 @@ def flex_block_mask(
     return flex.mask_attention(q, k, v, scale=scale, key=("sliding_window", config), mod=sliding_window_mod(*config))
 
 
-register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)])
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: int, inward: bool,
+    lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, KVCache]:
+    """Causal sliding-window attention over a (right-padded) prompt and a ring of its last ``window + 1`` tokens."""
+    out = torch_tiled(q, k, v, causal=True, scale=scale, mask=None, bias=None, window=window, inward=inward)
+    return out, KVCache.from_prompt(k, v, lengths, ring=window + 1)
+
+
+def decode_step(
+    cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: int, inward: bool,
+) -> tuple[torch.Tensor, KVCache]:
+    """One token per sequence: write it into the ring, attend over the slots in its window."""
+    return masked_step(cache, q, k, v, scale, sliding_window_mod(1, 1, window, True))
+
+
+DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
+
+register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)],
+         DECODER)
