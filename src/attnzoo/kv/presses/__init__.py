@@ -3,6 +3,7 @@
 Importing this package imports every press file, which registers it (:func:`~attnzoo.kv.presses.base.presses`).
 """
 
+from attnzoo.kv.presses.adakv import AdaKVPress
 from attnzoo.kv.presses.base import Press, PressContext, PressInfo, ScorerPress, presses, register_press
 
-__all__ = ["Press", "PressContext", "PressInfo", "ScorerPress", "presses", "register_press"]
+__all__ = ["AdaKVPress", "Press", "PressContext", "PressInfo", "ScorerPress", "presses", "register_press"]
