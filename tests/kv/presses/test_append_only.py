@@ -59,7 +59,7 @@ def test_attention_over_the_kept_tokens() -> None:
     full = KVCache.from_prompt(k, v, LENGTHS)
     dense = full.keep(state.data.positions)
     tq, tk, tv = token(seed=3)
-    out, after = az.step(state, tq, tk, tv)
+    out, _ = az.step(state, tq, tk, tv)
     torch.testing.assert_close(out, softmax_attention(dense.append(tk, tv), tq, state.scale))
 
 
