@@ -213,16 +213,16 @@ class RaggedKVCache:
 
     def _page_scores(self, q: torch.Tensor, scale: float) -> torch.Tensor:
         """``(P, G·T, page_size)``: ``scale · q·k`` (+ log-weight) of every page against its row's queries."""
-        s = torch.bmm(self._rows(q)[self.page_row], self.page_keys.transpose(1, 2))
-        s = s.mul_(scale)
+        s = torch.bmm(self._rows(q * scale)[self.page_row], self.page_keys.transpose(1, 2))
         if self.pages.log_weight is not None:
             s = s + self.pages.log_weight[: self.used].unsqueeze(1)
         return s
 
     def _sum_rows(self, per_page: torch.Tensor) -> torch.Tensor:
-        """Sum a ``(P, ·)`` tensor over each row's pages: ``(rows, ·)``."""
-        out = per_page.new_zeros((self.counts.numel(), *per_page.shape[1:]))
-        return out.index_add_(0, self.page_row, per_page)
+        """Sum a ``(P, ·)`` tensor over each row's pages: ``(rows, ·)`` (a one-hot ``(rows, P)`` matmul)."""
+        rows = torch.arange(self.counts.numel(), device=per_page.device).unsqueeze(1)
+        owner = (self.page_row.unsqueeze(0) == rows).to(per_page.dtype)
+        return (owner @ per_page.reshape(per_page.shape[0], -1)).view(-1, *per_page.shape[1:])
 
     def _heads(self, rows: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """``(rows, G·T, ·)`` → ``(B, H, T, ·)``."""
