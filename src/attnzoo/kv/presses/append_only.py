@@ -20,6 +20,8 @@ baseline of K2 — and it needs nothing from the future):
 So after every token each row holds between ``cap − slack`` and ``cap`` tokens (exactly ``cap`` with ``slack = 0``,
 which ignores the scores), kept greedily by score in between. Defaults: ``compression_ratio = 0.5``,
 ``slack = 32``, ``page_size = 64``. The running sums (count, sum, sum of squares per row) live in ``cache.extras``.
+At prefill the thresholds come from prefix sums (vectorised); the decisions are a loop over the prompt's positions
+(each depends on the tokens kept before), a few small tensor operations per position.
 """
 
 from __future__ import annotations
