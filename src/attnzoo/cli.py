@@ -63,7 +63,10 @@ def _press_options(p: PressInfo) -> str:
     for f in fields:
         default = f.default if f.default is not dataclasses.MISSING else (
             "…" if f.default_factory is dataclasses.MISSING else f.default_factory())
-        shown.append(f"{f.name}={default!r}" if default != "…" else f.name)
+        if callable(default) and hasattr(default, "__name__"):
+            shown.append(f"{f.name}={default.__name__}")
+        else:
+            shown.append(f"{f.name}={default!r}" if default != "…" else f.name)
     return ", ".join(shown)
 
 

@@ -2,10 +2,13 @@
 
 - :class:`~attnzoo.kv.cache.KVCache`: the cache softmax-form methods decode with (slots with positions; ragged
   batches; rings for windowed methods; compact caches after a press);
+- :class:`~attnzoo.kv.ragged.RaggedKVCache`: a paged cache whose rows hold different numbers of tokens (per-head
+  budgets), in memory for the kept tokens only;
 - :mod:`attnzoo.kv.attend`: attention of new queries over a cache;
 - :mod:`attnzoo.kv.presses`: one press per file, ``attnzoo.prefill(..., press=SnapKVPress(compression_ratio=0.5))``.
 """
 
 from attnzoo.kv.cache import KVCache
+from attnzoo.kv.ragged import RaggedKVCache
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "RaggedKVCache"]

@@ -20,19 +20,22 @@ import torch.nn.functional as F
 
 from attnzoo.kernels.dense import safe_softmax
 from attnzoo.kv.cache import KVCache
+from attnzoo.kv.ragged import RaggedKVCache
 from attnzoo.masks.core import MaskMod
 
 
 def softmax_attention(
-    cache: KVCache, q: torch.Tensor, scale: float, visible: torch.Tensor | None = None,
+    cache: KVCache | RaggedKVCache, q: torch.Tensor, scale: float, visible: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``softmax(s + M) V`` for the cache's last ``T`` tokens' queries ``q (B, H, T, D)``: ``(B, H, T, Dv)``.
 
     ``M`` hides empty slots, slots after each query and, if given, slots where ``visible (B, H|1, T, L)`` is False.
     ``scores``: the method's own logits ``(B, H, T, L)`` (else ``cache.scores(q, scale)``). Rows that see nothing
-    give 0.
+    give 0. A :class:`~attnzoo.kv.ragged.RaggedKVCache` attends by its own :meth:`~RaggedKVCache.attend`.
     """
+    if isinstance(cache, RaggedKVCache):
+        return cache.attend(q, scale, visible, scores)
     heads, tokens = q.shape[1], q.shape[2]
     q_pos = cache.query_positions(tokens)
     if scores is None and cache.log_weight is None and cache.plain:
