@@ -254,7 +254,7 @@ def check_params(m: Method, params: dict[str, Any]) -> None:
 
 
 def check_serves(m: Method, module: torch.nn.Module, model: torch.nn.Module) -> None:
-    """Raise if ``m`` cannot serve ``module``'s attention: its pattern, training, dropout."""
+    """Raise if ``m`` cannot serve ``module``'s attention: its pattern, training, dropout while training."""
     cross = "cross" in type(module).__name__.lower()
     pattern = pattern_of(cross, bool(module.is_causal))
     where = f"{type(module).__name__} of layer {module.layer_idx}"
@@ -264,3 +264,8 @@ def check_serves(m: Method, module: torch.nn.Module, model: torch.nn.Module) -> 
     if model.training and m.spec.differentiable is False:
         raise fail("method", f"a trainable method ({type(model).__name__} is in training mode; call model.eval() "
                    "for inference)", f"{m.name!r} (inference-only)")
+    config = getattr(module, "config", None)
+    dropout = getattr(config, "attention_dropout", 0.0) or getattr(config, "attention_probs_dropout_prob", 0.0)
+    if model.training and dropout:
+        raise fail("model", f"eval mode or attention dropout 0 (attnzoo methods have none; method {m.name!r})",
+                   f"training with attention dropout {dropout}")
