@@ -89,9 +89,11 @@ def test_a_window_shorter_than_the_sequence_changes_the_logits_of_chosen_layers_
     expected = outputs(model, ids, mask)
     azhf.configure(model, "sliding_window", layers=[1], window=2)
     modules = azhf.attention_modules(model)
-    assert [(x.attnzoo_method, x.attnzoo_params) for x in modules] == [("softmax", {}),
-                                                                        ("sliding_window", {"window": 2})]
+    assert [x.attnzoo_settings["sliding_window"] for x in modules] == [
+        azhf.LayerSetting("softmax", {}), azhf.LayerSetting("sliding_window", {"window": 2})]
     assert (outputs(model, ids, mask) - expected).abs().max() > 1e-3
+    model.set_attn_implementation("attnzoo_softmax")  # another implementation: the window's setting stays out
+    assert (outputs(model, ids, mask) - expected).abs().max() <= 1e-5
 
 
 def full_forward(model: torch.nn.Module, sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

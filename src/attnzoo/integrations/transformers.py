@@ -17,8 +17,9 @@ The contact surface with transformers is its public attention interface, nothing
 - ``model.set_attn_implementation(name)`` (by :func:`configure`) and the attention modules' public attributes
   ``layer_idx``, ``is_causal`` and ``config`` (head counts).
 
-Which method and parameters a layer uses: :func:`configure` sets them per attention module (``attnzoo_method``,
-``attnzoo_params`` attributes), validated at once, so a method that cannot serve the model's call fails there, not at
+Which method and parameters a layer uses: :func:`configure` sets them per attention module (its ``attnzoo_settings``
+attribute: a :class:`LayerSetting` per attnzoo implementation name, so switching ``attn_implementation`` back and forth
+keeps each configuration), validated at once, so a method that cannot serve the model's call fails there, not at
 the first batch. A model set up only by name (``from_pretrained(..., attn_implementation="attnzoo_sliding_window")``
 after :func:`register`) uses that method with the parameters in ``config.attnzoo_params`` (a dict; defaults if absent),
 checked at the first call.
@@ -84,6 +85,15 @@ def register() -> list[str]:
 
 
 @dataclass(frozen=True)
+class LayerSetting:
+    """What one attention module computes under ``attn_implementation="attnzoo_<m>"``: ``method`` (``m`` itself, or
+    ``softmax`` for a layer :func:`configure` left out) and its ``params``."""
+
+    method: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class DecodeTie:
     """A module's decoding state and the cache length it stands for (the tie to the transformers cache)."""
 
@@ -100,10 +110,10 @@ def attention_function(method: str) -> Any:
         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
         is_causal: bool | None = None, **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        name = getattr(module, "attnzoo_method", method)
-        params = getattr(module, "attnzoo_params", None)
-        if params is None:
-            params = dict(getattr(getattr(module, "config", None), "attnzoo_params", None) or {})
+        setting = getattr(module, "attnzoo_settings", {}).get(method)
+        if setting is None:
+            setting = LayerSetting(method, dict(getattr(getattr(module, "config", None), "attnzoo_params", None) or {}))
+        name, params = setting.method, setting.params
         if dropout:
             raise fail("dropout", f"0 (attnzoo methods have no attention dropout; method {name!r})", dropout)
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
@@ -235,8 +245,8 @@ def configure(
         if x.layer_idx in chosen:
             check_serves(m, x, model)
     for x in modules:
-        x.attnzoo_method = m.name if x.layer_idx in chosen else "softmax"
-        x.attnzoo_params = dict(params) if x.layer_idx in chosen else {}
+        setting = LayerSetting(m.name, dict(params)) if x.layer_idx in chosen else LayerSetting("softmax", {})
+        x.attnzoo_settings = {**getattr(x, "attnzoo_settings", {}), m.name: setting}
         x.attnzoo_decode = None
     model.set_attn_implementation(PREFIX + m.name)
     return model
