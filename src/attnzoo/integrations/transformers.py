@@ -40,15 +40,18 @@ refused rather than answered wrong.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 import attnzoo
 from attnzoo.errors import AttnzooError, fail
-from attnzoo.registry import SELF_PATTERNS, Method, all_methods, get, pattern_of
+from attnzoo.kv.cache import KVCache
+from attnzoo.kv.presses.base import Press
+from attnzoo.registry import SELF_PATTERNS, Method, all_methods, decoding_methods, get, pattern_of
 
 PREFIX = "attnzoo_"
 EXTRA = 'pip install -e ".[hf]"'
@@ -131,7 +134,8 @@ def attend(
     """``(B, H, Sq, Dv)``: one attention call of a model, by method ``m``."""
     if mask is not None and mask.dtype != torch.bool:
         raise fail("attention_mask", "a boolean mask (from the mask function attnzoo registers)", mask.dtype)
-    if decodes_through_state(m, causal, q):
+    pressing = getattr(module, "attnzoo_press", None)
+    if decodes_through_state(m, causal, q, pressing is not None):
         return attend_with_state(module, m, q, k, v, mask, scale, params)
     if mask is None or m.spec.supports_mask:
         return attnzoo.attention(q, k, v, method=m.name, causal=causal, mask=mask, scale=scale, **params)
@@ -168,11 +172,12 @@ def padding_spans(mask: torch.Tensor, causal: bool, method: str) -> tuple[torch.
     return start, stop
 
 
-def decodes_through_state(m: Method, causal: bool, q: torch.Tensor) -> bool:
-    """Whether a call runs through ``attnzoo.prefill``/``step`` (a causal, gradient-free call of a method that
-    decodes through a fixed-size state)."""
-    return (causal and m.decoder is not None and not m.decoder.kv_cache and not m.decoder.token_params
-            and not (torch.is_grad_enabled() and q.requires_grad))
+def decodes_through_state(m: Method, causal: bool, q: torch.Tensor, pressing: bool) -> bool:
+    """Whether a call runs through ``attnzoo.prefill``/``step``: a causal, gradient-free call of a method that
+    decodes through a fixed-size state, or through a KV cache while a press is on (:func:`press`)."""
+    if not causal or m.decoder is None or m.decoder.token_params or (torch.is_grad_enabled() and q.requires_grad):
+        return False
+    return pressing or not m.decoder.kv_cache
 
 
 def attend_with_state(
@@ -181,8 +186,10 @@ def attend_with_state(
 ) -> torch.Tensor:
     """Prefill (``Sq == Skv``: a new state on ``module``) or decoding steps (the state continued by the new tokens)."""
     sq, skv = q.shape[2], k.shape[2]
+    pressing: Pressing | None = getattr(module, "attnzoo_press", None)
     if sq == skv:
-        out, state = prefill_padded(m, q, k, v, mask, scale, params)
+        press_ = None if pressing is None else pressing.press
+        out, state = prefill_padded(m, q, k, v, mask, scale, params, press_, getattr(module, "layer_idx", None))
     else:
         tie = getattr(module, "attnzoo_decode", None)
         if tie is None or tie.seq_kv != skv - sq or tie.state.call.batch != q.shape[0]:
@@ -191,22 +198,25 @@ def attend_with_state(
                        f"through a state: no cropped or reordered cache)", f"{skv} keys, {seen}")
         out, state = attnzoo.step(tie.state, q, k[:, :, -sq:], v[:, :, -sq:])
     module.attnzoo_decode = DecodeTie(state, skv)
+    if pressing is not None:
+        pressing.record(module.layer_idx, k, v, state.data)
     return out
 
 
 def prefill_padded(
     m: Method, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
-    params: dict[str, Any],
+    params: dict[str, Any], press: Press | None = None, layer: int | None = None,
 ) -> tuple[torch.Tensor, attnzoo.DecodeState]:
     """``attnzoo.prefill`` of a padded prompt: left-padded sequences are shifted to the front (right padding, which
-    ``prefill`` takes as ``lengths``), and their outputs shifted back."""
+    ``prefill`` takes as ``lengths``), and their outputs shifted back. Each sequence's positions in the state count
+    from its first real token, as ``generate()``'s position ids do."""
     if mask is None:
-        return attnzoo.prefill(q, k, v, method=m.name, scale=scale, **params)
+        return attnzoo.prefill(q, k, v, method=m.name, scale=scale, press=press, layer=layer, **params)
     start, stop = padding_spans(mask, True, m.name)
     seq = q.shape[2]
     index = (torch.arange(seq, device=q.device) + start[:, None]) % seq
     out, state = attnzoo.prefill(*(shift(x, index) for x in (q, k, v)), method=m.name, scale=scale,
-                                 lengths=stop - start, **params)
+                                 lengths=stop - start, press=press, layer=layer, **params)
     return shift(out, (torch.arange(seq, device=q.device) - start[:, None]) % seq), state
 
 
@@ -279,3 +289,62 @@ def check_serves(m: Method, module: torch.nn.Module, model: torch.nn.Module) -> 
     if model.training and dropout:
         raise fail("model", f"eval mode or attention dropout 0 (attnzoo methods have none; method {m.name!r})",
                    f"training with attention dropout {dropout}")
+
+
+@dataclass
+class Pressing:
+    """A :func:`press` in progress: the ``press`` and, per layer, the bytes of the cache transformers holds
+    (``full_bytes``: every key and value, as a ``DynamicCache`` stores them) and of attnzoo's compressed
+    :class:`~attnzoo.kv.cache.KVCache` the attention reads (``pressed_bytes``), after the latest call."""
+
+    press: Press
+    full_bytes: dict[int, int] = field(default_factory=dict)
+    pressed_bytes: dict[int, int] = field(default_factory=dict)
+
+    def record(self, layer: int, k: torch.Tensor, v: torch.Tensor, cache: KVCache) -> None:
+        self.full_bytes[layer] = k.numel() * k.element_size() + v.numel() * v.element_size()
+        self.pressed_bytes[layer] = cache.nbytes
+
+    @property
+    def ratio(self) -> float:
+        """Bytes of the compressed caches over those of the full ones (all layers)."""
+        return sum(self.pressed_bytes.values()) / max(sum(self.full_bytes.values()), 1)
+
+
+@contextmanager
+def press(model: torch.nn.Module, press: Press) -> Iterator[Pressing]:
+    """Within the block, ``model``'s causal attention decodes through attnzoo KV caches compressed by ``press``.
+
+    ``with azhf.press(model, SnapKVPress(compression_ratio=0.5)) as pressed: model.generate(...)``; then
+    ``pressed.full_bytes`` / ``pressed.pressed_bytes`` give each layer's cache bytes before and after compression.
+
+    Each attention module keeps an :attr:`attnzoo.DecodeState` (tied to the transformers cache by its length, see
+    the module docstring): the prefill runs ``attnzoo.prefill(..., press=press, layer=layer_idx)`` (left padding
+    shifted away, so each sequence's positions stay its true positions after compression) and each decoding step
+    ``attnzoo.step`` (the press's ``step`` after it). The transformers cache still holds every key (its own memory is
+    not reduced): attention reads the compressed cache. A model not on an attnzoo implementation attends by
+    ``softmax`` within the block, and gets its implementation back after it. Calls with gradients are not pressed.
+    """
+    if not isinstance(press, Press):
+        raise fail("press", "a Press (attnzoo.kv.presses)", type(press).__name__)
+    before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if not str(before).startswith(PREFIX):
+        configure(model, "softmax")
+    name = model.config._attn_implementation.removeprefix(PREFIX)
+    modules = attention_modules(model)
+    for x in modules:
+        method = get(x.attnzoo_settings[name].method if name in getattr(x, "attnzoo_settings", {}) else name)
+        if x.is_causal and (method.decoder is None or not method.decoder.kv_cache):
+            cached = ", ".join(n for n in decoding_methods() if get(n).decoder.kv_cache)
+            raise fail("press", f"a model attending by a method that decodes through a KV cache ({cached})",
+                       f"layer {x.layer_idx} attending by {method.name!r}")
+    pressing = Pressing(press)
+    for x in modules:
+        x.attnzoo_press, x.attnzoo_decode = pressing, None
+    try:
+        yield pressing
+    finally:
+        for x in modules:
+            x.attnzoo_press, x.attnzoo_decode = None, None
+        if not str(before).startswith(PREFIX):
+            model.set_attn_implementation(before)
