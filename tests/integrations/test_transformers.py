@@ -247,7 +247,6 @@ def test_a_press_shrinks_each_layers_cache_and_keeps_true_positions() -> None:
     model = build("llama")
     ids, mask = batch("llama")
     azhf.configure(model, "softmax")
-    seen = []
     with azhf.press(model, RecentPress(compression_ratio=0.5)) as pressed, torch.no_grad():
         model(ids, attention_mask=mask, use_cache=True)
         seen = [x.attnzoo_decode.state.data for x in azhf.attention_modules(model)]
@@ -262,6 +261,19 @@ def test_a_press_shrinks_each_layers_cache_and_keeps_true_positions() -> None:
             assert torch.equal(positions, torch.arange(real[row] - kept[row], real[row]))
     assert all(after[layer] < full[layer] for layer in full)
     assert all(x.attnzoo_decode is None for x in azhf.attention_modules(model))
+
+
+def test_generate_decodes_through_a_compressed_cache() -> None:
+    model = build("llama")
+    ids, mask = batch("llama")
+    with azhf.press(model, RecentPress(compression_ratio=0.5)):
+        got = greedy(model, ids, mask)
+        caches = [x.attnzoo_decode.state.data for x in azhf.attention_modules(model)]
+    real = mask.sum(-1)
+    steps = len(got.logits) - 1  # the last token is not fed back
+    for cache in caches:
+        assert torch.equal(cache.token_counts(), (real - real // 2 + steps).view(3, 1).expand(3, 2))
+        assert torch.equal(cache.length, real + steps)
 
 
 def test_a_press_needs_a_method_that_decodes_through_a_kv_cache() -> None:
