@@ -106,10 +106,11 @@ def full_forward(model: torch.nn.Module, sequences: torch.Tensor, mask: torch.Te
         return model(sequences, attention_mask=mask, position_ids=positions).logits
 
 
-def test_linear_attention_decodes_through_its_state_inside_generate() -> None:
+@pytest.mark.parametrize("method", ["linear", "lightning"])
+def test_linear_attention_decodes_through_its_state_inside_generate(method: str) -> None:
     model = build("llama")
     ids, mask = batch("llama")
-    azhf.configure(model, "linear")
+    azhf.configure(model, method)
     got = greedy(model, ids, mask)
     ties = [x.attnzoo_decode for x in azhf.attention_modules(model)]
     assert all(t.seq_kv == got.sequences.shape[1] - 1 and t.state.length == t.seq_kv for t in ties)
