@@ -132,6 +132,18 @@ def test_a_step_that_does_not_continue_the_state_is_refused() -> None:
                   attention_mask=mask[:, :-1])
 
 
+def test_a_method_that_cannot_read_a_cache_says_so_and_generates_without_one() -> None:
+    model = build("llama")
+    ids, mask = batch("llama")
+    azhf.configure(model, "momentum")
+    with pytest.raises(AttnzooError, match=r"cache: expected none \(method 'momentum'.*use_cache=False\), got 1 quer"):
+        greedy(model, ids, mask)
+    with torch.no_grad():
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                             use_cache=False)
+    assert got.shape == (3, 14)
+
+
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_a_method_without_masks_attends_each_sequence_over_its_real_tokens(kind: str) -> None:
     model = build(kind)

@@ -137,6 +137,9 @@ def attend(
     pressing = getattr(module, "attnzoo_press", None)
     if decodes_through_state(m, causal, q, pressing is not None):
         return attend_with_state(module, m, q, k, v, mask, scale, params)
+    if causal and q.shape[2] != k.shape[2] and "cross/causal" not in m.spec.patterns:
+        raise fail("cache", f"none (method {m.name!r} neither reads a cache, pattern cross/causal, nor decodes through "
+                   "a state: generate with use_cache=False)", f"{q.shape[2]} queries over {k.shape[2]} keys")
     if mask is None or m.spec.supports_mask:
         return attnzoo.attention(q, k, v, method=m.name, causal=causal, mask=mask, scale=scale, **params)
     start, stop = padding_spans(mask, causal, m.name)
