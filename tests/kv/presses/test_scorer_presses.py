@@ -15,8 +15,17 @@ from attnzoo.kv.presses import AttentionGate, AttentionGatePress, ScorerPress, p
 from tests.helpers import qkv
 
 LENGTHS = torch.tensor([24, 17])
+def _keep_all_gate() -> AttentionGate:
+    """An untrained gate whose output weight is 0: every token's keep probability is σ(bias) = σ(2) (kept), so the
+    flag mode of a ratio of 0 keeps everything, deterministically."""
+    gate = AttentionGate(kv_heads=2, head_dim=8)
+    with torch.no_grad():
+        gate.w_o.zero_()
+    return gate
+
+
 REQUIRED = {  # what a scorer needs beyond its defaults, for this file's prompts (2 kv heads of dim 8)
-    AttentionGatePress: lambda: {"gate": AttentionGate(kv_heads=2, head_dim=8)},
+    AttentionGatePress: lambda: {"gate": _keep_all_gate()},
 }
 SCORERS = [p.cls for p in presses() if issubclass(p.cls, ScorerPress)]
 
