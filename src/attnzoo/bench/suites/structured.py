@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from attnzoo.bench.suites import Case, Target, at_least, at_most, below
+from attnzoo.bench.suites import Case, Target, at_least, below
 from attnzoo.masks import dense
 from attnzoo.masks.positional import concentric_position_ids, position_causal
 
@@ -46,10 +46,6 @@ CASES = (
     _na("na1d_flex", "1-D neighborhood N=16384 k=1023", "flex", method="neighborhood", kernel_size=1023),
     _na("swa_causal", "causal sliding window N=16384 w=1024", "torch", 3, method="sliding_window", window=1024,
         causal=True),
-    Case("swa_decode", "causal sliding window w=1024: decode step after 4096 vs after 65536 prefilled tokens (ring "
-         "cache, one thread)", "decode", Target("sliding_window", "sliding_window", params={"window": 1024}),
-         against=None, n=4096, n2=65536, causal=True, metric="step_ratio", floors={"step_ratio": at_most(1.1)},
-         rounds=9, threads=1),
     _na("na2d", "2-D neighborhood 128×128 k=13×13", "torch", 8, method="neighborhood", kernel_size=13, layout=GRID),
     _na("na2d_flex", "2-D neighborhood 128×128 k=13×13", "flex", method="neighborhood", kernel_size=13, layout=GRID),
     _na("axial_rows", "axial 128×128, rows", "sdpa", 12, method="axial", layout=GRID, axis=1),
