@@ -144,6 +144,16 @@ def _bars_plot(groups: dict[str, list[tuple[str, float]]], xlabel: str, title: s
     return True
 
 
+def _save_with_legend(fig: Any, ax: Any, title: str, path: Path, plt: Any) -> None:
+    """Title ``fig``, put ``ax``'s legend to its right, save it to ``path`` and close it."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _mqar_plot(results: dict[str, Any], path: Path, plt: Any) -> bool:
     """MQAR accuracy against the number of key-value pairs, one line per method, one panel per model width."""
     rows = [r for r in results.get("quality", []) if r.get("status") == "ok" and r["task"]["name"] == "mqar"]
@@ -167,12 +177,8 @@ def _mqar_plot(results: dict[str, Any], path: Path, plt: Any) -> bool:
         ax.set_xlabel("key-value pairs")
         ax.set_ylabel("accuracy")
         ax.grid(True, alpha=0.3)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
-    fig.suptitle("MQAR: recall accuracy vs number of key-value pairs (black: softmax)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _save_with_legend(fig, axes.flat[0], "MQAR: recall accuracy vs number of key-value pairs (black: softmax)", path,
+                      plt)
     return True
 
 
@@ -206,12 +212,7 @@ def _press_plot(results: dict[str, Any], path: Path, plt: Any) -> bool:
             ax.set_ylim(0, 1.02)
         elif any(r["test"] == test for r in rows):
             ax.set_yscale("log")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
-    fig.suptitle("KV-cache presses: quality against cache budget")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _save_with_legend(fig, axes[0], "KV-cache presses: quality against cache budget", path, plt)
     return True
 
 

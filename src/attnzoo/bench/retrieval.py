@@ -27,17 +27,15 @@ compresses that layer's cache; the queries follow through ``attnzoo.step`` (one 
 after each), so every query reads only what the press kept. The prompt holds no query: compression is
 question-agnostic (the press cannot know which key will be asked for).
 
-Training (:func:`trained_model`): AdamW (lr 1e-2, weight decay 0.01, linear warm-up over 10 % of the steps, then cosine
-decay), gradient clipping at 1. The weights are cached in a directory (keyed by a hash of the configuration), so a
-second run loads them instead of training.
+Training (:func:`trained_model`, the loop of :func:`attnzoo.bench.quality.fit`): AdamW (lr 1e-2, weight decay 0.01,
+linear warm-up over 10 % of the steps, then cosine decay), gradient clipping at 1. The weights are cached in a
+directory (keyed by a hash of the configuration), so a second run loads them instead of training.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -47,10 +45,9 @@ import torch
 from torch import nn
 
 import attnzoo.api as az
+from attnzoo.bench.quality import IGNORE, fit
 from attnzoo.kv.presses.base import Press
 from attnzoo.nn import Attention
-
-IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -242,25 +239,13 @@ def train(task: RetrievalTask, cfg: Training) -> tuple[RetrievalLM, dict[str, An
     g = torch.Generator().manual_seed(cfg.seed)
     short = replace(task, context=cfg.train_context, pairs=cfg.train_pairs)
     model = RetrievalLM(task.vocab, task.values, cfg.dim, cfg.heads, cfg.layers)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    warm = max(1, cfg.steps // 10)
 
-    def rate(s: int) -> float:
-        return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
+    def batches() -> tuple[torch.Tensor, torch.Tensor]:
+        return training_sequence(retrieval_batch(short, cfg.batch, g), task)
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
-    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
-    started, loss = time.perf_counter(), torch.tensor(math.nan)
-    for _ in range(cfg.steps):
-        x, y = training_sequence(retrieval_batch(short, cfg.batch, g), task)
-        loss = loss_fn(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+    loss, seconds = fit(model, batches, cfg.steps, cfg.lr, cosine=True)
     model.eval()
-    return model, {"final_loss": float(loss.detach()), "train_s": time.perf_counter() - started}
+    return model, {"final_loss": loss, "train_s": seconds}
 
 
 def trained_model(task: RetrievalTask, cfg: Training, cache_dir: Path) -> tuple[RetrievalLM, dict[str, Any]]:
