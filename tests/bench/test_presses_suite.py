@@ -110,6 +110,25 @@ class CalibratedPress(KeepRecentPress):
 class UncalibratedPress(KeepRecentPress):
     """Needs training but its for_budget cannot take calibration data."""
 
+    @classmethod
+    def for_budget(cls, fraction: float) -> Press:
+        return cls(compression_ratio=1.0 - fraction)
+
+
+@dataclass(frozen=True)
+class WrapperPress(Press):
+    """Applies the press it wraps."""
+
+    press: Press | None = None
+
+    def compress(self, cache: KVCache, context: PressContext) -> KVCache:
+        assert self.press is not None
+        return self.press.compress(cache, context)
+
+    @classmethod
+    def for_budget(cls, fraction: float, **options: Any) -> Press:
+        return cls(press=options["press"])
+
 
 @dataclass(frozen=True)
 class BrokenPress(KeepRecentPress):
@@ -117,12 +136,18 @@ class BrokenPress(KeepRecentPress):
         raise RuntimeError("broken score")
 
 
+@dataclass(frozen=True)
+class VideoPress(KeepRecentPress):
+    """Needs video frames, which the retrieval task has not."""
+
+
 def info(cls: type[Press], needs: tuple[str, ...] = ()) -> PressInfo:
     return PressInfo(cls.__name__, cls, "K2", "a test press", None, cls.__doc__ or "", needs)
 
 
 INFOS = [info(KeepRecentPress), info(KeyNormPress), info(KeepAllPress), info(CalibratedPress, ("calibration",)),
-         info(UncalibratedPress, ("training",)), info(BrokenPress)]
+         info(UncalibratedPress, ("training",)), info(BrokenPress), info(WrapperPress, ("press", "queries")),
+         info(VideoPress, ("frames",))]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -137,7 +162,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("presses")
-    results = suite.run(out, INFOS, TINY, command="attnzoo bench --suite presses", echo=lambda _: None)
+    results = suite.run(out, INFOS, TINY, command="attnzoo bench --suite presses", inner=INFOS[0],
+                        echo=lambda _: None)
     return out, results
 
 
@@ -218,9 +244,11 @@ def test_the_suite_walks_the_presses_at_every_budget(run):
     _, results = run
     rows = {(r["test"], r["press"], r["budget"]): r for r in results["presses"]}
     assert rows[("retrieval", "full cache", 1.0)]["accuracy"] >= 0.9
+    names = [suite.label(i, INFOS[0]) for i in INFOS]
+    assert "WrapperPress(KeepRecentPress)" in names
     for test in ("retrieval", "layer_error"):
-        for i in INFOS:
-            assert {b for t, p, b in rows if (t, p) == (test, i.name)} == set(TINY.budgets)
+        for name in names:
+            assert {b for t, p, b in rows if (t, p) == (test, name)} == set(TINY.budgets)
     full = rows[("retrieval", "full cache", 1.0)]["accuracy"]
     for b in TINY.budgets:
         assert rows[("retrieval", "KeepAllPress", b)]["accuracy"] == full
@@ -230,17 +258,29 @@ def test_the_suite_walks_the_presses_at_every_budget(run):
         assert rows[("retrieval", "BrokenPress", b)]["status"] == "error"
         assert "broken score" in rows[("layer_error", "BrokenPress", b)]["reason"]
         assert rows[("retrieval", "CalibratedPress", b)]["status"] == "ok"
+        assert rows[("retrieval", "VideoPress", b)]["status"] == "skipped"
+        assert "frames" in rows[("layer_error", "VideoPress", b)]["reason"]
+        for test, metric in (("retrieval", "accuracy"), ("layer_error", "rel_l2")):  # the wrapper = what it wraps
+            assert rows[(test, "WrapperPress(KeepRecentPress)", b)][metric] == rows[(test, "KeepRecentPress", b)][
+                metric]
     assert rows[("retrieval", "KeepRecentPress", 0.1)]["accuracy"] < full
     assert rows[("retrieval", "KeepRecentPress", 0.5)]["tokens_fraction"] == pytest.approx(0.5)
     assert rows[("retrieval", "KeepRecentPress", 0.5)]["bytes_fraction"] == pytest.approx(0.5)
     assert rows[("layer_error", "KeepRecentPress", 0.1)]["rel_l2"] > 0
 
 
-def test_a_calibrated_press_gets_the_models_attention_inputs():
+def test_presses_get_what_they_need():
     given = suite.build(info(CalibratedPress, ("calibration",)), 0.5, lambda: [(torch.zeros(2, 3, 4, 5),) * 3])
     assert given.given == ((2, 3, 4, 5),) * 3 and given.compression_ratio == 0.5
     with pytest.raises(NotImplementedError, match="calibration"):
         suite.build(info(UncalibratedPress, ("training",)), 0.5, lambda: [])
+    wrapper = suite.build(info(WrapperPress, ("press",)), 0.25, list, info(KeyNormPress))
+    assert wrapper.press == KeyNormPress(compression_ratio=0.75)
+    with pytest.raises(NotImplementedError, match="no scoring press"):
+        suite.build(info(WrapperPress, ("press",)), 0.25, list)
+    with pytest.raises(NotImplementedError, match="defines no for_budget"):
+        suite.build(info(Press), 0.25, list)
+    assert suite.wrapped(INFOS).name == "KeepRecentPress"  # the first plain scoring press (SnapKV when registered)
 
 
 def test_results_report_and_tables_are_written(run):
@@ -258,7 +298,7 @@ def test_results_report_and_tables_are_written(run):
     assert body[0][0] == "full cache (ceiling)"
     ranked = [r[0] for r in body[1:]]
     assert ranked.index("KeepAllPress") < ranked.index("KeepRecentPress")
-    assert ranked[-2:] == ["BrokenPress", "UncalibratedPress"]  # no figure: last
+    assert ranked[-3:] == ["BrokenPress", "UncalibratedPress", "VideoPress"]  # no figure: last
     assert press_error_table(results)[1][0][0] == "KeepAllPress"
 
 

@@ -177,7 +177,8 @@ def _run_presses(args: argparse.Namespace) -> int:
     if args.device not in (None, "cpu"):
         raise fail("--device", "cpu (the press suite runs on the CPU)", repr(args.device))
     out = Path(args.out)
-    results = presses.run(out, presses.select(args.cases), command=_command(), threads=args.threads)
+    results = presses.run(out, presses.select(args.cases), command=_command(), threads=args.threads,
+                          inner=presses.wrapped(presses.select(None)))
     print(md_table(*press_leaderboard(results)))
     print(f"report: {out / 'report.html'}  summary: {out / 'summary.md'}  tables for docs: {out / 'presses.md'}")
     return 0 if results["status"] == "complete" else 130

@@ -17,11 +17,14 @@ and measures two things:
    it). The prompt is prefilled with the press, ``decode`` more tokens are stepped, and the figure is the relative L2
    error ``‖O_press − O_full‖ / ‖O_full‖`` of the stepped outputs.
 
-Presses whose ``needs`` include ``"training"`` or ``"calibration"`` get calibration data from the same source: their
-``for_budget`` is called with ``calibration=[(q, k, v) per layer]`` (the model's attention inputs on task sequences
-drawn with another seed; for the layer error, another draw of the planted inputs) when it takes a ``calibration``
-argument; otherwise they are listed as skipped with the reason. A press that cannot be built for a budget, or fails
-while running, is recorded with its error and the suite goes on.
+What a press ``needs`` is supplied through ``for_budget``'s options (:func:`build`): ``"queries"`` and ``"layer"``
+come with every call; a wrapper (``"press"``) gets ``press=`` SnapKV (or the first plain scoring press registered)
+at the same budget, and is listed as ``AdaKVPress(SnapKVPress)``; a press that needs ``"training"`` or
+``"calibration"`` gets ``calibration=[(q, k, v) per layer]`` (the model's attention inputs on task sequences drawn
+with another seed; for the layer error, another draw of the planted inputs) when its ``for_budget`` takes that
+keyword. A press that needs anything else (video ``"frames"``...), whose ``for_budget`` cannot take calibration, or
+that defines no ``for_budget`` is listed as skipped with the reason; one that fails while being built or run is
+recorded with its error, and the suite goes on.
 
 Rows go to ``results.json`` under ``presses`` (schema ``attnzoo.bench/1.2``) and to the report: the leaderboard (each
 press's accuracy and rank at every budget), the layer-error table, the runs without a result, and ``presses.png``
@@ -62,6 +65,7 @@ from attnzoo.kv.presses.base import Press, PressInfo
 
 BUDGETS = (1.0, 0.5, 0.25, 0.1, 0.03)
 FULL_CACHE = "full cache"
+PROVIDED = ("queries", "layer", "press", "calibration", "training")  # what a press may need that the suite supplies
 Calibration = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
@@ -143,19 +147,54 @@ def layer_outputs(inputs: Sequence[torch.Tensor], press: Press | None) -> torch.
         return az.step(state, qd, kd, vd)[0]
 
 
-def build(info: PressInfo, fraction: float, calibration: Callable[[], Calibration]) -> Press:
-    """``info``'s press for a budget of ``fraction``; presses that need training or calibration get
-    ``calibration=calibration()`` (raises :class:`NotImplementedError` with the reason when they cannot take it)."""
+def build(
+    info: PressInfo, fraction: float, calibration: Callable[[], Calibration], inner: PressInfo | None = None,
+) -> Press:
+    """``info``'s press for a budget of ``fraction``: ``info.cls.for_budget(fraction, **options)`` with the options
+    its ``needs`` ask for: ``press=`` ``inner``'s press at the same budget (wrappers), ``calibration=calibration()``
+    (presses that need training or calibration). Raises :class:`NotImplementedError` with the reason when the press
+    needs what the suite cannot give (or does not define ``for_budget``)."""
+    missing = [n for n in info.needs if n not in PROVIDED]
+    if missing:
+        raise NotImplementedError(f"needs {', '.join(missing)}, which this test bed does not provide")
+    options: dict[str, Any] = {}
+    if "press" in info.needs:
+        if inner is None:
+            raise NotImplementedError("wraps a press, and no scoring press is registered to wrap")
+        options["press"] = inner.cls.for_budget(fraction)
     if {"training", "calibration"} & set(info.needs):
-        if "calibration" not in inspect.signature(info.cls.for_budget).parameters:
+        if not _takes(info.cls.for_budget, "calibration"):
             raise NotImplementedError(f"needs {', '.join(info.needs)}, but {info.name}.for_budget takes no "
                                       "calibration= data")
-        return info.cls.for_budget(fraction, calibration=calibration())
-    return info.cls.for_budget(fraction)
+        options["calibration"] = calibration()
+    try:
+        return info.cls.for_budget(fraction, **options)
+    except NotImplementedError:
+        raise NotImplementedError(f"{info.name} defines no for_budget (it is configured by hand)") from None
 
 
-def _row(info: PressInfo | None, test: str, fraction: float) -> dict[str, Any]:
-    return {"press": info.name if info else FULL_CACHE, "mechanism": info.mechanism if info else "",
+def _takes(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` accepts the keyword ``name`` (by name, or through ``**options``)."""
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def wrapped(infos: Sequence[PressInfo]) -> PressInfo | None:
+    """The press wrappers wrap (``needs`` "press"): SnapKV when registered, else the first scoring press that needs
+    nothing the suite must supply."""
+    from attnzoo.kv.presses.base import ScorerPress
+
+    plain = [i for i in infos if issubclass(i.cls, ScorerPress) and set(i.needs) <= {"queries", "layer"}]
+    return next((i for i in plain if i.name == "SnapKVPress"), plain[0] if plain else None)
+
+
+def label(info: PressInfo, inner: PressInfo | None) -> str:
+    """A press's name in the tables: a wrapper's with the press it wraps, ``AdaKVPress(SnapKVPress)``."""
+    return f"{info.name}({inner.name})" if "press" in info.needs and inner is not None else info.name
+
+
+def _row(info: PressInfo | None, test: str, fraction: float, inner: PressInfo | None = None) -> dict[str, Any]:
+    return {"press": label(info, inner) if info else FULL_CACHE, "mechanism": info.mechanism if info else "",
             "paper": info.paper if info else "", "arxiv": info.arxiv if info else None, "test": test,
             "budget": fraction}
 
@@ -173,7 +212,8 @@ def _measured(row: dict[str, Any], work: Callable[[], dict[str, Any]]) -> dict[s
 
 
 def retrieval_rows(
-    model: RetrievalLM, cfg: PressSuite, infos: Sequence[PressInfo], echo: Callable[[str], None] = print,
+    model: RetrievalLM, cfg: PressSuite, infos: Sequence[PressInfo], inner: PressInfo | None = None,
+    echo: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """The full cache's accuracy, then every press's at every budget (``bytes_fraction``/``tokens_fraction``: the
     first layer's cache after the prompt against the full cache's)."""
@@ -193,17 +233,18 @@ def retrieval_rows(
     for info in infos:
         for fraction in cfg.budgets:
             def work(info: PressInfo = info, fraction: float = fraction) -> dict[str, Any]:
-                got = evaluate(model, data, build(info, fraction, calibration), cfg.chunk)
+                got = evaluate(model, data, build(info, fraction, calibration, inner), cfg.chunk)
                 return {**got, "bytes_fraction": got["cache_bytes"] / full["cache_bytes"],
                         "tokens_fraction": got["cache_tokens"] / full["cache_tokens"]}
 
-            rows.append(_measured(_row(info, "retrieval", fraction), work))
+            rows.append(_measured(_row(info, "retrieval", fraction, inner), work))
             echo(_line(rows[-1], "accuracy", ".3f"))
     return rows
 
 
-def layer_rows(cfg: PressSuite, infos: Sequence[PressInfo], echo: Callable[[str], None] = print
-               ) -> list[dict[str, Any]]:
+def layer_rows(
+    cfg: PressSuite, infos: Sequence[PressInfo], inner: PressInfo | None = None, echo: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
     """Every press's relative L2 error of one attention layer against the full cache, at every budget."""
     inputs = planted_inputs(cfg.planted, torch.Generator().manual_seed(cfg.seed + 3))
     full = layer_outputs(inputs, None)
@@ -216,10 +257,10 @@ def layer_rows(cfg: PressSuite, infos: Sequence[PressInfo], echo: Callable[[str]
     for info in infos:
         for fraction in cfg.budgets:
             def work(info: PressInfo = info, fraction: float = fraction) -> dict[str, Any]:
-                out = layer_outputs(inputs, build(info, fraction, calibration))
+                out = layer_outputs(inputs, build(info, fraction, calibration, inner))
                 return {"rel_l2": float(torch.linalg.vector_norm(out - full) / torch.linalg.vector_norm(full))}
 
-            rows.append(_measured(_row(info, "layer_error", fraction), work))
+            rows.append(_measured(_row(info, "layer_error", fraction, inner), work))
             echo(_line(rows[-1], "rel_l2", ".3g"))
     return rows
 
@@ -249,9 +290,10 @@ def select(patterns: list[str] | None, infos: Sequence[PressInfo] | None = None)
 
 def run(
     out: Path, infos: Sequence[PressInfo], cfg: PressSuite = FULL, command: str = "", threads: int | None = None,
-    echo: Callable[[str], None] = print,
+    inner: PressInfo | None = None, echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train (or load) the model, measure every press in ``infos``, write results.json, the report and presses.md.
+    """Train (or load) the model, measure every press in ``infos`` (wrappers around ``inner``, see :func:`wrapped`),
+    write results.json, the report and presses.md.
     Torch runs on ``threads`` intra-op threads (default 1: on a shared 2-core machine two threads make these small
     calls many times slower)."""
     from attnzoo.bench.report import write_report
@@ -269,7 +311,8 @@ def run(
         "finished": None, "wall_s": None, "command": command, "machine": machine_info("cpu", threads),
         "config": {"suite": "presses", "presses": [i.name for i in infos], "task": asdict(cfg.task),
                    "training": asdict(cfg.training), "sequences": cfg.sequences, "budgets": list(cfg.budgets),
-                   "planted": asdict(cfg.planted), "seed": cfg.seed, "device": "cpu", "threads": threads},
+                   "planted": asdict(cfg.planted), "seed": cfg.seed, "device": "cpu", "threads": threads,
+                   "wrapped": inner.name if inner else None},
         "memory_method": "", "efficiency": [], "efficiency_length": [], "approximation": [], "quality": [],
         "fresh_memory": [], "suites": [], "presses": [],
     }
@@ -279,8 +322,8 @@ def run(
         results["config"]["model"] = {k: v for k, v in info.items() if k not in ("task", "training")}
         how = "loaded from cache" if info["cached"] else f"trained in {info['train_s']:.0f} s"
         echo(f"press model: {how}, final loss {info['final_loss']:.3g}")
-        results["presses"] += retrieval_rows(model, cfg, infos, echo)
-        results["presses"] += layer_rows(cfg, infos, echo)
+        results["presses"] += retrieval_rows(model, cfg, infos, inner, echo)
+        results["presses"] += layer_rows(cfg, infos, inner, echo)
         results["status"] = "complete"
     except KeyboardInterrupt:
         results["status"] = "interrupted"
