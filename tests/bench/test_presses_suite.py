@@ -274,6 +274,8 @@ def test_presses_get_what_they_need():
     assert given.given == ((2, 3, 4, 5),) * 3 and given.compression_ratio == 0.5
     with pytest.raises(NotImplementedError, match="calibration"):
         suite.build(info(UncalibratedPress, ("training",)), 0.5, lambda: [])
+    with pytest.raises(NotImplementedError, match="does not take calibration"):  # **options, refused by __init__
+        suite.build(info(KeyNormPress, ("calibration",)), 0.5, lambda: [])
     wrapper = suite.build(info(WrapperPress, ("press",)), 0.25, list, info(KeyNormPress))
     assert wrapper.press == KeyNormPress(compression_ratio=0.75)
     with pytest.raises(NotImplementedError, match="no scoring press"):
@@ -307,11 +309,15 @@ def test_ranks_at_each_budget():
              "bytes_fraction": b}
             for p, accs in (("A", (1.0, 0.5, 0.4)), ("B", (1.0, 0.9, 0.1)), ("C", (1.0, 0.5, 0.2)))
             for b, a in zip((1.0, 0.5, 0.1), accs, strict=True)]
+    rows += [{"test": "retrieval", "press": "D", "mechanism": "K9", "budget": b, "status": "ok", "accuracy": 1.0,
+              "bytes_fraction": b} for b in (1.0, 0.5)]  # D cannot reach 10 %: after every press that can
+    rows.append({"test": "retrieval", "press": "D", "mechanism": "K9", "budget": 0.1, "status": "unsupported"})
     header, body = press_leaderboard({"presses": rows})
     assert header[2:5] == ["100 %", "50 %", "10 %"]
-    assert body == [["B", "K2", "1.000 (1)", "0.900 (1)", "0.100 (3)", "0.500", "10.0%"],
-                    ["A", "K2", "1.000 (1)", "0.500 (2)", "0.400 (1)", "0.450", "10.0%"],
-                    ["C", "K2", "1.000 (1)", "0.500 (2)", "0.200 (2)", "0.350", "10.0%"]]
+    assert body == [["B", "K2", "1.000 (1)", "0.900 (2)", "0.100 (3)", "0.500", "10 %"],
+                    ["A", "K2", "1.000 (1)", "0.500 (3)", "0.400 (1)", "0.450", "10 %"],
+                    ["C", "K2", "1.000 (1)", "0.500 (3)", "0.200 (2)", "0.350", "10 %"],
+                    ["D", "K9", "1.000 (1)", "1.000 (1)", "unsupported", "—", "—"]]
 
 
 def test_planted_inputs_put_attention_on_needles_hitters_and_recent_keys():

@@ -183,8 +183,8 @@ def _mqar_plot(results: dict[str, Any], path: Path, plt: Any) -> bool:
 
 
 def _press_plot(results: dict[str, Any], path: Path, plt: Any) -> bool:
-    """Retrieval accuracy (left) and one layer's relative L2 error (right) against the cache budget, one line per
-    press; the full cache's accuracy in black (the ceiling), chance dotted."""
+    """Retrieval accuracy (left) and one layer's relative L2 error (right, budgets below 100 %) against the cache
+    budget, one line per press; the full cache's accuracy in black (the ceiling), chance dotted."""
     rows = [r for r in results.get("presses", []) if r.get("status") == "ok"]
     presses = list(dict.fromkeys(r["press"] for r in rows if r["press"] != "full cache"))
     if not presses:
@@ -195,10 +195,12 @@ def _press_plot(results: dict[str, Any], path: Path, plt: Any) -> bool:
                                                 ("layer_error", "rel_l2", "relative L2 error vs full cache (log)")),
                                          strict=True):
         for i, press in enumerate(presses):
-            pts = sorted((r["budget"] * 100, r[metric]) for r in rows if r["press"] == press and r["test"] == test)
+            pts = sorted((r["budget"] * 100, r[metric]) for r in rows if r["press"] == press and r["test"] == test
+                         and (test == "retrieval" or r["budget"] < 1))  # the error at 100 % is 0: off a log axis
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=press, **_style(i, len(presses), plt))
-        budgets = sorted({r["budget"] * 100 for r in rows if r["test"] == test})
+        budgets = sorted({r["budget"] * 100 for r in rows if r["test"] == test and (test == "retrieval"
+                                                                                   or r["budget"] < 1)})
         ax.set_xscale("log")
         ax.set_xticks(budgets, [f"{b:g} %" for b in budgets])
         ax.set_xlabel("cache budget (tokens, or bytes for presses that shrink each token)")

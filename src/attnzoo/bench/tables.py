@@ -154,8 +154,9 @@ def _press_grid(results: dict[str, Any], test: str) -> tuple[list[float], dict[s
 
 def _ranked(grid: dict[str, dict[float, dict[str, Any]]], budgets: list[float], metric: str, best_high: bool,
             ) -> tuple[list[str], dict[tuple[str, float], int]]:
-    """Presses ordered by their mean ``metric`` over the budgets below 100 % (best first; presses with a missing
-    figure last), and each press's rank at each budget (1 = best; ties share the better rank)."""
+    """Presses ordered by how many budgets below 100 % they have a figure at (most first), then by their mean
+    ``metric`` over those (best first); and each press's rank at each budget (1 = best; ties share the better
+    rank)."""
     def value(press: str, b: float) -> float | None:
         r = grid[press].get(b)
         return r.get(metric) if r and r.get("status") == "ok" else None
@@ -168,11 +169,11 @@ def _ranked(grid: dict[str, dict[float, dict[str, Any]]], budgets: list[float], 
             ranks[(p, b)] = 1 + sum(other < key for other, _ in scored)
     compressed = [b for b in budgets if b < 1.0] or budgets
 
-    def mean(press: str) -> float:
-        xs = [value(press, b) for b in compressed]
-        return math.inf if any(x is None for x in xs) else sum(sign * x for x in xs) / len(xs)  # type: ignore[operator]
+    def order(press: str) -> tuple[int, float, str]:
+        xs = [sign * x for b in compressed if (x := value(press, b)) is not None]
+        return -len(xs), sum(xs) / len(xs) if xs else math.inf, press
 
-    return sorted(grid, key=lambda p: (mean(p), p)), ranks
+    return sorted(grid, key=order), ranks
 
 
 def press_leaderboard(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -199,7 +200,7 @@ def press_leaderboard(results: dict[str, Any]) -> tuple[list[str], list[list[str
             else:
                 cells.append(r.get("status", "—"))
         tenth = grid[press].get(0.1, {})
-        kept = fmt(tenth.get("bytes_fraction"), ".1%") if tenth.get("status") == "ok" else "—"
+        kept = budget_label(round(tenth["bytes_fraction"], 3)) if tenth.get("status") == "ok" else "—"
         mean = fmt(sum(xs) / len(xs), ".3f") if xs and len(xs) == len(compressed) else "—"
         body.append([press, next(iter(grid[press].values()))["mechanism"], *cells, mean, kept])
     return header, body

@@ -171,6 +171,11 @@ def build(
         return info.cls.for_budget(fraction, **options)
     except NotImplementedError:
         raise NotImplementedError(f"{info.name} defines no for_budget (it is configured by hand)") from None
+    except TypeError as e:
+        if "calibration" not in options or "calibration" not in str(e):
+            raise
+        raise NotImplementedError(f"needs {', '.join(info.needs)}, but {info.name}.for_budget does not take "
+                                  f"calibration= data ({e})") from None
 
 
 def _takes(fn: Callable[..., Any], name: str) -> bool:
