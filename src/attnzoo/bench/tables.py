@@ -272,18 +272,23 @@ def md_table(header: list[str], body: list[list[str]]) -> str:
 
 
 def overview(results: dict[str, Any]) -> list[str]:
-    """The lines that open a report: status, command, machine, shapes, how time and memory were measured."""
+    """The lines that open a report: status, command, machine, and for a sweep (a config with shapes) the shapes, how
+    time and memory were measured and the efficiency cases' outcomes."""
     m, c = results.get("machine", {}), results.get("config", {})
     counts: dict[str, int] = defaultdict(int)
     for r in results.get("efficiency", []):
         counts[r.get("status", "?")] += 1
-    return [
+    run = [
         f"status: **{results.get('status')}**, wall time {fmt(results.get('wall_s'), '.0f')} s, "
         f"command `{results.get('command', '')}`",
         f"machine: {m.get('device_name', '?')} ({m.get('cpu_count', '?')} CPUs, {m.get('threads', '?')} torch "
         "threads), "
         f"{m.get('platform', '')}, python {m.get('python', '')}, torch {m.get('torch', '')}, attnzoo "
         f"{m.get('attnzoo', '')}",
+    ]
+    if c.get("batch") is None:  # a named suite: each row says its own shape
+        return run
+    return run + [
         f"shapes: batch {c.get('batch')}, heads {c.get('heads')} (kv {c.get('kv_heads') or c.get('heads')}), "
         f"head_dim {c.get('head_dim')}, dtype {c.get('dtype')}, device {c.get('device')}; "
         "self: seq_q = seq_kv = N; cross: seq_q = N/2, seq_kv = N",
