@@ -61,7 +61,7 @@ from attnzoo.bench.retrieval import (
     trained_model,
 )
 from attnzoo.errors import fail
-from attnzoo.kv.presses.base import Press, PressInfo
+from attnzoo.kv.presses.base import Press, PressInfo, ScorerPress
 
 BUDGETS = (1.0, 0.5, 0.25, 0.1, 0.03)
 FULL_CACHE = "full cache"
@@ -187,8 +187,6 @@ def _takes(fn: Callable[..., Any], name: str) -> bool:
 def wrapped(infos: Sequence[PressInfo]) -> PressInfo | None:
     """The press wrappers wrap (``needs`` "press"): SnapKV when registered, else the first scoring press that needs
     nothing the suite must supply."""
-    from attnzoo.kv.presses.base import ScorerPress
-
     plain = [i for i in infos if issubclass(i.cls, ScorerPress) and set(i.needs) <= {"queries", "layer"}]
     return next((i for i in plain if i.name == "SnapKVPress"), plain[0] if plain else None)
 
