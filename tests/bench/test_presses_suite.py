@@ -200,6 +200,10 @@ def test_the_task_puts_each_answer_after_its_key_in_the_context(data):
             assert int(data.targets[i, t]) == expected
     x, y = training_sequence(data, TASK)
     assert (x[:, c:] == data.queries).all() and (y[:, c:] == data.answers).all()
+    with pytest.raises(AttnzooError, match="context"):
+        RetrievalTask(context=10, pairs=6)
+    with pytest.raises(AttnzooError, match="queries"):
+        RetrievalTask(queries=0)
 
 
 def test_the_model_finds_the_answers_with_the_full_cache(model, data):
@@ -263,6 +267,7 @@ def test_the_suite_walks_the_presses_at_every_budget(run):
         for test, metric in (("retrieval", "accuracy"), ("layer_error", "rel_l2")):  # the wrapper = what it wraps
             assert rows[(test, "WrapperPress(KeepRecentPress)", b)][metric] == rows[(test, "KeepRecentPress", b)][
                 metric]
+    assert rows[("retrieval", "KeepRecentPress", 1.0)]["accuracy"] == full  # a scorer at 100 % keeps everything
     assert rows[("retrieval", "KeepRecentPress", 0.1)]["accuracy"] < full
     assert rows[("retrieval", "KeepRecentPress", 0.5)]["tokens_fraction"] == pytest.approx(0.5)
     assert rows[("retrieval", "KeepRecentPress", 0.5)]["bytes_fraction"] == pytest.approx(0.5)

@@ -46,6 +46,7 @@ from torch import nn
 
 import attnzoo.api as az
 from attnzoo.bench.quality import IGNORE, fit
+from attnzoo.errors import fail
 from attnzoo.kv.presses.base import Press
 from attnzoo.nn import Attention
 
@@ -63,10 +64,11 @@ class RetrievalTask:
     fillers: int = 16
 
     def __post_init__(self) -> None:
+        for name in ("pairs", "queries", "keys", "values", "fillers"):
+            if getattr(self, name) < 1:
+                raise fail(name, "a positive number of tokens or symbols", getattr(self, name))
         if self.context < 2 * self.pairs:
-            raise ValueError(f"retrieval task: context ({self.context}) must hold 2 × pairs ({self.pairs}) tokens")
-        if min(self.pairs, self.queries, self.keys, self.values, self.fillers) < 1:
-            raise ValueError("retrieval task: every size must be positive")
+            raise fail("context", f"at least 2 × pairs = {2 * self.pairs} tokens", self.context)
 
     @property
     def vocab(self) -> int:
