@@ -198,7 +198,7 @@ def test_the_task_puts_each_answer_after_its_key_in_the_context(data):
             repeated = any(k == key for _, k in keys[:n])
             expected = int(data.context[i, t + 1]) - value0 if repeated else IGNORE
             assert int(data.targets[i, t]) == expected
-    x, y = training_sequence(data, TASK)
+    x, y = training_sequence(data)
     assert (x[:, c:] == data.queries).all() and (y[:, c:] == data.answers).all()
     with pytest.raises(AttnzooError, match="context"):
         RetrievalTask(context=10, pairs=6)
@@ -208,7 +208,7 @@ def test_the_task_puts_each_answer_after_its_key_in_the_context(data):
 
 def test_the_model_finds_the_answers_with_the_full_cache(model, data):
     assert evaluate(model, data, None)["accuracy"] >= 0.9
-    x, _ = training_sequence(data, TASK)
+    x, _ = training_sequence(data)
     with torch.no_grad():
         forward = model(x)[:, TASK.context:].argmax(-1)
     assert torch.equal(forward, decode_answers(model, data, None)[0])  # decoding = one forward pass

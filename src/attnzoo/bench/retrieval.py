@@ -113,7 +113,7 @@ def retrieval_batch(task: RetrievalTask, batch: int, g: torch.Generator) -> Retr
     return Retrieval(context, targets, task.fillers + asked, table.gather(1, asked), needles)
 
 
-def training_sequence(data: Retrieval, task: RetrievalTask) -> tuple[torch.Tensor, torch.Tensor]:
+def training_sequence(data: Retrieval) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, targets)`` of next-token training: the context then the queries; targets in the value vocabulary."""
     x = torch.cat([data.context, data.queries], 1)
     y = torch.cat([data.targets, data.answers], 1)
@@ -243,7 +243,7 @@ def train(task: RetrievalTask, cfg: Training) -> tuple[RetrievalLM, dict[str, An
     model = RetrievalLM(task.vocab, task.values, cfg.dim, cfg.heads, cfg.layers)
 
     def batches() -> tuple[torch.Tensor, torch.Tensor]:
-        return training_sequence(retrieval_batch(short, cfg.batch, g), task)
+        return training_sequence(retrieval_batch(short, cfg.batch, g))
 
     loss, seconds = fit(model, batches, cfg.steps, cfg.lr, cosine=True)
     model.eval()
