@@ -30,9 +30,10 @@ Rows go to ``results.json`` under ``presses`` (schema ``attnzoo.bench/1.2``) and
 press's accuracy and rank at every budget), the layer-error table, the runs without a result, and ``presses.png``
 (accuracy and layer error against budget). ``presses.md`` holds the two tables for docs/benchmarks.md.
 
-Sizes (:data:`FULL`) are chosen to fit about 10 minutes on a 2-core CPU: training ~1 min (800 steps on 64-token
-contexts; no positional embedding, so it runs unchanged at 512), 128 evaluation sequences of 8 queries (1024 answers,
-so an accuracy is ±3 % at worst, 95 %), one layer of 4 heads at N = 1024 for the layer error.
+Sizes (:data:`FULL`) are chosen to fit well within 10 minutes on a 2-core CPU (19 presses: 146 s, training included;
+docs/benchmarks.md): training 24–65 s (800 steps on 64-token contexts; no positional embedding, so it runs unchanged
+at 512), 128 evaluation sequences of 8 queries (1024 answers, so an accuracy is ±3 % at worst, 95 %), one layer of 4
+heads at N = 1024 for the layer error.
 """
 
 from __future__ import annotations
