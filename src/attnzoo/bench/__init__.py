@@ -8,7 +8,8 @@ induction copy, selective copy) with ``attnzoo.nn.Attention``. Writes ``results.
 self-contained ``report.html`` (see docs/bench.md).
 
 ``--suite NAME`` runs a named suite instead (:mod:`attnzoo.bench.suites`): the cases behind docs/benchmarks.md, each
-printed with its floor.
+printed with its floor; ``--suite presses`` measures every registered KV-cache press against cache budgets
+(:mod:`attnzoo.bench.suites.presses`).
 
 The CLI calls :func:`add_arguments` and :func:`main`; ``python -m attnzoo.bench`` does the same on its own.
 """
@@ -152,6 +153,8 @@ def _run_suite(args: argparse.Namespace) -> int:
     if args.suite == "list":
         print(suites.listing())
         return 0
+    if args.suite == suites.PRESSES:
+        return _run_presses(args)
     cases = suites.select(args.suite, args.cases)
     device = args.device or "cpu"
     if not device.startswith(("cpu", "cuda")):
@@ -163,6 +166,22 @@ def _run_suite(args: argparse.Namespace) -> int:
     if results["status"] != "complete":
         return 130
     return 1 if any(r.get("passed") is False for r in results["suites"]) else 0
+
+
+def _run_presses(args: argparse.Namespace) -> int:
+    """``--suite presses``: every registered press (or those ``--cases`` names) at every budget; prints the
+    leaderboard. Exit status 0, or 130 when interrupted."""
+    from attnzoo.bench.suites import presses
+    from attnzoo.bench.tables import md_table, press_leaderboard
+
+    if args.device not in (None, "cpu"):
+        raise fail("--device", "cpu (the press suite runs on the CPU)", repr(args.device))
+    out = Path(args.out)
+    results = presses.run(out, presses.select(args.cases), command=_command(), threads=args.threads,
+                          inner=presses.wrapped(presses.select(None)))
+    print(md_table(*press_leaderboard(results)))
+    print(f"report: {out / 'report.html'}  summary: {out / 'summary.md'}  tables for docs: {out / 'presses.md'}")
+    return 0 if results["status"] == "complete" else 130
 
 
 def main(args: argparse.Namespace) -> int:

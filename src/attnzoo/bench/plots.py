@@ -1,5 +1,6 @@
 """PNG plots of a run (matplotlib's Agg backend): time and memory against length, ratios to SDPA, quality, MQAR,
-difference from softmax. Without matplotlib (the ``[report]`` extra) no plot is written and the rest of the report is.
+difference from softmax, KV-cache presses against cache budget. Without matplotlib (the ``[report]`` extra) no plot
+is written and the rest of the report is.
 """
 
 from __future__ import annotations
@@ -143,6 +144,16 @@ def _bars_plot(groups: dict[str, list[tuple[str, float]]], xlabel: str, title: s
     return True
 
 
+def _save_with_legend(fig: Any, ax: Any, title: str, path: Path, plt: Any) -> None:
+    """Title ``fig``, put ``ax``'s legend to its right, save it to ``path`` and close it."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _mqar_plot(results: dict[str, Any], path: Path, plt: Any) -> bool:
     """MQAR accuracy against the number of key-value pairs, one line per method, one panel per model width."""
     rows = [r for r in results.get("quality", []) if r.get("status") == "ok" and r["task"]["name"] == "mqar"]
@@ -166,12 +177,44 @@ def _mqar_plot(results: dict[str, Any], path: Path, plt: Any) -> bool:
         ax.set_xlabel("key-value pairs")
         ax.set_ylabel("accuracy")
         ax.grid(True, alpha=0.3)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
-    fig.suptitle("MQAR: recall accuracy vs number of key-value pairs (black: softmax)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _save_with_legend(fig, axes.flat[0], "MQAR: recall accuracy vs number of key-value pairs (black: softmax)", path,
+                      plt)
+    return True
+
+
+def _press_plot(results: dict[str, Any], path: Path, plt: Any) -> bool:
+    """Retrieval accuracy (left) and one layer's relative L2 error (right, budgets below 100 %) against the cache
+    budget, one line per press; the full cache's accuracy in black (the ceiling), chance dotted."""
+    rows = [r for r in results.get("presses", []) if r.get("status") == "ok"]
+    presses = list(dict.fromkeys(r["press"] for r in rows if r["press"] != "full cache"))
+    if not presses:
+        return False
+    chance = 1 / results.get("config", {}).get("task", {}).get("values", math.inf)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, (test, metric, label) in zip(axes, (("retrieval", "accuracy", "retrieval accuracy"),
+                                                ("layer_error", "rel_l2", "relative L2 error vs full cache (log)")),
+                                         strict=True):
+        for i, press in enumerate(presses):
+            pts = sorted((r["budget"] * 100, r[metric]) for r in rows if r["press"] == press and r["test"] == test
+                         and (test == "retrieval" or r["budget"] < 1))  # the error at 100 % is 0: off a log axis
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=press, **_style(i, len(presses), plt))
+        budgets = sorted({r["budget"] * 100 for r in rows if r["test"] == test and (test == "retrieval"
+                                                                                   or r["budget"] < 1)})
+        ax.set_xscale("log")
+        ax.set_xticks(budgets, [f"{b:g} %" for b in budgets])
+        ax.set_xlabel("cache budget (tokens, or bytes for presses that shrink each token)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        if test == "retrieval":
+            full = [r["accuracy"] for r in rows if r["press"] == "full cache" and r["test"] == test]
+            if full:
+                ax.axhline(full[0], color="black", linewidth=2.2, label="full cache")
+            ax.axhline(chance, color="grey", linestyle=":", label="chance")
+            ax.set_ylim(0, 1.02)
+        elif any(r["test"] == test for r in rows):
+            ax.set_yscale("log")
+    _save_with_legend(fig, axes[0], "KV-cache presses: quality against cache budget", path, plt)
     return True
 
 
@@ -201,6 +244,8 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
         made.append("quality.png")
     if _mqar_plot(results, out / "mqar.png", plt):
         made.append("mqar.png")
+    if _press_plot(results, out / "presses.png", plt):
+        made.append("presses.png")
     approx: dict[str, list[tuple[str, float]]] = defaultdict(list)
     for r in results.get("approximation", []):
         if r.get("status") == "ok" and not r.get("setting") and r.get("rel_l2"):

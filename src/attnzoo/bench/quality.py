@@ -112,6 +112,33 @@ class TinyLM(nn.Module):
         return self.head(self.ln(h))
 
 
+def fit(
+    model: nn.Module, batches: Callable[[], Batch], steps: int, lr: float, cosine: bool = False,
+) -> tuple[float, float]:
+    """Train ``model`` for ``steps`` on ``batches()`` (inputs, next-token targets with ``IGNORE``): AdamW (weight decay
+    0.01), linear warm-up over the first 10 % of steps (then constant, or cosine decay to 0 with ``cosine``),
+    gradients clipped at norm 1. Returns the last loss and the seconds it took."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warm = max(1, steps // 10)
+
+    def rate(s: int) -> float:
+        return min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * s / steps)) if cosine else 1.0)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
+    start = time.perf_counter()
+    loss = torch.tensor(math.nan)
+    for _ in range(steps):
+        x, y = batches()
+        loss = loss_fn(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    return float(loss.detach()), time.perf_counter() - start
+
+
 def plan(
     methods: list[Any], tasks: list[dict[str, Any]], model: dict[str, Any], seed: int, device: str
 ) -> list[dict[str, Any]]:
@@ -152,22 +179,12 @@ def _train(case: dict[str, Any]) -> dict[str, Any]:
     model = TinyLM(vocab, x0.shape[1], case["dim"], case["heads"], case["layers"], case["method"], params,
                    backend).to(device)
     steps, batch = int(case["steps"]), int(case["batch"])
-    opt = torch.optim.AdamW(model.parameters(), lr=float(case.get("lr", 3e-3)), weight_decay=0.01)
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
-    start = time.perf_counter()
-    loss = torch.tensor(math.nan)
-    for _ in range(steps):
+
+    def batches() -> Batch:
         (x, y), _, _ = make(batch, g, **task)
-        x, y = x.to(device), y.to(device)
-        loss = loss_fn(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    train_time = time.perf_counter() - start
+        return x.to(device), y.to(device)
+
+    loss, train_time = fit(model, batches, steps, float(case.get("lr", 3e-3)))
     model.eval()
     (x, y), _, _ = make(256, torch.Generator().manual_seed(seed + 1_000_003), **task)
     with torch.no_grad():
@@ -176,7 +193,7 @@ def _train(case: dict[str, Any]) -> dict[str, Any]:
     return {
         "accuracy": float((pred[scored] == y[scored]).float().mean()),
         "chance": 1.0 / answers,
-        "final_loss": float(loss.detach()),
+        "final_loss": loss,
         "train_time_s": train_time,
         "seq": int(x.shape[1]),
         "backend": backend,

@@ -137,6 +137,131 @@ def suite_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def budget_label(fraction: float) -> str:
+    """``50 %``, ``3 %``: a cache budget as a percentage."""
+    return f"{fraction * 100:g} %"
+
+
+def _press_grid(results: dict[str, Any], test: str) -> tuple[list[float], dict[str, dict[float, dict[str, Any]]]]:
+    """The budgets of ``test``'s press rows and, per press (in run order), its row at each budget."""
+    rows = [r for r in results.get("presses", []) if r["test"] == test]
+    budgets = sorted({r["budget"] for r in rows}, reverse=True)
+    grid: dict[str, dict[float, dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        grid[r["press"]][r["budget"]] = r
+    return budgets, grid
+
+
+def _ranked(grid: dict[str, dict[float, dict[str, Any]]], budgets: list[float], metric: str, best_high: bool,
+            ) -> tuple[list[str], dict[tuple[str, float], int]]:
+    """Presses ordered by how many budgets below 100 % they have a figure at (most first), then by their mean
+    ``metric`` over those (best first); and each press's rank at each budget (1 = best; ties share the better
+    rank)."""
+    def value(press: str, b: float) -> float | None:
+        r = grid[press].get(b)
+        return r.get(metric) if r and r.get("status") == "ok" else None
+
+    sign = -1 if best_high else 1
+    ranks: dict[tuple[str, float], int] = {}
+    for b in budgets:
+        scored = [(sign * x, p) for p in grid if (x := value(p, b)) is not None]
+        for key, p in scored:
+            ranks[(p, b)] = 1 + sum(other < key for other, _ in scored)
+    compressed = [b for b in budgets if b < 1.0] or budgets
+
+    def order(press: str) -> tuple[int, float, str]:
+        xs = [sign * x for b in compressed if (x := value(press, b)) is not None]
+        return -len(xs), sum(xs) / len(xs) if xs else math.inf, press
+
+    return sorted(grid, key=order), ranks
+
+
+def press_leaderboard(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The retrieval accuracy of every press at every cache budget, with its rank there (1 = best), presses ordered by
+    their mean accuracy below 100 %; the full cache (the ceiling) first."""
+    budgets, grid = _press_grid(results, "retrieval")
+    full = grid.pop("full cache", {})
+    order, ranks = _ranked(grid, budgets, "accuracy", best_high=True)
+    compressed = [b for b in budgets if b < 1.0]
+    header = ["press", "K"] + [budget_label(b) for b in budgets] + ["mean < 100 %", "bytes kept at 10 %"]
+    body = []
+    if full:
+        ceiling = next(iter(full.values()))
+        body.append(["full cache (ceiling)", ""] + [fmt(ceiling.get("accuracy"), ".3f")] * len(budgets) + [
+            fmt(ceiling.get("accuracy"), ".3f"), "100 %"])
+    for press in order:
+        cells, xs = [], []
+        for b in budgets:
+            r = grid[press].get(b, {})
+            if r.get("status") == "ok":
+                cells.append(f"{r['accuracy']:.3f} ({ranks[(press, b)]})")
+                if b in compressed:
+                    xs.append(r["accuracy"])
+            else:
+                cells.append(r.get("status", "—"))
+        tenth = grid[press].get(0.1, {})
+        kept = budget_label(round(tenth["bytes_fraction"], 3)) if tenth.get("status") == "ok" else "—"
+        mean = fmt(sum(xs) / len(xs), ".3f") if xs and len(xs) == len(compressed) else "—"
+        body.append([press, next(iter(grid[press].values()))["mechanism"], *cells, mean, kept])
+    return header, body
+
+
+def press_error_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The relative L2 error of one attention layer against the full cache, per press and budget (rank in
+    parentheses, 1 = smallest error), presses ordered by their mean error below 100 %."""
+    budgets, grid = _press_grid(results, "layer_error")
+    order, ranks = _ranked(grid, budgets, "rel_l2", best_high=False)
+    header = ["press", "K"] + [budget_label(b) for b in budgets]
+    body = []
+    for press in order:
+        cells = []
+        for b in budgets:
+            r = grid[press].get(b, {})
+            cells.append(f"{r['rel_l2']:.3g} ({ranks[(press, b)]})" if r.get("status") == "ok" else r.get("status",
+                                                                                                           "—"))
+        body.append([press, next(iter(grid[press].values()))["mechanism"], *cells])
+    return header, body
+
+
+def press_failures(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The press runs without a figure (skipped, error), grouped by press, test and reason (budgets joined)."""
+    groups: dict[tuple[str, str, str, str], list[str]] = defaultdict(list)
+    for r in results.get("presses", []):
+        if r.get("status") != "ok":
+            groups[(r["press"], r["test"], r["status"], r.get("reason", ""))].append(budget_label(r["budget"]))
+    header = ["press", "test", "status", "budgets", "reason"]
+    return header, [[p, t, s, ", ".join(bs), why] for (p, t, s, why), bs in groups.items()]
+
+
+def press_markdown(results: dict[str, Any]) -> str:
+    """``presses.md``: the leaderboard and the layer-error table in Markdown, with the conditions of the run, as
+    docs/benchmarks.md lists them."""
+    c = results.get("config", {})
+    task, training, planted = c.get("task", {}), c.get("training", {}), c.get("planted", {})
+    model = c.get("model", {})
+    out = [
+        "# KV-cache presses: quality against cache budget", "",
+        f"`{results.get('command', '')}`: status {results.get('status')}, wall time "
+        f"{fmt(results.get('wall_s'), '.0f')} s.", "",
+        f"Retrieval: {task.get('context')}-token contexts with {task.get('pairs')} key-value pairs among fillers, "
+        f"{task.get('queries')} queries each, {c.get('sequences')} sequences; a {training.get('layers')}-layer model "
+        f"of width {training.get('dim')} ({training.get('heads')} heads) trained {training.get('steps')} steps on "
+        f"{training.get('train_context')}-token contexts (final loss {fmt(model.get('final_loss'), '.3g')}). "
+        "Accuracy of the answers (chance 1/"
+        f"{task.get('values')}), rank at each budget in parentheses.", "",
+        md_table(*press_leaderboard(results)),
+        f"Layer error: relative L2 of one softmax layer's decoded outputs against the full cache, planted inputs "
+        f"(B={planted.get('batch')}, H={planted.get('heads')}, N={planted.get('context')}, "
+        f"D={planted.get('head_dim')}, {planted.get('decode')} decoded tokens; needles, heavy hitters, a recent "
+        "band).", "",
+        md_table(*press_error_table(results)),
+    ]
+    failures = press_failures(results)
+    if failures[1]:
+        out += ["Runs without a result:", "", md_table(*failures)]
+    return "\n".join(out)
+
+
 def md_table(header: list[str], body: list[list[str]]) -> str:
     """A Markdown table (cells' pipes escaped); a placeholder line when ``body`` is empty."""
     if not body:
@@ -147,18 +272,23 @@ def md_table(header: list[str], body: list[list[str]]) -> str:
 
 
 def overview(results: dict[str, Any]) -> list[str]:
-    """The lines that open a report: status, command, machine, shapes, how time and memory were measured."""
+    """The lines that open a report: status, command, machine, and for a sweep (a config with shapes) the shapes, how
+    time and memory were measured and the efficiency cases' outcomes."""
     m, c = results.get("machine", {}), results.get("config", {})
     counts: dict[str, int] = defaultdict(int)
     for r in results.get("efficiency", []):
         counts[r.get("status", "?")] += 1
-    return [
+    run = [
         f"status: **{results.get('status')}**, wall time {fmt(results.get('wall_s'), '.0f')} s, "
         f"command `{results.get('command', '')}`",
         f"machine: {m.get('device_name', '?')} ({m.get('cpu_count', '?')} CPUs, {m.get('threads', '?')} torch "
         "threads), "
         f"{m.get('platform', '')}, python {m.get('python', '')}, torch {m.get('torch', '')}, attnzoo "
         f"{m.get('attnzoo', '')}",
+    ]
+    if c.get("batch") is None:  # a named suite: each row says its own shape
+        return run
+    return run + [
         f"shapes: batch {c.get('batch')}, heads {c.get('heads')} (kv {c.get('kv_heads') or c.get('heads')}), "
         f"head_dim {c.get('head_dim')}, dtype {c.get('dtype')}, device {c.get('device')}; "
         "self: seq_q = seq_kv = N; cross: seq_q = N/2, seq_kv = N",
@@ -179,6 +309,11 @@ def sections(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[st
         ("Output difference from softmax attention (approximation error for approximate methods)",
          *approximation_table(results)),
         ("Quality on synthetic tasks", *quality_table(results)),
+        ("KV-cache presses: retrieval accuracy by cache budget (rank at each budget; full cache = ceiling)",
+         *press_leaderboard(results)),
+        ("KV-cache presses: relative L2 error of one attention layer against the full cache (planted inputs)",
+         *press_error_table(results)),
+        ("KV-cache press runs without a result", *press_failures(results)),
         ("Cases without a measurement", *failures_table(results)),
     ]
     return [(title, header, body) for title, header, body in out if body]

@@ -3,7 +3,8 @@
 A suite is a named tuple of :class:`Case` objects; ``attnzoo bench --suite NAME`` runs them
 (:mod:`attnzoo.bench.suites.runner`) and prints, per case, the figure, its floor and whether the floor holds. The
 suite ``floors`` is every case of every suite that has a floor; ``--suite list`` lists them all and ``--cases`` picks
-cases by name (``fnmatch`` patterns), so one case can be rerun.
+cases by name (``fnmatch`` patterns), so one case can be rerun. The suite ``presses`` is not made of cases: it trains a
+model and walks the press registry (:mod:`attnzoo.bench.suites.presses`).
 
 A case says what runs (a :class:`Target`: an attnzoo method with its backend and parameters, SDPA called directly, or
 a peer package's function), against what (``against``, SDPA by default), on which shape, in which mode (forward, or
@@ -157,6 +158,11 @@ def suites() -> dict[str, tuple[Case, ...]]:
     return named
 
 
+PRESSES = "presses"
+PRESSES_WHAT = ("KV-cache presses: retrieval accuracy of a model trained in the benchmark and one layer's output "
+                "error, every registered press at cache budgets 100/50/25/10/3 % (--cases picks presses by name)")
+
+
 def origin(name: str) -> str:
     """The suite a case belongs to (other than ``floors``)."""
     for suite, cases in suites().items():
@@ -174,7 +180,7 @@ def select(suite: str, patterns: list[str] | None = None) -> list[Case]:
     """The cases of ``suite``, or those whose names match one of ``patterns`` (``fnmatch``), in suite order."""
     named = suites()
     if suite not in named:
-        raise fail("--suite", f"one of {sorted(named)} or 'list'", repr(suite))
+        raise fail("--suite", f"one of {sorted([*named, PRESSES])} or 'list'", repr(suite))
     cases = list(named[suite])
     if not patterns:
         return cases
@@ -193,4 +199,5 @@ def listing() -> str:
         for c in cases:
             floors = "; ".join(f"{m} {f.text(m)}" for m, f in c.floors.items())
             lines.append(f"  {c.name:24s} {c.what}" + (f"  [floor: {floors}]" if floors else ""))
+    lines.append(f"{PRESSES}: {PRESSES_WHAT}")
     return "\n".join(lines)
