@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from torch import nn
 from attnzoo.errors import fail
 from attnzoo.kernels.dense import safe_softmax
 from attnzoo.kv.cache import KVCache
-from attnzoo.kv.presses.base import PressContext, ScorerPress, kept_tokens, register_press, top_slots
+from attnzoo.kv.presses.base import Press, PressContext, ScorerPress, kept_tokens, register_press, top_slots
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -99,6 +100,21 @@ class AttentionGatePress(ScorerPress):
         assert self.gate is not None
         with torch.no_grad():
             return torch.sigmoid(self.gate(cache.keys, cache.positions)).masked_fill(~cache.occupied(), 0.0)
+
+    @classmethod
+    def for_budget(cls, fraction: float, **options: Any) -> Press:
+        """Keep the gate's top ``fraction`` of the tokens. Without a ``gate=``, one is trained on
+        ``calibration=[(q, k, v), ...]`` (every layer's data, one gate shared by the layers; 100 steps of
+        :func:`train_attention_gate`)."""
+        calibration = options.pop("calibration", None)
+        if options.get("gate") is None:
+            if not calibration:
+                raise fail("calibration", "(q, k, v) batches to train a gate on (or pass gate=)", calibration)
+            _, k, _ = calibration[0]
+            gate = AttentionGate(kv_heads=k.shape[1], head_dim=k.shape[-1], dtype=k.dtype)
+            train_attention_gate(gate, calibration, steps=100)
+            options["gate"] = gate
+        return cls(compression_ratio=1.0 - fraction, **options)
 
     def compress(self, cache: KVCache, context: PressContext) -> KVCache:
         scores = self.score(cache, context)

@@ -65,8 +65,10 @@ class LoCoCoPress(Press):
 
     @classmethod
     def for_budget(cls, fraction: float, **options: Any) -> Press:
-        """``size = round(fraction · tokens)`` slots for prompts of ``tokens`` tokens (a required option)."""
-        tokens = options.pop("tokens", None)
+        """``size = round(fraction · tokens)`` slots for prompts of ``tokens`` tokens (an option; else the length of
+        the ``calibration=[(q, k, v), ...]`` prompts)."""
+        calibration = options.pop("calibration", None)
+        tokens = options.pop("tokens", None if not calibration else calibration[0][1].shape[2])
         _check_positive("tokens", tokens)
         return cls(size=max(1, round(fraction * tokens)), **options)
 

@@ -93,12 +93,13 @@ def _pca(x: torch.Tensor, real: torch.Tensor, per_sequence: bool) -> tuple[torch
 @dataclass(frozen=True, eq=False)
 class MatryoshkaKVPress(Press):
     """Store keys at ``rank`` and values at ``value_rank`` coordinates per kv head (or ``fraction`` of the head
-    dimension; default half) in the ``projections``' bases (default: a PCA of each sequence's prompt), in ``dtype``."""
+    dimension; default half) in the ``projections``' bases (default: a PCA of each sequence's prompt; a sequence of
+    projections: one per layer, chosen by the context's ``layer``), in ``dtype``."""
 
     rank: int | None = None
     value_rank: int | None = None
     fraction: float | None = None
-    projections: MatryoshkaProjections | None = None
+    projections: MatryoshkaProjections | Sequence[MatryoshkaProjections] | None = None
     dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
@@ -111,9 +112,11 @@ class MatryoshkaKVPress(Press):
             raise fail("fraction", "a fraction in (0, 1] of the head dimension (or None)", repr(f))
         if f is not None and self.rank is not None:
             raise fail("fraction", "None when rank is given (one way to choose the rank)", repr(f))
-        if self.projections is not None and not isinstance(self.projections, MatryoshkaProjections):
-            raise fail("projections", "MatryoshkaProjections (calibrate_matryoshka) or None",
-                       type(self.projections).__name__)
+        given = self.projections
+        per_layer = given if isinstance(given, (list, tuple)) else [given]
+        if given is not None and not all(isinstance(p, MatryoshkaProjections) for p in per_layer):
+            raise fail("projections", "MatryoshkaProjections (calibrate_matryoshka), one per layer, or None",
+                       type(given).__name__)
 
     def ranks(self, head_dim: int, head_dim_v: int) -> tuple[int, int]:
         """The key and value ranks for these head dimensions (checked: at most the dimension)."""
@@ -133,6 +136,11 @@ class MatryoshkaKVPress(Press):
         d, dv = cache.keys.shape[-1], cache.values.shape[-1]
         rank, value_rank = self.ranks(d, dv)
         projections = self.projections
+        if isinstance(projections, (list, tuple)):
+            if context.layer is None or not 0 <= context.layer < len(projections):
+                raise fail("layer", f"a layer index in [0, {len(projections)}) (projections are per layer)",
+                           context.layer)
+            projections = projections[context.layer]
         if projections is None:
             real = cache.occupied()
             projections = MatryoshkaProjections(*_pca(cache.keys, real, True), *_pca(cache.values, real, True))
@@ -143,7 +151,12 @@ class MatryoshkaKVPress(Press):
 
     @classmethod
     def for_budget(cls, fraction: float, **options: Any) -> Press:
-        """Keep ``fraction`` of each head's coordinates (about that fraction of the cache's bytes)."""
+        """Keep ``fraction`` of each head's coordinates (about that fraction of the cache's bytes); with
+        ``calibration=[(q, k, v), ...]`` (one per layer) the bases are a PCA of each layer's calibration keys and
+        values (:func:`calibrate_matryoshka`), else of each prompt."""
+        calibration = options.pop("calibration", None)
+        if calibration is not None:
+            options["projections"] = tuple(calibrate_matryoshka(k, v) for _, k, v in calibration)
         return cls(fraction=fraction, **options)
 
 
