@@ -247,8 +247,8 @@ def step(
     Returns ``(out, state)`` with ``out (B, H, T, Dv)``: what one causal forward over the whole sequence gives for
     these ``T`` positions. The method, scale and parameters come from ``state``; ``params`` passes the per-token
     parameters of these tokens (``(B, H, T)`` gates, say), and must not change the others. ``T > 1`` runs the
-    method's step once on the chunk if its decoder is ``chunked``, else token by token (and the state's press after
-    each).
+    method's step once on the chunk if its decoder is ``chunked`` and no press is attached, else token by token (the
+    state's press after each token).
     """
     if not isinstance(state, DecodeState):
         raise fail("state", "a DecodeState from attnzoo.prefill or attnzoo.step", type(state).__name__)
@@ -268,7 +268,8 @@ def step(
     _require_self(call)
     _require_continues(state.call, call)
     data, outs = state.data, []
-    chunks = [(0, call.seq_q)] if decoder.chunked else [(t, t + 1) for t in range(call.seq_q)]
+    whole = decoder.chunked and state.press is None  # a press sees one token per step, as its step() is written
+    chunks = [(0, call.seq_q)] if whole else [(t, t + 1) for t in range(call.seq_q)]
     for a, b in chunks:
         part = {n: _tokens(p, a, b) if n in decoder.token_params else p for n, p in full.items()}
         q_t, k_t, v_t = (x[:, :, a:b] for x in (q, k, v))
