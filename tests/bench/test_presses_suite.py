@@ -256,7 +256,7 @@ def test_the_suite_walks_the_presses_at_every_budget(run):
     full = rows[("retrieval", "full cache", 1.0)]["accuracy"]
     for b in TINY.budgets:
         assert rows[("retrieval", "KeepAllPress", b)]["accuracy"] == full
-        assert rows[("layer_error", "KeepAllPress", b)]["rel_l2"] < 1e-5  # the full cache decodes by chunks: rounding only
+        assert rows[("layer_error", "KeepAllPress", b)]["rel_l2"] < 1e-5  # rounding only
         assert rows[("retrieval", "UncalibratedPress", b)]["status"] == "skipped"
         assert "calibration" in rows[("retrieval", "UncalibratedPress", b)]["reason"]
         assert rows[("retrieval", "BrokenPress", b)]["status"] == "error"
