@@ -10,7 +10,7 @@ import torch
 import attnzoo as az
 from attnzoo.errors import AttnzooError
 from attnzoo.kv.cache import KVCache
-from attnzoo.kv.presses import ComposedPress, Press, PressContext
+from attnzoo.kv.presses import ComposedPress, KnormPress, Press, PressContext, RotateKVPress
 from tests.kv.presses.wrap_helpers import KeyNormScorer, decode, prompt
 
 LENGTHS = torch.tensor([40, 23])
@@ -62,3 +62,9 @@ def test_bad_inputs_name_the_argument() -> None:
         ComposedPress([KeyNormScorer(), "snapkv"])  # type: ignore[list-item]
     with pytest.raises(AttnzooError, match="presses"):
         ComposedPress(KeyNormScorer())  # type: ignore[arg-type]
+
+
+def test_a_scorer_after_a_quantising_press_is_refused_by_name() -> None:
+    q, k, v = (torch.randn(1, 4, 64, 32, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    with pytest.raises(AttnzooError, match=r"^cache:"):
+        az.prefill(q, k, v, method="softmax", press=ComposedPress([RotateKVPress(), KnormPress(compression_ratio=0.5)]))

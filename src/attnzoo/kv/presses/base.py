@@ -30,6 +30,7 @@ import torch
 
 from attnzoo.errors import fail
 from attnzoo.kv.cache import KVCache
+from attnzoo.kv.ragged import RaggedKVCache
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class ScorerPress(Press):
         return cls(compression_ratio=1.0 - fraction, **options)
 
     def compress(self, cache: KVCache, context: PressContext) -> KVCache:
+        require_slots(cache)
         scores = self.score(cache, context)
         return cache.keep(top_slots(scores, cache, kept_tokens(cache, self.compression_ratio, self.budget)))
 
@@ -122,6 +124,14 @@ def register_press(
 def presses() -> list[PressInfo]:
     """Every registered press, in catalogue order (K2, K3, …), then by name."""
     return sorted(_PRESSES.values(), key=lambda p: (int(p.mechanism[1:]), p.name))
+
+
+def require_slots(cache: object) -> None:
+    """A scoring press reads keys slot by slot: a :class:`KVCache` (or a ragged one), not a cache whose tokens are
+    stored in another form (quantised codes): compose such presses last."""
+    if not isinstance(cache, (KVCache, RaggedKVCache)):
+        raise fail("cache", "a KVCache or RaggedKVCache (a scoring press reads keys; put presses that quantise the "
+                   "cache last in a composition)", type(cache).__name__)
 
 
 def check_ratio(ratio: float, name: str = "compression_ratio") -> None:
