@@ -82,11 +82,13 @@ class AttentionGate(nn.Module):
 
 @dataclass(frozen=True, eq=False)
 class AttentionGatePress(ScorerPress):
-    """Evict the tokens a trained :class:`AttentionGate` flags (``σ(z) < threshold``), or keep its top tokens when
-    ``compression_ratio`` / ``budget`` is given."""
+    """Evict the tokens a trained :class:`AttentionGate` flags (``σ(z) < threshold``; ``flags=True``, the paper's rule,
+    also at each decoding step), or keep its top tokens when ``compression_ratio`` / ``budget`` is given (with
+    ``flags=False`` a ratio of 0 keeps every token)."""
 
     gate: AttentionGate | None = None
     threshold: float = DEFAULT_THRESHOLD
+    flags: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -103,7 +105,8 @@ class AttentionGatePress(ScorerPress):
 
     @classmethod
     def for_budget(cls, fraction: float, **options: Any) -> Press:
-        """Keep the gate's top ``fraction`` of the tokens. Without a ``gate=``, one is trained on
+        """Keep the gate's top ``fraction`` of the tokens (``flags=False``: no eviction by threshold, so 100 % keeps
+        everything). Without a ``gate=``, one is trained on
         ``calibration=[(q, k, v), ...]`` (every layer's data, one gate shared by the layers; 100 steps of
         :func:`train_attention_gate`)."""
         calibration = options.pop("calibration", None)
@@ -114,17 +117,19 @@ class AttentionGatePress(ScorerPress):
             gate = AttentionGate(kv_heads=k.shape[1], head_dim=k.shape[-1], dtype=k.dtype)
             train_attention_gate(gate, calibration, steps=100)
             options["gate"] = gate
-        return cls(compression_ratio=1.0 - fraction, **options)
+        return cls(compression_ratio=1.0 - fraction, flags=False, **options)
 
     def compress(self, cache: KVCache, context: PressContext) -> KVCache:
         scores = self.score(cache, context)
-        if self.compression_ratio == 0 and self.budget is None:
+        if self.flags and self.compression_ratio == 0 and self.budget is None:
             keep = cache.occupied() & (scores >= self.threshold)
             return cache.keep(top_slots(keep.float(), cache, keep.sum(-1)))
         return cache.keep(top_slots(scores, cache, kept_tokens(cache, self.compression_ratio, self.budget)))
 
     def step(self, cache: KVCache, context: PressContext) -> KVCache:
         assert self.gate is not None
+        if not self.flags:
+            return cache
         newest = cache.positions.long().argmax(-1, keepdim=True)  # the step's token
         with torch.no_grad():
             flag = torch.sigmoid(self.gate(cache.keys, cache.positions, newest))
