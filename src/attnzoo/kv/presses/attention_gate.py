@@ -26,7 +26,7 @@ As implemented here:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from attnzoo.errors import fail
+from attnzoo.kernels.cache import LRUCache
 from attnzoo.kernels.dense import safe_softmax
 from attnzoo.kv.cache import KVCache
 from attnzoo.kv.presses.base import Press, PressContext, ScorerPress, kept_tokens, register_press, top_slots
@@ -106,17 +107,14 @@ class AttentionGatePress(ScorerPress):
     @classmethod
     def for_budget(cls, fraction: float, **options: Any) -> Press:
         """Keep the gate's top ``fraction`` of the tokens (``flags=False``: no eviction by threshold, so 100 % keeps
-        everything). Without a ``gate=``, one is trained on
-        ``calibration=[(q, k, v), ...]`` (every layer's data, one gate shared by the layers; 100 steps of
-        :func:`train_attention_gate`)."""
+        everything). Without a ``gate=``, one is trained on ``calibration=[(q, k, v), ...]`` (every layer's data, one
+        gate shared by the layers; :data:`CALIBRATION_STEPS` steps of :func:`train_attention_gate`; the gate trained
+        on a calibration list is reused for that same list at other budgets)."""
         calibration = options.pop("calibration", None)
         if options.get("gate") is None:
             if not calibration:
                 raise fail("calibration", "(q, k, v) batches to train a gate on (or pass gate=)", calibration)
-            _, k, _ = calibration[0]
-            gate = AttentionGate(kv_heads=k.shape[1], head_dim=k.shape[-1], dtype=k.dtype)
-            train_attention_gate(gate, calibration, steps=100)
-            options["gate"] = gate
+            options["gate"] = _gate_for(calibration)
         return cls(compression_ratio=1.0 - fraction, flags=False, **options)
 
     def compress(self, cache: KVCache, context: PressContext) -> KVCache:
@@ -138,6 +136,25 @@ class AttentionGatePress(ScorerPress):
             return cache
         keep = cache.occupied() & ~evict
         return cache.keep(top_slots(keep.float(), cache, keep.sum(-1)))
+
+
+CALIBRATION_STEPS = 50
+_TRAINED: LRUCache[tuple[object, AttentionGate]] = LRUCache(4)
+
+
+def _gate_for(calibration: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> AttentionGate:
+    """A gate trained on ``calibration`` (the same list object gets the same gate back)."""
+    def train() -> tuple[object, AttentionGate]:
+        _, k, _ = calibration[0]
+        gate = AttentionGate(kv_heads=k.shape[1], head_dim=k.shape[-1], dtype=k.dtype)
+        train_attention_gate(gate, calibration, steps=CALIBRATION_STEPS)
+        return calibration, gate
+
+    held, gate = _TRAINED.get(id(calibration), train)
+    if held is not calibration:  # another list that took a freed list's id
+        _TRAINED.clear()
+        held, gate = _TRAINED.get(id(calibration), train)
+    return gate
 
 
 def train_attention_gate(
