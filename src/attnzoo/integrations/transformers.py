@@ -35,6 +35,11 @@ method that decodes through a fixed-size state (the linear family: ``spec.decodi
 on the new tokens' keys and values only (the cache still holds every key; the state makes decoding O(1) per token). A
 call whose cache length does not continue the state (a cropped or reordered cache: beam search, assisted decoding) is
 refused rather than answered wrong.
+
+Presses (:func:`press`): the model's cache becomes a :class:`~attnzoo.integrations.hf_cache.PressedCache`, a
+transformers ``Cache`` whose layers hold attnzoo KV caches compressed by the press, so the memory the model holds
+really shrinks; the attention function prefills and steps each layer's :class:`attnzoo.DecodeState` (see
+:func:`attend_pressed`).
 """
 
 from __future__ import annotations
