@@ -5,7 +5,6 @@ padding; the linear family decodes through its state; bad configurations fail at
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,8 +13,6 @@ transformers = pytest.importorskip("transformers")
 
 import attnzoo.integrations.transformers as azhf  # noqa: E402
 from attnzoo import AttnzooError  # noqa: E402
-from attnzoo.kv.cache import KVCache  # noqa: E402
-from attnzoo.kv.presses.base import PressContext, ScorerPress  # noqa: E402
 
 SIZES = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
          "vocab_size": 100}
@@ -234,66 +231,3 @@ def test_missing_transformers_names_the_extra(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(AttnzooError, match=r'transformers: expected the package installed \(the hf extra: pip install'):
         azhf.register()
 
-
-@dataclass(frozen=True)
-class RecentPress(ScorerPress):
-    """Keeps each sequence's most recent tokens (a test press: the score is the position)."""
-
-    def score(self, cache: KVCache, context: PressContext) -> torch.Tensor:
-        return cache.positions.float()
-
-
-@pytest.mark.parametrize("kind", DECODERS)
-def test_a_press_keeping_everything_gives_the_sdpa_tokens(kind: str) -> None:
-    model = build(kind)
-    ids, mask = batch(kind)
-    expected = greedy(model, ids, mask)
-    with azhf.press(model, RecentPress(compression_ratio=0.0)) as pressed:
-        got = greedy(model, ids, mask)
-    assert torch.equal(got.sequences, expected.sequences)
-    assert (torch.stack(got.logits) - torch.stack(expected.logits)).abs().max() <= 1e-5
-    assert model.config._attn_implementation == "sdpa"
-    assert sorted(pressed.full_bytes) == [0, 1] and pressed.ratio > 0
-
-
-def test_a_press_shrinks_each_layers_cache_and_keeps_true_positions() -> None:
-    model = build("llama")
-    ids, mask = batch("llama")
-    azhf.configure(model, "softmax")
-    with azhf.press(model, RecentPress(compression_ratio=0.5)) as pressed, torch.no_grad():
-        model(ids, attention_mask=mask, use_cache=True)
-        seen = [x.attnzoo_decode.state.data for x in azhf.attention_modules(model)]
-        full = dict(pressed.full_bytes)
-        after = dict(pressed.pressed_bytes)
-    real = mask.sum(-1)  # 12, 9, 5 real tokens: 6, 5, 3 kept, the last of each sequence
-    kept = real - real // 2
-    for cache in seen:
-        assert torch.equal(cache.token_counts(), kept.view(3, 1).expand(3, 2))
-        for row in range(3):
-            positions = cache.positions[row, 0][cache.positions[row, 0] >= 0].sort().values
-            assert torch.equal(positions, torch.arange(real[row] - kept[row], real[row]))
-    assert all(after[layer] < full[layer] for layer in full)
-    assert all(x.attnzoo_decode is None for x in azhf.attention_modules(model))
-
-
-def test_generate_decodes_through_a_compressed_cache() -> None:
-    model = build("llama")
-    ids, mask = batch("llama")
-    with azhf.press(model, RecentPress(compression_ratio=0.5)):
-        got = greedy(model, ids, mask)
-        caches = [x.attnzoo_decode.state.data for x in azhf.attention_modules(model)]
-    real = mask.sum(-1)
-    steps = len(got.logits) - 1  # the last token is not fed back
-    for cache in caches:
-        assert torch.equal(cache.token_counts(), (real - real // 2 + steps).view(3, 1).expand(3, 2))
-        assert torch.equal(cache.length, real + steps)
-
-
-def test_a_press_needs_a_method_that_decodes_through_a_kv_cache() -> None:
-    model = build("llama")
-    azhf.configure(model, "linear")
-    kv_cache = r"press: expected a model attending by a method that decodes through a KV cache"
-    with pytest.raises(AttnzooError, match=kv_cache), azhf.press(model, RecentPress(compression_ratio=0.5)):
-        pass
-    with pytest.raises(AttnzooError, match="press: expected a Press"), azhf.press(model, "snapkv"):
-        pass

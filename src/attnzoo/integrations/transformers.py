@@ -35,6 +35,11 @@ method that decodes through a fixed-size state (the linear family: ``spec.decodi
 on the new tokens' keys and values only (the cache still holds every key; the state makes decoding O(1) per token). A
 call whose cache length does not continue the state (a cropped or reordered cache: beam search, assisted decoding) is
 refused rather than answered wrong.
+
+Presses (:func:`press`): the model's cache becomes a :class:`~attnzoo.integrations.hf_cache.PressedCache`, a
+transformers ``Cache`` whose layers hold attnzoo KV caches compressed by the press, so the memory the model holds
+really shrinks; the attention function prefills and steps each layer's :class:`attnzoo.DecodeState` (see
+:func:`attend_pressed`).
 """
 
 from __future__ import annotations
@@ -43,15 +48,18 @@ import importlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import attnzoo
 from attnzoo.errors import AttnzooError, fail
-from attnzoo.kv.cache import KVCache
 from attnzoo.kv.presses.base import Press
 from attnzoo.registry import SELF_PATTERNS, Method, all_methods, decoding_methods, get, pattern_of
+
+if TYPE_CHECKING:
+    from attnzoo.integrations.hf_cache import PressedCache, PressedLayer
 
 PREFIX = "attnzoo_"
 EXTRA = 'pip install -e ".[hf]"'
@@ -134,8 +142,10 @@ def attend(
     """``(B, H, Sq, Dv)``: one attention call of a model, by method ``m``."""
     if mask is not None and mask.dtype != torch.bool:
         raise fail("attention_mask", "a boolean mask (from the mask function attnzoo registers)", mask.dtype)
-    pressing = getattr(module, "attnzoo_press", None)
-    if decodes_through_state(m, causal, q, pressing is not None):
+    layer = pressed_layer(module, k)
+    if layer is not None:
+        return attend_pressed(module, layer, m, q, mask, scale, params)
+    if decodes_through_state(m, causal, q):
         return attend_with_state(module, m, q, k, v, mask, scale, params)
     if causal and q.shape[2] != k.shape[2] and "cross/causal" not in m.spec.patterns:
         raise fail("cache", f"none (method {m.name!r} neither reads a cache, pattern cross/causal, nor decodes through "
@@ -175,12 +185,12 @@ def padding_spans(mask: torch.Tensor, causal: bool, method: str) -> tuple[torch.
     return start, stop
 
 
-def decodes_through_state(m: Method, causal: bool, q: torch.Tensor, pressing: bool) -> bool:
+def decodes_through_state(m: Method, causal: bool, q: torch.Tensor) -> bool:
     """Whether a call runs through ``attnzoo.prefill``/``step``: a causal, gradient-free call of a method that
-    decodes through a fixed-size state, or through a KV cache while a press is on (:func:`press`)."""
+    decodes through a fixed-size state."""
     if not causal or m.decoder is None or m.decoder.token_params or (torch.is_grad_enabled() and q.requires_grad):
         return False
-    return pressing or not m.decoder.kv_cache
+    return not m.decoder.kv_cache
 
 
 def attend_with_state(
@@ -189,10 +199,8 @@ def attend_with_state(
 ) -> torch.Tensor:
     """Prefill (``Sq == Skv``: a new state on ``module``) or decoding steps (the state continued by the new tokens)."""
     sq, skv = q.shape[2], k.shape[2]
-    pressing: Pressing | None = getattr(module, "attnzoo_press", None)
     if sq == skv:
-        press_ = None if pressing is None else pressing.press
-        out, state = prefill_padded(m, q, k, v, mask, scale, params, press_, getattr(module, "layer_idx", None))
+        out, state = prefill_padded(m, q, k, v, mask, scale, params)
     else:
         tie = getattr(module, "attnzoo_decode", None)
         if tie is None or tie.seq_kv != skv - sq or tie.state.call.batch != q.shape[0]:
@@ -201,8 +209,39 @@ def attend_with_state(
                        f"through a state: no cropped or reordered cache)", f"{skv} keys, {seen}")
         out, state = attnzoo.step(tie.state, q, k[:, :, -sq:], v[:, :, -sq:])
     module.attnzoo_decode = DecodeTie(state, skv)
-    if pressing is not None:
-        pressing.record(module.layer_idx, k, v, state.data)
+    return out
+
+
+def pressed_layer(module: torch.nn.Module, k: torch.Tensor) -> PressedLayer | None:
+    """The :class:`~attnzoo.integrations.hf_cache.PressedLayer` whose update gave this call's keys ``k``, or None
+    when the call is not pressed (no :func:`press`, or a call without a cache)."""
+    pressing: Pressing | None = getattr(module, "attnzoo_press", None)
+    if pressing is None or pressing.cache is None:
+        return None
+    layers = pressing.cache.layers
+    layer = layers[module.layer_idx] if module.layer_idx < len(layers) else None
+    if layer is None or layer.pending is None or layer.pending[0] is not k:
+        raise fail("cache", f"the keys the pressed cache's layer {module.layer_idx} was just updated with",
+                   "other keys (the attention module did not update the cache it was given)")
+    return layer
+
+
+def attend_pressed(
+    module: torch.nn.Module, layer: PressedLayer, m: Method, q: torch.Tensor, mask: torch.Tensor | None,
+    scale: float | None, params: dict[str, Any],
+) -> torch.Tensor:
+    """One call through a pressed cache layer: its first call prefills the layer's state (left padding shifted away,
+    the press compressing the prompt's cache), later ones continue it by the new tokens (the press's ``step`` after
+    each). The layer stores the state; nothing else keeps the keys. After the prompt the model's mask is not read: the
+    cache's positions say what each query sees (every kept token of its own sequence)."""
+    pressing: Pressing = module.attnzoo_press
+    k, v = layer.take()
+    if layer.state is None:
+        out, state = prefill_padded(m, q, k, v, mask, scale, params, pressing.press, module.layer_idx)
+    else:
+        out, state = attnzoo.step(layer.state, q, k, v)
+    layer.state = state
+    pressing.record(module.layer_idx, layer)
     return out
 
 
@@ -296,37 +335,46 @@ def check_serves(m: Method, module: torch.nn.Module, model: torch.nn.Module) -> 
 
 @dataclass
 class Pressing:
-    """A :func:`press` in progress: the ``press`` and, per layer, the bytes of the cache transformers holds
-    (``full_bytes``: every key and value, as a ``DynamicCache`` stores them) and of attnzoo's compressed
-    :class:`~attnzoo.kv.cache.KVCache` the attention reads (``pressed_bytes``), after the latest call."""
+    """A :func:`press` in progress: the ``press``, whether it is ``active`` (the block is running), the ``cache``
+    the latest pressed call used (a :class:`~attnzoo.integrations.hf_cache.PressedCache`, or None after a call
+    without a cache), and per layer, after the latest call, ``full_bytes`` (what transformers' own ``DynamicCache``
+    would hold for the same tokens: every column's keys and values) and ``pressed_bytes`` (what the model's cache
+    really holds: the layer's attnzoo cache, storage capacity and positions included)."""
 
     press: Press
+    active: bool = True
+    cache: PressedCache | None = None
     full_bytes: dict[int, int] = field(default_factory=dict)
     pressed_bytes: dict[int, int] = field(default_factory=dict)
 
-    def record(self, layer: int, k: torch.Tensor, v: torch.Tensor, cache: KVCache) -> None:
-        self.full_bytes[layer] = k.numel() * k.element_size() + v.numel() * v.element_size()
-        self.pressed_bytes[layer] = cache.nbytes
+    def record(self, layer: int, held: PressedLayer) -> None:
+        self.full_bytes[layer] = held.full_nbytes
+        self.pressed_bytes[layer] = held.nbytes
 
     @property
     def ratio(self) -> float:
-        """Bytes of the compressed caches over those of the full ones (all layers)."""
+        """Bytes the pressed caches hold over those of the full ones (all layers)."""
         return sum(self.pressed_bytes.values()) / max(sum(self.full_bytes.values()), 1)
 
 
 @contextmanager
 def press(model: torch.nn.Module, press: Press) -> Iterator[Pressing]:
-    """Within the block, ``model``'s causal attention decodes through attnzoo KV caches compressed by ``press``.
+    """Within the block, ``model``'s KV cache is an attnzoo cache compressed by ``press``: its memory really shrinks.
 
     ``with azhf.press(model, SnapKVPress(compression_ratio=0.5)) as pressed: model.generate(...)``; then
-    ``pressed.full_bytes`` / ``pressed.pressed_bytes`` give each layer's cache bytes before and after compression.
+    ``pressed.full_bytes`` / ``pressed.pressed_bytes`` give each layer's cache bytes without and with the press, and
+    ``pressed.cache`` is the cache the model held (``generate(..., return_dict_in_generate=True)`` returns it too).
 
-    Each attention module keeps an :attr:`attnzoo.DecodeState` (tied to the transformers cache by its length, see
-    the module docstring): the prefill runs ``attnzoo.prefill(..., press=press, layer=layer_idx)`` (left padding
-    shifted away, so each sequence's positions stay its true positions after compression) and each decoding step
-    ``attnzoo.step`` (the press's ``step`` after it). The transformers cache still holds every key (its own memory is
-    not reduced): attention reads the compressed cache. A model not on an attnzoo implementation attends by
-    ``softmax`` within the block, and gets its implementation back after it. Calls with gradients are not pressed.
+    A forward pre-hook on ``model`` (PyTorch's ``register_forward_pre_hook``) gives each gradient-free call that
+    would start a cache (``cache``/``past_key_values`` None with ``use_cache``, or the empty ``DynamicCache`` that
+    ``generate()`` creates) a :class:`~attnzoo.integrations.hf_cache.PressedCache` instead; a call may also continue
+    one from an earlier pressed call. Each layer of it holds an :class:`attnzoo.DecodeState`: the prompt runs
+    ``attnzoo.prefill(..., press=press, layer=layer_idx)`` (left padding shifted away, so each sequence's positions
+    stay its true positions after compression), each later token ``attnzoo.step`` (the press's ``step`` after it).
+    Per-head budgets (``AdaKVPress``: a ragged cache) and decoding-time presses (``DecodingPress``) work the same way.
+    A model not on an attnzoo implementation attends by ``softmax`` within the block, and gets its implementation
+    back after it. Refused: layers attending by a method that does not decode through a KV cache, sliding-window
+    layers, a call given another non-empty cache, and (by the cache) beam search and rollbacks.
     """
     if not isinstance(press, Press):
         raise fail("press", "a Press (attnzoo.kv.presses)", type(press).__name__)
@@ -341,13 +389,59 @@ def press(model: torch.nn.Module, press: Press) -> Iterator[Pressing]:
             cached = ", ".join(n for n in decoding_methods() if get(n).decoder.kv_cache)
             raise fail("press", f"a model attending by a method that decodes through a KV cache ({cached})",
                        f"layer {x.layer_idx} attending by {method.name!r}")
+        if getattr(x, "sliding_window", None) is not None:
+            raise fail("model", "full-attention layers under a press (a pressed cache keeps what the press keeps)",
+                       f"layer {x.layer_idx} with a sliding window of {x.sliding_window}")
     pressing = Pressing(press)
+
+    hook = model.register_forward_pre_hook(partial(use_pressed_cache, pressing), with_kwargs=True)
     for x in modules:
         x.attnzoo_press, x.attnzoo_decode = pressing, None
     try:
         yield pressing
     finally:
+        hook.remove()
+        pressing.active = False
         for x in modules:
             x.attnzoo_press, x.attnzoo_decode = None, None
         if not str(before).startswith(PREFIX):
             model.set_attn_implementation(before)
+
+
+def use_pressed_cache(
+    pressing: Pressing, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The forward pre-hook of :func:`press`: a call that would start a cache gets a new pressed cache (a
+    gradient-free call with ``use_cache``, given no cache or ``generate()``'s empty ``DynamicCache``); a call given a
+    pressed cache continues it; any other cache is refused. ``pressing.cache`` is the call's pressed cache (or None)."""
+    from attnzoo.integrations.hf_cache import PressedCache
+
+    key = "past_key_values" if "past_key_values" in kwargs else "cache"
+    given = kwargs.get(key)
+    if given is None or (isinstance(given, require_transformers().DynamicCache) and given.get_seq_length() == 0):
+        use = kwargs.get("use_cache")
+        use = getattr(model.config, "use_cache", False) if use is None else use
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+        if not use or trains:
+            pressing.cache = None
+            return args, kwargs
+        given = kwargs[key] = PressedCache(pressing)
+    if not isinstance(given, PressedCache):
+        raise fail("cache", "None, an empty DynamicCache (what generate() starts with) or the cache of an earlier "
+                   "pressed call", f"a {type(given).__name__} of {given.get_seq_length()} tokens")
+    given.pressing = pressing
+    pressing.cache = given
+    return args, kwargs
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes a transformers cache holds: a pressed cache's attnzoo caches (``nbytes`` of each layer), or the keys and
+    values tensors of any other cache's layers (a ``DynamicCache``)."""
+    total = 0
+    for layer in cache.layers:
+        if hasattr(layer, "nbytes"):
+            total += layer.nbytes
+            continue
+        held = (getattr(layer, "keys", None), getattr(layer, "values", None))
+        total += sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
+    return total
