@@ -103,8 +103,10 @@ def full_forward(model: torch.nn.Module, sequences: torch.Tensor, mask: torch.Te
         return model(sequences, attention_mask=mask, position_ids=positions).logits
 
 
-@pytest.mark.parametrize("method", ["linear", "lightning"])
-def test_linear_attention_decodes_through_its_state_inside_generate(method: str) -> None:
+@pytest.mark.parametrize("method", ["linear", "lightning", "momentum", "urpe"])
+def test_a_method_decodes_through_its_state_inside_generate(method: str) -> None:
+    """Linear methods through their fixed-size state; KV-cache methods that cannot read transformers' cache
+    (momentum, URPE: self-attention only) through their own attnzoo cache."""
     model = build("llama")
     ids, mask = batch("llama")
     azhf.configure(model, method)
@@ -132,8 +134,8 @@ def test_a_step_that_does_not_continue_the_state_is_refused() -> None:
 def test_a_method_that_cannot_read_a_cache_says_so_and_generates_without_one() -> None:
     model = build("llama")
     ids, mask = batch("llama")
-    azhf.configure(model, "momentum")
-    with pytest.raises(AttnzooError, match=r"cache: expected none \(method 'momentum'.*use_cache=False\), got 1 quer"):
+    azhf.configure(model, "gated_delta")  # per-token gates: the model gives none per step
+    with pytest.raises(AttnzooError, match=r"cache: expected none \(method 'gated_delta'.*use_cache=False\), got 1 q"):
         greedy(model, ids, mask)
     with torch.no_grad():
         got = model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,

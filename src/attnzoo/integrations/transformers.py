@@ -187,10 +187,11 @@ def padding_spans(mask: torch.Tensor, causal: bool, method: str) -> tuple[torch.
 
 def decodes_through_state(m: Method, causal: bool, q: torch.Tensor) -> bool:
     """Whether a call runs through ``attnzoo.prefill``/``step``: a causal, gradient-free call of a method that
-    decodes through a fixed-size state."""
+    decodes through a fixed-size state, or through its own KV cache when it cannot read transformers' cache (no
+    ``cross/causal`` pattern: momentum, URPE, neighbourhoods, ... — the transformers cache then holds the keys too)."""
     if not causal or m.decoder is None or m.decoder.token_params or (torch.is_grad_enabled() and q.requires_grad):
         return False
-    return not m.decoder.kv_cache
+    return not m.decoder.kv_cache or "cross/causal" not in m.spec.patterns
 
 
 def attend_with_state(
