@@ -26,7 +26,11 @@ forward+backward), how it is measured (``measure``) and its floors. Measures:
   per round continuing one sequence, interleaved: ``time_ratio`` and ``bytes_ratio`` (the target state's bytes over
   the other's; SDPA's are those of its keys and values);
 - ``cache_bytes``: the target's state bytes after a prefill of ``n`` tokens (with its press) over the bytes of the
-  same keys and values stored in fp16: ``bytes_ratio``.
+  same keys and values stored in fp16: ``bytes_ratio``;
+- ``model``: a forward (prefill, no cache) of ``n`` tokens through a tiny randomly initialised transformers Llama
+  (hidden 64, 2 layers, ``heads`` heads, ``heads / 2`` KV heads) whose attention is the target method
+  (``attn_implementation="attnzoo_<method>"``), against the same model with ``sdpa``, interleaved:
+  ``time_ratio``/``speedup``.
 
 Every case's inputs are ``randn`` from seed 0, ``(batch, heads, n, head_dim)``, fp32; tensor parameters (document
 ids, learnable weights, a prebuilt mask) come from a named builder ``tensors(n, heads, generator)`` so that a fresh
@@ -44,7 +48,7 @@ import torch
 
 from attnzoo.errors import fail
 
-MEASURES = ("compare", "scaling", "memory", "fresh", "decode", "cache_step", "cache_bytes")
+MEASURES = ("compare", "scaling", "memory", "fresh", "decode", "cache_step", "cache_bytes", "model")
 METRICS = ("speedup", "time_ratio", "scaling", "peak_gib", "step_ratio", "bytes_ratio")
 OPS = {"<=": "≤", ">=": "≥", "<": "<", ">": ">"}
 
@@ -150,10 +154,10 @@ def below(x: float) -> Floor:
 
 def suites() -> dict[str, tuple[Case, ...]]:
     """Every named suite, ``floors`` (the cases with a floor, from all the others) last."""
-    from attnzoo.bench.suites import core, decode, linear, radial, softmax, structured
+    from attnzoo.bench.suites import core, decode, linear, models, radial, softmax, structured
 
     named = {"core": core.CASES, "softmax": softmax.CASES, "structured": structured.CASES, "radial": radial.CASES,
-             "linear": linear.CASES, "decode": decode.CASES}
+             "linear": linear.CASES, "decode": decode.CASES, "transformers": models.CASES}
     named["floors"] = tuple(c for cases in list(named.values()) for c in cases if c.floors)
     return named
 

@@ -234,6 +234,38 @@ def _cache_bytes(case: Case, device: str) -> tuple[dict[str, float], str]:
     return {"bytes_ratio": mine / fp16, "bare_ratio": mine / bare}, details
 
 
+def _model_forward(case: Case, target: Target, device: str) -> Step:
+    """A forward of ``case.n`` tokens through a tiny random Llama whose attention is ``target`` (SDPA when
+    ``target.method`` is None)."""
+    import transformers
+
+    import attnzoo.integrations.transformers as azhf
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=case.heads,
+                                      num_key_value_heads=max(1, case.heads // 2), intermediate_size=128,
+                                      vocab_size=100, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(config).eval().to(device)
+    if target.method is not None:
+        azhf.configure(model, target.method, **target.params)
+    ids = torch.randint(1, 100, (case.batch, case.n), device=device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(ids, use_cache=False)
+
+    return forward
+
+
+def _model(case: Case, device: str) -> tuple[dict[str, float], str]:
+    against = case.against or SDPA
+    fns = {"target": _model_forward(case, case.target, device), "against": _model_forward(case, against, device)}
+    t = _best(measure.interleaved(fns, case.rounds, torch.device(device)))
+    details = f"{case.target.label} {t['target'] * 1e3:.1f} ms, {against.label} {t['against'] * 1e3:.1f} ms"
+    return {"speedup": t["against"] / t["target"], "time_ratio": t["target"] / t["against"],
+            "target_s": t["target"], "against_s": t["against"]}, details
+
+
 def measure_case(case: Case, device: str = "cpu", threads: int | None = None) -> tuple[dict[str, float], str]:
     """``(metrics, details)`` of one case (see :mod:`attnzoo.bench.suites` for each measure's metrics)."""
     if case.measure == "memory":
@@ -251,6 +283,8 @@ def measure_case(case: Case, device: str = "cpu", threads: int | None = None) ->
             return _cache_step(case, device)
         if case.measure == "cache_bytes":
             return _cache_bytes(case, device)
+        if case.measure == "model":
+            return _model(case, device)
         return _decode(case, device)
     finally:
         torch.set_num_threads(before)
