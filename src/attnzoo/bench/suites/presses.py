@@ -26,9 +26,9 @@ keyword. A press that needs anything else (video ``"frames"``...), whose ``for_b
 that defines no ``for_budget`` is listed as skipped with the reason; one that fails while being built or run is
 recorded with its error, and the suite goes on.
 
-Rows go to ``results.json`` under ``presses`` (schema ``attnzoo.bench/1.2``) and to the report: the leaderboard (each
-press's accuracy and rank at every budget), the layer-error table, the runs without a result, and ``presses.png``
-(accuracy and layer error against budget). ``presses.md`` holds the two tables for docs/benchmarks.md.
+Rows go to ``results.json`` under ``presses`` (since schema ``attnzoo.bench/1.2``) and to the report: the leaderboard
+(each press's accuracy and rank at every budget), the layer-error table, the runs without a result, and
+``presses.png`` (accuracy and layer error against budget). ``presses.md`` holds the two tables for docs/benchmarks.md.
 
 Sizes (:data:`FULL`) are chosen to fit well within 10 minutes on a 2-core CPU (19 presses: 146 s, training included;
 docs/benchmarks.md): training 24–65 s (800 steps on 64-token contexts; no positional embedding, so it runs unchanged
