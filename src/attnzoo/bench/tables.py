@@ -255,11 +255,14 @@ def press_markdown(results: dict[str, Any]) -> str:
         f"D={planted.get('head_dim')}, {planted.get('decode')} decoded tokens; needles, heavy hitters, a recent "
         "band).", "",
         md_table(*press_error_table(results)),
+        *optional_table("Runs without a result:", press_failures(results)),
     ]
-    failures = press_failures(results)
-    if failures[1]:
-        out += ["Runs without a result:", "", md_table(*failures)]
     return "\n".join(out)
+
+
+def optional_table(title: str, table: tuple[list[str], list[list[str]]]) -> list[str]:
+    """A Markdown table after its title line, or nothing when the table has no rows."""
+    return [title, "", md_table(*table)] if table[1] else []
 
 
 def fidelity_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -294,10 +297,8 @@ def fidelity_markdown(results: dict[str, Any]) -> str:
         "L2-normalised) and the original model's (sdpa), mean and min over the sentences; `s`: seconds for the "
         "setting (embedding every sentence, distillation included).", "",
         md_table(*fidelity_table(results)),
+        *optional_table("Left out or without a result:", fidelity_failures(results)),
     ]
-    failures = fidelity_failures(results)
-    if failures[1]:
-        out += ["Left out or without a result:", "", md_table(*failures)]
     return "\n".join(out)
 
 

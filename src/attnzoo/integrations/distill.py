@@ -128,15 +128,15 @@ def recording(model: torch.nn.Module, modules: list[torch.nn.Module]):
     transformers.AttentionInterface.register(CAPTURE, capture_attention)
     masking.AttentionMaskInterface.register(CAPTURE, masking.sdpa_mask)
     before = model.config._attn_implementation
-    for x in modules:
-        x.attnzoo_capture = []
-    model.set_attn_implementation(CAPTURE)
     try:
+        for x in modules:
+            x.attnzoo_capture = []
+        model.set_attn_implementation(CAPTURE)
         yield
     finally:
         model.set_attn_implementation(before)
         for x in modules:
-            del x.attnzoo_capture
+            x.attnzoo_capture = None
 
 
 def record(
@@ -185,6 +185,11 @@ def distill_hedgehog(
     modules = chosen_modules(model, layers)
     samples = record(model, modules, batches)
     maps = [getattr(x, MAPS) for x in modules]
+    for s, m, x in zip(samples[0], maps, modules):
+        heads, kv_heads, head_dim = s.q.shape[1], s.k.shape[1], s.q.shape[3]
+        if m["q_weight"].shape[:2] != (heads, head_dim) or m["k_weight"].shape[0] != kv_heads:
+            raise fail("model", f"the head shapes its config gives (layer {x.layer_idx}: query maps "
+                       f"{tuple(m['q_weight'].shape)})", f"queries {tuple(s.q.shape)}, keys {tuple(s.k.shape)}")
     opt = torch.optim.Adam([p for m in maps for p in m.values()], lr=lr)
     history = []
     with torch.enable_grad():

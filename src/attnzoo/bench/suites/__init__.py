@@ -36,9 +36,13 @@ process rebuilds them from the case's name alone.
 
 from __future__ import annotations
 
+import datetime as dt
 import fnmatch
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -209,3 +213,41 @@ def listing() -> str:
     lines.append(f"{PRESSES}: {PRESSES_WHAT}")
     lines.append(f"{FIDELITY}: {FIDELITY_WHAT}")
     return "\n".join(lines)
+
+
+@contextmanager
+def cpu_run(
+    out: Path, command: str, config: dict[str, Any], threads: int | None, tables: tuple[str, Callable[[dict], str]],
+) -> Iterator[dict[str, Any]]:
+    """A suite that writes its own results (``presses``, ``fidelity``): yields the results (every section empty,
+    status ``running``) with torch on ``threads`` intra-op threads (default 1: on a shared 2-core machine two threads
+    make small calls many times slower); when the block ends, marks them ``complete`` (``interrupted`` on Ctrl-C,
+    which it absorbs), restores the threads and writes results.json, the report and ``tables`` (a file name and the
+    function of the results that gives its Markdown) under ``out``."""
+    from attnzoo.bench.report import write_report
+    from attnzoo.bench.results import SCHEMA, SECTIONS
+    from attnzoo.bench.sweep import machine_info
+
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    before = torch.get_num_threads()
+    threads = threads or 1
+    torch.set_num_threads(threads)
+    results: dict[str, Any] = {
+        "schema": SCHEMA, "status": "running", "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "finished": None, "wall_s": None, "command": command, "machine": machine_info("cpu", threads),
+        "config": {**config, "device": "cpu", "threads": threads}, "memory_method": "",
+        **{section: [] for section in SECTIONS},
+    }
+    try:
+        yield results
+        results["status"] = "complete"
+    except KeyboardInterrupt:
+        results["status"] = "interrupted"
+    finally:
+        torch.set_num_threads(before)
+        results["wall_s"] = time.perf_counter() - started
+        results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat()
+        write_report(results, out)
+        name, markdown = tables
+        (out / name).write_text(markdown(results))

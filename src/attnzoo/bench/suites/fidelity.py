@@ -32,7 +32,6 @@ rest).
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import fnmatch
 import importlib.metadata
 import importlib.util
@@ -45,7 +44,7 @@ from typing import Any
 import torch
 
 from attnzoo.bench.efficiency import classify
-from attnzoo.bench.suites import FIDELITY
+from attnzoo.bench.suites import FIDELITY, cpu_run
 from attnzoo.errors import fail
 from attnzoo.registry import all_methods, get
 
@@ -215,42 +214,18 @@ def run(
 ) -> dict[str, Any]:
     """Measure every setting chosen by ``patterns`` (all without), write results.json, the report and fidelity.md
     under ``out``. Torch runs on ``threads`` intra-op threads (default 1)."""
-    from attnzoo.bench.report import write_report
-    from attnzoo.bench.results import SCHEMA
-    from attnzoo.bench.sweep import machine_info
     from attnzoo.bench.tables import fidelity_markdown
 
     chosen, left = settings(patterns)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    before = torch.get_num_threads()
-    threads = threads or 1
-    torch.set_num_threads(threads)
-    results: dict[str, Any] = {
-        "schema": SCHEMA, "status": "running", "created": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "finished": None, "wall_s": None, "command": command, "machine": machine_info("cpu", threads),
-        "config": {"suite": FIDELITY, **asdict(cfg), "device": "cpu", "dtype": "float32", "threads": threads},
-        "memory_method": "", "efficiency": [], "efficiency_length": [], "approximation": [], "quality": [],
-        "fresh_memory": [], "suites": [], "presses": [], "fidelity": [],
-    }
-    skipped = [{**_row(None, m, ""), "status": "skipped", "reason": why} for m, why in left.items()]
-    try:
+    config = {"suite": FIDELITY, **asdict(cfg), "dtype": "float32"}
+    with cpu_run(out, command, config, threads, ("fidelity.md", fidelity_markdown)) as results:
         missing = missing_package()
         if missing is not None:
-            reason = f"the optional package {missing!r} is not installed (pip install -e \".[dev]\")"
+            reason = f"the optional package {missing!r} is not installed (pip install -e \".[fidelity]\")"
             echo(f"fidelity: {reason}")
             results["fidelity"] += [{**_row(s, s.method, s.text(cfg)), "status": "skipped", "reason": reason}
                                     for s in chosen]
         else:
             results["config"].update(measure_rows(chosen, cfg, results["fidelity"], echo))
-        results["fidelity"] += skipped
-        results["status"] = "complete"
-    except KeyboardInterrupt:
-        results["status"] = "interrupted"
-    finally:
-        torch.set_num_threads(before)
-        results["wall_s"] = time.perf_counter() - started
-        results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat()
-        write_report(results, out)
-        (out / "fidelity.md").write_text(fidelity_markdown(results))
+        results["fidelity"] += [{**_row(None, m, ""), "status": "skipped", "reason": why} for m, why in left.items()]
     return results
