@@ -59,7 +59,7 @@ def test_a_second_distillation_continues_from_the_fitted_maps() -> None:
     assert second[0] == pytest.approx(first[-1], rel=1e-4)
 
 
-def test_bad_arguments_fail_before_anything_runs() -> None:
+def test_bad_arguments_are_refused_naming_the_argument() -> None:
     model = build("bert")
     with pytest.raises(AttnzooError, match="steps"):
         distill_hedgehog(model, inputs("bert"), steps=-1)

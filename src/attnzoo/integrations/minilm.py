@@ -47,8 +47,15 @@ def load(attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, Any]:
     tokenizer, both read from the package's folder only (``local_files_only``: no network)."""
     transformers = require_transformers()
     path = str(model_dir())
-    model = transformers.BertModel.from_pretrained(path, attn_implementation=attn_implementation,
-                                                   local_files_only=True)
+    bars = transformers.utils.logging
+    shown = bars.is_progress_bar_enabled()
+    bars.disable_progress_bar()  # no "Loading weights" bar in the benchmark's output
+    try:
+        model = transformers.BertModel.from_pretrained(path, attn_implementation=attn_implementation,
+                                                       local_files_only=True)
+    finally:
+        if shown:
+            bars.enable_progress_bar()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.eval(), tokenizer
 
