@@ -9,7 +9,8 @@ self-contained ``report.html`` (see docs/bench.md).
 
 ``--suite NAME`` runs a named suite instead (:mod:`attnzoo.bench.suites`): the cases behind docs/benchmarks.md, each
 printed with its floor; ``--suite presses`` measures every registered KV-cache press against cache budgets
-(:mod:`attnzoo.bench.suites.presses`).
+(:mod:`attnzoo.bench.suites.presses`); ``--suite fidelity`` swaps every noncausal method into a pretrained sentence
+encoder (:mod:`attnzoo.bench.suites.fidelity`).
 
 The CLI calls :func:`add_arguments` and :func:`main`; ``python -m attnzoo.bench`` does the same on its own.
 """
@@ -155,6 +156,8 @@ def _run_suite(args: argparse.Namespace) -> int:
         return 0
     if args.suite == suites.PRESSES:
         return _run_presses(args)
+    if args.suite == suites.FIDELITY:
+        return _run_fidelity(args)
     cases = suites.select(args.suite, args.cases)
     device = args.device or "cpu"
     if not device.startswith(("cpu", "cuda")):
@@ -181,6 +184,21 @@ def _run_presses(args: argparse.Namespace) -> int:
                           inner=presses.wrapped(presses.select(None)))
     print(md_table(*press_leaderboard(results)))
     print(f"report: {out / 'report.html'}  summary: {out / 'summary.md'}  tables for docs: {out / 'presses.md'}")
+    return 0 if results["status"] == "complete" else 130
+
+
+def _run_fidelity(args: argparse.Namespace) -> int:
+    """``--suite fidelity``: every noncausal method (or the settings ``--cases`` names) inside all-MiniLM-L6-v2;
+    prints the ranked table. Exit status 0, or 130 when interrupted."""
+    from attnzoo.bench.suites import fidelity
+    from attnzoo.bench.tables import fidelity_table, md_table
+
+    if args.device not in (None, "cpu"):
+        raise fail("--device", "cpu (the fidelity suite runs on the CPU)", repr(args.device))
+    out = Path(args.out)
+    results = fidelity.run(out, args.cases, command=_command(), threads=args.threads)
+    print(md_table(*fidelity_table(results)))
+    print(f"report: {out / 'report.html'}  summary: {out / 'summary.md'}  table for docs: {out / 'fidelity.md'}")
     return 0 if results["status"] == "complete" else 130
 
 

@@ -255,10 +255,50 @@ def press_markdown(results: dict[str, Any]) -> str:
         f"D={planted.get('head_dim')}, {planted.get('decode')} decoded tokens; needles, heavy hitters, a recent "
         "band).", "",
         md_table(*press_error_table(results)),
+        *optional_table("Runs without a result:", press_failures(results)),
     ]
-    failures = press_failures(results)
-    if failures[1]:
-        out += ["Runs without a result:", "", md_table(*failures)]
+    return "\n".join(out)
+
+
+def optional_table(title: str, table: tuple[list[str], list[list[str]]]) -> list[str]:
+    """A Markdown table after its title line, or nothing when the table has no rows."""
+    return [title, "", md_table(*table)] if table[1] else []
+
+
+def fidelity_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """``--suite fidelity``: each measured setting's sentence-embedding cosine to the original model (mean and min
+    over the sentences), ranked by the mean (1 = closest; ties share the better rank)."""
+    rows = sorted((r for r in results.get("fidelity", []) if r.get("status") == "ok"),
+                  key=lambda r: (-r["mean_cos"], -r["min_cos"], r["case"]))
+    header = ["rank", "method", "ID", "parameters", "mean cos", "min cos", "s"]
+    body = [[str(1 + sum(o["mean_cos"] > r["mean_cos"] for o in rows)), r["method"], r["mechanism"], r["params"],
+             f"{r['mean_cos']:.5f}", f"{r['min_cos']:.5f}", fmt(r.get("wall_s"), ".1f")] for r in rows]
+    return header, body
+
+
+def fidelity_failures(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The fidelity settings and methods without a figure (left out, skipped, failed), with the reason."""
+    header = ["setting", "method", "status", "reason"]
+    return header, [[r["case"], r["method"], r["status"], r.get("reason", "")] for r in results.get("fidelity", [])
+                    if r.get("status") != "ok"]
+
+
+def fidelity_markdown(results: dict[str, Any]) -> str:
+    """``fidelity.md``: the ranked table with the conditions of the run, as docs/benchmarks.md lists it."""
+    c = results.get("config", {})
+    out = [
+        "# Fidelity of approximate attention inside all-MiniLM-L6-v2", "",
+        f"`{results.get('command', '')}`: status {results.get('status')}, wall time "
+        f"{fmt(results.get('wall_s'), '.0f')} s, {c.get('threads')} torch thread(s), fp32, CPU.", "",
+        f"Model: {c.get('model', 'all-MiniLM-L6-v2')} {c.get('package_version', '')}, 6 layers, 12 heads of 32; "
+        f"{c.get('sentences', '?')} fixed sentences ({c.get('tokens_min', '?')}–{c.get('tokens_max', '?')} tokens, "
+        f"mean {fmt(c.get('tokens_mean'), '.1f')}; batches of one length, no padding). Every self-attention "
+        "layer attends by the method; the figure is the cosine between each sentence's embedding (mean pooling, "
+        "L2-normalised) and the original model's (sdpa), mean and min over the sentences; `s`: seconds for the "
+        "setting (embedding every sentence, distillation included).", "",
+        md_table(*fidelity_table(results)),
+        *optional_table("Left out or without a result:", fidelity_failures(results)),
+    ]
     return "\n".join(out)
 
 
@@ -314,6 +354,9 @@ def sections(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[st
         ("KV-cache presses: relative L2 error of one attention layer against the full cache (planted inputs)",
          *press_error_table(results)),
         ("KV-cache press runs without a result", *press_failures(results)),
+        ("Fidelity inside all-MiniLM-L6-v2: sentence-embedding cosine to the original model, ranked",
+         *fidelity_table(results)),
+        ("Fidelity settings left out or without a result", *fidelity_failures(results)),
         ("Cases without a measurement", *failures_table(results)),
     ]
     return [(title, header, body) for title, header, body in out if body]

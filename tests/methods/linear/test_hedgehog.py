@@ -37,6 +37,19 @@ def test_distillation_lowers_kl_to_softmax() -> None:
     assert bool(torch.isfinite(out).all())
 
 
+def test_the_distillation_loss_ignores_padded_keys_and_rows() -> None:
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 2, 9, 4, generator=gen, dtype=F64), torch.randn(2, 2, 9, 4, generator=gen, dtype=F64)
+    real = torch.ones(2, 9, dtype=torch.bool)
+    real[1, 6:] = False  # the second sequence has 6 real tokens, then padding
+    maps = {n: t.to(F64) + 0.1 * torch.randn(t.shape, generator=gen, dtype=F64)
+            for n, t in hedgehog.identity_maps(2, 2, 4).items()}
+    padded = hedgehog.softmax_kl(q, k, causal=False, scale=0.5, mask=real[:, None, None, :], rows=real, **maps)
+    each = [hedgehog.softmax_kl(q[:1], k[:1], causal=False, scale=0.5, **maps),
+            hedgehog.softmax_kl(q[1:, :, :6], k[1:, :, :6], causal=False, scale=0.5, **maps)]
+    torch.testing.assert_close(padded, (9 * each[0] + 6 * each[1]) / 15)  # mean over the 15 real rows
+
+
 def test_prefill_step_chunked_reference_agree() -> None:
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(2, 4, 19, 6, generator=gen, dtype=F64)

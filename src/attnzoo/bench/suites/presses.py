@@ -26,9 +26,9 @@ keyword. A press that needs anything else (video ``"frames"``...), whose ``for_b
 that defines no ``for_budget`` is listed as skipped with the reason; one that fails while being built or run is
 recorded with its error, and the suite goes on.
 
-Rows go to ``results.json`` under ``presses`` (schema ``attnzoo.bench/1.2``) and to the report: the leaderboard (each
-press's accuracy and rank at every budget), the layer-error table, the runs without a result, and ``presses.png``
-(accuracy and layer error against budget). ``presses.md`` holds the two tables for docs/benchmarks.md.
+Rows go to ``results.json`` under ``presses`` (since schema ``attnzoo.bench/1.2``) and to the report: the leaderboard
+(each press's accuracy and rank at every budget), the layer-error table, the runs without a result, and
+``presses.png`` (accuracy and layer error against budget). ``presses.md`` holds the two tables for docs/benchmarks.md.
 
 Sizes (:data:`FULL`) are chosen to fit well within 10 minutes on a 2-core CPU (19 presses: 146 s, training included;
 docs/benchmarks.md): training 24–65 s (800 steps on 64-token contexts; no positional embedding, so it runs unchanged
@@ -38,7 +38,6 @@ heads at N = 1024 for the layer error.
 
 from __future__ import annotations
 
-import datetime as dt
 import fnmatch
 import inspect
 import math
@@ -300,27 +299,13 @@ def run(
     write results.json, the report and presses.md.
     Torch runs on ``threads`` intra-op threads (default 1: on a shared 2-core machine two threads make these small
     calls many times slower)."""
-    from attnzoo.bench.report import write_report
-    from attnzoo.bench.results import SCHEMA
-    from attnzoo.bench.sweep import machine_info
+    from attnzoo.bench.suites import cpu_run
     from attnzoo.bench.tables import press_markdown
 
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    before = torch.get_num_threads()
-    threads = threads or 1
-    torch.set_num_threads(threads)
-    results: dict[str, Any] = {
-        "schema": SCHEMA, "status": "running", "created": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "finished": None, "wall_s": None, "command": command, "machine": machine_info("cpu", threads),
-        "config": {"suite": "presses", "presses": [i.name for i in infos], "task": asdict(cfg.task),
-                   "training": asdict(cfg.training), "sequences": cfg.sequences, "budgets": list(cfg.budgets),
-                   "planted": asdict(cfg.planted), "seed": cfg.seed, "device": "cpu", "threads": threads,
-                   "wrapped": inner.name if inner else None},
-        "memory_method": "", "efficiency": [], "efficiency_length": [], "approximation": [], "quality": [],
-        "fresh_memory": [], "suites": [], "presses": [],
-    }
-    try:
+    config = {"suite": "presses", "presses": [i.name for i in infos], "task": asdict(cfg.task),
+              "training": asdict(cfg.training), "sequences": cfg.sequences, "budgets": list(cfg.budgets),
+              "planted": asdict(cfg.planted), "seed": cfg.seed, "wrapped": inner.name if inner else None}
+    with cpu_run(out, command, config, threads, ("presses.md", press_markdown)) as results:
         echo("press model: loading or training ...")
         model, info = trained_model(cfg.task, cfg.training, out / "press-model")
         results["config"]["model"] = {k: v for k, v in info.items() if k not in ("task", "training")}
@@ -328,13 +313,4 @@ def run(
         echo(f"press model: {how}, final loss {info['final_loss']:.3g}")
         results["presses"] += retrieval_rows(model, cfg, infos, inner, echo)
         results["presses"] += layer_rows(cfg, infos, inner, echo)
-        results["status"] = "complete"
-    except KeyboardInterrupt:
-        results["status"] = "interrupted"
-    finally:
-        torch.set_num_threads(before)
-        results["wall_s"] = time.perf_counter() - started
-        results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat()
-        write_report(results, out)
-        (out / "presses.md").write_text(press_markdown(results))
     return results

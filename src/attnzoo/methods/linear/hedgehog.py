@@ -22,8 +22,9 @@ by ``exp(max_r |z_r|)`` (the factor cancels in the ratio, so queries never overf
 decoding step sees the same key features as a prefill (features are computed in fp32 for half-precision inputs).
 
 Distillation: :func:`distill` fits the four tensors on the user's (q, k) samples by minimising the KL divergence
-from the softmax attention weights to the Hedgehog weights (the paper's soft-label cross-entropy, up to a constant),
-with Adam.
+from the softmax attention weights to the Hedgehog weights (:func:`softmax_kl`: the paper's soft-label cross-entropy,
+up to a constant; masks and padded rows allowed), with Adam; :mod:`attnzoo.integrations.distill` does it inside a
+Hugging Face transformers model.
 
 Fast path ``torch`` (:func:`torch_chunked`): :mod:`attnzoo.kernels.linear_scan` (chunked causal scan, or
 ``φ(Q)(φ(K)ᵀV)`` noncausally). Recurrent form: :func:`prefill` and :func:`step` (see
@@ -129,10 +130,13 @@ def features(q: torch.Tensor, k: torch.Tensor, scale: float, p: dict[str, Any]) 
     )
 
 
-def weights(q: torch.Tensor, k: torch.Tensor, *, causal: bool, scale: float, **params: Any) -> torch.Tensor:
-    """The dense ``(B, H, Sq, Skv)`` Hedgehog attention weights (rows sum to 1; a row with no visible key is 0)."""
+def weights(
+    q: torch.Tensor, k: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None = None, **params: Any,
+) -> torch.Tensor:
+    """The dense ``(B, H, Sq, Skv)`` Hedgehog attention weights over the keys visible to each query (causality and
+    the boolean ``mask``, True = attend; rows sum to 1; a row with no visible key is 0)."""
     qf, kf = features(q, k, scale, params)
-    a = (qf @ repeat_kv(kf, q.shape[1]).transpose(-1, -2)) * visible(causal, None, q, k)
+    a = (qf @ repeat_kv(kf, q.shape[1]).transpose(-1, -2)) * visible(causal, mask, q, k)
     den = a.sum(dim=-1, keepdim=True)
     return torch.where(den > 0, a / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(a))
 
@@ -174,32 +178,53 @@ def decode_step(
 DECODER = Decoder(decode_prefill, decode_step)
 
 
+def softmax_kl(
+    q: torch.Tensor, k: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None, **params: Any,
+) -> torch.Tensor:
+    """The distillation loss: the mean over query rows of ``KL(softmax(scale·q kᵀ) ‖ Hedgehog weights)`` (the paper's
+    soft-label cross-entropy less the softmax's entropy, which has no gradient), both over the keys visible to the
+    row (causality and the boolean ``mask`` ``(B, 1 or H, Sq, Skv)``, True = attend). Rows counted: those with a
+    visible key and, when given, ``rows (B, Sq)`` True (the real tokens of a padded batch). Scalar, differentiable in
+    the map ``params``."""
+    h = q.shape[1]
+    seen = visible(causal, mask, q, k)
+    logits = (scale * q @ repeat_kv(k, h).transpose(-1, -2)).masked_fill(~seen, float("-inf"))
+    counted = seen.any(-1)
+    if rows is not None:
+        counted = counted & rows[:, None, :].to(torch.bool)
+    log_target = torch.log_softmax(logits.masked_fill(~counted[..., None], 0.0), dim=-1)
+    w = weights(q, k, causal=causal, scale=scale, mask=mask, **params)
+    kl = (log_target.exp() * (log_target - torch.log(w.clamp_min(1e-30)))).masked_fill(~seen, 0.0).sum(-1)
+    return kl[counted].mean()
+
+
+def identity_maps(heads: int, kv_heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+    """The paper's initialisation of the map tensors (``W = I``, ``b = 0``; ``F = D``), by the specs' ``init``."""
+    info = LayerInfo(heads=heads, kv_heads=kv_heads, head_dim=head_dim, params={})
+    return {name: SPEC.param(name).init(info) for name in NAMES}  # type: ignore[misc]
+
+
 def distill(
     q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, scale: float | None = None, steps: int = 300,
     lr: float = 1e-2, init: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Fit the feature maps to softmax attention on samples ``q (B, H, N, D)``, ``k (B, Hkv, N', D)``.
 
-    Minimises the mean over rows of ``KL(softmax(scale·q kᵀ) ‖ Hedgehog weights)`` with Adam for ``steps`` steps,
-    starting from ``init`` (default: the identity maps). Returns the fitted ``{q_weight, q_bias, k_weight, k_bias}``
-    (detached, ready to pass to ``attnzoo.attention`` or to copy into an ``nn`` layer) and the KL after each step
-    (the first entry is the KL before any step). Samples are dense here: use short sequences.
+    Minimises :func:`softmax_kl` with Adam for ``steps`` steps, starting from ``init`` (default: the identity maps).
+    Returns the fitted ``{q_weight, q_bias, k_weight, k_bias}`` (detached, ready to pass to ``attnzoo.attention`` or
+    to copy into an ``nn`` layer) and the KL after each step (the first entry is the KL before any step). Samples are
+    dense here: use short sequences. (:func:`attnzoo.integrations.distill.distill_hedgehog` does the same inside a
+    transformers model, every layer at once.)
     """
-    h, d = q.shape[1], q.shape[-1]
-    scale_ = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    info = LayerInfo(heads=h, kv_heads=k.shape[1], head_dim=d, params={})
-    start = init or {name: SPEC.param(name).init(info) for name in NAMES}  # type: ignore[misc]
+    scale_ = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    start = init or identity_maps(q.shape[1], k.shape[1], q.shape[-1])
     params = {name: t.detach().to(q.device, q.dtype).clone().requires_grad_(True) for name, t in start.items()}
     q, k = q.detach(), k.detach()
-    seen = visible(causal, None, q, k)
-    logits = (scale_ * q @ repeat_kv(k, h).transpose(-1, -2)).masked_fill(~seen, float("-inf"))
-    log_target = torch.log_softmax(logits, dim=-1)
-    target = log_target.exp()
     opt = torch.optim.Adam(list(params.values()), lr=lr)
     history = []
     for i in range(steps + 1):
-        w = weights(q, k, causal=causal, scale=scale_, **params)
-        kl = (target * (log_target - torch.log(w.clamp_min(1e-30)))).masked_fill(~seen, 0.0).sum(-1).mean()
+        kl = softmax_kl(q, k, causal=causal, scale=scale_, **params)
         history.append(float(kl.detach()))
         if i == steps:
             break
