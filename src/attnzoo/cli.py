@@ -185,6 +185,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     for backend, name, place in rows:
         print(f"  {backend:<{widths[0]}}  {name:<{widths[1]}}  {place}")
+    if m.decoder is not None:
+        print(f"decoding ({_decoding(m)}):")
+        for part, fn in (("prefill", m.decoder.prefill), ("step", m.decoder.step)):
+            name, place = where(fn)
+            print(f"  {part:<{widths[0]}}  {name:<{widths[1]}}  {place}")
     return 0
 
 
