@@ -180,3 +180,69 @@ def test_a_press_needs_full_attention_through_a_kv_cache() -> None:
     with pytest.raises(AttnzooError, match="model: expected full-attention layers under a press"), azhf.press(
             windowed, RecentPress(compression_ratio=0.5)):
         pass
+
+
+# -- azhf.decoding: the same cache without a press, for every method that decodes ---------------------------------
+
+
+def generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new: int) -> transformers.utils.ModelOutput:
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              pad_token_id=0, return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize(("method", "params"), [("softmax", {}), ("sliding_window", {"window": 8}), ("linear", {}),
+                                                ("momentum", {})])
+def test_decoding_gives_the_tokens_and_logits_of_generate_without_it(method: str, params: dict) -> None:
+    model = build("llama")
+    ids, mask = batch("llama")  # left padded: 12, 9 and 5 real tokens
+    azhf.configure(model, method, **params)
+    expected = greedy(model, ids, mask)
+    with azhf.decoding(model) as dec:
+        got = greedy(model, ids, mask)
+        assert all(x.attnzoo_decode is None for x in azhf.attention_modules(model))  # no state beside the cache
+    assert torch.equal(got.sequences, expected.sequences) and got.sequences.shape[1] > 8 + 1  # past the window
+    assert (torch.stack(got.logits) - torch.stack(expected.logits)).abs().max() <= 1e-5
+    assert got.cache is dec.cache and azhf.cache_bytes(got.cache) == sum(dec.pressed_bytes.values())
+    steps = len(got.logits) - 1
+    for layer in pressed_layers(got.cache):
+        assert layer.state.method == method and layer.get_seq_length() == ids.shape[1] + steps
+        if method == "linear":
+            assert not layer.holds_kv and layer.keys is None and isinstance(layer.cache, torch.Tensor)
+        elif method == "sliding_window":
+            assert layer.cache.ring == 9 and layer.keys.shape == (3, 2, 9, 16)
+        else:
+            assert torch.equal(layer.cache.token_counts(), (mask.sum(-1) + steps).view(3, 1).expand(3, 2))
+    assert model.config._attn_implementation == f"attnzoo_{method}"
+
+
+@pytest.mark.parametrize("method", ["sliding_window", "linear", "softmax"])
+def test_a_window_and_a_linear_state_hold_the_same_bytes_as_generation_goes_on(method: str) -> None:
+    model = build("llama")
+    ids, mask = batch("llama")
+    azhf.configure(model, method, **({"window": 8} if method == "sliding_window" else {}))
+    with azhf.decoding(model):
+        short, long = (azhf.cache_bytes(generate(model, ids, mask, new).cache) for new in (6, 30))
+    full = azhf.cache_bytes(generate(model, ids, mask, 30).cache)  # transformers' DynamicCache
+    assert full == 2 * 2 * 3 * 2 * (12 + 29) * 16 * 4
+    if method == "softmax":
+        assert short < long  # a KV cache grows with the sequence
+    else:
+        assert short == long < full / 3
+    if method == "sliding_window":  # per layer: keys and values of 9 slots, their int32 positions
+        assert long == 2 * (2 * 3 * 2 * 9 * 16 * 4 + 3 * 2 * 9 * 4)
+
+
+def test_decoding_refuses_what_it_cannot_hold() -> None:
+    model = build("llama")
+    azhf.configure(model, "gated_delta")
+    with pytest.raises(AttnzooError, match=r"method: expected a method that decodes without per-token parameters "
+                       r"\(.*\), got layer 0 attending by 'gated_delta'"), azhf.decoding(model):
+        pass
+    model = build("llama")
+    ids, mask = batch("llama")
+    with azhf.decoding(model):
+        with pytest.raises(AttnzooError, match=r"num_beams: expected 1 with a press or azhf.decoding"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2, pad_token_id=0)
+        assert model.config._attn_implementation == "attnzoo_softmax"
+    assert model.config._attn_implementation == "sdpa"

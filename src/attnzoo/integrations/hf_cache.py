@@ -1,11 +1,14 @@
-"""A transformers ``Cache`` whose layers hold attnzoo KV caches: what a press around ``generate()`` really shrinks.
+"""A transformers ``Cache`` whose layers hold attnzoo decoding states: what a press around ``generate()`` really
+shrinks, and what a sliding window or a linear method really holds.
 
-:func:`attnzoo.integrations.transformers.press` puts a :class:`PressedCache` where ``generate()`` (or a forward with
-``use_cache=True``) would use its own ``DynamicCache``. Each layer (:class:`PressedLayer`) holds one
-:class:`attnzoo.DecodeState` whose data is the layer's :class:`~attnzoo.kv.cache.KVCache` (or
-:class:`~attnzoo.kv.ragged.RaggedKVCache` after a per-head press): the prompt's keys are compressed by the press right
-after the prompt is attended, each step appends one token (and runs the press's ``step``), and nothing else is stored,
-so the memory transformers holds for the cache is the memory attnzoo holds.
+:func:`attnzoo.integrations.transformers.decoding` (and :func:`~attnzoo.integrations.transformers.press`) puts a
+:class:`PressedCache` where ``generate()`` (or a forward with ``use_cache=True``) would use its own ``DynamicCache``.
+Each layer (:class:`PressedLayer`) holds one :class:`attnzoo.DecodeState` of the layer's method: its data is a
+:class:`~attnzoo.kv.cache.KVCache` for methods that decode through one (a ring of ``window + 1`` slots for
+``sliding_window``; a :class:`~attnzoo.kv.ragged.RaggedKVCache` after a per-head press), the fixed-size state for the
+linear family. Under a press the prompt's keys are compressed right after the prompt is attended; each step
+continues the state by one token (and runs the press's ``step``); nothing else is stored, so the memory transformers
+holds for the cache is the memory attnzoo holds.
 
 How it meets transformers' ``Cache`` interface (``transformers.cache_utils``; checked on 5.24):
 
@@ -15,10 +18,11 @@ How it meets transformers' ``Cache`` interface (``transformers.cache_utils``; ch
   keys means the model does not attend by an attnzoo implementation: refused.
 - ``get_seq_length()`` is the number of token columns seen (real tokens and left padding, as transformers counts
   them): generate slices inputs and builds positions from it, so positions (RoPE) stay the true ones after compression.
-- ``get_mask_sizes(q)`` is ``(kept slots + q, 0)``: the mask transformers builds has one column per kept slot. It
-  cannot say which position a slot holds (the interface gives a length and an offset, and kept slots are not a
-  contiguous range of positions), so after the prompt the attention function reads visibility from the attnzoo
-  cache's own positions and ignores that mask; at the prompt (nothing kept yet) the mask is exact and gives the padding.
+- ``get_mask_sizes(q)`` is ``(kept slots + q, 0)`` (``(q, 0)`` for a fixed-size state): the mask transformers builds
+  has one column per kept slot. It cannot say which position a slot holds (the interface gives a length and an
+  offset, and kept slots are not a contiguous range of positions), so after the prompt the attention function reads
+  visibility from the attnzoo state itself and ignores that mask; at the prompt (nothing kept yet) the mask is exact
+  and gives the padding.
 - Beam search (``reorder_cache``), assisted decoding and rollbacks (``crop``) and batch reshaping after the prompt are
   refused: the tokens a press dropped cannot be restored, and the per-sequence state is not reordered here.
 """
@@ -29,10 +33,12 @@ import importlib
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 import attnzoo
 from attnzoo.errors import fail
 from attnzoo.integrations.transformers import require_transformers
+from attnzoo.registry import get
 
 require_transformers()
 cache_utils = importlib.import_module("transformers.cache_utils")
@@ -56,22 +62,30 @@ class PressedLayer(cache_utils.CacheLayerMixin):
 
     @property
     def cache(self) -> Any:
-        """The layer's attnzoo cache (``KVCache`` or ``RaggedKVCache``), None before the prompt."""
+        """The layer's attnzoo state data (a ``KVCache`` or ``RaggedKVCache``, or a linear method's fixed-size state:
+        a tensor or a tuple of them), None before the prompt."""
         return None if self.state is None else self.state.data
 
     @property
+    def holds_kv(self) -> bool:
+        """Whether the state is a KV cache (its method decodes through one)."""
+        return self.state is not None and get(self.state.method).decoder.kv_cache
+
+    @property
     def keys(self) -> torch.Tensor | None:
-        """The attnzoo cache's keys ``(B, Hkv, slots, D)`` (a ragged cache materialises its slot view: a copy)."""
-        return None if self.state is None else self.state.data.keys
+        """The attnzoo cache's keys ``(B, Hkv, slots, D)`` (a ragged cache materialises its slot view: a copy); None
+        for a fixed-size state."""
+        return self.state.data.keys if self.holds_kv else None
 
     @property
     def values(self) -> torch.Tensor | None:
-        return None if self.state is None else self.state.data.values
+        return self.state.data.values if self.holds_kv else None
 
     @property
     def nbytes(self) -> int:
-        """Bytes the layer holds: its attnzoo cache (storage capacity, positions and press data included)."""
-        return 0 if self.state is None else self.state.data.nbytes
+        """Bytes the layer holds: its attnzoo state (a cache's storage capacity, positions and press data included;
+        each tensor of a fixed-size state)."""
+        return 0 if self.state is None else sum(leaf.nbytes for leaf in tree_leaves(self.state.data))
 
     @property
     def full_nbytes(self) -> int:
@@ -105,7 +119,7 @@ class PressedLayer(cache_utils.CacheLayerMixin):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """``(kept slots + query_length, 0)`` (see the module: after the prompt the mask is not read)."""
-        return (0 if self.state is None else self.state.data.slots) + query_length, 0
+        return (self.state.data.slots if self.holds_kv else 0) + query_length, 0
 
     def get_seq_length(self) -> int:
         """Token columns seen (left padding included, as transformers counts them)."""
@@ -120,10 +134,11 @@ class PressedLayer(cache_utils.CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0 and self.seen:
             raise fail("cache", "no rollback of a pressed cache (assisted decoding, crop): the tokens a press "
-                       "dropped cannot be restored", f"crop({tokens_to_remove})")
+                       "or a state dropped cannot be restored", f"crop({tokens_to_remove})")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise fail("num_beams", "1 with a press (a pressed cache is not reordered for beam search)", "beam search")
+        raise fail("num_beams", "1 with a press or azhf.decoding (their cache is not reordered for beam search)",
+                   "beam search")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._refuse_batch_change("batch_repeat_interleave")
@@ -133,12 +148,13 @@ class PressedLayer(cache_utils.CacheLayerMixin):
 
     def _refuse_batch_change(self, what: str) -> None:
         if self.seen:
-            raise fail("cache", "no change of the batch after the prompt (a pressed cache)", what)
+            raise fail("cache", "no change of the batch after the prompt (a cache of attnzoo states)", what)
 
 
 class PressedCache(cache_utils.Cache):
     """A transformers ``Cache`` of :class:`PressedLayer` s (created as layers are first updated), serving the
-    :class:`~attnzoo.integrations.transformers.Pressing` ``pressing`` while its ``active`` flag is set."""
+    :class:`~attnzoo.integrations.transformers.Decoding` ``pressing`` (with a press or without) while its ``active``
+    flag is set."""
 
     def __init__(self, pressing: Any) -> None:
         super().__init__(layer_class_to_replicate=PressedLayer)
@@ -148,7 +164,8 @@ class PressedCache(cache_utils.Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not getattr(self.pressing, "active", False):
-            raise fail("cache", "a pressed cache used within its press (with azhf.press(model, press): ...)",
+            raise fail("cache", "a pressed cache used within its press (with azhf.press(model, press): ..., or "
+                       "azhf.decoding(model))",
                        "a call outside it")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 

@@ -32,14 +32,17 @@ Decoding inside ``generate()``: methods whose masks are aligned bottom-right rea
 method that decodes through a fixed-size state (the linear family: ``spec.decoding`` without a KV cache) keeps an
 :class:`attnzoo.DecodeState` on each attention module: the prefill (``Sq == Skv``) builds it with
 :func:`attnzoo.prefill`, and a call with ``Skv`` = the state's length + ``Sq`` continues it with :func:`attnzoo.step`
-on the new tokens' keys and values only (the cache still holds every key; the state makes decoding O(1) per token). A
-call whose cache length does not continue the state (a cropped or reordered cache: beam search, assisted decoding) is
-refused rather than answered wrong.
+on the new tokens' keys and values only (the cache still holds every key; the state makes decoding O(1) per token;
+within :func:`decoding` the state is the cache, and nothing else is held). A call whose cache length does not continue
+the state (a cropped or reordered cache: beam search, assisted decoding) is refused rather than answered wrong.
 
-Presses (:func:`press`): the model's cache becomes a :class:`~attnzoo.integrations.hf_cache.PressedCache`, a
-transformers ``Cache`` whose layers hold attnzoo KV caches compressed by the press, so the memory the model holds
-really shrinks; the attention function prefills and steps each layer's :class:`attnzoo.DecodeState` (see
-:func:`attend_pressed`).
+Attnzoo's own decoding states as the model's cache (:func:`decoding`): the model's cache becomes a
+:class:`~attnzoo.integrations.hf_cache.PressedCache`, a transformers ``Cache`` whose layers each hold the
+:class:`attnzoo.DecodeState` of the layer's method (a ring of ``window + 1`` slots for ``sliding_window``, a
+fixed-size state for linear methods, a ``KVCache`` for the softmax family), so the model holds what attnzoo holds and
+nothing else; the attention function prefills and steps each layer's state (see :func:`attend_pressed`). Presses
+(:func:`press`) are the same with the KV caches compressed by the press, so the memory the model holds really
+shrinks.
 """
 
 from __future__ import annotations
@@ -121,9 +124,7 @@ def attention_function(method: str) -> Any:
         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
         is_causal: bool | None = None, **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        setting = getattr(module, "attnzoo_settings", {}).get(method)
-        if setting is None:
-            setting = LayerSetting(method, dict(getattr(getattr(module, "config", None), "attnzoo_params", None) or {}))
+        setting = layer_setting(module, method)
         name, params = setting.method, setting.params
         if dropout:
             raise fail("dropout", f"0 (attnzoo methods have no attention dropout; method {name!r})", dropout)
@@ -133,6 +134,15 @@ def attention_function(method: str) -> Any:
 
     attnzoo_attention.__name__ = attnzoo_attention.__qualname__ = f"attnzoo_{method}_attention"
     return attnzoo_attention
+
+
+def layer_setting(module: torch.nn.Module, method: str) -> LayerSetting:
+    """What ``module`` computes under ``attn_implementation="attnzoo_<method>"``: its :func:`configure` setting, or
+    ``method`` with the parameters in ``config.attnzoo_params`` (a model set up by name)."""
+    setting = getattr(module, "attnzoo_settings", {}).get(method)
+    if setting is None:
+        setting = LayerSetting(method, dict(getattr(getattr(module, "config", None), "attnzoo_params", None) or {}))
+    return setting
 
 
 def attend(
@@ -188,7 +198,8 @@ def padding_spans(mask: torch.Tensor, causal: bool, method: str) -> tuple[torch.
 def decodes_through_state(m: Method, causal: bool, q: torch.Tensor) -> bool:
     """Whether a call runs through ``attnzoo.prefill``/``step``: a causal, gradient-free call of a method that
     decodes through a fixed-size state, or through its own KV cache when it cannot read transformers' cache (no
-    ``cross/causal`` pattern: momentum, URPE, neighbourhoods, ... — the transformers cache then holds the keys too)."""
+    ``cross/causal`` pattern: momentum, URPE, neighbourhoods, ... — the transformers cache then holds the keys too;
+    :func:`decoding` avoids that copy)."""
     if not causal or m.decoder is None or m.decoder.token_params or (torch.is_grad_enabled() and q.requires_grad):
         return False
     return not m.decoder.kv_cache or "cross/causal" not in m.spec.patterns
@@ -215,8 +226,8 @@ def attend_with_state(
 
 def pressed_layer(module: torch.nn.Module, k: torch.Tensor) -> PressedLayer | None:
     """The :class:`~attnzoo.integrations.hf_cache.PressedLayer` whose update gave this call's keys ``k``, or None
-    when the call is not pressed (no :func:`press`, or a call without a cache)."""
-    pressing: Pressing | None = getattr(module, "attnzoo_press", None)
+    when the call is not served by one (no :func:`decoding` or :func:`press`, or a call without a cache)."""
+    pressing: Decoding | None = getattr(module, "attnzoo_press", None)
     if pressing is None or pressing.cache is None:
         return None
     layers = pressing.cache.layers
@@ -232,10 +243,11 @@ def attend_pressed(
     scale: float | None, params: dict[str, Any],
 ) -> torch.Tensor:
     """One call through a pressed cache layer: its first call prefills the layer's state (left padding shifted away,
-    the press compressing the prompt's cache), later ones continue it by the new tokens (the press's ``step`` after
-    each). The layer stores the state; nothing else keeps the keys. After the prompt the model's mask is not read: the
-    cache's positions say what each query sees (every kept token of its own sequence)."""
-    pressing: Pressing = module.attnzoo_press
+    the press, if any, compressing the prompt's cache), later ones continue it by the new tokens (the press's
+    ``step`` after each). The layer stores the state; nothing else keeps the keys. After the prompt the model's mask
+    is not read: the state says what each query sees (a KV cache's positions: every kept token of its own sequence
+    that the method shows it; a fixed-size state: the sequence so far)."""
+    pressing: Decoding = module.attnzoo_press
     k, v = layer.take()
     if layer.state is None:
         out, state = prefill_padded(m, q, k, v, mask, scale, params, pressing.press, module.layer_idx)
@@ -335,14 +347,15 @@ def check_serves(m: Method, module: torch.nn.Module, model: torch.nn.Module) -> 
 
 
 @dataclass
-class Pressing:
-    """A :func:`press` in progress: the ``press``, whether it is ``active`` (the block is running), the ``cache``
-    the latest pressed call used (a :class:`~attnzoo.integrations.hf_cache.PressedCache`, or None after a call
-    without a cache), and per layer, after the latest call, ``full_bytes`` (what transformers' own ``DynamicCache``
-    would hold for the same tokens: every column's keys and values) and ``pressed_bytes`` (what the model's cache
-    really holds: the layer's attnzoo cache, storage capacity and positions included)."""
+class Decoding:
+    """A :func:`decoding` (or :func:`press`) in progress: the ``press`` (None: the methods' own decoding states,
+    uncompressed), whether it is ``active`` (the block is running), the ``cache`` the latest call used (a
+    :class:`~attnzoo.integrations.hf_cache.PressedCache`, or None after a call without a cache), and per layer, after
+    the latest call, ``full_bytes`` (what transformers' own ``DynamicCache`` would hold for the same tokens: every
+    column's keys and values) and ``pressed_bytes`` (what the model's cache really holds: the layer's attnzoo state,
+    storage capacity and positions included)."""
 
-    press: Press
+    press: Press | None
     active: bool = True
     cache: PressedCache | None = None
     full_bytes: dict[int, int] = field(default_factory=dict)
@@ -354,46 +367,67 @@ class Pressing:
 
     @property
     def ratio(self) -> float:
-        """Bytes the pressed caches hold over those of the full ones (all layers)."""
+        """Bytes the model's caches hold over those of the full ones (all layers)."""
         return sum(self.pressed_bytes.values()) / max(sum(self.full_bytes.values()), 1)
 
 
 @contextmanager
-def press(model: torch.nn.Module, press: Press) -> Iterator[Pressing]:
+def press(model: torch.nn.Module, press: Press) -> Iterator[Decoding]:
     """Within the block, ``model``'s KV cache is an attnzoo cache compressed by ``press``: its memory really shrinks.
 
     ``with azhf.press(model, SnapKVPress(compression_ratio=0.5)) as pressed: model.generate(...)``; then
     ``pressed.full_bytes`` / ``pressed.pressed_bytes`` give each layer's cache bytes without and with the press, and
     ``pressed.cache`` is the cache the model held (``generate(..., return_dict_in_generate=True)`` returns it too).
 
-    A forward pre-hook on ``model`` (PyTorch's ``register_forward_pre_hook``) gives each gradient-free call that
-    would start a cache (``cache``/``past_key_values`` None with ``use_cache``, or the empty ``DynamicCache`` that
-    ``generate()`` creates) a :class:`~attnzoo.integrations.hf_cache.PressedCache` instead; a call may also continue
-    one from an earlier pressed call. Each layer of it holds an :class:`attnzoo.DecodeState`: the prompt runs
-    ``attnzoo.prefill(..., press=press, layer=layer_idx)`` (left padding shifted away, so each sequence's positions
-    stay its true positions after compression), each later token ``attnzoo.step`` (the press's ``step`` after it).
-    Per-head budgets (``AdaKVPress``: a ragged cache) and decoding-time presses (``DecodingPress``) work the same way.
-    A model not on an attnzoo implementation attends by ``softmax`` within the block, and gets its implementation
-    back after it. Refused: layers attending by a method that does not decode through a KV cache, sliding-window
-    layers, a call given another non-empty cache, and (by the cache) beam search and rollbacks.
+    :func:`decoding` with a press: the prompt runs ``attnzoo.prefill(..., press=press, layer=layer_idx)`` (left
+    padding shifted away, so each sequence's positions stay its true positions after compression), each later token
+    ``attnzoo.step`` (the press's ``step`` after it). Per-head budgets (``AdaKVPress``: a ragged cache) and
+    decoding-time presses (``DecodingPress``) work the same way. Refused besides what :func:`decoding` refuses: layers
+    attending by a method that does not decode through a KV cache.
     """
     if not isinstance(press, Press):
         raise fail("press", "a Press (attnzoo.kv.presses)", type(press).__name__)
+    with decoding(model, press) as pressing:
+        yield pressing
+
+
+@contextmanager
+def decoding(model: torch.nn.Module, press: Press | None = None) -> Iterator[Decoding]:
+    """Within the block, ``model``'s cache is attnzoo's own decoding state, layer by layer, and nothing else.
+
+    ``with azhf.decoding(model) as dec: model.generate(...)``: a ``sliding_window`` layer holds its ring of
+    ``window + 1`` slots (constant memory as generation goes on), a linear-family layer (``linear``, ``lightning``,
+    ``hedgehog``, ...) its fixed-size state, a softmax-family layer its ``KVCache``, and methods that cannot read
+    transformers' cache (``momentum``, ``urpe``, ``neighborhood``, ...) their own cache, with no copy of the keys
+    beside it. ``dec.cache`` is the cache the latest call used (``azhf.cache_bytes(dec.cache)`` its bytes);
+    ``dec.pressed_bytes`` / ``dec.full_bytes`` give each layer's bytes held and what a ``DynamicCache`` would hold.
+    ``press``: compress the KV caches too (what :func:`press` does).
+
+    A forward pre-hook on ``model`` (PyTorch's ``register_forward_pre_hook``) gives each gradient-free call that
+    would start a cache (``cache``/``past_key_values`` None with ``use_cache``, or the empty ``DynamicCache`` that
+    ``generate()`` creates) a :class:`~attnzoo.integrations.hf_cache.PressedCache` instead; a call may also continue
+    one from an earlier call within the block. Each layer of it holds an :class:`attnzoo.DecodeState`: the prompt runs
+    ``attnzoo.prefill`` (left padding shifted away), each later token ``attnzoo.step`` (see :func:`attend_pressed`).
+    A model not on an attnzoo implementation attends by ``softmax`` within the block, and gets its implementation
+    back after it. Refused: layers attending by a method that does not decode (or needs per-token parameters),
+    sliding-window layers of the model itself (``sliding_window`` in its config), a call given another non-empty
+    cache, and (by the cache) beam search and rollbacks.
+    """
     before = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if not str(before).startswith(PREFIX):
         configure(model, "softmax")
     name = model.config._attn_implementation.removeprefix(PREFIX)
     modules = attention_modules(model)
     for x in modules:
-        method = get(x.attnzoo_settings[name].method if name in getattr(x, "attnzoo_settings", {}) else name)
-        if x.is_causal and (method.decoder is None or not method.decoder.kv_cache):
-            cached = ", ".join(n for n in decoding_methods() if get(n).decoder.kv_cache)
-            raise fail("press", f"a model attending by a method that decodes through a KV cache ({cached})",
-                       f"layer {x.layer_idx} attending by {method.name!r}")
+        setting = layer_setting(x, name)
+        if x.is_causal:
+            check_decodes(get(setting.method), x.layer_idx, press)
         if getattr(x, "sliding_window", None) is not None:
-            raise fail("model", "full-attention layers under a press (a pressed cache keeps what the press keeps)",
+            under = "a press" if press is not None else "attnzoo decoding"
+            raise fail("model", f"full-attention layers under {under} (its cache keeps what the method and press "
+                       "keep; configure the sliding_window method instead)",
                        f"layer {x.layer_idx} with a sliding window of {x.sliding_window}")
-    pressing = Pressing(press)
+    pressing = Decoding(press)
 
     hook = model.register_forward_pre_hook(partial(use_pressed_cache, pressing), with_kwargs=True)
     for x in modules:
@@ -409,10 +443,24 @@ def press(model: torch.nn.Module, press: Press) -> Iterator[Pressing]:
             model.set_attn_implementation(before)
 
 
+def check_decodes(method: Method, layer: int, press: Press | None) -> None:
+    """Raise if a causal layer attending by ``method`` cannot keep its cache as an attnzoo decoding state: the method
+    must decode without per-token parameters (a model's call passes none per token), through a KV cache under a
+    ``press``."""
+    if press is not None and (method.decoder is None or not method.decoder.kv_cache):
+        cached = ", ".join(n for n in decoding_methods() if get(n).decoder.kv_cache)
+        raise fail("press", f"a model attending by a method that decodes through a KV cache ({cached})",
+                   f"layer {layer} attending by {method.name!r}")
+    if method.decoder is None or method.decoder.token_params:
+        able = ", ".join(n for n in decoding_methods() if not get(n).decoder.token_params)
+        raise fail("method", f"a method that decodes without per-token parameters ({able})",
+                   f"layer {layer} attending by {method.name!r}")
+
+
 def use_pressed_cache(
-    pressing: Pressing, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+    pressing: Decoding, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The forward pre-hook of :func:`press`: a call that would start a cache gets a new pressed cache (a
+    """The forward pre-hook of :func:`decoding`: a call that would start a cache gets a new pressed cache (a
     gradient-free call with ``use_cache``, given no cache or ``generate()``'s empty ``DynamicCache``); a call given a
     pressed cache continues it; any other cache is refused. ``pressing.cache`` is the call's pressed cache (or None)."""
     from attnzoo.integrations.hf_cache import PressedCache
@@ -429,7 +477,8 @@ def use_pressed_cache(
         given = kwargs[key] = PressedCache(pressing)
     if not isinstance(given, PressedCache):
         raise fail("cache", "None, an empty DynamicCache (what generate() starts with) or the cache of an earlier "
-                   "pressed call", f"a {type(given).__name__} of {given.get_seq_length()} tokens")
+                   "pressed call (or call within azhf.decoding)",
+                   f"a {type(given).__name__} of {given.get_seq_length()} tokens")
     given.pressing = pressing
     pressing.cache = given
     return args, kwargs
