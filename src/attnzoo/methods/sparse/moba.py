@@ -1,0 +1,177 @@
+"""D1 — MoBA: mixture of block attention, each query token routed to its top-k key blocks.
+
+Paper: "MoBA: Mixture of Block Attention for Long-Context LLMs" (Lu et al., arXiv:2502.13189); reference code
+github.com/MoonshotAI/MoBA (``moba_naive.py``, the mask-based reference, and ``moba_efficient.py``). Follow-up:
+"Optimizing Mixture of Block Attention" (Xiao et al., arXiv:2511.11571, FlashMoBA).
+
+Formula as implemented (causal self-attention, the only pattern MoBA defines): the keys are cut into blocks of
+``block_size`` (the last one may be partial). Query token ``i`` (position ``i``, own block ``c = ⌊i / block_size⌋``)
+scores every block by its gate ``g_ij = q_i · mean(K_j)`` (the mean over the block's real keys, per KV head: a
+query head reads the means of its GQA group's KV head, no copies; unscaled, computed in float32 as MoBA does). Future
+blocks (``j > c``) are excluded, the own block ``c`` is always selected and counted in ``top_k``, and the other
+``top_k − 1`` are the past blocks of largest gate (fewer when fewer exist; ``top_k`` larger than the number of blocks
+is clamped, as ``min(moba_topk, num_block)`` in MoBA's reference). The query then attends with one softmax to the
+keys of its selected blocks, with the token-level causal mask (inside its own block it sees keys ``≤ i``)::
+
+    O_i = softmax_j∈S(i), j≤i (scale · q_i·k_j) V,   S(i) = own block ∪ top_{k−1} past blocks by q_i · mean(K_b)
+
+Ties in the gate are broken by ``torch.topk`` (deterministic for given inputs on a device). The selection is per
+query token and per query head (MoBA's gate has one row per token and head), returned by :func:`select` as a
+:class:`~attnzoo.kernels.selection.BlockSelection` with ``block_q = 1`` that users can inspect, plot and reuse.
+
+Defaults ``block_size=512, top_k=3``: the paper's main configuration (its scaling-law models: 8K context, blocks of
+512, top-3, 81.25% sparsity); the public code's example runs Llama-3.1-8B with blocks of 4096 and top-12.
+
+Not included: the short key convolution of arXiv:2511.11571 (a learned depthwise causal convolution over the keys
+before routing, to cluster related keys). It has learned weights, so it belongs to the model's projections, not to
+this functional mechanism: convolve the keys before calling ``moba`` to get it. No user mask or bias (MoBA has
+neither); only the ``self/causal`` pattern (MoBA defines no noncausal form).
+
+Reference (:func:`reference`): the selection computed by :func:`select` from the same inputs (the same rule; it
+needs no fast code), expanded to a dense token mask (:meth:`BlockSelection.dense`) AND causal, then a dense masked
+softmax. Fast path ``torch`` (:func:`torch_routed`): :func:`select`, then :func:`attnzoo.kernels.routed.
+routed_attention`, which groups the (query, key block) pairs by key block as MoBA's efficient kernel does: time
+``O(N·top_k·block_size·d)``, memory ``O(N·top_k·block_size)``, autograd. Fast path ``flex`` (:func:`flex_routed`):
+FlexAttention with a mask predicate reading the selection (its block mask built per call).
+
+Decoding (:data:`DECODER`): :func:`decode_prefill` runs the torch path causally over the prompt and keeps a plain
+:class:`~attnzoo.kv.cache.KVCache`; :func:`decode_step` appends the new tokens, computes the block means of the
+cached keys (blocks by position), selects for each new query with the same rule (:func:`route`) and attends over the
+slots of its selected blocks (:func:`attnzoo.kv.attend.softmax_attention`): exactly the causal forward's rows, since
+a query's past blocks are complete and its own block is forced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnzoo.kernels import flex
+from attnzoo.kernels.blockwise import grouped_logits
+from attnzoo.kernels.routed import routed_attention
+from attnzoo.kernels.selection import BlockSelection, block_means
+from attnzoo.kv.attend import softmax_attention
+from attnzoo.kv.cache import KVCache
+from attnzoo.methods.common import masked_attention, visible
+from attnzoo.registry import Backend, Call, Decoder, MethodSpec, Param, TestHints, register
+
+
+def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
+    return {"block_size": int(torch.randint(1, 9, (), generator=generator)),
+            "top_k": int(torch.randint(1, 5, (), generator=generator))}
+
+
+SPEC = MethodSpec(
+    name="moba",
+    family="sparse",
+    mechanism="D1",
+    paper="MoBA: Mixture of Block Attention for Long-Context LLMs",
+    arxiv="2502.13189",
+    summary="each query attends to its own block and the top-k−1 past blocks by q·mean(block keys)",
+    exact=False,
+    patterns=frozenset({"self/causal"}),
+    params=(
+        Param("block_size", (int,), 512, "keys per block (the last block may be partial)", low=1),
+        Param("top_k", (int,), 3, "blocks per query, its own block included (clamped to the number of blocks)",
+              low=1),
+    ),
+    complexity="O(N·top_k·block_size·d + N²d/block_size) time (attention + gate), O(N·top_k·block_size) memory",
+    supports_mask=False,
+    supports_bias=False,
+    subquadratic_memory=True,
+    tests=TestHints(sample_params=_sample),
+)
+
+
+def route(gate: torch.Tensor, own: torch.Tensor, top_k: int) -> torch.Tensor:
+    """MoBA's routing rule: ``gate (B, H, T, Nk)`` block scores, ``own (·, ·, T, 1)`` each query's own block (negative:
+    the query sees nothing). Returns ``(B, H, T, min(top_k, Nk))`` int64 block indices, ``-1`` in unused slots: the own
+    block first, then the past blocks (``j < own``) of largest gate; future blocks never."""
+    blocks = torch.arange(gate.shape[-1], device=gate.device)
+    key = gate.float().masked_fill(blocks > own, float("-inf")).masked_fill(blocks == own, float("inf"))
+    values, idx = key.topk(min(top_k, gate.shape[-1]), dim=-1)
+    return idx.masked_fill(values == float("-inf"), -1)
+
+
+def select(q: torch.Tensor, k: torch.Tensor, *, block_size: int, top_k: int) -> BlockSelection:
+    """The blocks each query token of a causal call sees: ``BlockSelection`` with ``block_q = 1`` and
+    ``indices (B, H, Sq, min(top_k, Nk))`` (the gate of the module docstring, with bottom-right causal positions)."""
+    sq, skv = q.shape[2], k.shape[2]
+    means = block_means(k.detach().float(), block_size)  # (B, Hkv, Nk, D)
+    gate = grouped_logits(q.detach().float(), means, 1.0)  # (B, H, Sq, Nk)
+    own = ((torch.arange(sq, device=q.device) + skv - sq).div(block_size, rounding_mode="floor")).view(-1, 1)
+    return BlockSelection(route(gate, own, top_k), 1, block_size, sq, skv)
+
+
+def reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, block_size: int, top_k: int,
+) -> torch.Tensor:
+    seen = select(q, k, block_size=block_size, top_k=top_k).dense(q.shape[1]) & visible(causal, None, q, k)
+    return masked_attention(q, k, v, seen, scale, mask, bias)
+
+
+def torch_routed(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, block_size: int, top_k: int,
+) -> torch.Tensor:
+    selection = select(q, k, block_size=block_size, top_k=top_k)
+    return routed_attention(q, k, v, selection, scale=scale, causal=causal)
+
+
+def flex_routed(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, block_size: int, top_k: int,
+) -> torch.Tensor:
+    blocks = select(q, k, block_size=block_size, top_k=top_k).blocks()  # (B, H, Sq, Nk), one row per token
+    offset = k.shape[2] - q.shape[2]
+
+    def moba_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return blocks[b, h, q_idx, kv_idx // block_size] & (kv_idx <= q_idx + offset)
+
+    bm = flex.create_block_mask(moba_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], device=q.device)
+    return flex.attention(q, k, v, scale=scale, block_mask=bm)
+
+
+def decode_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, block_size: int, top_k: int,
+    lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, KVCache]:
+    """Causal MoBA over a (right-padded) prompt and the cache of its keys and values."""
+    out = torch_routed(q, k, v, causal=True, scale=scale, mask=None, bias=None, block_size=block_size, top_k=top_k)
+    return out, KVCache.from_prompt(k, v, lengths)
+
+
+def cache_block_means(cache: KVCache, block_size: int) -> torch.Tensor:
+    """``(B, Hkv, Nk, D)`` float32: the mean of the cached keys of each block of positions (``Nk`` covers the longest
+    sequence; a block with no cached key gets 0)."""
+    b, hkv, _, d = cache.keys.shape
+    nk = max(1, -(-int(cache.length.max()) // block_size))
+    block = torch.where(cache.positions >= 0, cache.positions.long() // block_size, nk)  # empty slots: column nk
+    index = block.unsqueeze(-1).expand(-1, -1, -1, d)
+    sums = torch.zeros(b, hkv, nk + 1, d, device=cache.keys.device).scatter_add(2, index, cache.keys.float())
+    counts = torch.zeros(b, hkv, nk + 1, device=cache.keys.device).scatter_add(
+        2, block, torch.ones_like(block, dtype=torch.float32))
+    return (sums / counts.clamp_min(1).unsqueeze(-1))[:, :, :nk]
+
+
+def decode_step(
+    cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, block_size: int, top_k: int,
+) -> tuple[torch.Tensor, KVCache]:
+    """``T`` tokens per sequence: append them, select each new query's blocks over the cache, attend over them."""
+    cache = cache.append(k, v)
+    heads, tokens = q.shape[1], q.shape[2]
+    gate = grouped_logits(q.float(), cache_block_means(cache, block_size), 1.0)  # (B, H, T, Nk)
+    own = cache.query_positions(tokens).long().div(block_size, rounding_mode="floor")  # (B, 1, T, 1)
+    chosen = route(gate, own, top_k)  # (B, H, T, K)
+    slot_block = cache.key_positions(heads).long()  # (B, H, 1, L); empty slots (-1) are hidden by the attention
+    slot_block = torch.where(slot_block >= 0, slot_block.div(block_size, rounding_mode="floor"), -2)
+    seen = (slot_block.unsqueeze(-1) == chosen.unsqueeze(3)).any(-1)  # (B, H, T, L)
+    return softmax_attention(cache, q, scale, seen), cache
+
+
+DECODER = Decoder(decode_prefill, decode_step, kv_cache=True, chunked=True)
+
+register(SPEC, reference, [Backend("torch", torch_routed), Backend("flex", flex_routed, flex.unavailable_masked)],
+         DECODER)
