@@ -2,39 +2,228 @@
 
 A selection whose rows are single tokens (``block_q = 1``: MoBA routes every query token to its own ``top_k`` key
 blocks) has no query blocks to gather key blocks for: gathering ``top_k`` key blocks per token would copy
-``N·top_k·block_k·d`` keys. Instead, as MoBA's efficient kernel and FlashMoBA do, the (query token, key block)
-pairs are grouped by key block: each key block meets the queries that chose it, like an expert meets its tokens in
-a mixture of experts. Here the queries of a group are cut into tiles of :data:`TILE` rows (the last tile of a group
-padded), so that one batched matmul computes every tile's scores against its key block. The softmax over each query's
-selected keys is exact: its row maximum and normaliser are gathered across the tiles holding the query
-(``scatter_reduce``/``index_add`` per query), and the outputs are added back per query. Time
-``O(pairs·block_k·d)``, memory ``O(pairs·block_k)``; autograd through plain torch ops.
+``N·top_k·block_k·d`` keys. Instead, as MoBA's efficient kernel does, the (query token, key block) pairs are grouped
+by key block: each key block meets the queries that chose it, as an expert meets its tokens in a mixture of experts.
+The pairs are sorted by ``(batch, KV head, key block)``, the queries gathered once in that order, and each group is
+one attention call of its queries against its key block, read in place (no K/V copies; the query heads of a GQA
+group share the group's blocks). Pairs whose block needs the token-level mask (a causal block not wholly before
+the query, a ragged last block) form groups of their own with a mask. When every query selects its own block under
+a causal self-attention call (MoBA), those diagonal pairs are instead one causal call over the diagonal blocks (no
+mask tensor).
 
-The causal mask is token-level inside the selected blocks (query ``i`` sees key ``j ≤ i + seq_kv − seq_q``); keys
-past ``seq_kv`` in a ragged last block are never seen; a query with nothing selected (or nothing visible) gives 0.
+Each call returns its rows' outputs and log-sum-exps; each query's rows are merged exactly
+(``L = log Σ exp(lse_r)``, ``O = Σ exp(lse_r − L)·o_r``, a scatter per query).
+
+- CPU with ``D == Dv`` (:class:`_Routed`): the calls are PyTorch's CPU flash kernel
+  (``aten._scaled_dot_product_flash_attention_for_cpu``, what SDPA dispatches to); the backward pass is the
+  ring-attention identity, as :mod:`attnzoo.kernels.union`: each call's kernel backward gets ``dO`` and the *global*
+  ``O`` and ``L`` of its rows, so its ``dQ``/``dK``/``dV`` is its exact share, scatter-added. Saved: Q, K, V, O, L.
+- elsewhere (:func:`_groups_torch`): the same groups in plain torch ops with autograd.
+
+Time ``O(pairs·block_k·d)`` plus a Python step per non-empty group (``B·Hkv·⌈Skv/block_k⌉`` at most); memory
+``O(pairs·d)``. The causal mask is token-level inside the selected blocks (query ``i`` sees key
+``j ≤ i + seq_kv − seq_q``); keys past ``seq_kv`` are never seen; a query with nothing selected or visible gives 0.
+Masked logits are a large finite negative (never NaN); a row that sees nothing is zeroed after the merge.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
+from attnzoo.kernels.block_sparse import flash_cpu, flash_cpu_backward
 from attnzoo.kernels.selection import BlockSelection
 
-TILE = 64
+
+@dataclass(frozen=True)
+class _Plan:
+    """The pairs sorted by group: ``row (P,)`` each pair's query row in ``(B·H·Sq)`` order; ``groups``: per non-empty
+    group ``(start, end, key block in (B·Hkv·Nk) order, additive mask (1, 1, end − start, block_k) or None)``;
+    ``diagonal``: the causal diagonal blocks are attended by one extra call; ``shape`` = ``(B, H, Hkv, Sq, Nk)``."""
+
+    row: torch.Tensor
+    groups: list[tuple[int, int, int, torch.Tensor | None]]
+    diagonal: bool
+    shape: tuple[int, int, int, int, int]
+
+    @property
+    def rows(self) -> int:
+        b, h, _, sq, _ = self.shape
+        return b * h * sq
 
 
-def _pairs(selection: BlockSelection, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every selected (query row, key block) pair: the row in ``(B·heads·seq_q)`` order and the key block."""
+def _plan(selection: BlockSelection, b: int, h: int, hkv: int, causal: bool, dtype: torch.dtype,
+          device: torch.device, split_diagonal: bool) -> _Plan:
+    sq, skv, bk, nb = selection.seq_q, selection.seq_kv, selection.block_k, selection.num_kv_blocks
     idx = selection.indices
-    if idx.shape[1] != heads:
-        idx = idx.repeat_interleave(heads // idx.shape[1], dim=1)
+    if idx.shape[1] != h:
+        idx = idx.repeat_interleave(h // idx.shape[1], dim=1)
     if selection.block_q != 1:
-        idx = idx.repeat_interleave(selection.block_q, dim=2)[:, :, : selection.seq_q]
+        idx = idx.repeat_interleave(selection.block_q, dim=2)[:, :, :sq]
     slots = idx.shape[-1]
     flat = idx.reshape(-1)
     kept = (flat >= 0).nonzero().squeeze(1)
-    return kept // slots, flat[kept]
+    row, block = kept // slots, flat[kept]
+    query_pos = row % sq + skv - sq
+    own = block == query_pos.div(bk, rounding_mode="floor")
+    # every query sees its own block (MoBA): the causal diagonal blocks run as one causal call, no mask
+    diagonal = split_diagonal and causal and sq == skv and int(own.sum()) == b * h * sq
+    if diagonal:
+        row, block, query_pos = row[~own], block[~own], query_pos[~own]
+    last_key = torch.clamp((block + 1) * bk, max=skv) - 1
+    needs_mask = (block + 1) * bk > skv
+    if causal:
+        needs_mask = needs_mask | (last_key > query_pos)
+    n_groups = b * hkv * nb
+    group = ((row // (h * sq)) * hkv + (row // sq) % h // (h // hkv)) * nb + block
+    key = group + needs_mask.long() * n_groups  # masked pairs in groups of their own
+    order = key.argsort(stable=True)
+    row, key = row[order], key[order]
+    counts = torch.bincount(key, minlength=2 * n_groups).tolist()
+    groups: list[tuple[int, int, int, torch.Tensor | None]] = []
+    start = 0
+    for g, count in enumerate(counts):
+        if not count:
+            continue
+        mask = None
+        if g >= n_groups:
+            key_pos = (g % nb) * bk + torch.arange(bk, device=device)
+            seen = (key_pos < skv).expand(count, bk)
+            if causal:
+                seen = seen & (key_pos <= (row[start: start + count] % sq + skv - sq).unsqueeze(1))
+            mask = torch.zeros(1, 1, count, bk, dtype=dtype, device=device).masked_fill(
+                ~seen, -torch.finfo(dtype).max / 2)
+        groups.append((start, start + count, g % n_groups, mask))
+        start += count
+    return _Plan(row, groups, diagonal, (b, h, hkv, sq, nb))
+
+
+def _blocks(x: torch.Tensor, nb: int, bk: int) -> torch.Tensor:
+    """``(B, Hkv, S, ·)`` as ``(B·Hkv·Nk, block_k, ·)`` key/value blocks (the ragged last one zero-padded)."""
+    return F.pad(x, (0, 0, 0, nb * bk - x.shape[2])).reshape(-1, bk, x.shape[-1])
+
+
+def _diagonal_rows(x: torch.Tensor, plan: _Plan, bk: int) -> torch.Tensor:
+    """Per-row ``(B·H·Sq, ·)`` tensor as causal diagonal blocks ``(B·H·Nk, 1, block_k, ·)`` (ragged tail padded)."""
+    b, h, _, sq, nb = plan.shape
+    return F.pad(x[: plan.rows].view(b * h, sq, -1), (0, 0, 0, nb * bk - sq)).view(b * h * nb, 1, bk, -1)
+
+
+def _diagonal_kv(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Key/value blocks ``(B·Hkv·Nk, block_k, ·)`` as the query heads' diagonal blocks ``(B·H·Nk, 1, block_k, ·)``
+    (a GQA group's heads read copies of their KV head's blocks: the diagonal only, O(N·d) per head)."""
+    b, h, hkv, _, nb = plan.shape
+    x = x.view(b, hkv, 1, nb, *x.shape[1:])
+    return x.expand(b, hkv, h // hkv, *x.shape[3:]).reshape(b * h * nb, 1, *x.shape[4:])
+
+
+def _from_diagonal(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """The inverse of :func:`_diagonal_rows`: ``(B·H·Sq, ·)``."""
+    b, h, _, sq, _ = plan.shape
+    return x.reshape(b * h, -1, x.shape[-1])[:, :sq].reshape(plan.rows, x.shape[-1])
+
+
+def _merge(row: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, rows: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per query row, the exact merge of its partial ``out (P, Dv)``/``lse (P,)``: ``(O, L, dead)``, ``dead`` the rows
+    that saw no key (their ``O`` is 0)."""
+    acc = lse.dtype
+    top = torch.full((rows,), float("-inf"), dtype=acc, device=out.device).scatter_reduce(0, row, lse.detach(), "amax")
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weight = torch.exp(lse - top[row])
+    total = torch.zeros(rows, dtype=acc, device=out.device).index_add(0, row, weight)
+    merged_lse = top + torch.log(total)
+    dead = ~(merged_lse > -torch.finfo(acc).max / 4)
+    weight = weight / total.clamp_min(torch.finfo(acc).tiny)[row] * ~dead[row]
+    merged = torch.zeros(rows, out.shape[-1], dtype=acc, device=out.device).index_add(
+        0, row, out.to(acc) * weight.unsqueeze(1))
+    return merged, merged_lse, dead
+
+
+class _Routed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q_rows: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, scale: float,
+                plan: _Plan) -> torch.Tensor:
+        acc = torch.promote_types(q_rows.dtype, torch.float32)
+        d, dv = q_rows.shape[-1], v_blocks.shape[-1]
+        q_sorted = q_rows[plan.row]
+        pairs = plan.row.shape[0]
+        extra = plan.rows if plan.diagonal else 0  # the diagonal call's rows go last
+        pair_out = q_rows.new_empty(pairs + extra, dv)
+        pair_lse = q_rows.new_empty(pairs + extra, dtype=acc)
+        for start, end, block, mask in plan.groups:
+            o, lse = flash_cpu(q_sorted[start:end].view(1, 1, end - start, d), k_blocks[block].view(1, 1, -1, d),
+                               v_blocks[block].view(1, 1, -1, dv), 0.0, False, attn_mask=mask, scale=scale)
+            pair_out[start:end] = o.view(end - start, dv)
+            pair_lse[start:end] = lse.view(end - start)
+        row = plan.row
+        if plan.diagonal:
+            bk = k_blocks.shape[1]
+            o, lse = flash_cpu(_diagonal_rows(q_rows, plan, bk), _diagonal_kv(k_blocks, plan),
+                               _diagonal_kv(v_blocks, plan), 0.0, True, scale=scale)
+            pair_out[pairs:] = _from_diagonal(o, plan)
+            pair_lse[pairs:] = _from_diagonal(lse.unsqueeze(-1), plan).squeeze(1)
+            row = torch.cat([row, torch.arange(plan.rows, device=row.device)])
+        out, lse, dead = _merge(row, pair_out, pair_lse, plan.rows)
+        out = out.to(q_rows.dtype)
+        ctx.save_for_backward(q_rows, k_blocks, v_blocks, out, lse, dead)
+        ctx.scale, ctx.plan = scale, plan
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q_rows, k_blocks, v_blocks, out, lse, dead = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        d, dv = q_rows.shape[-1], v_blocks.shape[-1]
+        grad = grad.masked_fill(dead.unsqueeze(1), 0)
+        dk, dv_ = torch.zeros_like(k_blocks), torch.zeros_like(v_blocks)
+        q_sorted, grad_sorted, out_sorted, lse_sorted = (x[plan.row] for x in (q_rows, grad, out, lse))
+        dq_sorted = torch.empty_like(q_sorted)
+        for start, end, block, mask in plan.groups:
+            n = end - start
+            dqg, dkg, dvg = flash_cpu_backward(
+                grad_sorted[start:end].view(1, 1, n, dv), q_sorted[start:end].view(1, 1, n, d),
+                k_blocks[block].view(1, 1, -1, d), v_blocks[block].view(1, 1, -1, dv),
+                out_sorted[start:end].view(1, 1, n, dv), lse_sorted[start:end].view(1, 1, n), 0.0, False,
+                attn_mask=mask, scale=ctx.scale)
+            dq_sorted[start:end] = dqg.view(n, d)
+            dk[block] += dkg.view(-1, d)
+            dv_[block] += dvg.view(-1, dv)
+        dq = torch.zeros_like(q_rows).index_add_(0, plan.row, dq_sorted)
+        if plan.diagonal:
+            b, h, hkv, _, nb = plan.shape
+            bk = k_blocks.shape[1]
+            dqd, dkd, dvd = flash_cpu_backward(
+                _diagonal_rows(grad, plan, bk), _diagonal_rows(q_rows, plan, bk), _diagonal_kv(k_blocks, plan),
+                _diagonal_kv(v_blocks, plan), _diagonal_rows(out, plan, bk),
+                _diagonal_rows(lse.unsqueeze(1), plan, bk).squeeze(-1), 0.0, True, scale=ctx.scale)
+            dq += _from_diagonal(dqd, plan)
+            dk += dkd.view(b, hkv, h // hkv, nb, bk, d).sum(2).view(dk.shape)
+            dv_ += dvd.view(b, hkv, h // hkv, nb, bk, dv).sum(2).view(dv_.shape)
+        return dq, dk, dv_, None, None
+
+
+def _groups_torch(q_rows: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, scale: float,
+                  plan: _Plan) -> torch.Tensor:
+    """The same groups in plain torch ops (autograd; any device; no diagonal split)."""
+    q_sorted = q_rows[plan.row]
+    outs, lses = [], []
+    for start, end, block, mask in plan.groups:
+        s = (q_sorted[start:end] @ k_blocks[block].T) * scale
+        if mask is not None:
+            s = s + mask.view(end - start, -1)
+        lse = torch.logsumexp(s, dim=-1)
+        outs.append(torch.exp(s - lse.unsqueeze(1)) @ v_blocks[block])
+        lses.append(lse)
+    if not outs:
+        return q_rows.new_zeros(plan.rows, v_blocks.shape[-1])
+    out, _, _ = _merge(plan.row, torch.cat(outs), torch.cat(lses), plan.rows)
+    return out.to(q_rows.dtype)
 
 
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: BlockSelection, *,
@@ -42,48 +231,12 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selectio
     """``softmax(scale·q·kᵀ)v`` of ``q (B, H, Sq, D)`` over the keys of ``k (B, Hkv, Skv, D)`` in the blocks that
     ``selection`` gives each query (and, if ``causal``, at or before it): ``(B, H, Sq, Dv)``."""
     b, h, sq, d = q.shape
-    hkv, skv, dv = k.shape[1], k.shape[2], v.shape[-1]
-    bk = selection.block_k
-    nb = selection.num_kv_blocks
-    rows = b * h * sq
-    row, block = _pairs(selection, h)
-    # group = (batch, kv head, key block); pairs sorted by group, then cut into tiles of TILE rows per group
-    head = (row // sq) % h
-    group = ((row // (h * sq)) * hkv + head // (h // hkv)) * nb + block
-    order = group.argsort(stable=True)
-    row, group = row[order], group[order]
-    counts = torch.bincount(group, minlength=b * hkv * nb)
-    tiles = (counts + TILE - 1) // TILE
-    first_pair = counts.cumsum(0) - counts
-    first_tile = tiles.cumsum(0) - tiles
-    n_tiles = int(tiles.sum())
-    rank = torch.arange(row.numel(), device=q.device) - first_pair[group]
-    lane = (first_tile[group] + rank // TILE) * TILE + rank % TILE  # each pair's row in the tiled layout
-    tile_group = torch.repeat_interleave(torch.arange(b * hkv * nb, device=q.device), tiles)
-    lane_row = torch.full((n_tiles * TILE,), rows, dtype=torch.long, device=q.device)  # padding lanes: row `rows`
-    lane_row[lane] = row
-
-    qt = F.pad(q.reshape(rows, d), (0, 0, 0, 1))[lane_row].view(n_tiles, TILE, d)
-    pad = nb * bk - skv
-    kt = F.pad(k, (0, 0, 0, pad)).reshape(b * hkv * nb, bk, d)[tile_group]
-    vt = F.pad(v, (0, 0, 0, pad)).reshape(b * hkv * nb, bk, dv)[tile_group]
-    s = (qt @ kt.transpose(1, 2)) * scale  # (tiles, TILE, bk)
-
-    key_pos = ((tile_group % nb) * bk).view(-1, 1) + torch.arange(bk, device=q.device)  # (tiles, bk)
-    seen = (key_pos < skv).unsqueeze(1) & (lane_row != rows).view(n_tiles, TILE, 1)
-    if causal:
-        query_pos = (lane_row % sq + skv - sq).view(n_tiles, TILE, 1)
-        seen = seen & (key_pos.unsqueeze(1) <= query_pos)
-    s = s.masked_fill(~seen, float("-inf"))
-
-    # exact softmax per query across the tiles holding it: shared maximum (a constant shift), summed normaliser
-    lane_max = s.detach().amax(dim=-1).reshape(-1)
-    top = torch.full((rows + 1,), float("-inf"), dtype=s.dtype, device=q.device)
-    top = top.scatter_reduce(0, lane_row, lane_max, "amax")
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    e = torch.exp(s - top[lane_row].view(n_tiles, TILE, 1))
-    norm = torch.zeros(rows + 1, dtype=s.dtype, device=q.device).index_add(0, lane_row, e.sum(-1).reshape(-1))
-    p = e / norm.clamp_min(torch.finfo(s.dtype).tiny)[lane_row].view(n_tiles, TILE, 1)
-    out = torch.zeros(rows + 1, dv, dtype=q.dtype, device=q.device)
-    out = out.index_add(0, lane_row, (p.to(vt.dtype) @ vt).reshape(-1, dv))
-    return out[:rows].view(b, h, sq, dv)
+    hkv, dv = k.shape[1], v.shape[-1]
+    nb, bk = selection.num_kv_blocks, selection.block_k
+    fused = q.device.type == "cpu" and d == dv
+    plan = _plan(selection, b, h, hkv, causal, q.dtype, q.device, split_diagonal=fused)
+    if not plan.groups and not plan.diagonal:
+        return q.new_zeros(b, h, sq, dv)
+    run = _Routed.apply if fused else _groups_torch
+    out = run(q.reshape(b * h * sq, d), _blocks(k, nb, bk), _blocks(v, nb, bk), scale, plan)
+    return out.view(b, h, sq, dv)
