@@ -127,10 +127,10 @@ def _from_diagonal(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return x.reshape(b * h, -1, x.shape[-1])[:, :sq].reshape(plan.rows, x.shape[-1])
 
 
-def _merge(row: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, rows: int
+def _merge(row: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, rows: int, *, in_place: bool = False
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per query row, the exact merge of its partial ``out (P, Dv)``/``lse (P,)``: ``(O, L, dead)``, ``dead`` the rows
-    that saw no key (their ``O`` is 0)."""
+    that saw no key (their ``O`` is 0). ``in_place``: ``out`` (a scratch buffer, no autograd) is overwritten."""
     acc = lse.dtype
     top = torch.full((rows,), float("-inf"), dtype=acc, device=out.device).scatter_reduce(0, row, lse.detach(), "amax")
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
@@ -139,8 +139,8 @@ def _merge(row: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, rows: int
     merged_lse = top + torch.log(total)
     dead = ~(merged_lse > -torch.finfo(acc).max / 4)
     weight = weight / total.clamp_min(torch.finfo(acc).tiny)[row] * ~dead[row]
-    merged = torch.zeros(rows, out.shape[-1], dtype=acc, device=out.device).index_add(
-        0, row, out.to(acc) * weight.unsqueeze(1))
+    weighted = out.mul_(weight.unsqueeze(1)) if in_place and out.dtype == acc else out.to(acc) * weight.unsqueeze(1)
+    merged = torch.zeros(rows, out.shape[-1], dtype=acc, device=out.device).index_add_(0, row, weighted)
     return merged, merged_lse, dead
 
 
@@ -168,7 +168,7 @@ class _Routed(torch.autograd.Function):
             pair_out[pairs:] = _from_diagonal(o, plan)
             pair_lse[pairs:] = _from_diagonal(lse.unsqueeze(-1), plan).squeeze(1)
             row = torch.cat([row, torch.arange(plan.rows, device=row.device)])
-        out, lse, dead = _merge(row, pair_out, pair_lse, plan.rows)
+        out, lse, dead = _merge(row, pair_out, pair_lse, plan.rows, in_place=True)
         out = out.to(q_rows.dtype)
         ctx.save_for_backward(q_rows, k_blocks, v_blocks, out, lse, dead)
         ctx.scale, ctx.plan = scale, plan
