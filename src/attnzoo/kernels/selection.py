@@ -26,7 +26,8 @@ Rules (all vectorised on the device; no Python loop per row), on block scores ``
   without its MLP); a ragged last block is averaged over its real rows.
 - :func:`group_scores`: scores pooled over the query heads of each KV group (sum, as NSA's shared selection), so a
   rule then gives one selection per group; :func:`shared_by_group`: the union of the group's per-head selections.
-- :func:`allowed_blocks`: the causal block-level visibility the rules use.
+- :func:`allowed_blocks`: the causal block-level visibility the rules use; :func:`random_selection`: a random
+  top-k selection (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ class BlockSelection:
         if idx.shape[-1] < width:  # fewer key blocks than one slot (nk == 0 never happens for a real call)
             idx = torch.nn.functional.pad(idx, (0, width - idx.shape[-1]), value=nk)
         return cls(idx.masked_fill(idx == nk, -1).long(), block_q, block_k, seq_q, seq_kv)
+
+    def to(self, device: torch.device | str) -> BlockSelection:
+        """This selection with its indices on ``device``."""
+        return BlockSelection(self.indices.to(device), self.block_q, self.block_k, self.seq_q, self.seq_kv)
 
     @property
     def num_q_blocks(self) -> int:
@@ -258,6 +263,16 @@ def threshold_blocks(scores: torch.Tensor, tau: float, *, causal: bool, seq_q: i
     # kept slots are a prefix of each row's order except for always-blocks (ranked first anyway): trim to the widest
     return _pack(order[..., :width], keep[..., :width], nk, block_q=block_q, block_k=block_k, seq_q=seq_q,
                  seq_kv=seq_kv)
+
+
+def random_selection(batch: int, heads: int, *, density: float, block_q: int, block_k: int, seq_q: int, seq_kv: int,
+                     causal: bool = False, generator: torch.Generator | None = None) -> BlockSelection:
+    """A random selection of ``round(density · Nk)`` key blocks (at least 1) per query block: :func:`topk_blocks` of
+    uniform scores drawn from ``generator`` (tests and benchmarks)."""
+    nq, nk = _cdiv(seq_q, block_q), _cdiv(seq_kv, block_k)
+    scores = torch.rand(batch, heads, nq, nk, generator=generator)
+    return topk_blocks(scores, max(1, round(density * nk)), causal=causal, seq_q=seq_q, seq_kv=seq_kv,
+                       block_q=block_q, block_k=block_k)
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -92,9 +92,8 @@ def flex_block_mask(
     bias: torch.Tensor | None, selection: BlockSelection,
 ) -> torch.Tensor:
     mod = causal_mod(q.shape[2], k.shape[2]) if causal else None
-    moved = BlockSelection(selection.indices.to(q.device), selection.block_q, selection.block_k, selection.seq_q,
-                           selection.seq_kv)
-    return flex.attention(q, k, v, scale=scale, block_mask=moved.block_mask(q.shape[1], mask_mod=mod))
+    block_mask = selection.to(q.device).block_mask(q.shape[1], mask_mod=mod)
+    return flex.attention(q, k, v, scale=scale, block_mask=block_mask)
 
 
 register(SPEC, reference, [Backend("torch", torch_gathered),
