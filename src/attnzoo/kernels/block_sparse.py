@@ -15,6 +15,10 @@ visible blocks that the user mask keeps. GQA stacks the query heads of a group a
 A user mask/bias is gathered at the chunk's (query, key) pairs (:func:`attnzoo.kernels.band.gather_pairs`); rows with no
 visible key give 0 and zero gradients, never NaN. The dense query tail runs as one autograd SDPA call.
 
+:func:`selected_attention` runs the same chunk machinery over a :class:`~attnzoo.kernels.selection.BlockSelection`
+(a different set of key blocks per batch, head and query block, built on the device per call; the D family's attend
+kernel): its units are ``(batch, head, query block)`` instead of runs, grouped by their number of selected blocks.
+
 Two implementations of the block rows, same chunks:
 - CPU with ``D == Dv`` (forward and training): :class:`_FlashBlocks`, an autograd Function around PyTorch's CPU flash
   kernel (``aten._scaled_dot_product_flash_attention_for_cpu``, the kernel SDPA itself dispatches to; any float dtype).
@@ -111,12 +115,7 @@ def block_sparse_attention(
     q_blocks = q[:, :, : nq * bs].reshape(b, hkv, g, nq * bs, d).transpose(2, 3).reshape(b, hkv, nq, bs * g, d)
     kp, vp = (F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))) if pad else (k, v)
     k_blocks, v_blocks = kp.reshape(b, hkv, nk, bs, d), vp.reshape(b, hkv, nk, bs, dv)
-    plan = _Plan(layout, b, hkv, g, skv, d, dv, mask, bias, q.dtype)
-    bias_grad = torch.is_grad_enabled() and bias is not None and bias.requires_grad
-    if q.device.type == "cpu" and d == dv and not bias_grad:
-        rows_out = _FlashBlocks.apply(q_blocks, k_blocks, v_blocks, scale, plan)
-    else:
-        rows_out = _autograd_blocks(q_blocks, k_blocks, v_blocks, scale, plan)
+    rows_out = _run(q_blocks, k_blocks, v_blocks, scale, _Plan(layout, b, hkv, g, skv, d, dv, mask, bias, q.dtype))
     if g == 1:
         rows = rows_out.view(b, h, nq * bs, dv)
     else:
@@ -124,6 +123,16 @@ def block_sparse_attention(
     if sq == nq * bs:
         return rows
     return torch.cat([rows, _dense_rows(q, k, v, nq * bs, scale, mask, bias)], dim=2)
+
+
+def _run(q_blocks: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, scale: float,
+         plan: _Plan) -> torch.Tensor:
+    """A plan's chunks through :class:`_FlashBlocks` on CPU with ``D == Dv`` and no bias needing a gradient, else
+    through :func:`_autograd_blocks`."""
+    bias_grad = torch.is_grad_enabled() and plan.bias is not None and plan.bias.requires_grad
+    if q_blocks.device.type == "cpu" and q_blocks.shape[-1] == v_blocks.shape[-1] and not bias_grad:
+        return _FlashBlocks.apply(q_blocks, k_blocks, v_blocks, scale, plan)
+    return _autograd_blocks(q_blocks, k_blocks, v_blocks, scale, plan)
 
 
 class _Plan:
@@ -333,12 +342,8 @@ def selected_attention(
     q_blocks = qp.reshape(b, e, ge, nq * bq, d).transpose(2, 3).reshape(1, 1, b * e * nq, bq * ge, d)
     kp, vp = (F.pad(k, (0, 0, 0, nk * bk - skv)), F.pad(v, (0, 0, 0, nk * bk - skv))) if nk * bk != skv else (k, v)
     k_blocks, v_blocks = kp.reshape(1, 1, b * hkv * nk, bk, d), vp.reshape(1, 1, b * hkv * nk, bk, dv)
-    plan = _SelectionPlan(indices, selection, h, hkv, d, dv, causal, mask, bias, q.dtype)
-    bias_grad = torch.is_grad_enabled() and bias is not None and bias.requires_grad
-    if q.device.type == "cpu" and d == dv and not bias_grad:
-        out = _FlashBlocks.apply(q_blocks, k_blocks, v_blocks, scale, plan)
-    else:
-        out = _autograd_blocks(q_blocks, k_blocks, v_blocks, scale, plan)
+    out = _run(q_blocks, k_blocks, v_blocks, scale,
+               _SelectionPlan(indices, selection, h, hkv, d, dv, causal, mask, bias, q.dtype))
     out = out.view(b, e, nq * bq, ge, dv).transpose(2, 3).reshape(b, h, nq * bq, dv)
     return out[:, :, :sq] if nq * bq != sq else out
 
