@@ -351,7 +351,14 @@ def selected_attention(
 class _SelectionPlan(_Plan):
     """The chunks of :func:`selected_attention`, with :class:`_Plan`'s interface (``chunks``, ``gather``,
     ``logits``, ``keep``, ``bs`` = key block size) over the flattened units: ``b = hkv = 1``, a chunk is ``rows (n,
-    1)`` unit indices and ``cols (n, c)`` flat key block indices ``(b·Hkv + kv head)·Nk + block``."""
+    1)`` unit indices and ``cols (n, c)`` flat key block indices ``(b·Hkv + kv head)·Nk + block``, ascending.
+
+    Units are grouped by their count and by whether they hold a *partial* block (one the causal mask cuts, or the
+    padded last key block), so that chunks of whole blocks run with no logits at all. Without a user mask/bias,
+    when ``block_q == block_k`` and the causal offset ``Skv − Sq`` is a multiple of the block, a unit whose only
+    partial block is its diagonal block has it last (indices ascending), and its logits are one lower triangle in
+    the last ``block_k`` columns, the same for every such unit: built once per width and broadcast over the chunk.
+    """
 
     def __init__(self, indices: torch.Tensor, selection: BlockSelection, h: int, hkv: int, d: int, dv: int,
                  causal: bool, mask: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
@@ -359,29 +366,41 @@ class _SelectionPlan(_Plan):
         self.b, self.hkv, self.g, self.dtype = 1, 1, h // e, dtype
         self.bq, self.bs, self.nq, self.nk = selection.block_q, selection.block_k, nq, selection.num_kv_blocks
         self.sq, self.skv, self.causal, self.heads, self.e = selection.seq_q, selection.seq_kv, causal, h, e
+        self.offset = self.skv - self.sq
         self.mask = None if mask is None else mask.expand(b, h, self.sq, self.skv)
         self.bias = None if bias is None else bias.expand(b, h, self.sq, self.skv)
+        self.user = mask is not None or bias is not None
+        self.triangle = (not self.user and causal and self.bq == self.bs and self.offset % self.bs == 0)
+        self.triangles: dict[int, torch.Tensor] = {}
         device = indices.device
-        ordered = indices.sort(dim=-1, descending=True).values.flatten(0, 2)  # (units, K), unused slots (-1) last
-        counts = (ordered >= 0).sum(dim=-1)
+        nk = self.nk
+        # (units, K): each unit's key blocks ascending, unused slots (as nk) last
+        ordered = torch.where(indices < 0, nk, indices).sort(dim=-1).values.flatten(0, 2)
+        valid = ordered < nk
+        counts = valid.sum(dim=-1)
+        unit = torch.arange(ordered.shape[0], device=device)
+        partial = valid & (ordered == nk - 1) & (nk * self.bs != self.skv)
+        if causal:  # the block's last key is after the unit's first query may see
+            partial |= valid & ((ordered + 1) * self.bs - 1 > (unit % nq * self.bq + self.offset).unsqueeze(1))
+        needs = partial.any(dim=-1) | self.user
         # flat key block index of each slot: the unit's (batch, K/V head) row of blocks
-        unit = torch.arange(b * e, device=device).repeat_interleave(nq)
-        kv_row = (unit // e) * hkv + (unit % e) // (e // hkv)
-        flat = ordered + (kv_row * self.nk).unsqueeze(1)
-        by_count = counts.argsort(stable=True)
-        distinct, sizes = torch.unique_consecutive(counts[by_count], return_counts=True)
-        user = mask is not None or bias is not None
+        group = unit // nq
+        kv_row = (group // e) * hkv + (group % e) // (e // hkv)
+        flat = ordered + (kv_row * nk).unsqueeze(1)
+        key = counts * 2 + needs.long()
+        by_key = key.argsort(stable=True)
+        distinct, sizes = torch.unique_consecutive(key[by_key], return_counts=True)
         elem = torch.empty(0, dtype=dtype).element_size()
         self.chunks: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         start = 0
-        for c, size in zip(distinct.tolist(), sizes.tolist(), strict=True):
-            units = by_count[start : start + size]
+        for k_, size in zip(distinct.tolist(), sizes.tolist(), strict=True):
+            units, (c, masked) = by_key[start : start + size], divmod(k_, 2)
             start += size
             if c == 0:
                 self.chunks.append((units.unsqueeze(1), None))
                 continue
             per_unit = elem * (self.bq * self.g * (d + dv) + c * self.bs * (d + dv)
-                               + (2 * self.bq * self.g * c * self.bs if user or causal else 0))
+                               + (2 * self.bq * self.g * c * self.bs if masked else 0))
             step = max(1, GATHER_BYTES // per_unit)
             cols = flat[units, :c]
             self.chunks += [(units[s : s + step].unsqueeze(1), cols[s : s + step]) for s in range(0, size, step)]
@@ -389,24 +408,36 @@ class _SelectionPlan(_Plan):
         self.positions = torch.arange(self.bs, device=device)
 
     def logits(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """A chunk's additive logits ``(1, n, bq·G, c·bk)`` (None when no element is masked) and, when some row may
-        see no key, which rows see one ``(n, bq, G|1)`` (the others get 0 logits; :meth:`keep` zeroes them)."""
-        n, width = cols.shape[0], cols.shape[1] * self.bs
+        """A chunk's additive logits, broadcastable to ``(1, n, bq·G, c·bk)`` (None when no element is masked) and,
+        when some row may see no key, which rows see one ``(n, bq, G|1)`` (the others get 0 logits; :meth:`keep`
+        zeroes them)."""
+        n, c = cols.shape
+        width = c * self.bs
         units = rows[:, 0]
-        qi = ((units % self.nq) * self.bq).unsqueeze(1) + self.q_pos  # (n, bq)
-        ki = ((cols % self.nk) * self.bs).unsqueeze(2).add(self.positions).view(n, width)  # (n, W)
+        blocks = cols % self.nk
+        first = units % self.nq * self.bq  # each unit's first query
+        if not self.user:
+            last_key = (blocks + 1) * self.bs - 1
+            cut = last_key >= self.skv
+            if self.causal:
+                cut |= last_key > (first + self.offset).unsqueeze(1)
+            if not bool(cut.any()):
+                return None, None
+            diagonal = blocks[:, -1] == (first + self.offset) // self.bs
+            if self.triangle and not bool(cut[:, :-1].any()) and bool(diagonal.all()):
+                return self._triangle(width), None
+        qi = first.unsqueeze(1) + self.q_pos  # (n, bq)
+        ki = (blocks * self.bs).unsqueeze(2).add(self.positions).view(n, width)  # (n, W)
         seen = (ki < self.skv).view(n, 1, 1, width)
         if self.causal:
-            seen = seen & (ki.view(n, 1, 1, width) <= (qi + self.skv - self.sq).view(n, self.bq, 1, 1))
-        if self.mask is not None or self.bias is not None:
+            seen = seen & (ki.view(n, 1, 1, width) <= (qi + self.offset).view(n, self.bq, 1, 1))
+        if self.user:
             bi = (units // (self.nq * self.e)).view(n, 1, 1, 1)
             hi = ((units // self.nq) % self.e * self.g).view(n, 1, 1, 1) + torch.arange(
                 self.g, device=units.device).view(1, 1, self.g, 1)
             qc, kc = qi.clamp(max=self.sq - 1).view(n, self.bq, 1, 1), ki.clamp(max=self.skv - 1).view(n, 1, 1, width)
             if self.mask is not None:
                 seen = seen & self.mask[bi, hi, qc, kc]
-        elif bool(seen.all()):
-            return None, None
         some = seen.any(dim=-1)  # (n, bq, G|1)
         attn = torch.zeros(seen.shape, dtype=self.dtype, device=cols.device).masked_fill_(
             ~seen & some.unsqueeze(-1), float("-inf"))
@@ -414,6 +445,15 @@ class _SelectionPlan(_Plan):
             attn = attn + self.bias[bi, hi, qc, kc]
         attn = attn.expand(n, self.bq, self.g, width).reshape(1, n, self.bq * self.g, width)
         return attn, (None if bool(some.all()) else some)
+
+    def _triangle(self, width: int) -> torch.Tensor:
+        """``(1, 1, bq·G, width)`` logits: 0, but −inf above the diagonal of the last ``block_k`` columns."""
+        if width not in self.triangles:
+            above = torch.ones(self.bq, self.bs, dtype=torch.bool, device=self.q_pos.device).triu_(1)
+            t = torch.zeros(self.bq, self.g, width, dtype=self.dtype, device=self.q_pos.device)
+            t[..., width - self.bs :].masked_fill_(above.unsqueeze(1), float("-inf"))
+            self.triangles[width] = t.view(1, 1, self.bq * self.g, width)
+        return self.triangles[width]
 
     def keep(self, x: torch.Tensor, some: torch.Tensor | None) -> torch.Tensor:
         """``x (1, n, bq·G, Dv)`` with the rows that see no key zeroed."""

@@ -108,3 +108,14 @@ def test_bad_selection_is_named():
         az.attention(q[:, :, :12], k, v, method="block_sparse", selection=sel)
     with pytest.raises(AttnzooError, match="selection"):
         az.attention(q, k, v, method="block_sparse", selection=sel.indices)
+
+
+@pytest.mark.parametrize(("h", "hkv", "sq", "skv"), [(4, 2, 40, 40), (2, 2, 24, 40), (4, 1, 37, 37), (2, 1, 29, 45)])
+def test_causal_own_block_selections_match_reference(h, hkv, sq, skv):
+    """The shape MoBA builds (own/diagonal block always selected, causal): the kernel's shared triangle logits."""
+    q, k, v = qkv(2, h, hkv, sq, skv=skv, requires_grad=True)
+    nq, nk = -(-sq // 8), -(-skv // 8)
+    diagonal = torch.arange(nk) == ((torch.arange(nq) * 8 + skv - sq) // 8).unsqueeze(1)
+    scores = torch.rand(2, h, nq, nk, generator=torch.Generator().manual_seed(7))
+    sel = topk_blocks(scores, min(3, nk), causal=True, always=diagonal, seq_q=sq, seq_kv=skv, block_q=8, block_k=8)
+    assert_matches_reference("block_sparse", q, k, v, causal=True, selection=sel)
