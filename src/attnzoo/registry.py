@@ -138,6 +138,8 @@ class Param:
     bound numbers (``low_open`` makes the lower bound strict). ``choices`` restricts to a set. ``check`` validates
     against the call (shapes of tensor parameters, say) and returns a message saying what was expected, or None.
     ``init`` marks a learnable parameter: the ``nn`` layer creates it as an ``nn.Parameter`` from ``init(layer)``.
+    ``required``: the caller must give a value (``default`` is None; a missing value raises, naming the parameter) —
+    for parameters with no sensible default, such as ``block_sparse``'s ``selection``.
     """
 
     name: str
@@ -150,11 +152,12 @@ class Param:
     choices: tuple[Any, ...] | None = None
     check: Check | None = None
     init: Callable[[LayerInfo], torch.Tensor] | None = None
+    required: bool = False
 
     def validate(self, value: Any, call: Call | None = None) -> Any:
         """Return ``value`` if valid for this parameter, else raise :class:`AttnzooError` naming it."""
         if value is None:
-            if self.default is None:
+            if self.default is None and not self.required:
                 return None
             raise fail(self.name, self.describe_type(), "None")
         if isinstance(value, bool) and bool not in self.types:
@@ -178,11 +181,13 @@ class Param:
 
     def describe_type(self) -> str:
         names = [t.__name__ if t is not torch.Tensor else "Tensor" for t in self.types]
-        return " or ".join(names) + (" or None" if self.default is None else "")
+        return " or ".join(names) + (" or None" if self.default is None and not self.required else "")
 
     def invalid_examples(self) -> list[Any]:
         """Values this parameter must reject (used by the conformance suite)."""
         bad: list[Any] = ["not-a-value"] if str not in self.types else []
+        if self.required:
+            bad.append(None)
         if self.low is not None:
             bad.append(self.low if self.low_open else self.low - 1)
         if self.high is not None:

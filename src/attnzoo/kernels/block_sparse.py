@@ -15,6 +15,10 @@ visible blocks that the user mask keeps. GQA stacks the query heads of a group a
 A user mask/bias is gathered at the chunk's (query, key) pairs (:func:`attnzoo.kernels.band.gather_pairs`); rows with no
 visible key give 0 and zero gradients, never NaN. The dense query tail runs as one autograd SDPA call.
 
+:func:`selected_attention` runs the same chunk machinery over a :class:`~attnzoo.kernels.selection.BlockSelection`
+(a different set of key blocks per batch, head and query block, built on the device per call; the D family's attend
+kernel): its units are ``(batch, head, query block)`` instead of runs, grouped by their number of selected blocks.
+
 Two implementations of the block rows, same chunks:
 - CPU with ``D == Dv`` (forward and training): :class:`_FlashBlocks`, an autograd Function around PyTorch's CPU flash
   kernel (``aten._scaled_dot_product_flash_attention_for_cpu``, the kernel SDPA itself dispatches to; any float dtype).
@@ -41,6 +45,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from attnzoo.kernels.band import gather_pairs
+from attnzoo.kernels.selection import BlockSelection
 
 RUN = 4  # at most this many consecutive query blocks with equal key blocks attend as one
 # Gathered K/V per SDPA call. Small on purpose: CPU allocations above glibc's mmap threshold (≤ 32 MiB) come back as
@@ -110,12 +115,7 @@ def block_sparse_attention(
     q_blocks = q[:, :, : nq * bs].reshape(b, hkv, g, nq * bs, d).transpose(2, 3).reshape(b, hkv, nq, bs * g, d)
     kp, vp = (F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))) if pad else (k, v)
     k_blocks, v_blocks = kp.reshape(b, hkv, nk, bs, d), vp.reshape(b, hkv, nk, bs, dv)
-    plan = _Plan(layout, b, hkv, g, skv, d, dv, mask, bias, q.dtype)
-    bias_grad = torch.is_grad_enabled() and bias is not None and bias.requires_grad
-    if q.device.type == "cpu" and d == dv and not bias_grad:
-        rows_out = _FlashBlocks.apply(q_blocks, k_blocks, v_blocks, scale, plan)
-    else:
-        rows_out = _autograd_blocks(q_blocks, k_blocks, v_blocks, scale, plan)
+    rows_out = _run(q_blocks, k_blocks, v_blocks, scale, _Plan(layout, b, hkv, g, skv, d, dv, mask, bias, q.dtype))
     if g == 1:
         rows = rows_out.view(b, h, nq * bs, dv)
     else:
@@ -123,6 +123,16 @@ def block_sparse_attention(
     if sq == nq * bs:
         return rows
     return torch.cat([rows, _dense_rows(q, k, v, nq * bs, scale, mask, bias)], dim=2)
+
+
+def _run(q_blocks: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, scale: float,
+         plan: _Plan) -> torch.Tensor:
+    """A plan's chunks through :class:`_FlashBlocks` on CPU with ``D == Dv`` and no bias needing a gradient, else
+    through :func:`_autograd_blocks`."""
+    bias_grad = torch.is_grad_enabled() and plan.bias is not None and plan.bias.requires_grad
+    if q_blocks.device.type == "cpu" and q_blocks.shape[-1] == v_blocks.shape[-1] and not bias_grad:
+        return _FlashBlocks.apply(q_blocks, k_blocks, v_blocks, scale, plan)
+    return _autograd_blocks(q_blocks, k_blocks, v_blocks, scale, plan)
 
 
 class _Plan:
@@ -296,3 +306,158 @@ def _dense_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, s
         attn = (0 if attn is None else attn) + (bias if bias.shape[2] == 1 else bias[:, :, start:])
     out = F.scaled_dot_product_attention(qt, k, v, attn_mask=attn, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return out if some is None else out * some.to(out.dtype)
+
+
+def selected_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: BlockSelection, *, scale: float, causal: bool,
+    mask: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax attention of ``q (B, H, Sq, D)`` over ``k, v (B, Hkv, Skv, ·)`` restricted to a :class:`BlockSelection`
+    (a different set of key blocks per batch, selection head and query block), AND the token-level causal mask when
+    ``causal`` (bottom-right aligned), AND a user ``mask``/``bias`` (4-D, broadcastable to ``(B, H, Sq, Skv)``).
+
+    ``O_i = Σ_j softmax_j(scale·q_i·k_j + bias_ij) v_j`` over the keys of the selected blocks of ``i``'s query block
+    that the masks keep; rows that see no key give 0 (and zero gradients). Approach: every ``(batch, head, query
+    block)`` is a *unit* (its ``block_q`` queries, with the query heads that share a selection and a K/V head stacked
+    as extra rows, so K/V are never repeated); units are grouped by their number ``c`` of selected blocks (sorted on
+    the device, one host sync for the distinct counts), and each group is cut into chunks within ``GATHER_BYTES``
+    that run as one batched fused-attention call of the units' queries against their ``c·block_k`` gathered keys —
+    no padded slots, no dense scores; the work is the selected blocks'. Logits are added only where a chunk has a
+    masked element (causal diagonal, the padding of a partial last key block, a user mask/bias). Same CPU flash
+    forward/backward (:class:`_FlashBlocks`) and autograd fallback (:func:`_autograd_blocks`) as
+    :func:`block_sparse_attention`.
+    """
+    selection.check(q, k)
+    b, h, sq, d = q.shape
+    hkv, skv, dv = k.shape[1], k.shape[2], v.shape[-1]
+    bq, bk, nq, nk = selection.block_q, selection.block_k, selection.num_q_blocks, selection.num_kv_blocks
+    hs = selection.indices.shape[1]
+    e = max(hs, hkv)  # selection heads as the kernel runs them: one per K/V head at least
+    ge = h // e  # query heads stacked as rows of a unit
+    indices = selection.indices.to(q.device)
+    if hs < e:
+        indices = indices.repeat_interleave(e // hs, dim=1)
+    # (1, 1, B·E·nq, bq·Ge, D): unit (b, e, a) is row block (b·E + e)·nq + a, its rows position-major, head-minor
+    qp = F.pad(q, (0, 0, 0, nq * bq - sq)) if nq * bq != sq else q
+    q_blocks = qp.reshape(b, e, ge, nq * bq, d).transpose(2, 3).reshape(1, 1, b * e * nq, bq * ge, d)
+    kp, vp = (F.pad(k, (0, 0, 0, nk * bk - skv)), F.pad(v, (0, 0, 0, nk * bk - skv))) if nk * bk != skv else (k, v)
+    k_blocks, v_blocks = kp.reshape(1, 1, b * hkv * nk, bk, d), vp.reshape(1, 1, b * hkv * nk, bk, dv)
+    out = _run(q_blocks, k_blocks, v_blocks, scale,
+               _SelectionPlan(indices, selection, h, hkv, d, dv, causal, mask, bias, q.dtype))
+    out = out.view(b, e, nq * bq, ge, dv).transpose(2, 3).reshape(b, h, nq * bq, dv)
+    return out[:, :, :sq] if nq * bq != sq else out
+
+
+class _SelectionPlan(_Plan):
+    """The chunks of :func:`selected_attention`, with :class:`_Plan`'s interface (``chunks``, ``gather``,
+    ``logits``, ``keep``, ``bs`` = key block size) over the flattened units: ``b = hkv = 1``, a chunk is ``rows (n,
+    1)`` unit indices and ``cols (n, c)`` flat key block indices ``(b·Hkv + kv head)·Nk + block``, ascending.
+
+    Units are grouped by their count and by whether they hold a *partial* block (one the causal mask cuts, or the
+    padded last key block), so that chunks of whole blocks run with no logits at all. Without a user mask/bias,
+    when ``block_q == block_k`` and the causal offset ``Skv − Sq`` is a multiple of the block, a unit whose only
+    partial block is its diagonal block has it last (indices ascending), and its logits are one lower triangle in
+    the last ``block_k`` columns, the same for every such unit: built once per width and broadcast over the chunk.
+    """
+
+    def __init__(self, indices: torch.Tensor, selection: BlockSelection, h: int, hkv: int, d: int, dv: int,
+                 causal: bool, mask: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        b, e, nq, _ = indices.shape
+        self.b, self.hkv, self.g, self.dtype = 1, 1, h // e, dtype
+        self.bq, self.bs, self.nq, self.nk = selection.block_q, selection.block_k, nq, selection.num_kv_blocks
+        self.sq, self.skv, self.causal, self.heads, self.e = selection.seq_q, selection.seq_kv, causal, h, e
+        self.offset = self.skv - self.sq
+        self.mask = None if mask is None else mask.expand(b, h, self.sq, self.skv)
+        self.bias = None if bias is None else bias.expand(b, h, self.sq, self.skv)
+        self.user = mask is not None or bias is not None
+        self.triangle = (not self.user and causal and self.bq == self.bs and self.offset % self.bs == 0)
+        self.triangles: dict[int, torch.Tensor] = {}
+        device = indices.device
+        nk = self.nk
+        # (units, K): each unit's key blocks ascending, unused slots (as nk) last
+        ordered = torch.where(indices < 0, nk, indices).sort(dim=-1).values.flatten(0, 2)
+        valid = ordered < nk
+        counts = valid.sum(dim=-1)
+        unit = torch.arange(ordered.shape[0], device=device)
+        partial = valid & (ordered == nk - 1) & (nk * self.bs != self.skv)
+        if causal:  # the block's last key is after the unit's first query may see
+            partial |= valid & ((ordered + 1) * self.bs - 1 > (unit % nq * self.bq + self.offset).unsqueeze(1))
+        needs = partial.any(dim=-1) | self.user
+        # flat key block index of each slot: the unit's (batch, K/V head) row of blocks
+        group = unit // nq
+        kv_row = (group // e) * hkv + (group % e) // (e // hkv)
+        flat = ordered + (kv_row * nk).unsqueeze(1)
+        key = counts * 2 + needs.long()
+        by_key = key.argsort(stable=True)
+        distinct, sizes = torch.unique_consecutive(key[by_key], return_counts=True)
+        elem = torch.empty(0, dtype=dtype).element_size()
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        start = 0
+        for k_, size in zip(distinct.tolist(), sizes.tolist(), strict=True):
+            units, (c, masked) = by_key[start : start + size], divmod(k_, 2)
+            start += size
+            if c == 0:
+                self.chunks.append((units.unsqueeze(1), None))
+                continue
+            per_unit = elem * (self.bq * self.g * (d + dv) + c * self.bs * (d + dv)
+                               + (2 * self.bq * self.g * c * self.bs if masked else 0))
+            step = max(1, GATHER_BYTES // per_unit)
+            cols = flat[units, :c]
+            self.chunks += [(units[s : s + step].unsqueeze(1), cols[s : s + step]) for s in range(0, size, step)]
+        self.q_pos = torch.arange(self.bq, device=device)
+        self.positions = torch.arange(self.bs, device=device)
+
+    def logits(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A chunk's additive logits, broadcastable to ``(1, n, bq·G, c·bk)`` (None when no element is masked) and,
+        when some row may see no key, which rows see one ``(n, bq, G|1)`` (the others get 0 logits; :meth:`keep`
+        zeroes them)."""
+        n, c = cols.shape
+        width = c * self.bs
+        units = rows[:, 0]
+        blocks = cols % self.nk
+        first = units % self.nq * self.bq  # each unit's first query
+        if not self.user:
+            last_key = (blocks + 1) * self.bs - 1
+            cut = last_key >= self.skv
+            if self.causal:
+                cut |= last_key > (first + self.offset).unsqueeze(1)
+            if not bool(cut.any()):
+                return None, None
+            diagonal = blocks[:, -1] == (first + self.offset) // self.bs
+            if self.triangle and not bool(cut[:, :-1].any()) and bool(diagonal.all()):
+                return self._triangle(width), None
+        qi = first.unsqueeze(1) + self.q_pos  # (n, bq)
+        ki = (blocks * self.bs).unsqueeze(2).add(self.positions).view(n, width)  # (n, W)
+        seen = (ki < self.skv).view(n, 1, 1, width)
+        if self.causal:
+            seen = seen & (ki.view(n, 1, 1, width) <= (qi + self.offset).view(n, self.bq, 1, 1))
+        if self.user:
+            bi = (units // (self.nq * self.e)).view(n, 1, 1, 1)
+            hi = ((units // self.nq) % self.e * self.g).view(n, 1, 1, 1) + torch.arange(
+                self.g, device=units.device).view(1, 1, self.g, 1)
+            qc, kc = qi.clamp(max=self.sq - 1).view(n, self.bq, 1, 1), ki.clamp(max=self.skv - 1).view(n, 1, 1, width)
+            if self.mask is not None:
+                seen = seen & self.mask[bi, hi, qc, kc]
+        some = seen.any(dim=-1)  # (n, bq, G|1)
+        attn = torch.zeros(seen.shape, dtype=self.dtype, device=cols.device).masked_fill_(
+            ~seen & some.unsqueeze(-1), float("-inf"))
+        if self.bias is not None:
+            attn = attn + self.bias[bi, hi, qc, kc]
+        attn = attn.expand(n, self.bq, self.g, width).reshape(1, n, self.bq * self.g, width)
+        return attn, (None if bool(some.all()) else some)
+
+    def _triangle(self, width: int) -> torch.Tensor:
+        """``(1, 1, bq·G, width)`` logits: 0, but −inf above the diagonal of the last ``block_k`` columns."""
+        if width not in self.triangles:
+            above = torch.ones(self.bq, self.bs, dtype=torch.bool, device=self.q_pos.device).triu_(1)
+            t = torch.zeros(self.bq, self.g, width, dtype=self.dtype, device=self.q_pos.device)
+            t[..., width - self.bs :].masked_fill_(above.unsqueeze(1), float("-inf"))
+            self.triangles[width] = t.view(1, 1, self.bq * self.g, width)
+        return self.triangles[width]
+
+    def keep(self, x: torch.Tensor, some: torch.Tensor | None) -> torch.Tensor:
+        """``x (1, n, bq·G, Dv)`` with the rows that see no key zeroed."""
+        if some is None:
+            return x
+        n = some.shape[0]
+        return (x.view(n, self.bq, self.g, x.shape[-1]) * some.unsqueeze(-1).to(x.dtype)).view(x.shape)

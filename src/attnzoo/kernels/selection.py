@@ -26,7 +26,8 @@ Rules (all vectorised on the device; no Python loop per row), on block scores ``
   without its MLP); a ragged last block is averaged over its real rows.
 - :func:`group_scores`: scores pooled over the query heads of each KV group (sum, as NSA's shared selection), so a
   rule then gives one selection per group; :func:`shared_by_group`: the union of the group's per-head selections.
-- :func:`allowed_blocks`: the causal block-level visibility the rules use.
+- :func:`allowed_blocks`: the causal block-level visibility the rules use; :func:`random_selection`: a random
+  top-k selection (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ class BlockSelection:
             idx = torch.nn.functional.pad(idx, (0, width - idx.shape[-1]), value=nk)
         return cls(idx.masked_fill(idx == nk, -1).long(), block_q, block_k, seq_q, seq_kv)
 
+    def to(self, device: torch.device | str) -> BlockSelection:
+        """This selection with its indices on ``device``."""
+        return BlockSelection(self.indices.to(device), self.block_q, self.block_k, self.seq_q, self.seq_kv)
+
     @property
     def num_q_blocks(self) -> int:
         return _cdiv(self.seq_q, self.block_q)
@@ -109,8 +114,9 @@ class BlockSelection:
 
     def block_mask(self, heads: int, *, mask_mod: MaskMod | None = None) -> BlockMask:
         """A FlexAttention ``BlockMask`` (``BlockMask.from_kv_blocks``, block sizes ``(block_q, block_k)``) for
-        ``heads`` query heads. Without ``mask_mod`` every selected block is seen whole; with one (the causal mask,
-        say) the selected blocks are partial and ``mask_mod`` decides inside them."""
+        ``heads`` query heads. The selected blocks are given as partial blocks: ``mask_mod`` (the causal predicate,
+        say; None: every key of a selected block is seen) decides inside them. (Giving them as full blocks instead
+        fails to compile in PyTorch 2.13's CPU FlexAttention when no partial block is left.)"""
         from torch.nn.attention.flex_attention import BlockMask
 
         b, hs, nq, _ = self.indices.shape
@@ -122,10 +128,6 @@ class BlockSelection:
         if heads != hs:
             counts = counts.repeat_interleave(heads // hs, dim=1)
             kv_indices = kv_indices.repeat_interleave(heads // hs, dim=1)
-        if mask_mod is None:
-            return BlockMask.from_kv_blocks(torch.zeros_like(counts), kv_indices, counts, kv_indices,
-                                            BLOCK_SIZE=(self.block_q, self.block_k),
-                                            seq_lengths=(self.seq_q, self.seq_kv))
         return BlockMask.from_kv_blocks(counts, kv_indices, BLOCK_SIZE=(self.block_q, self.block_k),
                                         mask_mod=mask_mod, seq_lengths=(self.seq_q, self.seq_kv))
 
@@ -141,34 +143,40 @@ class BlockSelection:
         b, hs = self.indices.shape[:2]
         return float((cols * q_rows).sum()) / (b * hs * self.seq_q * self.seq_kv)
 
+    def __repr__(self) -> str:
+        return (f"BlockSelection(indices {tuple(self.indices.shape)}, block_q={self.block_q}, "
+                f"block_k={self.block_k}, seq_q={self.seq_q}, seq_kv={self.seq_kv})")
+
     def check(self, q: torch.Tensor, k: torch.Tensor) -> None:
         """Raise an :class:`~attnzoo.errors.AttnzooError` naming ``selection`` unless this selection fits
         ``q (B, H, Sq, D)`` and ``k (B, Hkv, Skv, D)``."""
+        problem = self.mismatch(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2])
+        if problem is not None:
+            raise fail("selection", problem, repr(self))
+
+    def mismatch(self, batch: int, heads: int, kv_heads: int, seq_q: int, seq_kv: int) -> str | None:
+        """What a call of these sizes expects of this selection, if it does not fit (else None)."""
         idx = self.indices
         if not isinstance(idx, torch.Tensor) or idx.dim() != 4 or idx.dtype != torch.int64:
-            got = f"{type(idx).__name__} {tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else idx
-            raise fail("selection", "indices an int64 tensor (batch, heads, query blocks, slots)", got)
+            return "indices an int64 tensor (batch, heads, query blocks, slots)"
         for name in ("block_q", "block_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise fail("selection", f"{name} a positive int", repr(value))
-        b, h, sq = q.shape[:3]
-        hkv, skv = k.shape[1], k.shape[2]
-        if (self.seq_q, self.seq_kv) != (sq, skv):
-            raise fail("selection", f"seq_q, seq_kv = {sq}, {skv} (from q, k)", f"{self.seq_q}, {self.seq_kv}")
+                return f"{name} a positive int"
+        if (self.seq_q, self.seq_kv) != (seq_q, seq_kv):
+            return f"seq_q, seq_kv = {seq_q}, {seq_kv} (from q, k)"
         bs, hs, nq, _ = idx.shape
-        if bs != b or h % hs or (hs > hkv and hs % hkv) or (hs < hkv and hkv % hs):
-            raise fail("selection", f"indices of shape ({b}, 1 or a divisor of {hkv} or a multiple of it dividing "
-                       f"{h}, {self.num_q_blocks}, ·)", f"shape {tuple(idx.shape)}")
+        if bs != batch or heads % hs or (hs > kv_heads and hs % kv_heads) or (hs < kv_heads and kv_heads % hs):
+            return (f"indices of shape ({batch}, heads: 1, a divisor or multiple of {kv_heads} dividing {heads}, "
+                    f"{self.num_q_blocks}, ·)")
         if nq != self.num_q_blocks:
-            raise fail("selection", f"{self.num_q_blocks} query blocks (⌈{sq} / block_q {self.block_q}⌉)",
-                       f"{nq} in indices of shape {tuple(idx.shape)}")
+            return f"{self.num_q_blocks} query blocks (⌈{seq_q} / block_q {self.block_q}⌉) in indices"
         if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= self.num_kv_blocks):
-            raise fail("selection", f"key block indices in [0, {self.num_kv_blocks}) or -1",
-                       f"values in [{int(idx.min())}, {int(idx.max())}]")
+            return f"key block indices in [0, {self.num_kv_blocks}) or -1"
         ordered = idx.sort(dim=-1).values
         if bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()):
-            raise fail("selection", "each key block at most once per query block", "a repeated index")
+            return "each key block at most once per query block"
+        return None
 
 
 def allowed_blocks(*, causal: bool, seq_q: int, seq_kv: int, block_q: int, block_k: int,
@@ -255,6 +263,16 @@ def threshold_blocks(scores: torch.Tensor, tau: float, *, causal: bool, seq_q: i
     # kept slots are a prefix of each row's order except for always-blocks (ranked first anyway): trim to the widest
     return _pack(order[..., :width], keep[..., :width], nk, block_q=block_q, block_k=block_k, seq_q=seq_q,
                  seq_kv=seq_kv)
+
+
+def random_selection(batch: int, heads: int, *, density: float, block_q: int, block_k: int, seq_q: int, seq_kv: int,
+                     causal: bool = False, generator: torch.Generator | None = None) -> BlockSelection:
+    """A random selection of ``round(density · Nk)`` key blocks (at least 1) per query block: :func:`topk_blocks` of
+    uniform scores drawn from ``generator`` (tests and benchmarks)."""
+    nq, nk = _cdiv(seq_q, block_q), _cdiv(seq_kv, block_k)
+    scores = torch.rand(batch, heads, nq, nk, generator=generator)
+    return topk_blocks(scores, max(1, round(density * nk)), causal=causal, seq_q=seq_q, seq_kv=seq_kv,
+                       block_q=block_q, block_k=block_k)
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -77,7 +77,7 @@ class Floor:
         return f"{OPS[self.op]} {self.value:g}{unit}"
 
 
-TensorBuilder = Callable[[int, int, torch.Generator], dict[str, torch.Tensor]]
+TensorBuilder = Callable[[int, int, torch.Generator], dict[str, Any]]  # tensors, or objects with .to(device)
 
 
 @dataclass(frozen=True)
@@ -159,10 +159,10 @@ def below(x: float) -> Floor:
 
 def suites() -> dict[str, tuple[Case, ...]]:
     """Every named suite, ``floors`` (the cases with a floor, from all the others) last."""
-    from attnzoo.bench.suites import core, decode, linear, models, radial, softmax, structured
+    from attnzoo.bench.suites import core, decode, linear, models, radial, softmax, sparse, structured
 
     named = {"core": core.CASES, "softmax": softmax.CASES, "structured": structured.CASES, "radial": radial.CASES,
-             "linear": linear.CASES, "decode": decode.CASES, "transformers": models.CASES}
+             "sparse": sparse.CASES, "linear": linear.CASES, "decode": decode.CASES, "transformers": models.CASES}
     named["floors"] = tuple(c for cases in list(named.values()) for c in cases if c.floors)
     return named
 

@@ -1,3 +1,5 @@
-"""D — dynamic, content-dependent sparsity: a selection rule per method, one shared attend kernel (issue 12)."""
+"""D-family: dynamic, content-dependent sparsity (catalogue IDs D1–D12; each file cites its paper). Every method is a
+selection rule (:mod:`attnzoo.kernels.selection`) and the shared attend kernel
+(:func:`attnzoo.kernels.block_sparse.selected_attention`), itself the method ``block_sparse``."""
 
-from attnzoo.methods.sparse import moba  # noqa: F401
+from attnzoo.methods.sparse import block_sparse, moba  # noqa: F401

@@ -1,0 +1,40 @@
+"""Suite ``sparse`` (D family, issue 12): the block-sparse attend kernel against SDPA at N = 16384 (B=1 H=8 D=64,
+fp32, forward, noncausal), on a random selection of 128×128 blocks per (head, query block) built once per case (the
+selection is given, so its cost is not in the figure; a D-family method that selects per call pays it in its own
+case). Ideal speed-ups: 1 / density (16× at 1/16, 4× at 1/4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnzoo.bench.suites import Case, Target, at_least
+from attnzoo.kernels.selection import random_selection
+
+BLOCK = 128
+
+
+def _selection(n: int, heads: int, generator: torch.Generator, density: float) -> dict[str, Any]:
+    return {"selection": random_selection(1, heads, density=density, block_q=BLOCK, block_k=BLOCK, seq_q=n, seq_kv=n,
+                                          generator=generator)}
+
+
+def selection_1_16(n: int, heads: int, generator: torch.Generator) -> dict[str, Any]:
+    """A random selection of 1/16 of the 128-token key blocks per (head, query block)."""
+    return _selection(n, heads, generator, 1 / 16)
+
+
+def selection_1_4(n: int, heads: int, generator: torch.Generator) -> dict[str, Any]:
+    """A random selection of 1/4 of the 128-token key blocks per (head, query block)."""
+    return _selection(n, heads, generator, 1 / 4)
+
+
+CASES = (
+    Case("block_sparse_d16", "block_sparse, random selection at 1/16 block density (blocks 128), N=16384 vs SDPA",
+         "compare", Target("block_sparse (torch)", "block_sparse", "torch", tensors=selection_1_16),
+         floors={"speedup": at_least(8)}),
+    Case("block_sparse_d4", "block_sparse, random selection at 1/4 block density (blocks 128), N=16384 vs SDPA",
+         "compare", Target("block_sparse (torch)", "block_sparse", "torch", tensors=selection_1_4),
+         floors={"speedup": at_least(3)}),
+)
