@@ -1,7 +1,10 @@
 """Suite ``sparse`` (D family, issue 12): the block-sparse attend kernel against SDPA at N = 16384 (B=1 H=8 D=64,
 fp32, forward, noncausal), on a random selection of 128×128 blocks per (head, query block) built once per case (the
 selection is given, so its cost is not in the figure; a D-family method that selects per call pays it in its own
-case). Ideal speed-ups: 1 / density (16× at 1/16, 4× at 1/4)."""
+case). Ideal speed-ups: 1 / density (16× at 1/16, 4× at 1/4).
+
+D1 ``moba`` (causal, blocks of 256, top_k 4, selection included in every call) against causal SDPA, forward and
+forward+backward: each query sees about ``4·256`` keys against SDPA's ``N/2`` on average, ideal ≈ 8×."""
 
 from __future__ import annotations
 
@@ -37,4 +40,10 @@ CASES = (
     Case("block_sparse_d4", "block_sparse, random selection at 1/4 block density (blocks 128), N=16384 vs SDPA",
          "compare", Target("block_sparse (torch)", "block_sparse", "torch", tensors=selection_1_4),
          floors={"speedup": at_least(3)}),
+    Case("moba_causal", "moba causal, blocks 256, top_k 4 (selection included), N=16384 vs causal SDPA", "compare",
+         Target("moba (torch)", "moba", "torch", params={"block_size": 256, "top_k": 4}), causal=True,
+         floors={"speedup": at_least(4)}),
+    Case("moba_causal_train", "moba causal, blocks 256, top_k 4, forward+backward, N=16384 vs causal SDPA",
+         "compare", Target("moba (torch)", "moba", "torch", params={"block_size": 256, "top_k": 4}), causal=True,
+         backward=True, floors={"speedup": at_least(3)}),
 )
