@@ -38,17 +38,23 @@ from torch.autograd.function import once_differentiable
 from attnzoo.kernels.block_sparse import flash_cpu, flash_cpu_backward
 from attnzoo.kernels.selection import BlockSelection
 
+BUCKET = 128
+
 
 @dataclass(frozen=True)
 class _Plan:
     """The pairs sorted by group: ``row (P,)`` each pair's query row in ``(B·H·Sq)`` order; ``groups``: per non-empty
     group ``(start, end, key block in (B·Hkv·Nk) order, additive mask (1, 1, end − start, block_k) or None)``;
-    ``diagonal``: the causal diagonal blocks are attended by one extra call; ``shape`` = ``(B, H, Hkv, Sq, Nk)``."""
+    ``diagonal``: the causal diagonal blocks are attended by one extra call; ``shape`` = ``(B, H, Hkv, Sq, Nk)``;
+    ``buckets``: the unmasked groups batched by size rounded up to :data:`BUCKET` rows, one fused call each: per bucket
+    ``(query rows (n, size), pair slots (n, size), key blocks (n,))``, padding lanes reading query row ``rows`` (a
+    zero row) and writing the pair slot ``pairs + diagonal rows`` (a scratch slot)."""
 
     row: torch.Tensor
     groups: list[tuple[int, int, int, torch.Tensor | None]]
     diagonal: bool
     shape: tuple[int, int, int, int, int]
+    buckets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
     @property
     def rows(self) -> int:
@@ -99,7 +105,20 @@ def _plan(selection: BlockSelection, b: int, h: int, hkv: int, causal: bool, dty
                 ~seen, -torch.finfo(dtype).max / 2)
         groups.append((start, start + count, g % n_groups, mask))
         start += count
-    return _Plan(row, groups, diagonal, (b, h, hkv, sq, nb))
+    rows, pairs = b * h * sq, row.shape[0]
+    scratch = pairs + (rows if diagonal else 0)
+    by_size: dict[int, list[tuple[int, int, int]]] = {}
+    for first, end, block_id, mask in groups:
+        if mask is None:
+            by_size.setdefault(-(-(end - first) // BUCKET) * BUCKET, []).append((first, end, block_id))
+    row_ext = torch.cat([row, torch.tensor([rows], device=device)])
+    buckets = []
+    for size, members in sorted(by_size.items()):
+        firsts, ends, ids = (torch.tensor(c, device=device) for c in zip(*members, strict=True))
+        lane = firsts.unsqueeze(1) + torch.arange(size, device=device)
+        slots = torch.where(lane < ends.unsqueeze(1), lane, scratch)
+        buckets.append((row_ext[torch.where(lane < ends.unsqueeze(1), lane, pairs)], slots, ids))
+    return _Plan(row, groups, diagonal, (b, h, hkv, sq, nb), buckets)
 
 
 def _blocks(x: torch.Tensor, nb: int, bk: int) -> torch.Tensor:
@@ -150,23 +169,33 @@ class _Routed(torch.autograd.Function):
                 plan: _Plan) -> torch.Tensor:
         acc = torch.promote_types(q_rows.dtype, torch.float32)
         d, dv = q_rows.shape[-1], v_blocks.shape[-1]
-        q_sorted = q_rows[plan.row]
+        q_ext = F.pad(q_rows, (0, 0, 0, 1))  # row `rows`: the zero row padding lanes read
         pairs = plan.row.shape[0]
-        extra = plan.rows if plan.diagonal else 0  # the diagonal call's rows go last
-        pair_out = q_rows.new_empty(pairs + extra, dv)
-        pair_lse = q_rows.new_empty(pairs + extra, dtype=acc)
+        extra = plan.rows if plan.diagonal else 0  # the diagonal call's rows go last, then the scratch slot
+        pair_out = q_rows.new_empty(pairs + extra + 1, dv)
+        pair_lse = q_rows.new_empty(pairs + extra + 1, dtype=acc)
+        for rows, slots, blocks in plan.buckets:
+            n, size = rows.shape
+            o, lse = flash_cpu(q_ext[rows].view(n, 1, size, d), k_blocks[blocks].unsqueeze(1),
+                               v_blocks[blocks].unsqueeze(1), 0.0, False, scale=scale)
+            pair_out.index_copy_(0, slots.flatten(), o.view(-1, dv))
+            pair_lse.index_copy_(0, slots.flatten(), lse.reshape(-1).to(acc))
         for start, end, block, mask in plan.groups:
-            o, lse = flash_cpu(q_sorted[start:end].view(1, 1, end - start, d), k_blocks[block].view(1, 1, -1, d),
-                               v_blocks[block].view(1, 1, -1, dv), 0.0, False, attn_mask=mask, scale=scale)
+            if mask is None:
+                continue
+            o, lse = flash_cpu(q_rows[plan.row[start:end]].view(1, 1, end - start, d),
+                               k_blocks[block].view(1, 1, -1, d), v_blocks[block].view(1, 1, -1, dv), 0.0, False,
+                               attn_mask=mask, scale=scale)
             pair_out[start:end] = o.view(end - start, dv)
             pair_lse[start:end] = lse.view(end - start)
+        pair_out, pair_lse = pair_out[:-1], pair_lse[:-1]
         row = plan.row
         if plan.diagonal:
             bk = k_blocks.shape[1]
             o, lse = flash_cpu(_diagonal_rows(q_rows, plan, bk), _diagonal_kv(k_blocks, plan),
                                _diagonal_kv(v_blocks, plan), 0.0, True, scale=scale)
             pair_out[pairs:] = _from_diagonal(o, plan)
-            pair_lse[pairs:] = _from_diagonal(lse.unsqueeze(-1), plan).squeeze(1)
+            pair_lse[pairs:] = _from_diagonal(lse.unsqueeze(-1), plan).squeeze(1).to(acc)
             row = torch.cat([row, torch.arange(plan.rows, device=row.device)])
         out, lse, dead = _merge(row, pair_out, pair_lse, plan.rows, in_place=True)
         out = out.to(q_rows.dtype)
@@ -182,19 +211,31 @@ class _Routed(torch.autograd.Function):
         d, dv = q_rows.shape[-1], v_blocks.shape[-1]
         grad = grad.masked_fill(dead.unsqueeze(1), 0)
         dk, dv_ = torch.zeros_like(k_blocks), torch.zeros_like(v_blocks)
-        q_sorted, grad_sorted, out_sorted, lse_sorted = (x[plan.row] for x in (q_rows, grad, out, lse))
-        dq_sorted = torch.empty_like(q_sorted)
+        # a zero last row: padding lanes get dO = 0, so they add nothing to dK/dV
+        q_ext, grad_ext, out_ext, lse_ext = (F.pad(x, (0, 0, 0, 1)) if x.dim() == 2 else F.pad(x, (0, 1))
+                                             for x in (q_rows, grad, out, lse))
+        dq_ext = torch.zeros_like(q_ext)
+        for rows, _, blocks in plan.buckets:
+            n, size = rows.shape
+            dqt, dkt, dvt = flash_cpu_backward(
+                grad_ext[rows].view(n, 1, size, dv), q_ext[rows].view(n, 1, size, d), k_blocks[blocks].unsqueeze(1),
+                v_blocks[blocks].unsqueeze(1), out_ext[rows].view(n, 1, size, dv),
+                lse_ext[rows].view(n, 1, size), 0.0, False, scale=ctx.scale)
+            dq_ext.index_add_(0, rows.flatten(), dqt.reshape(-1, d))
+            dk.index_add_(0, blocks, dkt.squeeze(1))
+            dv_.index_add_(0, blocks, dvt.squeeze(1))
         for start, end, block, mask in plan.groups:
-            n = end - start
+            if mask is None:
+                continue
+            n, rows = end - start, plan.row[start:end]
             dqg, dkg, dvg = flash_cpu_backward(
-                grad_sorted[start:end].view(1, 1, n, dv), q_sorted[start:end].view(1, 1, n, d),
-                k_blocks[block].view(1, 1, -1, d), v_blocks[block].view(1, 1, -1, dv),
-                out_sorted[start:end].view(1, 1, n, dv), lse_sorted[start:end].view(1, 1, n), 0.0, False,
-                attn_mask=mask, scale=ctx.scale)
-            dq_sorted[start:end] = dqg.view(n, d)
+                grad[rows].view(1, 1, n, dv), q_rows[rows].view(1, 1, n, d), k_blocks[block].view(1, 1, -1, d),
+                v_blocks[block].view(1, 1, -1, dv), out[rows].view(1, 1, n, dv), lse[rows].view(1, 1, n),
+                0.0, False, attn_mask=mask, scale=ctx.scale)
+            dq_ext.index_add_(0, rows, dqg.view(n, d))
             dk[block] += dkg.view(-1, d)
             dv_[block] += dvg.view(-1, dv)
-        dq = torch.zeros_like(q_rows).index_add_(0, plan.row, dq_sorted)
+        dq = dq_ext[:-1]
         if plan.diagonal:
             b, h, hkv, _, nb = plan.shape
             bk = k_blocks.shape[1]
