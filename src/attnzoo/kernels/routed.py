@@ -47,8 +47,9 @@ class _Plan:
     group ``(start, end, key block in (B·Hkv·Nk) order, additive mask (1, 1, end − start, block_k) or None)``;
     ``diagonal``: the causal diagonal blocks are attended by one extra call; ``shape`` = ``(B, H, Hkv, Sq, Nk)``;
     ``buckets``: the unmasked groups batched by size rounded up to :data:`BUCKET` rows, one fused call each: per bucket
-    ``(query rows (n, size), pair slots (n, size), key blocks (n,))``, padding lanes reading query row ``rows`` (a
-    zero row) and writing the pair slot ``pairs + diagonal rows`` (a scratch slot)."""
+    ``(query rows (n, size), pair slots (n, size), key blocks (n,))``; padding lanes name query row ``rows`` (the
+    forward reads any real row there, the backward a zero row with ``dO = 0``) and write the pair slot
+    ``pairs + diagonal rows`` (a scratch slot)."""
 
     row: torch.Tensor
     groups: list[tuple[int, int, int, torch.Tensor | None]]
@@ -123,13 +124,15 @@ def _plan(selection: BlockSelection, b: int, h: int, hkv: int, causal: bool, dty
 
 def _blocks(x: torch.Tensor, nb: int, bk: int) -> torch.Tensor:
     """``(B, Hkv, S, ·)`` as ``(B·Hkv·Nk, block_k, ·)`` key/value blocks (the ragged last one zero-padded)."""
-    return F.pad(x, (0, 0, 0, nb * bk - x.shape[2])).reshape(-1, bk, x.shape[-1])
+    pad = nb * bk - x.shape[2]
+    return (F.pad(x, (0, 0, 0, pad)) if pad else x).reshape(-1, bk, x.shape[-1])
 
 
 def _diagonal_rows(x: torch.Tensor, plan: _Plan, bk: int) -> torch.Tensor:
     """Per-row ``(B·H·Sq, ·)`` tensor as causal diagonal blocks ``(B·H·Nk, 1, block_k, ·)`` (ragged tail padded)."""
     b, h, _, sq, nb = plan.shape
-    return F.pad(x[: plan.rows].view(b * h, sq, -1), (0, 0, 0, nb * bk - sq)).view(b * h * nb, 1, bk, -1)
+    x = x[: plan.rows].view(b * h, sq, -1)
+    return (F.pad(x, (0, 0, 0, nb * bk - sq)) if nb * bk != sq else x).view(b * h * nb, 1, bk, -1)
 
 
 def _diagonal_kv(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -169,14 +172,14 @@ class _Routed(torch.autograd.Function):
                 plan: _Plan) -> torch.Tensor:
         acc = torch.promote_types(q_rows.dtype, torch.float32)
         d, dv = q_rows.shape[-1], v_blocks.shape[-1]
-        q_ext = F.pad(q_rows, (0, 0, 0, 1))  # row `rows`: the zero row padding lanes read
+        last = q_rows.shape[0] - 1  # padding lanes (query row `rows`) read some real row; their slot is scratch
         pairs = plan.row.shape[0]
         extra = plan.rows if plan.diagonal else 0  # the diagonal call's rows go last, then the scratch slot
         pair_out = q_rows.new_empty(pairs + extra + 1, dv)
         pair_lse = q_rows.new_empty(pairs + extra + 1, dtype=acc)
         for rows, slots, blocks in plan.buckets:
             n, size = rows.shape
-            o, lse = flash_cpu(q_ext[rows].view(n, 1, size, d), k_blocks[blocks].unsqueeze(1),
+            o, lse = flash_cpu(q_rows[rows.clamp(max=last)].view(n, 1, size, d), k_blocks[blocks].unsqueeze(1),
                                v_blocks[blocks].unsqueeze(1), 0.0, False, scale=scale)
             pair_out.index_copy_(0, slots.flatten(), o.view(-1, dv))
             pair_lse.index_copy_(0, slots.flatten(), lse.reshape(-1).to(acc))
