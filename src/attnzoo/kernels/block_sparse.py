@@ -165,11 +165,13 @@ class _Plan:
         n = blocks.shape[0]
         return torch.index_select(x, 2, blocks.flatten()).view(self.b * self.hkv, n, -1, *x.shape[4:])
 
-    def logits(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """A chunk's additive logits, broadcastable to ``(B·Hkv, n, r·B·G, c·B)`` (user mask/bias and the padding of
-        the last key block; None if there is nothing to add), and with a user mask/bias which rows see a key
+    def logits(self, chunk: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Chunk ``chunk``'s additive logits, broadcastable to ``(B·Hkv, n, r·B·G, c·B)`` (user mask/bias and the
+        padding of the last key block; None if there is nothing to add), and with a user mask/bias which rows see a key
         ``(B'|1, Hkv|1, n·r·B, G|1, 1)`` (the others get 0 logits; the caller zeroes them)."""
         bs, b, hkv, g = self.bs, self.b, self.hkv, self.g
+        rows, cols = self.chunks[chunk]
+        assert cols is not None
         (n, r), width = rows.shape, cols.shape[1] * bs
         ki = (cols.unsqueeze(2) * bs + self.positions).view(n, width)
         if self.mask is not None or self.bias is not None:
@@ -208,13 +210,13 @@ class _FlashBlocks(torch.autograd.Function):
         b, hkv, nq, rows_per_block, _ = q_blocks.shape
         out = q_blocks.new_empty(b, hkv, nq, rows_per_block, v_blocks.shape[-1])
         lse = q_blocks.new_empty(b, hkv, nq, rows_per_block, dtype=torch.promote_types(q_blocks.dtype, torch.float32))
-        for rows, cols in plan.chunks:
+        for i, (rows, cols) in enumerate(plan.chunks):
             index = rows.flatten()
             if cols is None:
                 out.index_fill_(2, index, 0)
                 lse.index_fill_(2, index, 0)
                 continue
-            attn, some = plan.logits(rows, cols)
+            attn, some = plan.logits(i)
             o, rows_lse = flash_cpu(plan.gather(q_blocks, rows), plan.gather(k_blocks, cols),
                                     plan.gather(v_blocks, cols), 0.0, False, attn_mask=attn, scale=scale)
             out.index_copy_(2, index, plan.keep(o, some).view(b, hkv, -1, *out.shape[3:]))
@@ -231,11 +233,11 @@ class _FlashBlocks(torch.autograd.Function):
         b, hkv, _, rows_per_block, _ = q_blocks.shape
         dq = q_blocks.new_empty(q_blocks.shape)
         dk, dv = (torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (k_blocks, v_blocks))
-        for rows, cols in plan.chunks:
+        for i, (rows, cols) in enumerate(plan.chunks):
             if cols is None:
                 dq.index_fill_(2, rows.flatten(), 0)
                 continue
-            attn, some = plan.logits(rows, cols)
+            attn, some = plan.logits(i)
             lse_rows = torch.index_select(lse, 2, rows.flatten()).view(b * hkv, rows.shape[0], -1)
             dqg, dkg, dvg = flash_cpu_backward(
                 plan.keep(plan.gather(grad, rows), some), plan.gather(q_blocks, rows), plan.gather(k_blocks, cols),
@@ -258,9 +260,9 @@ def _autograd_blocks(q_blocks: torch.Tensor, k_blocks: torch.Tensor, v_blocks: t
     b, hkv, nq, rows_per_block, _ = q_blocks.shape
     dv = v_blocks.shape[-1]
 
-    def run(q_blocks: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, rows: torch.Tensor,
-            cols: torch.Tensor) -> torch.Tensor:
-        attn, some = plan.logits(rows, cols)
+    def run(q_blocks: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, chunk: int) -> torch.Tensor:
+        rows, cols = plan.chunks[chunk]
+        attn, some = plan.logits(chunk)
         out = F.scaled_dot_product_attention(plan.gather(q_blocks, rows), plan.gather(k_blocks, cols),
                                              plan.gather(v_blocks, cols), attn_mask=attn, scale=scale)
         return plan.keep(out, some).view(b, hkv, -1, rows_per_block, dv)
@@ -268,13 +270,13 @@ def _autograd_blocks(q_blocks: torch.Tensor, k_blocks: torch.Tensor, v_blocks: t
     recompute = torch.is_grad_enabled() and len(plan.chunks) > 1
     # Results are written in place into one output (fresh allocations per piece cost page faults on CPU).
     out = q_blocks.new_empty(b, hkv, nq, rows_per_block, dv)
-    for rows, cols in plan.chunks:
+    for i, (rows, cols) in enumerate(plan.chunks):
         if cols is None:
             res = q_blocks.new_zeros(b, hkv, rows.numel(), rows_per_block, dv)
         elif recompute:
-            res = checkpoint(run, q_blocks, k_blocks, v_blocks, rows, cols, use_reentrant=False)
+            res = checkpoint(run, q_blocks, k_blocks, v_blocks, i, use_reentrant=False)
         else:
-            res = run(q_blocks, k_blocks, v_blocks, rows, cols)
+            res = run(q_blocks, k_blocks, v_blocks, i)
         out.index_copy_(2, rows.flatten(), res)
     return out
 
@@ -382,50 +384,56 @@ class _SelectionPlan(_Plan):
         partial = valid & (ordered == nk - 1) & (nk * self.bs != self.skv)
         if causal:  # the block's last key is after the unit's first query may see
             partial |= valid & ((ordered + 1) * self.bs - 1 > (unit % nq * self.bq + self.offset).unsqueeze(1))
-        needs = partial.any(dim=-1) | self.user
+        # 0: whole blocks only; 1: only the diagonal block, last, is cut (the shared triangle); 2: general logits
+        diagonal = ordered.gather(1, (counts - 1).clamp(min=0).unsqueeze(1)).squeeze(1) == (
+            unit % nq * self.bq + self.offset) // self.bs
+        only_last = partial.sum(dim=-1) == partial.gather(1, (counts - 1).clamp(min=0).unsqueeze(1)).squeeze(1).long()
+        kind = torch.where(partial.any(dim=-1), 2, 0)
+        if self.triangle:
+            kind = torch.where((kind == 2) & diagonal & only_last, 1, kind)
+        if self.user:
+            kind = torch.full_like(kind, 2)
         # flat key block index of each slot: the unit's (batch, K/V head) row of blocks
         group = unit // nq
         kv_row = (group // e) * hkv + (group % e) // (e // hkv)
         flat = ordered + (kv_row * nk).unsqueeze(1)
-        key = counts * 2 + needs.long()
+        key = counts * 3 + kind
         by_key = key.argsort(stable=True)
         distinct, sizes = torch.unique_consecutive(key[by_key], return_counts=True)
         elem = torch.empty(0, dtype=dtype).element_size()
         self.chunks: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.kinds: list[int] = []  # per chunk
         start = 0
         for k_, size in zip(distinct.tolist(), sizes.tolist(), strict=True):
-            units, (c, masked) = by_key[start : start + size], divmod(k_, 2)
+            units, (c, chunk_kind) = by_key[start : start + size], divmod(k_, 3)
             start += size
             if c == 0:
                 self.chunks.append((units.unsqueeze(1), None))
                 continue
             per_unit = elem * (self.bq * self.g * (d + dv) + c * self.bs * (d + dv)
-                               + (2 * self.bq * self.g * c * self.bs if masked else 0))
+                               + (2 * self.bq * self.g * c * self.bs if chunk_kind == 2 else 0))
             step = max(1, GATHER_BYTES // per_unit)
             cols = flat[units, :c]
             self.chunks += [(units[s : s + step].unsqueeze(1), cols[s : s + step]) for s in range(0, size, step)]
+            self.kinds += [chunk_kind] * (len(self.chunks) - len(self.kinds))
         self.q_pos = torch.arange(self.bq, device=device)
         self.positions = torch.arange(self.bs, device=device)
 
-    def logits(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """A chunk's additive logits, broadcastable to ``(1, n, bq·G, c·bk)`` (None when no element is masked) and,
-        when some row may see no key, which rows see one ``(n, bq, G|1)`` (the others get 0 logits; :meth:`keep`
-        zeroes them)."""
+    def logits(self, chunk: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Chunk ``chunk``'s additive logits, broadcastable to ``(1, n, bq·G, c·bk)`` (None when no element is
+        masked) and, when some row may see no key, which rows see one ``(n, bq, G|1)`` (the others get 0 logits;
+        :meth:`keep` zeroes them)."""
+        rows, cols = self.chunks[chunk]
+        assert cols is not None
         n, c = cols.shape
         width = c * self.bs
+        if self.kinds[chunk] == 0:
+            return None, None
+        if self.kinds[chunk] == 1:
+            return self._triangle(width), None
         units = rows[:, 0]
         blocks = cols % self.nk
         first = units % self.nq * self.bq  # each unit's first query
-        if not self.user:
-            last_key = (blocks + 1) * self.bs - 1
-            cut = last_key >= self.skv
-            if self.causal:
-                cut |= last_key > (first + self.offset).unsqueeze(1)
-            if not bool(cut.any()):
-                return None, None
-            diagonal = blocks[:, -1] == (first + self.offset) // self.bs
-            if self.triangle and not bool(cut[:, :-1].any()) and bool(diagonal.all()):
-                return self._triangle(width), None
         qi = first.unsqueeze(1) + self.q_pos  # (n, bq)
         ki = (blocks * self.bs).unsqueeze(2).add(self.positions).view(n, width)  # (n, W)
         seen = (ki < self.skv).view(n, 1, 1, width)
