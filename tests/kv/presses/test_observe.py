@@ -2,14 +2,11 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
-from attnzoo.errors import AttnzooError
 from attnzoo.kv.cache import KVCache
 from attnzoo.kv.presses.observe import (
     attention_blocks,
-    check_number,
     decode_target,
     evict_to,
     kept_mask,
@@ -64,8 +61,3 @@ def test_kept_mask_and_slot_counts() -> None:
     assert slot_counts(cache).tolist() == [[[1.0] * 6], [[1.0] * 4 + [0.0] * 2]]
     merged = cache.keep(torch.tensor([[[0, 1]], [[2, -1]]]), log_weight=torch.full((2, 1, 2), math.log(3.0)))
     torch.testing.assert_close(slot_counts(merged), torch.tensor([[[3.0, 3.0]], [[3.0, 0.0]]]))
-
-
-def test_check_number_names_the_argument() -> None:
-    with pytest.raises(AttnzooError, match="alpha: expected a positive number, got True"):
-        check_number("alpha", True, lambda x: x > 0, "a positive number")

@@ -15,6 +15,9 @@ Every press file registers its class with :func:`register_press` (its catalogue 
 is what ``attnzoo list --presses``, the conformance tests and the press benchmarks walk. A press is built for a cache
 budget (the fraction of tokens, or of bytes, kept) by :meth:`Press.for_budget`.
 
+The presses' argument checks live here too: :func:`check_integer`, :func:`check_positive`, :func:`check_number`,
+:func:`check_fraction`, :func:`check_ratio`.
+
 Helpers every scoring press needs: :func:`recent_queries` (each sequence's last ``w`` queries and their positions,
 right padding respected) and :func:`attention_weights` (softmax weights of given queries over the cache's slots,
 causal, empty slots excluded).
@@ -23,6 +26,7 @@ causal, empty slots excluded).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,9 +79,8 @@ class ScorerPress(Press):
 
     def __post_init__(self) -> None:
         check_ratio(self.compression_ratio)
-        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
-                                        or self.budget < 1):
-            raise fail("budget", "a positive number of tokens (or None)", repr(self.budget))
+        if self.budget is not None:
+            check_positive("budget", self.budget, "tokens kept per sequence and kv head, or None")
 
     def score(self, cache: KVCache, context: PressContext) -> torch.Tensor:
         """``(B, Hkv, L)``: how much each slot is worth keeping (higher is kept first)."""
@@ -134,9 +137,29 @@ def require_slots(cache: object) -> None:
                    "cache last in a composition)", type(cache).__name__)
 
 
+def check_integer(name: str, value: int, minimum: int, what: str = "") -> None:
+    """``value`` must be an integer ``>= minimum`` (an :class:`~attnzoo.errors.AttnzooError` naming ``name``; ``what``
+    says what the number is)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise fail(name, f"an integer >= {minimum}" + (f" ({what})" if what else ""), repr(value))
+
+
+def check_positive(name: str, value: int, what: str = "") -> None:
+    check_integer(name, value, 1, what)
+
+
+def check_number(name: str, value: float, ok: Callable[[float], bool], expected: str) -> None:
+    """``value`` must be a real number for which ``ok`` holds (else an error naming ``name``, saying ``expected``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise fail(name, expected, repr(value))
+
+
+def check_fraction(name: str, value: float) -> None:
+    check_number(name, value, lambda x: 0.0 <= x <= 1.0, "a fraction in [0, 1]")
+
+
 def check_ratio(ratio: float, name: str = "compression_ratio") -> None:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-        raise fail(name, "a fraction in [0, 1) (the share of tokens removed)", repr(ratio))
+    check_number(name, ratio, lambda x: 0.0 <= x < 1.0, "a fraction in [0, 1) (the share of tokens removed)")
 
 
 def kept_tokens(cache: KVCache, ratio: float, budget: int | None = None) -> torch.Tensor:

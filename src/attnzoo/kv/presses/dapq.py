@@ -28,8 +28,15 @@ import torch
 
 from attnzoo.errors import fail
 from attnzoo.kv.cache import KVCache
-from attnzoo.kv.presses.base import PressContext, ScorerPress, recent_queries, register_press
-from attnzoo.kv.presses.observe import check_number, check_positive, mean_attention
+from attnzoo.kv.presses.base import (
+    PressContext,
+    ScorerPress,
+    check_number,
+    check_positive,
+    recent_queries,
+    register_press,
+)
+from attnzoo.kv.presses.observe import mean_attention
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from attnzoo.kv.presses.base import (
     Press,
     PressContext,
     ScorerPress,
+    check_positive,
     check_ratio,
     recent_queries,
     register_press,
@@ -64,11 +65,11 @@ class DecodingPress(Press):
             raise fail("target_size", "exactly one of target_size and compression_ratio",
                        f"target_size={self.target_size!r}, compression_ratio={self.compression_ratio!r}")
         if self.target_size is not None:
-            _check_count("target_size", self.target_size)
+            check_positive("target_size", self.target_size)
         if self.compression_ratio is not None:
             check_ratio(self.compression_ratio)
-        _check_count("interval", self.interval)
-        _check_count("query_window", self.query_window)
+        check_positive("interval", self.interval)
+        check_positive("query_window", self.query_window)
 
     @classmethod
     def for_budget(cls, fraction: float, **options: Any) -> Press:
@@ -102,10 +103,6 @@ class DecodingPress(Press):
         assert self.compression_ratio is not None
         return cache.length - torch.floor(cache.length * self.compression_ratio).long()
 
-
-def _check_count(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise fail(name, "a positive number of tokens", repr(value))
 
 
 def _with_extra(cache: Any, name: str, value: torch.Tensor) -> Any:

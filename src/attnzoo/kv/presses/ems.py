@@ -29,16 +29,16 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo.kv.cache import KVCache
-from attnzoo.kv.presses.base import PressContext, ScorerPress, kept_tokens, register_press, top_slots
-from attnzoo.kv.presses.observe import (
-    QUERY_BLOCK,
-    accumulated_attention,
+from attnzoo.kv.presses.base import (
+    PressContext,
+    ScorerPress,
     check_number,
     check_positive,
-    kept_mask,
-    protect,
-    slot_counts,
+    kept_tokens,
+    register_press,
+    top_slots,
 )
+from attnzoo.kv.presses.observe import QUERY_BLOCK, accumulated_attention, kept_mask, protect, slot_counts
 from attnzoo.kv.presses.snapkv import in_window, window_attention
 
 

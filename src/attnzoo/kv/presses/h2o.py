@@ -26,19 +26,13 @@ from attnzoo.kv.presses.base import (
     PressContext,
     ScorerPress,
     attention_weights,
+    check_fraction,
+    check_positive,
     kept_tokens,
     register_press,
     top_slots,
 )
-from attnzoo.kv.presses.observe import (
-    QUERY_BLOCK,
-    accumulated_attention,
-    check_fraction,
-    check_positive,
-    decode_target,
-    evict_to,
-    protect,
-)
+from attnzoo.kv.presses.observe import QUERY_BLOCK, accumulated_attention, decode_target, evict_to, protect
 
 SLOT_DATA = "h2o"
 

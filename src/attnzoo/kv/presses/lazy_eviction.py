@@ -35,12 +35,14 @@ from attnzoo.kv.presses.base import (
     PressContext,
     ScorerPress,
     attention_weights,
+    check_number,
+    check_positive,
     kept_tokens,
     recent_queries,
     register_press,
     top_slots,
 )
-from attnzoo.kv.presses.observe import check_number, check_positive, decode_target, evict_to, group_mean, protect
+from attnzoo.kv.presses.observe import decode_target, evict_to, group_mean, protect
 from attnzoo.kv.presses.snapkv import in_window
 
 MRI, LAST = "lazy_mri", "lazy_last"

@@ -36,7 +36,7 @@ from attnzoo.errors import fail
 from attnzoo.kernels.dense import safe_softmax
 from attnzoo.kv.attend import softmax_attention
 from attnzoo.kv.cache import KVCache
-from attnzoo.kv.presses.base import Press, PressContext, register_press
+from attnzoo.kv.presses.base import Press, PressContext, check_positive, register_press
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,9 +51,9 @@ class LoCoCoPress(Press):
     chunk: int | None = None
 
     def __post_init__(self) -> None:
-        _check_positive("size", self.size)
+        check_positive("size", self.size)
         if self.chunk is not None:
-            _check_positive("chunk", self.chunk)
+            check_positive("chunk", self.chunk)
         w = self.kernel
         if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() not in (1, 2) or w.shape[-1] < 1:
             raise fail("kernel", "a float tensor of taps, (K,) or (kv_heads, K)",
@@ -69,7 +69,7 @@ class LoCoCoPress(Press):
         the ``calibration=[(q, k, v), ...]`` prompts)."""
         calibration = options.pop("calibration", None)
         tokens = options.pop("tokens", None if not calibration else calibration[0][1].shape[2])
-        _check_positive("tokens", tokens)
+        check_positive("tokens", tokens)
         return cls(size=max(1, round(fraction * tokens)), **options)
 
     def compress(self, cache: KVCache, context: PressContext) -> KVCache:
@@ -145,8 +145,8 @@ def fit_lococo(
     (``steps`` at rate ``lr``) so that the last ``probe`` queries of ``q (B, H, S, D)``, attending over the fused cache
     of the first ``S − probe`` tokens plus their own, match full causal attention (mean squared error). The kernel
     starts at the most-recent-tokens rule (newest tap 0, the others −3)."""
-    _check_positive("size", size)
-    _check_positive("taps", taps)
+    check_positive("size", size)
+    check_positive("taps", taps)
     s = k.shape[2]
     if isinstance(probe, bool) or not isinstance(probe, int) or not 0 < probe < s:
         raise fail("probe", f"an int in [1, {s}) (queries held out of the fused prompt)", repr(probe))
@@ -206,10 +206,6 @@ def _concat(state: KVCache, k: torch.Tensor, v: torch.Tensor, positions: torch.T
     return replace(state, keys=torch.cat([state.keys, k], 2), values=torch.cat([state.values, v], 2),
                    positions=torch.cat([state.positions, positions], 2), storage=None)
 
-
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise fail(name, "a positive int", repr(value))
 
 
 register_press(LoCoCoPress, "K8", "LoCoCo: Dropping In Convolutions for Long Context Compression", "2406.05317",

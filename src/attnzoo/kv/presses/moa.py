@@ -57,7 +57,7 @@ class MoAPress(Press):
                 or bool((s < 1).any())):
             raise fail("spans", "a (kv_heads,) or (layers, kv_heads) integer tensor of positive window spans",
                        tuple(s.shape) if isinstance(s, torch.Tensor) else repr(s))
-        _check_count("sinks", self.sinks)
+        check_positive("sinks", self.sinks)
 
     def head_spans(self, cache: KVCache, layer: int | None) -> torch.Tensor:
         """``(Hkv,)``: this layer's span per kv head (checked against the cache's kv heads)."""
@@ -109,7 +109,7 @@ def profile_moa(
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 1:
         raise fail("budget", "a mean span of at least 1 token", repr(budget))
-    _check_count("sinks", sinks)
+    check_positive("sinks", sinks)
     if not isinstance(calibration, Sequence) or len(calibration) == 0:
         raise fail("calibration", "a non-empty list of (q, k, v) per layer", type(calibration).__name__)
     length = calibration[0][1].shape[2]
@@ -170,7 +170,7 @@ def _knapsack(lost: torch.Tensor, spans: list[int], budget: float) -> torch.Tens
     return torch.tensor(choice[::-1])
 
 
-def _check_count(name: str, value: Any) -> None:
+def check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise fail(name, "a non-negative int", repr(value))
 

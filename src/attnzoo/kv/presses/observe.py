@@ -11,19 +11,16 @@
 - :func:`protect`: scores with some slots forced above every other, the more recent first (sinks, windows).
 - :func:`kept_mask`, :func:`slot_counts`: which slots an index keeps, and how many tokens each slot stands for
   (merging presses).
-- :func:`check_positive`, :func:`check_integer`, :func:`check_number`, :func:`check_fraction`: the presses' own
-  argument checks.
 - :func:`decode_target` and :func:`evict_to`: the tokens a press keeps while decoding (a ``budget``, or the share
   ``1 − compression_ratio`` of the tokens seen so far) and the eviction down to it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
-from attnzoo.errors import fail
 from attnzoo.kv.cache import KVCache
 from attnzoo.kv.presses.base import attention_weights, top_slots
 
@@ -115,23 +112,3 @@ def slot_counts(cache: KVCache) -> torch.Tensor:
     counts = torch.ones_like(cache.positions, dtype=torch.float32) if cache.log_weight is None else (
         cache.log_weight.float().exp())
     return counts * cache.occupied()
-
-
-def check_positive(name: str, value: int) -> None:
-    check_integer(name, value, 1)
-
-
-def check_integer(name: str, value: int, minimum: int) -> None:
-    """``value`` must be an integer ``>= minimum`` (an :class:`~attnzoo.errors.AttnzooError` naming ``name``)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise fail(name, f"an integer >= {minimum}", repr(value))
-
-
-def check_number(name: str, value: float, ok: Callable[[float], bool], expected: str) -> None:
-    """``value`` must be a real number for which ``ok`` holds (else an error naming ``name``, saying ``expected``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-        raise fail(name, expected, repr(value))
-
-
-def check_fraction(name: str, value: float) -> None:
-    check_number(name, value, lambda x: 0.0 <= x <= 1.0, "a fraction in [0, 1]")

@@ -38,17 +38,17 @@ import torch.nn.functional as F
 
 from attnzoo.errors import fail
 from attnzoo.kv.cache import KVCache
-from attnzoo.kv.presses.base import PressContext, ScorerPress, kept_tokens, register_press, top_slots
-from attnzoo.kv.presses.observe import (
-    QUERY_BLOCK,
-    attention_blocks,
+from attnzoo.kv.presses.base import (
+    PressContext,
+    ScorerPress,
     check_fraction,
     check_integer,
     check_positive,
-    group_mean,
-    kept_mask,
-    slot_counts,
+    kept_tokens,
+    register_press,
+    top_slots,
 )
+from attnzoo.kv.presses.observe import QUERY_BLOCK, attention_blocks, group_mean, kept_mask, slot_counts
 from attnzoo.kv.presses.streaming_llm import sink_and_recent
 
 

@@ -52,7 +52,7 @@ from attnzoo.errors import fail
 from attnzoo.kernels.hadamard import is_power_of_two
 from attnzoo.kernels.quantize import BITS, check_bits
 from attnzoo.kv.cache import KVCache
-from attnzoo.kv.presses.base import Press, PressContext, register_press
+from attnzoo.kv.presses.base import Press, PressContext, check_integer, register_press
 from attnzoo.kv.quantized import QuantizedKVCache
 
 
@@ -69,13 +69,13 @@ class RotateKVPress(Press):
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
-        _check_int("group_size", self.group_size, 4, "channels per quantisation group, a multiple of 4")
+        check_integer("group_size", self.group_size, 4, "channels per quantisation group, a multiple of 4")
         if self.group_size % 4:
             raise fail("group_size", "a multiple of 4 (whole bytes of codes per group)", self.group_size)
-        _check_int("head_group", self.head_group, 1, "kv heads rotated together (a power of two)")
+        check_integer("head_group", self.head_group, 1, "kv heads rotated together (a power of two)")
         if not is_power_of_two(self.head_group):
             raise fail("head_group", "a power of two (kv heads rotated together)", self.head_group)
-        _check_int("n_sink", self.n_sink, 0, "leading positions kept in full precision")
+        check_integer("n_sink", self.n_sink, 0, "leading positions kept in full precision")
 
     def compress(self, cache: KVCache, context: PressContext) -> QuantizedKVCache:
         return QuantizedKVCache.from_cache(cache, self.n_sink, self.bits, self.group_size, self.head_group)
@@ -93,10 +93,6 @@ class RotateKVPress(Press):
                        repr(fraction))
         return cls(bits=max(fits), **options)
 
-
-def _check_int(name: str, value: Any, low: int, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise fail(name, f"an integer >= {low} ({what})", repr(value))
 
 
 register_press(

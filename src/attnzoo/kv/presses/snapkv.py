@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from attnzoo.errors import fail
 from attnzoo.kv.cache import KVCache
-from attnzoo.kv.presses.base import PressContext, ScorerPress, recent_queries, register_press
-from attnzoo.kv.presses.observe import check_positive, mean_attention, protect
+from attnzoo.kv.presses.base import PressContext, ScorerPress, check_positive, recent_queries, register_press
+from attnzoo.kv.presses.observe import mean_attention, protect
 
 
 @dataclass(frozen=True)

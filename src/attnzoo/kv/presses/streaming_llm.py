@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from attnzoo.kv.cache import KVCache
-from attnzoo.kv.presses.base import PressContext, ScorerPress, register_press
-from attnzoo.kv.presses.observe import check_integer
+from attnzoo.kv.presses.base import PressContext, ScorerPress, check_integer, register_press
 
 
 @dataclass(frozen=True)
