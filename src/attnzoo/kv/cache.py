@@ -331,4 +331,4 @@ def _reset(slot_data: dict[str, torch.Tensor], slot: torch.Tensor) -> dict[str, 
 
 
 def _pad_all(slot_data: dict[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
-    return {n: torch.cat([t, t.new_zeros(*t.shape[:2], tokens)], 2) for n, t in slot_data.items()}
+    return {n: _pad(t, tokens) for n, t in slot_data.items()}
