@@ -328,6 +328,9 @@ class MethodSpec:
     differentiable: bool = True
     subquadratic_memory: bool = False
     tests: TestHints = TestHints()
+    # D family: the parameters that make the method read about ``fraction`` of the keys a query may see (for a call
+    # of these shapes), so that methods are compared at equal density (``attnzoo bench --suite dynamic``)
+    at_density: Callable[[Call, float], dict[str, Any]] | None = None
     backends: tuple[str, ...] = ()  # filled in by register(): the fast paths in (GPU) priority order, then "reference"
     decoding: bool = False  # filled in by register(): whether it has a Decoder (attnzoo.prefill / attnzoo.step)
 
