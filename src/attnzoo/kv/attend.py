@@ -74,3 +74,26 @@ def masked_step(
     """The step of a method whose mask is one predicate: append the token, attend to the slots ``mod`` shows it."""
     cache = cache.append(k, v)
     return softmax_attention(cache, q, scale, predicate_visible(cache, mod, q.shape[1], q.shape[2])), cache
+
+
+def position_block_means(cache: KVCache, block_size: int) -> torch.Tensor:
+    """``(B, Hkv, Nk, D)`` float32: the mean of the cached keys of each block of ``block_size`` positions (``Nk``
+    covers the longest sequence; a block with no cached key gets 0): the pooled keys a block-selecting decoder (MoBA,
+    NSA) scores a new query against."""
+    b, hkv, _, d = cache.keys.shape
+    nk = max(1, -(-int(cache.length.max()) // block_size))
+    block = torch.where(cache.positions >= 0, cache.positions.long() // block_size, nk)  # empty slots: column nk
+    index = block.unsqueeze(-1).expand(-1, -1, -1, d)
+    sums = torch.zeros(b, hkv, nk + 1, d, device=cache.keys.device).scatter_add(2, index, cache.keys.float())
+    counts = torch.zeros(b, hkv, nk + 1, device=cache.keys.device).scatter_add(
+        2, block, torch.ones_like(block, dtype=torch.float32))
+    return (sums / counts.clamp_min(1).unsqueeze(-1))[:, :, :nk]
+
+
+def selected_slots(cache: KVCache, chosen: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``(B, H, T, L)`` bool: which slots lie in the position blocks ``chosen (B, H, T, K)`` (block indices of
+    ``block_size`` positions, ``-1`` unused) — the ``visible`` argument of :func:`softmax_attention` for a decoder
+    that selects key blocks per new query."""
+    slot_block = cache.key_positions(chosen.shape[1]).long()  # (B, H, 1, L); empty slots (-1) stay unmatched
+    slot_block = torch.where(slot_block >= 0, slot_block.div(block_size, rounding_mode="floor"), -2)
+    return (slot_block.unsqueeze(-1) == chosen.unsqueeze(3)).any(-1)

@@ -36,8 +36,9 @@ FlexAttention with a mask predicate reading the selection (its block mask built 
 
 Decoding (:data:`DECODER`): :func:`decode_prefill` runs the torch path causally over the prompt and keeps a plain
 :class:`~attnzoo.kv.cache.KVCache`; :func:`decode_step` appends the new tokens, computes the block means of the
-cached keys (blocks by position), selects for each new query with the same rule (:func:`route`) and attends over the
-slots of its selected blocks (:func:`attnzoo.kv.attend.softmax_attention`): exactly the causal forward's rows, since
+cached keys (blocks by position: :func:`attnzoo.kv.attend.position_block_means`), selects for each new query with the
+same rule (:func:`route`) and attends over the slots of its selected blocks (:func:`attnzoo.kv.attend.selected_slots`,
+:func:`~attnzoo.kv.attend.softmax_attention`): exactly the causal forward's rows, since
 a query's past blocks are complete and its own block is forced.
 """
 
@@ -51,7 +52,7 @@ from attnzoo.kernels import flex
 from attnzoo.kernels.blockwise import grouped_logits
 from attnzoo.kernels.routed import routed_attention
 from attnzoo.kernels.selection import BlockSelection, block_means
-from attnzoo.kv.attend import softmax_attention
+from attnzoo.kv.attend import position_block_means, selected_slots, softmax_attention
 from attnzoo.kv.cache import KVCache
 from attnzoo.methods.common import masked_attention, visible
 from attnzoo.registry import Backend, Call, Decoder, MethodSpec, Param, TestHints, register
@@ -143,32 +144,16 @@ def decode_prefill(
     return out, KVCache.from_prompt(k, v, lengths)
 
 
-def cache_block_means(cache: KVCache, block_size: int) -> torch.Tensor:
-    """``(B, Hkv, Nk, D)`` float32: the mean of the cached keys of each block of positions (``Nk`` covers the longest
-    sequence; a block with no cached key gets 0)."""
-    b, hkv, _, d = cache.keys.shape
-    nk = max(1, -(-int(cache.length.max()) // block_size))
-    block = torch.where(cache.positions >= 0, cache.positions.long() // block_size, nk)  # empty slots: column nk
-    index = block.unsqueeze(-1).expand(-1, -1, -1, d)
-    sums = torch.zeros(b, hkv, nk + 1, d, device=cache.keys.device).scatter_add(2, index, cache.keys.float())
-    counts = torch.zeros(b, hkv, nk + 1, device=cache.keys.device).scatter_add(
-        2, block, torch.ones_like(block, dtype=torch.float32))
-    return (sums / counts.clamp_min(1).unsqueeze(-1))[:, :, :nk]
-
-
 def decode_step(
     cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, block_size: int, top_k: int,
 ) -> tuple[torch.Tensor, KVCache]:
     """``T`` tokens per sequence: append them, select each new query's blocks over the cache, attend over them."""
     cache = cache.append(k, v)
-    heads, tokens = q.shape[1], q.shape[2]
-    gate = grouped_logits(q.float(), cache_block_means(cache, block_size), 1.0)  # (B, H, T, Nk)
+    tokens = q.shape[2]
+    gate = grouped_logits(q.float(), position_block_means(cache, block_size), 1.0)  # (B, H, T, Nk)
     own = cache.query_positions(tokens).long().div(block_size, rounding_mode="floor")  # (B, 1, T, 1)
     chosen = route(gate, own, top_k)  # (B, H, T, K)
-    slot_block = cache.key_positions(heads).long()  # (B, H, 1, L); empty slots (-1) are hidden by the attention
-    slot_block = torch.where(slot_block >= 0, slot_block.div(block_size, rounding_mode="floor"), -2)
-    seen = (slot_block.unsqueeze(-1) == chosen.unsqueeze(3)).any(-1)  # (B, H, T, L)
-    return softmax_attention(cache, q, scale, seen), cache
+    return softmax_attention(cache, q, scale, selected_slots(cache, chosen, block_size)), cache
 
 
 DECODER = Decoder(decode_prefill, decode_step, kv_cache=True, chunked=True)
