@@ -45,6 +45,8 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from attnzoo.kernels.band import gather_pairs
+from attnzoo.kernels.dense import flash_cpu, flash_cpu_backward
+from attnzoo.kernels.routed import routed_attention
 from attnzoo.kernels.selection import BlockSelection
 
 RUN = 4  # at most this many consecutive query blocks with equal key blocks attend as one
@@ -52,6 +54,9 @@ RUN = 4  # at most this many consecutive query blocks with equal key blocks atte
 # fresh pages every call, and first-touch page faults then cost more than the copy (measured: 45 MiB gathers 12×
 # slower than the same bytes in 4.5 MiB pieces).
 GATHER_BYTES = 8 << 20
+# selected_attention runs a selection key-block-major (kernels/routed.py) when key blocks are this many times larger
+# than query blocks (gathering c key blocks for so few queries would copy more than it attends)
+KEY_MAJOR = 4
 
 
 class BlockLayout:
@@ -194,9 +199,6 @@ class _Plan:
         return (x.view(self.b, self.hkv, -1, self.g, x.shape[-1]) * some.to(x.dtype)).view(x.shape)
 
 
-# PyTorch's CPU flash kernel (what SDPA dispatches to on CPU): returns the row log-sum-exp, and its backward takes it
-flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 class _FlashBlocks(torch.autograd.Function):
@@ -328,8 +330,15 @@ def selected_attention(
     masked element (causal diagonal, the padding of a partial last key block, a user mask/bias). Same CPU flash
     forward/backward (:class:`_FlashBlocks`) and autograd fallback (:func:`_autograd_blocks`) as
     :func:`block_sparse_attention`.
+
+    Fine-grained query selections (``KEY_MAJOR · block_q ≤ block_k``: MoBA routes every query *token*) have too few
+    queries per unit to pay for gathering their key blocks, so, without a user mask/bias, they run key-block-major
+    instead (:func:`attnzoo.kernels.routed.routed_attention`): each key block, read in place, meets the queries that
+    selected it, and each query's pieces are merged by log-sum-exp. Same result, same contract.
     """
     selection.check(q, k)
+    if mask is None and bias is None and KEY_MAJOR * selection.block_q <= selection.block_k:
+        return routed_attention(q, k, v, selection, scale=scale, causal=causal)
     b, h, sq, d = q.shape
     hkv, skv, dv = k.shape[1], k.shape[2], v.shape[-1]
     bq, bk, nq, nk = selection.block_q, selection.block_k, selection.num_q_blocks, selection.num_kv_blocks

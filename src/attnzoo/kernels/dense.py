@@ -4,7 +4,8 @@
   boolean user mask, additive bias, GQA without K/V copies): the fast path of softmax attention and of the methods
   that reduce to it after transforming q, k or v;
 - :func:`softmax_attention_lse` — output and log-sum-exp (see :mod:`attnzoo.kernels.merge`);
-- :func:`safe_softmax` — a softmax over the visible entries whose fully hidden rows give zeros, not NaN.
+- :func:`safe_softmax` — a softmax over the visible entries whose fully hidden rows give zeros, not NaN;
+- ``flash_cpu``/``flash_cpu_backward`` — PyTorch's CPU flash kernel and its backward (the blockwise kernels' calls).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import torch.nn.functional as F
 
 from attnzoo import masks
 from attnzoo.kernels.blockwise import grouped_logits, grouped_pv
+
+# PyTorch's CPU flash kernel (what SDPA dispatches to on CPU): returns the row log-sum-exp, and its backward takes it
+flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def sdpa_attention(

@@ -1,4 +1,5 @@
-"""Attention over a block selection made per query *token*, grouped by key block (MoBA's "varlen" trick).
+"""The key-block-major schedule of :func:`attnzoo.kernels.block_sparse.selected_attention`: attention over a block
+selection made per query *token*, grouped by key block (MoBA's "varlen" trick).
 
 A selection whose rows are single tokens (``block_q = 1``: MoBA routes every query token to its own ``top_k`` key
 blocks) has no query blocks to gather key blocks for: gathering ``top_k`` key blocks per token would copy
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from attnzoo.kernels.block_sparse import flash_cpu, flash_cpu_backward
+from attnzoo.kernels.dense import flash_cpu, flash_cpu_backward
 from attnzoo.kernels.selection import BlockSelection
 
 BUCKET = 128

@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from attnzoo.kernels.block_sparse import GATHER_BYTES, flash_cpu, flash_cpu_backward
+from attnzoo.kernels.block_sparse import GATHER_BYTES
+from attnzoo.kernels.dense import flash_cpu, flash_cpu_backward
 
 
 class TileGroup:

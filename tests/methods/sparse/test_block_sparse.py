@@ -44,6 +44,10 @@ def test_full_selection_is_dense_attention(causal):
         (1, 4, 4, 1, 64, 64, 16, 16, True),  # one selection for every head
         (2, 6, 2, 6, 33, 50, 8, 16, True),  # more keys than queries, block_k > block_q
         (3, 2, 1, 2, 9, 9, 1, 3, False),  # one-query blocks
+        # key-block-major schedule (block_k >= 4 block_q): per-token selections, GQA-shared, cross, ragged tails
+        (2, 4, 2, 4, 23, 23, 1, 4, True),
+        (2, 4, 2, 2, 19, 30, 1, 5, True),
+        (1, 6, 3, 1, 21, 17, 2, 8, False),
     ],
 )
 def test_torch_matches_masked_dense_reference(b, h, hkv, hs, sq, skv, bq, bk, causal):

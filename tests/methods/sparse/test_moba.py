@@ -107,12 +107,21 @@ def test_decoding_a_chunk_equals_the_causal_forward():
     torch.testing.assert_close(out, want[:, :, 10:24])
 
 
-@pytest.mark.parametrize("params", [{"block_size": 0}, {"block_size": 2.5}, {"top_k": 0}, {"top_k": "3"}])
+@pytest.mark.parametrize("params", [{"block_size": 0}, {"block_size": 2.5}, {"top_k": 0}, {"top_k": "3"},
+                                    {"block_size": 4, "top_k": 3}])
 def test_bad_parameters_name_the_argument(params):
     q, k, v = qkv(1, 2, 2, 8)
-    name = next(iter(params))
+    name = list(params)[-1]
     with pytest.raises(AttnzooError, match=name):
         az.attention(q, k, v, method="moba", causal=True, **params)
+
+
+def test_a_prompt_shorter_than_top_k_blocks_decodes():
+    q, k, v = qkv(1, 2, 1, 12, seed=9)
+    want = az.attention(q, k, v, method="moba", causal=True, backend="reference", block_size=2, top_k=5)
+    out, state = az.prefill(q[:, :, :4], k[:, :, :4], v[:, :, :4], method="moba", block_size=2, top_k=5)
+    out, state = az.step(state, q[:, :, 4:], k[:, :, 4:], v[:, :, 4:])
+    torch.testing.assert_close(out, want[:, :, 4:])
 
 
 def test_noncausal_is_refused():

@@ -9,8 +9,10 @@ Formula as implemented (causal self-attention, the only pattern MoBA defines): t
 scores every block by its gate ``g_ij = q_i · mean(K_j)`` (the mean over the block's real keys, per KV head: a
 query head reads the means of its GQA group's KV head, no copies; unscaled, computed in float32 as MoBA does). Future
 blocks (``j > c``) are excluded, the own block ``c`` is always selected and counted in ``top_k``, and the other
-``top_k − 1`` are the past blocks of largest gate (fewer when fewer exist; ``top_k`` larger than the number of blocks
-is clamped, as ``min(moba_topk, num_block)`` in MoBA's reference). The query then attends with one softmax to the
+``top_k − 1`` are the past blocks of largest gate (fewer when fewer exist). ``top_k`` larger than the number of key
+blocks is an error in a forward call (MoBA's reference silently takes ``min(moba_topk, num_block)``, which hides a
+misconfiguration); when decoding, the cache grows, so a prompt of fewer than ``top_k`` blocks is accepted.
+The query then attends with one softmax to the
 keys of its selected blocks, with the token-level causal mask (inside its own block it sees keys ``≤ i``)::
 
     O_i = softmax_j∈S(i), j≤i (scale · q_i·k_j) V,   S(i) = own block ∪ top_{k−1} past blocks by q_i · mean(K_b)
@@ -29,8 +31,10 @@ neither); only the ``self/causal`` pattern (MoBA defines no noncausal form).
 
 Reference (:func:`reference`): the selection computed by :func:`select` from the same inputs (the same rule; it
 needs no fast code), expanded to a dense token mask (:meth:`BlockSelection.dense`) AND causal, then a dense masked
-softmax. Fast path ``torch`` (:func:`torch_routed`): :func:`select`, then :func:`attnzoo.kernels.routed.
-routed_attention`, which groups the (query, key block) pairs by key block as MoBA's efficient kernel does: time
+softmax. Fast path ``torch`` (:func:`torch_routed`): :func:`select`, then the D family's attend kernel
+:func:`attnzoo.kernels.block_sparse.selected_attention`, which runs a per-token selection key-block-major
+(:mod:`attnzoo.kernels.routed`: the (query, key block) pairs grouped by key block, as MoBA's efficient kernel
+does): time
 ``O(N·top_k·block_size·d)``, memory ``O(N·top_k·block_size)``, autograd. Fast path ``flex`` (:func:`flex_routed`):
 FlexAttention with a mask predicate reading the selection (its block mask built per call).
 
@@ -49,8 +53,8 @@ from typing import Any
 import torch
 
 from attnzoo.kernels import flex
+from attnzoo.kernels.block_sparse import selected_attention
 from attnzoo.kernels.blockwise import grouped_logits
-from attnzoo.kernels.routed import routed_attention
 from attnzoo.kernels.selection import BlockSelection, block_means
 from attnzoo.kv.attend import position_block_means, selected_slots, softmax_attention
 from attnzoo.kv.cache import KVCache
@@ -59,8 +63,23 @@ from attnzoo.registry import Backend, Call, Decoder, MethodSpec, Param, TestHint
 
 
 def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
-    return {"block_size": int(torch.randint(1, 9, (), generator=generator)),
-            "top_k": int(torch.randint(1, 5, (), generator=generator))}
+    block_size = int(torch.randint(1, 9, (), generator=generator))
+    blocks = -(-call.seq_kv // block_size)
+    return {"block_size": block_size, "top_k": int(torch.randint(1, min(4, blocks) + 1, (), generator=generator))}
+
+
+def _check_top_k(top_k: int, call: Call) -> str | None:
+    blocks = -(-call.seq_kv // int(call.params.get("block_size", 512)))
+    if call.decoding or top_k <= blocks:
+        return None
+    return f"at most the number of key blocks, ⌈seq_kv {call.seq_kv} / block_size⌉ = {blocks}"
+
+
+def at_density(call: Call, fraction: float) -> dict[str, Any]:
+    """Blocks of ``seq_kv / 32`` (at least 1) and ``top_k = fraction · 32`` of them: under the causal mask a query
+    sees about ``top_k`` blocks of its past, so the fraction is of the keys a late query may see."""
+    block_size = max(1, call.seq_kv // 32)
+    return {"block_size": block_size, "top_k": max(1, round(fraction * -(-call.seq_kv // block_size)))}
 
 
 SPEC = MethodSpec(
@@ -74,14 +93,15 @@ SPEC = MethodSpec(
     patterns=frozenset({"self/causal"}),
     params=(
         Param("block_size", (int,), 512, "keys per block (the last block may be partial)", low=1),
-        Param("top_k", (int,), 3, "blocks per query, its own block included (clamped to the number of blocks)",
-              low=1),
+        Param("top_k", (int,), 3, "blocks per query, its own block included (at most the number of key blocks)",
+              low=1, check=_check_top_k),
     ),
     complexity="O(N·top_k·block_size·d + N²d/block_size) time (attention + gate), O(N·top_k·block_size) memory",
     supports_mask=False,
     supports_bias=False,
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample),
+    at_density=at_density,
 )
 
 
@@ -118,7 +138,7 @@ def torch_routed(
     bias: torch.Tensor | None, block_size: int, top_k: int,
 ) -> torch.Tensor:
     selection = select(q, k, block_size=block_size, top_k=top_k)
-    return routed_attention(q, k, v, selection, scale=scale, causal=causal)
+    return selected_attention(q, k, v, selection, scale=scale, causal=causal)
 
 
 def flex_routed(
