@@ -158,6 +158,8 @@ def _run_suite(args: argparse.Namespace) -> int:
         return _run_presses(args)
     if args.suite == suites.FIDELITY:
         return _run_fidelity(args)
+    if args.suite == suites.DYNAMIC:
+        return _run_dynamic(args)
     cases = suites.select(args.suite, args.cases)
     device = args.device or "cpu"
     if not device.startswith(("cpu", "cuda")):
@@ -199,6 +201,22 @@ def _run_fidelity(args: argparse.Namespace) -> int:
     results = fidelity.run(out, args.cases, command=_command(), threads=args.threads)
     print(md_table(*fidelity_table(results)))
     print(f"report: {out / 'report.html'}  summary: {out / 'summary.md'}  table for docs: {out / 'fidelity.md'}")
+    return 0 if results["status"] == "complete" else 130
+
+
+def _run_dynamic(args: argparse.Namespace) -> int:
+    """``--suite dynamic``: every D-family method (or those ``--cases`` names) at equal density; prints both tables.
+    Exit status 0, or 130 when interrupted."""
+    from attnzoo.bench.suites import dynamic
+    from attnzoo.bench.tables import dynamic_table, md_table, recall_table
+
+    if args.device not in (None, "cpu"):
+        raise fail("--device", "cpu (the dynamic suite runs on the CPU)", repr(args.device))
+    out = Path(args.out)
+    results = dynamic.run(out, args.cases, command=_command(), threads=args.threads)
+    print(md_table(*dynamic_table(results)))
+    print(md_table(*recall_table(results)))
+    print(f"report: {out / 'report.html'}  summary: {out / 'summary.md'}  tables for docs: {out / 'dynamic.md'}")
     return 0 if results["status"] == "complete" else 130
 
 

@@ -105,13 +105,15 @@ def _measure(case: dict[str, Any]) -> dict[str, Any]:
             "backend": backend,
             "params": measure.describe_params(params),
         }
-        result.update(_weights_metrics(m, backend, q, k, causal, params, seed))
+        result.update(weights_metrics(m, backend, q, k, causal, params, seed))
     return result
 
 
-def _weights_metrics(
+def weights_metrics(
     m: Method, backend: str, q: torch.Tensor, k: torch.Tensor, causal: bool, params: dict[str, Any], seed: int
 ) -> dict[str, Any]:
+    """``mass_recall``, ``density`` (module docstring) and ``probe`` (why they are missing, else empty) of ``m``
+    with ``params`` on ``q, k``: the method run with ``V = I`` gives its effective weights."""
     skv = k.shape[2]
     eye = torch.eye(skv, dtype=q.dtype, device=q.device).expand(k.shape[0], k.shape[1], skv, skv)
     try:

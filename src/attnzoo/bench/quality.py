@@ -174,7 +174,8 @@ def _train(case: dict[str, Any]) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     (x0, _), vocab, answers = make(1, g, **task)
     m = get(case["method"])
-    params, call = _fixed_params(m, x0.shape[1], case)
+    params, call = fixed_params(m, x0.shape[1], case)
+    params = {**params, **case.get("params", {})}
     backend = pick_backend(m, call, case.get("avoid", ()))
     model = TinyLM(vocab, x0.shape[1], case["dim"], case["heads"], case["layers"], case["method"], params,
                    backend).to(device)
@@ -201,7 +202,7 @@ def _train(case: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _fixed_params(m: Any, seq: int, case: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+def fixed_params(m: Any, seq: int, case: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """Plain (non-learnable) parameter values valid for this model's shapes: the defaults where they are valid,
     else what the method's test hints sample for a ``(batch, heads, seq, head_dim)`` call."""
     from attnzoo.bench.measure import make_call, method_params

@@ -1,18 +1,20 @@
 """The results file: ``results.json``, its versioned schema, and how it is written and read.
 
-``results.json`` (schema ``attnzoo.bench/1.3``)::
+``results.json`` (schema ``attnzoo.bench/1.4``)::
 
-    {"schema": "attnzoo.bench/1.3", "status": "complete" | "interrupted" | "running", "created", "finished", "wall_s",
+    {"schema": "attnzoo.bench/1.4", "status": "complete" | "interrupted" | "running", "created", "finished", "wall_s",
      "command", "machine": {...}, "config": {...}, "memory_method": "...",
      "efficiency": [row, ...], "efficiency_length": [entry, ...], "approximation": [row, ...], "quality": [row, ...],
-     "fresh_memory": [row, ...], "suites": [row, ...], "presses": [row, ...], "fidelity": [row, ...]}
+     "fresh_memory": [row, ...], "suites": [row, ...], "presses": [row, ...], "fidelity": [row, ...],
+     "dynamic": [row, ...]}
 
 Every row keeps its case (method, backend, pattern, mode, length, shapes, device, dtype) and ``status`` (``ok``,
 ``unsupported``, ``error``, ``oom``, ``timeout``, ``crashed``, ``skipped``) with a ``reason``. ``fresh_memory`` (the
 peak memory of one call in a fresh process, :mod:`attnzoo.bench.fresh`) and ``suites`` (the rows of a named suite,
 :mod:`attnzoo.bench.suites`) came with version 1.1, ``presses`` (the KV-cache press quality suite,
 :mod:`attnzoo.bench.suites.presses`) with 1.2, ``fidelity`` (approximate attention inside a pretrained model,
-:mod:`attnzoo.bench.suites.fidelity`) with 1.3. A reader accepts any ``attnzoo.bench/1.x`` file (sections missing
+:mod:`attnzoo.bench.suites.fidelity`) with 1.3, ``dynamic`` (the D family at equal density,
+:mod:`attnzoo.bench.suites.dynamic`) with 1.4. A reader accepts any ``attnzoo.bench/1.x`` file (sections missing
 from an older file read as empty lists); a later major version is refused with a clear error.
 """
 
@@ -25,10 +27,11 @@ from typing import Any
 
 from attnzoo.errors import fail
 
-SCHEMA = "attnzoo.bench/1.3"
+SCHEMA = "attnzoo.bench/1.4"
 SCHEMA_MAJOR = 1
 SECTIONS = (
     "efficiency", "efficiency_length", "approximation", "quality", "fresh_memory", "suites", "presses", "fidelity",
+    "dynamic",
 )
 
 

@@ -302,6 +302,77 @@ def fidelity_markdown(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _fraction(x: float | None) -> str:
+    return "full" if x is None else f"1/{round(1 / x)}"
+
+
+def dynamic_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """``--suite dynamic``: per method, pattern and inputs, ``rel-L2 · mass recall`` at each target density (the
+    measured density in the last column, at the smallest one)."""
+    rows = [r for r in results.get("dynamic", []) if r.get("kind") == "approximation"]
+    fractions = sorted({r["target_density"] for r in rows}, reverse=True)
+    cells: dict[tuple[str, str, str], dict[float, dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        cells[(r["method"], r["pattern"], r["inputs"])][r["target_density"]] = r
+    header = ["method", "ID", "pattern", "inputs", *(f"{_fraction(f)}: rel-L2 · recall" for f in fractions),
+              "read at smallest"]
+    body = []
+    for (method, pattern, kind), by in cells.items():
+        first = next(iter(by.values()))
+        line = [method, first["mechanism"], pattern, kind]
+        for f in fractions:
+            r = by.get(f, {})
+            line.append(f"{r['rel_l2']:.3f} · {fmt(r.get('mass_recall'), '.3f')}" if r.get("status") == "ok"
+                        else r.get("status", "—"))
+        last = by.get(fractions[-1], {}) if fractions else {}
+        line.append(fmt(last.get("density"), ".3f") if last.get("status") == "ok" else "—")
+        body.append(line)
+    return header, body
+
+
+def recall_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """``--suite dynamic``: associative-recall accuracy of the tiny model trained with each method, ranked."""
+    rows = [r for r in results.get("dynamic", []) if r.get("kind") == "recall"]
+    ok = sorted((r for r in rows if r.get("status") == "ok"), key=lambda r: -r["accuracy"])
+    header = ["method", "ID", "density", "accuracy", "chance", "final loss", "train s"]
+    body = [[r["method"], r["mechanism"], _fraction(r.get("target_density")), f"{r['accuracy']:.3f}",
+             fmt(r.get("chance"), ".3f"), fmt(r.get("final_loss"), ".3f"), fmt(r.get("train_time_s"), ".0f")]
+            for r in ok]
+    body += [[r["method"], r["mechanism"], r.get("status", "?"), r.get("reason", ""), "", "", ""]
+             for r in rows if r.get("status") != "ok"]
+    return header, body
+
+
+def dynamic_failures(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The grid cells without a figure, with the reason."""
+    header = ["method", "pattern", "inputs", "density", "status", "reason"]
+    return header, [[r["method"], r["pattern"], r["inputs"], _fraction(r["target_density"]), r["status"],
+                     r.get("reason", "")] for r in results.get("dynamic", [])
+                    if r.get("kind") == "approximation" and r.get("status") != "ok"]
+
+
+def dynamic_markdown(results: dict[str, Any]) -> str:
+    """``dynamic.md``: both tables with the conditions of the run, as docs/benchmarks.md lists them."""
+    c = results.get("config", {})
+    out = [
+        "# Dynamic sparse attention at equal density", "",
+        f"`{results.get('command', '')}`: status {results.get('status')}, wall time "
+        f"{fmt(results.get('wall_s'), '.0f')} s, {c.get('threads')} torch thread(s), fp32, CPU.", "",
+        f"Approximation: B=1, H={c.get('heads')}, D={c.get('head_dim')}, N={c.get('seq')}; `planted`: "
+        f"{c.get('planted')} scattered keys per query at strength {c.get('strength')}; `random`: q, k ~ N(0, 1.6²). "
+        "Each cell: relative L2 error of the output against full softmax · softmax mass on the keys the method reads "
+        "(1 = all of it); `read at smallest`: the fraction of visible pairs read at the smallest target density. "
+        "`oracle`: block_sparse over the blocks of highest true mass (the ceiling for block selections).", "",
+        md_table(*dynamic_table(results)),
+        f"Associative recall (MQAR, {c.get('pairs')} pairs, vocabulary {c.get('vocab')}): a {c.get('layers')}-layer "
+        f"model of width {c.get('dim')} ({c.get('model_heads')} heads) trained {c.get('steps')} steps of "
+        f"{c.get('batch')} sequences at lr {c.get('lr')}, same seed for every method; accuracy on a held-out batch.",
+        "", md_table(*recall_table(results)),
+        *optional_table("Cells without a result:", dynamic_failures(results)),
+    ]
+    return "\n".join(out)
+
+
 def md_table(header: list[str], body: list[list[str]]) -> str:
     """A Markdown table (cells' pipes escaped); a placeholder line when ``body`` is empty."""
     if not body:
@@ -357,6 +428,10 @@ def sections(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[st
         ("Fidelity inside all-MiniLM-L6-v2: sentence-embedding cosine to the original model, ranked",
          *fidelity_table(results)),
         ("Fidelity settings left out or without a result", *fidelity_failures(results)),
+        ("Dynamic sparse attention at equal density: rel-L2 · mass recall against full softmax",
+         *dynamic_table(results)),
+        ("Dynamic sparse attention: associative recall at an equal training budget", *recall_table(results)),
+        ("Dynamic sparse attention cells without a result", *dynamic_failures(results)),
         ("Cases without a measurement", *failures_table(results)),
     ]
     return [(title, header, body) for title, header, body in out if body]

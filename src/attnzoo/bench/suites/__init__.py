@@ -178,6 +178,12 @@ FIDELITY_WHAT = ("approximate attention inside a real pretrained model: sentence
                  "(--cases picks settings by name)")
 
 
+DYNAMIC = "dynamic"
+DYNAMIC_WHAT = ("the D family at equal density: rel-L2 and attention-mass recall against softmax at densities "
+                "1/4, 1/8, 1/16 on planted and random inputs, and associative-recall accuracy at an equal training "
+                "budget beside softmax (--cases picks methods by name)")
+
+
 def origin(name: str) -> str:
     """The suite a case belongs to (other than ``floors``)."""
     for suite, cases in suites().items():
@@ -195,7 +201,7 @@ def select(suite: str, patterns: list[str] | None = None) -> list[Case]:
     """The cases of ``suite``, or those whose names match one of ``patterns`` (``fnmatch``), in suite order."""
     named = suites()
     if suite not in named:
-        raise fail("--suite", f"one of {sorted([*named, PRESSES, FIDELITY])} or 'list'", repr(suite))
+        raise fail("--suite", f"one of {sorted([*named, PRESSES, FIDELITY, DYNAMIC])} or 'list'", repr(suite))
     cases = list(named[suite])
     if not patterns:
         return cases
@@ -216,6 +222,7 @@ def listing() -> str:
             lines.append(f"  {c.name:24s} {c.what}" + (f"  [floor: {floors}]" if floors else ""))
     lines.append(f"{PRESSES}: {PRESSES_WHAT}")
     lines.append(f"{FIDELITY}: {FIDELITY_WHAT}")
+    lines.append(f"{DYNAMIC}: {DYNAMIC_WHAT}")
     return "\n".join(lines)
 
 
@@ -223,8 +230,9 @@ def listing() -> str:
 def cpu_run(
     out: Path, command: str, config: dict[str, Any], threads: int | None, tables: tuple[str, Callable[[dict], str]],
 ) -> Iterator[dict[str, Any]]:
-    """A suite that writes its own results (``presses``, ``fidelity``): yields the results (every section empty,
-    status ``running``) with torch on ``threads`` intra-op threads (default 1: on a shared 2-core machine two threads
+    """A suite that writes its own results (``presses``, ``fidelity``, ``dynamic``): yields the results (every
+    section empty, status ``running``) with torch on ``threads`` intra-op threads (default 1: on a shared 2-core
+    machine two threads
     make small calls many times slower); when the block ends, marks them ``complete`` (``interrupted`` on Ctrl-C,
     which it absorbs), restores the threads and writes results.json, the report and ``tables`` (a file name and the
     function of the results that gives its Markdown) under ``out``."""

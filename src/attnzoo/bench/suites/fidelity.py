@@ -11,7 +11,7 @@ and its reference (mean, min over the sentences). Batches hold sentences of one 
 a method that takes masks sees the padded length: sigmoid's default bias ``−log n`` and neighborhood attention's
 border-shifted windows then depend on how the sentences are batched.) The ranked table is in ``summary.md``,
 ``report.html`` and ``fidelity.md`` (ready for docs/benchmarks.md), the rows in ``results.json`` under ``fidelity``
-(schema ``attnzoo.bench/1.3``).
+(schema ``attnzoo.bench/1.3`` and later).
 
 Which methods: every registered method with a ``self/noncausal`` pattern (a causal-only method cannot serve an
 encoder), with the parameters of :data:`SETTINGS` (sentences are short, so windows, top-k and agent counts are set
