@@ -48,15 +48,18 @@ class _Plan:
     group ``(start, end, key block in (B·Hkv·Nk) order, additive mask (1, 1, end − start, block_k) or None)``;
     ``diagonal``: the causal diagonal blocks are attended by one extra call; ``shape`` = ``(B, H, Hkv, Sq, Nk)``;
     ``buckets``: the unmasked groups batched by size rounded up to :data:`BUCKET` rows, one fused call each: per bucket
-    ``(query rows (n, size), pair slots (n, size), key blocks (n,))``; padding lanes name query row ``rows`` (the
-    forward reads any real row there, the backward a zero row with ``dO = 0``) and write the pair slot
-    ``pairs + diagonal rows`` (a scratch slot)."""
+    ``(query rows (n, size), key blocks (n,))``; padding lanes name query row ``rows`` (the forward reads any real row
+    there, the backward a zero row with ``dO = 0``). ``lanes``: the query row of each row the forward's calls return,
+    in call order (the buckets' lanes, padding included, then the masked groups' pairs, then the diagonal blocks'
+    rows), so that their outputs are concatenated, not scattered, before the merge (padding lanes merge into the
+    extra row ``rows``, dropped)."""
 
     row: torch.Tensor
     groups: list[tuple[int, int, int, torch.Tensor | None]]
     diagonal: bool
     shape: tuple[int, int, int, int, int]
-    buckets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    buckets: list[tuple[torch.Tensor, torch.Tensor]]
+    lanes: torch.Tensor
 
     @property
     def rows(self) -> int:
@@ -108,7 +111,6 @@ def _plan(selection: BlockSelection, b: int, h: int, hkv: int, causal: bool, dty
         groups.append((start, start + count, g % n_groups, mask))
         start += count
     rows, pairs = b * h * sq, row.shape[0]
-    scratch = pairs + (rows if diagonal else 0)
     by_size: dict[int, list[tuple[int, int, int]]] = {}
     for first, end, block_id, mask in groups:
         if mask is None:
@@ -118,9 +120,13 @@ def _plan(selection: BlockSelection, b: int, h: int, hkv: int, causal: bool, dty
     for size, members in sorted(by_size.items()):
         firsts, ends, ids = (torch.tensor(c, device=device) for c in zip(*members, strict=True))
         lane = firsts.unsqueeze(1) + torch.arange(size, device=device)
-        slots = torch.where(lane < ends.unsqueeze(1), lane, scratch)
-        buckets.append((row_ext[torch.where(lane < ends.unsqueeze(1), lane, pairs)], slots, ids))
-    return _Plan(row, groups, diagonal, (b, h, hkv, sq, nb), buckets)
+        buckets.append((row_ext[torch.where(lane < ends.unsqueeze(1), lane, pairs)], ids))
+    lanes = [bucket_rows.flatten() for bucket_rows, _ in buckets]
+    lanes += [row[first:end] for first, end, _, mask in groups if mask is not None]
+    if diagonal:
+        lanes.append(torch.arange(rows, device=device))
+    return _Plan(row, groups, diagonal, (b, h, hkv, sq, nb), buckets,
+                 torch.cat(lanes) if lanes else row.new_empty(0))
 
 
 def _blocks(x: torch.Tensor, nb: int, bk: int) -> torch.Tensor:
@@ -173,35 +179,32 @@ class _Routed(torch.autograd.Function):
                 plan: _Plan) -> torch.Tensor:
         acc = torch.promote_types(q_rows.dtype, torch.float32)
         d, dv = q_rows.shape[-1], v_blocks.shape[-1]
-        last = q_rows.shape[0] - 1  # padding lanes (query row `rows`) read some real row; their slot is scratch
-        pairs = plan.row.shape[0]
-        extra = plan.rows if plan.diagonal else 0  # the diagonal call's rows go last, then the scratch slot
-        pair_out = q_rows.new_empty(pairs + extra + 1, dv)
-        pair_lse = q_rows.new_empty(pairs + extra + 1, dtype=acc)
-        for rows, slots, blocks in plan.buckets:
+        last = q_rows.shape[0] - 1  # padding lanes (query row `rows`) read some real row; they merge into row `rows`
+        outs: list[torch.Tensor] = []
+        lses: list[torch.Tensor] = []
+        for rows, blocks in plan.buckets:
             n, size = rows.shape
             o, lse = flash_cpu(q_rows[rows.clamp(max=last)].view(n, 1, size, d), k_blocks[blocks].unsqueeze(1),
                                v_blocks[blocks].unsqueeze(1), 0.0, False, scale=scale)
-            pair_out.index_copy_(0, slots.flatten(), o.view(-1, dv))
-            pair_lse.index_copy_(0, slots.flatten(), lse.reshape(-1).to(acc))
+            outs.append(o.view(-1, dv))
+            lses.append(lse.reshape(-1))
         for start, end, block, mask in plan.groups:
             if mask is None:
                 continue
             o, lse = flash_cpu(q_rows[plan.row[start:end]].view(1, 1, end - start, d),
                                k_blocks[block].view(1, 1, -1, d), v_blocks[block].view(1, 1, -1, dv), 0.0, False,
                                attn_mask=mask, scale=scale)
-            pair_out[start:end] = o.view(end - start, dv)
-            pair_lse[start:end] = lse.view(end - start)
-        pair_out, pair_lse = pair_out[:-1], pair_lse[:-1]
-        row = plan.row
+            outs.append(o.view(end - start, dv))
+            lses.append(lse.view(end - start))
         if plan.diagonal:
             bk = k_blocks.shape[1]
             o, lse = flash_cpu(_diagonal_rows(q_rows, plan, bk), _diagonal_kv(k_blocks, plan),
                                _diagonal_kv(v_blocks, plan), 0.0, True, scale=scale)
-            pair_out[pairs:] = _from_diagonal(o, plan)
-            pair_lse[pairs:] = _from_diagonal(lse.unsqueeze(-1), plan).squeeze(1).to(acc)
-            row = torch.cat([row, torch.arange(plan.rows, device=row.device)])
-        out, lse, dead = _merge(row, pair_out, pair_lse, plan.rows, in_place=True)
+            outs.append(_from_diagonal(o, plan))
+            lses.append(_from_diagonal(lse.unsqueeze(-1), plan).squeeze(1))
+        pair_out, pair_lse = torch.cat(outs), torch.cat(lses).to(acc)
+        out, lse, dead = (x[: plan.rows] for x in _merge(plan.lanes, pair_out, pair_lse, plan.rows + 1,
+                                                          in_place=True))
         out = out.to(q_rows.dtype)
         ctx.save_for_backward(q_rows, k_blocks, v_blocks, out, lse, dead)
         ctx.scale, ctx.plan = scale, plan
@@ -219,7 +222,7 @@ class _Routed(torch.autograd.Function):
         q_ext, grad_ext, out_ext, lse_ext = (F.pad(x, (0, 0, 0, 1)) if x.dim() == 2 else F.pad(x, (0, 1))
                                              for x in (q_rows, grad, out, lse))
         dq_ext = torch.zeros_like(q_ext)
-        for rows, _, blocks in plan.buckets:
+        for rows, blocks in plan.buckets:
             n, size = rows.shape
             dqt, dkt, dvt = flash_cpu_backward(
                 grad_ext[rows].view(n, 1, size, dv), q_ext[rows].view(n, 1, size, d), k_blocks[blocks].unsqueeze(1),

@@ -106,13 +106,15 @@ SPEC = MethodSpec(
 
 
 def route(gate: torch.Tensor, own: torch.Tensor, top_k: int) -> torch.Tensor:
-    """MoBA's routing rule: ``gate (B, H, T, Nk)`` block scores, ``own (·, ·, T, 1)`` each query's own block (negative:
-    the query sees nothing). Returns ``(B, H, T, min(top_k, Nk))`` int64 block indices, ``-1`` in unused slots: the own
-    block first, then the past blocks (``j < own``) of largest gate; future blocks never."""
+    """MoBA's routing rule: ``gate (B, H, T, Nk)`` block scores (overwritten), ``own (·, ·, T, 1)`` each query's own
+    block (negative: the query sees nothing). Returns ``(B, H, T, min(top_k, Nk))`` int64 block indices, ``-1`` in
+    unused slots: the own block first, then the past blocks (``j < own``) of largest gate; future blocks never."""
     blocks = torch.arange(gate.shape[-1], device=gate.device)
-    key = gate.float().masked_fill(blocks > own, float("-inf")).masked_fill(blocks == own, float("inf"))
+    # one additive term per (query, block): 0 for the past, +inf for the own block, -inf for the future
+    rank = torch.zeros(own.shape[:-1] + blocks.shape, device=gate.device).masked_fill_(blocks > own, float("-inf"))
+    key = gate.float().add_(rank.masked_fill_(blocks == own, float("inf")))
     values, idx = key.topk(min(top_k, gate.shape[-1]), dim=-1)
-    return idx.masked_fill(values == float("-inf"), -1)
+    return idx.masked_fill_(values == float("-inf"), -1)
 
 
 def select(q: torch.Tensor, k: torch.Tensor, *, block_size: int, top_k: int) -> BlockSelection:
