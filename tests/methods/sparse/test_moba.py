@@ -128,3 +128,61 @@ def test_noncausal_is_refused():
     q, k, v = qkv(1, 2, 2, 8)
     with pytest.raises(AttnzooError):
         az.attention(q, k, v, method="moba", causal=False, block_size=4, top_k=2)
+
+
+def _conv(hkv: int, d: int, width: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(hkv, d, width, dtype=F64, generator=torch.Generator().manual_seed(seed)) / width
+
+
+def test_identity_key_convolution_is_plain_moba_and_a_shift_is_the_previous_key():
+    q, k, v = qkv(2, 4, 2, 21, seed=10)
+    identity = torch.zeros(2, k.shape[-1], 3, dtype=F64)
+    identity[..., -1] = 1
+    plain = az.attention(q, k, v, method="moba", causal=True, backend="torch", block_size=4, top_k=3)
+    torch.testing.assert_close(az.attention(q, k, v, method="moba", causal=True, backend="torch", block_size=4,
+                                            top_k=3, key_conv=identity), plain, atol=1e-12, rtol=1e-12)
+    shift = torch.zeros_like(identity)
+    shift[..., 0] = 1  # k'_t = k_{t-2}: the keys moved two places later, zeros first
+    moved = torch.nn.functional.pad(k, (0, 0, 2, 0))[:, :, :21]
+    torch.testing.assert_close(az.attention(q, k, v, method="moba", causal=True, backend="torch", block_size=4,
+                                            top_k=3, key_conv=shift),
+                               az.attention(q, moved, v, method="moba", causal=True, backend="torch", block_size=4,
+                                            top_k=3), atol=1e-12, rtol=1e-12)
+
+
+def test_key_convolution_matches_reference_with_its_gradient():
+    q, k, v = qkv(2, 4, 2, 26, seed=11, requires_grad=True)
+    weight = _conv(2, k.shape[-1], 3).requires_grad_(True)
+    assert_matches_reference("moba", q, k, v, causal=True, grads=(weight,), block_size=5, top_k=3, key_conv=weight)
+
+
+def test_key_convolution_decodes_ragged_prompts_and_chunks():
+    q, k, v = qkv(3, 4, 2, 22, seed=12)
+    assert_decodes("moba", q, k, v, [4, 9, 1], block_size=3, top_k=3, key_conv=_conv(2, k.shape[-1], 4))
+    weight = _conv(2, k.shape[-1], 2, seed=1)
+    want = az.attention(q, k, v, method="moba", causal=True, backend="reference", block_size=3, top_k=2,
+                        key_conv=weight)
+    _, state = az.prefill(q[:, :, :7], k[:, :, :7], v[:, :, :7], method="moba", block_size=3, top_k=2,
+                          key_conv=weight)
+    out, _ = az.step(state, q[:, :, 7:], k[:, :, 7:], v[:, :, 7:])
+    torch.testing.assert_close(out, want[:, :, 7:])
+
+
+def test_the_layer_learns_a_key_convolution_that_starts_as_the_identity():
+    layer = az.nn.Attention(32, 4, kv_heads=2, method="moba", causal=True, block_size=4, top_k=2)
+    weight = layer.learnable["key_conv"]
+    assert weight.shape == (2, 8, 3) and bool((weight[..., -1] == 1).all()) and bool((weight[..., :-1] == 0).all())
+    x = torch.randn(2, 12, 32)
+    plain = az.nn.Attention(32, 4, kv_heads=2, method="moba", causal=True, block_size=4, top_k=2, key_conv=None)
+    plain.load_state_dict({n: p for n, p in layer.state_dict().items() if "key_conv" not in n})
+    torch.testing.assert_close(layer(x), plain(x))
+    layer(x).square().sum().backward()
+    assert weight.grad is not None and bool(weight.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("weight", [torch.zeros(2, 8), torch.zeros(3, 8, 2), torch.zeros(2, 7, 2),
+                                    torch.zeros(2, 8, 0)])
+def test_bad_key_convolution_is_named(weight):
+    q, k, v = qkv(1, 4, 2, 12)
+    with pytest.raises(AttnzooError, match="key_conv"):
+        az.attention(q, k, v, method="moba", causal=True, block_size=4, top_k=2, key_conv=weight)

@@ -24,10 +24,14 @@ query token and per query head (MoBA's gate has one row per token and head), ret
 Defaults ``block_size=512, top_k=3``: the paper's main configuration (its scaling-law models: 8K context, blocks of
 512, top-3, 81.25% sparsity); the public code's example runs Llama-3.1-8B with blocks of 4096 and top-12.
 
-Not included: the short key convolution of arXiv:2511.11571 (a learned depthwise causal convolution over the keys
-before routing, to cluster related keys). It has learned weights, so it belongs to the model's projections, not to
-this functional mechanism: convolve the keys before calling ``moba`` to get it. No user mask or bias (MoBA has
-neither); only the ``self/causal`` pattern (MoBA defines no noncausal form).
+Key convolution (``key_conv``, optional; from "Optimizing Mixture of Block Attention", which shows that a short
+convolution on the keys clusters related signal and raises the router's signal-to-noise ratio): a depthwise causal
+convolution of the keys, ``k'_t = Σ_{s<W} w[·, ·, W−1−s] ⊙ k_{t−s}`` (weights ``(Hkv, D, W)``, zeros before the
+first token), whose output replaces the keys everywhere (routing and attention), so that gradients reach ``w``.
+Our choices: no activation and no residual (the paper's exact block is not public in what we could read), and the
+``nn`` layer's initial weights are the identity (``w[·, ·, W−1] = 1``, width 3), so a fresh layer is plain MoBA and
+training moves it; pass ``key_conv=None`` to ``attnzoo.nn.Attention`` for MoBA without it. No user mask or bias
+(MoBA has neither); only the ``self/causal`` pattern (MoBA defines no noncausal form).
 
 Reference (:func:`reference`): the selection computed by :func:`select` from the same inputs (the same rule; it
 needs no fast code), expanded to a dense token mask (:meth:`BlockSelection.dense`) AND causal, then a dense masked
@@ -39,18 +43,21 @@ does): time
 FlexAttention with a mask predicate reading the selection (its block mask built per call).
 
 Decoding (:data:`DECODER`): :func:`decode_prefill` runs the torch path causally over the prompt and keeps a plain
-:class:`~attnzoo.kv.cache.KVCache`; :func:`decode_step` appends the new tokens, computes the block means of the
-cached keys (blocks by position: :func:`attnzoo.kv.attend.position_block_means`), selects for each new query with the
-same rule (:func:`route`) and attends over the slots of its selected blocks (:func:`attnzoo.kv.attend.selected_slots`,
-:func:`~attnzoo.kv.attend.softmax_attention`): exactly the causal forward's rows, since
-a query's past blocks are complete and its own block is forced.
+:class:`~attnzoo.kv.cache.KVCache` (of the convolved keys, with the last ``W − 1`` raw keys of each sequence in
+``extras["key_tail"]`` when there is a key convolution); :func:`decode_step` appends the new tokens, computes the
+block means of the cached keys (blocks by position: :func:`attnzoo.kv.attend.position_block_means`), selects for each
+new query with the same rule (:func:`route`) and attends over the slots of its selected blocks
+(:func:`attnzoo.kv.attend.selected_slots`, :func:`~attnzoo.kv.attend.softmax_attention`): exactly the causal
+forward's rows, since a query's past blocks are complete and its own block is forced.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from attnzoo.kernels import flex
 from attnzoo.kernels.block_sparse import selected_attention
@@ -59,13 +66,20 @@ from attnzoo.kernels.selection import BlockSelection, block_means
 from attnzoo.kv.attend import position_block_means, selected_slots, softmax_attention
 from attnzoo.kv.cache import KVCache
 from attnzoo.methods.common import masked_attention, visible
-from attnzoo.registry import Backend, Call, Decoder, MethodSpec, Param, TestHints, register
+from attnzoo.registry import Backend, Call, Decoder, LayerInfo, MethodSpec, Param, TestHints, register
 
 
 def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
+    """Blocks of 1–8 keys, top_k up to 4 (at most the blocks), a random key convolution of width 1–3 half the time."""
     block_size = int(torch.randint(1, 9, (), generator=generator))
     blocks = -(-call.seq_kv // block_size)
-    return {"block_size": block_size, "top_k": int(torch.randint(1, min(4, blocks) + 1, (), generator=generator))}
+    out: dict[str, Any] = {"block_size": block_size,
+                           "top_k": int(torch.randint(1, min(4, blocks) + 1, (), generator=generator))}
+    if bool(torch.randint(0, 2, (), generator=generator)):
+        width = int(torch.randint(1, 4, (), generator=generator))
+        weight = torch.randn(call.kv_heads, call.head_dim, width, generator=generator) / width
+        out["key_conv"] = weight.to(device=call.device, dtype=call.dtype)
+    return out
 
 
 def _check_top_k(top_k: int, call: Call) -> str | None:
@@ -73,6 +87,18 @@ def _check_top_k(top_k: int, call: Call) -> str | None:
     if call.decoding or top_k <= blocks:
         return None
     return f"at most the number of key blocks, ⌈seq_kv {call.seq_kv} / block_size⌉ = {blocks}"
+
+
+def _check_key_conv(weight: torch.Tensor, call: Call) -> str | None:
+    if weight.dim() != 3 or weight.shape[:2] != (call.kv_heads, call.head_dim) or weight.shape[2] < 1:
+        return f"a (kv_heads {call.kv_heads}, head_dim {call.head_dim}, width ≥ 1) tensor of depthwise weights"
+    return None
+
+
+def _identity_conv(info: LayerInfo) -> torch.Tensor:
+    weight = torch.zeros(info.kv_heads, info.head_dim, 3)
+    weight[..., -1] = 1.0
+    return weight
 
 
 def at_density(call: Call, fraction: float) -> dict[str, Any]:
@@ -95,6 +121,8 @@ SPEC = MethodSpec(
         Param("block_size", (int,), 512, "keys per block (the last block may be partial)", low=1),
         Param("top_k", (int,), 3, "blocks per query, its own block included (at most the number of key blocks)",
               low=1, check=_check_top_k),
+        Param("key_conv", (torch.Tensor,), None, "depthwise causal convolution of the keys (kv_heads, head_dim, "
+              "width), learnable; None: none", check=_check_key_conv, init=_identity_conv),
     ),
     complexity="O(N·top_k·block_size·d + N²d/block_size) time (attention + gate), O(N·top_k·block_size) memory",
     supports_mask=False,
@@ -127,26 +155,46 @@ def select(q: torch.Tensor, k: torch.Tensor, *, block_size: int, top_k: int) -> 
     return BlockSelection(route(gate, own, top_k), 1, block_size, sq, skv)
 
 
+def convolve_keys(k: torch.Tensor, weight: torch.Tensor | None, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """The keys ``k (B, Hkv, S, D)`` after the depthwise causal convolution ``weight (Hkv, D, W)`` (None: ``k``).
+    ``tail (B, Hkv, W − 1, D)``: the raw keys just before ``k`` (default zeros: ``k`` starts the sequence)."""
+    if weight is None:
+        return k
+    b, hkv, s, d = k.shape
+    width = weight.shape[-1]
+    if tail is None:
+        tail = k.new_zeros(b, hkv, width - 1, d)
+    x = torch.cat([tail, k], dim=2).permute(0, 1, 3, 2).reshape(b, hkv * d, s + width - 1)
+    out = F.conv1d(x, weight.to(k.dtype).reshape(hkv * d, 1, width), groups=hkv * d)
+    return out.view(b, hkv, d, s).permute(0, 1, 3, 2)
+
+
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, block_size: int, top_k: int,
+    bias: torch.Tensor | None, block_size: int, top_k: int, key_conv: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    if key_conv is not None:  # k'_t = Σ_s w[W − 1 − s] k_{t − s}, tap by tap
+        width = key_conv.shape[-1]
+        shifted = [torch.nn.functional.pad(k, (0, 0, s, 0))[:, :, : k.shape[2]] for s in range(width)]
+        k = sum(key_conv[None, :, None, :, width - 1 - s].to(k.dtype) * x for s, x in enumerate(shifted))
     seen = select(q, k, block_size=block_size, top_k=top_k).dense(q.shape[1]) & visible(causal, None, q, k)
     return masked_attention(q, k, v, seen, scale, mask, bias)
 
 
 def torch_routed(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, block_size: int, top_k: int,
+    bias: torch.Tensor | None, block_size: int, top_k: int, key_conv: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    k = convolve_keys(k, key_conv)
     selection = select(q, k, block_size=block_size, top_k=top_k)
     return selected_attention(q, k, v, selection, scale=scale, causal=causal)
 
 
 def flex_routed(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, block_size: int, top_k: int,
+    bias: torch.Tensor | None, block_size: int, top_k: int, key_conv: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    k = convolve_keys(k, key_conv)
     blocks = select(q, k, block_size=block_size, top_k=top_k).blocks()  # (B, H, Sq, Nk), one row per token
     offset = k.shape[2] - q.shape[2]
 
@@ -159,17 +207,31 @@ def flex_routed(
 
 def decode_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, block_size: int, top_k: int,
-    lengths: torch.Tensor | None = None,
+    key_conv: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, KVCache]:
-    """Causal MoBA over a (right-padded) prompt and the cache of its keys and values."""
-    out = torch_routed(q, k, v, causal=True, scale=scale, mask=None, bias=None, block_size=block_size, top_k=top_k)
-    return out, KVCache.from_prompt(k, v, lengths)
+    """Causal MoBA over a (right-padded) prompt and the cache of its (convolved) keys and values; with a key
+    convolution, each sequence's last ``W − 1`` raw keys in ``extras["key_tail"]``."""
+    out = torch_routed(q, k, v, causal=True, scale=scale, mask=None, bias=None, block_size=block_size, top_k=top_k,
+                       key_conv=key_conv)
+    cache = KVCache.from_prompt(convolve_keys(k, key_conv), v, lengths)
+    if key_conv is None:
+        return out, cache
+    width = key_conv.shape[-1]
+    padded = F.pad(k, (0, 0, width - 1, 0))  # raw key at position p is row p + W − 1; rows before 0 are zeros
+    rows = cache.length.view(-1, 1) + torch.arange(width - 1, device=k.device)  # positions length − W + 1 … − 1
+    tail = padded.gather(2, rows.view(-1, 1, width - 1, 1).expand(-1, k.shape[1], -1, k.shape[3]))
+    return out, replace(cache, extras={**cache.extras, "key_tail": tail})
 
 
 def decode_step(
     cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, block_size: int, top_k: int,
+    key_conv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, KVCache]:
-    """``T`` tokens per sequence: append them, select each new query's blocks over the cache, attend over them."""
+    """``T`` tokens per sequence: append them (convolved), select each new query's blocks over the cache, attend."""
+    if key_conv is not None:
+        raw = torch.cat([cache.extras["key_tail"], k], dim=2)
+        k = convolve_keys(k, key_conv, cache.extras["key_tail"])
+        cache = replace(cache, extras={**cache.extras, "key_tail": raw[:, :, raw.shape[2] - key_conv.shape[-1] + 1:]})
     cache = cache.append(k, v)
     tokens = q.shape[2]
     gate = grouped_logits(q.float(), position_block_means(cache, block_size), 1.0)  # (B, H, T, Nk)
