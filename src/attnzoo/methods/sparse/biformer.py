@@ -41,7 +41,9 @@ Not included, and why: BiFormer's LCE (local context enhancement: a learned dept
 map, ``side_dwconv``, added to the attention output) has weights and is a separate branch of the layer, not part of
 the attention mechanism: add ``dwconv(V)`` to this method's output in the layer. Its key/value downsampling options
 (``kv_downsample_mode``; the released models use ``identity``), ``param_routing`` (a learned linear before routing)
-and ``soft_routing`` (values scaled by the routing softmax) are off in the released models and left out.
+and ``soft_routing`` (values scaled by the routing softmax) are off in the released models and left out. Only the
+``self/noncausal`` pattern: BiFormer is a vision backbone with no causal form (so no decoder), and cross-attention
+would need a second grid for the keys, which the paper never uses.
 
 Reference (:func:`reference`): the selection of :func:`select` on the same inputs expanded to a dense token mask in
 the original order (query ``i`` sees key ``j`` iff ``j``'s region is routed from ``i``'s), AND the user mask, then a
@@ -211,11 +213,14 @@ def _permuted(x: torch.Tensor | None, perm: torch.Tensor) -> torch.Tensor | None
     return rows.index_select(3, perm)
 
 
-def _in_region_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: tuple[int, ...] | None,
-                     region: int | tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-    """``perm`` and q, k, v gathered into region-major order."""
+def _routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: tuple[int, ...] | None,
+            region: int | tuple[int, ...], top_k: int, routing: str
+            ) -> tuple[BlockSelection, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What both fast paths start with: the selection (:func:`select`), ``perm`` (:func:`region_order`) and q, k, v
+    gathered into region-major order."""
+    selection = select(q, k, layout=layout, region=region, top_k=top_k, routing=routing)
     perm = region_order(*layout_and_sizes(q.shape[2], layout, region), device=q.device)
-    return perm, q.index_select(2, perm), k.index_select(2, perm), v.index_select(2, perm)
+    return selection, perm, q.index_select(2, perm), k.index_select(2, perm), v.index_select(2, perm)
 
 
 def _in_token_order(out: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -228,8 +233,7 @@ def torch_routed(
     bias: torch.Tensor | None, layout: tuple[int, ...] | None, region: int | tuple[int, ...], top_k: int,
     routing: str,
 ) -> torch.Tensor:
-    selection = select(q, k, layout=layout, region=region, top_k=top_k, routing=routing)
-    perm, qp, kp, vp = _in_region_order(q, k, v, layout, region)
+    selection, perm, qp, kp, vp = _routed(q, k, v, layout, region, top_k, routing)
     out = selected_attention(qp, kp, vp, selection, scale=scale, causal=False, mask=_permuted(mask, perm),
                              bias=_permuted(bias, perm))
     return _in_token_order(out, perm)
@@ -240,8 +244,7 @@ def flex_routed(
     bias: torch.Tensor | None, layout: tuple[int, ...] | None, region: int | tuple[int, ...], top_k: int,
     routing: str,
 ) -> torch.Tensor:
-    selection = select(q, k, layout=layout, region=region, top_k=top_k, routing=routing)
-    perm, qp, kp, vp = _in_region_order(q, k, v, layout, region)
+    selection, perm, qp, kp, vp = _routed(q, k, v, layout, region, top_k, routing)
     out = flex.attention(qp, kp, vp, scale=scale, block_mask=selection.block_mask(q.shape[1]))
     return _in_token_order(out, perm)
 
