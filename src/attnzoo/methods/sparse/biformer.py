@@ -66,7 +66,7 @@ from attnzoo.kernels import flex
 from attnzoo.kernels.block_sparse import selected_attention
 from attnzoo.kernels.blockwise import grouped_logits
 from attnzoo.kernels.selection import BlockSelection, group_scores, topk_blocks
-from attnzoo.methods.checks import check_layout, divides_layout, layout_and_sizes, per_axis_ints
+from attnzoo.methods.checks import check_layout, divides_layout, layout_and_sizes, layout_shape, per_axis_ints
 from attnzoo.methods.common import masked_attention
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
@@ -81,7 +81,7 @@ def _regions(call: Call) -> int | None:
     region = per_axis_ints("region", call.params.get("region", REGION), call, 1)
     if check_layout(layout, call) is not None or isinstance(region, str) or not region:
         return None
-    shape = layout if layout is not None else (call.seq_q,)
+    shape = layout_shape(call.seq_q, layout)
     if any(n % r for n, r in zip(shape, region, strict=True)):
         return None
     return math.prod(n // r for n, r in zip(shape, region, strict=True))
