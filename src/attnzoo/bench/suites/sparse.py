@@ -9,7 +9,11 @@ a load of 3.6 on 2 cores made the 1/4 case 10× slower while SDPA, one large op,
 
 D1 ``moba`` (causal, blocks of 256, top_k 4, selection included in every call) against causal SDPA, forward and
 forward+backward, with the default threads (its kernel makes ≈ 30 fused calls, batched by size): each query sees
-about ``3·256 + 128`` keys against SDPA's ``N/2`` on average, ideal ≈ 9×."""
+about ``3·256 + 128`` keys against SDPA's ``N/2`` on average, ideal ≈ 9×.
+
+D2 ``biformer`` (noncausal, a 128×128 layout cut into 8×8-token regions, top_k 4, routing and the two permutations to
+and from region-major order included in every call) against SDPA: each query sees ``4·64`` of the ``16384`` keys
+(density 1/64, ideal 64×); one torch thread, as the block_sparse cases (its kernel makes ≈ 40 fused calls)."""
 
 from __future__ import annotations
 
@@ -51,4 +55,8 @@ CASES = (
     Case("moba_causal_train", "moba causal, blocks 256, top_k 4, forward+backward, N=16384 vs causal SDPA",
          "compare", Target("moba (torch)", "moba", "torch", params={"block_size": 256, "top_k": 4}), causal=True,
          backward=True, floors={"speedup": at_least(3)}),
+    Case("biformer_128", "biformer, 128×128 layout, 8×8 regions, top_k 4 (routing included), N=16384 vs SDPA",
+         "compare", Target("biformer (torch)", "biformer", "torch",
+                           params={"layout": (128, 128), "region": 8, "top_k": 4}),
+         floors={"speedup": at_least(10)}, threads=1),
 )
