@@ -151,14 +151,16 @@ SPEC = MethodSpec(
 def _logit_rows(q: torch.Tensor, k: torch.Tensor, *, causal: bool, scale: float, block_size: int
                 ) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, logits)`` for consecutive chunks of whole query blocks: ``logits (B, H, r, Skv)`` float32 from
-    detached inputs, future keys at −inf when causal; each chunk within :data:`LOGITS_ELEMENTS`."""
+    detached inputs, future keys at −inf when causal; each chunk within :data:`LOGITS_ELEMENTS`. Every chunk is a
+    view of one buffer (fresh allocations per chunk cost page faults on CPU): use it before taking the next."""
     b, h, sq, _ = q.shape
     skv = k.shape[2]
     qf, kf = q.detach().float().contiguous(), k.detach().float().contiguous()
     rows = block_size * max(1, LOGITS_ELEMENTS // max(1, b * h * block_size * skv))
+    buffer = qf.new_empty(b * h * min(rows, sq) * skv)
     keys = torch.arange(skv, device=q.device)
     for start in range(0, sq, rows):
-        logits = grouped_logits(qf[:, :, start : start + rows], kf, scale)
+        logits = grouped_logits(qf[:, :, start : start + rows], kf, scale, buffer)
         if causal:
             last = torch.arange(start, start + logits.shape[2], device=q.device) + skv - sq
             logits.masked_fill_(keys > last.unsqueeze(1), float("-inf"))
@@ -185,11 +187,13 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, causal: b
     out = torch.empty(b, h, nq, nk, device=q.device)
     for start, logits in _logit_rows(q, k, causal=causal, scale=scale, block_size=block_size):
         r = logits.shape[2]
-        p = torch.exp(logits - rows_lse[:, :, start : start + r, None])
+        p = logits.sub_(rows_lse[:, :, start : start + r, None]).exp_()
         blocks = -(-r // block_size)
-        p = F.pad(p, (0, nk * block_size - skv, 0, blocks * block_size - r))
+        if blocks * block_size != r:  # a ragged last query block
+            p = F.pad(p, (0, 0, 0, blocks * block_size - r))
+        rows = F.pad(p.view(b, h, blocks, block_size, skv).sum(dim=3), (0, nk * block_size - skv))
         first = start // block_size
-        out[:, :, first : first + blocks] = p.view(b, h, blocks, block_size, nk, block_size).sum(dim=(3, 5))
+        out[:, :, first : first + blocks] = rows.view(b, h, blocks, nk, block_size).sum(dim=4)
     return out
 
 
