@@ -38,10 +38,12 @@ Reuse across steps — the paper's point: the mask is found once (at step ``t_w`
 :class:`~attnzoo.kernels.selection.BlockSelection` to store and pass back as ``selection=`` (to this method, which
 then skips the search, or to ``block_sparse``); :func:`log_sum_exp` gives the LSE to cache for the next search.
 
-What the search costs: without ``lse``, two passes of ``QKᵀ`` and ``exp`` over all ``N²`` pairs (about SDPA's own
-cost, or more); with a cached ``lse``, one. Always ``O(N²d)`` time and ``O(N·d + (N/block_size)²)`` memory. A call
-without ``selection`` therefore costs a search *plus* the sparse attention, more than dense attention: the speed
-comes from the calls that reuse a stored selection, which cost ``O((1 − sparsity)·N²d)``.
+What the search costs: without ``lse``, two passes of ``QKᵀ`` and ``exp`` over all ``N²`` pairs; with a cached
+``lse``, one. Always ``O(N²d)`` time and ``O(N·d + (N/block_size)²)`` memory (logits in bounded row chunks). On a CPU
+(fp32, one thread, B=1, H=8, D=64, N=16384, noncausal) a search took about 1.3× SDPA's time with a cached LSE and
+2.3× without. A call without ``selection`` therefore costs a search *plus* the sparse attention, more than dense
+attention: the speed comes from the calls that reuse a stored selection, which cost ``O((1 − sparsity)·N²d)`` (there
+3.7× faster than SDPA at sparsity 0.8, 7.3× at 0.9), as the paper's schedule does (two searches in 50 steps).
 
 Defaults ``block_size=64, sparsity=0.8``: the paper's default configuration (HunyuanVideo and CogVideoX1.5, 720p).
 Patterns: all four (the paper's DiTs are noncausal self-attention; causal and cross calls follow the same rule with
