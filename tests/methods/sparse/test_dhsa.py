@@ -4,6 +4,8 @@ reference (fp64, GQA, ragged tails, cross, mask and bias, forward and backward),
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ def _planted_keys(hkv: int = 2, d: int = 8) -> torch.Tensor:
     """Keys constant within each planted segment, along a different axis per segment (plus a little noise)."""
     g = torch.Generator().manual_seed(0)
     k = 0.01 * torch.randn(1, hkv, SEGMENTS[-1], d, generator=g, dtype=F64)
-    for axis, (start, stop) in enumerate(zip(SEGMENTS, SEGMENTS[1:])):
+    for axis, (start, stop) in enumerate(pairwise(SEGMENTS)):
         k[:, :, start:stop, axis] += 1.0
     return k
 
@@ -45,7 +47,7 @@ def test_chunk_score_is_mean_times_root_size_upsampled_to_keys():
         for a in range(4):
             rows = q[0, h, 8 * a: 8 * a + 8].float()
             q_hat = rows.mean(0) * 8**0.5
-            for start, stop in zip(SEGMENTS, SEGMENTS[1:]):
+            for start, stop in pairwise(SEGMENTS):
                 k_hat = k[0, 0, start:stop].float().mean(0) * (stop - start) ** 0.5
                 want = (q_hat * k_hat).sum()
                 torch.testing.assert_close(scores[0, h, a, start:stop], want.expand(stop - start).float())
