@@ -79,20 +79,20 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _key_blocks(call: Call) -> int:
-    return _cdiv(call.seq_kv, call.params.get("key_block", 1))
+def _given(call: Call, name: str) -> Any:
+    return call.params.get(name, DEFAULTS[name])
 
 
 def _check_budget(value: int, call: Call) -> str | None:
-    key_block = call.params.get("key_block", 1)
-    most = _key_blocks(call) * key_block
+    key_block = _given(call, "key_block")
+    most = _cdiv(call.seq_kv, key_block) * key_block
     if value % key_block or value > most:
         return f"a multiple of key_block {key_block} of at most {most} (the keys, in whole key blocks)"
     return None
 
 
 def _check_boundaries(value: torch.Tensor, call: Call) -> str | None:
-    key_block = call.params.get("key_block", 1)
+    key_block = _given(call, "key_block")
     shape = f"a bool tensor of shape ({call.batch} or 1, {call.seq_kv})"
     if value.dtype != torch.bool or value.dim() != 2 or value.shape[0] not in (1, call.batch) or (
             value.shape[1] != call.seq_kv):
@@ -161,18 +161,19 @@ SPEC = MethodSpec(
     tests=TestHints(sample_params=_sample),
     at_density=at_density,
 )
+DEFAULTS: dict[str, Any] = {p.name: p.default for p in SPEC.params}
 
 
 def edge_drops(k: torch.Tensor, *, window: int, key_block: int) -> torch.Tensor:
-    """``(B, Nk)``: at each key-block edge ``p = e·key_block``, ``1 − cos`` between the sums of the ``window`` keys
-    before and after it (every KV head's key concatenated); ``−inf`` at edge 0, which always starts a chunk."""
+    """``(B, Nk)``: at each key-block edge ``p = e·key_block``, ``1 − cos`` between the means of the ``window`` keys
+    before and after it (every KV head's key concatenated; windows cut at the sequence ends); ``−inf`` at edge 0,
+    which always starts a chunk."""
     b, hkv, skv, d = k.shape
-    x = k.detach().float().permute(0, 2, 1, 3).reshape(b, skv, hkv * d)
-    prefix = F.pad(x.cumsum(dim=1), (0, 0, 1, 0))  # (B, Skv + 1, F): prefix[p] = Σ_{j < p} k_j
+    x = k.detach().float().permute(0, 1, 3, 2).reshape(b, hkv * d, skv)
+    # means of every window of `window` keys over zero padding: means[..., s] covers keys [s − window, s)
+    means = F.avg_pool1d(F.pad(x, (window, window)), window, stride=1)
     edge = torch.arange(0, skv, key_block, device=k.device)
-    before = prefix[:, edge] - prefix[:, (edge - window).clamp(min=0)]
-    after = prefix[:, (edge + window).clamp(max=skv)] - prefix[:, edge]
-    drops = 1 - F.cosine_similarity(before, after, dim=-1, eps=1e-12)
+    drops = 1 - F.cosine_similarity(means[..., edge], means[..., edge + window], dim=1, eps=1e-12)
     drops[:, 0] = float("-inf")
     return drops
 
@@ -234,24 +235,28 @@ def always_kept(*, seq_q: int, seq_kv: int, block_size: int, key_block: int, sin
     return recent | (blocks < _cdiv(sink, key_block))
 
 
-def select(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_size: int = 128, key_block: int = 1,
-           budget: int = 2048, sink: int = 128, local: int = 128, chunk_size: int = 16, window: int = 4,
-           boundaries: torch.Tensor | None = None, share: str = "all") -> BlockSelection:
+def select(q: torch.Tensor, k: torch.Tensor, *, causal: bool, **params: Any) -> BlockSelection:
     """DHSA's selection for ``q (B, H, Sq, D)`` and ``k (B, Hkv, Skv, D)``: ``BlockSelection`` with ``block_q =
     block_size``, ``block_k = key_block`` and ``budget / key_block`` key blocks per (batch, selection head, query
-    block) (fewer where fewer are visible); the rule of the module docstring."""
+    block) (fewer where fewer are visible); the rule of the module docstring. ``params``: those of :data:`SPEC`,
+    their defaults where not given."""
+    unknown = set(params) - set(DEFAULTS)
+    if unknown:
+        raise fail(sorted(unknown)[0], f"a parameter of dhsa ({', '.join(DEFAULTS)})", "an unknown name")
+    p = {**DEFAULTS, **params}
+    block_size, key_block, share = p["block_size"], p["key_block"], p["share"]
     if share not in SHARES:
         raise fail("share", f"one of {list(SHARES)}", repr(share))
     sq, skv = q.shape[2], k.shape[2]
-    if boundaries is None:
-        starts = chunk_starts(k, chunk_size=chunk_size, window=window, key_block=key_block)
+    if p["boundaries"] is None:
+        starts = chunk_starts(k, chunk_size=p["chunk_size"], window=p["window"], key_block=key_block)
     else:
-        starts = boundaries[:, ::key_block].clone()
+        starts = p["boundaries"][:, ::key_block].clone()
         starts[:, 0] = True
     scores = chunk_scores(q, k, starts.to(q.device), block_size=block_size, key_block=key_block, share=share)
-    always = always_kept(seq_q=sq, seq_kv=skv, block_size=block_size, key_block=key_block, sink=sink, local=local,
-                         device=q.device)
-    return topk_blocks(scores, budget // key_block, causal=causal, seq_q=sq, seq_kv=skv, block_q=block_size,
+    always = always_kept(seq_q=sq, seq_kv=skv, block_size=block_size, key_block=key_block, sink=p["sink"],
+                         local=p["local"], device=q.device)
+    return topk_blocks(scores, p["budget"] // key_block, causal=causal, seq_q=sq, seq_kv=skv, block_q=block_size,
                        block_k=key_block, always=always)
 
 

@@ -68,8 +68,12 @@ SHARES = ("all", "group", "head")
 MASK_ELEMENTS = 1 << 23  # causal path: (query, key) mask elements per SDPA chunk
 
 
+def _given(call: Call, name: str) -> Any:
+    return call.params.get(name, DEFAULTS[name])
+
+
 def _side_length(call: Call) -> int:
-    return call.seq_kv if call.params.get("side", "keys") == "keys" else call.seq_q
+    return call.seq_kv if _given(call, "side") == "keys" else call.seq_q
 
 
 def kept_count(keep: int | float, tokens: int) -> int:
@@ -80,7 +84,7 @@ def kept_count(keep: int | float, tokens: int) -> int:
 def _check_keep(value: int | float, call: Call) -> str | None:
     tokens = _side_length(call)
     if isinstance(value, int) and value > tokens:
-        return f"a count of at most {tokens} (the {call.params.get('side', 'keys')}) or a fraction in (0, 1]"
+        return f"a count of at most {tokens} (the {_given(call, 'side')}) or a fraction in (0, 1]"
     if isinstance(value, float) and value > 1:
         return "a fraction in (0, 1] or a count"
     return None
@@ -91,14 +95,14 @@ def _scorer_heads(call_heads: int, kv_heads: int, side: str) -> int:
 
 
 def _check_scorer(value: torch.Tensor, call: Call) -> str | None:
-    shape = (_scorer_heads(call.heads, call.kv_heads, call.params.get("side", "keys")), call.head_dim)
+    shape = (_scorer_heads(call.heads, call.kv_heads, _given(call, "side")), call.head_dim)
     if tuple(value.shape) != shape or not value.is_floating_point():
         return f"a float tensor of shape {shape} (heads of the scored side, head_dim)"
     return None
 
 
 def _init_scorer(info: LayerInfo) -> torch.Tensor:
-    heads = _scorer_heads(info.heads, info.kv_heads, info.params.get("side", "keys"))
+    heads = _scorer_heads(info.heads, info.kv_heads, info.params.get("side", DEFAULTS["side"]))
     return torch.randn(heads, info.head_dim) / info.head_dim**0.5
 
 
@@ -151,6 +155,7 @@ SPEC = MethodSpec(
     tests=TestHints(sample_params=_sample),
     at_density=at_density,
 )
+DEFAULTS: dict[str, Any] = {p.name: p.default for p in SPEC.params}
 
 
 def token_scores(q: torch.Tensor, k: torch.Tensor, *, side: str = "keys", score: str = "attention",
@@ -184,11 +189,15 @@ def _pool_heads(scores: torch.Tensor, heads: int) -> torch.Tensor:
     return scores.repeat_interleave(heads // hx, dim=1)
 
 
-def select(q: torch.Tensor, k: torch.Tensor, *, keep: int | float = 0.3, side: str = "keys",
-           score: str = "attention", scorer: torch.Tensor | None = None, share: str = "all",
-           scale: float | None = None) -> torch.Tensor:
+def select(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None, **params: Any) -> torch.Tensor:
     """The kept token positions, ``(B, Hs, n)`` int64 ascending (``Hs`` = 1, Hkv or H for ``share``; ``n`` from
-    ``keep``), of the keys or queries (``side``) of ``q (B, H, Sq, D)``, ``k (B, Hkv, Skv, D)``."""
+    ``keep``), of the keys or queries (``side``) of ``q (B, H, Sq, D)``, ``k (B, Hkv, Skv, D)``. ``params``: those of
+    :data:`SPEC`, their defaults where not given; ``scale`` (of the attention scores) defaults to ``1/√D``."""
+    unknown = set(params) - set(DEFAULTS)
+    if unknown:
+        raise fail(sorted(unknown)[0], f"a parameter of token_topk ({', '.join(DEFAULTS)})", "an unknown name")
+    p = {**DEFAULTS, **params}
+    keep, side, score, share = p["keep"], p["side"], p["score"], p["share"]
     for name, value, options in (("side", side, SIDES), ("score", score, SCORES), ("share", share, SHARES)):
         if value not in options:
             raise fail(name, f"one of {list(options)}", repr(value))
@@ -198,7 +207,7 @@ def select(q: torch.Tensor, k: torch.Tensor, *, keep: int | float = 0.3, side: s
     if not 1 <= n <= tokens:
         raise fail("keep", f"between 1 and {tokens} tokens", repr(keep))
     with torch.no_grad():
-        scores = token_scores(q.detach(), k.detach(), side=side, score=score, scorer=scorer, scale=scale)
+        scores = token_scores(q.detach(), k.detach(), side=side, score=score, scorer=p["scorer"], scale=scale)
     heads = {"all": 1, "group": hkv, "head": h}[share]
     return _pool_heads(scores, heads).topk(n, dim=-1).indices.sort(dim=-1).values
 
@@ -213,9 +222,9 @@ def _kept_mask(kept: torch.Tensor, heads: int, tokens: int) -> torch.Tensor:
 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, side: str, keep: int | float, score: str, scorer: torch.Tensor | None, share: str,
+    bias: torch.Tensor | None, **params: Any,
 ) -> torch.Tensor:
-    kept = select(q, k, keep=keep, side=side, score=score, scorer=scorer, share=share, scale=scale)
+    kept, side = select(q, k, scale=scale, **params), params["side"]
     h, sq, skv = q.shape[1], q.shape[2], k.shape[2]
     # kept keys: (B, H, 1, Skv); kept queries: (B, H, Sq, 1)
     seen = _kept_mask(kept, h, skv).unsqueeze(2) if side == "keys" else _kept_mask(kept, h, sq).unsqueeze(3)
@@ -267,9 +276,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_p
 
 def torch_gathered(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, side: str, keep: int | float, score: str, scorer: torch.Tensor | None, share: str,
+    bias: torch.Tensor | None, **params: Any,
 ) -> torch.Tensor:
-    kept = select(q, k, keep=keep, side=side, score=score, scorer=scorer, share=share, scale=scale)
+    kept, side = select(q, k, scale=scale, **params), params["side"]
     offset = k.shape[2] - q.shape[2]
     if side == "keys":
         kg, vg = _gather(k, kept), _gather(v, kept)
