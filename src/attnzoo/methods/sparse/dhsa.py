@@ -165,15 +165,16 @@ DEFAULTS: dict[str, Any] = {p.name: p.default for p in SPEC.params}
 
 
 def edge_drops(k: torch.Tensor, *, window: int, key_block: int) -> torch.Tensor:
-    """``(B, Nk)``: at each key-block edge ``p = e·key_block``, ``1 − cos`` between the means of the ``window`` keys
+    """``(B, Nk)``: at each key-block edge ``p = e·key_block``, ``1 − cos`` between the sums of the ``window`` keys
     before and after it (every KV head's key concatenated; windows cut at the sequence ends); ``−inf`` at edge 0,
-    which always starts a chunk."""
+    which always starts a chunk. ``O(N·Hkv·D·window)`` time."""
     b, hkv, skv, d = k.shape
-    x = k.detach().float().permute(0, 1, 3, 2).reshape(b, hkv * d, skv)
-    # means of every window of `window` keys over zero padding: means[..., s] covers keys [s − window, s)
-    means = F.avg_pool1d(F.pad(x, (window, window)), window, stride=1)
+    x = F.pad(k.detach().float().permute(0, 2, 1, 3).reshape(b, skv, hkv * d), (0, 0, window, window))
+    sums = x[:, : skv + window + 1].clone()  # sums[:, s] = Σ keys [s − window, s) (zeros outside the sequence)
+    for shift in range(1, window):
+        sums += x[:, shift: shift + skv + window + 1]
     edge = torch.arange(0, skv, key_block, device=k.device)
-    drops = 1 - F.cosine_similarity(means[..., edge], means[..., edge + window], dim=1, eps=1e-12)
+    drops = 1 - F.cosine_similarity(sums[:, edge], sums[:, edge + window], dim=-1, eps=1e-12)
     drops[:, 0] = float("-inf")
     return drops
 
