@@ -117,7 +117,7 @@ def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
     }
     if pick(0, 1):
         starts = torch.rand(call.batch, call.seq_kv, generator=generator) < 0.3
-        params["boundaries"] = starts & (torch.arange(call.seq_kv) % key_block == 0)
+        params["boundaries"] = (starts & (torch.arange(call.seq_kv) % key_block == 0)).to(call.device)
     return params
 
 

@@ -116,7 +116,7 @@ def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
     params: dict[str, Any] = {"side": side, "score": score, "keep": keep, "share": pick(SHARES)}
     if score == "learned":
         heads = _scorer_heads(call.heads, call.kv_heads, side)
-        params["scorer"] = torch.randn(heads, call.head_dim, generator=generator, dtype=call.dtype)
+        params["scorer"] = torch.randn(heads, call.head_dim, generator=generator, dtype=call.dtype).to(call.device)
     return params
 
 
