@@ -11,7 +11,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
-from attnzoo.methods.sparse.dhsa import SPEC, chunk_scores, chunk_starts, select
+from attnzoo.methods.sparse.dhsa import SPEC, causal_rows, chunk_scores, chunk_starts, select
 from attnzoo.registry import Call
 from tests.helpers import F64, assert_matches_reference, qkv
 
@@ -133,11 +133,24 @@ def test_causal_no_output_depends_on_a_later_token():
         (2, 4, 2, 29, 41, True, {"block_size": 8, "key_block": 3, "budget": 12, "share": "group"}),
         (1, 6, 3, 33, 20, False, {"block_size": 4, "key_block": 2, "budget": 8, "share": "head", "chunk_size": 3}),
         (2, 2, 1, 9, 9, False, {"block_size": 1, "key_block": 1, "budget": 3, "sink": 1, "local": 1}),
+        (2, 4, 2, 37, 37, True, {"block_size": 8, "key_block": 2, "budget": 10}),  # attended as causal_rows
+        (1, 4, 2, 20, 52, True, {"block_size": 12, "key_block": 4, "budget": 16, "share": "head"}),
     ],
 )
 def test_torch_matches_reference(b, h, hkv, sq, skv, causal, params):
     q, k, v = qkv(b, h, hkv, sq, skv=skv, seed=8, requires_grad=True)
     assert_matches_reference("dhsa", q, k, v, causal=causal, **params)
+
+
+def test_causal_rows_is_the_same_causal_mask_in_key_block_rows():
+    q, k, _ = qkv(2, 4, 2, 45, skv=53, seed=11)
+    sel = select(q, k, causal=True, block_size=12, key_block=4, budget=16, sink=4, local=4, chunk_size=8)
+    rows = causal_rows(sel)
+    assert (rows.block_q, rows.block_k) == (4, 4) and rows.indices.shape[2] == 12
+    pos = torch.arange(45).view(-1, 1) + 8 >= torch.arange(53)
+    assert torch.equal(rows.dense(4) & pos, sel.dense(4) & pos)
+    last = (torch.arange(12) * 4 + 3).clamp(max=44) + 8  # each sub-block's last query, in key positions
+    assert bool(((rows.indices * 4 <= last.view(1, 1, -1, 1)) | (rows.indices < 0)).all())  # no hidden block
 
 
 def test_torch_matches_reference_with_mask_and_bias():

@@ -55,8 +55,10 @@ prefill rule. A decoded token sees neither, so DHSA has no decoder (the paper's 
 
 Reference (:func:`reference`): the selection from :func:`select`, expanded to a dense mask AND causal AND the user
 mask, then a dense masked softmax. Fast path ``torch`` (:func:`torch_selected`): :func:`select`, then
-:func:`attnzoo.kernels.block_sparse.selected_attention`; time ``O(N·budget·d)`` for the attention plus
-``O(N·d·H + N²/(block_size·key_block))`` for the scores, memory ``O(N·d + N²/(block_size·key_block))``.
+:func:`attnzoo.kernels.block_sparse.selected_attention` (causal with ``key_block > 1`` dividing ``block_size``: over
+:func:`causal_rows`, the same attention in query blocks of ``key_block``, whose diagonal blocks the kernel masks with
+one shared triangle instead of per-row logits). Time ``O(N·budget·d)`` for the attention plus ``O(N·d·H +
+N²/(block_size·key_block))`` for the scores, memory ``O(N·d + N²/(block_size·key_block))``.
 """
 
 from __future__ import annotations
@@ -269,11 +271,26 @@ def reference(
     return masked_attention(q, k, v, seen, scale, mask, bias)
 
 
+def causal_rows(selection: BlockSelection) -> BlockSelection:
+    """The same causal attention with query blocks of ``block_k`` (``block_q`` a multiple of it): each query block's
+    key blocks go to each of its sub-blocks, less those wholly after the sub-block's last query (the causal mask hides
+    them anyway). A sub-block's only partial key block is then its diagonal one, which the attend kernel masks with
+    one shared triangle instead of per-row logits."""
+    bq, bk, sq, skv = selection.block_q, selection.block_k, selection.seq_q, selection.seq_kv
+    rows = _cdiv(sq, bk)
+    indices = selection.indices.repeat_interleave(bq // bk, dim=2)[:, :, :rows]
+    last = torch.clamp((torch.arange(rows, device=indices.device) + 1) * bk, max=sq) - 1 + skv - sq
+    anchor = last.div(bk, rounding_mode="floor").view(rows, 1)
+    return BlockSelection(indices.masked_fill(indices > anchor, -1), bk, bk, sq, skv)
+
+
 def torch_selected(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, **params: Any,
 ) -> torch.Tensor:
     selection = select(q, k, causal=causal, **params)
+    if causal and selection.block_q > selection.block_k > 1 and selection.block_q % selection.block_k == 0:
+        selection = causal_rows(selection)
     return selected_attention(q, k, v, selection, scale=scale, causal=causal, mask=mask, bias=bias)
 
 
