@@ -28,6 +28,8 @@ Rules (all vectorised on the device; no Python loop per row), on block scores ``
   rule then gives one selection per group; :func:`shared_by_group`: the union of the group's per-head selections.
 - :func:`allowed_blocks`: the causal block-level visibility the rules use; :func:`random_selection`: a random
   top-k selection (tests, benchmarks).
+- :func:`keys_at_density`: how many keys per query a budgeted method keeps so that it reads a given fraction of the
+  (query, key) pairs the pattern allows (the ``at_density`` of top-k methods).
 """
 
 from __future__ import annotations
@@ -315,3 +317,24 @@ def shared_by_group(selection: BlockSelection, heads: int, kv_heads: int) -> Blo
     union = blocks.view(blocks.shape[0], kv_heads, heads // kv_heads, *blocks.shape[2:]).any(dim=2)
     return BlockSelection.from_blocks(union, block_q=selection.block_q, block_k=selection.block_k,
                                       seq_q=selection.seq_q, seq_kv=selection.seq_kv)
+
+
+def keys_at_density(fraction: float, *, causal: bool, seq_q: int, seq_kv: int) -> int:
+    """The per-query key budget ``T`` (``1 ≤ T ≤ seq_kv``) whose pairs are about ``fraction`` of those the pattern
+    allows: noncausal, ``round(fraction · seq_kv)``; causal (query ``i`` sees ``v_i = clamp(i + 1 + seq_kv − seq_q, 0,
+    seq_kv)`` keys and a budgeted method reads ``min(T, v_i)`` of them), the smallest ``T`` with ``Σ min(T, v_i) ≥
+    fraction · Σ v_i``."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise fail("fraction", "a number in (0, 1]", repr(fraction))
+    if not causal:
+        return min(seq_kv, max(1, round(fraction * seq_kv)))
+    seen = torch.clamp(torch.arange(seq_q) + 1 + seq_kv - seq_q, 0, seq_kv)
+    target = fraction * float(seen.sum())
+    low, high = 1, max(1, seq_kv)
+    while low < high:  # the pairs read grow with T: bisect for the smallest T that reaches the target
+        mid = (low + high) // 2
+        if float(torch.clamp(seen, max=mid).sum()) >= target:
+            high = mid
+        else:
+            low = mid + 1
+    return low
