@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from attnzoo.kernels import flex
 from attnzoo.kernels.block_sparse import selected_attention
 from attnzoo.kernels.blockwise import grouped_logits
-from attnzoo.kernels.selection import BlockSelection, block_means
+from attnzoo.kernels.selection import BlockSelection, block_means, keys_at_density
 from attnzoo.kv.attend import position_block_means, selected_slots, softmax_attention
 from attnzoo.kv.cache import KVCache
 from attnzoo.methods.common import masked_attention, visible
@@ -102,10 +102,11 @@ def _identity_conv(info: LayerInfo) -> torch.Tensor:
 
 
 def at_density(call: Call, fraction: float) -> dict[str, Any]:
-    """Blocks of ``seq_kv / 32`` (at least 1) and ``top_k = fraction · 32`` of them: under the causal mask a query
-    sees about ``top_k`` blocks of its past, so the fraction is of the keys a late query may see."""
+    """Blocks of ``seq_kv / 32`` keys (at least 1) and as many of them as the per-query key budget that reads
+    ``fraction`` of the causal pairs (:func:`~attnzoo.kernels.selection.keys_at_density`)."""
     block_size = max(1, call.seq_kv // 32)
-    return {"block_size": block_size, "top_k": max(1, round(fraction * -(-call.seq_kv // block_size)))}
+    budget = keys_at_density(fraction, causal=True, seq_q=call.seq_q, seq_kv=call.seq_kv)
+    return {"block_size": block_size, "top_k": max(1, min(-(-call.seq_kv // block_size), round(budget / block_size)))}
 
 
 SPEC = MethodSpec(
