@@ -72,6 +72,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from attnzoo.kernels.block_sparse import flash_cpu
 from attnzoo.kernels.blockwise import grouped_logits, grouped_pv
 from attnzoo.kernels.dense import safe_softmax
 from attnzoo.kernels.routed import routed_attention
@@ -245,18 +246,25 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scal
 
 def _own_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                 block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query over the regular tokens of its own block up to it, as dense ``P × P`` tiles: ``(out (B, H, N, Dv),
-    lse (B, H, N))``."""
+    """Each query over the regular tokens of its own block up to it, as ``P × P`` tiles: ``(out (B, H, N, Dv),
+    lse (B, H, N))``. Without gradients on CPU (``D == Dv``) the tiles run through PyTorch's CPU flash kernel (its
+    log-sum-exp has no backward); otherwise densely."""
     b, h, n, d = q.shape
+    dv = v.shape[-1]
     period = block_size + 1
     nb = _blocks(n, block_size)
     pad = nb * period - n
-    qb = torch.nn.functional.pad(q, (0, 0, 0, pad)).view(b, h, nb, period, d)
-    kb = torch.nn.functional.pad(repeat_kv(k, h), (0, 0, 0, pad)).view(b, h, nb, period, d)
-    vb = torch.nn.functional.pad(repeat_kv(v, h), (0, 0, 0, pad)).view(b, h, nb, period, v.shape[-1])
-    s = scale * qb @ kb.transpose(-1, -2)  # (B, H, nb, P, P)
+    qb = torch.nn.functional.pad(q, (0, 0, 0, pad)).view(b * h, nb, period, d)
+    kb = torch.nn.functional.pad(repeat_kv(k, h), (0, 0, 0, pad)).view(b * h, nb, period, d)
+    vb = torch.nn.functional.pad(repeat_kv(v, h), (0, 0, 0, pad)).view(b * h, nb, period, dv)
     tri = torch.ones(period, period, dtype=torch.bool, device=q.device).tril()
-    seen = tri & (torch.arange(period, device=q.device) != block_size)
+    seen = tri & (torch.arange(period, device=q.device) != block_size)  # up to the query, never the landmark
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.device.type == "cpu" and d == dv and not training:
+        logits = torch.zeros(1, 1, period, period, dtype=q.dtype, device=q.device).masked_fill_(~seen, float("-inf"))
+        out, lse = flash_cpu(qb, kb, vb, 0.0, False, attn_mask=logits, scale=scale)
+        return out.reshape(b, h, nb * period, dv)[:, :, :n], lse.reshape(b, h, nb * period)[:, :, :n].to(q.dtype)
+    s = scale * qb @ kb.transpose(-1, -2)  # (B·H, nb, P, P)
     s = s.masked_fill(~seen, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # every row sees position 0 of its block
     out = torch.exp(s - lse.unsqueeze(-1)) @ vb
