@@ -31,7 +31,8 @@ Two forms, one parameter ``top_k``:
 - ``top_k=k``: the inference form, ``S(i)`` = the ``k`` past blocks of highest landmark score ``q_i·k_L_b`` (per
   query token and head: the code's default ``cache_selection_method="per_token_and_head"``; the own block is always
   seen and not counted in ``k``), then the same grouped softmax over the retrieved blocks only — as the authors'
-  inference code feeds the retrieved blocks, landmarks included, to ``landmark_grouped_softmax``. ``k`` at least the
+  inference code feeds the retrieved blocks, landmarks included, to ``landmark_grouped_softmax`` (a plain softmax
+  over the retrieved tokens would weigh the blocks otherwise than the model was trained to). ``k`` at least the
   number of past blocks gives the training form exactly. ``top_k`` larger than the number of blocks ``⌈N / P⌉``
   raises (decoding: the cache grows, a larger ``top_k`` is clamped).
 
@@ -51,7 +52,8 @@ product. Fast path ``torch`` (:func:`torch_landmark`):
   last query, shifted by the identity above and normalised with one softmax, then ``P·V``. Time ``O(N²d)`` (the form
   attends to every past block), memory ``O(chunk·N)``; under autograd each chunk is checkpointed, so training memory
   is ``O(N·d)`` plus one chunk.
-- inference form (:func:`retrieval_attention`): the own block as dense ``P × P`` tiles (output and log-sum-exp); the
+- inference form (:func:`retrieval_attention`): the own block as ``P × P`` tiles (output and log-sum-exp; the CPU
+  flash kernel with a tile mask when no gradient is needed, dense tiles otherwise); the
   retrieved blocks through :func:`attnzoo.kernels.routed.routed_attention` over the regular tokens (landmarks
   dropped), each query repeated once per retrieval slot so that every (query, block) pair gives its own in-block
   output ``Σ π_ij v_j``; the pairs are then merged with weights ``softmax(lse_own, s_iL_b…)``. Time

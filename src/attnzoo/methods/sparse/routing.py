@@ -20,7 +20,11 @@ A query may lie in several clusters or in none (top-w per centroid is not a part
 cluster's outputs back and divides by the number of clusters holding the query (plus 1e-2, against division by zero):
 here the exact mean, over the clusters in which the query sees at least one key (a causal query may see no key of its
 cluster). The causal variant masks by *position* (``j ≤ i``); the code's lower triangle over the cluster's slots is the
-same thing when queries and keys are shared (``share_qk``), and this is that rule for separate q and k.
+same thing when queries and keys are shared (``share_qk``), and this is that rule for separate q and k. No key after a
+query is ever read, but which tokens a cluster holds is decided over the whole sequence (top-w per centroid), so a
+token's clusters — a discrete choice, with no gradient — may depend on later tokens, as in the paper's training. For
+the same reason there is no decoder: as the sequence grows the clusters change, and a step could not equal the
+forward.
 
 Centroids are a tensor passed in (learnable part owned by ``az.nn.Attention``: ``init`` draws ``LN(N(0, 1))`` as the
 code does); the forward only reads them, through ``top_k``, so it is deterministic given the centroids and gives them
