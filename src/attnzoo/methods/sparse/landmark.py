@@ -190,26 +190,22 @@ def reference(
     return weights.flatten(3)[..., :n] @ repeat_kv(v, h)
 
 
-def _shifted_logits(s: torch.Tensor, rows: torch.Tensor, block_size: int, past: torch.Tensor | None) -> torch.Tensor:
+def _shifted_logits(s: torch.Tensor, rows: torch.Tensor, block_size: int) -> torch.Tensor:
     """Logits ``s (B, H, r, nb·P)`` of query positions ``rows (r,)`` against whole blocks, as one softmax's logits:
-    own-block regular tokens up to the query as they are, regular tokens of a past block (of those ``past (B, H, r,
-    nb)`` allows, all if None) shifted by ``s_L − logsumexp(block)``, every other key −inf."""
+    own-block regular tokens up to the query as they are, regular tokens of a past block shifted by ``s_L −
+    logsumexp(block)``, landmarks, later own-block tokens and later blocks −inf."""
     b, h, r, width = s.shape
     period = block_size + 1
     nb = width // period
     s = s.view(b, h, r, nb, period)
-    block = torch.arange(nb, device=s.device)
-    position = torch.arange(nb * period, device=s.device).view(nb, period)
-    regular = position % period != block_size
-    query_block = (rows // period).view(r, 1)
-    seen_past = (block < query_block).view(r, nb, 1) & regular
-    if past is not None:
-        seen_past = seen_past & past.unsqueeze(-1)
-    own = (block == query_block).view(r, nb, 1) & regular & (position <= rows.view(r, 1, 1))
-    inside = torch.logsumexp(s.masked_fill(~seen_past, float("-inf")), dim=-1, keepdim=True)
-    shift = s[..., block_size:] - torch.where(torch.isfinite(inside), inside, torch.zeros_like(inside))
-    shifted = torch.where(seen_past, s + shift, torch.where(own, s, float("-inf")))
-    return shifted.view(b, h, r, width)
+    query_block = (rows // period).view(r, 1, 1)
+    block = torch.arange(nb, device=s.device).view(1, nb, 1)
+    inside = torch.logsumexp(s[..., :block_size], dim=-1, keepdim=True)  # every block's regular tokens
+    later = torch.zeros(r, nb, 1, dtype=s.dtype, device=s.device).masked_fill_(block > query_block, float("-inf"))
+    bias = torch.where(block < query_block, s[..., block_size:] - inside, later)  # (B, H, r, nb, 1)
+    position = torch.arange(width, device=s.device).view(nb, period)
+    hidden = (position % period == block_size) | ((block == query_block) & (position > rows.view(r, 1, 1)))
+    return (s + bias).masked_fill_(hidden, float("-inf")).view(b, h, r, width)
 
 
 def _grouped_rows(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, scale: float,
@@ -221,7 +217,7 @@ def _grouped_rows(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first:
     width = min(-(-(first + r) // period) * period, k.shape[2])  # keys up to the chunk's last query, whole blocks
     rows = torch.arange(first, first + r, device=q_rows.device)
     s = grouped_logits(q_rows, k[:, :, :width], scale)
-    p = torch.softmax(_shifted_logits(s, rows, block_size, None), dim=-1)
+    p = torch.softmax(_shifted_logits(s, rows, block_size), dim=-1)
     return grouped_pv(p.to(v.dtype), v[:, :, :width])
 
 
