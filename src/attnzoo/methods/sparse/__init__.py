@@ -2,4 +2,14 @@
 selection rule (:mod:`attnzoo.kernels.selection`) and the shared attend kernel
 (:func:`attnzoo.kernels.block_sparse.selected_attention`), itself the method ``block_sparse``."""
 
-from attnzoo.methods.sparse import adaspa, biformer, block_sparse, dhsa, moba, pbs, token_topk  # noqa: F401
+from attnzoo.methods.sparse import (  # noqa: F401
+    adaspa,
+    biformer,
+    block_sparse,
+    dhsa,
+    landmark,
+    moba,
+    pbs,
+    routing,
+    token_topk,
+)
