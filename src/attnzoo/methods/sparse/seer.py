@@ -90,12 +90,6 @@ def _check_top_k(value: int, call: Call) -> str | None:
     return f"at most the number of key blocks, {nk} (⌈{call.seq_kv} / block_size⌉)"
 
 
-def _check_query_block(value: int, call: Call) -> str | None:
-    if call.decoding and value != 1:
-        return "1 when decoding (a decoded token is its own query block: it cannot pool the queries after it)"
-    return None
-
-
 def _check_gate(which: str) -> Any:
     def check(value: torch.Tensor, call: Call) -> str | None:
         heads, width, other = ((call.heads, call.head_dim, "k_gate") if which == "q_gate"
@@ -165,7 +159,7 @@ SPEC = MethodSpec(
     params=(
         Param("block_size", (int,), 64, "keys per block (the last block may be partial)", low=1),
         Param("query_block", (int,), None, "queries pooled per gate row (None: block_size; 1 when decoding)",
-              low=1, check=_check_query_block),
+              low=1),
         Param("top_k", (int,), None, "key blocks per query block (None: the threshold rule)", low=1,
               check=_check_top_k),
         Param("threshold", (float,), 2e-3, "keep the blocks whose gate probability exceeds it (when top_k is None)",
@@ -331,6 +325,9 @@ def decode_prefill(
     **params: Any,
 ) -> tuple[torch.Tensor, KVCache]:
     """Causal SeerAttention over a (right-padded) prompt and the cache of its keys and values."""
+    if (params["block_size"] if params["query_block"] is None else params["query_block"]) != 1:
+        raise fail("query_block", "1 when decoding (a decoded token is its own query block: it cannot pool the "
+                   "queries after it)", repr(params["query_block"]))
     out = torch_gated(q, k, v, causal=True, scale=scale, mask=None, bias=None, **params)
     return out, KVCache.from_prompt(k, v, lengths)
 
