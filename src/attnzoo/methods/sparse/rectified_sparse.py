@@ -108,7 +108,8 @@ SPEC = MethodSpec(
 class Plan:
     """What Rectified SpaAttn decides for a call: ``selection`` (the blocks attended exactly, one selection per query
     head), ``mass (B, H, Nq, Nk)`` the estimated full-attention block mass ``p̂`` (rows sum to 1; differentiable),
-    ``pooled (B, H, Nq, Nk)`` bool the dropped blocks represented by their pooled estimate (``P``)."""
+    ``pooled (B, H, Nq, Nk)`` bool the dropped blocks represented by their pooled estimate (``P``). Float64 for
+    float64 inputs, else float32."""
 
     selection: BlockSelection
     mass: torch.Tensor
@@ -129,6 +130,8 @@ def plan(q: torch.Tensor, k: torch.Tensor, *, scale: float, block_size: int = 12
     """Steps 1–3 of the module docstring for ``q (B, H, Sq, D)``, ``k (B, Hkv, Skv, D)``."""
     h, sq, skv = q.shape[1], q.shape[2], k.shape[2]
     nk = _cdiv(skv, block_size)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # half inputs: pooled statistics in fp32
+    q, k = q.to(acc), k.to(acc)
     q_bar, k_bar = block_means(q, block_size), block_means(k, block_size)  # (B, H, Nq, D), (B, Hkv, Nk, D)
     dots = grouped_logits(q_bar, k_bar, 1.0)  # (B, H, Nq, Nk), unscaled
     counts = torch.full((nk,), float(block_size), dtype=dots.dtype, device=q.device)
@@ -167,7 +170,7 @@ def reference(
     sizes = torch.bincount(torch.arange(skv, device=q.device) // block_size).to(p.mass.dtype)
     exact = safe_softmax(dense_scores(q, k, scale), p.selection.dense(h))  # softmax over the selected keys
     weights = tokens(p.kept_mass().unsqueeze(-1).expand_as(p.mass)) * exact + tokens(p.mass * p.pooled / sizes)
-    return weights @ repeat_kv(v, h).to(weights.dtype)
+    return (weights @ repeat_kv(v, h).to(weights.dtype)).to(v.dtype)
 
 
 def torch_rectified(
@@ -176,7 +179,7 @@ def torch_rectified(
 ) -> torch.Tensor:
     p = plan(q, k, scale=scale, block_size=block_size, keep=keep, threshold=threshold)
     out = selected_attention(q, k, v, p.selection, scale=scale, causal=False)
-    estimate = grouped_pv(p.mass * p.pooled, block_means(v, block_size))  # (B, H, Nq, Dv)
+    estimate = grouped_pv(p.mass * p.pooled, block_means(v.to(p.mass.dtype), block_size))  # (B, H, Nq, Dv)
     rows = torch.cat([p.kept_mass().unsqueeze(-1), estimate], dim=-1)
     rows = rows.repeat_interleave(block_size, dim=2)[:, :, : q.shape[2]].to(out.dtype)
     return out * rows[..., :1] + rows[..., 1:]
