@@ -18,8 +18,9 @@ from attnzoo.nn.attention import Attention
 
 
 class SeerAttention(Attention):
-    """Multi-head SeerAttention ``x (B, N, dim) -> (B, N, dim)``; ``**params`` are the method's (``block_size``,
-    ``top_k``, ``threshold``, ...). Train the gate with :meth:`gate_loss`; the forward attends sparsely."""
+    """Multi-head SeerAttention ``x (B, N, dim) -> (B, N, dim)``, causal by default (the LLM setting); ``**kwargs``
+    are :class:`Attention`'s and the method's (``block_size``, ``top_k``, ``threshold``, ...). Train the gate with
+    :meth:`gate_loss`; the forward attends sparsely."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int | None = None, causal: bool = True, **kwargs: Any) -> None:
         super().__init__(dim, heads, kv_heads=kv_heads, method="seer", causal=causal, **kwargs)
