@@ -71,6 +71,7 @@ from attnzoo.methods.common import masked_attention, visible
 from attnzoo.methods.sparse.block_sparse import flex_block_mask
 from attnzoo.registry import Backend, Call, Decoder, LayerInfo, MethodSpec, Param, TestHints, register
 
+DEFAULT_BLOCK = 64  # SeerAttention's gate block size
 KEY_POOLS = 3  # max, min, mean of each key block, concatenated (the paper's default gate, Qavg_Kmaxminavg)
 TARGET_CHUNK = 1 << 22  # attention probabilities per chunk of gate_target (elements)
 
@@ -80,7 +81,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _num_kv_blocks(call: Call) -> int:
-    return _cdiv(call.seq_kv, call.params.get("block_size", 64))
+    return _cdiv(call.seq_kv, call.params.get("block_size", DEFAULT_BLOCK))
 
 
 def _check_top_k(value: int, call: Call) -> str | None:
@@ -140,10 +141,10 @@ def _sample(call: Call, gen: torch.Generator) -> dict[str, Any]:
 
 
 def _at_density(call: Call, fraction: float) -> dict[str, Any]:
-    """Blocks of 64 and the top-k rule: ``fraction`` of the key blocks (of half of them when causal, the average a
-    query may see)."""
-    nk = _cdiv(call.seq_kv, 64)
-    return {"block_size": 64, "top_k": max(1, min(nk, round(fraction * nk / (2 if call.causal else 1))))}
+    """The default blocks (64) and the top-k rule: ``fraction`` of the key blocks (of half of them when causal, the
+    average a query may see)."""
+    nk = _cdiv(call.seq_kv, DEFAULT_BLOCK)
+    return {"block_size": DEFAULT_BLOCK, "top_k": max(1, min(nk, round(fraction * nk / (2 if call.causal else 1))))}
 
 
 SPEC = MethodSpec(
@@ -157,7 +158,7 @@ SPEC = MethodSpec(
     exact=False,
     patterns=frozenset({"self/noncausal", "self/causal", "cross/noncausal", "cross/causal"}),
     params=(
-        Param("block_size", (int,), 64, "keys per block (the last block may be partial)", low=1),
+        Param("block_size", (int,), DEFAULT_BLOCK, "keys per block (the last block may be partial)", low=1),
         Param("query_block", (int,), None, "queries pooled per gate row (None: block_size; 1 when decoding)",
               low=1),
         Param("top_k", (int,), None, "key blocks per query block (None: the threshold rule)", low=1,
@@ -262,7 +263,7 @@ def choose(logits: torch.Tensor, *, top_k: int | None, threshold: float) -> torc
 
 
 def select(
-    q: torch.Tensor, k: torch.Tensor, *, causal: bool, scale: float, block_size: int = 64,
+    q: torch.Tensor, k: torch.Tensor, *, causal: bool, scale: float, block_size: int = DEFAULT_BLOCK,
     query_block: int | None = None, top_k: int | None = None, threshold: float = 2e-3,
     q_gate: torch.Tensor | None = None, k_gate: torch.Tensor | None = None,
 ) -> BlockSelection:
@@ -414,9 +415,9 @@ def gate_loss(
 
 
 def distill_gate(
-    q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, causal: bool = True, scale: float | None = None,
-    query_block: int | None = None, steps: int = 200, lr: float = 1e-2, init: dict[str, torch.Tensor] | None = None,
-    pool: str = "max",
+    q: torch.Tensor, k: torch.Tensor, *, block_size: int = DEFAULT_BLOCK, causal: bool = True,
+    scale: float | None = None, query_block: int | None = None, steps: int = 200, lr: float = 1e-2,
+    init: dict[str, torch.Tensor] | None = None, pool: str = "max",
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Fit ``q_gate``/``k_gate`` on samples ``q (B, H, N, D)``, ``k (B, Hkv, N', D)`` (the model frozen): Adam on
     :func:`gate_loss` for ``steps`` steps from ``init`` (default: the identity gates, i.e. the training-free gate).
