@@ -63,6 +63,18 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        q, k, v = self.project(x, context)
+        b, n, _ = x.shape
+        out = attention(
+            q, k, v, method=self.method, causal=self.causal, mask=mask, backend=self.backend,
+            **self.fixed, **dict(self.learnable.items()),
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+    def project(
+        self, x: torch.Tensor, context: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The heads ``q (B, H, N, head_dim)``, ``k, v (B, Hkv, N', head_dim)`` of ``x`` (and ``context``)."""
         if x.dim() != 3:
             raise fail("x", "a (batch, seq, dim) tensor", f"shape {tuple(x.shape)}")
         src = x if context is None else context
@@ -70,11 +82,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(src).view(b, src.shape[1], self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(src).view(b, src.shape[1], self.kv_heads, self.head_dim).transpose(1, 2)
-        out = attention(
-            q, k, v, method=self.method, causal=self.causal, mask=mask, backend=self.backend,
-            **self.fixed, **dict(self.learnable.items()),
-        )
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+        return q, k, v
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, heads={self.heads}, kv_heads={self.kv_heads}, causal={self.causal}"

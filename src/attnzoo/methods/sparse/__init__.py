@@ -10,6 +10,8 @@ from attnzoo.methods.sparse import (  # noqa: F401
     landmark,
     moba,
     pbs,
+    rectified_sparse,
     routing,
+    seer,
     token_topk,
 )
