@@ -2,4 +2,4 @@
 selection rule (:mod:`attnzoo.kernels.selection`) and the shared attend kernel
 (:func:`attnzoo.kernels.block_sparse.selected_attention`), itself the method ``block_sparse``."""
 
-from attnzoo.methods.sparse import block_sparse, hip, moba  # noqa: F401
+from attnzoo.methods.sparse import block_sparse, hip, hyper, moba  # noqa: F401

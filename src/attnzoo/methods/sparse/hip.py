@@ -59,6 +59,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from attnzoo.kernels import flex
 from attnzoo.kernels.block_sparse import selected_attention
@@ -145,7 +146,8 @@ def tree_search(q_rows: torch.Tensor, keys: torch.Tensor, lo: torch.Tensor, hi: 
     ``q_rows (B, H, R, T, D)``: each row's queries (a query block; pad a short block by repeating one of its
     queries, which leaves the max unchanged); ``keys (B, Hkv, L, D)``: keys by position; ``lo``, ``hi``: each row's
     search range in key blocks, ``limit``: its first invisible key position, all broadcastable to ``(B, H, R)``.
-    Returns ``(B, H, R, top_k)`` int64: the selected key blocks, ``-1`` in unused slots. Scores are float32.
+    Returns ``(B, H, R, top_k)`` int64: the selected key blocks, ``-1`` in unused slots. Scores are float32; the
+    search runs with ``min(top_k, widest range)`` branches (a range that fits is kept whole either way).
     """
     b, h, rows, _, d = q_rows.shape
     hkv = keys.shape[1]
@@ -153,7 +155,7 @@ def tree_search(q_rows: torch.Tensor, keys: torch.Tensor, lo: torch.Tensor, hi: 
     lo, hi, limit = (torch.broadcast_to(t, (b, h, rows)).long() for t in (lo, hi, limit))
     span = (hi - lo).clamp(min=0)
     widest = int(span.max()) if span.numel() else 0
-    top_k = min(top_k, max(1, widest))  # rows whose range fits in top_k branches keep all of it: same result
+    width, top_k = top_k, min(top_k, max(1, widest))  # ranges that fit in top_k branches are kept whole anyway
     branch = torch.arange(top_k + 1, device=keys.device)
     edges = lo.unsqueeze(-1) + span.unsqueeze(-1) * branch // top_k  # (B, H, R, top_k + 1)
     starts, sizes = edges[..., :-1], edges[..., 1:] - edges[..., :-1]
@@ -175,7 +177,7 @@ def tree_search(q_rows: torch.Tensor, keys: torch.Tensor, lo: torch.Tensor, hi: 
         score = score.masked_fill(sizes < 1, float("-inf"))
         best = score.topk(top_k, dim=-1).indices
         starts, sizes = starts.gather(-1, best), sizes.gather(-1, best)
-    return torch.where(sizes >= 1, starts, -1)
+    return F.pad(torch.where(sizes >= 1, starts, -1), (0, width - top_k), value=-1)
 
 
 def _row_limits(*, causal: bool, seq_q: int, seq_kv: int, block_q: int, block_k: int,
@@ -225,6 +227,7 @@ def select(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_q: int, bloc
     rows = torch.arange(nq * block_q, device=q.device).clamp(max=sq - 1)
     q_rows = q.detach()[:, :, rows].view(b, h, nq, block_q, d)
     keys = k.detach()
+    top_k = min(top_k, max(1, int((hi - lo).max()) if nq else 1))
     per_row = max(1, h * (block_q + 2 * top_k) * (d + 1) * b)
     step = max(1, SEARCH_ELEMENTS // per_row)
     chosen = torch.cat([
