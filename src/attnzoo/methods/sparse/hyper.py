@@ -290,41 +290,52 @@ def _per_segment(x: torch.Tensor) -> torch.Tensor:
 def _sorted_blocks(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, part: HyperPart, scale: float
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """One hyper part over its segments ``qs (B, H, P, n_q, D)``, ``ks, vs (B, Hkv, P, n_k, ·)``: output and
-    log-sum-exp of each sorted query row, ``(B, H, P, n_b·b_q, Dv)`` and ``(B, H, P, n_b·b_q)``."""
+    log-sum-exp of each sorted query row, ``(B, H, P, n_b·b_q, Dv)`` and ``(B, H, P, n_b·b_q)``.
+
+    Each query block (the ``G`` heads of a KV group stacked as its rows) attends to ``[its key block ; the samples]``
+    with additive logits: 0 on the block (``−inf`` on the padding of the last one), ``log w`` on the samples
+    (``−inf`` on those in the block). Without gradients on CPU (``D == Dv``) through PyTorch's flash kernel, else
+    with explicit logits under autograd; both ``O(n·(block_size + sample_size))`` memory."""
     assert part.q_order is not None and part.k_order is not None and part.samples is not None
     b, h, count, _, d = qs.shape
     hkv, dv = ks.shape[1], vs.shape[-1]
-    g, qb, kb = h // hkv, part.q_block, part.k_block
+    g, qb, kb, m = h // hkv, part.q_block, part.k_block, part.samples.shape[-1]
     nb = _cdiv(part.n_k, kb)
     dev = qs.device
     q_rows = part.q_order[..., torch.arange(nb * qb, device=dev).clamp(max=part.n_q - 1)]  # padded: repeats
     k_rows = part.k_order[..., torch.arange(nb * kb, device=dev).clamp(max=part.n_k - 1)]
-    q_sorted = qs.gather(3, q_rows.unsqueeze(-1).expand(-1, -1, -1, -1, d)).view(b, hkv, g, count, nb, qb, d)
+    q_sorted = qs.gather(3, q_rows.unsqueeze(-1).expand(-1, -1, -1, -1, d))
+    # (B, Hkv, P, nb, G·qb, D): query block a of every head of a group, rows head-major
+    q_blocks = q_sorted.view(b, hkv, g, count, nb, qb, d).permute(0, 1, 3, 4, 2, 5, 6).reshape(
+        b, hkv, count, nb, g * qb, d)
     k_sorted = ks.gather(3, k_rows.unsqueeze(-1).expand(-1, -1, -1, -1, d))
     v_sorted = vs.gather(3, k_rows.unsqueeze(-1).expand(-1, -1, -1, -1, dv))
-    k_blocks = k_sorted.view(b, hkv, 1, count, nb, kb, d)
-    logits = [(q_sorted @ k_blocks.transpose(-1, -2)) * scale]  # (B, Hkv, G, P, nb, qb, kb)
-    if nb * kb != part.n_k:  # the padding of the last sorted key block is never seen
-        pad = (torch.arange(nb * kb, device=dev) >= part.n_k).view(nb, 1, kb)
-        logits[0] = logits[0].masked_fill(pad, float("-inf"))
-    values = [v_sorted.view(b, hkv, 1, count, nb, kb, dv)]
-    m = part.samples.shape[-1]
+    bias = torch.zeros(nb, kb, dtype=qs.dtype, device=dev).masked_fill_(
+        (torch.arange(nb * kb, device=dev) >= part.n_k).view(nb, kb), float("-inf")).expand(b, hkv, count, nb, kb)
+    k_cat, v_cat = k_sorted.view(b, hkv, count, nb, kb, d), v_sorted.view(b, hkv, count, nb, kb, dv)
     if m:
         index = part.samples.unsqueeze(-1)
-        k_drawn = k_sorted.gather(3, index.expand(-1, -1, -1, -1, d)).view(b, hkv, 1, count, 1, m, d)
-        v_drawn = v_sorted.gather(3, index.expand(-1, -1, -1, -1, dv)).view(b, hkv, 1, count, 1, m, dv)
-        own = (part.samples // kb).view(b, hkv, 1, count, 1, 1, m) == torch.arange(nb, device=dev).view(nb, 1, 1)
-        log_w = torch.zeros(own.shape, dtype=qs.dtype, device=dev).masked_fill_(own, float("-inf")) + math.log(
-            part.weight)
-        logits.append((q_sorted @ k_drawn.transpose(-1, -2)) * scale + log_w)
-        values.append(v_drawn)
-    s = torch.cat(logits, dim=-1)
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    p = torch.exp(s - lse)
-    out = p[..., :kb] @ values[0]
-    if m:
-        out = out + p[..., kb:] @ values[1]
-    return out.view(b, h, count, nb * qb, dv), lse.view(b, h, count, nb * qb)
+        drawn = [x.gather(3, index.expand(-1, -1, -1, -1, x.shape[-1])).unsqueeze(3).expand(-1, -1, -1, nb, -1, -1)
+                 for x in (k_sorted, v_sorted)]
+        k_cat, v_cat = torch.cat([k_cat, drawn[0]], dim=4), torch.cat([v_cat, drawn[1]], dim=4)
+        own = (part.samples // kb).unsqueeze(3) == torch.arange(nb, device=dev).view(nb, 1)  # (B, Hkv, P, nb, m)
+        log_w = torch.full(own.shape, math.log(part.weight), dtype=qs.dtype, device=dev).masked_fill_(
+            own, float("-inf"))
+        bias = torch.cat([bias, log_w], dim=-1)
+    bias = bias.unsqueeze(-2)  # (B, Hkv, P, nb, 1, kb + m)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qs, ks, vs))
+    if not needs_grad and dev.type == "cpu" and d == dv:
+        width = kb + m
+        out, lse = flash_cpu(q_blocks.reshape(-1, 1, g * qb, d), k_cat.reshape(-1, 1, width, d),
+                             v_cat.reshape(-1, 1, width, dv), 0.0, False,
+                             attn_mask=bias.reshape(-1, 1, 1, width), scale=scale)
+    else:
+        s = (q_blocks @ k_cat.transpose(-1, -2)) * scale + bias
+        lse = torch.logsumexp(s, dim=-1)
+        out = torch.exp(s - lse.unsqueeze(-1)) @ v_cat
+    out = out.reshape(b, hkv, count, nb, g, qb, dv).permute(0, 1, 4, 2, 3, 5, 6).reshape(b, h, count, nb * qb, dv)
+    lse = lse.reshape(b, hkv, count, nb, g, qb).permute(0, 1, 4, 2, 3, 5).reshape(b, h, count, nb * qb)
+    return out, lse
 
 
 def _scatter_rows(rows: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, seq_q: int
