@@ -87,9 +87,9 @@ def _decoding_params(call: Call, params: dict[str, Any], prompt: int) -> dict[st
 
 
 def _at_density(call: Call, fraction: float) -> dict[str, Any]:
-    """Blocks of up to 64 keys (at least 32 blocks), the window one block when causal, no sink; ``top_k`` the rest of
+    """Blocks of up to 64 keys (at least 64 blocks), the window one block when causal, no sink; ``top_k`` the rest of
     ``fraction`` of the blocks a query sees on average (half of them when causal)."""
-    block = max(1, min(64, call.seq_kv // 32))
+    block = max(1, min(64, call.seq_kv // 64))
     blocks = -(-call.seq_kv // block)
     seen = (blocks + 1) / 2 if call.causal else blocks
     window = block if call.causal else 0
