@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from attnzoo.kernels.block_sparse import flash_cpu
 from attnzoo.kernels.dense import softmax_attention_lse
@@ -177,9 +178,13 @@ def lsh_hash(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
 
 
 def _segments(x: torch.Tensor, start: int, stride: int, count: int, n: int) -> torch.Tensor:
-    """``(B, H, count, n, ·)``: rows ``start + p·stride + [0, n)`` of ``x (B, H, S, ·)`` (clamped to the last row)."""
-    idx = start + stride * torch.arange(count, device=x.device).unsqueeze(1) + torch.arange(n, device=x.device)
-    return x[:, :, idx.clamp(max=x.shape[2] - 1)]
+    """``(B, H, count, n, ·)``: rows ``start + p·stride + [0, n)`` of ``x (B, H, S, ·)`` (``stride ≥ n``, or 0 when
+    ``count`` is 1), a view; rows past the sequence are zeros (a padded copy)."""
+    stride = stride or n
+    short = start + count * stride - x.shape[2]
+    if short > 0:
+        x = F.pad(x, (0, 0, 0, short))
+    return x[:, :, start : start + count * stride].unflatten(2, (count, stride))[:, :, :, :n]
 
 
 def _part(q: torch.Tensor, k: torch.Tensor, directions: torch.Tensor, generator: torch.Generator, *,
@@ -287,47 +292,55 @@ def _per_segment(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(0, 1)
 
 
-def _sorted_blocks(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, part: HyperPart, scale: float
+def _rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows ``positions (B, Hx, ...)`` (sequence positions, per batch and head of ``x (B, Hx, S, ·)``) as one
+    ``index_select`` of whole rows: ``(B, Hx, ..., ·)``."""
+    b, hx, s, d = x.shape
+    base = (torch.arange(b * hx, device=x.device) * s).view(b, hx, *([1] * (positions.dim() - 2)))
+    return x.reshape(b * hx * s, d).index_select(0, (positions + base).flatten()).view(*positions.shape, d)
+
+
+def _sorted_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: HyperPart, scale: float
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One hyper part over its segments ``qs (B, H, P, n_q, D)``, ``ks, vs (B, Hkv, P, n_k, ·)``: output and
-    log-sum-exp of each sorted query row, ``(B, H, P, n_b·b_q, Dv)`` and ``(B, H, P, n_b·b_q)``.
+    """One hyper part: output and log-sum-exp of each of its sorted query rows, ``(B, H, P, n_b·b_q, Dv)`` and
+    ``(B, H, P, n_b·b_q)`` (rows past ``n_q`` repeat the last sorted query).
 
     Each query block (the ``G`` heads of a KV group stacked as its rows) attends to ``[its key block ; the samples]``
     with additive logits: 0 on the block (``−inf`` on the padding of the last one), ``log w`` on the samples
-    (``−inf`` on those in the block). Without gradients on CPU (``D == Dv``) through PyTorch's flash kernel, else
-    with explicit logits under autograd; both ``O(n·(block_size + sample_size))`` memory."""
+    (``−inf`` on those in the block). Q and the concatenated K/V rows are gathered by one ``index_select`` each.
+    Without gradients on CPU (``D == Dv``) through PyTorch's flash kernel, else with explicit logits under autograd;
+    both ``O(n·(block_size + sample_size))`` memory."""
     assert part.q_order is not None and part.k_order is not None and part.samples is not None
-    b, h, count, _, d = qs.shape
-    hkv, dv = ks.shape[1], vs.shape[-1]
-    g, qb, kb, m = h // hkv, part.q_block, part.k_block, part.samples.shape[-1]
+    b, h, sq, d = q.shape
+    hkv, dv = k.shape[1], v.shape[-1]
+    g, qb, kb, m, count = h // hkv, part.q_block, part.k_block, part.samples.shape[-1], part.count
     nb = _cdiv(part.n_k, kb)
-    dev = qs.device
-    q_rows = part.q_order[..., torch.arange(nb * qb, device=dev).clamp(max=part.n_q - 1)]  # padded: repeats
-    k_rows = part.k_order[..., torch.arange(nb * kb, device=dev).clamp(max=part.n_k - 1)]
-    q_sorted = qs.gather(3, q_rows.unsqueeze(-1).expand(-1, -1, -1, -1, d))
-    # (B, Hkv, P, nb, G·qb, D): query block a of every head of a group, rows head-major
-    q_blocks = q_sorted.view(b, hkv, g, count, nb, qb, d).permute(0, 1, 3, 4, 2, 5, 6).reshape(
-        b, hkv, count, nb, g * qb, d)
-    k_sorted = ks.gather(3, k_rows.unsqueeze(-1).expand(-1, -1, -1, -1, d))
-    v_sorted = vs.gather(3, k_rows.unsqueeze(-1).expand(-1, -1, -1, -1, dv))
-    bias = torch.zeros(nb, kb, dtype=qs.dtype, device=dev).masked_fill_(
+    dev = q.device
+    seg = (part.stride * torch.arange(count, device=dev)).view(count, 1)
+    q_sorted = part.q_order[..., torch.arange(nb * qb, device=dev).clamp(max=part.n_q - 1)]  # padded: repeats
+    q_pos = (part.q_start + seg + q_sorted).clamp(max=sq - 1)  # (B, H, P, nb·qb)
+    # (B, Hkv, P, nb, G·qb): query block a of every head of a group, rows head-major
+    q_pos = q_pos.view(b, hkv, g, count, nb, qb).permute(0, 1, 3, 4, 2, 5).reshape(b, hkv, count, nb, g * qb)
+    q_blocks = _rows(q.reshape(b, hkv, g * sq, d), q_pos + (torch.arange(g, device=dev) * sq).repeat_interleave(
+        qb).view(1, 1, 1, 1, g * qb))
+    k_sorted = part.k_order[..., torch.arange(nb * kb, device=dev).clamp(max=part.n_k - 1)]
+    k_pos = (part.k_start + seg + k_sorted).view(b, hkv, count, nb, kb)
+    bias = torch.zeros(nb, kb, dtype=q.dtype, device=dev).masked_fill_(
         (torch.arange(nb * kb, device=dev) >= part.n_k).view(nb, kb), float("-inf")).expand(b, hkv, count, nb, kb)
-    k_cat, v_cat = k_sorted.view(b, hkv, count, nb, kb, d), v_sorted.view(b, hkv, count, nb, kb, dv)
     if m:
-        index = part.samples.unsqueeze(-1)
-        drawn = [x.gather(3, index.expand(-1, -1, -1, -1, x.shape[-1])).unsqueeze(3).expand(-1, -1, -1, nb, -1, -1)
-                 for x in (k_sorted, v_sorted)]
-        k_cat, v_cat = torch.cat([k_cat, drawn[0]], dim=4), torch.cat([v_cat, drawn[1]], dim=4)
+        drawn = (part.k_start + seg + part.k_order.gather(3, part.samples)).unsqueeze(3)  # (B, Hkv, P, 1, m)
+        k_pos = torch.cat([k_pos, drawn.expand(-1, -1, -1, nb, -1)], dim=-1)
         own = (part.samples // kb).unsqueeze(3) == torch.arange(nb, device=dev).view(nb, 1)  # (B, Hkv, P, nb, m)
-        log_w = torch.full(own.shape, math.log(part.weight), dtype=qs.dtype, device=dev).masked_fill_(
+        log_w = torch.full(own.shape, math.log(part.weight), dtype=q.dtype, device=dev).masked_fill_(
             own, float("-inf"))
         bias = torch.cat([bias, log_w], dim=-1)
+    k_cat, v_cat = _rows(k, k_pos), _rows(v, k_pos)  # (B, Hkv, P, nb, kb + m, ·)
     bias = bias.unsqueeze(-2)  # (B, Hkv, P, nb, 1, kb + m)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qs, ks, vs))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if not needs_grad and dev.type == "cpu" and d == dv:
         width = kb + m
-        out, lse = flash_cpu(q_blocks.reshape(-1, 1, g * qb, d), k_cat.reshape(-1, 1, width, d),
-                             v_cat.reshape(-1, 1, width, dv), 0.0, False,
+        out, lse = flash_cpu(q_blocks.view(-1, 1, g * qb, d), k_cat.view(-1, 1, width, d),
+                             v_cat.view(-1, 1, width, dv), 0.0, False,
                              attn_mask=bias.reshape(-1, 1, 1, width), scale=scale)
     else:
         s = (q_blocks @ k_cat.transpose(-1, -2)) * scale + bias
@@ -353,19 +366,18 @@ def _part_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: Hyp
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """One part's output ``(B, H, seq_q, Dv)`` and log-sum-exp (``−inf`` on the rows it does not cover)."""
     b, h, sq, _ = q.shape
-    qs = _segments(q, part.q_start, part.stride, part.count, part.n_q)
-    ks = _segments(k, part.k_start, part.stride, part.count, part.n_k)
-    vs = _segments(v, part.k_start, part.stride, part.count, part.n_k)
     dev = q.device
     local = (part.q_start + part.stride * torch.arange(part.count, device=dev).unsqueeze(1)
              + torch.arange(part.n_q, device=dev))  # (P, n_q) sequence positions
     if part.exact:
-        out, lse = _exact_lse(_per_segment(qs), _per_segment(ks), _per_segment(vs), scale, False)
+        segs = [_per_segment(_segments(x, start, part.stride, part.count, n)) for x, start, n in
+                ((q, part.q_start, part.n_q), (k, part.k_start, part.n_k), (v, part.k_start, part.n_k))]
+        out, lse = _exact_lse(*segs, scale, False)
         out = out.reshape(b, part.count, h, part.n_q, -1).transpose(1, 2)
         lse = lse.reshape(b, part.count, h, part.n_q).transpose(1, 2)
         return _scatter_rows(local.flatten(), out.flatten(2, 3), lse.flatten(2, 3), sq)
     assert part.q_order is not None
-    out, lse = _sorted_blocks(qs, ks, vs, part, scale)
+    out, lse = _sorted_blocks(q, k, v, part, scale)
     rows = local.expand(b, h, -1, -1).gather(3, part.q_order)  # sorted row → sequence position
     n = part.n_q
     return _scatter_rows(rows.flatten(2, 3), out[:, :, :, :n].flatten(2, 3), lse[:, :, :, :n].flatten(2, 3), sq)
