@@ -42,12 +42,15 @@ Defaults are the code's: ``block_size=256, sample_size=256, num_projections=7, m
 
 :func:`plan` computes the hashing and sampling (inspectable: :class:`HyperPlan`). Reference (:func:`reference`): the
 plan's weights ``W`` built densely (``(B, H, n_q, n_k)``) and one dense softmax with ``log W`` added. Fast path
-``torch`` (:func:`torch_sorted_blocks`): per part, the sorted query blocks against ``[their key block ; the
-samples]`` with the log-weights (one batched matmul, logits ``O(n·(block_size + sample_size))``), exact parts and
-leaves through fused attention, merged by log-sum-exp (:func:`attnzoo.kernels.merge.merge`); memory
-``O(n·(block_size + sample_size))`` (leaves: ``O(n·min_seq_len)`` while training). Not a block selection: the sorted
-order is per token and the sampled columns carry weights, which :class:`~attnzoo.kernels.selection.BlockSelection`
-cannot say. No decoder (the paper defines none).
+``torch`` (:func:`torch_sorted_blocks`): per part, each sorted query block (with the query heads of its KV group
+as extra rows) attends to ``[its key block ; the samples]`` gathered by one ``index_select`` of rows, with the
+log-weights as additive logits: without gradients on CPU through PyTorch's flash kernel (which returns the
+log-sum-exp), else explicit logits ``O(n·(block_size + sample_size))`` under autograd; exact parts and leaves
+likewise; the parts merged by log-sum-exp (:func:`attnzoo.kernels.merge.merge`). Memory
+``O(n·(block_size + sample_size))`` (leaves: ``O(n·min_seq_len)`` while training). Not a block selection: the
+sorted order is per token and the sampled columns carry weights, which
+:class:`~attnzoo.kernels.selection.BlockSelection` cannot say, so it does not go through ``selected_attention``.
+No decoder (the paper defines none).
 """
 
 from __future__ import annotations
