@@ -159,24 +159,33 @@ def tree_search(q_rows: torch.Tensor, keys: torch.Tensor, lo: torch.Tensor, hi: 
     branch = torch.arange(top_k + 1, device=keys.device)
     edges = lo.unsqueeze(-1) + span.unsqueeze(-1) * branch // top_k  # (B, H, R, top_k + 1)
     starts, sizes = edges[..., :-1], edges[..., 1:] - edges[..., :-1]
-    keys = keys.float()
     queries = q_rows.float()
-    for _ in range(_levels(widest, top_k)):
+    flat = keys.float().reshape(-1, d)  # (B·Hkv·L, D): a representative is one row
+    base = ((torch.arange(b, device=keys.device).view(b, 1) * hkv
+             + torch.arange(h, device=keys.device) // g) * keys.shape[2]).view(b, h, 1, 1)
+
+    def scores(rep: torch.Tensor) -> torch.Tensor:
+        """``max_i q_i · k_rep`` over each row's queries, ``rep (B, H, R, n)`` key positions."""
+        rows_of = flat.index_select(0, (rep.clamp(0, keys.shape[2] - 1) + base).flatten())
+        return (queries @ rows_of.view(*rep.shape, d).transpose(-1, -2)).amax(dim=-2)
+
+    levels = _levels(widest, top_k)
+    # "first": a first child's representative is its parent's, so only the second children are scored per level
+    score = scores(starts * block_k) if representative == "first" and levels else None
+    for _ in range(levels):
         half = sizes // 2
-        starts = torch.cat([starts, starts + half], dim=-1)  # (B, H, R, 2·top_k): first children, then second
+        second = starts + half
+        if score is not None:
+            score = torch.cat([score, scores(second * block_k)], dim=-1)
+        starts = torch.cat([starts, second], dim=-1)  # (B, H, R, 2·top_k): first children, then second
         sizes = torch.cat([half, sizes - half], dim=-1)
-        first = starts * block_k
-        if representative == "first":
-            rep = first
-        else:
+        if representative == "center":
+            first = starts * block_k
             end = torch.minimum((starts + sizes) * block_k, limit.unsqueeze(-1))
-            rep = first + (end - first).clamp(min=1) // 2
-        rep = rep.clamp(0, keys.shape[2] - 1)
-        gathered = keys.gather(2, rep.reshape(b, hkv, g * rows * 2 * top_k, 1).expand(-1, -1, -1, d))
-        score = (queries @ gathered.view(b, h, rows, 2 * top_k, d).transpose(-1, -2)).amax(dim=-2)
-        score = score.masked_fill(sizes < 1, float("-inf"))
-        best = score.topk(top_k, dim=-1).indices
-        starts, sizes = starts.gather(-1, best), sizes.gather(-1, best)
+            score = scores(first + (end - first).clamp(min=1) // 2)
+        assert score is not None
+        best = score.masked_fill(sizes < 1, float("-inf")).topk(top_k, dim=-1).indices
+        starts, sizes, score = starts.gather(-1, best), sizes.gather(-1, best), score.gather(-1, best)
     return F.pad(torch.where(sizes >= 1, starts, -1), (0, width - top_k), value=-1)
 
 
