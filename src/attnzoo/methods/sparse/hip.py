@@ -32,9 +32,10 @@ Representative (``representative``): ``"first"``, the child's first key (the v1.
 or ``"center"``, the key in the middle of the child's visible keys (the later ``sample_method="center"``). Choices:
 the draft scores the child's first *key block* (``block_size_k`` keys; with its ``block_size_k=1`` default, one key)
 with every other query of the block (``q[1::2]``); here one representative key is scored against every query of the
-block, so the search costs ``O(N·top_k·d)`` per level whatever ``block_k`` is. Branch boundaries are exact integer
-divisions (the draft rounds ``BSRC / mask_block_k · i`` in floating point). The selection is per query head (GQA: a
-head scores the keys of its group's KV head).
+block, so the search costs ``O(N·top_k·d)`` per level whatever ``block_k`` is (with ``"first"`` a first child's
+representative is its parent's, whose score is kept: ``top_k`` new scores per level). Branch boundaries are exact
+integer divisions (the draft rounds ``BSRC / mask_block_k · i`` in floating point). The selection is per query head
+(GQA: a head scores the keys of its group's KV head).
 
 Defaults: ``block_q=32, block_k=2, top_k=256`` (the paper's budget of k = 512 keys in blocks of 2 per 32-query
 block), ``sink=4, window=128`` (the public ``hip_attention``'s ``sink_token_size`` and ``sliding_window_size``),
