@@ -7,6 +7,8 @@ from attnzoo.methods.sparse import (  # noqa: F401
     biformer,
     block_sparse,
     dhsa,
+    hip,
+    hyper,
     landmark,
     moba,
     pbs,
