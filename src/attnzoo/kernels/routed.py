@@ -51,7 +51,7 @@ class _Plan:
     ``(query rows (n, size), key blocks (n,))``; padding lanes name query row ``rows`` (the forward reads any real row
     there, the backward a zero row with ``dO = 0``). ``lanes``: the query row of each row the forward's calls return,
     in call order (the buckets' lanes, padding included, then the masked groups' pairs, then the diagonal blocks'
-    rows), so that their outputs are concatenated, not scattered, before the merge (padding lanes merge into the
+    rows), so that each call's output is merged as it is, with no copy into pair slots (padding lanes merge into the
     extra row ``rows``, dropped)."""
 
     row: torch.Tensor
@@ -156,20 +156,28 @@ def _from_diagonal(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return x.reshape(b * h, -1, x.shape[-1])[:, :sq].reshape(plan.rows, x.shape[-1])
 
 
-def _merge(row: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, rows: int, *, in_place: bool = False
+def _merge(row: torch.Tensor, outs: list[torch.Tensor], lse: torch.Tensor, rows: int, *, in_place: bool = False
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per query row, the exact merge of its partial ``out (P, Dv)``/``lse (P,)``: ``(O, L, dead)``, ``dead`` the rows
-    that saw no key (their ``O`` is 0). ``in_place``: ``out`` (a scratch buffer, no autograd) is overwritten."""
+    """Per query row, the exact merge of partial outputs: ``outs`` are consecutive pieces ``(P_i, Dv)`` of the ``P``
+    partial rows, whose query rows are ``row (P,)`` and log-sum-exps ``lse (P,)``. Returns ``(O, L, dead)``, ``dead``
+    the rows that saw no key (their ``O`` is 0). The pieces are weighted and added one by one (never concatenated);
+    ``in_place``: they are scratch buffers (no autograd) and are overwritten."""
     acc = lse.dtype
-    top = torch.full((rows,), float("-inf"), dtype=acc, device=out.device).scatter_reduce(0, row, lse.detach(), "amax")
+    top = torch.full((rows,), float("-inf"), dtype=acc, device=lse.device).scatter_reduce(0, row, lse.detach(), "amax")
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     weight = torch.exp(lse - top[row])
-    total = torch.zeros(rows, dtype=acc, device=out.device).index_add(0, row, weight)
+    total = torch.zeros(rows, dtype=acc, device=lse.device).index_add(0, row, weight)
     merged_lse = top + torch.log(total)
     dead = ~(merged_lse > -torch.finfo(acc).max / 4)
     weight = weight / total.clamp_min(torch.finfo(acc).tiny)[row] * ~dead[row]
-    weighted = out.mul_(weight.unsqueeze(1)) if in_place and out.dtype == acc else out.to(acc) * weight.unsqueeze(1)
-    merged = torch.zeros(rows, out.shape[-1], dtype=acc, device=out.device).index_add_(0, row, weighted)
+    merged = torch.zeros(rows, outs[0].shape[-1], dtype=acc, device=lse.device)
+    start = 0
+    for piece in outs:
+        end = start + piece.shape[0]
+        w = weight[start:end].unsqueeze(1)
+        weighted = piece.mul_(w) if in_place and piece.dtype == acc else piece.to(acc) * w
+        merged.index_add_(0, row[start:end], weighted)
+        start = end
     return merged, merged_lse, dead
 
 
@@ -202,9 +210,8 @@ class _Routed(torch.autograd.Function):
                                _diagonal_kv(v_blocks, plan), 0.0, True, scale=scale)
             outs.append(_from_diagonal(o, plan))
             lses.append(_from_diagonal(lse.unsqueeze(-1), plan).squeeze(1))
-        pair_out, pair_lse = torch.cat(outs), torch.cat(lses).to(acc)
-        out, lse, dead = (x[: plan.rows] for x in _merge(plan.lanes, pair_out, pair_lse, plan.rows + 1,
-                                                          in_place=True))
+        pair_lse = torch.cat(lses).to(acc)
+        out, lse, dead = (x[: plan.rows] for x in _merge(plan.lanes, outs, pair_lse, plan.rows + 1, in_place=True))
         out = out.to(q_rows.dtype)
         ctx.save_for_backward(q_rows, k_blocks, v_blocks, out, lse, dead)
         ctx.scale, ctx.plan = scale, plan
@@ -270,7 +277,7 @@ def _groups_torch(q_rows: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.
         lses.append(lse)
     if not outs:
         return q_rows.new_zeros(plan.rows, v_blocks.shape[-1])
-    out, _, _ = _merge(plan.row, torch.cat(outs), torch.cat(lses), plan.rows)
+    out, _, _ = _merge(plan.row, outs, torch.cat(lses), plan.rows)
     return out.to(q_rows.dtype)
 
 

@@ -285,7 +285,7 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     b, h, s, d = x.shape
     n = _cdiv(s, block)
     pad = n * block - s
-    sums = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(b, h, n, block, d).sum(dim=3)
+    sums = (torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x).reshape(b, h, n, block, d).sum(dim=3)
     rows = torch.full((n, 1), float(block), dtype=x.dtype, device=x.device)
     rows[-1] = block - pad
     return sums / rows
