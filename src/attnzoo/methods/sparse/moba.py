@@ -146,14 +146,31 @@ def route(gate: torch.Tensor, own: torch.Tensor, top_k: int) -> torch.Tensor:
     return idx.masked_fill_(values == float("-inf"), -1)
 
 
+ROUTE_CHUNKS = 8  # select() scores the queries in this many slices, each against the blocks it may see
+
+
 def select(q: torch.Tensor, k: torch.Tensor, *, block_size: int, top_k: int) -> BlockSelection:
     """The blocks each query token of a causal call sees: ``BlockSelection`` with ``block_q = 1`` and
-    ``indices (B, H, Sq, min(top_k, Nk))`` (the gate of the module docstring, with bottom-right causal positions)."""
-    sq, skv = q.shape[2], k.shape[2]
+    ``indices (B, H, Sq, min(top_k, Nk))`` (the gate of the module docstring, with bottom-right causal positions).
+
+    The queries are gated in :data:`ROUTE_CHUNKS` slices, each only against the blocks up to its last query's own
+    block (the others are future blocks for every query of the slice): about half the gate's work under causality."""
+    b, h, sq, _ = q.shape
+    skv = k.shape[2]
     means = block_means(k.detach().float(), block_size)  # (B, Hkv, Nk, D)
-    gate = grouped_logits(q.detach().float(), means, 1.0)  # (B, H, Sq, Nk)
-    own = ((torch.arange(sq, device=q.device) + skv - sq).div(block_size, rounding_mode="floor")).view(-1, 1)
-    return BlockSelection(route(gate, own, top_k), 1, block_size, sq, skv)
+    nk = means.shape[2]
+    own = (torch.arange(sq, device=q.device) + skv - sq).div(block_size, rounding_mode="floor").view(-1, 1)
+    indices = torch.full((b, h, sq, min(top_k, nk)), -1, dtype=torch.long, device=q.device)
+    step = -(-sq // ROUTE_CHUNKS)
+    for start in range(0, sq, step):
+        stop = min(sq, start + step)
+        cols = min(nk, (stop - 1 + skv - sq) // block_size + 1)  # the blocks the slice's last query may see
+        if cols <= 0:  # queries before every key see nothing
+            continue
+        gate = grouped_logits(q[:, :, start:stop].detach().float(), means[:, :, :cols], 1.0)
+        chosen = route(gate, own[start:stop], top_k)
+        indices[:, :, start:stop, : chosen.shape[-1]] = chosen
+    return BlockSelection(indices, 1, block_size, sq, skv)
 
 
 def convolve_keys(k: torch.Tensor, weight: torch.Tensor | None, tail: torch.Tensor | None = None) -> torch.Tensor:
