@@ -13,7 +13,13 @@ about ``3·256 + 128`` keys against SDPA's ``N/2`` on average, ideal ≈ 9×.
 
 D2 ``biformer`` (noncausal, a 128×128 layout cut into 8×8-token regions, top_k 4, routing and the two permutations to
 and from region-major order included in every call) against SDPA: each query sees ``4·64`` of the ``16384`` keys
-(density 1/64, ideal 64×); one torch thread, as the block_sparse cases (its kernel makes ≈ 40 fused calls)."""
+(density 1/64, ideal 64×); one torch thread, as the block_sparse cases (its kernel makes ≈ 40 fused calls).
+
+Every D method side by side at equal density (cases ``d_<method>``, no floors): forward at N=16384 with the parameters
+its ``spec.at_density`` gives for reading 1/8 of the keys a query may see (:func:`at_eighth`), selection included in
+every call, in the setting of its paper (causal for the language-model methods, noncausal for the vision and video
+ones), one torch thread. AdaSpa's figure includes its search, whose cost its users amortise by reusing the selection
+(the block_sparse cases time attending over a stored selection)."""
 
 from __future__ import annotations
 
@@ -21,8 +27,10 @@ from typing import Any
 
 import torch
 
+from attnzoo.bench.measure import make_call
 from attnzoo.bench.suites import Case, Target, at_least
 from attnzoo.kernels.selection import random_selection
+from attnzoo.registry import get
 
 BLOCK = 128
 
@@ -42,6 +50,24 @@ def selection_1_4(n: int, heads: int, generator: torch.Generator) -> dict[str, A
     return _selection(n, heads, generator, 1 / 4)
 
 
+def at_eighth(method: str, causal: bool, n: int = 16384) -> dict[str, Any]:
+    """``method``'s parameters for reading 1/8 of the keys a query may see at length ``n`` (B=1, H=8, D=64)."""
+    shape = {"batch": 1, "heads": 8, "kv_heads": 8, "seq_q": n, "seq_kv": n, "head_dim": 64, "device": "cpu",
+             "dtype": "float32"}
+    at_density = get(method).spec.at_density
+    assert at_density is not None, method
+    return at_density(make_call(shape, causal, False), 1 / 8)
+
+
+def _text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+# the D methods and whether their paper's setting is causal (language models) or not (vision, video)
+EQUAL_DENSITY = (("moba", True), ("biformer", False), ("pbs", True), ("landmark", True), ("routing", True),
+                 ("seer", True), ("hip", True), ("hyper", True), ("dhsa", True), ("rectified_sparse", False),
+                 ("adaspa", False), ("token_topk", False))
+
 CASES = (
     Case("block_sparse_d16", "block_sparse, random selection at 1/16 block density (blocks 128), N=16384 vs SDPA",
          "compare", Target("block_sparse (torch)", "block_sparse", "torch", tensors=selection_1_16),
@@ -59,4 +85,9 @@ CASES = (
          "compare", Target("biformer (torch)", "biformer", "torch",
                            params={"layout": (128, 128), "region": 8, "top_k": 4}),
          floors={"speedup": at_least(10)}, threads=1),
+    *(Case(f"d_{name}", f"{name} at density 1/8 ({_text(at_eighth(name, causal))}; "
+                        f"{'causal' if causal else 'noncausal'}, selection included), N=16384 vs "
+                        f"{'causal ' if causal else ''}SDPA", "compare",
+           Target(f"{name} (auto)", name, params=at_eighth(name, causal)), causal=causal, threads=1)
+      for name, causal in EQUAL_DENSITY),
 )
