@@ -160,3 +160,14 @@ def test_at_density_reads_about_the_fraction(n, fraction):
     sel = select(q, k, **params)
     seen = (sel.dense(2) & torch.ones(n, n, dtype=torch.bool).tril()).sum() / (2 * n * (n + 1) / 2)
     assert fraction / 2 < float(seen) < fraction * 2
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_strided_inputs_whose_length_fills_the_blocks(top_k):
+    """(B, S, H, D) memory, as a layer's projections give, and a length that needs no padding (a padded copy would
+    have been contiguous)."""
+    q, k, v = qkv(2, 4, 2, 24, seed=21)
+    strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    params = {"block_size": 3, "top_k": top_k}
+    torch.testing.assert_close(az.attention(*strided, method="landmark", causal=True, backend="torch", **params),
+                               az.attention(q, k, v, method="landmark", causal=True, backend="reference", **params))

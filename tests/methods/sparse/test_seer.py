@@ -193,3 +193,11 @@ def test_decoding_needs_query_blocks_of_one_token():
     q, k, v = qkv(1, 2, 2, 16)
     with pytest.raises(AttnzooError, match="^query_block:"):
         az.prefill(q, k, v, method="seer", block_size=4)
+
+
+def test_strided_inputs_whose_length_fills_the_blocks():
+    q, k, v = qkv(2, 4, 2, 32, seed=21)
+    strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    params = {"block_size": 8, "top_k": 2}
+    torch.testing.assert_close(az.attention(*strided, method="seer", causal=True, backend="torch", **params),
+                               az.attention(q, k, v, method="seer", causal=True, backend="reference", **params))

@@ -125,9 +125,11 @@ def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
 
 def at_density(call: Call, fraction: float) -> dict[str, Any]:
     """The budget that reads about ``fraction`` of the keys each query may see (token-level keys), with sink and local
-    windows of a sixteenth of the budget each (the paper's 128 + 128 of 2048)."""
+    windows of a sixteenth of the budget each (the paper's 128 + 128 of 2048); query blocks of 128 (the paper's) and
+    chunks of 16 keys on average, smaller on short sequences (at least 16 of each)."""
     budget = keys_at_density(fraction, causal=call.causal, seq_q=call.seq_q, seq_kv=call.seq_kv)
-    return {"key_block": 1, "budget": budget, "sink": budget // 16, "local": budget // 16}
+    return {"key_block": 1, "budget": budget, "sink": budget // 16, "local": budget // 16,
+            "block_size": max(1, min(128, call.seq_q // 16)), "chunk_size": max(1, min(16, call.seq_kv // 16))}
 
 
 SPEC = MethodSpec(

@@ -87,7 +87,7 @@ def _decoding_params(call: Call, params: dict[str, Any], prompt: int) -> dict[st
     return {"block_q": 1}  # a decoded token is a query block of its own
 
 
-def _at_density(call: Call, fraction: float) -> dict[str, Any]:
+def at_density(call: Call, fraction: float) -> dict[str, Any]:
     """Blocks of up to 64 keys (at least 64 blocks), the window one block when causal, no sink; ``top_k`` the rest of
     ``fraction`` of the blocks a query sees on average (half of them when causal)."""
     block = max(1, min(64, call.seq_kv // 64))
@@ -124,7 +124,7 @@ SPEC = MethodSpec(
     supports_bias=False,
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample, decoding_params=_decoding_params),
-    at_density=_at_density,
+    at_density=at_density,
 )
 
 

@@ -77,7 +77,7 @@ def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
             "min_seq_len": draw(1, 6), "seed": draw(0, 9)}
 
 
-def _at_density(call: Call, fraction: float) -> dict[str, Any]:
+def at_density(call: Call, fraction: float) -> dict[str, Any]:
     """``block_size = sample_size = b``. Noncausal: ``2b`` keys per query, ``b = fraction·n_k / 2``, no exact
     fallback. Causal: leaves of at most ``fraction·n / 2`` positions, ``b`` spread over the hyper levels so that a
     query sees about ``fraction`` of the ``(n + 1) / 2`` keys it may see on average."""
@@ -122,7 +122,7 @@ SPEC = MethodSpec(
     supports_bias=False,
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample),
-    at_density=_at_density,
+    at_density=at_density,
 )
 
 

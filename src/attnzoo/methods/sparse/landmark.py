@@ -106,7 +106,7 @@ def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
     return {"block_size": block_size, "top_k": top_k or None}
 
 
-def _at_density(call: Call, fraction: float) -> dict[str, Any]:
+def at_density(call: Call, fraction: float) -> dict[str, Any]:
     """Own block + 3 retrieved ones of ``P`` positions each ≈ ``fraction`` of the ``N/2`` keys a causal query sees on
     average."""
     period = max(2, round(fraction * call.seq_kv / 8))
@@ -134,7 +134,7 @@ SPEC = MethodSpec(
     supports_bias=False,
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample),
-    at_density=_at_density,
+    at_density=at_density,
 )
 
 
@@ -171,7 +171,7 @@ def reference(
     nb = _blocks(n, block_size)
     pad = nb * period - n
     # logits as (query, block, position in block); padded keys of a ragged last block are never seen
-    s = torch.nn.functional.pad(dense_scores(q, k, scale), (0, pad)).view(b, h, n, nb, period)
+    s = torch.nn.functional.pad(dense_scores(q, k, scale), (0, pad)).reshape(b, h, n, nb, period)
     key = torch.arange(nb * period, device=q.device).view(nb, period)
     regular = (key % period != block_size) & (key < n)
     query = torch.arange(n, device=q.device).view(n, 1, 1)
@@ -252,9 +252,9 @@ def _own_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     period = block_size + 1
     nb = _blocks(n, block_size)
     pad = nb * period - n
-    qb = torch.nn.functional.pad(q, (0, 0, 0, pad)).view(b * h, nb, period, d)
-    kb = torch.nn.functional.pad(repeat_kv(k, h), (0, 0, 0, pad)).view(b * h, nb, period, d)
-    vb = torch.nn.functional.pad(repeat_kv(v, h), (0, 0, 0, pad)).view(b * h, nb, period, dv)
+    qb = torch.nn.functional.pad(q, (0, 0, 0, pad)).reshape(b * h, nb, period, d)
+    kb = torch.nn.functional.pad(repeat_kv(k, h), (0, 0, 0, pad)).reshape(b * h, nb, period, d)
+    vb = torch.nn.functional.pad(repeat_kv(v, h), (0, 0, 0, pad)).reshape(b * h, nb, period, dv)
     tri = torch.ones(period, period, dtype=torch.bool, device=q.device).tril()
     seen = tri & (torch.arange(period, device=q.device) != block_size)  # up to the query, never the landmark
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

@@ -73,7 +73,7 @@ def _sample(call: Call, gen: torch.Generator) -> dict[str, Any]:
             "threshold": pick((0.0, 0.3, 0.6))}
 
 
-def _at_density(call: Call, fraction: float) -> dict[str, Any]:
+def at_density(call: Call, fraction: float) -> dict[str, Any]:
     """Blocks of 64, ``⌊fraction · Nk⌋`` blocks by the top-k floor and no threshold beyond one block."""
     return {"block_size": 64, "keep": fraction, "threshold": 0.0}
 
@@ -100,7 +100,7 @@ SPEC = MethodSpec(
     supports_bias=False,
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample),
-    at_density=_at_density,
+    at_density=at_density,
 )
 
 

@@ -86,7 +86,7 @@ def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
     return {"centroids": centroids.to(call.device, call.dtype), "window": window}
 
 
-def _at_density(call: Call, fraction: float) -> dict[str, Any]:
+def at_density(call: Call, fraction: float) -> dict[str, Any]:
     """``1 / fraction`` clusters: a query sees one cluster's ``⌈Skv / C⌉`` keys (about one cluster per query)."""
     return {"num_clusters": max(1, round(1 / fraction))}
 
@@ -112,7 +112,7 @@ SPEC = MethodSpec(
     supports_bias=False,
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample),
-    at_density=_at_density,
+    at_density=at_density,
 )
 
 

@@ -140,11 +140,13 @@ def _sample(call: Call, gen: torch.Generator) -> dict[str, Any]:
     return out
 
 
-def _at_density(call: Call, fraction: float) -> dict[str, Any]:
-    """The default blocks (64) and the top-k rule: ``fraction`` of the key blocks (of half of them when causal, the
-    average a query may see)."""
-    nk = _cdiv(call.seq_kv, DEFAULT_BLOCK)
-    return {"block_size": DEFAULT_BLOCK, "top_k": max(1, min(nk, round(fraction * nk / (2 if call.causal else 1))))}
+def at_density(call: Call, fraction: float) -> dict[str, Any]:
+    """Blocks of 64 (Seer's), smaller on short sequences (at least 16 blocks), query blocks of the same size, and the
+    top-k rule: ``fraction`` of the key blocks (of half of them when causal, the average a query may see)."""
+    block = max(1, min(DEFAULT_BLOCK, call.seq_kv // 16))
+    nk = _cdiv(call.seq_kv, block)
+    top_k = max(1, min(nk, round(fraction * nk / (2 if call.causal else 1))))
+    return {"block_size": block, "query_block": block, "top_k": top_k}
 
 
 SPEC = MethodSpec(
@@ -175,7 +177,7 @@ SPEC = MethodSpec(
     supports_bias=False,
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample, decoding_params=lambda call, params, prompt: {"query_block": 1}),
-    at_density=_at_density,
+    at_density=at_density,
 )
 
 
@@ -190,7 +192,7 @@ def _block_pool(x: torch.Tensor, block: int, how: str) -> torch.Tensor:
     b, h, s, d = x.shape
     n = _cdiv(s, block)
     fill = float("-inf") if how == "max" else float("inf")
-    blocks = torch.nn.functional.pad(x, (0, 0, 0, n * block - s), value=fill).view(b, h, n, block, d)
+    blocks = torch.nn.functional.pad(x, (0, 0, 0, n * block - s), value=fill).reshape(b, h, n, block, d)
     return blocks.amax(dim=3) if how == "max" else blocks.amin(dim=3)
 
 
@@ -205,7 +207,7 @@ def _prefix_key_pools(k: torch.Tensor, last: torch.Tensor, block: int, learned: 
     (the visible prefix of the block a causal query block ends in)."""
     b, h, s, d = k.shape
     n = _cdiv(s, block)
-    blocks = torch.nn.functional.pad(k, (0, 0, 0, n * block - s)).view(b, h, n, block, d)
+    blocks = torch.nn.functional.pad(k, (0, 0, 0, n * block - s)).reshape(b, h, n, block, d)
     count = (last % block + 1).to(k.dtype).view(1, 1, -1, 1)
     mean = blocks.cumsum(dim=3).view(b, h, n * block, d)[:, :, last] / count
     if not learned:
