@@ -13,7 +13,9 @@ fraction of the keys a query may see that the method reads, as its ``at_density`
 - ``random`` — ``q, k ~ N(0, 1.6²)`` (logits with a standard deviation of about 2.5, as :mod:`attnzoo.bench.approx`),
   where no small set of keys dominates: the hard case for any sparse method.
 
-Per cell: ``rel_l2 = ‖O − O_softmax‖ / ‖O_softmax‖``, ``mass_recall`` (the mean softmax mass on the keys the method
+Each method runs with what its ``at_density`` sets and its defaults for the rest (learnable parts at their
+defaults: SeerAttention's training-free gate, routing's drawn centroids, no key convolution for MoBA). Per cell:
+``rel_l2 = ‖O − O_softmax‖ / ‖O_softmax‖``, ``mass_recall`` (the mean softmax mass on the keys the method
 reads) and the measured ``density`` (the fraction of visible query-key pairs read), both from the effective weights
 (the method run with ``V = I``, :func:`attnzoo.bench.approx.weights_metrics`). ``v ~ N(0, 1)``; B = 1, fp32. The
 ``oracle`` row is the ceiling for block selections: ``block_sparse`` over the key blocks (``seq / 32`` keys each) of
@@ -21,10 +23,13 @@ highest true softmax mass per query block, as many as ``moba``'s ``at_density`` 
 
 Associative recall. Each causal method and ``softmax`` train the same tiny model (:class:`attnzoo.bench.quality.
 TinyLM`) on multi-query associative recall (:func:`attnzoo.bench.quality.mqar`) at an equal budget (same seed, steps,
-batch, learning rate), the sparse methods at density :attr:`DynamicSuite.recall_density`; the figure is the accuracy on
-a held-out batch. Methods without a causal self-attention pattern or without gradients are listed as skipped, and so
-is ``landmark`` (:data:`NOT_RECALLED`: its sequences must carry landmark tokens, which the task's do not; in the
-approximation grid every ``(block_size + 1)``-th token simply plays the landmark).
+batch, learning rate), the sparse methods at density :attr:`DynamicSuite.recall_density`, with their learnable parts
+as :class:`attnzoo.nn.Attention` creates them (MoBA's key convolution, the identity at the start, is trained;
+SeerAttention's gate and routing's centroids get no gradient through their selections and keep their initial
+values); the figure is the accuracy on a held-out batch. Methods without a causal self-attention pattern or without
+gradients are listed as skipped, and so is ``landmark`` (:data:`NOT_RECALLED`: its sequences must carry landmark
+tokens, which the task's do not; in the approximation grid every ``(block_size + 1)``-th token simply plays the
+landmark).
 
 The tables are in ``summary.md``, ``report.html`` and ``dynamic.md`` (ready for docs/benchmarks.md); the rows in
 ``results.json`` under ``dynamic`` (schema ``attnzoo.bench/1.4``).
@@ -42,10 +47,11 @@ from typing import Any
 
 import torch
 
-from attnzoo.api import attention
+from attnzoo.api import attention, prepare
 from attnzoo.bench import quality
 from attnzoo.bench.approx import QK_STD, weights_metrics
-from attnzoo.bench.efficiency import classify, pick_backend, resolve
+from attnzoo.bench.efficiency import classify, pick_backend
+from attnzoo.bench.measure import make_call
 from attnzoo.bench.suites import DYNAMIC, cpu_run
 from attnzoo.errors import fail
 from attnzoo.kernels.selection import topk_blocks
@@ -145,9 +151,13 @@ def approximation(m: Method | None, pattern: str, kind: str, fraction: float, cf
     causal = pattern.endswith("/causal")
     q, k, v = inputs(kind, causal, cfg)
     method = get("block_sparse") if m is None else m
-    params, call = resolve(method, "auto", q, k, v, causal, cfg.seed)
-    chosen = oracle_params(q, k, causal, fraction) if m is None else method.spec.at_density(call, fraction)
-    params = {**params, **chosen}
+    if m is None:
+        params = oracle_params(q, k, causal, fraction)
+    else:  # the density setting and the defaults, nothing sampled (no random learnable parts)
+        shape = {"batch": 1, "heads": cfg.heads, "kv_heads": cfg.heads, "seq_q": cfg.seq, "seq_kv": cfg.seq,
+                 "head_dim": cfg.head_dim, "device": "cpu", "dtype": "float32"}
+        params = m.spec.at_density(make_call(shape, causal, False), fraction)
+    call = prepare(method, q, k, v, causal, None, None, None, params)[0]
     backend = pick_backend(method, call, ())
     with torch.no_grad():
         out = attention(q, k, v, method=method.name, causal=causal, backend=backend, **params)
