@@ -110,15 +110,21 @@ def _measure(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def weights_metrics(
-    m: Method, backend: str, q: torch.Tensor, k: torch.Tensor, causal: bool, params: dict[str, Any], seed: int
+    m: Method, backend: str, q: torch.Tensor, k: torch.Tensor, causal: bool, params: dict[str, Any], seed: int,
+    complete: bool = False,
 ) -> dict[str, Any]:
     """``mass_recall``, ``density`` (module docstring) and ``probe`` (why they are missing, else empty) of ``m``
-    with ``params`` on ``q, k``: the method run with ``V = I`` gives its effective weights."""
+    with ``params`` on ``q, k``: the method run with ``V = I`` gives its effective weights. Learnable tensors are
+    sampled again for the probe's value width from ``seed`` (as the output's were), unless ``complete``: then the
+    probe runs with exactly ``params``."""
     skv = k.shape[2]
     eye = torch.eye(skv, dtype=q.dtype, device=q.device).expand(k.shape[0], k.shape[1], skv, skv)
     try:
-        probe_params, _ = resolve(m, backend, q, k, eye, causal, seed)
-        probe_params = {**probe_params, **{n: v for n, v in params.items() if not isinstance(v, torch.Tensor)}}
+        if complete:
+            probe_params = params
+        else:
+            probe_params, _ = resolve(m, backend, q, k, eye, causal, seed)
+            probe_params = {**probe_params, **{n: v for n, v in params.items() if not isinstance(v, torch.Tensor)}}
         a = attention(q, k, eye, method=m.name, causal=causal, backend=backend, **probe_params)
     except Exception as e:  # the probe is optional
         return {"mass_recall": None, "density": None, "probe": classify(e)[1]}

@@ -163,7 +163,7 @@ def approximation(m: Method | None, pattern: str, kind: str, fraction: float, cf
         out = attention(q, k, v, method=method.name, causal=causal, backend=backend, **params)
         ref = attention(q, k, v, method="softmax", causal=causal, backend="reference")
         row = {"rel_l2": float((out - ref).norm() / ref.norm().clamp_min(1e-30)), "backend": backend}
-        row.update(weights_metrics(method, backend, q, k, causal, params, cfg.seed))
+        row.update(weights_metrics(method, backend, q, k, causal, params, cfg.seed, complete=True))
     seen = visible(causal, None, q, k)
     row["visible_keys"] = float(seen.sum() / seen.shape[-2])
     return row
