@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -151,6 +152,9 @@ def plan(
                 case["skip"] = "the method has no causal self-attention pattern"
             elif not m.spec.differentiable:
                 case["skip"] = "inference-only method (spec.differentiable is False)"
+            elif any(p.required for p in m.spec.params):
+                case["skip"] = "takes a required per-call input (" + ", ".join(
+                    p.name for p in m.spec.params if p.required) + ") that a model layer does not make"
             cases.append(case)
     return cases
 
@@ -204,7 +208,9 @@ def _train(case: dict[str, Any]) -> dict[str, Any]:
 
 def fixed_params(m: Any, seq: int, case: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """Plain (non-learnable) parameter values valid for this model's shapes: the defaults where they are valid,
-    else what the method's test hints sample for a ``(batch, heads, seq, head_dim)`` call."""
+    else what the method's test hints sample for a ``(batch, heads, seq, head_dim)`` call (every plain parameter is
+    checked, the defaults a candidate leaves out included: a default ``top_k`` can exceed a short sequence's
+    blocks)."""
     from attnzoo.bench.measure import make_call, method_params
 
     head_dim = case["dim"] // case["heads"]
@@ -213,9 +219,11 @@ def fixed_params(m: Any, seq: int, case: dict[str, Any]) -> tuple[dict[str, Any]
     call = make_call(shape, causal=True, requires_grad=True)
     for candidate in method_params(m, call, int(case.get("seed", 0))):
         plain = {n: v for n, v in candidate.items() if not isinstance(v, torch.Tensor)}
+        checked = replace(call, params=plain)
         try:
-            for n, v in plain.items():
-                m.spec.param(n).validate(v, call)
+            for p in m.spec.params:
+                if p.name in plain or (p.init is None and not isinstance(p.default, torch.Tensor)):
+                    p.validate(plain.get(p.name, p.default), checked)
         except ValueError:
             continue
         return plain, call
