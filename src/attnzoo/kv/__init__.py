@@ -5,10 +5,13 @@
 - :class:`~attnzoo.kv.ragged.RaggedKVCache`: a paged cache whose rows hold different numbers of tokens (per-head
   budgets), in memory for the kept tokens only;
 - :mod:`attnzoo.kv.attend`: attention of new queries over a cache;
+- :mod:`attnzoo.kv.mac`: K12 MAC-Attention decoding (reuse of a matching recent query's attention),
+  :func:`~attnzoo.kv.mac.mac_prefill` / :func:`~attnzoo.kv.mac.mac_step`;
 - :mod:`attnzoo.kv.presses`: one press per file, ``attnzoo.prefill(..., press=SnapKVPress(compression_ratio=0.5))``.
 """
 
 from attnzoo.kv.cache import KVCache
+from attnzoo.kv.mac import MACState, mac_prefill, mac_step
 from attnzoo.kv.ragged import RaggedKVCache
 
-__all__ = ["KVCache", "RaggedKVCache"]
+__all__ = ["KVCache", "MACState", "RaggedKVCache", "mac_prefill", "mac_step"]
