@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from attnzoo.errors import fail
-from attnzoo.kernels.dense import softmax_attention_lse
+from attnzoo.kernels.dense import sdpa_attention, softmax_attention_lse
 from attnzoo.kernels.merge import merge
 
 
@@ -101,7 +101,7 @@ def mac_prefill(
     b, h, s, d = q.shape
     scale_ = d ** -0.5 if scale is None else float(scale)
     pos = torch.arange(s, device=q.device)
-    out, _ = softmax_attention_lse(q, k, v, scale_, mask=pos[None, :] <= pos[:, None])
+    out = sdpa_attention(q, k, v, causal=True, scale=scale_, mask=None, bias=None)
     capacity = max(2 * s, s + 1024)
     k_buf = k.new_empty(b, k.shape[1], capacity, d)
     v_buf = v.new_empty(b, v.shape[1], capacity, v.shape[-1])
