@@ -152,10 +152,8 @@ def _step_one(state: MACState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         mask=(window >= cut.unsqueeze(-1)).unsqueeze(2),
     )
     fresh_out, fresh_lse = fresh_out.squeeze(2), fresh_lse.squeeze(2)
-    if not bool(hit.all()) and split > 0:
-        full_out, full_lse = _rows_attention(state, q, ~hit, split)
-        fresh_out = fresh_out.masked_scatter((~hit).unsqueeze(-1), full_out)
-        fresh_lse = fresh_lse.masked_scatter(~hit, full_lse)
+    if split > 0:
+        _old_keys_attention(state, q, ~hit, split, fresh_out, fresh_lse)
     old_out, old_lse = merge([reused_out, fresh_out], [reused_lse, fresh_lse])
     out, _ = merge([old_out, band_out.squeeze(2)], [old_lse, band_lse.squeeze(2)])
     state.hits += int(hit.sum())
@@ -177,19 +175,22 @@ def _match(state: MACState, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return out * hit.unsqueeze(-1), lse.masked_fill(~hit, float("-inf")), cut, hit
 
 
-def _rows_attention(
-    state: MACState, q: torch.Tensor, rows: torch.Tensor, split: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention of the chosen ``rows (B, H)`` of ``q (B, H, D)`` over keys ``[0, split)``: ``(M, Dv), (M,)``."""
-    b, h, d = q.shape
-    hkv = state.k.shape[1]
-    flat = rows.reshape(-1).nonzero().squeeze(-1)
-    kv_rows = (flat // h) * hkv + (flat % h) // (h // hkv)
-    k = state.k[:, :, :split].reshape(b * hkv, split, d).index_select(0, kv_rows)
-    v = state.v[:, :, :split].reshape(b * hkv, split, -1).index_select(0, kv_rows)
-    out, lse = softmax_attention_lse(q.reshape(b * h, 1, 1, d)[flat].transpose(0, 1), k.unsqueeze(0),
-                                     v.unsqueeze(0), state.scale)
-    return out.reshape(-1, v.shape[-1]), lse.reshape(-1)
+def _old_keys_attention(
+    state: MACState, q: torch.Tensor, miss: torch.Tensor, split: int, out: torch.Tensor, lse: torch.Tensor,
+) -> None:
+    """Write into ``out (B, H, Dv)``/``lse (B, H)`` the exact attention over keys ``[0, split)`` of the ``miss`` rows.
+
+    One (batch, KV head) group at a time, on views of the cache (no copy of the keys): a group costs what plain
+    decoding costs for it, and only groups with a missing row are computed.
+    """
+    group = q.shape[1] // state.k.shape[1]
+    for b, kv in (miss.unflatten(1, (-1, group)).any(-1)).nonzero().tolist():
+        heads = slice(kv * group, (kv + 1) * group)
+        o, s = softmax_attention_lse(q[b:b + 1, heads, None], state.k[b:b + 1, kv:kv + 1, :split],
+                                     state.v[b:b + 1, kv:kv + 1, :split], state.scale)
+        rows = miss[b, heads]
+        out[b, heads] = torch.where(rows.unsqueeze(-1), o[0, :, 0], out[b, heads])
+        lse[b, heads] = torch.where(rows, s[0, :, 0], lse[b, heads])
 
 
 def _append(state: MACState, k: torch.Tensor, v: torch.Tensor) -> None:
