@@ -141,18 +141,18 @@ def _step_one(state: MACState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """One token: append its key/value, match, amend, complete, push; returns ``out (B, H, Dv)``."""
     _append(state, k, v)
     n, band, hist = state.length, state.band, state.history
-    split = max(n - band, 0)
+    split = max(n - band, 0)  # keys [split, n): the band, always recomputed
     reused_out, reused_lse, cut, hit = _match(state, q)
     q4 = q.unsqueeze(2)
     band_out, band_lse = softmax_attention_lse(q4, state.k[:, :, split:n], state.v[:, :, split:n], state.scale)
-    start = max(split - hist, 0)
+    start = max(split - hist, 0)  # a hit's cut is never older than this: keys [cut, split) lie in [start, split)
     window = torch.arange(start, split, device=q.device)
     fresh_out, fresh_lse = softmax_attention_lse(
         q4, state.k[:, :, start:split], state.v[:, :, start:split], state.scale,
         mask=(window >= cut.unsqueeze(-1)).unsqueeze(2),
     )
     fresh_out, fresh_lse = fresh_out.squeeze(2), fresh_lse.squeeze(2)
-    if split > 0:
+    if split > 0:  # a miss (cut 0) needs every old key, not only the window
         _old_keys_attention(state, q, ~hit, split, fresh_out, fresh_lse)
     old_out, old_lse = merge([reused_out, fresh_out], [reused_lse, fresh_lse])
     out, _ = merge([old_out, band_out.squeeze(2)], [old_lse, band_lse.squeeze(2)])
