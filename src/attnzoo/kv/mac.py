@@ -180,11 +180,17 @@ def _old_keys_attention(
 ) -> None:
     """Write into ``out (B, H, Dv)``/``lse (B, H)`` the exact attention over keys ``[0, split)`` of the ``miss`` rows.
 
-    One (batch, KV head) group at a time, on views of the cache (no copy of the keys): a group costs what plain
-    decoding costs for it, and only groups with a missing row are computed.
+    All groups in one call when each has a missing row, else one (batch, KV head) group at a time; always on views
+    of the cache (no copy of the keys), so a computed group costs what plain decoding costs for it.
     """
     group = q.shape[1] // state.k.shape[1]
-    for b, kv in (miss.unflatten(1, (-1, group)).any(-1)).nonzero().tolist():
+    groups = miss.unflatten(1, (-1, group)).any(-1)
+    if bool(groups.all()):  # every group has a miss: one call over the whole cache
+        o, s = softmax_attention_lse(q.unsqueeze(2), state.k[:, :, :split], state.v[:, :, :split], state.scale)
+        out.copy_(torch.where(miss.unsqueeze(-1), o[:, :, 0], out))
+        lse.copy_(torch.where(miss, s[:, :, 0], lse))
+        return
+    for b, kv in groups.nonzero().tolist():
         heads = slice(kv * group, (kv + 1) * group)
         o, s = softmax_attention_lse(q[b:b + 1, heads, None], state.k[b:b + 1, kv:kv + 1, :split],
                                      state.v[b:b + 1, kv:kv + 1, :split], state.scale)
