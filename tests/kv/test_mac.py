@@ -85,3 +85,12 @@ def test_rows_that_miss_are_exact_while_others_hit():
     out, state = _decode(q, k, v, prompt=40, threshold=0.999, history=4, band=8)
     assert state.hit_rate == pytest.approx(0.5)
     torch.testing.assert_close(out, _exact(q, k, v), rtol=1e-10, atol=1e-10)
+
+
+def test_cache_grows_past_its_first_capacity():
+    q, k, v = _repeating_stream(b=1, h=1, hkv=1, s=1040, d=4)
+    out, state = mac_prefill(q[:, :, :8], k[:, :, :8], v[:, :, :8], threshold=1.5, history=2, band=4)
+    capacity = state.k.shape[2]
+    rest, state = mac_step(state, q[:, :, 8:], k[:, :, 8:], v[:, :, 8:])
+    assert state.k.shape[2] > capacity and state.length == 1040
+    torch.testing.assert_close(torch.cat([out, rest], dim=2), _exact(q, k, v), rtol=1e-12, atol=1e-12)
