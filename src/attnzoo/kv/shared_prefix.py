@@ -1,0 +1,154 @@
+"""K11 Hydragen — exact attention for a batch whose sequences share a prefix.
+
+Paper: Juravsky et al., "Hydragen: High-Throughput LLM Inference with Shared Prefixes" (arXiv:2402.05099).
+
+Each sequence ``b`` attends over ``[prefix; suffix_b]``. Softmax attention over a key set split into disjoint parts is
+recovered exactly from each part's output and log-sum-exp (:func:`attnzoo.merge`), so Hydragen splits the keys into
+the shared prefix and each sequence's own suffix:
+
+- **prefix** (inter-sequence batching): the queries of every sequence are stacked into one matrix — per KV head,
+  ``Q_prefix`` has ``G · B · Sq`` rows (``G = H / Hkv`` query heads per KV head, the GQA group folded into the rows, so
+  K/V are never repeated) — and attend to the one prefix in a single call. Decoding thus turns ``B`` matrix-vector
+  products over ``B`` copies of the prefix into one matrix-matrix product over one copy;
+- **suffix**: ordinary per-sequence attention with the causal and padding mask;
+- the two ``(out, lse)`` parts are merged: ``L = log(e^{L_p} + e^{L_s})``, ``O = e^{L_p − L} O_p + e^{L_s − L} O_s``.
+
+Positions: the ``Sq`` queries are the last ``Sq`` positions of each sequence (bottom-right aligned), all inside its
+suffix. Query ``i`` sees the whole prefix and the real suffix keys (``suffix_mask`` True) whose rank among the real
+ones is ``≤ n_b − Sq + i`` (``n_b`` = number of real suffix keys of sequence ``b``), so padding may sit anywhere.
+
+Choices:
+
+- the prefix call uses PyTorch's CPU flash kernel (:data:`attnzoo.kernels.dense.flash_cpu`), which returns the row
+  log-sum-exp but no gradient for it; when autograd is recording (a tensor requires grad) both parts use
+  :func:`attnzoo.kernels.dense.softmax_attention_lse` instead, which is differentiable through the log-sum-exp;
+- ``path="plain"`` is the baseline Hydragen replaces: the prefix is copied in front of every suffix and
+  ``scaled_dot_product_attention`` runs per sequence. ``path="auto"`` takes the shared path when
+  ``batch ≥ AUTO_MIN_BATCH`` and ``prefix ≥ AUTO_MIN_PREFIX`` (the crossover measured on CPU, fp32, one decode query);
+- the path taken is returned when ``return_path=True`` (``(out, "shared" | "plain")``), so callers and tests can
+  inspect ``auto``'s choice without timing it.
+
+The two-level tree of the paper (sub-prefixes shared by groups of the batch) is not implemented.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnzoo.errors import fail
+from attnzoo.kernels.dense import flash_cpu, softmax_attention_lse
+from attnzoo.kernels.merge import merge_parts
+
+AUTO_MIN_BATCH = 4
+AUTO_MIN_PREFIX = 512
+PATHS = ("auto", "shared", "plain")
+
+
+def shared_prefix_attention(
+    q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, suffix_k: torch.Tensor,
+    suffix_v: torch.Tensor, suffix_mask: torch.Tensor | None = None, *, scale: float | None = None,
+    path: str = "auto", return_path: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, str]:
+    """Softmax attention ``(B, H, Sq, Dv)`` of ``q`` over ``[prefix; suffix_b]`` for each sequence ``b``.
+
+    ``q`` (B, H, Sq, D): the last ``Sq`` positions of each sequence; ``prefix_k``/``prefix_v`` (1, Hkv, P, D/Dv):
+    shared by the whole batch; ``suffix_k``/``suffix_v`` (B, Hkv, S, D/Dv): per sequence; ``suffix_mask`` (B, S)
+    bool, True = real token (ragged suffixes; each sequence needs at least ``Sq`` real tokens). ``scale`` defaults
+    to ``D ** -0.5``. ``path``: ``"shared"`` (Hydragen), ``"plain"`` (prefix copied per sequence, SDPA) or
+    ``"auto"``; with ``return_path=True`` the result is ``(out, path_taken)``.
+    """
+    _check(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_mask, path)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    seen = _suffix_visibility(suffix_mask, q.shape[0], q.shape[2], suffix_k.shape[2], q.device)
+    taken = path if path != "auto" else _auto_path(q.shape[0], prefix_k.shape[2])
+    if taken == "shared":
+        out = _shared(q, prefix_k, prefix_v, suffix_k, suffix_v, seen, scale)
+    else:
+        out = _plain(q, prefix_k, prefix_v, suffix_k, suffix_v, seen, scale)
+    return (out, taken) if return_path else out
+
+
+def _auto_path(batch: int, prefix: int) -> str:
+    """Sharing pays when many sequences read a long prefix (see the module docstring for the measured rule)."""
+    return "shared" if batch >= AUTO_MIN_BATCH and prefix >= AUTO_MIN_PREFIX else "plain"
+
+
+def _shared(
+    q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, suffix_k: torch.Tensor, suffix_v: torch.Tensor,
+    seen: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """Hydragen: the prefix attended once by every query stacked, the suffix per sequence, the two merged."""
+    b, h, sq, d = q.shape
+    hkv = prefix_k.shape[1]
+    # (B, H, Sq, D) with H = Hkv·G -> (1, Hkv, G·B·Sq, D): one query matrix per KV head
+    stacked = q.view(b, hkv, h // hkv, sq, d).permute(1, 2, 0, 3, 4).reshape(1, hkv, -1, d)
+    recording = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, prefix_k, prefix_v, suffix_k, suffix_v))
+    if recording:
+        prefix_out, prefix_lse = softmax_attention_lse(stacked, prefix_k, prefix_v, scale)
+    else:
+        prefix_out, prefix_lse = flash_cpu(stacked, prefix_k, prefix_v, scale=scale)[:2]
+    dv = prefix_out.shape[-1]
+    prefix_out = prefix_out.view(hkv, h // hkv, b, sq, dv).permute(2, 0, 1, 3, 4).reshape(b, h, sq, dv)
+    prefix_lse = prefix_lse.view(hkv, h // hkv, b, sq).permute(2, 0, 1, 3).reshape(b, h, sq)
+    suffix = softmax_attention_lse(q, suffix_k, suffix_v, scale, seen)
+    out, _ = merge_parts([(prefix_out, prefix_lse.to(q.dtype)), suffix])
+    return out
+
+
+def _plain(
+    q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, suffix_k: torch.Tensor, suffix_v: torch.Tensor,
+    seen: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """The baseline: ``[prefix; suffix_b]`` materialised per sequence and attended with SDPA (GQA without copies)."""
+    b, sq, p = q.shape[0], q.shape[2], prefix_k.shape[2]
+    k = torch.cat([prefix_k.expand(b, -1, -1, -1), suffix_k], dim=2)
+    v = torch.cat([prefix_v.expand(b, -1, -1, -1), suffix_v], dim=2)
+    mask = None if bool(seen.all()) else torch.cat(
+        [torch.ones(b, 1, sq, p, dtype=torch.bool, device=q.device), seen], dim=-1)  # no mask: SDPA's flash kernel
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _suffix_visibility(
+    suffix_mask: torch.Tensor | None, b: int, sq: int, s: int, device: torch.device,
+) -> torch.Tensor:
+    """Boolean ``(B, 1, Sq, S)``: query ``i`` sees real suffix key ``j`` when ``rank(j) ≤ n_b − Sq + i``."""
+    real = torch.ones(b, s, dtype=torch.bool, device=device) if suffix_mask is None else suffix_mask
+    rank = real.long().cumsum(-1) - 1  # rank of each real key among its sequence's real keys
+    last = real.sum(-1, keepdim=True) - sq + torch.arange(sq, device=device)  # (B, Sq): rank each query reaches
+    return (real.unsqueeze(1) & (rank.unsqueeze(1) <= last.unsqueeze(-1))).unsqueeze(1)
+
+
+def _check(
+    q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, suffix_k: torch.Tensor, suffix_v: torch.Tensor,
+    suffix_mask: torch.Tensor | None, path: str,
+) -> None:
+    """Shapes, head grouping, ``suffix_mask`` and ``path``, each failure naming its argument."""
+    if path not in PATHS:
+        raise fail("path", f"one of {PATHS}", repr(path))
+    for name, t in (("q", q), ("prefix_k", prefix_k), ("prefix_v", prefix_v), ("suffix_k", suffix_k),
+                    ("suffix_v", suffix_v)):
+        if t.dim() != 4:
+            raise fail(name, "a 4-d tensor (batch, heads, seq, dim)", tuple(t.shape))
+    b, h, sq, d = q.shape
+    hkv, p = prefix_k.shape[1], prefix_k.shape[2]
+    if prefix_k.shape[0] != 1 or prefix_k.shape[-1] != d:
+        raise fail("prefix_k", f"shape (1, Hkv, P, {d})", tuple(prefix_k.shape))
+    if h % hkv:
+        raise fail("prefix_k", f"a number of heads dividing {h} (from q)", hkv)
+    if tuple(prefix_v.shape[:3]) != (1, hkv, p):
+        raise fail("prefix_v", f"shape (1, {hkv}, {p}, Dv) (from prefix_k)", tuple(prefix_v.shape))
+    if suffix_k.shape[0] != b or suffix_k.shape[1] != hkv or suffix_k.shape[-1] != d:
+        raise fail("suffix_k", f"shape ({b}, {hkv}, S, {d})", tuple(suffix_k.shape))
+    if tuple(suffix_v.shape) != (*suffix_k.shape[:3], prefix_v.shape[-1]):
+        raise fail("suffix_v", f"shape {(*suffix_k.shape[:3], prefix_v.shape[-1])}", tuple(suffix_v.shape))
+    if suffix_mask is not None:
+        if suffix_mask.dtype != torch.bool or tuple(suffix_mask.shape) != (b, suffix_k.shape[2]):
+            raise fail("suffix_mask", f"a bool tensor of shape {(b, suffix_k.shape[2])}",
+                       f"{suffix_mask.dtype} {tuple(suffix_mask.shape)}")
+        shortest = int(suffix_mask.sum(-1).min())
+    else:
+        shortest = suffix_k.shape[2]
+    if shortest < sq:
+        raise fail("suffix_mask", f"at least {sq} real suffix tokens per sequence (the queries' positions)", shortest)
