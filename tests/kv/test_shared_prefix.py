@@ -10,7 +10,7 @@ import torch
 import attnzoo as az
 from attnzoo.kernels.dense import softmax_attention_lse
 from attnzoo.kv import shared_prefix_attention
-from attnzoo.kv.shared_prefix import AUTO_MIN_BATCH, AUTO_MIN_PREFIX
+from attnzoo.kv.shared_prefix import AUTO_MIN_BATCH, AUTO_MIN_SHARED_KEYS
 
 
 def _inputs(b=3, h=4, hkv=2, sq=1, p=7, s=6, d=8, ragged=True, seed=0, grad=False):
@@ -73,9 +73,10 @@ def test_auto_shares_a_long_prefix_across_a_large_batch_only():
     def taken(b, p):
         return shared_prefix_attention(*_inputs(b=b, p=p, ragged=False), path="auto", return_path=True)[1]
 
-    assert taken(AUTO_MIN_BATCH, AUTO_MIN_PREFIX) == "shared"
-    assert taken(AUTO_MIN_BATCH - 1, AUTO_MIN_PREFIX) == "plain"
-    assert taken(AUTO_MIN_BATCH, AUTO_MIN_PREFIX - 1) == "plain"
+    prefix = AUTO_MIN_SHARED_KEYS // AUTO_MIN_BATCH
+    assert taken(AUTO_MIN_BATCH, prefix) == "shared"
+    assert taken(AUTO_MIN_BATCH - 1, AUTO_MIN_SHARED_KEYS) == "plain"
+    assert taken(AUTO_MIN_BATCH, prefix - 1) == "plain"
 
 
 @pytest.mark.parametrize(("change", "argument"), [

@@ -24,7 +24,12 @@ Choices:
   :func:`attnzoo.kernels.dense.softmax_attention_lse` instead, which is differentiable through the log-sum-exp;
 - ``path="plain"`` is the baseline Hydragen replaces: the prefix is copied in front of every suffix and
   ``scaled_dot_product_attention`` runs per sequence. ``path="auto"`` takes the shared path when
-  ``batch ≥ AUTO_MIN_BATCH`` and ``prefix ≥ AUTO_MIN_PREFIX`` (the crossover measured on CPU, fp32, one decode query);
+  ``batch ≥ AUTO_MIN_BATCH`` (2) and ``batch · prefix ≥ AUTO_MIN_SHARED_KEYS`` (1024). Measured on CPU (fp32, one
+  thread, H=8, D=64, suffix 128, one decode query) the shared path beats the plain one from about there (4 × 256:
+  1.3×, 2 × 1024: 1.6×, 8 × 1024: 7×) and ties below it (4 × 64, 2 × 256, 1 × 1024: ≈1.0×, its three calls' fixed
+  cost). Against an engine that already holds a full cache per sequence (no copy), sharing pays from about
+  ``batch · prefix ≈ 4096`` with ``batch ≥ 4`` (64 × 64: 1.2×, 4 × 1024: 1.9×, 64 × 256: 2.2×, 8 × 1024: 4.7×,
+  64 × 8192: 7.5×; 2 × 1024: 0.7×);
 - the path taken is returned when ``return_path=True`` (``(out, "shared" | "plain")``), so callers and tests can
   inspect ``auto``'s choice without timing it.
 
@@ -40,8 +45,8 @@ from attnzoo.errors import fail
 from attnzoo.kernels.dense import flash_cpu, softmax_attention_lse
 from attnzoo.kernels.merge import merge_parts
 
-AUTO_MIN_BATCH = 4
-AUTO_MIN_PREFIX = 512
+AUTO_MIN_BATCH = 2
+AUTO_MIN_SHARED_KEYS = 1024  # batch · prefix: the prefix keys that sharing saves reading more than once
 PATHS = ("auto", "shared", "plain")
 
 
@@ -71,7 +76,7 @@ def shared_prefix_attention(
 
 def _auto_path(batch: int, prefix: int) -> str:
     """Sharing pays when many sequences read a long prefix (see the module docstring for the measured rule)."""
-    return "shared" if batch >= AUTO_MIN_BATCH and prefix >= AUTO_MIN_PREFIX else "plain"
+    return "shared" if batch >= AUTO_MIN_BATCH and batch * prefix >= AUTO_MIN_SHARED_KEYS else "plain"
 
 
 def _shared(
@@ -80,21 +85,39 @@ def _shared(
 ) -> torch.Tensor:
     """Hydragen: the prefix attended once by every query stacked, the suffix per sequence, the two merged."""
     b, h, sq, d = q.shape
-    hkv = prefix_k.shape[1]
-    # (B, H, Sq, D) with H = Hkv·G -> (1, Hkv, G·B·Sq, D): one query matrix per KV head
-    stacked = q.view(b, hkv, h // hkv, sq, d).permute(1, 2, 0, 3, 4).reshape(1, hkv, -1, d)
     recording = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, prefix_k, prefix_v, suffix_k, suffix_v))
-    if recording:
-        prefix_out, prefix_lse = softmax_attention_lse(stacked, prefix_k, prefix_v, scale)
-    else:
-        prefix_out, prefix_lse = flash_cpu(stacked, prefix_k, prefix_v, scale=scale)[:2]
-    dv = prefix_out.shape[-1]
-    prefix_out = prefix_out.view(hkv, h // hkv, b, sq, dv).permute(2, 0, 1, 3, 4).reshape(b, h, sq, dv)
-    prefix_lse = prefix_lse.view(hkv, h // hkv, b, sq).permute(2, 0, 1, 3).reshape(b, h, sq)
-    suffix = softmax_attention_lse(q, suffix_k, suffix_v, scale, seen)
+    stacked = q.transpose(0, 1).reshape(1, h, b * sq, d)  # (B, H, Sq, D) -> (1, H, B·Sq, D): one matrix per head
+    prefix_out, prefix_lse = _attend_lse(stacked, prefix_k, prefix_v, scale, None, recording)
+    prefix_out = prefix_out.view(h, b, sq, -1).transpose(0, 1)
+    prefix_lse = prefix_lse.view(h, b, sq).transpose(0, 1)
+    suffix_seen = None if bool(seen.all()) else seen  # no mask tensor when every suffix key is visible
+    suffix = _attend_lse(q, suffix_k, suffix_v, scale, suffix_seen, recording)
     out, _ = merge_parts([(prefix_out, prefix_lse.to(q.dtype)), suffix])
     return out
+
+
+def _attend_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, seen: torch.Tensor | None, recording: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention and its log-sum-exp, ``(B, H, Sq, Dv)`` and ``(B, H, Sq)``; ``seen`` (B, 1, Sq, Sk) or None.
+
+    Under autograd: :func:`softmax_attention_lse` (differentiable through the log-sum-exp). Otherwise PyTorch's CPU
+    flash kernel, with the GQA group folded into the query rows — ``(B, Hkv·G, Sq, D)`` -> ``(B, Hkv, G·Sq, D)`` —
+    so K/V are never repeated, and ``seen`` passed as an additive ``0/−inf`` mask (every row sees at least one key
+    here, so no row is empty).
+    """
+    if recording:
+        return softmax_attention_lse(q, k, v, scale, seen)
+    b, h, sq, d = q.shape
+    hkv = k.shape[1]
+    rows = q.reshape(b, hkv, (h // hkv) * sq, d)
+    bias = None
+    if seen is not None:
+        seen = seen.expand(b, 1, sq, -1).repeat(1, 1, h // hkv, 1)
+        bias = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, float("-inf"))
+    out, lse = flash_cpu(rows, k, v, attn_mask=bias, scale=scale)[:2]
+    return out.reshape(b, h, sq, -1), lse.reshape(b, h, sq)
 
 
 def _plain(
