@@ -1,6 +1,6 @@
 """K11 Hydragen: shared-prefix attention equals dense attention over each sequence's ``[prefix; suffix]`` (fp64;
-ragged suffixes, GQA, one decode query and chunked prefill; both paths, with gradients), ``auto`` picks a path by the
-documented rule, bad input names its argument."""
+ragged suffixes, GQA, one decode query and chunked prefill; both paths, with gradients), the two-level tree equals the
+same keys as one level, ``auto`` picks a path by the documented rule, bad input names its argument."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.kernels.dense import softmax_attention_lse
-from attnzoo.kv import shared_prefix_attention
+from attnzoo.kv import shared_prefix_attention, tree_prefix_attention
 from attnzoo.kv.shared_prefix import AUTO_MIN_BATCH, AUTO_MIN_SHARED_KEYS
 
 
@@ -90,3 +90,32 @@ def test_bad_input_names_the_argument(change, argument):
     args = {"q": q, "prefix_k": pk, "prefix_v": pv, "suffix_k": sk, "suffix_v": sv, "suffix_mask": mask}
     with pytest.raises(az.AttnzooError, match=argument):
         shared_prefix_attention(**change(args))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_two_level_tree_equals_dense_attention_over_prefix_group_prefix_and_suffix(grad):
+    q, pk, pv, sk, sv, mask = _inputs(b=4, sq=2, grad=grad)
+    g = torch.Generator().manual_seed(5)
+    gk = torch.randn(3, 2, 5, 8, generator=g, dtype=torch.float64).requires_grad_(grad)
+    gv = torch.randn(3, 2, 5, 8, generator=g, dtype=torch.float64).requires_grad_(grad)
+    groups = torch.tensor([2, 0, 2, 0])  # group 1 is empty
+    out = tree_prefix_attention(q, pk, pv, gk, gv, groups, sk, sv, mask)
+    # the same keys as a one-level problem: each sequence's group prefix moved in front of its suffix
+    one_level_k = torch.cat([gk[groups], sk], dim=2)
+    one_level_v = torch.cat([gv[groups], sv], dim=2)
+    one_level_mask = torch.cat([torch.ones(4, 5, dtype=torch.bool), mask], dim=1)
+    want = _reference(q, pk, pv, one_level_k, one_level_v, one_level_mask)
+    torch.testing.assert_close(out, want)
+    if grad:
+        grads = torch.autograd.grad(out.sum(), (q, pk, gk, gv, sv))
+        refs = torch.autograd.grad(want.sum(), (q, pk, gk, gv, sv))
+        for got, ref in zip(grads, refs, strict=True):
+            torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize(("groups", "argument"), [(torch.tensor([0, 1, 3]), "groups"),
+                                                  (torch.tensor([0.0, 1.0, 1.0]), "groups")])
+def test_tree_bad_groups_name_the_argument(groups, argument):
+    q, pk, pv, sk, sv, mask = _inputs()
+    with pytest.raises(az.AttnzooError, match=argument):
+        tree_prefix_attention(q, pk, pv, torch.zeros(3, 2, 4, 8), torch.zeros(3, 2, 4, 8), groups, sk, sv, mask)

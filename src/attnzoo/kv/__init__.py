@@ -5,13 +5,14 @@
 - :class:`~attnzoo.kv.ragged.RaggedKVCache`: a paged cache whose rows hold different numbers of tokens (per-head
   budgets), in memory for the kept tokens only;
 - :func:`~attnzoo.kv.shared_prefix.shared_prefix_attention`: K11 Hydragen, exact attention for a batch sharing a
-  prefix (the prefix attended once by all queries stacked, merged with each suffix by log-sum-exp);
+  prefix (the prefix attended once by all queries stacked, merged with each suffix by log-sum-exp), and
+  :func:`~attnzoo.kv.shared_prefix.tree_prefix_attention`, its two-level tree (sub-prefixes shared by groups);
 - :mod:`attnzoo.kv.attend`: attention of new queries over a cache;
 - :mod:`attnzoo.kv.presses`: one press per file, ``attnzoo.prefill(..., press=SnapKVPress(compression_ratio=0.5))``.
 """
 
 from attnzoo.kv.cache import KVCache
 from attnzoo.kv.ragged import RaggedKVCache
-from attnzoo.kv.shared_prefix import shared_prefix_attention
+from attnzoo.kv.shared_prefix import shared_prefix_attention, tree_prefix_attention
 
-__all__ = ["KVCache", "RaggedKVCache", "shared_prefix_attention"]
+__all__ = ["KVCache", "RaggedKVCache", "shared_prefix_attention", "tree_prefix_attention"]

@@ -33,7 +33,10 @@ Choices:
 - the path taken is returned when ``return_path=True`` (``(out, "shared" | "plain")``), so callers and tests can
   inspect ``auto``'s choice without timing it.
 
-The two-level tree of the paper (sub-prefixes shared by groups of the batch) is not implemented.
+Two-level tree (:func:`tree_prefix_attention`, the paper's hierarchical sharing): a prefix shared by the whole batch,
+sub-prefixes each shared by one group of the batch (``groups`` gives each sequence's group: a partition), and the
+per-sequence suffixes — three parts, each attended with its queries stacked as above (one call for the prefix, one per
+group), merged exactly.
 """
 
 from __future__ import annotations
@@ -74,6 +77,26 @@ def shared_prefix_attention(
     return (out, taken) if return_path else out
 
 
+def tree_prefix_attention(
+    q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, group_k: torch.Tensor, group_v: torch.Tensor,
+    groups: torch.Tensor, suffix_k: torch.Tensor, suffix_v: torch.Tensor, suffix_mask: torch.Tensor | None = None,
+    *, scale: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention ``(B, H, Sq, Dv)`` over ``[prefix; group prefix of b; suffix_b]`` for each sequence ``b``.
+
+    As :func:`shared_prefix_attention` (always the shared path), plus ``group_k``/``group_v`` (G, Hkv, Pg, D/Dv): one
+    sub-prefix per group, and ``groups`` (B,) integer: the group of each sequence (a group may be empty).
+    """
+    _check(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_mask, "shared")
+    _check_groups(q, prefix_k, prefix_v, group_k, group_v, groups)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    seen = _suffix_visibility(suffix_mask, q.shape[0], q.shape[2], suffix_k.shape[2], q.device)
+    recording = _recording(q, prefix_k, prefix_v, group_k, group_v, suffix_k, suffix_v)
+    parts = [_stacked_lse(q, prefix_k, prefix_v, scale, recording), _group_lse(q, group_k, group_v, groups, scale,
+             recording), _suffix_lse(q, suffix_k, suffix_v, seen, scale, recording)]
+    return merge_parts(parts)[0]
+
+
 def _auto_path(batch: int, prefix: int) -> str:
     """Sharing pays when many sequences read a long prefix (see the module docstring for the measured rule)."""
     return "shared" if batch >= AUTO_MIN_BATCH and batch * prefix >= AUTO_MIN_SHARED_KEYS else "plain"
@@ -84,17 +107,49 @@ def _shared(
     seen: torch.Tensor, scale: float,
 ) -> torch.Tensor:
     """Hydragen: the prefix attended once by every query stacked, the suffix per sequence, the two merged."""
+    recording = _recording(q, prefix_k, prefix_v, suffix_k, suffix_v)
+    parts = [_stacked_lse(q, prefix_k, prefix_v, scale, recording),
+             _suffix_lse(q, suffix_k, suffix_v, seen, scale, recording)]
+    return merge_parts(parts)[0]
+
+
+def _recording(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records this call (then the differentiable dense kernel replaces the flash one)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _stacked_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, recording: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sequence's queries against one shared ``k``/``v`` (1, Hkv, P, D): ``(B, H, Sq, ·)`` rows stacked into
+    one ``(1, H, B·Sq, D)`` matrix per head, attended in one call; returns ``(out, lse)`` in ``q``'s layout."""
     b, h, sq, d = q.shape
-    recording = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, prefix_k, prefix_v, suffix_k, suffix_v))
-    stacked = q.transpose(0, 1).reshape(1, h, b * sq, d)  # (B, H, Sq, D) -> (1, H, B·Sq, D): one matrix per head
-    prefix_out, prefix_lse = _attend_lse(stacked, prefix_k, prefix_v, scale, None, recording)
-    prefix_out = prefix_out.view(h, b, sq, -1).transpose(0, 1)
-    prefix_lse = prefix_lse.view(h, b, sq).transpose(0, 1)
-    suffix_seen = None if bool(seen.all()) else seen  # no mask tensor when every suffix key is visible
-    suffix = _attend_lse(q, suffix_k, suffix_v, scale, suffix_seen, recording)
-    out, _ = merge_parts([(prefix_out, prefix_lse.to(q.dtype)), suffix])
-    return out
+    out, lse = _attend_lse(q.transpose(0, 1).reshape(1, h, b * sq, d), k, v, scale, None, recording)
+    return out.view(h, b, sq, -1).transpose(0, 1), lse.view(h, b, sq).transpose(0, 1).to(q.dtype)
+
+
+def _group_lse(
+    q: torch.Tensor, group_k: torch.Tensor, group_v: torch.Tensor, groups: torch.Tensor, scale: float,
+    recording: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's sequences stacked against its sub-prefix (one call per non-empty group), scattered back."""
+    out = q.new_zeros(*q.shape[:3], group_v.shape[-1])
+    lse = q.new_full(q.shape[:3], float("-inf"))
+    for g in range(group_k.shape[0]):
+        members = (groups == g).nonzero().squeeze(1)
+        if members.numel():
+            part_out, part_lse = _stacked_lse(q[members], group_k[g : g + 1], group_v[g : g + 1], scale, recording)
+            out = out.index_copy(0, members, part_out)
+            lse = lse.index_copy(0, members, part_lse)
+    return out, lse
+
+
+def _suffix_lse(
+    q: torch.Tensor, suffix_k: torch.Tensor, suffix_v: torch.Tensor, seen: torch.Tensor, scale: float,
+    recording: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence attention over the suffix; no mask tensor when every suffix key is visible."""
+    return _attend_lse(q, suffix_k, suffix_v, scale, None if bool(seen.all()) else seen, recording)
 
 
 def _attend_lse(
@@ -141,6 +196,21 @@ def _suffix_visibility(
     rank = real.long().cumsum(-1) - 1  # rank of each real key among its sequence's real keys
     last = real.sum(-1, keepdim=True) - sq + torch.arange(sq, device=device)  # (B, Sq): rank each query reaches
     return (real.unsqueeze(1) & (rank.unsqueeze(1) <= last.unsqueeze(-1))).unsqueeze(1)
+
+
+def _check_groups(
+    q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, group_k: torch.Tensor, group_v: torch.Tensor,
+    groups: torch.Tensor,
+) -> None:
+    """Sub-prefix shapes (one per group, the prefix's heads and dims) and ``groups`` (B,) integer in ``[0, G)``."""
+    if group_k.dim() != 4 or group_k.shape[1] != prefix_k.shape[1] or group_k.shape[-1] != prefix_k.shape[-1]:
+        raise fail("group_k", f"shape (G, {prefix_k.shape[1]}, Pg, {prefix_k.shape[-1]})", tuple(group_k.shape))
+    if tuple(group_v.shape) != (*group_k.shape[:3], prefix_v.shape[-1]):
+        raise fail("group_v", f"shape {(*group_k.shape[:3], prefix_v.shape[-1])}", tuple(group_v.shape))
+    if groups.dtype.is_floating_point or groups.dtype == torch.bool or tuple(groups.shape) != (q.shape[0],):
+        raise fail("groups", f"an integer tensor of shape ({q.shape[0]},)", f"{groups.dtype} {tuple(groups.shape)}")
+    if groups.numel() and not (int(groups.min()) >= 0 and int(groups.max()) < group_k.shape[0]):
+        raise fail("groups", f"group indices in [0, {group_k.shape[0]})", groups.tolist())
 
 
 def _check(
