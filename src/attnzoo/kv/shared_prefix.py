@@ -19,8 +19,9 @@ ones is ``≤ n_b − Sq + i`` (``n_b`` = number of real suffix keys of sequence
 
 Choices:
 
-- the prefix call uses PyTorch's CPU flash kernel (:data:`attnzoo.kernels.dense.flash_cpu`), which returns the row
-  log-sum-exp but no gradient for it; when autograd is recording (a tensor requires grad) both parts use
+- both parts use PyTorch's CPU flash kernel (:data:`attnzoo.kernels.dense.flash_cpu`; the suffix's visibility as an
+  additive ``0/−inf`` mask), which returns the row log-sum-exp but no gradient for it; when autograd is recording (a
+  tensor requires grad) every part uses
   :func:`attnzoo.kernels.dense.softmax_attention_lse` instead, which is differentiable through the log-sum-exp;
 - ``path="plain"`` is the baseline Hydragen replaces: the prefix is copied in front of every suffix and
   ``scaled_dot_product_attention`` runs per sequence. ``path="auto"`` takes the shared path when
