@@ -4,6 +4,9 @@
   batches; rings for windowed methods; compact caches after a press);
 - :class:`~attnzoo.kv.ragged.RaggedKVCache`: a paged cache whose rows hold different numbers of tokens (per-head
   budgets), in memory for the kept tokens only;
+- :func:`~attnzoo.kv.shared_prefix.shared_prefix_attention`: K11 Hydragen, exact attention for a batch sharing a
+  prefix (the prefix attended once by all queries stacked, merged with each suffix by log-sum-exp), and
+  :func:`~attnzoo.kv.shared_prefix.tree_prefix_attention`, its two-level tree (sub-prefixes shared by groups);
 - :mod:`attnzoo.kv.attend`: attention of new queries over a cache;
 - :mod:`attnzoo.kv.mac`: K12 MAC-Attention decoding (reuse of a matching recent query's attention),
   :func:`~attnzoo.kv.mac.mac_prefill` / :func:`~attnzoo.kv.mac.mac_step`;
@@ -13,5 +16,7 @@
 from attnzoo.kv.cache import KVCache
 from attnzoo.kv.mac import MACState, mac_prefill, mac_step
 from attnzoo.kv.ragged import RaggedKVCache
+from attnzoo.kv.shared_prefix import shared_prefix_attention, tree_prefix_attention
 
-__all__ = ["KVCache", "MACState", "RaggedKVCache", "mac_prefill", "mac_step"]
+__all__ = ["KVCache", "MACState", "RaggedKVCache", "mac_prefill", "mac_step", "shared_prefix_attention",
+           "tree_prefix_attention"]
