@@ -16,15 +16,11 @@ from attnzoo.errors import fail
 
 
 def merge(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine partial outputs ``(..., S, Dv)`` with their log-sum-exps ``(..., S)``; returns ``(output, lse)``."""
+    """Combine partial outputs ``(..., S, Dv)`` with their log-sum-exps ``(..., S)``; returns ``(output, lse)``: the
+    kernels' form of :func:`merge_parts` (parallel lists, no per-part checks), the same computation."""
     if len(outputs) != len(lses) or not outputs:
         raise ValueError("outputs and lses: expected equally many (at least one)")
-    lse = torch.stack(list(lses), dim=0)
-    total = torch.logsumexp(lse, dim=0)
-    finite_total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
-    weights = torch.exp(lse - finite_total)  # exp(-inf) = 0 for empty parts, no NaN in the gradient
-    out = sum(w.unsqueeze(-1) * o for w, o in zip(weights, outputs, strict=False))
-    return out, total
+    return _merged(list(outputs), list(lses))
 
 
 def merge_parts(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +38,11 @@ def merge_parts(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[tor
 
     >>> out, lse = merge_parts([(out_a, lse_a), (out_b, lse_b)])
     """
-    outs, lses = _checked_parts(parts)
+    return _merged(*_checked_parts(parts))
+
+
+def _merged(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merge of :func:`merge_parts` on checked outputs and log-sum-exps."""
     acc = torch.promote_types(lses[0].dtype, torch.float32)
     lse = torch.stack([x.to(acc) for x in lses], dim=0)
     top = lse.detach().amax(dim=0)
