@@ -76,17 +76,22 @@ def masked_step(
     return softmax_attention(cache, q, scale, predicate_visible(cache, mod, q.shape[1], q.shape[2])), cache
 
 
-def position_block_means(cache: KVCache, block_size: int) -> torch.Tensor:
-    """``(B, Hkv, Nk, D)`` float32: the mean of the cached keys of each block of ``block_size`` positions (``Nk``
-    covers the longest sequence; a block with no cached key gets 0): the pooled keys a block-selecting decoder (MoBA,
-    NSA) scores a new query against."""
+def position_block_pool(cache: KVCache, block_size: int, reduce: str = "mean",
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(B, Hkv, Nk, D)`` in ``dtype``: the cached keys of each block of ``block_size`` positions pooled by ``reduce``
+    (``"mean"``, ``"amax"`` or ``"amin"``; ``Nk`` covers the longest sequence; a block with no cached key gets 0): the
+    pooled keys a block-selecting decoder (MoBA, NSA, SeerAttention) scores a new query against."""
     b, hkv, _, d = cache.keys.shape
     nk = max(1, -(-int(cache.length.max()) // block_size))
     block = torch.where(cache.positions >= 0, cache.positions.long() // block_size, nk)  # empty slots: column nk
     index = block.unsqueeze(-1).expand(-1, -1, -1, d)
-    sums = torch.zeros(b, hkv, nk + 1, d, device=cache.keys.device).scatter_add(2, index, cache.keys.float())
-    counts = torch.zeros(b, hkv, nk + 1, device=cache.keys.device).scatter_add(
-        2, block, torch.ones_like(block, dtype=torch.float32))
+    keys = cache.keys.to(dtype)
+    pooled = torch.zeros(b, hkv, nk + 1, d, dtype=dtype, device=keys.device)
+    if reduce != "mean":
+        return pooled.scatter_reduce_(2, index, keys, reduce=reduce, include_self=False)[:, :, :nk]
+    sums = pooled.scatter_add_(2, index, keys)
+    counts = torch.zeros(b, hkv, nk + 1, dtype=dtype, device=keys.device).scatter_add_(
+        2, block, torch.ones_like(block, dtype=dtype))
     return (sums / counts.clamp_min(1).unsqueeze(-1))[:, :, :nk]
 
 

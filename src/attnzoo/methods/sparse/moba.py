@@ -45,7 +45,7 @@ FlexAttention with a mask predicate reading the selection (its block mask built 
 Decoding (:data:`DECODER`): :func:`decode_prefill` runs the torch path causally over the prompt and keeps a plain
 :class:`~attnzoo.kv.cache.KVCache` (of the convolved keys, with the last ``W − 1`` raw keys of each sequence in
 ``extras["key_tail"]`` when there is a key convolution); :func:`decode_step` appends the new tokens, computes the
-block means of the cached keys (blocks by position: :func:`attnzoo.kv.attend.position_block_means`), selects for each
+block means of the cached keys (blocks by position: :func:`attnzoo.kv.attend.position_block_pool`), selects for each
 new query with the same rule (:func:`route`) and attends over the slots of its selected blocks
 (:func:`attnzoo.kv.attend.selected_slots`, :func:`~attnzoo.kv.attend.softmax_attention`): exactly the causal
 forward's rows, since a query's past blocks are complete and its own block is forced.
@@ -63,7 +63,7 @@ from attnzoo.kernels import flex
 from attnzoo.kernels.block_sparse import selected_attention
 from attnzoo.kernels.blockwise import grouped_logits
 from attnzoo.kernels.selection import BlockSelection, block_means, keys_at_density
-from attnzoo.kv.attend import position_block_means, selected_slots, softmax_attention
+from attnzoo.kv.attend import position_block_pool, selected_slots, softmax_attention
 from attnzoo.kv.cache import KVCache
 from attnzoo.methods.common import masked_attention, visible
 from attnzoo.registry import Backend, Call, Decoder, LayerInfo, MethodSpec, Param, TestHints, register
@@ -252,7 +252,7 @@ def decode_step(
         cache = replace(cache, extras={**cache.extras, "key_tail": raw[:, :, raw.shape[2] - key_conv.shape[-1] + 1:]})
     cache = cache.append(k, v)
     tokens = q.shape[2]
-    gate = grouped_logits(q.float(), position_block_means(cache, block_size), 1.0)  # (B, H, T, Nk)
+    gate = grouped_logits(q.float(), position_block_pool(cache, block_size), 1.0)  # (B, H, T, Nk)
     own = cache.query_positions(tokens).long().div(block_size, rounding_mode="floor")  # (B, 1, T, 1)
     chosen = route(gate, own, top_k)  # (B, H, T, K)
     return softmax_attention(cache, q, scale, selected_slots(cache, chosen, block_size)), cache

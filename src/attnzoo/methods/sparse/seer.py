@@ -65,7 +65,7 @@ from attnzoo.kernels import flex
 from attnzoo.kernels.block_sparse import selected_attention
 from attnzoo.kernels.blockwise import grouped_logits
 from attnzoo.kernels.selection import BlockSelection, allowed_blocks, block_means
-from attnzoo.kv.attend import position_block_means, selected_slots, softmax_attention
+from attnzoo.kv.attend import position_block_pool, selected_slots, softmax_attention
 from attnzoo.kv.cache import KVCache
 from attnzoo.methods.common import masked_attention, visible
 from attnzoo.methods.sparse.block_sparse import flex_block_mask
@@ -307,20 +307,12 @@ def flex_gated(
 # -- decoding ---------------------------------------------------------------------------------------------------------
 def _cache_key_pools(cache: KVCache, block_size: int, learned: bool) -> torch.Tensor:
     """``(B, Hkv, Nk, ·)``: the features of the cached keys of each block of ``block_size`` positions."""
-    mean = position_block_means(cache, block_size).to(_gate_dtype(cache.keys))
+    dtype = _gate_dtype(cache.keys)
+    mean = position_block_pool(cache, block_size, dtype=dtype)
     if not learned:
         return mean
-    b, hkv, _, d = cache.keys.shape
-    nk = mean.shape[2]
-    block = torch.where(cache.positions >= 0, cache.positions.long() // block_size, nk)  # empty slots: column nk
-    index = block.unsqueeze(-1).expand(-1, -1, -1, d)
-    keys = cache.keys.to(mean.dtype)
-
-    def pool(how: str) -> torch.Tensor:
-        out = torch.zeros(b, hkv, nk + 1, d, dtype=keys.dtype, device=keys.device)
-        return out.scatter_reduce_(2, index, keys, reduce=how, include_self=False)[:, :, :nk]
-
-    return torch.cat([pool("amax"), pool("amin"), mean], -1)
+    return torch.cat([position_block_pool(cache, block_size, "amax", dtype),
+                      position_block_pool(cache, block_size, "amin", dtype), mean], -1)
 
 
 def decode_prefill(
