@@ -55,7 +55,6 @@ from attnzoo.bench.measure import make_call
 from attnzoo.bench.suites import DYNAMIC, cpu_run
 from attnzoo.errors import fail
 from attnzoo.kernels.selection import topk_blocks
-from attnzoo.methods.common import visible
 from attnzoo.registry import Method, all_methods, get
 
 INPUTS = ("planted", "random")
@@ -164,8 +163,6 @@ def approximation(m: Method | None, pattern: str, kind: str, fraction: float, cf
         ref = attention(q, k, v, method="softmax", causal=causal, backend="reference")
         row = {"rel_l2": float((out - ref).norm() / ref.norm().clamp_min(1e-30)), "backend": backend}
         row.update(weights_metrics(method, backend, q, k, causal, params, cfg.seed, complete=True))
-    seen = visible(causal, None, q, k)
-    row["visible_keys"] = float(seen.sum() / seen.shape[-2])
     return row
 
 
