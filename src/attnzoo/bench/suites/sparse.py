@@ -59,8 +59,13 @@ def at_eighth(method: str, causal: bool, n: int = 16384) -> dict[str, Any]:
     return at_density(make_call(shape, causal, False), 1 / 8)
 
 
-def _text(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in params.items())
+def equal_density_case(name: str, causal: bool) -> Case:
+    """The case ``d_<name>``: ``name`` at :func:`at_eighth`'s parameters (shown in its description), one thread."""
+    params = at_eighth(name, causal)
+    shown = ", ".join(f"{k}={v}" for k, v in params.items())
+    return Case(f"d_{name}", f"{name} at density 1/8 ({shown}; {'causal' if causal else 'noncausal'}, selection "
+                f"included), N=16384 vs {'causal ' if causal else ''}SDPA", "compare",
+                Target(f"{name} (auto)", name, params=params), causal=causal, threads=1)
 
 
 # the D methods and whether their paper's setting is causal (language models) or not (vision, video)
@@ -85,9 +90,5 @@ CASES = (
          "compare", Target("biformer (torch)", "biformer", "torch",
                            params={"layout": (128, 128), "region": 8, "top_k": 4}),
          floors={"speedup": at_least(10)}, threads=1),
-    *(Case(f"d_{name}", f"{name} at density 1/8 ({_text(at_eighth(name, causal))}; "
-                        f"{'causal' if causal else 'noncausal'}, selection included), N=16384 vs "
-                        f"{'causal ' if causal else ''}SDPA", "compare",
-           Target(f"{name} (auto)", name, params=at_eighth(name, causal)), causal=causal, threads=1)
-      for name, causal in EQUAL_DENSITY),
+    *(equal_density_case(name, causal) for name, causal in EQUAL_DENSITY),
 )
