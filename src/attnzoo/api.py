@@ -20,17 +20,17 @@ from torch.utils._pytree import tree_leaves, tree_map
 from attnzoo.errors import AttnzooError, fail
 from attnzoo.kv.cache import KVCache, check_lengths
 from attnzoo.kv.presses.base import Press, PressContext
-from attnzoo.registry import Backend, Call, Decoder, Method, decoding_methods, get
+from attnzoo.registry import Backend, Call, Decoder, Method, decoding_methods, get, methods
 
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str = "softmax", causal: bool = False,
     scale: float | None = None, mask: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-    backend: str = "auto", **params: Any,
-) -> torch.Tensor:
+    backend: str = "auto", return_lse: bool = False, **params: Any,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q (B, H, Sq, D)`` over ``k (B, Hkv, Skv, D)``, ``v (B, Hkv, Skv, Dv)`` by ``method``.
 
-    Returns ``(B, H, Sq, Dv)``.
+    Returns ``(B, H, Sq, Dv)``; with ``return_lse=True``, ``(out, lse)``.
 
     - ``H % Hkv == 0`` (GQA/MQA); query head ``i`` reads key/value head ``i // (H // Hkv)``.
     - ``Sq != Skv`` is cross-attention. With ``causal=True`` the mask is aligned to the bottom-right: query ``i`` sees
@@ -40,10 +40,23 @@ def attention(
     - ``scale`` defaults to ``1/sqrt(D)``.
     - ``backend``: ``"auto"`` picks the fastest registered path that can serve the call; a named backend that cannot
       serve it raises.
+    - ``return_lse``: also return the natural-log log-sum-exp ``(B, H, Sq)`` of each row's visible logits, ``-inf``
+      for a row that sees no key, differentiable like ``out``: what :func:`attnzoo.merge` needs to combine attention
+      over disjoint key sets exactly. Served by the methods whose output is one softmax over each query's visible keys
+      (``attnzoo.get(method).spec.lse``), from the backends that declare it.
     - ``**params``: the method's own parameters (see ``attnzoo.get(method).spec.params``).
     """
     m = get(method)
     call, scale_, mask_, bias_, full_params = prepare(m, q, k, v, causal, scale, mask, bias, params)
+    if not isinstance(return_lse, bool):
+        raise fail("return_lse", "a bool", repr(return_lse))
+    if return_lse:
+        if not m.spec.lse:
+            with_lse = [n for n, spec in methods().items() if spec.lse]
+            raise fail("return_lse", f"False for method {m.name!r}, whose output is not one softmax over its visible "
+                       f"keys (methods that return a log-sum-exp: {', '.join(with_lse)})", True)
+        call = replace(call, return_lse=True)
+        full_params["return_lse"] = True
     chosen = select_backend(m, call, backend)
     return chosen.fn(q, k, v, causal=causal, scale=scale_, mask=mask_, bias=bias_, **full_params)
 

@@ -88,6 +88,8 @@ class Call(Shape):
     ``sequence``: set when decoding (``attnzoo.prefill``/``attnzoo.step``): the tokens of the decoded sequence so far,
     these included; the sequence may go on, so a check of a sequence-level parameter (a layout, a kernel size) reads
     :attr:`length`, and a layout may be larger than the tokens seen so far (a prompt is a prefix of the grid).
+    ``return_lse``: the caller asked for the row log-sum-exp too (``attnzoo.attention(..., return_lse=True)``); only
+    backends that declare ``lse`` serve it.
     """
 
     causal: bool
@@ -98,6 +100,7 @@ class Call(Shape):
     has_bias: bool
     params: Mapping[str, Any] = field(default_factory=dict)
     sequence: int | None = None
+    return_lse: bool = False
 
     @property
     def decoding(self) -> bool:
@@ -238,6 +241,9 @@ class Backend:
       suite holds it to that.
     - ``priority``: per device type (``{"cpu": 5, "cuda": 50}``); ``auto`` tries higher first. A device type it
       does not name gets :data:`DEFAULT_PRIORITY` (:data:`CPU_DEFAULT_PRIORITY` on CPU) for its name, else 0.
+    - ``lse``: ``fn`` also takes ``return_lse=True`` and then returns ``(out, lse)``, the natural-log log-sum-exp
+      ``(B, H, Sq)`` of each row's visible logits (``-inf`` for a row that sees no key), differentiable like ``out``.
+      Only methods whose spec declares ``lse`` may have such backends.
     """
 
     name: str
@@ -249,6 +255,7 @@ class Backend:
     exact: bool = True
     tolerance: Tolerance | None = None
     priority: Mapping[str, int] = field(default_factory=dict, hash=False)
+    lse: bool = False
 
     def priority_on(self, device_type: str) -> int:
         """This backend's priority on ``device_type`` (``"cpu"``, ``"cuda"``...): higher is tried first."""
@@ -264,6 +271,8 @@ class Backend:
             return f"serves dtypes {', '.join(str(d).removeprefix('torch.') for d in self.dtypes)}, not {call.dtype}"
         if call.requires_grad and not self.differentiable:
             return "has no backward (inputs require grad)"
+        if call.return_lse and not self.lse:
+            return "does not return the log-sum-exp"
         return self.serves(call)
 
 
@@ -331,6 +340,9 @@ class MethodSpec:
     # D family: the parameters that make the method read about ``fraction`` of the keys a query may see (for a call
     # of these shapes), so that methods are compared at equal density (``attnzoo bench --suite dynamic``)
     at_density: Callable[[Call, float], dict[str, Any]] | None = None
+    # the output is one softmax over each query's visible keys: the reference takes ``return_lse=True`` and returns
+    # ``(out, lse)``, and ``attention(..., return_lse=True)`` serves it (from backends that declare ``lse``)
+    lse: bool = False
     backends: tuple[str, ...] = ()  # filled in by register(): the fast paths in (GPU) priority order, then "reference"
     decoding: bool = False  # filled in by register(): whether it has a Decoder (attnzoo.prefill / attnzoo.step)
 
@@ -357,7 +369,7 @@ class Method:
     def backend(self, name: str) -> Backend:
         """The backend called ``name`` (``"reference"``: the dense reference, exact, on any device)."""
         if name == "reference":
-            return Backend("reference", self.reference, differentiable=self.spec.differentiable)
+            return Backend("reference", self.reference, differentiable=self.spec.differentiable, lse=self.spec.lse)
         for b in self.backends:
             if b.name == name:
                 return b
@@ -419,6 +431,8 @@ def _with_backend(m: Method, b: Backend) -> Method:
         raise fail("backend", f"a name {where} does not have yet ({list(m.spec.backends)})", repr(b.name))
     if not b.exact and b.tolerance is None:
         raise fail("tolerance", f"a Tolerance(atol, rtol) for approximate backend {b.name!r} of {where}", None)
+    if b.lse and not m.spec.lse:
+        raise fail("lse", f"False for backend {b.name!r}: {where}'s spec does not declare a log-sum-exp", b.lse)
     if b.tolerance is not None and not isinstance(b.tolerance, Tolerance):
         raise fail("tolerance", f"a Tolerance(atol, rtol) for backend {b.name!r} of {where}", repr(b.tolerance))
     backends = (*m.backends, b)

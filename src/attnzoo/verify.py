@@ -11,7 +11,12 @@ method's dense ``reference``:
 - ``noncontiguous``: inputs that are strided views give the same output;
 - ``masked-rows``: with a user mask hiding every key from some rows, those rows are exactly 0 and gradients are
   finite (methods taking ``mask``);
-- ``low-precision``: bf16 (and fp16 on GPU) inputs with logits in the thousands give finite outputs (no overflow).
+- ``low-precision``: bf16 (and fp16 on GPU) inputs with logits in the thousands give finite outputs (no overflow);
+- ``lse`` (methods whose spec declares ``lse``): ``return_lse=True`` gives the reference's output and log-sum-exp
+  (``-inf`` exactly on the rows that see no key), and gradients through both equal the reference's (fp64);
+- ``split-merge`` (those of them taking a ``mask``): attention over the first half of the keys and over the rest
+  (split by the user mask, so the method's own pattern is unchanged), merged by :func:`attnzoo.merge`, equals
+  attention over all of them, output, log-sum-exp and gradients, for the backend and for the reference.
 
 An exact backend is held to fp64 round-off (fp32: the method's ``tests`` tolerance); an approximate one to the
 :class:`~attnzoo.registry.Tolerance` it declares (fp32: the looser of the two). A check whose call the backend refuses
@@ -30,13 +35,14 @@ state reports its ``nbytes``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 
 from attnzoo.api import attention, prefill, prepare, step
 from attnzoo.errors import AttnzooError
+from attnzoo.kernels.merge import merge_parts
 from attnzoo.registry import PATTERNS, Call, Method, Shape, Tolerance, all_methods, get
 
 # Self-attention shapes (seq_q == seq_kv) and cross-attention shapes (seq_q != seq_kv, both longer and shorter).
@@ -131,7 +137,7 @@ def _serves(m: Method, backend: str, x: Inputs, causal: bool, **kw: Any) -> str 
         call = prepare(m, x.q, x.k, x.v, causal, None, kw.get("mask"), None, x.params)[0]
     except AttnzooError as e:
         return f"rejected: {e}"
-    return m.backend(backend).refusal(call)
+    return m.backend(backend).refusal(replace(call, return_lse=kw.get("return_lse", False)))
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, tol: Tolerance) -> str | None:
@@ -159,6 +165,8 @@ def run_case(case: Case, device: torch.device | str = "cpu") -> list[Result]:
         ("noncontiguous", _check_noncontiguous),
         ("masked-rows", _check_masked_rows),
         ("low-precision", _check_low_precision),
+        ("lse", _check_lse),
+        ("split-merge", _check_split_merge),
     ]
     for name, check in checks:
         if case.backend in COMPILED_BACKENDS and name in ("fp64", "noncontiguous", "low-precision"):
@@ -303,6 +311,85 @@ def _check_low_precision(m: Method, backend: str, x: Inputs, causal: bool, devic
     return None
 
 
+def _lse_inputs(m: Method, backend: str, x: Inputs, causal: bool, **kw: Any) -> Inputs:
+    """``x`` in fp64 requiring grad if the method and backend train with ``return_lse`` (else plain fp64); skips a
+    method without a log-sum-exp and a backend that cannot serve the call."""
+    if not m.spec.lse:
+        raise _SkipCheck("the method returns no log-sum-exp")
+    xg = x.to(torch.float64, grad=m.spec.differentiable)
+    if _serves(m, backend, xg, causal, return_lse=True, **kw) is not None:
+        xg = x  # forward-only here: check the values alone
+        _require(m, backend, xg, causal, return_lse=True, **kw)
+    return xg
+
+
+def _with_lse(m: Method, backend: str, x: Inputs, causal: bool, cot: tuple[torch.Tensor, torch.Tensor],
+              parts: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """``(out, lse)`` of ``backend`` (the merge of one call per keyword set in ``parts``) and, if ``x`` requires grad,
+    the gradients of ``⟨cot_out, out⟩ + ⟨cot_lse, lse⟩`` (``-inf`` entries of lse excluded)."""
+    results = [attention(x.q, x.k, x.v, method=m.name, causal=causal, backend=backend, return_lse=True, **kw,
+                         **x.params) for kw in parts]
+    out, lse = results[0] if len(results) == 1 else merge_parts(results)
+    named = {"out": out, "lse": lse}
+    tensors = x.grad_tensors()
+    if tensors:
+        finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        loss = (out * cot[0]).sum() + (finite * cot[1]).sum()
+        named.update(zip(tensors, torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)))
+    return named
+
+
+def _compare_lse(got: dict[str, Any], want: dict[str, Any], tol: Tolerance, grad_tol: Tolerance) -> str | None:
+    """Compare the outputs of :func:`_with_lse`: the same ``-inf`` rows, then values and gradients."""
+    if got["lse"].shape != want["lse"].shape:
+        return f"lse shape {tuple(got['lse'].shape)} != {tuple(want['lse'].shape)}"
+    hidden = torch.isneginf(want["lse"])
+    if not torch.equal(torch.isneginf(got["lse"]), hidden):
+        return "lse is not -inf exactly on the rows that see no key"
+    for name, w in want.items():
+        g = got.get(name)
+        if w is None:
+            continue
+        if g is None:
+            return f"no gradient for {name}"
+        if name == "lse":
+            g, w = g.masked_fill(hidden, 0.0), w.masked_fill(hidden, 0.0)
+        problem = _close(g, w, tol if name in ("out", "lse") else grad_tol)
+        if problem is not None:
+            return f"{name if name in ('out', 'lse') else 'd' + name}: {problem}"
+    return None
+
+
+def _lse_cotangents(x: Inputs, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(3)
+    out = torch.randn(x.q.shape[:-1] + (x.v.shape[-1],), generator=g, dtype=torch.float64).to(device)
+    return out, torch.randn(x.q.shape[:-1], generator=g, dtype=torch.float64).to(device)
+
+
+def _check_lse(m: Method, backend: str, x: Inputs, causal: bool, device: torch.device) -> str | None:
+    xg = _lse_inputs(m, backend, x, causal)
+    cot = _lse_cotangents(x, device)
+    got = _with_lse(m, backend, xg, causal, cot, ({},))
+    want = _with_lse(m, "reference", x.to(torch.float64, grad=bool(xg.grad_tensors())), causal, cot, ({},))
+    return _compare_lse(got, want, tolerance(m, backend, FP64), tolerance(m, backend, FP64_GRAD))
+
+
+def _check_split_merge(m: Method, backend: str, x: Inputs, causal: bool, device: torch.device) -> str | None:
+    if not m.spec.supports_mask:
+        raise _SkipCheck("method takes no mask: its keys cannot be split without changing its own pattern")
+    skv = x.k.shape[2]
+    first = (torch.arange(skv, device=device) < (skv + 1) // 2).view(1, 1, 1, skv)
+    xg = _lse_inputs(m, backend, x, causal, mask=first)
+    cot = _lse_cotangents(x, device)
+    for name in (backend, "reference"):
+        whole = _with_lse(m, name, xg, causal, cot, ({},))
+        merged = _with_lse(m, name, xg, causal, cot, ({"mask": first}, {"mask": ~first}))
+        problem = _compare_lse(merged, whole, FP64, FP64_GRAD)
+        if problem is not None:
+            return f"{name}: merged halves != whole: {problem}"
+    return None
+
+
 # Decoding: a prompt, then single tokens, then a chunk of several tokens (GQA, odd lengths); the ragged run gives the
 # second sequence a prompt RAGGED_SHORTER tokens shorter (right padding), so it ends that much earlier.
 DECODE_SHAPE = Shape(2, 4, 2, 29, 29, 8, 6)
@@ -423,6 +510,9 @@ def bad_input_checks(name: str, device: torch.device | str = "cpu") -> Iterator[
                                 p.name)
     yield _expect_error(f"{name}-unknown-param", lambda: _run(m, "reference", x, causal, no_such_param=1),
                         "no_such_param")
+    if not m.spec.lse:
+        yield _expect_error(f"{name}-return-lse", lambda: _run(m, "reference", x, causal, return_lse=True),
+                            "return_lse")
 
 
 def _expect_error(label: str, fn: Callable[[], Any], argument: str) -> Result:

@@ -32,21 +32,38 @@ def visible(causal: bool, mask: torch.Tensor | None, q: torch.Tensor, k: torch.T
     return full if m is None else full & m
 
 
+Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+"""What a reference returns: ``out``, or ``(out, lse)`` when called with ``return_lse=True``."""
+
+
+def softmax_rows(s: torch.Tensor, seen: torch.Tensor, v: torch.Tensor, return_lse: bool = False) -> Output:
+    """``softmax(s over seen) @ v`` for scores ``s (B, H, Sq, Skv)`` and per-query-head values ``v (B, H, Skv, Dv)``;
+    with ``return_lse``, also each row's log-sum-exp ``log Σ_{seen} exp(s)`` (``-inf`` for a row that sees nothing,
+    with a zero gradient)."""
+    out = safe_softmax(s, seen) @ v
+    if not return_lse:
+        return out
+    some = seen.any(dim=-1)
+    hidden = s.masked_fill(~seen, float("-inf")).masked_fill(~some.unsqueeze(-1), 0.0)
+    return out, torch.logsumexp(hidden, dim=-1).masked_fill(~some, float("-inf"))
+
+
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, scale: float,
-                     mask: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """Dense softmax attention over the keys ``seen`` by each query AND the user ``mask``, with ``bias`` added."""
+                     mask: torch.Tensor | None, bias: torch.Tensor | None, return_lse: bool = False) -> Output:
+    """Dense softmax attention over the keys ``seen`` by each query AND the user ``mask``, with ``bias`` added (and
+    the rows' log-sum-exp with ``return_lse``)."""
     if mask is not None:
         seen = seen & mask
     s = dense_scores(q, k, scale)
     if bias is not None:
         s = s + bias
-    return safe_softmax(s, seen) @ repeat_kv(v, q.shape[1])
+    return softmax_rows(s, seen, repeat_kv(v, q.shape[1]), return_lse)
 
 
 def mask_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mod: MaskMod, scale: float,
-                   mask: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+                   mask: torch.Tensor | None, bias: torch.Tensor | None, return_lse: bool = False) -> Output:
     """Dense softmax attention restricted to the mask predicate ``mod`` (evaluated on every query-key pair) AND the
     user ``mask``, with ``bias`` added: the reference of every method whose mask is one predicate."""
     b, h, sq, _ = q.shape
     seen = masks.dense(mod, b, h, sq, k.shape[2], q.device)
-    return masked_attention(q, k, v, seen, scale, mask, bias)
+    return masked_attention(q, k, v, seen, scale, mask, bias, return_lse)

@@ -8,7 +8,8 @@ elsewhere (user mask and/or bottom-right causal mask); rows with no visible key 
 Fast path ``sdpa`` (:func:`sdpa_fused`): :func:`attnzoo.kernels.dense.sdpa_attention`, i.e.
 ``torch.nn.functional.scaled_dot_product_attention`` with ``enable_gqa`` (no K/V copies). A plain causal self-attention
 call uses ``is_causal=True`` (no mask tensor); other masks are materialised once as a boolean (or, with a bias, float)
-mask.
+mask. With ``return_lse=True`` it runs :func:`attnzoo.kernels.dense.attention_lse` instead (SDPA returns no
+log-sum-exp): PyTorch's CPU flash kernel, whose backward also carries the log-sum-exp's gradient.
 
 Decoding (:data:`DECODER`): :func:`decode_prefill` runs the causal SDPA path over the prompt and returns a
 :class:`~attnzoo.kv.cache.KVCache` of its keys and values; :func:`decode_step` appends the tokens (one, or a
@@ -20,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from attnzoo.kernels.dense import sdpa_attention
+from attnzoo.kernels.dense import attention_lse, sdpa_attention
 from attnzoo.kv.attend import softmax_attention
 from attnzoo.kv.cache import KVCache
-from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
+from attnzoo.methods.common import Output, dense_scores, repeat_kv, softmax_rows, visible
 from attnzoo.registry import ALL_PATTERNS, Backend, Decoder, MethodSpec, register
 
 SPEC = MethodSpec(
@@ -36,24 +37,26 @@ SPEC = MethodSpec(
     exact=True,
     patterns=ALL_PATTERNS,
     complexity="O(N²d) time; memory of the SDPA kernel (O(N) with the flash/efficient kernels)",
+    lse=True,
 )
 
 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, return_lse: bool = False,
+) -> Output:
     s = dense_scores(q, k, scale)
     if bias is not None:
         s = s + bias
-    p = safe_softmax(s, visible(causal, mask, q, k))
-    return p @ repeat_kv(v, q.shape[1])
+    return softmax_rows(s, visible(causal, mask, q, k), repeat_kv(v, q.shape[1]), return_lse)
 
 
 def sdpa_fused(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, return_lse: bool = False,
+) -> Output:
+    if return_lse:
+        return attention_lse(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias)
     return sdpa_attention(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias)
 
 
@@ -75,4 +78,4 @@ def decode_step(
 
 DECODER = Decoder(decode_prefill, decode_step, kv_cache=True, chunked=True)
 
-register(SPEC, reference, [Backend("sdpa", sdpa_fused)], DECODER)
+register(SPEC, reference, [Backend("sdpa", sdpa_fused, lse=True)], DECODER)
