@@ -228,3 +228,23 @@ def test_step_suggests_a_misspelt_parameter():
     q, k, v = _decode_inputs()
     with pytest.raises(AttnzooError, match="did you mean 'decay'"):
         az.step(_state(q, k, v), q[:, :, :1], k[:, :, :1], v[:, :, :1], decai=0.5)
+
+
+def test_return_lse_gives_the_rows_log_sum_exp_and_the_same_output():
+    q, k, v = qkv(sq=5, skv=9, dtype=torch.float64)
+    mask = torch.rand(2, 1, 5, 9, generator=torch.Generator().manual_seed(1)) < 0.6
+    mask[:, :, 0] = False
+    out, lse = az.attention(q, k, v, causal=True, mask=mask, return_lse=True)
+    torch.testing.assert_close(out, az.attention(q, k, v, causal=True, mask=mask))
+    s = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) / 8**0.5
+    seen = mask & (torch.arange(9) <= torch.arange(5).view(-1, 1) + 4)
+    torch.testing.assert_close(lse, torch.logsumexp(s.masked_fill(~seen, float("-inf")), dim=-1))
+    assert torch.isneginf(lse[:, :, 0]).all() and (out[:, :, 0] == 0).all()
+
+
+@pytest.mark.parametrize(("kwargs", "argument"), [({"return_lse": "yes"}, "return_lse"),
+                                                  ({"return_lse": True, "method": "sigmoid"}, "return_lse"),
+                                                  ({"return_lse": True, "method": "linear"}, "return_lse")])
+def test_return_lse_on_a_method_without_one_names_it(kwargs, argument):
+    with pytest.raises(AttnzooError, match=rf"^{argument}:"):
+        az.attention(*qkv(), **kwargs)

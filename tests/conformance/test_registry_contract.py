@@ -165,3 +165,33 @@ def test_verify_imports_a_plugin_and_checks_its_backend(restore_registry: None, 
     assert "momentum-plugged" in capsys.readouterr().out
     assert main(["verify", "momentum", "--plugin", "attnzoo_no_such_plugin"]) == 2
     assert "--plugin" in capsys.readouterr().err
+
+
+def _lse_over_all_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False,
+                       **kw: Any) -> Any:
+    """A wrong kernel: the right output, but a log-sum-exp over every key (the user mask ignored)."""
+    out = _softmax_reference(q, k, v, **kw)
+    if not return_lse:
+        return out
+    _, lse = _softmax_reference(q, k, v, **{**kw, "mask": None}, return_lse=True)
+    return out, lse
+
+
+def test_split_merge_check_catches_a_log_sum_exp_that_ignores_the_mask(restore_registry: None) -> None:
+    az.register_backend("softmax", az.Backend("wrong_lse", _lse_over_all_keys, lse=True))
+    results = {r.check: r for r in verify.run_case(verify.Case("softmax", "wrong_lse", "self/noncausal"))}
+    assert results["lse"].status == "pass"  # without a mask it is right...
+    assert results["split-merge"].status == "fail"  # ...but halves split by the mask no longer merge to the whole
+    assert "merged halves != whole" in results["split-merge"].detail
+
+
+def test_return_lse_needs_a_backend_and_a_method_that_declare_it(restore_registry: None) -> None:
+    with pytest.raises(AttnzooError, match=r"^lse:"):
+        az.register_backend("sigmoid", az.Backend("mykernel", _softmax_reference, lse=True))
+    az.register_backend("softmax", az.Backend("mykernel", _softmax_reference, priority={"cpu": 100}))
+    q, k, v = _qkv()
+    assert az.attention(q, k, v).shape == q.shape  # auto takes mykernel...
+    out, lse = az.attention(q, k, v, return_lse=True)  # ...but not for a log-sum-exp, which it does not return
+    assert lse.shape == q.shape[:-1]
+    with pytest.raises(AttnzooError, match=r"^backend:.*log-sum-exp"):
+        az.attention(q, k, v, backend="mykernel", return_lse=True)
