@@ -191,7 +191,7 @@ def test_return_lse_needs_a_backend_and_a_method_that_declare_it(restore_registr
     az.register_backend("softmax", az.Backend("mykernel", _softmax_reference, priority={"cpu": 100}))
     q, k, v = _qkv()
     assert az.attention(q, k, v).shape == q.shape  # auto takes mykernel...
-    out, lse = az.attention(q, k, v, return_lse=True)  # ...but not for a log-sum-exp, which it does not return
+    _, lse = az.attention(q, k, v, return_lse=True)  # ...but not for a log-sum-exp, which it does not return
     assert lse.shape == q.shape[:-1]
     with pytest.raises(AttnzooError, match=r"^backend:.*log-sum-exp"):
         az.attention(q, k, v, backend="mykernel", return_lse=True)
