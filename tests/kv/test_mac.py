@@ -94,3 +94,36 @@ def test_cache_grows_past_its_first_capacity():
     rest, state = mac_step(state, q[:, :, 8:], k[:, :, 8:], v[:, :, 8:])
     assert state.k.shape[2] > capacity and state.length == 1040
     torch.testing.assert_close(torch.cat([out, rest], dim=2), _exact(q, k, v), rtol=1e-12, atol=1e-12)
+
+
+def test_l2_rule_of_the_public_kernels_hits_repeats_and_threshold_one_never_matches():
+    q, k, v = _repeating_stream()
+    out, state = _decode(q, k, v, prompt=40, threshold=0.45, history=4, band=8, match="l2")
+    assert state.hit_rate == 1.0  # exact repeats: distance 0 < 2·D·(1 − 0.45)²
+    torch.testing.assert_close(out, _exact(q, k, v), rtol=1e-10, atol=1e-10)
+    out, state = _decode(q, k, v, prompt=40, threshold=1.0, history=4, band=8, match="l2")
+    assert state.hit_rate == 0.0
+    torch.testing.assert_close(out, _exact(q, k, v), rtol=1e-12, atol=1e-12)
+
+
+def test_matching_reads_match_q_not_the_attended_query():
+    """Rotated (attended) queries never repeat, their pre-rotation ones do: matching ``match_q`` finds the repeats."""
+    q, k, v = _repeating_stream(s=48)
+    g = torch.Generator().manual_seed(3)
+    attended = q + 0.5 * torch.randn(q.shape, generator=g, dtype=q.dtype)
+    _, state = mac_prefill(attended[:, :, :40], k[:, :, :40], v[:, :, :40], threshold=0.999, history=4, band=8,
+                             match_q=q[:, :, :40])
+    for t in range(40, 48):
+        _, state = mac_step(state, attended[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
+                            match_q=q[:, :, t:t + 1])
+    assert state.hit_rate == 1.0
+    _, plain = _decode(attended, k, v, prompt=40, threshold=0.999, history=4, band=8)
+    assert plain.hit_rate < 0.2
+
+
+@pytest.mark.parametrize(("name", "params"), [("match", {"match": "dot"}),
+                                              ("match_q", {"match_q": torch.zeros(1, 1, 1, 1)})])
+def test_bad_matching_arguments_name_the_argument(name, params):
+    q, k, v = _repeating_stream(s=8)
+    with pytest.raises(AttnzooError, match=rf"^{name}:"):
+        mac_prefill(q, k, v, **params)

@@ -23,10 +23,14 @@ The only approximation is ``(O_r, L_r)``: the matched query's attention over key
 ``q_t``'s. A miss therefore gives exactly plain softmax decoding (the same keys, split in disjoint parts and
 merged), and a query repeated exactly reproduces plain decoding up to rounding.
 
-Choices (the paper's details were not read; documented so they can be revisited):
+Choices (the paper's full text was not read; its public code's matching rule was, see ``match``):
 
-- matching is cosine similarity on the query as given (the paper matches pre-RoPE queries by L2 distance; a caller
-  with rotary embeddings should decide which query it passes) — ``threshold > 1`` never matches;
+- ``match="cosine"`` (default): the most similar entry by cosine similarity, a hit when it is ``≥ threshold``
+  (``threshold > 1`` never matches). ``match="l2"`` is the rule of the authors' public kernels
+  (github.com/YJHMITWEB/MAC-Attention, ``mac_decode_persistent.cu``): the nearest entry by squared L2 distance, a hit
+  when ``‖q − q_r‖² < 2·D·(1 − threshold)²`` (their default ``threshold`` 0.45; ``threshold ≥ 1`` never matches);
+- the paper matches *pre-RoPE* queries: ``match_q`` (same shape as ``q``) is the query that is matched and stored in
+  the ring, while ``q`` is attended (default: ``q`` itself, right for models without rotary embeddings);
 - the ring holds one entry per decoded or last-prompt position and row, so a cut is never more than ``history``
   keys behind ``N − band``: the amend window has a fixed size ``history`` (masked per row);
 - the reused part is stored *per entry* as ``(O, L)`` over keys older than that entry's band, which makes the merge
@@ -50,6 +54,8 @@ from attnzoo.errors import fail
 from attnzoo.kernels.dense import sdpa_attention, softmax_attention_lse
 from attnzoo.kernels.merge import merge
 
+MATCHES = ("cosine", "l2")
+
 
 @dataclass
 class MACState:
@@ -67,6 +73,7 @@ class MACState:
     threshold: float
     history: int
     band: int
+    match: str
     ring_q: torch.Tensor
     ring_out: torch.Tensor
     ring_lse: torch.Tensor
@@ -83,15 +90,20 @@ class MACState:
 
 def mac_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *, threshold: float = 0.95,
-    history: int = 16, band: int = 64,
+    history: int = 16, band: int = 64, match: str = "cosine", match_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MACState]:
     """Exact causal softmax attention over a prompt, returning ``(out, state)`` to continue with :func:`mac_step`.
 
     ``q (B, H, S, D)``, ``k (B, Hkv, S, D)``, ``v (B, Hkv, S, Dv)``; ``out (B, H, S, Dv)``. The last ``history``
-    prompt queries seed the ring. ``threshold``: the cosine similarity a match needs (``> 1`` disables reuse);
-    ``history``: the ring size; ``band``: how many most recent keys are always recomputed.
+    prompt queries seed the ring. ``threshold``: what a match needs (``match="cosine"``: the cosine similarity,
+    ``> 1`` disables reuse; ``"l2"``: ``‖q − q_r‖² < 2·D·(1 − threshold)²``, ``≥ 1`` disables it); ``history``: the
+    ring size; ``band``: how many most recent keys are always recomputed; ``match_q``: the queries to match (pre-RoPE,
+    as the paper does), default ``q``.
     """
     _check_inputs(q, k, v)
+    if match not in MATCHES:
+        raise fail("match", f"one of {list(MATCHES)}", repr(match))
+    match_q = _checked_match_q(match_q, q)
     if not isinstance(history, int) or history < 1:
         raise fail("history", "an int >= 1", history)
     if not isinstance(band, int) or band < 1:
@@ -109,7 +121,7 @@ def mac_prefill(
     v_buf[:, :, :s] = v
     state = MACState(
         k=k_buf, v=v_buf, length=s, scale=scale_, threshold=float(threshold), history=history, band=band,
-        ring_q=q.new_zeros(b, h, history, d), ring_out=q.new_zeros(b, h, history, v.shape[-1]),
+        match=match, ring_q=q.new_zeros(b, h, history, d), ring_out=q.new_zeros(b, h, history, v.shape[-1]),
         ring_lse=q.new_full((b, h, history), float("-inf")),
         ring_cut=torch.full((history,), -1, dtype=torch.long, device=q.device),
     )
@@ -117,32 +129,36 @@ def mac_prefill(
     cuts = (seeds + 1 - band).clamp(min=0)
     old_out, old_lse = softmax_attention_lse(q[:, :, seeds], k, v, scale_, mask=pos[None, :] < cuts[:, None])
     for i, cut in enumerate(cuts.tolist()):
-        _push(state, q[:, :, seeds[i]], old_out[:, :, i], old_lse[:, :, i], cut)
+        _push(state, match_q[:, :, seeds[i]], old_out[:, :, i], old_lse[:, :, i], cut)
     return out, state
 
 
 def mac_step(
-    state: MACState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    state: MACState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, match_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MACState]:
     """Decode ``T`` new tokens (``q (B, H, T, D)``, ``k``/``v (B, Hkv, T, ·)``) token by token; ``(out, state)``.
 
-    The state is updated in place (its buffers grow by doubling) and returned.
+    ``match_q``: the queries matched against the ring (pre-RoPE), default ``q``. The state is updated in place (its
+    buffers grow by doubling) and returned.
     """
     if not isinstance(state, MACState):
         raise fail("state", "a MACState from mac_prefill or mac_step", type(state).__name__)
     _check_inputs(q, k, v)
     if q.shape[0] != state.ring_q.shape[0] or q.shape[1] != state.ring_q.shape[1] or k.shape[1] != state.k.shape[1]:
         raise fail("q", f"batch and heads of the prefill {tuple(state.ring_q.shape[:2])}", tuple(q.shape[:2]))
-    outs = [_step_one(state, q[:, :, t], k[:, :, t:t + 1], v[:, :, t:t + 1]) for t in range(q.shape[2])]
+    match_q = _checked_match_q(match_q, q)
+    outs = [_step_one(state, q[:, :, t], k[:, :, t:t + 1], v[:, :, t:t + 1], match_q[:, :, t])
+            for t in range(q.shape[2])]
     return torch.stack(outs, dim=2), state
 
 
-def _step_one(state: MACState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _step_one(state: MACState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, match_q: torch.Tensor,
+              ) -> torch.Tensor:
     """One token: append its key/value, match, amend, complete, push; returns ``out (B, H, Dv)``."""
     _append(state, k, v)
     n, band, hist = state.length, state.band, state.history
     split = max(n - band, 0)  # keys [split, n): the band, always recomputed
-    reused_out, reused_lse, cut, hit = _match(state, q)
+    reused_out, reused_lse, cut, hit = _match(state, match_q)
     q4 = q.unsqueeze(2)
     band_out, band_lse = softmax_attention_lse(q4, state.k[:, :, split:n], state.v[:, :, split:n], state.scale)
     start = max(split - hist, 0)  # a hit's cut is never older than this: keys [cut, split) lie in [start, split)
@@ -158,16 +174,22 @@ def _step_one(state: MACState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     out, _ = merge([old_out, band_out.squeeze(2)], [old_lse, band_lse.squeeze(2)])
     state.hits += int(hit.sum())
     state.lookups += hit.numel()
-    _push(state, q, old_out, old_lse, split)
+    _push(state, match_q, old_out, old_lse, split)
     return out
 
 
 def _match(state: MACState, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reused ``(out, lse)`` of each row, its cut ``(B, H)`` and whether it matched (misses: empty, cut 0)."""
-    sim = torch.nn.functional.cosine_similarity(state.ring_q, q.unsqueeze(2), dim=-1)
-    sim = sim.masked_fill(state.ring_cut < 0, float("-inf"))
-    best, slot = sim.max(dim=-1)
-    hit = best >= state.threshold
+    empty = state.ring_cut < 0
+    if state.match == "cosine":
+        sim = torch.nn.functional.cosine_similarity(state.ring_q, q.unsqueeze(2), dim=-1)
+        best, slot = sim.masked_fill(empty, float("-inf")).max(dim=-1)
+        hit = best >= state.threshold
+    else:
+        dist = (state.ring_q - q.unsqueeze(2)).square().sum(dim=-1)
+        best, slot = dist.masked_fill(empty, float("inf")).min(dim=-1)
+        radius = 2 * q.shape[-1] * (1 - state.threshold) ** 2 if state.threshold < 1 else 0.0  # ≥ 1: never
+        hit = best < radius
     gather = slot.unsqueeze(-1)
     out = state.ring_out.gather(2, gather.unsqueeze(-1).expand(-1, -1, -1, state.ring_out.shape[-1])).squeeze(2)
     lse = state.ring_lse.gather(2, gather).squeeze(2)
@@ -217,6 +239,16 @@ def _push(state: MACState, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
     state.ring_lse[:, :, slot] = lse
     state.ring_cut[slot] = cut
     state.next_slot = (slot + 1) % state.history
+
+
+def _checked_match_q(match_q: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """``match_q`` if it is shaped and typed like ``q`` (``q`` itself when None)."""
+    if match_q is None:
+        return q
+    if not isinstance(match_q, torch.Tensor) or match_q.shape != q.shape or match_q.dtype != q.dtype:
+        got = f"{tuple(match_q.shape)} {match_q.dtype}" if isinstance(match_q, torch.Tensor) else type(match_q).__name__
+        raise fail("match_q", f"a tensor shaped and typed like q {tuple(q.shape)} {q.dtype}", got)
+    return match_q
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
