@@ -12,7 +12,8 @@ log-sum-exp. It takes the fastest exact route on CPU:
   causal flag when ``Sq = Sk`` and no group is folded, else an additive ``0/−inf`` mask over the folded rows; one
   query (``Sq = 1``) sees every key and needs no mask;
 - when autograd records the call (a tensor requires grad) the flash kernel, which gives no gradient for its
-  log-sum-exp, is replaced by :func:`attnzoo.kernels.dense.softmax_attention_lse` (differentiable through both);
+  log-sum-exp, is replaced by :func:`attnzoo.kernels.dense.softmax_attention_lse` (differentiable through both),
+  and so it is when values and keys differ in width (``Dv ≠ D``: the flash kernel wants one head size);
 - a part with no key (``Sk = 0``) gives output 0 and log-sum-exp ``−inf``: it weighs nothing in a merge.
 """
 
@@ -35,7 +36,7 @@ def part_attention(
     causal = causal and sq > 1
     if sk == 0:
         return q.new_zeros(b, h, sq, v.shape[-1]), q.new_full((b, h, sq), float("-inf"))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if v.shape[-1] != d or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
         return softmax_attention_lse(q, k, v, scale, masks.combine(causal, None, sq, sk, q.device))
     if causal and h == hkv and sq == sk:

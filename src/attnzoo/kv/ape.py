@@ -93,7 +93,7 @@ def ape_encode(
     (B, H, L_i, D), ``contexts_k[i]``/``contexts_v[i]`` (B, Hkv, L_i, D/Dv): each context's projections (lengths may
     differ). ``scale`` defaults to ``D ** -0.5``. Exact (no temperature: APE only adjusts the query's attention).
     """
-    _check_contexts(prefix_k, prefix_v, contexts_k, contexts_v, batch=None)
+    _check_contexts(prefix_k, prefix_v, contexts_k, contexts_v, batch=None, d=None)
     _check_context_queries(contexts_q, contexts_k, prefix_k)
     scale = _scale(scale, prefix_k.shape[-1])
     stacked = torch.cat(list(contexts_q), dim=2)  # every context's queries read the prefix in one call
@@ -185,7 +185,7 @@ def ape_prefill(
     to the prefix and to every context (``contexts_k[i]``/``contexts_v[i]`` (B, Hkv, L_i, ·), as encoded by
     :func:`ape_encode`); returns ``(out (B, H, Sq, Dv), state)`` for :func:`ape_step`."""
     _check_query(q)
-    _check_contexts(prefix_k, prefix_v, contexts_k, contexts_v, batch=q.shape[0])
+    _check_contexts(prefix_k, prefix_v, contexts_k, contexts_v, batch=q.shape[0], d=q.shape[-1])
     context_k, context_v = torch.cat(list(contexts_k), dim=2), torch.cat(list(contexts_v), dim=2)
     _check_attention(q, prefix_k, prefix_v, context_k, context_v, k, v, own_names=("k", "v"))
     _check_factor("temperature", temperature)
@@ -269,10 +269,11 @@ def _check_kv(
 
 def _check_contexts(
     prefix_k: torch.Tensor, prefix_v: torch.Tensor, contexts_k: Sequence[torch.Tensor],
-    contexts_v: Sequence[torch.Tensor], batch: int | None,
+    contexts_v: Sequence[torch.Tensor], batch: int | None, d: int | None,
 ) -> None:
-    """The prefix, and a non-empty list of contexts, each ``(B, Hkv, L_i ≥ 1, ·)`` with the prefix's heads/dims."""
-    _check_kv(("prefix_k", "prefix_v"), prefix_k, prefix_v, batch, None, None, None, shared=True)
+    """The prefix (batch and head dim ``d`` where given: the query's), and a non-empty list of contexts, each
+    ``(B, Hkv, L_i ≥ 1, ·)`` with the prefix's heads and dims."""
+    _check_kv(("prefix_k", "prefix_v"), prefix_k, prefix_v, batch, None, d, None, shared=True)
     for name, seq in (("contexts_k", contexts_k), ("contexts_v", contexts_v)):
         if not isinstance(seq, (list, tuple)) or not seq:
             got = f"an empty {type(seq).__name__}" if isinstance(seq, (list, tuple)) else type(seq).__name__
