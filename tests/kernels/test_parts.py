@@ -1,5 +1,6 @@
 """part_attention: one key part's output and log-sum-exp equal dense attention on every route (flash with GQA
-folded, batch-shared part, causal square and bottom-right, autograd), and an empty part weighs nothing."""
+folded, batch-shared part, causal square and bottom-right, values narrower than keys, autograd), and an empty part
+weighs nothing."""
 
 from __future__ import annotations
 
@@ -18,25 +19,17 @@ def _dense(q, k, v, scale, causal):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("hkv", [4, 2])
+@pytest.mark.parametrize("dv", [8, 5])  # values narrower than keys: the dense route
 @pytest.mark.parametrize(("sq", "sk", "causal", "kv_batch"), [
     (5, 9, False, 3), (5, 9, False, 1), (6, 6, True, 3), (4, 9, True, 3), (1, 9, True, 3),
 ])
-def test_equals_dense_attention(dtype, hkv, sq, sk, causal, kv_batch):
+def test_equals_dense_attention(dtype, hkv, dv, sq, sk, causal, kv_batch):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 4, sq, 8, generator=g, dtype=dtype)
-    k, v = (torch.randn(kv_batch, hkv, sk, 8, generator=g, dtype=dtype) for _ in range(2))
+    k, v = torch.randn(kv_batch, hkv, sk, 8, generator=g, dtype=dtype), torch.randn(kv_batch, hkv, sk, dv,
+                                                                                 generator=g, dtype=dtype)
     out, lse = part_attention(q, k, v, 0.3, causal=causal)
     want_out, want_lse = _dense(q, k, v, 0.3, causal)
-    torch.testing.assert_close(out, want_out)
-    torch.testing.assert_close(lse, want_lse)
-
-
-def test_values_narrower_than_keys():
-    g = torch.Generator().manual_seed(2)
-    q, k = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g)
-    v = torch.randn(2, 2, 7, 5, generator=g)
-    out, lse = part_attention(q, k, v, 0.3, causal=True)
-    want_out, want_lse = _dense(q, k, v, 0.3, True)
     torch.testing.assert_close(out, want_out)
     torch.testing.assert_close(lse, want_lse)
 
