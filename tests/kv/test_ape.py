@@ -128,6 +128,15 @@ def test_unit_temperature_and_scaling_is_softmax_over_every_key():
     torch.testing.assert_close(out, _causal_sdpa(q, keys, values))
 
 
+def test_an_empty_prefix_is_plain_parallel_encoding():
+    x = _request(p=0, prefix_batch=2)
+    outs = ape_encode(x["prefix_k"], x["prefix_v"], x["contexts_q"], x["contexts_k"], x["contexts_v"])
+    for q, k, v, out in zip(x["contexts_q"], x["contexts_k"], x["contexts_v"], outs, strict=True):
+        torch.testing.assert_close(out, _causal_sdpa(q, k, v))
+    args = _parts(x)
+    torch.testing.assert_close(ape_attention(*args), ape_reference(*args))
+
+
 def test_temperature_sharpens_the_contexts_and_scaling_shrinks_their_share():
     """On one context token against one plain key, the weights follow the definition's closed form."""
     q = torch.ones(1, 1, 1, 1, dtype=torch.float64)

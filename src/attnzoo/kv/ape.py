@@ -41,8 +41,12 @@ scaling factor" agrees):
 - defaults ``T = S = 0.9``: the public README and demo ("preserving over 90% performance on few-shot tasks"); the
   paper tunes both per task. Any positive finite ``T`` and ``S`` is accepted (the paper lowers the temperature and
   scales down: ``≤ 1``), one value for every head;
-- the shared prefix is stored once (batch 1 shared by every sequence, or one per sequence) and is never tempered:
-  with the query's own tokens it is the plain part ``O`` (the attention sink the prefix exists to hold);
+- positions as in the public demo: contexts are encoded at the positions following the prefix (right-padded to
+  the longest, so each starts at ``P``) and the query continues from the largest position used, ``P + max L_i``;
+- the shared prefix is stored once, as the public demo keeps one copy of it in front of the contexts' tokens
+  (batch 1 shared by every sequence, or one per sequence here), and is never tempered: with the query's own tokens it
+  is the plain part ``O`` (it holds the attention sink, the reason the paper prepends it); an empty prefix
+  (``P = 0``) is allowed and gives plain parallel encoding;
 - contexts are not masked from one another at query time: the query reads their union as one set, so where one
   context ends does not matter after encoding (:class:`APEState` keeps their concatenation);
 - the query's own and generated tokens live in a :class:`~attnzoo.kv.cache.KVCache` (amortised appends); the prefix
