@@ -11,9 +11,9 @@ log-sum-exp. It takes the fastest exact route on CPU:
 - a causal part is bottom-right aligned (query ``i`` of ``Sq`` sees keys ``j ≤ Sk − Sq + i``): the kernel's own
   causal flag when ``Sq = Sk`` and no group is folded, else an additive ``0/−inf`` mask over the folded rows; one
   query (``Sq = 1``) sees every key and needs no mask;
-- when autograd records the call (a tensor requires grad) the flash kernel, which gives no gradient for its
-  log-sum-exp, is replaced by :func:`attnzoo.kernels.dense.softmax_attention_lse` (differentiable through both),
-  and so it is when values and keys differ in width (``Dv ≠ D``: the flash kernel wants one head size);
+- the flash kernel is replaced by :func:`attnzoo.kernels.dense.softmax_attention_lse` (dense, GQA without copies)
+  when autograd records the call (a tensor requires grad: the flash kernel gives no gradient for its log-sum-exp),
+  when values and keys differ in width (``Dv ≠ D``: the flash kernel wants one head size) and off CPU;
 - a part with no key (``Sk = 0``) gives output 0 and log-sum-exp ``−inf``: it weighs nothing in a merge.
 """
 
@@ -36,7 +36,8 @@ def part_attention(
     causal = causal and sq > 1
     if sk == 0:
         return q.new_zeros(b, h, sq, v.shape[-1]), q.new_full((b, h, sq), float("-inf"))
-    if v.shape[-1] != d or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if recording or v.shape[-1] != d or q.device.type != "cpu":
         k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
         return softmax_attention_lse(q, k, v, scale, masks.combine(causal, None, sq, sk, q.device))
     if causal and h == hkv and sq == sk:
