@@ -39,8 +39,9 @@ experiments computes ``logsumexp(s / T) · T · S`` — and the paper's wording 
 scaling factor" agrees):
 
 - defaults ``T = S = 0.9``: the public README and demo ("preserving over 90% performance on few-shot tasks"); the
-  paper tunes both per task. Any positive finite ``T`` and ``S`` is accepted (the paper lowers the temperature and
-  scales down: ``≤ 1``), one value for every head;
+  public experiments set them per task (e.g. ``T = 0.9, S = 1.0`` for RAG, others commented out) and the paper
+  names the sensitivity to them as a limitation. Any positive finite ``T`` and ``S`` is accepted (the workshop
+  abstract speaks of a *lower* temperature; the public values are all ``≤ 1``), one value for every head;
 - positions as in the public demo: contexts are encoded at the positions following the prefix (right-padded to
   the longest, so each starts at ``P``) and the query continues from the largest position used, ``P + max L_i``;
 - the shared prefix is stored once, as the public demo keeps one copy of it in front of the contexts' tokens
