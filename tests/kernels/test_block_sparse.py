@@ -7,6 +7,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.kernels import block_sparse
+from attnzoo.kernels.dense import softmax_attention_lse
 from tests.helpers import assert_low_precision_close, assert_matches_reference, qkv
 
 
@@ -42,3 +43,32 @@ def test_block_sparse_autograd_fallback(monkeypatch):
     v = torch.randn(1, 2, n, 5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(1, 4, n, n, dtype=torch.float64, requires_grad=True)
     assert_matches_reference("radial", q, k, v, bias=bias, grads=(bias,), layout=(8, 8), text_tokens=2, block_size=4)
+
+
+def test_block_sparse_attention_returns_the_lse(monkeypatch):
+    # a layout over the first 24 of 27 queries (a dense tail), a partial last key block, GQA, a user mask with an
+    # empty row, many chunks: (out, lse) and the gradients through both equal dense attention over the same keys
+    monkeypatch.setattr(block_sparse, "GATHER_BYTES", 1)
+    n, bs = 27, 4
+    q, k, v = qkv(2, 4, 2, n, requires_grad=True)
+    g = torch.Generator().manual_seed(4)
+    blocks = torch.rand(6, 7, generator=g) < 0.5
+    blocks[1] = False  # a query block that sees nothing
+    mask = torch.rand(2, 1, n, n, generator=g) > 0.3
+    mask[:, :, 9] = False
+    seen = torch.ones(n, n, dtype=torch.bool)
+    seen[:24] = blocks.repeat_interleave(bs, 0).repeat_interleave(bs, 1)[:, :n]
+    layout = block_sparse.BlockLayout(blocks, bs)
+    got = block_sparse.block_sparse_attention(q, k, v, scale=0.3, layout=layout, mask=mask, return_lse=True)
+    want = softmax_attention_lse(q, k, v, 0.3, seen & mask, None)
+    empty = torch.isneginf(want[1])
+    assert torch.equal(torch.isneginf(got[1]), empty) and bool(empty[:, :, 4:8].all())
+    cot_out, cot_lse = torch.randn_like(want[0]), torch.randn_like(want[1])
+    grads = []
+    for out, lse in (got, want):
+        torch.testing.assert_close(out, want[0], atol=1e-10, rtol=1e-10)
+        lse = lse.masked_fill(empty, 0)
+        torch.testing.assert_close(lse, want[1].masked_fill(empty, 0), atol=1e-10, rtol=1e-10)
+        grads.append(torch.autograd.grad((out * cot_out).sum() + (lse * cot_lse).sum(), (q, k, v)))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
