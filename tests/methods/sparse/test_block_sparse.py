@@ -12,7 +12,7 @@ import attnzoo as az
 from attnzoo.errors import AttnzooError
 from attnzoo.kernels import block_sparse
 from attnzoo.kernels.selection import BlockSelection, random_selection, topk_blocks
-from tests.helpers import assert_matches_reference, qkv
+from tests.helpers import assert_lse_matches_reference, assert_matches_reference, qkv
 
 
 def _selection(blocks: torch.Tensor, sq: int, skv: int, bq: int, bk: int) -> BlockSelection:
@@ -126,28 +126,6 @@ def test_causal_own_block_selections_match_reference(h, hkv, sq, skv):
     assert_matches_reference("block_sparse", q, k, v, causal=True, selection=sel)
 
 
-def _assert_lse_matches_reference(q, k, v, *, causal, mask=None, **params):
-    """``return_lse=True`` of the torch path equals the reference's ``(out, lse)`` (``-inf`` on the same rows), and
-    the gradients of ``⟨c_o, out⟩ + ⟨c_l, lse⟩`` with respect to q, k, v are the reference's."""
-    got = az.attention(q, k, v, method="block_sparse", backend="torch", causal=causal, mask=mask, return_lse=True,
-                       **params)
-    want = az.attention(q, k, v, method="block_sparse", backend="reference", causal=causal, mask=mask,
-                        return_lse=True, **params)
-    empty = torch.isneginf(want[1])
-    assert torch.equal(torch.isneginf(got[1]), empty)
-    g = torch.Generator().manual_seed(11)
-    cot_out = torch.randn(want[0].shape, generator=g, dtype=want[0].dtype)
-    cot_lse = torch.randn(want[1].shape, generator=g, dtype=want[1].dtype).masked_fill(empty, 0)
-    grads = []
-    for out, lse in (got, want):
-        torch.testing.assert_close(out, want[0], atol=1e-10, rtol=1e-10)
-        torch.testing.assert_close(lse.masked_fill(empty, 0), want[1].masked_fill(empty, 0), atol=1e-10, rtol=1e-10)
-        loss = (out * cot_out).sum() + (lse.masked_fill(empty, 0) * cot_lse).sum()
-        grads.append(torch.autograd.grad(loss, (q, k, v)))
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
-
-
 @pytest.mark.parametrize(
     ("h", "hkv", "sq", "skv", "bq", "bk", "dv", "own"),
     [
@@ -164,7 +142,7 @@ def test_key_major_schedule_returns_the_lse(h, hkv, sq, skv, bq, bk, dv, own):
     blocks[0, 0, 1] = False  # a query block that selects nothing
     if own:
         blocks |= torch.arange(nk) == ((torch.arange(nq) * bq + skv - sq) // bk).unsqueeze(1)
-    _assert_lse_matches_reference(q, k, v, causal=True, selection=_selection(blocks, sq, skv, bq, bk))
+    assert_lse_matches_reference("block_sparse", q, k, v, causal=True, selection=_selection(blocks, sq, skv, bq, bk))
 
 
 @pytest.mark.parametrize("dv", [8, 5])
@@ -176,5 +154,5 @@ def test_query_major_schedule_returns_the_lse_in_many_chunks(monkeypatch, dv):
     mask = torch.rand(2, 1, 30, 30, generator=g) > 0.3
     mask[:, :, 3] = False
     sel = random_selection(2, 4, density=0.5, block_q=4, block_k=8, seq_q=30, seq_kv=30, generator=g)
-    _assert_lse_matches_reference(q, k, v, causal=True, mask=mask, selection=sel)
-    _assert_lse_matches_reference(q, k, v, causal=False, selection=sel)
+    assert_lse_matches_reference("block_sparse", q, k, v, causal=True, mask=mask, selection=sel)
+    assert_lse_matches_reference("block_sparse", q, k, v, causal=False, selection=sel)
