@@ -46,7 +46,7 @@ AND causal, then a dense masked softmax. Fast path ``torch`` (:func:`torch_gated
 :func:`attnzoo.kernels.block_sparse.selected_attention` (time ``O(density · N² · d)`` plus the gate's
 ``O(N·d + Nq·Nk·F)``). Fast path ``flex``: the same selection as a FlexAttention block mask. The output is one
 softmax over the keys of the selected blocks, so the method returns its log-sum-exp (``return_lse=True``, from the
-reference and ``torch``; the gate's own log-sum-exps are another matter).
+reference and ``torch``).
 
 Decoding (:data:`DECODER`; ``query_block`` must be 1, the form in which a decoded token is a query block of its own,
 as SeerAttention's decode gate scores each new token): :func:`decode_prefill` runs the torch path over the prompt and
