@@ -33,6 +33,12 @@ Two implementations of the block rows, same chunks:
 - elsewhere (CUDA, ``D != Dv`` — the CPU kernel wants equal head dims — or a ``bias`` that needs a gradient):
   :func:`_autograd_blocks`, SDPA per chunk under autograd with each chunk checkpointed (recomputed in the backward pass)
   so that training memory stays O(N·d) plus one chunk.
+
+``return_lse=True`` (both functions) also returns the rows' log-sum-exp ``(B, H, Sq)``: the flash Function returns
+the buffer it fills anyway (``-inf`` on rows that see no key) and folds its gradient into the kernel's backward
+(:func:`attnzoo.kernels.dense.lse_grad_inputs`); the autograd path runs
+:func:`~attnzoo.kernels.dense.softmax_attention_lse` per chunk instead of SDPA; a dense query tail runs
+:func:`~attnzoo.kernels.dense.attention_lse`.
 """
 
 from __future__ import annotations

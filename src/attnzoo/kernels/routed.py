@@ -21,6 +21,9 @@ Each call returns its rows' outputs and log-sum-exps; each query's rows are merg
   ``O`` and ``L`` of its rows, so its ``dQ``/``dK``/``dV`` is its exact share, scatter-added. Saved: Q, K, V, O, L.
 - elsewhere (:func:`_groups_torch`): the same groups in plain torch ops with autograd.
 
+``return_lse=True`` also returns the merged ``L`` (``-inf`` on rows that see no key); on CPU its gradient rides along
+in each call's kernel backward (:func:`attnzoo.kernels.dense.lse_grad_inputs`, with the global ``O`` and ``L``).
+
 Time ``O(pairs·block_k·d)`` plus a Python step per non-empty group (``B·Hkv·⌈Skv/block_k⌉`` at most); memory
 ``O(pairs·d)``. The causal mask is token-level inside the selected blocks (query ``i`` sees key
 ``j ≤ i + seq_kv − seq_q``); keys past ``seq_kv`` are never seen; a query with nothing selected or visible gives 0.
