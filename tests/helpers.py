@@ -79,10 +79,16 @@ def assert_lse_matches_reference(
     method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
     mask: torch.Tensor | None = None, backend: str = "torch", **params: Any,
 ) -> None:
-    """``return_lse=True`` of ``backend`` equals the reference's ``(out, lse)`` to 1e-10 (``-inf`` on the same rows),
-    and so do the gradients of ``⟨c_o, out⟩ + ⟨c_l, lse⟩`` with respect to ``q``, ``k``, ``v`` (fp64 leaves)."""
+    """``return_lse=True`` of ``backend`` equals the reference's ``(out, lse)`` (:func:`assert_same_out_and_lse`)."""
     kw: dict[str, Any] = dict(method=method, causal=causal, mask=mask, return_lse=True, **params)
     got, want = az.attention(q, k, v, backend=backend, **kw), az.attention(q, k, v, backend="reference", **kw)
+    assert_same_out_and_lse(got, want, (q, k, v))
+
+
+def assert_same_out_and_lse(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor],
+                            inputs: tuple[torch.Tensor, ...]) -> None:
+    """``got`` equals ``want``, two ``(out, lse)`` pairs, to 1e-10 (``-inf`` on the same rows), and so do the
+    gradients of ``⟨c_o, out⟩ + ⟨c_l, lse⟩`` with respect to ``inputs`` (fp64 leaves)."""
     empty = torch.isneginf(want[1])
     assert torch.equal(torch.isneginf(got[1]), empty), "lse is not -inf on exactly the rows that see no key"
     g = torch.Generator().manual_seed(11)
@@ -93,7 +99,7 @@ def assert_lse_matches_reference(
         torch.testing.assert_close(out, want[0], atol=1e-10, rtol=1e-10)
         lse = lse.masked_fill(empty, 0)
         torch.testing.assert_close(lse, want[1].masked_fill(empty, 0), atol=1e-10, rtol=1e-10)
-        grads.append(torch.autograd.grad((out * cot_out).sum() + (lse * cot_lse).sum(), (q, k, v)))
+        grads.append(torch.autograd.grad((out * cot_out).sum() + (lse * cot_lse).sum(), inputs))
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
