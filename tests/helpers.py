@@ -75,6 +75,35 @@ def assert_matches_reference(
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
+def assert_lse_matches_reference(
+    method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+    mask: torch.Tensor | None = None, backend: str = "torch", **params: Any,
+) -> None:
+    """``return_lse=True`` of ``backend`` equals the reference's ``(out, lse)`` (:func:`assert_same_out_and_lse`)."""
+    kw: dict[str, Any] = dict(method=method, causal=causal, mask=mask, return_lse=True, **params)
+    got, want = az.attention(q, k, v, backend=backend, **kw), az.attention(q, k, v, backend="reference", **kw)
+    assert_same_out_and_lse(got, want, (q, k, v))
+
+
+def assert_same_out_and_lse(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor],
+                            inputs: tuple[torch.Tensor, ...]) -> None:
+    """``got`` equals ``want``, two ``(out, lse)`` pairs, to 1e-10 (``-inf`` on the same rows), and so do the
+    gradients of ``⟨c_o, out⟩ + ⟨c_l, lse⟩`` with respect to ``inputs`` (fp64 leaves)."""
+    empty = torch.isneginf(want[1])
+    assert torch.equal(torch.isneginf(got[1]), empty), "lse is not -inf on exactly the rows that see no key"
+    g = torch.Generator().manual_seed(11)
+    cot_out = torch.randn(want[0].shape, generator=g, dtype=want[0].dtype)
+    cot_lse = torch.randn(want[1].shape, generator=g, dtype=want[1].dtype)
+    grads = []
+    for out, lse in (got, want):
+        torch.testing.assert_close(out, want[0], atol=1e-10, rtol=1e-10)
+        lse = lse.masked_fill(empty, 0)
+        torch.testing.assert_close(lse, want[1].masked_fill(empty, 0), atol=1e-10, rtol=1e-10)
+        grads.append(torch.autograd.grad((out * cot_out).sum() + (lse * cot_lse).sum(), inputs))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
 def assert_low_precision_close(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **params: Any) -> None:
     """fp32 and bf16 outputs of the torch path close to the fp64 reference, with finite gradients."""
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):

@@ -335,7 +335,8 @@ def _with_lse(m: Method, backend: str, x: Inputs, causal: bool, cot: tuple[torch
     if tensors:
         finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         loss = (out * cot[0]).sum() + (finite * cot[1]).sum()
-        named.update(zip(tensors, torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)))
+        grads = torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)
+        named.update(zip((f"d{n}" for n in tensors), grads, strict=True))  # "d" + name: a parameter may be "lse"
     return named
 
 
@@ -356,7 +357,7 @@ def _compare_lse(got: dict[str, Any], want: dict[str, Any], tol: Tolerance, grad
             g, w = g.masked_fill(hidden, 0.0), w.masked_fill(hidden, 0.0)
         problem = _close(g, w, tol if name in ("out", "lse") else grad_tol)
         if problem is not None:
-            return f"{name if name in ('out', 'lse') else 'd' + name}: {problem}"
+            return f"{name}: {problem}"
     return None
 
 

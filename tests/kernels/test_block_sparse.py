@@ -1,5 +1,6 @@
 """The block-sparse kernel (radial attention's block path): the CPU flash Function in many chunks (GQA, a partial
-key block, a text tail, a user mask with an empty row, a bias, low precision), and the autograd fallback."""
+key block, a text tail, a user mask with an empty row, a bias, low precision), the autograd fallback, and
+return_lse (values and gradients through both outputs)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 
 import attnzoo as az
 from attnzoo.kernels import block_sparse
-from tests.helpers import assert_low_precision_close, assert_matches_reference, qkv
+from attnzoo.kernels.dense import softmax_attention_lse
+from tests.helpers import assert_low_precision_close, assert_matches_reference, assert_same_out_and_lse, qkv
 
 
 def test_block_sparse_flash_backward_in_many_chunks(monkeypatch):
@@ -42,3 +44,23 @@ def test_block_sparse_autograd_fallback(monkeypatch):
     v = torch.randn(1, 2, n, 5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(1, 4, n, n, dtype=torch.float64, requires_grad=True)
     assert_matches_reference("radial", q, k, v, bias=bias, grads=(bias,), layout=(8, 8), text_tokens=2, block_size=4)
+
+
+def test_block_sparse_attention_returns_the_lse(monkeypatch):
+    # a layout over the first 24 of 27 queries (a dense tail), a partial last key block, GQA, a user mask with an
+    # empty row, many chunks: (out, lse) and the gradients through both equal dense attention over the same keys
+    monkeypatch.setattr(block_sparse, "GATHER_BYTES", 1)
+    n, bs = 27, 4
+    q, k, v = qkv(2, 4, 2, n, requires_grad=True)
+    g = torch.Generator().manual_seed(4)
+    blocks = torch.rand(6, 7, generator=g) < 0.5
+    blocks[1] = False  # a query block that sees nothing
+    mask = torch.rand(2, 1, n, n, generator=g) > 0.3
+    mask[:, :, 9] = False
+    seen = torch.ones(n, n, dtype=torch.bool)
+    seen[:24] = blocks.repeat_interleave(bs, 0).repeat_interleave(bs, 1)[:, :n]
+    layout = block_sparse.BlockLayout(blocks, bs)
+    got = block_sparse.block_sparse_attention(q, k, v, scale=0.3, layout=layout, mask=mask, return_lse=True)
+    want = softmax_attention_lse(q, k, v, 0.3, seen & mask, None)
+    assert bool(torch.isneginf(want[1][:, :, 4:8]).all())
+    assert_same_out_and_lse(got, want, (q, k, v))

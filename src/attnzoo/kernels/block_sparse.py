@@ -33,6 +33,12 @@ Two implementations of the block rows, same chunks:
 - elsewhere (CUDA, ``D != Dv`` — the CPU kernel wants equal head dims — or a ``bias`` that needs a gradient):
   :func:`_autograd_blocks`, SDPA per chunk under autograd with each chunk checkpointed (recomputed in the backward pass)
   so that training memory stays O(N·d) plus one chunk.
+
+``return_lse=True`` (both functions) also returns the rows' log-sum-exp ``(B, H, Sq)``: the flash Function returns
+the buffer it fills anyway (``-inf`` on rows that see no key) and folds its gradient into the kernel's backward
+(:func:`attnzoo.kernels.dense.lse_grad_inputs`); the autograd path runs
+:func:`~attnzoo.kernels.dense.softmax_attention_lse` per chunk instead of SDPA; a dense query tail runs
+:func:`~attnzoo.kernels.dense.attention_lse`.
 """
 
 from __future__ import annotations
@@ -45,7 +51,13 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from attnzoo.kernels.band import gather_pairs
-from attnzoo.kernels.dense import flash_cpu, flash_cpu_backward
+from attnzoo.kernels.dense import (
+    attention_lse,
+    flash_cpu,
+    flash_cpu_backward,
+    lse_grad_inputs,
+    softmax_attention_lse,
+)
 from attnzoo.kernels.routed import routed_attention
 from attnzoo.kernels.selection import BlockSelection
 
@@ -98,15 +110,16 @@ class BlockLayout:
 
 def block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, layout: BlockLayout,
-    mask: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+    mask: torch.Tensor | None = None, bias: torch.Tensor | None = None, return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of ``q (B, H, Sq, D)`` over ``k, v (B, Hkv, Skv, ·)`` restricted to a block layout.
 
     The layout covers the first ``nq·B ≤ Sq`` queries and all keys (``nk = ⌈Skv / B⌉``; the last key block may be
     partial: K/V are zero-padded once and the padded keys masked). ``mask``/``bias``: optional 4-D views
     broadcastable to ``(B, H, Sq, Skv)``, applied on top of the layout. On CPU with ``D == Dv`` the block rows run
     through :class:`_FlashBlocks` (flash forward/backward per chunk); elsewhere, and when ``bias`` needs a gradient,
-    through autograd with checkpointed chunks (:func:`_autograd_blocks`).
+    through autograd with checkpointed chunks (:func:`_autograd_blocks`). ``return_lse``: also each row's
+    log-sum-exp ``(B, H, Sq)`` (see :func:`selected_attention`).
     """
     b, h, sq, d = q.shape
     hkv, skv, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -120,24 +133,40 @@ def block_sparse_attention(
     q_blocks = q[:, :, : nq * bs].reshape(b, hkv, g, nq * bs, d).transpose(2, 3).reshape(b, hkv, nq, bs * g, d)
     kp, vp = (F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))) if pad else (k, v)
     k_blocks, v_blocks = kp.reshape(b, hkv, nk, bs, d), vp.reshape(b, hkv, nk, bs, dv)
-    rows_out = _run(q_blocks, k_blocks, v_blocks, scale, _Plan(layout, b, hkv, g, skv, d, dv, mask, bias, q.dtype))
-    if g == 1:
-        rows = rows_out.view(b, h, nq * bs, dv)
-    else:
-        rows = rows_out.view(b, hkv, nq * bs, g, dv).transpose(2, 3).reshape(b, h, nq * bs, dv)
+    rows_out, rows_lse = _run(q_blocks, k_blocks, v_blocks, scale,
+                              _Plan(layout, b, hkv, g, skv, d, dv, mask, bias, q.dtype), return_lse)
+
+    def heads_first(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, nq, B·G, ·) rows as (B, H, nq·B, ·)
+        if g == 1:
+            return x.view(b, h, nq * bs, x.shape[-1])
+        return x.view(b, hkv, nq * bs, g, x.shape[-1]).transpose(2, 3).reshape(b, h, nq * bs, x.shape[-1])
+
+    rows = heads_first(rows_out)
+    if rows_lse is None:
+        if sq == nq * bs:
+            return rows
+        return torch.cat([rows, _dense_rows(q, k, v, nq * bs, scale, mask, bias)], dim=2)
+    lse = heads_first(rows_lse.unsqueeze(-1)).squeeze(-1)
     if sq == nq * bs:
-        return rows
-    return torch.cat([rows, _dense_rows(q, k, v, nq * bs, scale, mask, bias)], dim=2)
+        return rows, lse
+    tail_mask = None if mask is None else mask if mask.shape[2] == 1 else mask[:, :, nq * bs :]
+    tail_bias = None if bias is None else bias if bias.shape[2] == 1 else bias[:, :, nq * bs :]
+    tail, tail_lse = attention_lse(q[:, :, nq * bs :], k, v, causal=False, scale=scale, mask=tail_mask,
+                                   bias=tail_bias)
+    return torch.cat([rows, tail], dim=2), torch.cat([lse, tail_lse.to(lse.dtype)], dim=2)
 
 
 def _run(q_blocks: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, scale: float,
-         plan: _Plan) -> torch.Tensor:
+         plan: _Plan, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A plan's chunks through :class:`_FlashBlocks` on CPU with ``D == Dv`` and no bias needing a gradient, else
-    through :func:`_autograd_blocks`."""
+    through :func:`_autograd_blocks`: the output rows ``(·, ·, units, rows, Dv)`` and, with ``return_lse``, their
+    log-sum-exp ``(·, ·, units, rows)`` (``-inf`` on rows that see no key; float32 at least), else None."""
     bias_grad = torch.is_grad_enabled() and plan.bias is not None and plan.bias.requires_grad
     if q_blocks.device.type == "cpu" and q_blocks.shape[-1] == v_blocks.shape[-1] and not bias_grad:
-        return _FlashBlocks.apply(q_blocks, k_blocks, v_blocks, scale, plan)
-    return _autograd_blocks(q_blocks, k_blocks, v_blocks, scale, plan)
+        if return_lse:
+            return _FlashBlocks.apply(q_blocks, k_blocks, v_blocks, scale, plan, True)
+        return _FlashBlocks.apply(q_blocks, k_blocks, v_blocks, scale, plan, False), None
+    return _autograd_blocks(q_blocks, k_blocks, v_blocks, scale, plan, return_lse)
 
 
 class _Plan:
@@ -198,17 +227,27 @@ class _Plan:
             return x
         return (x.view(self.b, self.hkv, -1, self.g, x.shape[-1]) * some.to(x.dtype)).view(x.shape)
 
-
+    def hide(self, lse: torch.Tensor, some: torch.Tensor | None) -> torch.Tensor:
+        """A chunk's row log-sum-exps ``lse`` (its output rows without their last axis) with ``-inf`` on the rows that
+        see no key (:meth:`keep` on ones marks them)."""
+        if some is None:
+            return lse
+        seen = self.keep(torch.ones_like(lse).unsqueeze(-1), some).squeeze(-1) > 0
+        return lse.masked_fill(~seen, float("-inf"))
 
 
 class _FlashBlocks(torch.autograd.Function):
     """Block rows on CPU: per chunk, gathered Q/K/V blocks through PyTorch's CPU flash kernel, which returns the
     row log-sum-exp; the backward pass feeds the saved output and log-sum-exp to the kernel's backward per chunk (no
-    forward recomputation) and scatters the chunk gradients into dQ/dK/dV allocated once."""
+    forward recomputation) and scatters the chunk gradients into dQ/dK/dV allocated once.
+
+    ``with_lse``: return ``(out, lse)``, ``lse`` ``-inf`` on the rows that see no key; its gradient rides along in
+    the kernel's backward (:func:`attnzoo.kernels.dense.lse_grad_inputs`), and those rows get ``lse = +inf`` there
+    (``P = 0``: no gradient reaches them)."""
 
     @staticmethod
     def forward(ctx: Any, q_blocks: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, scale: float,
-                plan: _Plan) -> torch.Tensor:
+                plan: _Plan, with_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         b, hkv, nq, rows_per_block, _ = q_blocks.shape
         out = q_blocks.new_empty(b, hkv, nq, rows_per_block, v_blocks.shape[-1])
         lse = q_blocks.new_empty(b, hkv, nq, rows_per_block, dtype=torch.promote_types(q_blocks.dtype, torch.float32))
@@ -216,23 +255,36 @@ class _FlashBlocks(torch.autograd.Function):
             index = rows.flatten()
             if cols is None:
                 out.index_fill_(2, index, 0)
-                lse.index_fill_(2, index, 0)
+                lse.index_fill_(2, index, float("-inf") if with_lse else 0)
                 continue
             attn, some = plan.logits(i)
             o, rows_lse = flash_cpu(plan.gather(q_blocks, rows), plan.gather(k_blocks, cols),
                                     plan.gather(v_blocks, cols), 0.0, False, attn_mask=attn, scale=scale)
+            if with_lse:
+                rows_lse = plan.hide(rows_lse, some)
             out.index_copy_(2, index, plan.keep(o, some).view(b, hkv, -1, *out.shape[3:]))
             lse.index_copy_(2, index, rows_lse.reshape(b, hkv, -1, rows_per_block))  # (B', L, n) strides
         ctx.save_for_backward(q_blocks, k_blocks, v_blocks, out, lse)
-        ctx.scale, ctx.plan = scale, plan
-        return out
+        ctx.scale, ctx.plan, ctx.with_lse = scale, plan, with_lse
+        if not with_lse:
+            return out
+        ctx.set_materialize_grads(False)
+        return out, lse
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad: torch.Tensor | None, grad_lse: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor | None, ...]:
         q_blocks, k_blocks, v_blocks, out, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        b, hkv, _, rows_per_block, _ = q_blocks.shape
+        b, hkv, _, rows_per_block, d = q_blocks.shape
+        dv_dim = v_blocks.shape[-1]
+        if grad is None:
+            grad = torch.zeros_like(out)
+        if ctx.with_lse:  # rows that see no key: P = exp(s − ∞) = 0
+            empty = torch.isneginf(lse)
+            lse = lse.masked_fill(empty, float("inf"))
+            grad_lse = None if grad_lse is None else grad_lse.masked_fill(empty, 0)
         dq = q_blocks.new_empty(q_blocks.shape)
         dk, dv = (torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (k_blocks, v_blocks))
         for i, (rows, cols) in enumerate(plan.chunks):
@@ -241,46 +293,61 @@ class _FlashBlocks(torch.autograd.Function):
                 continue
             attn, some = plan.logits(i)
             lse_rows = torch.index_select(lse, 2, rows.flatten()).view(b * hkv, rows.shape[0], -1)
-            dqg, dkg, dvg = flash_cpu_backward(
-                plan.keep(plan.gather(grad, rows), some), plan.gather(q_blocks, rows), plan.gather(k_blocks, cols),
-                plan.gather(v_blocks, cols), plan.gather(out, rows), lse_rows, 0.0, False, attn_mask=attn,
-                scale=ctx.scale)
+            args = (plan.keep(plan.gather(grad, rows), some), plan.gather(q_blocks, rows),
+                    plan.gather(k_blocks, cols), plan.gather(v_blocks, cols), plan.gather(out, rows))
+            if grad_lse is not None:
+                args = lse_grad_inputs(args[0], plan.gather(grad_lse.unsqueeze(-1), rows).squeeze(-1), *args[1:])
+            dqg, dkg, dvg = flash_cpu_backward(*args, lse_rows, 0.0, False, attn_mask=attn, scale=ctx.scale)
+            dqg, dkg, dvg = dqg[..., :d], dkg[..., :d], dvg[..., :dv_dim]
             # The kernel's gradients have (B·Hkv, L, n, D) strides: scattered run by run, as strided views (one
             # reshape of the whole chunk would copy it).
             for j in range(rows.shape[0]):
-                dq.index_copy_(2, rows[j], dqg[:, j].view(b, hkv, -1, rows_per_block, dqg.shape[-1]))
-                dk.index_add_(2, cols[j], dkg[:, j].view(b, hkv, -1, plan.bs, dkg.shape[-1]))
-                dv.index_add_(2, cols[j], dvg[:, j].view(b, hkv, -1, plan.bs, dvg.shape[-1]))
+                dq.index_copy_(2, rows[j], dqg[:, j].view(b, hkv, -1, rows_per_block, d))
+                dk.index_add_(2, cols[j], dkg[:, j].view(b, hkv, -1, plan.bs, d))
+                dv.index_add_(2, cols[j], dvg[:, j].view(b, hkv, -1, plan.bs, dv_dim))
         needs = ctx.needs_input_grad
-        return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None
+        return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None, None
 
 
 def _autograd_blocks(q_blocks: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, scale: float,
-                     plan: _Plan) -> torch.Tensor:
+                     plan: _Plan, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block rows through autograd (any device, any head dims, gradients for a bias): SDPA per chunk, chunks
-    checkpointed under autograd (recomputed in the backward pass) so memory stays O(N·d) plus one chunk."""
+    checkpointed under autograd (recomputed in the backward pass) so memory stays O(N·d) plus one chunk. With
+    ``return_lse`` a chunk is :func:`~attnzoo.kernels.dense.softmax_attention_lse` instead (SDPA returns no
+    log-sum-exp; the chunk's scores are materialised, within the same checkpointing)."""
     b, hkv, nq, rows_per_block, _ = q_blocks.shape
     dv = v_blocks.shape[-1]
 
-    def run(q_blocks: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, chunk: int) -> torch.Tensor:
+    def run(q_blocks: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, chunk: int
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
         rows, cols = plan.chunks[chunk]
         attn, some = plan.logits(chunk)
-        out = F.scaled_dot_product_attention(plan.gather(q_blocks, rows), plan.gather(k_blocks, cols),
-                                             plan.gather(v_blocks, cols), attn_mask=attn, scale=scale)
-        return plan.keep(out, some).view(b, hkv, -1, rows_per_block, dv)
+        qg, kg, vg = plan.gather(q_blocks, rows), plan.gather(k_blocks, cols), plan.gather(v_blocks, cols)
+        if not return_lse:
+            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=attn, scale=scale)
+            return plan.keep(out, some).view(b, hkv, -1, rows_per_block, dv), None
+        out, lse = softmax_attention_lse(qg, kg, vg, scale, None, attn)
+        return (plan.keep(out, some).view(b, hkv, -1, rows_per_block, dv),
+                plan.hide(lse, some).view(b, hkv, -1, rows_per_block))
 
     recompute = torch.is_grad_enabled() and len(plan.chunks) > 1
     # Results are written in place into one output (fresh allocations per piece cost page faults on CPU).
     out = q_blocks.new_empty(b, hkv, nq, rows_per_block, dv)
+    lse = q_blocks.new_empty(b, hkv, nq, rows_per_block, dtype=torch.promote_types(q_blocks.dtype, torch.float32)
+                             ) if return_lse else None
     for i, (rows, cols) in enumerate(plan.chunks):
         if cols is None:
             res = q_blocks.new_zeros(b, hkv, rows.numel(), rows_per_block, dv)
+            res_lse = q_blocks.new_full(res.shape[:-1], float("-inf")) if return_lse else None
         elif recompute:
-            res = checkpoint(run, q_blocks, k_blocks, v_blocks, i, use_reentrant=False)
+            res, res_lse = checkpoint(run, q_blocks, k_blocks, v_blocks, i, use_reentrant=False)
         else:
-            res = run(q_blocks, k_blocks, v_blocks, i)
+            res, res_lse = run(q_blocks, k_blocks, v_blocks, i)
         out.index_copy_(2, rows.flatten(), res)
-    return out
+        if lse is not None:
+            assert res_lse is not None
+            lse.index_copy_(2, rows.flatten(), res_lse.to(lse.dtype))
+    return out, lse
 
 
 def _pair_logits(mask: torch.Tensor | None, bias: torch.Tensor | None, qi: torch.Tensor, ki: torch.Tensor, skv: int,
@@ -314,8 +381,8 @@ def _dense_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, s
 
 def selected_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: BlockSelection, *, scale: float, causal: bool,
-    mask: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+    mask: torch.Tensor | None = None, bias: torch.Tensor | None = None, return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of ``q (B, H, Sq, D)`` over ``k, v (B, Hkv, Skv, ·)`` restricted to a :class:`BlockSelection`
     (a different set of key blocks per batch, selection head and query block), AND the token-level causal mask when
     ``causal`` (bottom-right aligned), AND a user ``mask``/``bias`` (4-D, broadcastable to ``(B, H, Sq, Skv)``).
@@ -335,10 +402,15 @@ def selected_attention(
     queries per unit to pay for gathering their key blocks, so, without a user mask/bias, they run key-block-major
     instead (:func:`attnzoo.kernels.routed.routed_attention`): each key block, read in place, meets the queries that
     selected it, and each query's pieces are merged by log-sum-exp. Same result, same contract.
+
+    ``return_lse``: return ``(out, lse)``, ``lse (B, H, Sq)`` each row's natural-log log-sum-exp over the keys it
+    sees (``-inf`` for a row that sees none), in float32 at least, differentiable like ``out``: both schedules
+    compute it anyway (the flash kernel returns it; the key-major merge needs it), and its gradient rides along in
+    the kernel's backward (:func:`attnzoo.kernels.dense.lse_grad_inputs`); without it no extra work is done.
     """
     selection.check(q, k)
     if mask is None and bias is None and KEY_MAJOR * selection.block_q <= selection.block_k:
-        return routed_attention(q, k, v, selection, scale=scale, causal=causal)
+        return routed_attention(q, k, v, selection, scale=scale, causal=causal, return_lse=return_lse)
     b, h, sq, d = q.shape
     hkv, skv, dv = k.shape[1], k.shape[2], v.shape[-1]
     bq, bk, nq, nk = selection.block_q, selection.block_k, selection.num_q_blocks, selection.num_kv_blocks
@@ -353,10 +425,16 @@ def selected_attention(
     q_blocks = qp.reshape(b, e, ge, nq * bq, d).transpose(2, 3).reshape(1, 1, b * e * nq, bq * ge, d)
     kp, vp = (F.pad(k, (0, 0, 0, nk * bk - skv)), F.pad(v, (0, 0, 0, nk * bk - skv))) if nk * bk != skv else (k, v)
     k_blocks, v_blocks = kp.reshape(1, 1, b * hkv * nk, bk, d), vp.reshape(1, 1, b * hkv * nk, bk, dv)
-    out = _run(q_blocks, k_blocks, v_blocks, scale,
-               _SelectionPlan(indices, selection, h, hkv, d, dv, causal, mask, bias, q.dtype))
-    out = out.view(b, e, nq * bq, ge, dv).transpose(2, 3).reshape(b, h, nq * bq, dv)
-    return out[:, :, :sq] if nq * bq != sq else out
+    out, lse = _run(q_blocks, k_blocks, v_blocks, scale,
+                    _SelectionPlan(indices, selection, h, hkv, d, dv, causal, mask, bias, q.dtype), return_lse)
+
+    def heads_first(x: torch.Tensor) -> torch.Tensor:  # unit rows (1, 1, B·E·nq, bq·Ge, ·) as (B, H, Sq, ·)
+        x = x.view(b, e, nq * bq, ge, x.shape[-1]).transpose(2, 3).reshape(b, h, nq * bq, x.shape[-1])
+        return x[:, :, :sq] if nq * bq != sq else x
+
+    if lse is None:
+        return heads_first(out)
+    return heads_first(out), heads_first(lse.unsqueeze(-1)).squeeze(-1)
 
 
 class _SelectionPlan(_Plan):

@@ -21,6 +21,9 @@ Each call returns its rows' outputs and log-sum-exps; each query's rows are merg
   ``O`` and ``L`` of its rows, so its ``dQ``/``dK``/``dV`` is its exact share, scatter-added. Saved: Q, K, V, O, L.
 - elsewhere (:func:`_groups_torch`): the same groups in plain torch ops with autograd.
 
+``return_lse=True`` also returns the merged ``L`` (``-inf`` on rows that see no key); on CPU its gradient rides along
+in each call's kernel backward (:func:`attnzoo.kernels.dense.lse_grad_inputs`, with the global ``O`` and ``L``).
+
 Time ``O(pairs·block_k·d)`` plus a Python step per non-empty group (``B·Hkv·⌈Skv/block_k⌉`` at most); memory
 ``O(pairs·d)``. The causal mask is token-level inside the selected blocks (query ``i`` sees key
 ``j ≤ i + seq_kv − seq_q``); keys past ``seq_kv`` are never seen; a query with nothing selected or visible gives 0.
@@ -36,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from attnzoo.kernels.dense import flash_cpu, flash_cpu_backward
+from attnzoo.kernels.dense import flash_cpu, flash_cpu_backward, lse_grad_inputs
 from attnzoo.kernels.selection import BlockSelection
 
 BUCKET = 128
@@ -182,9 +185,13 @@ def _merge(row: torch.Tensor, outs: list[torch.Tensor], lse: torch.Tensor, rows:
 
 
 class _Routed(torch.autograd.Function):
+    """The calls of a plan on the CPU flash kernel, merged per query row; ``with_lse``: return ``(out, lse)``
+    (``-inf`` on the rows that see no key), the log-sum-exp's gradient riding along in each call's kernel backward
+    (:func:`attnzoo.kernels.dense.lse_grad_inputs`: with the global ``O`` and ``L``, each call's share is exact)."""
+
     @staticmethod
     def forward(ctx: Any, q_rows: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, scale: float,
-                plan: _Plan) -> torch.Tensor:
+                plan: _Plan, with_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         acc = torch.promote_types(q_rows.dtype, torch.float32)
         d, dv = q_rows.shape[-1], v_blocks.shape[-1]
         last = q_rows.shape[0] - 1  # padding lanes (query row `rows`) read some real row; they merge into row `rows`
@@ -215,26 +222,42 @@ class _Routed(torch.autograd.Function):
         out = out.to(q_rows.dtype)
         ctx.save_for_backward(q_rows, k_blocks, v_blocks, out, lse, dead)
         ctx.scale, ctx.plan = scale, plan
-        return out
+        if not with_lse:
+            return out
+        ctx.set_materialize_grads(False)
+        return out, lse.masked_fill(dead, float("-inf"))
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad: torch.Tensor | None, grad_lse: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor | None, ...]:
         q_rows, k_blocks, v_blocks, out, lse, dead = ctx.saved_tensors
         plan: _Plan = ctx.plan
         d, dv = q_rows.shape[-1], v_blocks.shape[-1]
-        grad = grad.masked_fill(dead.unsqueeze(1), 0)
+        grad = torch.zeros_like(out) if grad is None else grad.masked_fill(dead.unsqueeze(1), 0)
+        if grad_lse is not None:  # carried as an extra column of dO (lse_grad_inputs), sliced off the gradients
+            grad_lse = grad_lse.masked_fill(dead, 0)
         dk, dv_ = torch.zeros_like(k_blocks), torch.zeros_like(v_blocks)
+
+        def call(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                 row_lse: torch.Tensor, g_lse: torch.Tensor | None, causal: bool, mask: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """One call's kernel backward, with the log-sum-exp's gradient ``g_lse`` folded in when given."""
+            args = (grad_o, q, k, v, o) if g_lse is None else lse_grad_inputs(grad_o, g_lse, q, k, v, o)
+            dqc, dkc, dvc = flash_cpu_backward(*args, row_lse, 0.0, causal, attn_mask=mask, scale=ctx.scale)
+            return dqc[..., :d], dkc[..., :d], dvc[..., :dv]
+
         # a zero last row: padding lanes get dO = 0, so they add nothing to dK/dV
         q_ext, grad_ext, out_ext, lse_ext = (F.pad(x, (0, 0, 0, 1)) if x.dim() == 2 else F.pad(x, (0, 1))
                                              for x in (q_rows, grad, out, lse))
+        glse_ext = None if grad_lse is None else F.pad(grad_lse, (0, 1))
         dq_ext = torch.zeros_like(q_ext)
         for rows, blocks in plan.buckets:
             n, size = rows.shape
-            dqt, dkt, dvt = flash_cpu_backward(
+            dqt, dkt, dvt = call(
                 grad_ext[rows].view(n, 1, size, dv), q_ext[rows].view(n, 1, size, d), k_blocks[blocks].unsqueeze(1),
-                v_blocks[blocks].unsqueeze(1), out_ext[rows].view(n, 1, size, dv),
-                lse_ext[rows].view(n, 1, size), 0.0, False, scale=ctx.scale)
+                v_blocks[blocks].unsqueeze(1), out_ext[rows].view(n, 1, size, dv), lse_ext[rows].view(n, 1, size),
+                None if glse_ext is None else glse_ext[rows].view(n, 1, size), False)
             dq_ext.index_add_(0, rows.flatten(), dqt.reshape(-1, d))
             dk.index_add_(0, blocks, dkt.squeeze(1))
             dv_.index_add_(0, blocks, dvt.squeeze(1))
@@ -242,30 +265,32 @@ class _Routed(torch.autograd.Function):
             if mask is None:
                 continue
             n, rows = end - start, plan.row[start:end]
-            dqg, dkg, dvg = flash_cpu_backward(
+            dqg, dkg, dvg = call(
                 grad[rows].view(1, 1, n, dv), q_rows[rows].view(1, 1, n, d), k_blocks[block].view(1, 1, -1, d),
                 v_blocks[block].view(1, 1, -1, dv), out[rows].view(1, 1, n, dv), lse[rows].view(1, 1, n),
-                0.0, False, attn_mask=mask, scale=ctx.scale)
-            dq_ext.index_add_(0, rows, dqg.view(n, d))
-            dk[block] += dkg.view(-1, d)
-            dv_[block] += dvg.view(-1, dv)
+                None if grad_lse is None else grad_lse[rows].view(1, 1, n), False, mask)
+            dq_ext.index_add_(0, rows, dqg.reshape(n, d))
+            dk[block] += dkg.reshape(-1, d)
+            dv_[block] += dvg.reshape(-1, dv)
         dq = dq_ext[:-1]
         if plan.diagonal:
             b, h, hkv, _, nb = plan.shape
             bk = k_blocks.shape[1]
-            dqd, dkd, dvd = flash_cpu_backward(
+            dqd, dkd, dvd = call(
                 _diagonal_rows(grad, plan, bk), _diagonal_rows(q_rows, plan, bk), _diagonal_kv(k_blocks, plan),
                 _diagonal_kv(v_blocks, plan), _diagonal_rows(out, plan, bk),
-                _diagonal_rows(lse.unsqueeze(1), plan, bk).squeeze(-1), 0.0, True, scale=ctx.scale)
+                _diagonal_rows(lse.unsqueeze(1), plan, bk).squeeze(-1),
+                None if grad_lse is None else _diagonal_rows(grad_lse.unsqueeze(1), plan, bk).squeeze(-1), True)
             dq += _from_diagonal(dqd, plan)
-            dk += dkd.view(b, hkv, h // hkv, nb, bk, d).sum(2).view(dk.shape)
-            dv_ += dvd.view(b, hkv, h // hkv, nb, bk, dv).sum(2).view(dv_.shape)
-        return dq, dk, dv_, None, None
+            dk += dkd.reshape(b, hkv, h // hkv, nb, bk, d).sum(2).view(dk.shape)
+            dv_ += dvd.reshape(b, hkv, h // hkv, nb, bk, dv).sum(2).view(dv_.shape)
+        return dq, dk, dv_, None, None, None
 
 
 def _groups_torch(q_rows: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, scale: float,
-                  plan: _Plan) -> torch.Tensor:
-    """The same groups in plain torch ops (autograd; any device; no diagonal split)."""
+                  plan: _Plan, with_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The same groups in plain torch ops (autograd; any device; no diagonal split); ``with_lse``: also the merged
+    log-sum-exp (``-inf`` on the rows that see no key)."""
     q_sorted = q_rows[plan.row]
     outs, lses = [], []
     for start, end, block, mask in plan.groups:
@@ -275,23 +300,31 @@ def _groups_torch(q_rows: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.
         lse = torch.logsumexp(s, dim=-1)
         outs.append(torch.exp(s - lse.unsqueeze(1)) @ v_blocks[block])
         lses.append(lse)
-    if not outs:
-        return q_rows.new_zeros(plan.rows, v_blocks.shape[-1])
-    out, _, _ = _merge(plan.row, outs, torch.cat(lses), plan.rows)
-    return out.to(q_rows.dtype)
+    out, lse, dead = _merge(plan.row, outs, torch.cat(lses), plan.rows)
+    if not with_lse:
+        return out.to(q_rows.dtype)
+    return out.to(q_rows.dtype), lse.masked_fill(dead, float("-inf"))
 
 
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: BlockSelection, *,
-                     scale: float, causal: bool) -> torch.Tensor:
+                     scale: float, causal: bool, return_lse: bool = False
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``softmax(scale·q·kᵀ)v`` of ``q (B, H, Sq, D)`` over the keys of ``k (B, Hkv, Skv, D)`` in the blocks that
-    ``selection`` gives each query (and, if ``causal``, at or before it): ``(B, H, Sq, Dv)``."""
+    ``selection`` gives each query (and, if ``causal``, at or before it): ``(B, H, Sq, Dv)``; ``return_lse``: and each
+    row's log-sum-exp ``(B, H, Sq)`` (float32 at least, ``-inf`` for a row that sees no key), differentiable."""
     b, h, sq, d = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
     nb, bk = selection.num_kv_blocks, selection.block_k
     fused = q.device.type == "cpu" and d == dv
     plan = _plan(selection, b, h, hkv, causal, q.dtype, q.device, split_diagonal=fused)
     if not plan.groups and not plan.diagonal:
-        return q.new_zeros(b, h, sq, dv)
+        out = q.new_zeros(b, h, sq, dv)
+        if not return_lse:
+            return out
+        return out, q.new_full((b, h, sq), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32))
     run = _Routed.apply if fused else _groups_torch
-    out = run(q.reshape(b * h * sq, d), _blocks(k, nb, bk), _blocks(v, nb, bk), scale, plan)
-    return out.view(b, h, sq, dv)
+    result = run(q.reshape(b * h * sq, d), _blocks(k, nb, bk), _blocks(v, nb, bk), scale, plan, return_lse)
+    if not return_lse:
+        return result.view(b, h, sq, dv)
+    out, lse = result
+    return out.view(b, h, sq, dv), lse.view(b, h, sq)

@@ -1,7 +1,7 @@
 """D0 block_sparse: the attend kernel over hand-built selections against the masked dense reference (forward and
 backward): empty and full selections, ragged tails, different selections per batch and head, GQA-shared and
 head-shared selections, causal inside blocks, user mask and bias, FlexAttention through the block-mask converter,
-and errors."""
+errors, and return_lse on both schedules (values and gradients through out and lse)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
+from attnzoo.kernels import block_sparse
 from attnzoo.kernels.selection import BlockSelection, random_selection, topk_blocks
-from tests.helpers import assert_matches_reference, qkv
+from tests.helpers import assert_lse_matches_reference, assert_matches_reference, qkv
 
 
 def _selection(blocks: torch.Tensor, sq: int, skv: int, bq: int, bk: int) -> BlockSelection:
@@ -123,3 +124,35 @@ def test_causal_own_block_selections_match_reference(h, hkv, sq, skv):
     scores = torch.rand(2, h, nq, nk, generator=torch.Generator().manual_seed(7))
     sel = topk_blocks(scores, min(3, nk), causal=True, always=diagonal, seq_q=sq, seq_kv=skv, block_q=8, block_k=8)
     assert_matches_reference("block_sparse", q, k, v, causal=True, selection=sel)
+
+
+@pytest.mark.parametrize(
+    ("h", "hkv", "sq", "skv", "bq", "bk", "dv", "own"),
+    [
+        (4, 2, 23, 23, 1, 4, 8, True),  # MoBA's shape: the causal diagonal blocks as one call, GQA, ragged tail
+        (4, 2, 19, 30, 1, 5, 8, False),  # masked and unmasked key groups, cross causal, rows that see nothing
+        (2, 1, 21, 21, 2, 8, 5, False),  # Dv != D: the autograd groups
+    ],
+)
+def test_key_major_schedule_returns_the_lse(h, hkv, sq, skv, bq, bk, dv, own):
+    q, k, v = qkv(2, h, hkv, sq, dv=dv, skv=skv, requires_grad=True)
+    nq, nk = -(-sq // bq), -(-skv // bk)
+    g = torch.Generator().manual_seed(sq)
+    blocks = torch.rand(2, h, nq, nk, generator=g) < 0.4
+    blocks[0, 0, 1] = False  # a query block that selects nothing
+    if own:
+        blocks |= torch.arange(nk) == ((torch.arange(nq) * bq + skv - sq) // bk).unsqueeze(1)
+    assert_lse_matches_reference("block_sparse", q, k, v, causal=True, selection=_selection(blocks, sq, skv, bq, bk))
+
+
+@pytest.mark.parametrize("dv", [8, 5])
+def test_query_major_schedule_returns_the_lse_in_many_chunks(monkeypatch, dv):
+    # one chunk per unit; a user mask with an empty row; Dv = D: the flash Function, else the autograd chunks
+    monkeypatch.setattr(block_sparse, "GATHER_BYTES", 1)
+    q, k, v = qkv(2, 4, 2, 30, dv=dv, requires_grad=True)
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(2, 1, 30, 30, generator=g) > 0.3
+    mask[:, :, 3] = False
+    sel = random_selection(2, 4, density=0.5, block_q=4, block_k=8, seq_q=30, seq_kv=30, generator=g)
+    assert_lse_matches_reference("block_sparse", q, k, v, causal=True, mask=mask, selection=sel)
+    assert_lse_matches_reference("block_sparse", q, k, v, causal=False, selection=sel)

@@ -1,7 +1,7 @@
 """D12 token_topk: each score keeps its planted tokens, counts and fractions, the kept keys are the only keys and the
 kept queries the only rows, keep=1 is full attention, the fast path against the reference (fp64, both sides, causal
 and cross, GQA, shares, several causal chunks, forward and backward), determinism, causality, the learned scorer's
-gradient, and bad parameters."""
+gradient, return_lse on both sides, and bad parameters."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import attnzoo as az
 from attnzoo.errors import AttnzooError
 from attnzoo.methods.sparse import token_topk
 from attnzoo.methods.sparse.token_topk import select, token_scores
-from tests.helpers import F64, assert_matches_reference, qkv
+from tests.helpers import F64, assert_lse_matches_reference, assert_matches_reference, qkv
 
 PLANTED = [3, 7, 12, 18]
 
@@ -107,6 +107,14 @@ def test_causal_row_chunks_match_the_reference(monkeypatch, side):
     monkeypatch.setattr(token_topk, "MASK_ELEMENTS", 64)  # a few rows per SDPA call
     q, k, v = qkv(2, 4, 2, 30, skv=24, seed=7, requires_grad=True)
     assert_matches_reference("token_topk", q, k, v, causal=True, keep=0.5, side=side, share="group")
+
+
+@pytest.mark.parametrize(("side", "causal"), [("keys", False), ("keys", True), ("queries", False), ("queries", True)])
+def test_return_lse_on_both_sides(monkeypatch, side, causal):
+    # several causal chunks, cross (30 queries, 24 keys: early rows see no key), GQA; the dropped queries' lse is -inf
+    monkeypatch.setattr(token_topk, "MASK_ELEMENTS", 64)
+    q, k, v = qkv(2, 4, 2, 30, skv=24, seed=7, requires_grad=True)
+    assert_lse_matches_reference("token_topk", q, k, v, causal=causal, keep=0.5, side=side, share="group")
 
 
 def test_deterministic():

@@ -53,7 +53,9 @@ no token-by-token generation; a causal decode would also need the full LSE of ev
 Reference (:func:`reference`): the selection (given, or :func:`search` on the same inputs), expanded to a dense token
 mask AND causal, then a dense masked softmax (:func:`attnzoo.methods.sparse.block_sparse.reference`). Fast path
 ``torch`` (:func:`torch_searched`): the same selection, then :func:`~attnzoo.kernels.block_sparse.
-selected_attention`. ``flex`` (:func:`flex_searched`): FlexAttention with the selection's block mask.
+selected_attention`. ``flex`` (:func:`flex_searched`): FlexAttention with the selection's block mask. The output is
+one softmax over the keys of the selected blocks, so the method returns its log-sum-exp (``return_lse=True``, from the
+reference and ``torch``) — the same quantity ``lse=`` caches when it comes from full attention.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ import torch.nn.functional as F
 from attnzoo.kernels import flex
 from attnzoo.kernels.blockwise import grouped_logits
 from attnzoo.kernels.selection import BlockSelection, allowed_blocks, threshold_blocks, topk_blocks
+from attnzoo.methods.common import Output
 from attnzoo.methods.sparse import block_sparse
 from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
@@ -147,6 +150,7 @@ SPEC = MethodSpec(
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample),
     at_density=at_density,
+    lse=True,
 )
 
 
@@ -256,18 +260,20 @@ def _selection(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, sel
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
               mask: torch.Tensor | None, bias: torch.Tensor | None, selection: BlockSelection | None,
-              **params: Any) -> torch.Tensor:
+              return_lse: bool = False, **params: Any) -> Output:
     """Dense masked softmax over the blocks of the given or searched selection (``params``: :func:`search`'s)."""
     chosen = _selection(q, k, causal, scale, selection, **params)
-    return block_sparse.reference(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias, selection=chosen)
+    return block_sparse.reference(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias, selection=chosen,
+                                  return_lse=return_lse)
 
 
 def torch_searched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
                    mask: torch.Tensor | None, bias: torch.Tensor | None, selection: BlockSelection | None,
-                   **params: Any) -> torch.Tensor:
+                   return_lse: bool = False, **params: Any) -> Output:
     """The given or searched selection, then the shared block-sparse kernel."""
     chosen = _selection(q, k, causal, scale, selection, **params)
-    return block_sparse.torch_gathered(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias, selection=chosen)
+    return block_sparse.torch_gathered(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias, selection=chosen,
+                                       return_lse=return_lse)
 
 
 def flex_searched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
@@ -278,4 +284,5 @@ def flex_searched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     return block_sparse.flex_block_mask(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias, selection=chosen)
 
 
-register(SPEC, reference, [Backend("torch", torch_searched), Backend("flex", flex_searched, flex.unavailable_masked)])
+register(SPEC, reference, [Backend("torch", torch_searched, lse=True),
+                           Backend("flex", flex_searched, flex.unavailable_masked)])

@@ -52,7 +52,9 @@ region-major order, :func:`attnzoo.kernels.block_sparse.selected_attention` (the
 region's queries against the ``top_k·T`` gathered keys of its regions, CPU flash kernel, autograd), one gather back:
 time ``O(N·top_k·T·d + R²·d)``, memory ``O(N·d)``. A user mask/bias is permuted the same way (rows and columns) and
 handed to the kernel. Fast path ``flex`` (:func:`flex_routed`): the same permutation, FlexAttention with the
-selection's block mask (:meth:`BlockSelection.block_mask`).
+selection's block mask (:meth:`BlockSelection.block_mask`). The output is one softmax over the keys of the routed
+regions, so the method returns its log-sum-exp (``return_lse=True``, from the reference and ``torch``, in token
+order).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from attnzoo.kernels.block_sparse import selected_attention
 from attnzoo.kernels.blockwise import grouped_logits
 from attnzoo.kernels.selection import BlockSelection, group_scores, topk_blocks
 from attnzoo.methods.checks import check_layout, divides_layout, layout_and_sizes, layout_shape, per_axis_ints
-from attnzoo.methods.common import masked_attention
+from attnzoo.methods.common import Output, masked_attention
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 ROUTINGS = ("shared", "group", "head")
@@ -152,6 +154,7 @@ SPEC = MethodSpec(
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample),
     at_density=at_density,
+    lse=True,
 )
 
 
@@ -192,8 +195,8 @@ def select(q: torch.Tensor, k: torch.Tensor, *, layout: tuple[int, ...] | None, 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, layout: tuple[int, ...] | None, region: int | tuple[int, ...], top_k: int,
-    routing: str,
-) -> torch.Tensor:
+    routing: str, return_lse: bool = False,
+) -> Output:
     selection = select(q, k, layout=layout, region=region, top_k=top_k, routing=routing)
     shape, sizes = layout_and_sizes(q.shape[2], layout, region)
     # each token's region (row-major over the grid of regions), from its coordinates on the grid
@@ -202,7 +205,7 @@ def reference(
     for c, n, r in zip(coords, shape, sizes, strict=True):
         of = of * (n // r) + c // r
     routed = selection.blocks(q.shape[1]).to(q.device)  # (B, H, R, R)
-    return masked_attention(q, k, v, routed[:, :, of][:, :, :, of], scale, mask, bias)
+    return masked_attention(q, k, v, routed[:, :, of][:, :, :, of], scale, mask, bias, return_lse)
 
 
 def _permuted(x: torch.Tensor | None, perm: torch.Tensor) -> torch.Tensor | None:
@@ -224,18 +227,21 @@ def _routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: tuple[int
 
 
 def _in_token_order(out: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``out (B, H, N, Dv)`` from region-major back to the layout's row-major order."""
+    """``out (B, H, N, ·)`` (or a log-sum-exp ``(B, H, N)``) from region-major back to the layout's row-major
+    order."""
     return out.index_select(2, torch.argsort(perm))
 
 
 def torch_routed(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, layout: tuple[int, ...] | None, region: int | tuple[int, ...], top_k: int,
-    routing: str,
-) -> torch.Tensor:
+    routing: str, return_lse: bool = False,
+) -> Output:
     selection, perm, qp, kp, vp = _routed(q, k, v, layout, region, top_k, routing)
     out = selected_attention(qp, kp, vp, selection, scale=scale, causal=False, mask=_permuted(mask, perm),
-                             bias=_permuted(bias, perm))
+                             bias=_permuted(bias, perm), return_lse=return_lse)
+    if isinstance(out, tuple):
+        return _in_token_order(out[0], perm), _in_token_order(out[1], perm)
     return _in_token_order(out, perm)
 
 
@@ -249,4 +255,5 @@ def flex_routed(
     return _in_token_order(out, perm)
 
 
-register(SPEC, reference, [Backend("torch", torch_routed), Backend("flex", flex_routed, flex.unavailable_masked)])
+register(SPEC, reference, [Backend("torch", torch_routed, lse=True),
+                           Backend("flex", flex_routed, flex.unavailable_masked)])

@@ -16,6 +16,8 @@ Fast path ``torch`` (:func:`torch_gathered`): :func:`attnzoo.kernels.block_spars
 (batch, head, query block) grouped on the device by their number of selected blocks, each group's key blocks gathered
 and attended with one batched fused-attention call per bounded chunk (CPU flash kernel forward and backward from the
 saved log-sum-exp; elsewhere SDPA with checkpointed chunks); time ``O(density · N² · d)``, no dense scores.
+The output is one softmax over a set of the original keys per query, so the method returns its log-sum-exp
+(``return_lse=True``; the kernel's, which it computes anyway).
 Fast path ``flex`` (:func:`flex_block_mask`): FlexAttention with ``selection.block_mask(H)`` (the causal predicate
 inside the selected blocks when causal); forward only on CPU; no user mask or bias.
 """
@@ -30,7 +32,7 @@ from attnzoo.kernels import flex
 from attnzoo.kernels.block_sparse import selected_attention
 from attnzoo.kernels.selection import BlockSelection
 from attnzoo.masks.core import causal as causal_mod
-from attnzoo.methods.common import masked_attention, visible
+from attnzoo.methods.common import Output, masked_attention, visible
 from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
 
@@ -74,22 +76,24 @@ SPEC = MethodSpec(
     complexity="O(density·N²·d) time, O(N·d) memory",
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample_params),
+    lse=True,
 )
 
 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, selection: BlockSelection,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, selection: BlockSelection, return_lse: bool = False,
+) -> Output:
     seen = selection.dense(q.shape[1]).to(q.device) & visible(causal, None, q, k)
-    return masked_attention(q, k, v, seen, scale, mask, bias)
+    return masked_attention(q, k, v, seen, scale, mask, bias, return_lse)
 
 
 def torch_gathered(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, selection: BlockSelection,
-) -> torch.Tensor:
-    return selected_attention(q, k, v, selection, scale=scale, causal=causal, mask=mask, bias=bias)
+    bias: torch.Tensor | None, selection: BlockSelection, return_lse: bool = False,
+) -> Output:
+    return selected_attention(q, k, v, selection, scale=scale, causal=causal, mask=mask, bias=bias,
+                              return_lse=return_lse)
 
 
 def flex_block_mask(
@@ -101,5 +105,5 @@ def flex_block_mask(
     return flex.attention(q, k, v, scale=scale, block_mask=block_mask)
 
 
-register(SPEC, reference, [Backend("torch", torch_gathered),
+register(SPEC, reference, [Backend("torch", torch_gathered, lse=True),
                            Backend("flex", flex_block_mask, flex.unavailable_masked)])

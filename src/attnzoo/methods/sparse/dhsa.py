@@ -58,7 +58,8 @@ mask, then a dense masked softmax. Fast path ``torch`` (:func:`torch_selected`):
 :func:`attnzoo.kernels.block_sparse.selected_attention` (causal with ``key_block > 1`` dividing ``block_size``: over
 :func:`causal_rows`, the same attention in query blocks of ``key_block``, whose diagonal blocks the kernel masks with
 one shared triangle instead of per-row logits). Time ``O(N·budget·d)`` for the attention plus ``O(N·d·H +
-N²/(block_size·key_block))`` for the scores, memory ``O(N·d + N²/(block_size·key_block))``.
+N²/(block_size·key_block))`` for the scores, memory ``O(N·d + N²/(block_size·key_block))``. The output is one
+softmax over the keys of the selected blocks, so the method returns its log-sum-exp (``return_lse=True``).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ import torch.nn.functional as F
 from attnzoo.errors import fail
 from attnzoo.kernels.block_sparse import selected_attention
 from attnzoo.kernels.selection import BlockSelection, block_means, keys_at_density, topk_blocks
-from attnzoo.methods.common import masked_attention, visible
+from attnzoo.methods.common import Output, masked_attention, visible
 from attnzoo.registry import ALL_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
 SHARES = ("all", "group", "head")
@@ -164,6 +165,7 @@ SPEC = MethodSpec(
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample),
     at_density=at_density,
+    lse=True,
 )
 DEFAULTS: dict[str, Any] = {p.name: p.default for p in SPEC.params}
 
@@ -267,10 +269,10 @@ def select(q: torch.Tensor, k: torch.Tensor, *, causal: bool, **params: Any) -> 
 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, **params: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, return_lse: bool = False, **params: Any,
+) -> Output:
     seen = select(q, k, causal=causal, **params).dense(q.shape[1]) & visible(causal, None, q, k)
-    return masked_attention(q, k, v, seen, scale, mask, bias)
+    return masked_attention(q, k, v, seen, scale, mask, bias, return_lse)
 
 
 def causal_rows(selection: BlockSelection) -> BlockSelection:
@@ -288,12 +290,13 @@ def causal_rows(selection: BlockSelection) -> BlockSelection:
 
 def torch_selected(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, **params: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, return_lse: bool = False, **params: Any,
+) -> Output:
     selection = select(q, k, causal=causal, **params)
     if causal and selection.block_q > selection.block_k > 1 and selection.block_q % selection.block_k == 0:
         selection = causal_rows(selection)
-    return selected_attention(q, k, v, selection, scale=scale, causal=causal, mask=mask, bias=bias)
+    return selected_attention(q, k, v, selection, scale=scale, causal=causal, mask=mask, bias=bias,
+                              return_lse=return_lse)
 
 
-register(SPEC, reference, [Backend("torch", torch_selected)])
+register(SPEC, reference, [Backend("torch", torch_selected, lse=True)])

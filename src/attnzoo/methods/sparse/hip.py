@@ -47,6 +47,8 @@ AND causal, then a dense masked softmax. Fast path ``torch`` (:func:`torch_tree`
 :func:`attnzoo.kernels.block_sparse.selected_attention`; ``flex`` (:func:`flex_tree`): FlexAttention with
 ``selection.block_mask``. Time ``O(N·top_k·d·log(N / top_k) + N·(top_k + sink + window)·block_k·d)``; the search is
 vectorised over (batch, head, query block), run over bounded chunks of query blocks, one loop step per tree level.
+The output is one softmax over the keys of the found blocks, so the method returns its log-sum-exp
+(``return_lse=True``, from the reference and ``torch``).
 
 Decoding (:data:`DECODER`): :func:`decode_prefill` runs the causal forward with blocks of ``block_q`` and keeps a
 :class:`~attnzoo.kv.cache.KVCache`; :func:`decode_step` searches for each new query alone (a query block of one) over
@@ -68,7 +70,7 @@ from attnzoo.kernels.selection import BlockSelection
 from attnzoo.kv.attend import selected_slots, softmax_attention
 from attnzoo.kv.cache import KVCache
 from attnzoo.masks.core import causal as causal_mod
-from attnzoo.methods.common import masked_attention, visible
+from attnzoo.methods.common import Output, masked_attention, visible
 from attnzoo.registry import ALL_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 # Query blocks scored at once by the search: bounds its gathered representative keys and scores.
@@ -125,6 +127,7 @@ SPEC = MethodSpec(
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample, decoding_params=_decoding_params),
     at_density=at_density,
+    lse=True,
 )
 
 
@@ -250,19 +253,22 @@ def select(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_q: int, bloc
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, block_q: int, block_k: int, top_k: int, sink: int, window: int, representative: str,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> Output:
     sel = select(q, k, causal=causal, block_q=block_q, block_k=block_k, top_k=top_k, sink=sink, window=window,
                  representative=representative)
-    return masked_attention(q, k, v, sel.dense(q.shape[1]) & visible(causal, None, q, k), scale, None, None)
+    return masked_attention(q, k, v, sel.dense(q.shape[1]) & visible(causal, None, q, k), scale, None, None,
+                            return_lse)
 
 
 def torch_tree(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, block_q: int, block_k: int, top_k: int, sink: int, window: int, representative: str,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> Output:
     sel = select(q, k, causal=causal, block_q=block_q, block_k=block_k, top_k=top_k, sink=sink, window=window,
                  representative=representative)
-    return selected_attention(q, k, v, sel, scale=scale, causal=causal)
+    return selected_attention(q, k, v, sel, scale=scale, causal=causal, return_lse=return_lse)
 
 
 def flex_tree(
@@ -311,5 +317,5 @@ def decode_step(
 
 DECODER = Decoder(decode_prefill, decode_step, kv_cache=True, chunked=True)
 
-register(SPEC, reference, [Backend("torch", torch_tree), Backend("flex", flex_tree, flex.unavailable_masked)],
+register(SPEC, reference, [Backend("torch", torch_tree, lse=True), Backend("flex", flex_tree, flex.unavailable_masked)],
          DECODER)

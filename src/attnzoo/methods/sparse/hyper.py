@@ -50,7 +50,9 @@ likewise; the parts merged by log-sum-exp (:func:`attnzoo.kernels.merge.merge`).
 ``O(n·(block_size + sample_size))`` (leaves: ``O(n·min_seq_len)`` while training). Not a block selection: the
 sorted order is per token and the sampled columns carry weights, which
 :class:`~attnzoo.kernels.selection.BlockSelection` cannot say, so it does not go through ``selected_attention``.
-No decoder (the paper defines none).
+No decoder (the paper defines none). No log-sum-exp (``return_lse`` raises): the sampled columns carry the weight
+``w = n_k / m``, so the output is an importance-sampled estimate of softmax attention, not one softmax over a set of
+the keys' own logits, and its normaliser ``log Σ W e^s`` would not merge exactly with attention over other keys.
 """
 
 from __future__ import annotations

@@ -65,6 +65,10 @@ Decoding (:data:`DECODER`): :func:`decode_prefill` runs the torch path over the 
 :class:`~attnzoo.kv.cache.KVCache` (landmarks are cached like any token); :func:`decode_step` appends the new
 tokens, ranks the past blocks of each new query by its landmark logits over the cache, and attends with the shifted
 logits through :func:`attnzoo.kv.attend.softmax_attention`: exactly the causal forward's rows.
+
+No log-sum-exp (``return_lse`` raises): the grouped softmax is two-level — as one softmax, its logits are shifted per
+block by ``s_iL_b − logsumexp_{j in b}(s_ij)``, which depends on the whole block, so it is not one softmax over the
+keys' own logits and would not merge exactly with attention over other keys.
 """
 
 from __future__ import annotations

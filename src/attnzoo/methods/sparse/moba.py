@@ -41,6 +41,8 @@ softmax. Fast path ``torch`` (:func:`torch_routed`): :func:`select`, then the D 
 does): time
 ``O(N·top_k·block_size·d)``, memory ``O(N·top_k·block_size)``, autograd. Fast path ``flex`` (:func:`flex_routed`):
 FlexAttention with a mask predicate reading the selection (its block mask built per call).
+The output is one softmax over the selected keys, so the method returns its log-sum-exp (``return_lse=True``; the
+torch path's key-major merge computes it anyway).
 
 Decoding (:data:`DECODER`): :func:`decode_prefill` runs the torch path causally over the prompt and keeps a plain
 :class:`~attnzoo.kv.cache.KVCache` (of the convolved keys, with the last ``W − 1`` raw keys of each sequence in
@@ -65,7 +67,7 @@ from attnzoo.kernels.blockwise import grouped_logits
 from attnzoo.kernels.selection import BlockSelection, block_means, keys_at_density
 from attnzoo.kv.attend import position_block_pool, selected_slots, softmax_attention
 from attnzoo.kv.cache import KVCache
-from attnzoo.methods.common import masked_attention, visible
+from attnzoo.methods.common import Output, masked_attention, visible
 from attnzoo.registry import Backend, Call, Decoder, LayerInfo, MethodSpec, Param, TestHints, register
 
 
@@ -131,6 +133,7 @@ SPEC = MethodSpec(
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample),
     at_density=at_density,
+    lse=True,
 )
 
 
@@ -190,22 +193,24 @@ def convolve_keys(k: torch.Tensor, weight: torch.Tensor | None, tail: torch.Tens
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, block_size: int, top_k: int, key_conv: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> Output:
     if key_conv is not None:  # k'_t = Σ_s w[W − 1 − s] k_{t − s}, tap by tap
         width = key_conv.shape[-1]
         shifted = [torch.nn.functional.pad(k, (0, 0, s, 0))[:, :, : k.shape[2]] for s in range(width)]
         k = sum(key_conv[None, :, None, :, width - 1 - s].to(k.dtype) * x for s, x in enumerate(shifted))
     seen = select(q, k, block_size=block_size, top_k=top_k).dense(q.shape[1]) & visible(causal, None, q, k)
-    return masked_attention(q, k, v, seen, scale, mask, bias)
+    return masked_attention(q, k, v, seen, scale, mask, bias, return_lse)
 
 
 def torch_routed(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, block_size: int, top_k: int, key_conv: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> Output:
     k = convolve_keys(k, key_conv)
     selection = select(q, k, block_size=block_size, top_k=top_k)
-    return selected_attention(q, k, v, selection, scale=scale, causal=causal)
+    return selected_attention(q, k, v, selection, scale=scale, causal=causal, return_lse=return_lse)
 
 
 def flex_routed(
@@ -260,5 +265,6 @@ def decode_step(
 
 DECODER = Decoder(decode_prefill, decode_step, kv_cache=True, chunked=True)
 
-register(SPEC, reference, [Backend("torch", torch_routed), Backend("flex", flex_routed, flex.unavailable_masked)],
+register(SPEC, reference, [Backend("torch", torch_routed, lse=True),
+                           Backend("flex", flex_routed, flex.unavailable_masked)],
          DECODER)

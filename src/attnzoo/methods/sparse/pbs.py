@@ -56,7 +56,9 @@ Reference (:func:`reference`): :func:`select` on the same inputs, its selected b
 positions (:meth:`PermutedSelection.dense`), AND causal by position, then a dense masked softmax. Fast path ``torch``
 (:func:`torch_permuted`): :func:`select`, the extended keys, :func:`~attnzoo.kernels.block_sparse.
 selected_attention`: ``O(density · N² · d)`` time, ``O(N·d)`` memory, autograd. ``flex`` (:func:`flex_permuted`):
-FlexAttention over the same extended keys with the selection's block mask (forward only on CPU).
+FlexAttention over the same extended keys with the selection's block mask (forward only on CPU). The output is one
+softmax over a set of the original keys (the extended keys hold each key at most once per query), so the method
+returns its log-sum-exp (``return_lse=True``).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ from attnzoo.kernels.block_sparse import selected_attention
 from attnzoo.kernels.blockwise import grouped_logits
 from attnzoo.kernels.selection import BlockSelection, block_means, threshold_blocks, topk_blocks
 from attnzoo.masks.core import causal as causal_mod
-from attnzoo.methods.common import masked_attention, visible
+from attnzoo.methods.common import Output, masked_attention, visible
 from attnzoo.registry import SELF_PATTERNS, Backend, Call, MethodSpec, Param, TestHints, register
 
 
@@ -165,6 +167,7 @@ SPEC = MethodSpec(
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample),
     at_density=at_density,
+    lse=True,
 )
 
 
@@ -254,18 +257,19 @@ def extended(plan: PermutedSelection, k: torch.Tensor, v: torch.Tensor, causal: 
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
-              mask: torch.Tensor | None, bias: torch.Tensor | None, **params: Any) -> torch.Tensor:
+              mask: torch.Tensor | None, bias: torch.Tensor | None, return_lse: bool = False, **params: Any) -> Output:
     """Dense: :func:`select`'s blocks in original key positions AND causal, then a masked softmax (``params``: the
     spec's ``block_size, segment_size, threshold, top_k, sink``)."""
     seen = select(q, k, causal=causal, scale=scale, **params).dense(q.shape[1]) & visible(causal, None, q, k)
-    return masked_attention(q, k, v, seen, scale, mask, bias)
+    return masked_attention(q, k, v, seen, scale, mask, bias, return_lse)
 
 
 def torch_permuted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
-                   mask: torch.Tensor | None, bias: torch.Tensor | None, **params: Any) -> torch.Tensor:
+                   mask: torch.Tensor | None, bias: torch.Tensor | None, return_lse: bool = False,
+                   **params: Any) -> Output:
     """:func:`select`, the extended keys (:func:`extended`), the shared block-sparse kernel."""
     kx, vx, sel = extended(select(q, k, causal=causal, scale=scale, **params), k, v, causal)
-    return selected_attention(q, kx, vx, sel, scale=scale, causal=causal)
+    return selected_attention(q, kx, vx, sel, scale=scale, causal=causal, return_lse=return_lse)
 
 
 def flex_permuted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
@@ -276,4 +280,5 @@ def flex_permuted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     return flex.attention(q, kx, vx, scale=scale, block_mask=sel.block_mask(q.shape[1], mask_mod=mod))
 
 
-register(SPEC, reference, [Backend("torch", torch_permuted), Backend("flex", flex_permuted, flex.unavailable_masked)])
+register(SPEC, reference, [Backend("torch", torch_permuted, lse=True),
+                           Backend("flex", flex_permuted, flex.unavailable_masked)])

@@ -43,7 +43,9 @@ Reference (:func:`reference`): :func:`plan` (steps 1–3 on the same inputs, the
 *map* built densely — ``R_a · softmax over the selected keys`` on selected keys, ``p̂_ab / n_b`` on every key of a block
 of ``P_a`` — times ``V``. Fast path ``torch`` (:func:`torch_rectified`): :func:`plan`, then
 :func:`attnzoo.kernels.block_sparse.selected_attention` for ``O^S``, rescaled by ``R`` and added to ``(p̂ · P) V̄``:
-time ``O(density · N² · d + Nq·Nk·d)``, no dense scores.
+time ``O(density · N² · d + Nq·Nk·d)``, no dense scores. No log-sum-exp (``return_lse`` raises): the output is the
+rescaled softmax ``R_a · O^S`` plus pooled estimates ``p̂_ab v̄_b`` added outside it, not one softmax over a set of
+keys.
 """
 
 from __future__ import annotations

@@ -43,7 +43,9 @@ fused-attention call (a position mask when causal), then scattered back and aver
 ``O(N^1.5·d)`` with ``C ~ √N`` — and memory ``O(N·w)``. Not the shared
 :func:`~attnzoo.kernels.block_sparse.selected_attention`: over permuted tokens a cluster is a diagonal block, but its
 causal mask is by the tokens' original positions (not a triangle of the permuted order) and the clusters' outputs are
-averaged, which a block selection cannot say; equal blocks need no selection machinery anyway.
+averaged, which a block selection cannot say; equal blocks need no selection machinery anyway. No log-sum-exp
+(``return_lse`` raises): a query in several clusters gets the mean of one softmax per cluster, not one softmax over a
+set of keys.
 """
 
 from __future__ import annotations

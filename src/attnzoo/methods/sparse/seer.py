@@ -44,7 +44,9 @@ instead) by the KL divergence to ``softmax(G)``. :func:`gate_target` computes it
 Reference (:func:`reference`): :func:`select` (the gate and rule above, on the same inputs), expanded to a dense mask
 AND causal, then a dense masked softmax. Fast path ``torch`` (:func:`torch_gated`): :func:`select`, then
 :func:`attnzoo.kernels.block_sparse.selected_attention` (time ``O(density · N² · d)`` plus the gate's
-``O(N·d + Nq·Nk·F)``). Fast path ``flex``: the same selection as a FlexAttention block mask.
+``O(N·d + Nq·Nk·F)``). Fast path ``flex``: the same selection as a FlexAttention block mask. The output is one
+softmax over the keys of the selected blocks, so the method returns its log-sum-exp (``return_lse=True``, from the
+reference and ``torch``).
 
 Decoding (:data:`DECODER`; ``query_block`` must be 1, the form in which a decoded token is a query block of its own,
 as SeerAttention's decode gate scores each new token): :func:`decode_prefill` runs the torch path over the prompt and
@@ -67,7 +69,7 @@ from attnzoo.kernels.blockwise import grouped_logits
 from attnzoo.kernels.selection import BlockSelection, allowed_blocks, block_means
 from attnzoo.kv.attend import position_block_pool, selected_slots, softmax_attention
 from attnzoo.kv.cache import KVCache
-from attnzoo.methods.common import masked_attention, visible
+from attnzoo.methods.common import Output, masked_attention, visible
 from attnzoo.methods.sparse.block_sparse import flex_block_mask
 from attnzoo.registry import Backend, Call, Decoder, LayerInfo, MethodSpec, Param, TestHints, register
 
@@ -178,6 +180,7 @@ SPEC = MethodSpec(
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample, decoding_params=lambda call, params, prompt: {"query_block": 1}),
     at_density=at_density,
+    lse=True,
 )
 
 
@@ -282,18 +285,18 @@ def select(
 # -- attention --------------------------------------------------------------------------------------------------------
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, **params: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, return_lse: bool = False, **params: Any,
+) -> Output:
     seen = select(q, k, causal=causal, scale=scale, **params).dense(q.shape[1]) & visible(causal, None, q, k)
-    return masked_attention(q, k, v, seen, scale, None, None)
+    return masked_attention(q, k, v, seen, scale, None, None, return_lse)
 
 
 def torch_gated(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, **params: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, return_lse: bool = False, **params: Any,
+) -> Output:
     selection = select(q, k, causal=causal, scale=scale, **params)
-    return selected_attention(q, k, v, selection, scale=scale, causal=causal)
+    return selected_attention(q, k, v, selection, scale=scale, causal=causal, return_lse=return_lse)
 
 
 def flex_gated(
@@ -436,5 +439,6 @@ def distill_gate(
     return {name: t.detach() for name, t in gates.items()}, history
 
 
-register(SPEC, reference, [Backend("torch", torch_gated), Backend("flex", flex_gated, flex.unavailable_masked)],
+register(SPEC, reference, [Backend("torch", torch_gated, lse=True),
+                           Backend("flex", flex_gated, flex.unavailable_masked)],
          DECODER)

@@ -49,6 +49,11 @@ then a dense masked softmax. Fast path ``torch`` (:func:`torch_gathered`): gathe
 values, or queries) and run one fused SDPA call over them (GQA without copies when the selection is shared by a KV
 group); causal calls run in row chunks with the position mask, each chunk over the prefix of keys its last row may
 see. Time ``O(Sq·n·d)`` (keys) or ``O(n·Skv·d)`` (queries), memory ``O(N·d)`` plus one chunk's mask.
+
+The output is one softmax over a set of the original keys per query (the kept keys; with ``side="queries"`` all
+visible keys for a kept query, none for the others, whose ``-inf`` log-sum-exp goes with their 0 output), so the
+method returns its log-sum-exp (``return_lse=True``): the torch path then runs
+:func:`~attnzoo.kernels.dense.attention_lse` where it runs SDPA.
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo.errors import fail
-from attnzoo.methods.common import masked_attention, visible
+from attnzoo.kernels.dense import attention_lse
+from attnzoo.methods.common import Output, masked_attention, visible
 from attnzoo.registry import ALL_PATTERNS, Backend, Call, LayerInfo, MethodSpec, Param, TestHints, register
 
 SIDES = ("keys", "queries")
@@ -154,6 +160,7 @@ SPEC = MethodSpec(
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample),
     at_density=at_density,
+    lse=True,
 )
 DEFAULTS: dict[str, Any] = {p.name: p.default for p in SPEC.params}
 
@@ -222,13 +229,13 @@ def _kept_mask(kept: torch.Tensor, heads: int, tokens: int) -> torch.Tensor:
 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, **params: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, return_lse: bool = False, **params: Any,
+) -> Output:
     kept, side = select(q, k, scale=scale, **params), params["side"]
     h, sq, skv = q.shape[1], q.shape[2], k.shape[2]
     # kept keys: (B, H, 1, Skv); kept queries: (B, H, Sq, 1)
     seen = _kept_mask(kept, h, skv).unsqueeze(2) if side == "keys" else _kept_mask(kept, h, sq).unsqueeze(3)
-    return masked_attention(q, k, v, seen & visible(causal, None, q, k), scale, None, None)
+    return masked_attention(q, k, v, seen & visible(causal, None, q, k), scale, None, None, return_lse)
 
 
 def _gather(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -244,13 +251,17 @@ def _gather(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_pos: torch.Tensor | None,
-            k_pos: torch.Tensor | None, offset: int) -> torch.Tensor:
+            k_pos: torch.Tensor | None, offset: int, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """SDPA of ``q (B, H, R, D)`` over ``k, v (B, Hk, T, ·)``; when positions are given (``(B, 1|H|Hk, R|T)``
     ascending, or None for ``arange``), query ``i`` sees key ``j`` iff ``k_pos_j ≤ q_pos_i + offset``, in row chunks
-    over the prefix of keys each chunk's last row may see; rows that see no key give 0."""
+    over the prefix of keys each chunk's last row may see; rows that see no key give 0. Returns the output and, with
+    ``return_lse``, the rows' log-sum-exp (``-inf`` for a row that sees no key; the calls are then
+    :func:`~attnzoo.kernels.dense.attention_lse`, as SDPA returns none), else None."""
     gqa = q.shape[1] != k.shape[1]
     if q_pos is None and k_pos is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+        if return_lse:
+            return attention_lse(q, k, v, causal=False, scale=scale, mask=None, bias=None)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa), None
     b, h, r, _ = q.shape
     t = k.shape[2]
     q_pos = torch.arange(r, device=q.device).expand(b, 1, r) if q_pos is None else q_pos
@@ -258,35 +269,45 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_p
     k_pos = k_pos.repeat_interleave(h // k_pos.shape[1], dim=1) if 1 < k_pos.shape[1] < h else k_pos
     q_pos = q_pos.repeat_interleave(h // q_pos.shape[1], dim=1) if 1 < q_pos.shape[1] < h else q_pos
     rows = max(1, MASK_ELEMENTS // max(1, b * h * t))
-    out = []
+    out, lses = [], []
     for start in range(0, r, rows):
         qp = q_pos[:, :, start:start + rows] + offset  # (B, 1|H, rows)
         reach = int((k_pos <= qp.amax(dim=-1, keepdim=True)).sum(dim=-1).max())  # keys ascending: a prefix
         seen = k_pos[:, :, None, :reach] <= qp[..., None]  # (B, 1|H, rows, reach)
-        some = seen.any(dim=-1, keepdim=True)
         chunk = q[:, :, start:start + rows]
         if reach == 0:
             out.append(chunk.new_zeros(*chunk.shape[:3], v.shape[-1]))
-            continue
-        o = F.scaled_dot_product_attention(chunk, k[:, :, :reach], v[:, :, :reach], attn_mask=seen | ~some,
-                                           scale=scale, enable_gqa=gqa)
-        out.append(o * some.to(o.dtype))
-    return torch.cat(out, dim=2)
+            lses.append(chunk.new_full(chunk.shape[:3], float("-inf")))
+        elif return_lse:
+            o, lse = attention_lse(chunk, k[:, :, :reach], v[:, :, :reach], causal=False, scale=scale, mask=seen,
+                                   bias=None)
+            out.append(o)
+            lses.append(lse)
+        else:
+            some = seen.any(dim=-1, keepdim=True)
+            o = F.scaled_dot_product_attention(chunk, k[:, :, :reach], v[:, :, :reach], attn_mask=seen | ~some,
+                                               scale=scale, enable_gqa=gqa)
+            out.append(o * some.to(o.dtype))
+    return torch.cat(out, dim=2), torch.cat(lses, dim=2) if return_lse else None
 
 
 def torch_gathered(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, **params: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, return_lse: bool = False, **params: Any,
+) -> Output:
     kept, side = select(q, k, scale=scale, **params), params["side"]
     offset = k.shape[2] - q.shape[2]
     if side == "keys":
         kg, vg = _gather(k, kept), _gather(v, kept)
-        return _attend(q, kg, vg, scale, None, kept if causal else None, offset)
+        out, lse = _attend(q, kg, vg, scale, None, kept if causal else None, offset, return_lse)
+        return out if lse is None else (out, lse)
     b, h, sq, _ = q.shape
-    rows = _attend(_gather(q, kept), k, v, scale, kept if causal else None, None, offset)
-    index = kept.repeat_interleave(h // kept.shape[1], dim=1).unsqueeze(-1).expand(*rows.shape)
-    return rows.new_zeros(b, h, sq, v.shape[-1]).scatter(2, index, rows)
+    rows, rows_lse = _attend(_gather(q, kept), k, v, scale, kept if causal else None, None, offset, return_lse)
+    index = kept.repeat_interleave(h // kept.shape[1], dim=1)
+    out = rows.new_zeros(b, h, sq, v.shape[-1]).scatter(2, index.unsqueeze(-1).expand(*rows.shape), rows)
+    if rows_lse is None:
+        return out
+    return out, rows_lse.new_full((b, h, sq), float("-inf")).scatter(2, index, rows_lse)
 
 
-register(SPEC, reference, [Backend("torch", torch_gathered)])
+register(SPEC, reference, [Backend("torch", torch_gathered, lse=True)])
