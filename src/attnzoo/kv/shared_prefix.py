@@ -52,6 +52,8 @@ from attnzoo.kernels.merge import merge_parts
 AUTO_MIN_BATCH = 2
 AUTO_MIN_SHARED_KEYS = 1024  # batch · prefix: the prefix keys that sharing saves reading more than once
 PATHS = ("auto", "shared", "plain")
+GEMM_MIN_ROWS = 16  # stacked query rows per KV head from which the prefix uses oneDNN GEMMs (see _gemm_lse)
+GEMM_SCORES = 1 << 22  # scores materialised at a time by _gemm_lse (16 MiB in fp32)
 
 
 def shared_prefix_attention(
@@ -125,8 +127,59 @@ def _stacked_lse(
     """Every sequence's queries against one shared ``k``/``v`` (1, Hkv, P, D): ``(B, H, Sq, ·)`` rows stacked into
     one ``(1, H, B·Sq, D)`` matrix per head, attended in one call; returns ``(out, lse)`` in ``q``'s layout."""
     b, h, sq, d = q.shape
-    out, lse = _attend_lse(q.transpose(0, 1).reshape(1, h, b * sq, d), k, v, scale, None, recording)
+    stacked = q.transpose(0, 1).reshape(1, h, b * sq, d)
+    if not recording and _onednn_fits(stacked, k, v):
+        out, lse = _gemm_lse(stacked, k, v, scale)
+    else:
+        out, lse = _attend_lse(stacked, k, v, scale, None, recording)
     return out.view(h, b, sq, -1).transpose(0, 1), lse.view(h, b, sq).transpose(0, 1).to(q.dtype)
+
+
+def _onednn_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`_gemm_lse` serves this shared-key call: fp32 on CPU, oneDNN present and in IEEE fp32 mode
+    (not a reduced-precision ``fp32_precision`` setting), a non-empty prefix, and at least ``GEMM_MIN_ROWS`` query
+    rows per KV head (below that the flash kernel's single call costs less than the per-head loop)."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)  # the fp32_precision setting exists from torch 2.9
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and k.shape[2] > 0
+            and q.shape[1] // k.shape[1] * q.shape[2] >= GEMM_MIN_ROWS and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and getattr(matmul, "fp32_precision", "none") in ("none", "ieee"))
+
+
+def _gemm_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked query rows ``q`` (1, H, R, D) against one shared ``k``/``v`` (1, Hkv, P, D/Dv) by two oneDNN GEMMs
+    per KV head and a fused softmax between them; ``(out (1, H, R, Dv), lse (1, H, R))``.
+
+    Per KV head (the GQA group folded into the rows, as in :func:`_attend_lse`) and per chunk of rows (at most
+    ``GEMM_SCORES`` scores at a time): ``S = (scale · Q) Kᵀ``, ``m, j = max, argmax`` of each row,
+    ``A = softmax(S)``, ``O = A V`` and ``lse = m − log A[j]`` (``A[j] = e⁰ / Σ e^{S − m}``, so
+    ``lse = m + log Σ e^{S − m}`` without a second pass of exponentials). Choices:
+
+    - the products are oneDNN's (``torch.ops.mkldnn._linear_pointwise``: ``x · wᵀ`` on dense tensors, ``K`` and
+      ``Vᵀ`` passed as they lie, ``Vᵀ`` a strided view, no copy). In fp32 they are IEEE products like MKL's
+      ``sgemm`` (which ``torch.matmul`` and the flash kernel call), but oneDNN runs its AVX-512 code on any CPU that
+      has it, where MKL may fall back to AVX2 (AMD): on this machine 1.7–2× MKL's rate for these shapes;
+    - the decode prefix is compute-bound (``2 · 2 · R · P · D`` flops per head against one read of ``K``/``V``),
+      which is why one score matrix per head, materialised, beats the flash kernel's small blocks here.
+    """
+    _, h, r, d = q.shape
+    hkv, p = k.shape[1], k.shape[2]
+    rows = (q * scale).view(hkv, (h // hkv) * r, d)
+    step = max(1, GEMM_SCORES // p)
+    outs, lses = [], []
+    for head in range(hkv):
+        for start in range(0, rows.shape[1], step):
+            scores = _onednn_linear(rows[head, start : start + step], k[0, head])
+            top, where = scores.max(dim=-1, keepdim=True)
+            weights = torch.softmax(scores, dim=-1)
+            lses.append((top - weights.gather(-1, where).log()).squeeze(-1))
+            outs.append(_onednn_linear(weights, v[0, head].t()))
+    return torch.cat(outs).view(1, h, r, -1), torch.cat(lses).view(1, h, r)
+
+
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x · wᵀ`` by oneDNN (no bias, no fused activation)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
 def _group_lse(
