@@ -72,7 +72,7 @@ def shared_prefix_attention(
     _check(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_mask, path)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     seen = _suffix_visibility(suffix_mask, q.shape[0], q.shape[2], suffix_k.shape[2], q.device)
-    taken = path if path != "auto" else _auto_path(q.shape[0], prefix_k.shape[2])
+    taken = path if path != "auto" else auto_path(q.shape[0], prefix_k.shape[2])
     if taken == "shared":
         out = _shared(q, prefix_k, prefix_v, suffix_k, suffix_v, seen, scale)
     else:
@@ -100,7 +100,7 @@ def tree_prefix_attention(
     return merge_parts(parts)[0]
 
 
-def _auto_path(batch: int, prefix: int) -> str:
+def auto_path(batch: int, prefix: int) -> str:
     """Sharing pays when many sequences read a long prefix (see the module docstring for the measured rule)."""
     return "shared" if batch >= AUTO_MIN_BATCH and batch * prefix >= AUTO_MIN_SHARED_KEYS else "plain"
 
