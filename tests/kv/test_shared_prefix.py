@@ -71,18 +71,21 @@ def test_flash_prefix_call_in_fp32_matches_dense():
 
 @pytest.mark.parametrize("chunk_rows", [None, 5])
 def test_onednn_prefix_products_in_fp32_match_dense(monkeypatch, chunk_rows):
-    """Enough stacked rows per KV head (here 2 groups × 9 sequences × 2 queries) take the oneDNN GEMM path, in
-    chunks of rows when the score budget is small; the result is still exact attention (GQA, ragged suffixes)."""
+    """With enough scores per KV head (the threshold lowered here) the prefix takes the oneDNN GEMM path, in chunks
+    of rows when the score budget is small; the result is still exact attention (GQA: 2 groups × 9 sequences × 2
+    queries stacked per KV head; ragged suffixes)."""
     if not torch.backends.mkldnn.is_available():
         pytest.skip("oneDNN is not built into this torch")
     args = [x if x is None or x.dtype == torch.bool else x.float() for x in _inputs(b=9, sq=2, p=40)]
-    assert shared_prefix.GEMM_MIN_ROWS <= 2 * 9 * 2
-    if chunk_rows is not None:
-        monkeypatch.setattr(shared_prefix, "GEMM_SCORES", chunk_rows * 40)
     calls = []
     gemm = shared_prefix._onednn_linear
     monkeypatch.setattr(shared_prefix, "_onednn_linear", lambda x, w: calls.append(x.shape[0]) or gemm(x, w))
     with torch.no_grad():
+        shared_prefix_attention(*args, path="shared")
+        assert not calls  # 36 × 40 scores per KV head: below the threshold, the flash kernel
+        monkeypatch.setattr(shared_prefix, "GEMM_MIN_SCORES", 36 * 40)
+        if chunk_rows is not None:
+            monkeypatch.setattr(shared_prefix, "GEMM_SCORES", chunk_rows * 40)
         out = shared_prefix_attention(*args, path="shared")
     assert calls and max(calls) == (chunk_rows or 36)
     torch.testing.assert_close(out, _reference(*args), atol=1e-5, rtol=1e-5)
