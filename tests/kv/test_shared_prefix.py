@@ -101,6 +101,16 @@ def test_auto_shares_a_long_prefix_across_a_large_batch_only():
     assert taken(AUTO_MIN_BATCH, prefix - 1) == "plain"
 
 
+@pytest.mark.parametrize(("batch", "prefix", "path"), [
+    (64, 8192, "shared"), (8, 1024, "shared"), (64, 256, "shared"), (4, 256, "shared"),
+    (2, 256, "plain"), (4, 64, "plain"), (1, 4096, "plain"),
+])
+def test_auto_takes_the_faster_path_on_the_measured_shapes(batch, prefix, path):
+    """The shapes of the module docstring's measurements: shared wherever it beat the plain path."""
+    args = _inputs(b=batch, p=prefix, d=4, ragged=False)
+    assert shared_prefix_attention(*args, path="auto", return_path=True)[1] == path
+
+
 @pytest.mark.parametrize(("change", "argument"), [
     (lambda a: {**a, "path": "fast"}, "path"),
     (lambda a: {**a, "prefix_k": a["prefix_k"].expand(2, -1, -1, -1)}, "prefix_k"),

@@ -19,18 +19,22 @@ ones is ``≤ n_b − Sq + i`` (``n_b`` = number of real suffix keys of sequence
 
 Choices:
 
-- both parts use PyTorch's CPU flash kernel (:data:`attnzoo.kernels.dense.flash_cpu`; the suffix's visibility as an
-  additive ``0/−inf`` mask), which returns the row log-sum-exp but no gradient for it; when autograd is recording (a
-  tensor requires grad) every part uses
-  :func:`attnzoo.kernels.dense.softmax_attention_lse` instead, which is differentiable through the log-sum-exp;
+- the prefix part, in fp32 on a CPU with oneDNN and from ``GEMM_MIN_SCORES`` (2^17) scores per KV head, is two
+  oneDNN GEMMs per KV head with a fused softmax between them (:func:`_gemm_lse`: the decode prefix is compute-bound,
+  and oneDNN runs AVX-512 where MKL, which the flash kernel calls, may not); otherwise, and for the suffix part
+  always, PyTorch's CPU flash kernel (:data:`attnzoo.kernels.dense.flash_cpu`; the suffix's visibility as an additive
+  ``0/−inf`` mask). Both return the row log-sum-exp but no gradient for it; when autograd is recording (a tensor
+  requires grad) every part uses :func:`attnzoo.kernels.dense.softmax_attention_lse` instead, which is
+  differentiable through the log-sum-exp;
 - ``path="plain"`` is the baseline Hydragen replaces: the prefix is copied in front of every suffix and
   ``scaled_dot_product_attention`` runs per sequence. ``path="auto"`` takes the shared path when
-  ``batch ≥ AUTO_MIN_BATCH`` (2) and ``batch · prefix ≥ AUTO_MIN_SHARED_KEYS`` (1024). Measured on CPU (fp32, one
-  thread, H=8, D=64, suffix 128, one decode query) the shared path beats the plain one from about there (4 × 256:
-  1.3×, 2 × 1024: 1.6×, 8 × 1024: 7×) and ties below it (4 × 64, 2 × 256, 1 × 1024: ≈1.0×, its three calls' fixed
-  cost). Against an engine that already holds a full cache per sequence (no copy), sharing pays from about
-  ``batch · prefix ≈ 4096`` with ``batch ≥ 4`` (64 × 64: 1.2×, 4 × 1024: 1.9×, 64 × 256: 2.2×, 8 × 1024: 4.7×,
-  64 × 8192: 7.5×; 2 × 1024: 0.7×);
+  ``batch ≥ AUTO_MIN_BATCH`` (2) and ``batch · prefix ≥ AUTO_MIN_SHARED_KEYS`` (1024): the faster of the two paths.
+  Measured on CPU (fp32, one thread, H=8, D=64, suffix 128, one decode query; CPU time, best of 5) the shared path
+  beats the plain one from there (4 × 256: 1.3×, 8 × 128: 1.6×, 2 × 1024: 1.7×, 8 × 1024: 6.7×) and ties or loses
+  below it (4 × 64: 0.94×, 2 × 256: 0.93×, 2 × 64: 0.73×, its calls' fixed cost; 1 × 1024: 1.05×, nothing shared).
+  An engine that already holds a full cache per sequence (no copy) gains from sharing from about
+  ``batch · prefix ≈ 4096`` (64 × 64: 1.3×, 4 × 1024: 1.7×, 2 × 4096: 1.9×, 64 × 256: 2.0×, 16 × 256: 2.2×,
+  8 × 1024: 3.8×, 64 × 1024: 4.3×) and loses below it (8 × 128: 0.66×, 4 × 256: 0.57×, 2 × 1024: 0.7×);
 - the path taken is returned when ``return_path=True`` (``(out, "shared" | "plain")``), so callers and tests can
   inspect ``auto``'s choice without timing it.
 
