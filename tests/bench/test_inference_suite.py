@@ -25,7 +25,7 @@ def test_cases_are_the_issue_shapes_and_floors():
     assert big.floors == {"speedup": at_least(10)} and big.against.workload is inference.full_cache_sdpa_call
     assert "auto takes the shared path" in big.what
     assert cases["hydragen_tree"].floors == {"speedup": at_least(1.5)}
-    assert cases["merge_halves_4k"].floors == {"time_ratio": at_most(0.1)} and cases["merge_halves_4k"].n == 4096
+    assert cases["merge_halves_4k"].floors == {"time_ratio": at_most(1.1)} and cases["merge_halves_4k"].n == 4096
     assert not cases["mac_decode_hit"].floors and not cases["mac_decode_miss"].floors
     assert all(c in suites.suites()["floors"] for c in cases.values() if c.floors)
 
@@ -41,7 +41,7 @@ def test_hydragen_and_tree_workloads_compute_the_same_attention_as_their_baselin
 
 def test_merge_workload_gives_attention_over_all_keys():
     case = dataclasses.replace(_case("merge_halves_4k"), **TINY)
-    out, _ = inference.merge_call(case, "cpu")()
+    out = inference.halves_merged_call(case, "cpu")()
     q, k, v = runner.inputs(case, case.n, "cpu", False)
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
 

@@ -9,8 +9,8 @@
 - ``hydragen_tree``: the two-level tree (:func:`attnzoo.kv.tree_prefix_attention`: a prefix of ``n`` = 4096
   tokens shared by 64 sequences, :data:`GROUPS` sub-prefixes of :data:`SUB_PREFIX` tokens each shared by 8) against
   one level (the same call with only the prefix shared, each sequence holding its sub-prefix in its suffix): ≥ 1.5×;
-- ``merge_halves_4k``: :func:`attnzoo.merge` of the ``(out, lse)`` of two halves of the keys at N = 4096, against
-  SDPA over the whole: the merge costs ≤ 10 % of the attention it completes;
+- ``merge_halves_4k``: attention over each half of the keys at N = 4096 (the flash kernel, which returns the
+  log-sum-exp) merged by :func:`attnzoo.merge`, against SDPA over all the keys: splitting and merging costs ≤ 10 %;
 - ``mac_decode_hit``, ``mac_decode_miss``: K12 MAC-Attention (:func:`attnzoo.kv.mac_step`) decoding
   :data:`MAC_STEPS` tokens after a prompt of ``n`` tokens, against ``attnzoo.step`` softmax decoding of the same
   tokens: every decode query repeats the last prompt query (hit rate 1 at threshold 0.95), or the threshold is
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import attnzoo as az
 from attnzoo.bench.suites import Case, Target, at_least, at_most
-from attnzoo.kernels.dense import softmax_attention_lse
+from attnzoo.kernels.dense import flash_cpu
 from attnzoo.kv import MACState, mac_prefill, mac_step, shared_prefix_attention, tree_prefix_attention
 from attnzoo.kv.shared_prefix import auto_path
 
@@ -95,16 +95,20 @@ def one_level_call(case: Case, device: str) -> Call:
     return lambda: shared_prefix_attention(x["q"], x["prefix_k"], x["prefix_v"], suffix_k, suffix_v, path="shared")
 
 
-def merge_call(case: Case, device: str) -> Call:
-    """:func:`attnzoo.merge` of the two halves' ``(out, lse)`` of the case's ``(q, k, v)`` (computed untimed)."""
+def halves_merged_call(case: Case, device: str) -> Call:
+    """Attention of the case's ``(q, k, v)`` over each half of the keys (the flash kernel, with its log-sum-exp), the
+    two merged by :func:`attnzoo.merge`: what splitting the keys costs over one call on all of them."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (_randn(g, device, case.batch, case.heads, case.n, case.head_dim) for _ in range(3))
     half = case.n // 2
     scale = case.head_dim ** -0.5
-    with torch.no_grad():
-        parts = [softmax_attention_lse(q, k[:, :, keys], v[:, :, keys], scale)
+
+    def call() -> torch.Tensor:
+        parts = [flash_cpu(q, k[:, :, keys], v[:, :, keys], scale=scale)[:2]
                  for keys in (slice(None, half), slice(half, None))]
-    return lambda: az.merge(parts)
+        return az.merge(parts)[0]
+
+    return call
 
 
 def _decode_inputs(case: Case, device: str) -> tuple[torch.Tensor, ...]:
@@ -180,9 +184,9 @@ CASES = (
          f"shared by 8, suffix {SUFFIX}) vs one level (sub-prefix held per sequence)", "compare",
          Target("two-level tree", workload=tree_call), against=Target("one level", workload=one_level_call),
          batch=64, n=4096, floors={"speedup": at_least(1.5)}, rounds=5),
-    Case("merge_halves_4k", "az.merge of two halves' (out, lse) vs SDPA over all 4096 keys (the merge's share)",
-         "compare", Target("az.merge of two halves", workload=merge_call), n=4096, metric="time_ratio",
-         floors={"time_ratio": at_most(0.1)}, rounds=3),
+    Case("merge_halves_4k", "attention over each half of 4096 keys merged by az.merge vs SDPA over all of them",
+         "compare", Target("two halves + az.merge", workload=halves_merged_call), n=4096, metric="time_ratio",
+         floors={"time_ratio": at_most(1.1)}, rounds=3),
     Case("mac_decode_hit", f"MAC-Attention, {MAC_STEPS} decode steps after a prompt of 16384 whose queries repeat "
          "the last prompt query (hit rate 1) vs az.step softmax", "compare",
          Target(f"mac_step ×{MAC_STEPS} (hits)", workload=mac_hit_call), against=SOFTMAX_DECODE, n=16384,
