@@ -18,6 +18,9 @@
 
 Each side is a :class:`~attnzoo.bench.suites.Target` whose ``workload`` builds, from the case's shape
 (``batch``, ``heads``, ``n``, ``head_dim``; fp32, ``randn`` from seed 0), the call the ``compare`` measure times.
+Every case runs on one torch thread (``--threads`` overrides): the shared path is a loop of calls per KV head, and on
+a 2-core machine shared with other jobs two threads make such loops many times slower (each call waits for the
+descheduled thread), which would measure the machine's load rather than the method.
 """
 
 from __future__ import annotations
@@ -173,7 +176,7 @@ def _hydragen(batch: int, prefix: int, floors: dict) -> Case:
     return Case(f"hydragen_{batch}x{prefix}",
                 f"Hydragen, {batch} sequences sharing a prefix of {prefix} (suffix {SUFFIX}, one decode query each) "
                 f"vs SDPA over each sequence's full cache; auto takes the {auto} path here", "compare", HYDRAGEN,
-                against=FULL_CACHE, batch=batch, n=prefix, floors=floors, rounds=5)
+                against=FULL_CACHE, batch=batch, n=prefix, floors=floors, rounds=5, threads=1)
 
 
 CASES = (
@@ -183,16 +186,16 @@ CASES = (
     Case("hydragen_tree", f"two-level tree (prefix 4096 shared by 64, {GROUPS} sub-prefixes of {SUB_PREFIX} each "
          f"shared by 8, suffix {SUFFIX}) vs one level (sub-prefix held per sequence)", "compare",
          Target("two-level tree", workload=tree_call), against=Target("one level", workload=one_level_call),
-         batch=64, n=4096, floors={"speedup": at_least(1.5)}, rounds=5),
+         batch=64, n=4096, floors={"speedup": at_least(1.5)}, rounds=5, threads=1),
     Case("merge_halves_4k", "attention over each half of 4096 keys merged by az.merge vs SDPA over all of them",
          "compare", Target("two halves + az.merge", workload=halves_merged_call), n=4096, metric="time_ratio",
-         floors={"time_ratio": at_most(1.1)}, rounds=3),
+         floors={"time_ratio": at_most(1.1)}, rounds=3, threads=1),
     Case("mac_decode_hit", f"MAC-Attention, {MAC_STEPS} decode steps after a prompt of 16384 whose queries repeat "
          "the last prompt query (hit rate 1) vs az.step softmax", "compare",
          Target(f"mac_step ×{MAC_STEPS} (hits)", workload=mac_hit_call), against=SOFTMAX_DECODE, n=16384,
-         rounds=3),
+         rounds=3, threads=1),
     Case("mac_decode_miss", f"MAC-Attention, {MAC_STEPS} decode steps after a prompt of 16384 at threshold 1.5 (hit "
          "rate 0: the exact path) vs az.step softmax", "compare",
          Target(f"mac_step ×{MAC_STEPS} (misses)", workload=mac_miss_call), against=SOFTMAX_DECODE, n=16384,
-         rounds=3),
+         rounds=3, threads=1),
 )
