@@ -19,7 +19,7 @@ ones is ``≤ n_b − Sq + i`` (``n_b`` = number of real suffix keys of sequence
 
 Choices:
 
-- the prefix part, in fp32 on a CPU with oneDNN and from ``GEMM_MIN_SCORES`` (2^17) scores per KV head, is two
+- the prefix part, in fp32 on a CPU with oneDNN and from ``GEMM_MIN_SCORES`` (2^16) scores per KV head, is two
   oneDNN GEMMs per KV head with a fused softmax between them (:func:`_gemm_lse`: the decode prefix is compute-bound,
   and oneDNN runs AVX-512 where MKL, which the flash kernel calls, may not); otherwise, and for the suffix part
   always, PyTorch's CPU flash kernel (:data:`attnzoo.kernels.dense.flash_cpu`; the suffix's visibility as an additive
@@ -56,7 +56,7 @@ from attnzoo.kernels.merge import merge_parts
 AUTO_MIN_BATCH = 2
 AUTO_MIN_SHARED_KEYS = 1024  # batch · prefix: the prefix keys that sharing saves reading more than once
 PATHS = ("auto", "shared", "plain")
-GEMM_MIN_SCORES = 1 << 17  # scores per KV head (rows × prefix keys) from which the prefix takes oneDNN GEMMs
+GEMM_MIN_SCORES = 1 << 16  # scores per KV head (rows × prefix keys) from which the prefix takes oneDNN GEMMs
 GEMM_SCORES = 1 << 22  # scores materialised at a time by _gemm_lse (16 MiB in fp32)
 
 
@@ -140,15 +140,16 @@ def _stacked_lse(
 
 
 def _onednn_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`_gemm_lse` serves this shared-key call: fp32 on CPU, oneDNN present and in IEEE fp32 mode
+    """Whether :func:`_gemm_lse` serves this shared-key call: fp32 on CPU, oneDNN present, enabled and in IEEE fp32 mode
     (not a reduced-precision ``fp32_precision`` setting) and at least ``GEMM_MIN_SCORES`` scores per KV head
-    (stacked query rows × prefix keys). Measured on this CPU (one thread, D=64), the GEMMs beat the flash kernel
-    from there (64 rows × 2048 keys: 1.16×; 64 × 4096: 1.26×; 64 × 8192: 1.3–1.4×, 128 × 8192: 1.4×) and tie or lose
-    below it (64 × 1024: 0.96×; 8 × 2048: 0.75×; 64 × 256: 0.63×: the per-head loop's fixed cost)."""
+    (stacked query rows × prefix keys). Measured on this CPU (one thread, D=64, CPU time), the GEMMs beat the flash
+    kernel from there (64 rows × 1024 keys: 1.32×; 32 × 2048: 1.39×; 16 × 8192: 1.31×; 64 × 8192: 1.58×) and tie or
+    lose below it (64 × 512: 0.99×; 8 × 4096: 1.05×; 16 × 1024: 0.75×; 8 × 2048: 0.66×; 64 × 256: 0.74×: the
+    per-head loop's fixed cost)."""
     matmul = getattr(torch.backends.mkldnn, "matmul", None)  # the fp32_precision setting exists from torch 2.9
     return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
             and q.shape[1] // k.shape[1] * q.shape[2] * k.shape[2] >= GEMM_MIN_SCORES
-            and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and hasattr(torch.ops.mkldnn, "_linear_pointwise")
             and getattr(matmul, "fp32_precision", "none") in ("none", "ieee"))
 
