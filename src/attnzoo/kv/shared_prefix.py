@@ -173,6 +173,10 @@ def _gemm_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
       pages on every call (≈ 3600 page faults per call at 64 × 8192, ≈ 40 % of the time);
     - two ``amax`` passes rather than one ``max`` with its indices and a gather: the indexed reduction costs ten
       times the plain one on CPU (0.26 vs 0.024 ms on 64 × 8192 scores);
+    - a loop of calls (about five parallel regions per KV head and chunk), where the flash kernel is one region: with
+      more torch threads than free cores (a machine shared with other jobs) every region waits for a descheduled
+      thread and the loop gets many times slower (64 × 8192, load ≈ 15 on 2 cores: 963 ms at two threads, 45 ms at
+      one); on such a machine use one thread;
     - the decode prefix is compute-bound (``2 · 2 · R · P · D`` flops per head against one read of ``K``/``V``),
       which is why one score matrix per head, materialised, beats the flash kernel's small blocks here.
     """
