@@ -9,7 +9,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.kernels.dense import softmax_attention_lse
-from attnzoo.kv import shared_prefix_attention, tree_prefix_attention
+from attnzoo.kv import shared_prefix, shared_prefix_attention, tree_prefix_attention
 from attnzoo.kv.shared_prefix import AUTO_MIN_BATCH, AUTO_MIN_SHARED_KEYS
 
 
@@ -69,6 +69,28 @@ def test_flash_prefix_call_in_fp32_matches_dense():
     torch.testing.assert_close(out, _reference(q, pk, pv, sk, sv, mask), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 5])
+def test_onednn_prefix_products_in_fp32_match_dense(monkeypatch, chunk_rows):
+    """With enough scores per KV head (the threshold lowered here) the prefix takes the oneDNN GEMM path, in chunks
+    of rows when the score budget is small; the result is still exact attention (GQA: 2 groups × 9 sequences × 2
+    queries stacked per KV head; ragged suffixes)."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN is not built into this torch")
+    args = [x if x is None or x.dtype == torch.bool else x.float() for x in _inputs(b=9, sq=2, p=40)]
+    calls = []
+    gemm = shared_prefix._onednn_linear
+    monkeypatch.setattr(shared_prefix, "_onednn_linear", lambda x, w: calls.append(x.shape[0]) or gemm(x, w))
+    with torch.no_grad():
+        shared_prefix_attention(*args, path="shared")
+        assert not calls  # 36 × 40 scores per KV head: below the threshold, the flash kernel
+        monkeypatch.setattr(shared_prefix, "GEMM_MIN_SCORES", 36 * 40)
+        if chunk_rows is not None:
+            monkeypatch.setattr(shared_prefix, "GEMM_SCORES", chunk_rows * 40)
+        out = shared_prefix_attention(*args, path="shared")
+    assert calls and max(calls) == (chunk_rows or 36)
+    torch.testing.assert_close(out, _reference(*args), atol=1e-5, rtol=1e-5)
+
+
 def test_auto_shares_a_long_prefix_across_a_large_batch_only():
     def taken(b, p):
         return shared_prefix_attention(*_inputs(b=b, p=p, ragged=False), path="auto", return_path=True)[1]
@@ -77,6 +99,16 @@ def test_auto_shares_a_long_prefix_across_a_large_batch_only():
     assert taken(AUTO_MIN_BATCH, prefix) == "shared"
     assert taken(AUTO_MIN_BATCH - 1, AUTO_MIN_SHARED_KEYS) == "plain"
     assert taken(AUTO_MIN_BATCH, prefix - 1) == "plain"
+
+
+@pytest.mark.parametrize(("batch", "prefix", "path"), [
+    (64, 8192, "shared"), (8, 1024, "shared"), (64, 256, "shared"), (4, 256, "shared"),
+    (2, 256, "plain"), (4, 64, "plain"), (1, 4096, "plain"),
+])
+def test_auto_takes_the_faster_path_on_the_measured_shapes(batch, prefix, path):
+    """The shapes of the module docstring's measurements: shared wherever it beat the plain path."""
+    args = _inputs(b=batch, p=prefix, d=4, ragged=False)
+    assert shared_prefix_attention(*args, path="auto", return_path=True)[1] == path
 
 
 @pytest.mark.parametrize(("change", "argument"), [

@@ -19,18 +19,22 @@ ones is ``≤ n_b − Sq + i`` (``n_b`` = number of real suffix keys of sequence
 
 Choices:
 
-- both parts use PyTorch's CPU flash kernel (:data:`attnzoo.kernels.dense.flash_cpu`; the suffix's visibility as an
-  additive ``0/−inf`` mask), which returns the row log-sum-exp but no gradient for it; when autograd is recording (a
-  tensor requires grad) every part uses
-  :func:`attnzoo.kernels.dense.softmax_attention_lse` instead, which is differentiable through the log-sum-exp;
+- the prefix part, in fp32 on a CPU with oneDNN and from ``GEMM_MIN_SCORES`` (2^16) scores per KV head, is two
+  oneDNN GEMMs per KV head with a fused softmax between them (:func:`_gemm_lse`: the decode prefix is compute-bound,
+  and oneDNN runs AVX-512 where MKL, which the flash kernel calls, may not); otherwise, and for the suffix part
+  always, PyTorch's CPU flash kernel (:data:`attnzoo.kernels.dense.flash_cpu`; the suffix's visibility as an additive
+  ``0/−inf`` mask). Both return the row log-sum-exp but no gradient for it; when autograd is recording (a tensor
+  requires grad) every part uses :func:`attnzoo.kernels.dense.softmax_attention_lse` instead, which is
+  differentiable through the log-sum-exp;
 - ``path="plain"`` is the baseline Hydragen replaces: the prefix is copied in front of every suffix and
   ``scaled_dot_product_attention`` runs per sequence. ``path="auto"`` takes the shared path when
-  ``batch ≥ AUTO_MIN_BATCH`` (2) and ``batch · prefix ≥ AUTO_MIN_SHARED_KEYS`` (1024). Measured on CPU (fp32, one
-  thread, H=8, D=64, suffix 128, one decode query) the shared path beats the plain one from about there (4 × 256:
-  1.3×, 2 × 1024: 1.6×, 8 × 1024: 7×) and ties below it (4 × 64, 2 × 256, 1 × 1024: ≈1.0×, its three calls' fixed
-  cost). Against an engine that already holds a full cache per sequence (no copy), sharing pays from about
-  ``batch · prefix ≈ 4096`` with ``batch ≥ 4`` (64 × 64: 1.2×, 4 × 1024: 1.9×, 64 × 256: 2.2×, 8 × 1024: 4.7×,
-  64 × 8192: 7.5×; 2 × 1024: 0.7×);
+  ``batch ≥ AUTO_MIN_BATCH`` (2) and ``batch · prefix ≥ AUTO_MIN_SHARED_KEYS`` (1024): the faster of the two paths.
+  Measured on CPU (fp32, one thread, H=8, D=64, suffix 128, one decode query; CPU time, best of 5) the shared path
+  beats the plain one from there (4 × 256: 1.3×, 8 × 128: 1.6×, 2 × 1024: 1.7×, 8 × 1024: 6.7×) and ties or loses
+  below it (4 × 64: 0.94×, 2 × 256: 0.93×, 2 × 64: 0.73×, its calls' fixed cost; 1 × 1024: 1.05×, nothing shared).
+  An engine that already holds a full cache per sequence (no copy) gains from sharing from about
+  ``batch · prefix ≈ 4096`` (64 × 64: 1.3×, 4 × 1024: 1.7×, 2 × 4096: 1.9×, 64 × 256: 2.0×, 16 × 256: 2.2×,
+  8 × 1024: 3.8×, 64 × 1024: 4.3×) and loses below it (8 × 128: 0.66×, 4 × 256: 0.57×, 2 × 1024: 0.7×);
 - the path taken is returned when ``return_path=True`` (``(out, "shared" | "plain")``), so callers and tests can
   inspect ``auto``'s choice without timing it.
 
@@ -52,6 +56,8 @@ from attnzoo.kernels.merge import merge_parts
 AUTO_MIN_BATCH = 2
 AUTO_MIN_SHARED_KEYS = 1024  # batch · prefix: the prefix keys that sharing saves reading more than once
 PATHS = ("auto", "shared", "plain")
+GEMM_MIN_SCORES = 1 << 16  # scores per KV head (rows × prefix keys) from which the prefix takes oneDNN GEMMs
+GEMM_SCORES = 1 << 22  # scores materialised at a time by _gemm_lse (16 MiB in fp32)
 
 
 def shared_prefix_attention(
@@ -70,7 +76,7 @@ def shared_prefix_attention(
     _check(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_mask, path)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     seen = _suffix_visibility(suffix_mask, q.shape[0], q.shape[2], suffix_k.shape[2], q.device)
-    taken = path if path != "auto" else _auto_path(q.shape[0], prefix_k.shape[2])
+    taken = path if path != "auto" else auto_path(q.shape[0], prefix_k.shape[2])
     if taken == "shared":
         out = _shared(q, prefix_k, prefix_v, suffix_k, suffix_v, seen, scale)
     else:
@@ -98,7 +104,7 @@ def tree_prefix_attention(
     return merge_parts(parts)[0]
 
 
-def _auto_path(batch: int, prefix: int) -> str:
+def auto_path(batch: int, prefix: int) -> str:
     """Sharing pays when many sequences read a long prefix (see the module docstring for the measured rule)."""
     return "shared" if batch >= AUTO_MIN_BATCH and batch * prefix >= AUTO_MIN_SHARED_KEYS else "plain"
 
@@ -125,8 +131,74 @@ def _stacked_lse(
     """Every sequence's queries against one shared ``k``/``v`` (1, Hkv, P, D): ``(B, H, Sq, ·)`` rows stacked into
     one ``(1, H, B·Sq, D)`` matrix per head, attended in one call; returns ``(out, lse)`` in ``q``'s layout."""
     b, h, sq, d = q.shape
-    out, lse = _attend_lse(q.transpose(0, 1).reshape(1, h, b * sq, d), k, v, scale, None, recording)
+    stacked = q.transpose(0, 1).reshape(1, h, b * sq, d)
+    if not recording and _onednn_fits(stacked, k, v):
+        out, lse = _gemm_lse(stacked, k, v, scale)
+    else:
+        out, lse = _attend_lse(stacked, k, v, scale, None, recording)
     return out.view(h, b, sq, -1).transpose(0, 1), lse.view(h, b, sq).transpose(0, 1).to(q.dtype)
+
+
+def _onednn_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`_gemm_lse` serves this shared-key call: fp32 on CPU, oneDNN present, enabled and in IEEE fp32 mode
+    (not a reduced-precision ``fp32_precision`` setting) and at least ``GEMM_MIN_SCORES`` scores per KV head
+    (stacked query rows × prefix keys). Measured on this CPU (one thread, D=64, CPU time), the GEMMs beat the flash
+    kernel from there (64 rows × 1024 keys: 1.32×; 32 × 2048: 1.39×; 16 × 8192: 1.31×; 64 × 8192: 1.58×) and tie or
+    lose below it (64 × 512: 0.99×; 8 × 4096: 1.05×; 16 × 1024: 0.75×; 8 × 2048: 0.66×; 64 × 256: 0.74×: the
+    per-head loop's fixed cost)."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)  # the fp32_precision setting exists from torch 2.9
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
+            and q.shape[1] // k.shape[1] * q.shape[2] * k.shape[2] >= GEMM_MIN_SCORES
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and getattr(matmul, "fp32_precision", "none") in ("none", "ieee"))
+
+
+def _gemm_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked query rows ``q`` (1, H, R, D) against one shared ``k``/``v`` (1, Hkv, P, D/Dv) by two oneDNN GEMMs
+    per KV head and a fused softmax between them; ``(out (1, H, R, Dv), lse (1, H, R))``.
+
+    Per KV head (the GQA group folded into the rows, as in :func:`_attend_lse`) and per chunk of rows (at most
+    ``GEMM_SCORES`` scores at a time): ``S = (scale · Q) Kᵀ``, ``m = max`` of each row, ``A = softmax(S)``,
+    ``O = A V`` and ``lse = m − log max A`` (the largest weight is ``e⁰ / Σ e^{S − m}``, so
+    ``lse = m + log Σ e^{S − m}`` without a second pass of exponentials). Choices:
+
+    - the products are oneDNN's (``torch.ops.mkldnn._linear_pointwise``: ``x · wᵀ`` on dense tensors, ``K`` and
+      ``Vᵀ`` passed as they lie, ``Vᵀ`` a strided view, no copy). In fp32 they are IEEE products like MKL's
+      ``sgemm`` (which ``torch.matmul`` and the flash kernel call), but oneDNN runs its AVX-512 code on any CPU that
+      has it, where MKL may fall back to AVX2 (AMD): on this machine 1.7–2× MKL's rate for these shapes;
+    - the softmax overwrites the scores (aten's ``out=`` form; each row is reduced before it is rewritten), and each
+      chunk's scores are freed before the next chunk's are made: one buffer per chunk, which the allocator hands
+      back each time. A second buffer per chunk (``torch.softmax``'s result) made glibc return and re-fault its
+      pages on every call (≈ 3600 page faults per call at 64 × 8192, ≈ 40 % of the time);
+    - two ``amax`` passes rather than one ``max`` with its indices and a gather: the indexed reduction costs ten
+      times the plain one on CPU (0.26 vs 0.024 ms on 64 × 8192 scores);
+    - a loop of calls (about five parallel regions per KV head and chunk), where the flash kernel is one region: with
+      more torch threads than free cores (a machine shared with other jobs) every region waits for a descheduled
+      thread and the loop gets many times slower (64 × 8192, load ≈ 15 on 2 cores: 963 ms at two threads, 45 ms at
+      one); on such a machine use one thread;
+    - the decode prefix is compute-bound (``2 · 2 · R · P · D`` flops per head against one read of ``K``/``V``),
+      which is why one score matrix per head, materialised, beats the flash kernel's small blocks here.
+    """
+    _, h, r, d = q.shape
+    hkv, p = k.shape[1], k.shape[2]
+    rows = (q * scale).view(hkv, (h // hkv) * r, d)
+    step = max(1, GEMM_SCORES // p)
+    outs, lses = [], []
+    for head in range(hkv):
+        for start in range(0, rows.shape[1], step):
+            scores = _onednn_linear(rows[head, start : start + step], k[0, head])
+            top = scores.amax(dim=-1)
+            weights = torch.ops.aten._softmax.out(scores, -1, False, out=scores)  # in place, row by row
+            lses.append(top - weights.amax(dim=-1).log())
+            outs.append(_onednn_linear(weights, v[0, head].t()))
+            del scores, weights  # freed before the next chunk's scores are allocated: the allocator reuses them
+    return torch.cat(outs).view(1, h, r, -1), torch.cat(lses).view(1, h, r)
+
+
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x · wᵀ`` by oneDNN (no bias, no fused activation)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
 def _group_lse(

@@ -7,9 +7,10 @@ cases by name (``fnmatch`` patterns), so one case can be rerun. The suite ``pres
 model and walks the press registry (:mod:`attnzoo.bench.suites.presses`); nor is ``fidelity``: it swaps every noncausal
 method into a pretrained sentence encoder (:mod:`attnzoo.bench.suites.fidelity`).
 
-A case says what runs (a :class:`Target`: an attnzoo method with its backend and parameters, SDPA called directly, or
-a peer package's function), against what (``against``, SDPA by default), on which shape, in which mode (forward, or
-forward+backward), how it is measured (``measure``) and its floors. Measures:
+A case says what runs (a :class:`Target`: an attnzoo method with its backend and parameters, SDPA called directly,
+a peer package's function, or a workload that builds its own call from the case's shape), against what
+(``against``, SDPA by default), on which shape, in which mode (forward, or forward+backward), how it is measured
+(``measure``) and its floors. Measures:
 
 - ``compare``: best-of-``rounds`` interleaved wall time of the target and of ``against`` on the same inputs, in one
   process (:func:`attnzoo.bench.measure.interleaved`): metrics ``speedup`` (their time / the target's) and
@@ -78,13 +79,17 @@ class Floor:
 
 
 TensorBuilder = Callable[[int, int, torch.Generator], dict[str, Any]]  # tensors, or objects with .to(device)
+Workload = Callable[["Case", str], Callable[[], Any]]  # (case, device) -> the call to time, its inputs built
 
 
 @dataclass(frozen=True)
 class Target:
     """What a case calls. ``method=None`` and ``peer=None``: ``scaled_dot_product_attention`` itself (``tensors`` may
     give it an ``attn_mask``). ``peer``: a function of :mod:`attnzoo.bench.suites.peers` (another package's
-    implementation). ``causal`` overrides the case's (e.g. plain causal SDPA against a method with its own mask)."""
+    implementation). ``causal`` overrides the case's (e.g. plain causal SDPA against a method with its own mask).
+    ``workload``: a function ``(case, device) -> call`` that builds its own inputs from the case's shape and returns
+    the call to time (run without autograd), for what the ``(q, k, v)`` calls cannot express (shared-prefix batches,
+    decoding loops, merges; the ``inference`` suite)."""
 
     label: str
     method: str | None = None
@@ -95,6 +100,7 @@ class Target:
     peer: str | None = None
     press: str | None = None
     press_params: Mapping[str, Any] = field(default_factory=dict)
+    workload: Workload | None = None
 
 
 SDPA = Target("SDPA")
@@ -159,10 +165,11 @@ def below(x: float) -> Floor:
 
 def suites() -> dict[str, tuple[Case, ...]]:
     """Every named suite, ``floors`` (the cases with a floor, from all the others) last."""
-    from attnzoo.bench.suites import core, decode, linear, models, radial, softmax, sparse, structured
+    from attnzoo.bench.suites import core, decode, inference, linear, models, radial, softmax, sparse, structured
 
     named = {"core": core.CASES, "softmax": softmax.CASES, "structured": structured.CASES, "radial": radial.CASES,
-             "sparse": sparse.CASES, "linear": linear.CASES, "decode": decode.CASES, "transformers": models.CASES}
+             "sparse": sparse.CASES, "linear": linear.CASES, "decode": decode.CASES, "inference": inference.CASES,
+             "transformers": models.CASES}
     named["floors"] = tuple(c for cases in list(named.values()) for c in cases if c.floors)
     return named
 

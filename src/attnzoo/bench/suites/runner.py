@@ -38,7 +38,10 @@ def inputs(case: Case, n: int, device: str, requires_grad: bool) -> tuple[torch.
 
 def bind(case: Case, target: Target, n: int, device: str) -> Step:
     """A step that calls ``target`` on the case's inputs at length ``n`` (forward, or forward+backward with the
-    gradients dropped after each step, as a training loop's ``zero_grad(set_to_none=True)`` does)."""
+    gradients dropped after each step, as a training loop's ``zero_grad(set_to_none=True)`` does); a target with a
+    ``workload`` builds its own inputs and call (forward only)."""
+    if target.workload is not None:
+        return _without_grad(target.workload(case, device))
     q, k, v = inputs(case, n, device, case.backward)
     g = torch.Generator().manual_seed(1)
     extra = {name: t.to(device) for name, t in (target.tensors(n, case.heads, g) if target.tensors else {}).items()}
@@ -65,6 +68,14 @@ def bind(case: Case, target: Target, n: int, device: str) -> Step:
                 out.sum().backward()
                 for t in (q, k, v):
                     t.grad = None
+
+    return step
+
+
+def _without_grad(call: Callable[[], object]) -> Step:
+    def step() -> None:
+        with torch.no_grad():
+            call()
 
     return step
 
@@ -309,7 +320,8 @@ def run_case(case: Case, device: str = "cpu", threads: int | None = None, suite:
     ``suite`` names the case's suite (default: the one it is found in)."""
     row: dict[str, Any] = {
         "suite": suite or origin(case.name), "case": case.name, "what": case.what, "measure": case.measure,
-        "method": case.target.method or case.target.peer or "sdpa", "backend": case.target.backend,
+        "method": case.target.method or case.target.peer or getattr(case.target.workload, "__name__", "sdpa"),
+        "backend": case.target.backend,
         "against": (case.against or SDPA).label if case.measure != "scaling" else None, "mode": case.mode,
         "causal": case.causal, "batch": case.batch, "heads": case.heads, "length": case.n, "length2": case.n2,
         "head_dim": case.head_dim, "device": device, "dtype": "float32", "rounds": case.rounds,
