@@ -262,8 +262,9 @@ def train_routers(
     ``batches`` yields the model's inputs (a tensor: ``model(x)``; a tuple: ``model(*x)``; a dict: ``model(**x)``);
     ``model`` returns a tensor. ``reference`` is ``model`` on the same batch with every layer forced to full attention.
     Runs ``min(steps, len(batches))`` Adam steps (router ``lr``; multipliers ``budget_lr``, by ascent), annealing the
-    temperature over ``steps``. Leaves ``model`` in eval mode with its parameters' ``requires_grad`` as they were;
-    returns one :class:`RouterStep` per step.
+    temperature over ``steps``. The routed layers run in training mode (Gumbel gates), the rest of ``model`` in eval
+    mode (it is frozen). Leaves ``model`` in eval mode with its parameters' ``requires_grad`` as they were; returns
+    one :class:`RouterStep` per step.
     """
     layers = list(routed_layers(model).values())
     if not layers:
@@ -288,15 +289,16 @@ def train_routers(
         {"params": [lambdas], "lr": budget_lr, "maximize": True},
     ])
     history = []
+    model.eval()  # the frozen rest of the model runs deterministically; only the routed layers sample their gates
+    for m in layers:
+        m.train()
     try:
         for step, batch in zip(range(steps), batches, strict=False):
             tau = temperature_at(step, steps)
             for m in layers:
                 m.temperature = tau
-            model.eval()
             with torch.no_grad(), forced_route(model, "full"):
                 reference = _call(model, batch)
-            model.train()
             task = loss_fn(_call(model, batch), reference)
             gap = full_fraction(model) - target_full
             budget = (lambdas[0] * gap.abs() + lambdas[1] * gap.square()).mean()
