@@ -94,7 +94,7 @@ class LayerRouter(nn.Module):
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         ends = torch.cat((q[:, :, : self.pool], q[:, :, -self.pool :]), dim=2)
-        return self.mlp(ends.mean(dim=(1, 2)))
+        return self.mlp(ends.mean(dim=(1, 2)).to(self.mlp[0].weight.dtype))
 
 
 def gumbel_gate(logits: torch.Tensor, temperature: float) -> torch.Tensor:
