@@ -1,6 +1,27 @@
 """``nn`` layers: projections plus ownership of each method's learnable parts."""
 
 from attnzoo.nn.attention import Attention
+from attnzoo.nn.layer_router import (
+    LayerRouter,
+    Route,
+    RoutedAttention,
+    RouterStep,
+    forced_route,
+    full_fraction,
+    routing_decisions,
+    train_routers,
+)
 from attnzoo.nn.seer import SeerAttention
 
-__all__ = ["Attention", "SeerAttention"]
+__all__ = [
+    "Attention",
+    "LayerRouter",
+    "Route",
+    "RoutedAttention",
+    "RouterStep",
+    "SeerAttention",
+    "forced_route",
+    "full_fraction",
+    "routing_decisions",
+    "train_routers",
+]

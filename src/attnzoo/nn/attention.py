@@ -64,11 +64,15 @@ class Attention(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         q, k, v = self.project(x, context)
-        b, n, _ = x.shape
         out = attention(
             q, k, v, method=self.method, causal=self.causal, mask=mask, backend=self.backend,
             **self.fixed, **dict(self.learnable.items()),
         )
+        return self.merge_heads(out)
+
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """The layer's output ``(B, N, dim)`` from the heads' attention ``out (B, H, N, head_dim)``."""
+        b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
     def project(
