@@ -239,17 +239,16 @@ def tiled_attention(
             kg, vg = _bands(kk, tiling.lo[start], nc, w, step), _bands(vv, tiling.lo[start], nc, w, step)
         attn = additive[start:end].view(1, 1, nc, t, 1, w)
         some = None
-        if return_lse:  # every hidden logit at -inf, fully hidden rows included (attention_lse gives them 0, -inf)
+        if return_lse or zero_empty:
             seen = tiling.mask[start:end].view(1, 1, nc, t, 1, w)
             if mask is not None:
                 seen = seen & gather_pairs(mask, qi, ki, hkv, g)
-            attn = attn.masked_fill(~seen, float("-inf"))
-        elif zero_empty:
-            seen = tiling.mask[start:end].view(1, 1, nc, t, 1, w)
-            if mask is not None:
-                seen = seen & gather_pairs(mask, qi, ki, hkv, g)
-                attn = attn.masked_fill(~seen & seen.any(dim=-1, keepdim=True), float("-inf"))
-            some = seen.any(dim=-1, keepdim=True)
+            if return_lse:  # every hidden logit at -inf, fully hidden rows too (attention_lse gives them 0, -inf)
+                attn = attn.masked_fill(~seen, float("-inf"))
+            else:
+                if mask is not None:
+                    attn = attn.masked_fill(~seen & seen.any(dim=-1, keepdim=True), float("-inf"))
+                some = seen.any(dim=-1, keepdim=True)
         if bias is not None:
             attn = attn + gather_pairs(bias, qi, ki, hkv, g)
         if g > 1:

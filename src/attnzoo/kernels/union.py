@@ -31,7 +31,9 @@ Log-sum-exp (``return_lse=True``): ``L`` is the merged log-sum-exp the forward k
 part); its gradient ``g`` joins every chunk's flash backward through
 :func:`attnzoo.kernels.dense.lse_grad_inputs` (a ones column appended to V, ``g`` to dO, 0 to O, zero columns to Q
 and K, once for the whole row-major tensors), since ``∂L/∂s_j`` is the same global ``P`` restricted to the part. With
-``return_lse=False`` the outputs are the same and the backward gets no ``g`` (nothing is widened).
+``return_lse=False`` the outputs are the same and the backward gets no ``g`` (nothing is widened). A row that lies in
+some part must see at least one key of its parts (radial: its own frame), else its ``L`` would be the finite masked
+value rather than ``-inf``.
 
 GQA: the ``G`` query heads that share a K/V head are stacked as rows of a tile (``T·G`` rows), K/V never repeated.
 Requires ``D == Dv`` (the CPU flash kernel's constraint); any float dtype (the merge runs in at least fp32).
