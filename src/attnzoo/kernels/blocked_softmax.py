@@ -22,9 +22,12 @@ weights 0 (never NaN, forward or backward).
 
 ``return_lse=True`` also returns each row's log-sum-exp ``L = log Σ exp(s)`` over the logits the softmax normalises
 (after ``score_mod``, the bias, the masks and ``select``; ``prob_mod`` does not change it), ``-inf`` for a row with no
-visible key, in at least fp32 and differentiable. Each block then returns its rows and their ``L`` side by side (one
-``(rows, Dv + 1)`` tensor in at least fp32, split afterwards), so the blocking and the recomputation in the backward
-pass are those of the plain call; without it nothing extra is computed.
+visible key, in at least fp32 and differentiable. It is read off the softmax rather than computed by a second pass of
+exponentials: with ``m = max_j s_j`` the largest weight is ``p_max = e^{m − L}``, so ``L = m − log p_max`` (two row
+maxima; ``p_max ≥ 1/Skv`` keeps the log well conditioned, and its gradient is ``e_argmax − (e_argmax − p) = p``, ties
+included). Each block then returns its rows and their ``L`` side by side (one ``(rows, Dv + 1)`` tensor in at least
+fp32, split afterwards), so the blocking and the recomputation in the backward pass are those of the plain call;
+without it nothing extra is computed.
 """
 
 from __future__ import annotations
@@ -93,10 +96,11 @@ def blocked_softmax_attention(
         if select is not None:
             s = select(s)
         empty = _empty_rows(seen, future, first, start, end, offset if causal else None, q.device)
-        lse = _row_lse(s, empty, lse_dtype) if return_lse else None  # before the softmax may overwrite s
+        top = s.amax(dim=-1, keepdim=True) if return_lse else None  # before the softmax may overwrite s
         p = torch.softmax(s, dim=-1, out=s) if in_place else torch.softmax(s, dim=-1)
         if empty is not None:  # their softmax is NaN (all logits -inf); the masked_fills above stop its gradient
             p = p.masked_fill_(empty, 0.0) if in_place else p.masked_fill(empty, 0.0)
+        lse = None if top is None else _row_lse(top, p.amax(dim=-1, keepdim=True), empty, lse_dtype)
         if prob_mod is not None:
             p = prob_mod(p, start, end, *hook_tensors)
         out = grouped_pv(p, v[:, :, :keys])
@@ -108,13 +112,14 @@ def blocked_softmax_attention(
     return both[..., :dv].to(q.dtype), both[..., dv]
 
 
-def _row_lse(s: torch.Tensor, empty: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``log Σ exp(s)`` of each row of a block's logits as a ``(…, rows, 1)`` column in ``dtype``; ``-inf`` on the
-    ``empty`` rows (computed on zeros there, so that their gradient is 0, not NaN)."""
-    s = s.to(dtype)
+def _row_lse(top: torch.Tensor, p_top: torch.Tensor, empty: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``L = m − log p_max`` (see the module docstring) from the rows' largest logit ``top`` and largest weight
+    ``p_top``, ``(…, rows, 1)`` columns, in ``dtype``; ``-inf`` on the ``empty`` rows (computed on 0 and 1 there, so
+    that their gradient is 0, not NaN)."""
+    top, p_top = top.to(dtype), p_top.to(dtype)
     if empty is None:
-        return torch.logsumexp(s, dim=-1, keepdim=True)
-    return torch.logsumexp(s.masked_fill(empty, 0.0), dim=-1, keepdim=True).masked_fill(empty, float("-inf"))
+        return top - torch.log(p_top)
+    return (top.masked_fill(empty, 0.0) - torch.log(p_top.masked_fill(empty, 1.0))).masked_fill(empty, float("-inf"))
 
 
 def _empty_rows(
