@@ -62,16 +62,25 @@ def assert_matches_reference(
     bias: torch.Tensor | None = None,
     backend: str = "torch",
     grads: tuple[torch.Tensor, ...] = (),
+    return_lse: bool = False,
     **params: Any,
 ) -> None:
     """``backend`` equals the dense reference to 1e-10: the output, and the gradients with respect to ``q``, ``k``,
-    ``v`` and the extra leaves ``grads`` for one random output gradient (the inputs must be fp64 autograd leaves)."""
-    ref = az.attention(q, k, v, method=method, causal=causal, mask=mask, bias=bias, backend="reference", **params)
-    out = az.attention(q, k, v, method=method, causal=causal, mask=mask, bias=bias, backend=backend, **params)
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
-    cot = torch.randn_like(ref)
+    ``v`` and the extra leaves ``grads`` for one random output gradient (the inputs must be fp64 autograd leaves).
+    ``return_lse``: the log-sum-exp too (``-inf`` on the same rows), with a random gradient for it as well."""
+    ref = az.attention(q, k, v, method=method, causal=causal, mask=mask, bias=bias, backend="reference",
+                       return_lse=return_lse, **params)
+    out = az.attention(q, k, v, method=method, causal=causal, mask=mask, bias=bias, backend=backend,
+                       return_lse=return_lse, **params)
+    outs, refs = (out, ref) if return_lse else ((out,), (ref,))
+    if return_lse:
+        assert torch.equal(torch.isneginf(out[1]), torch.isneginf(ref[1]))
+        outs, refs = (out[0], out[1].nan_to_num(neginf=0.0)), (ref[0], ref[1].nan_to_num(neginf=0.0))
+    for a, b in zip(outs, refs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    cots = [torch.randn_like(r) for r in refs]
     inputs = (q, k, v, *grads)
-    for a, b in zip(torch.autograd.grad(out, inputs, cot), torch.autograd.grad(ref, inputs, cot), strict=True):
+    for a, b in zip(torch.autograd.grad(outs, inputs, cots), torch.autograd.grad(refs, inputs, cots), strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 

@@ -20,6 +20,13 @@ Builders:
 
 Rows with no visible key give 0 (forward and backward, never NaN). Under autograd, chunks whose keys are gathered
 copies are checkpointed (recomputed in the backward pass), so training memory stays O(N·d) plus one chunk.
+
+``return_lse=True`` also returns each row's log-sum-exp over its visible keys (``-inf`` for a row that sees none),
+differentiable. A query lies in exactly one tile, so its row log-sum-exp is its tile's: each chunk then runs
+:func:`attnzoo.kernels.dense.attention_lse` (the CPU flash kernel, whose backward also carries the log-sum-exp's
+gradient; elsewhere dense per-tile scores) on the same gathered tiles with every hidden logit at ``-inf`` (fully
+hidden rows included: the kernel returns ``0`` and ``-inf`` for them), always in bounded chunks. The plain call's
+path is unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attnzoo.kernels.cache import cached
+from attnzoo.kernels.dense import attention_lse
 from attnzoo.masks.neighborhood import neighborhood_axis, stride_leader
 
 CHUNK_BYTES = 96 << 20
@@ -191,9 +199,10 @@ class Tiling:
 
 def tiled_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, tiling: Tiling,
-    mask: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Softmax attention of ``q (B, H, Sq, D)`` over ``k, v (B, Hkv, Skv, ·)`` restricted to a tiling.
+    mask: torch.Tensor | None = None, bias: torch.Tensor | None = None, return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of ``q (B, H, Sq, D)`` over ``k, v (B, Hkv, Skv, ·)`` restricted to a tiling (and, with
+    ``return_lse``, the rows' log-sum-exp ``(B, H, Sq)``).
 
     Every query index must appear exactly once in the tiling. ``mask``/``bias``: optional 4-D views broadcastable to
     ``(B, H, Sq, Skv)`` (gathered per tile: a dense user mask costs O(N·W) reads, not O(N²) compute). GQA stacks the
@@ -215,11 +224,11 @@ def tiled_attention(
     # go whole: one SDPA each, and the backward does not zero-fill full-size gradients once per chunk. Gathered K/V and
     # gathered user masks/biases are copies, so those chunks are bounded to CHUNK_BYTES.
     per_tile = b * hkv * (w * (d + dv) + 2 * t * g * w) * q.element_size()
-    bounded = mask is not None or bias is not None or tiling.lo is None
+    bounded = mask is not None or bias is not None or tiling.lo is None or return_lse
     chunks = tiling.chunks(max(1, CHUNK_BYTES // max(per_tile, 1)) if bounded else tiling.q_tiles.shape[0])
 
     def run(q_rows: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, start: int, end: int, step: int | None
-            ) -> torch.Tensor:
+            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         qi, ki = tiling.q_tiles[start:end], tiling.k_tiles[start:end]
         nc = end - start
         qg = q_rows[:, :, qi.clamp(min=0).flatten()].reshape(b * hkv, nc, t * g, d)
@@ -230,36 +239,54 @@ def tiled_attention(
             kg, vg = _bands(kk, tiling.lo[start], nc, w, step), _bands(vv, tiling.lo[start], nc, w, step)
         attn = additive[start:end].view(1, 1, nc, t, 1, w)
         some = None
-        if zero_empty:
+        if return_lse or zero_empty:
             seen = tiling.mask[start:end].view(1, 1, nc, t, 1, w)
             if mask is not None:
                 seen = seen & gather_pairs(mask, qi, ki, hkv, g)
-                attn = attn.masked_fill(~seen & seen.any(dim=-1, keepdim=True), float("-inf"))
-            some = seen.any(dim=-1, keepdim=True)
+            if return_lse:  # every hidden logit at -inf, fully hidden rows too (attention_lse gives them 0, -inf)
+                attn = attn.masked_fill(~seen, float("-inf"))
+            else:
+                if mask is not None:
+                    attn = attn.masked_fill(~seen & seen.any(dim=-1, keepdim=True), float("-inf"))
+                some = seen.any(dim=-1, keepdim=True)
         if bias is not None:
             attn = attn + gather_pairs(bias, qi, ki, hkv, g)
         if g > 1:
             attn = attn.expand(*attn.shape[:4], g, w)
         if attn.shape[0] * attn.shape[1] not in (1, b * hkv):
             attn = attn.expand(b, hkv, *attn.shape[2:])
-        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=attn.reshape(-1, nc, t * g, w), scale=scale)
+        attn = attn.reshape(-1, nc, t * g, w)
+        if return_lse:
+            out, lse = attention_lse(qg, kg, vg, causal=False, scale=scale, mask=None, bias=attn)
+            return out.reshape(b, hkv, nc * t, g, dv), lse.reshape(b, hkv, nc * t, g)
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=attn, scale=scale)
         out = out.reshape(b, hkv, nc * t, g, dv)
         return out if some is None else out * some.reshape(some.shape[0], some.shape[1], nc * t, -1, 1).to(out.dtype)
 
+    rows = tiling.q_tiles.shape[0] * t
     if torch.is_grad_enabled():
         # Gathered K/V bands are copies: under autograd they are recomputed in the backward pass instead of being kept.
         recompute = len(chunks) > 1
-        outs = [
+        results = [
             checkpoint(run, q_rows, kk, vv, *c, use_reentrant=False) if recompute and c[2] is None
             else run(q_rows, kk, vv, *c)
             for c in chunks
         ]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, Hkv, n·T, G, Dv)
-    else:  # one output written chunk by chunk: nothing a chunk allocates outlives it
-        out = q.new_empty(b, hkv, tiling.q_tiles.shape[0] * t, g, dv)
+        parts = [r if isinstance(r, tuple) else (r,) for r in results]
+        # (B, Hkv, n·T, G, Dv) and, with return_lse, (B, Hkv, n·T, G)
+        outs = [p[0] if len(parts) == 1 else torch.cat(p, dim=2) for p in zip(*parts, strict=True)]
+    else:  # outputs written chunk by chunk: nothing a chunk allocates outlives it
+        outs = [q.new_empty(b, hkv, rows, g, dv)]
+        if return_lse:
+            outs.append(q.new_empty(b, hkv, rows, g, dtype=torch.promote_types(q.dtype, torch.float32)))
         for c in chunks:
-            out[:, :, c[0] * t : c[1] * t] = run(q_rows, kk, vv, *c)
-    return out[:, :, tiling.position].transpose(2, 3).reshape(b, h, sq, dv)
+            result = run(q_rows, kk, vv, *c)
+            for buffer, x in zip(outs, result if isinstance(result, tuple) else (result,), strict=True):
+                buffer[:, :, c[0] * t : c[1] * t] = x
+    out = outs[0][:, :, tiling.position].transpose(2, 3).reshape(b, h, sq, dv)
+    if not return_lse:
+        return out
+    return out, outs[1][:, :, tiling.position].transpose(2, 3).reshape(b, h, sq)
 
 
 def _bands(x: torch.Tensor, lo: int, count: int, width: int, step: int) -> torch.Tensor:

@@ -19,6 +19,15 @@ output (:mod:`attnzoo.kernels.blockwise`): nothing score-sized is allocated per 
 Under the causal mask a block only computes the keys its last row can see, ``keys = [0, end + Skv − Sq)``, so hooks
 must read the number of key columns from the tensor they get (keys always start at 0). A row with no visible key gives
 weights 0 (never NaN, forward or backward).
+
+``return_lse=True`` also returns each row's log-sum-exp ``L = log Σ exp(s)`` over the logits the softmax normalises
+(after ``score_mod``, the bias, the masks and ``select``; ``prob_mod`` does not change it), ``-inf`` for a row with no
+visible key, in at least fp32 and differentiable. It is read off the softmax rather than computed by a second pass of
+exponentials: with ``m = max_j s_j`` the largest weight is ``p_max = e^{m − L}``, so ``L = m − log p_max`` (two row
+maxima; ``p_max ≥ 1/Skv`` keeps the log well conditioned, and its gradient is ``e_argmax − (e_argmax − p) = p``, ties
+included). Each block then returns its rows and their ``L`` side by side (one ``(rows, Dv + 1)`` tensor in at least
+fp32, split afterwards), so the blocking and the recomputation in the backward pass are those of the plain call;
+without it nothing extra is computed.
 """
 
 from __future__ import annotations
@@ -45,8 +54,10 @@ def blocked_softmax_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool, mask: torch.Tensor | None,
     bias: torch.Tensor | None, score_mod: ScoreHook | None = None, select: SelectHook | None = None,
     prob_mod: ScoreHook | None = None, hook_tensors: tuple[torch.Tensor, ...] = (), block: int | None = None,
-) -> torch.Tensor:
-    """Softmax attention ``(B, H, Sq, Dv)`` computed by query blocks, with the hooks described in the module doc.
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention ``(B, H, Sq, Dv)`` computed by query blocks, with the hooks described in the module doc
+    (and, with ``return_lse``, the rows' log-sum-exp ``(B, H, Sq)``).
 
     ``causal`` is bottom-right aligned; ``mask`` (bool) and ``bias`` (float) broadcast to ``(B, H, Sq, Skv)``.
     """
@@ -58,6 +69,8 @@ def blocked_softmax_attention(
     q_scaled = (q * scale).contiguous()
     buffer = scores_buffer(q, rows, skv)
     in_place = inplace()
+    dv = v.shape[-1]
+    lse_dtype = torch.promote_types(q.dtype, torch.float32)
 
     def attend(q_rows: torch.Tensor, start: int, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                bias: torch.Tensor | None, *hook_tensors: torch.Tensor) -> torch.Tensor:
@@ -82,15 +95,31 @@ def blocked_softmax_attention(
             s[..., first:].masked_fill_(future, float("-inf"))  # in place on the block's own logits
         if select is not None:
             s = select(s)
-        p = torch.softmax(s, dim=-1, out=s) if in_place else torch.softmax(s, dim=-1)
         empty = _empty_rows(seen, future, first, start, end, offset if causal else None, q.device)
+        top = s.amax(dim=-1, keepdim=True) if return_lse else None  # before the softmax may overwrite s
+        p = torch.softmax(s, dim=-1, out=s) if in_place else torch.softmax(s, dim=-1)
         if empty is not None:  # their softmax is NaN (all logits -inf); the masked_fills above stop its gradient
             p = p.masked_fill_(empty, 0.0) if in_place else p.masked_fill(empty, 0.0)
+        lse = None if top is None else _row_lse(top, p.amax(dim=-1, keepdim=True), empty, lse_dtype)
         if prob_mod is not None:
             p = prob_mod(p, start, end, *hook_tensors)
-        return grouped_pv(p, v[:, :, :keys])
+        out = grouped_pv(p, v[:, :, :keys])
+        return out if lse is None else torch.cat([out.to(lse_dtype), lse], dim=-1)
 
-    return query_blocks(attend, q_scaled, rows, v.shape[-1], k, v, mask, bias, *hook_tensors)
+    if not return_lse:
+        return query_blocks(attend, q_scaled, rows, dv, k, v, mask, bias, *hook_tensors)
+    both = query_blocks(attend, q_scaled, rows, dv + 1, k, v, mask, bias, *hook_tensors, dtype=lse_dtype)
+    return both[..., :dv].to(q.dtype), both[..., dv]
+
+
+def _row_lse(top: torch.Tensor, p_top: torch.Tensor, empty: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``L = m − log p_max`` (see the module docstring) from the rows' largest logit ``top`` and largest weight
+    ``p_top``, ``(…, rows, 1)`` columns, in ``dtype``; ``-inf`` on the ``empty`` rows (computed on 0 and 1 there, so
+    that their gradient is 0, not NaN)."""
+    top, p_top = top.to(dtype), p_top.to(dtype)
+    if empty is None:
+        return top - torch.log(p_top)
+    return (top.masked_fill(empty, 0.0) - torch.log(p_top.masked_fill(empty, 1.0))).masked_fill(empty, float("-inf"))
 
 
 def _empty_rows(

@@ -5,6 +5,10 @@ Each axis ``a`` of a row-major layout is split as ``x = o · inner_a + i`` (``ou
 with ``group="inner"`` tokens sharing every ``i`` form a group whose sequence runs over the ``o`` (a strided grid).
 One permutation, one batched ``scaled_dot_product_attention`` with no mask, one inverse permutation: the work is
 exactly the groups' ``Σ n_g²·d`` and nothing is gathered per element.
+
+``return_lse=True``: a token's keys are its group, so its row log-sum-exp is the group's: the batched call is
+:func:`attnzoo.kernels.dense.attention_lse` instead (the CPU flash kernel with the log-sum-exp's gradient), and the
+log-sum-exp goes through the same inverse permutation.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from attnzoo.kernels.dense import attention_lse
 
 
 def _dims(layout: Sequence[int], inner: Sequence[int], group: str) -> tuple[list[int], list[int], list[int]]:
@@ -43,11 +49,14 @@ def _merge(y: torch.Tensor, b: int, layout: Sequence[int], inner: Sequence[int],
 
 def partitioned_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, layout: Sequence[int], inner: Sequence[int],
-    group: str,
-) -> torch.Tensor:
-    """Attention within the groups of a partition of ``layout`` (see the module docstring); GQA without copies."""
-    y = F.scaled_dot_product_attention(
-        _split(q, layout, inner, group), _split(k, layout, inner, group), _split(v, layout, inner, group),
-        scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-    )
+    group: str, return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention within the groups of a partition of ``layout`` (see the module docstring); GQA without copies. With
+    ``return_lse``, also the rows' log-sum-exp ``(B, H, N)``."""
+    qs, ks, vs = (_split(x, layout, inner, group) for x in (q, k, v))
+    if return_lse:
+        y, lse = attention_lse(qs, ks, vs, causal=False, scale=scale, mask=None, bias=None)
+        b = q.shape[0]
+        return _merge(y, b, layout, inner, group), _merge(lse.unsqueeze(-1), b, layout, inner, group).squeeze(-1)
+    y = F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return _merge(y, q.shape[0], layout, inner, group)

@@ -27,6 +27,14 @@ whose query or key indices are ``first + t·step + arange(w)`` (detected when a 
 all: they are strided (possibly overlapping) views of those tensors, and a chunk whose query rows form one range is
 merged in place on that slice.
 
+Log-sum-exp (``return_lse=True``): ``L`` is the merged log-sum-exp the forward keeps anyway (``-inf`` for rows in no
+part); its gradient ``g`` joins every chunk's flash backward through
+:func:`attnzoo.kernels.dense.lse_grad_inputs` (a ones column appended to V, ``g`` to dO, 0 to O, zero columns to Q
+and K, once for the whole row-major tensors), since ``∂L/∂s_j`` is the same global ``P`` restricted to the part. With
+``return_lse=False`` the outputs are the same and the backward gets no ``g`` (nothing is widened). A row that lies in
+some part must see at least one key of its parts (radial: its own frame), else its ``L`` would be the finite masked
+value rather than ``-inf``.
+
 GQA: the ``G`` query heads that share a K/V head are stacked as rows of a tile (``T·G`` rows), K/V never repeated.
 Requires ``D == Dv`` (the CPU flash kernel's constraint); any float dtype (the merge runs in at least fp32).
 """
@@ -39,7 +47,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from attnzoo.kernels.block_sparse import GATHER_BYTES
-from attnzoo.kernels.dense import flash_cpu, flash_cpu_backward
+from attnzoo.kernels.dense import flash_cpu, flash_cpu_backward, lse_grad_inputs
 
 
 class TileGroup:
@@ -132,10 +140,11 @@ class UnionPlan:
         return add[:, start:end]
 
 
-def union_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, parts: list[Part]
-                    ) -> torch.Tensor:
+def union_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, parts: list[Part],
+                    return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of ``q (B, H, Sq, D)`` over ``k, v (B, Hkv, Skv, D)`` where query ``i`` sees the union of its
-    key sets in ``parts`` (disjoint; see the module docstring). Rows in no part give 0. CPU, ``D == Dv``."""
+    key sets in ``parts`` (disjoint; see the module docstring). Rows in no part give 0 (log-sum-exp ``-inf``). CPU,
+    ``D == Dv``. With ``return_lse``, also the rows' log-sum-exp ``(B, H, Sq)`` (at least fp32)."""
     b, h, sq, d = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
     if d != dv:
@@ -144,8 +153,9 @@ def union_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     device = q.device
     parts = [[group.to(device) for group in part] for part in parts]
     plan = UnionPlan(parts, sq, b, hkv, g, d, dv, q.dtype)
-    out = _UnionAttention.apply(q, k, v, scale, plan)  # (Sq, G, B·Hkv, Dv)
-    return out.view(sq, g, b, hkv, dv).permute(2, 3, 1, 0, 4).reshape(b, h, sq, dv)
+    out, lse = _UnionAttention.apply(q, k, v, scale, plan)  # (Sq, G, B·Hkv, Dv), (Sq, G, B·Hkv)
+    out = out.view(sq, g, b, hkv, dv).permute(2, 3, 1, 0, 4).reshape(b, h, sq, dv)
+    return (out, lse.view(sq, g, b, hkv).permute(2, 3, 1, 0).reshape(b, h, sq)) if return_lse else out
 
 
 def _row_major(x: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -178,7 +188,7 @@ def _take(x: torch.Tensor, index: torch.Tensor, n: int, steps: tuple[int, int] |
 class _UnionAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, plan: UnionPlan
-                ) -> torch.Tensor:
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         bh, g, sq = plan.b * plan.hkv, plan.g, plan.seq_q
         dv = v.shape[-1]
         acc = torch.promote_types(q.dtype, torch.float32)
@@ -213,21 +223,27 @@ class _UnionAttention(torch.autograd.Function):
         result = out[:sq].to(q.dtype)
         ctx.save_for_backward(q, k, v, result, lse[:sq])
         ctx.scale, ctx.plan = scale, plan
-        return result
+        ctx.set_materialize_grads(False)  # an unused log-sum-exp gets no gradient: nothing to widen
+        return result, lse[:sq].squeeze(-1)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad: torch.Tensor | None, grad_lse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         plan: UnionPlan = ctx.plan
         bh, g, sq = plan.b * plan.hkv, plan.g, plan.seq_q
+        d, dv_ = q.shape[-1], v.shape[-1]
         qr = _row_major(q, plan.hkv)
         kr, vr = (_row_major(x, plan.hkv).view(x.shape[2], bh, x.shape[-1]) for x in (k, v))
+        grad = torch.zeros_like(out) if grad is None else grad
+        if grad_lse is not None:  # rows in no part (L = −inf) take no gradient
+            grad_lse = grad_lse.masked_fill(torch.isneginf(lse.squeeze(-1)), 0.0)
+            grad, qr, kr, vr, out = lse_grad_inputs(grad, grad_lse, qr, kr, vr, out)
         pad = (0, 0, 0, 0, 0, 0, 0, 1)  # a dummy row for the padding of short tiles: dO = 0 and L huge there, so P = 0
         grad = torch.nn.functional.pad(grad, pad)  # (also makes it contiguous, as strided views assume)
         out_p = torch.nn.functional.pad(out, pad)
         lse_p = torch.nn.functional.pad(lse, pad, value=torch.finfo(lse.dtype).max / 4)
-        dq = torch.zeros(sq + 1, g, bh, q.shape[-1], dtype=q.dtype, device=q.device)
+        dq = torch.zeros(sq + 1, g, bh, qr.shape[-1], dtype=q.dtype, device=q.device)
         dk, dv = torch.zeros_like(kr), torch.zeros_like(vr)
 
         for group, start, end in plan.chunks:
@@ -249,7 +265,8 @@ class _UnionAttention(torch.autograd.Function):
             dk.index_add_(0, keys, dkg.permute(1, 2, 0, 3).reshape(-1, bh, dkg.shape[-1]))
             dv.index_add_(0, keys, dvg.permute(1, 2, 0, 3).reshape(-1, bh, dvg.shape[-1]))
         b, hkv = plan.b, plan.hkv
-        dq = dq[:sq].view(sq, g, b, hkv, -1).permute(2, 3, 1, 0, 4).reshape(q.shape)
-        dk, dv = (x.view(x.shape[0], b, hkv, -1).permute(1, 2, 0, 3) for x in (dk, dv))
+        dq = dq[:sq, ..., :d].reshape(sq, g, b, hkv, d).permute(2, 3, 1, 0, 4).reshape(q.shape)
+        dk, dv = (x[..., :width].reshape(x.shape[0], b, hkv, width).permute(1, 2, 0, 3)
+                  for x, width in ((dk, d), (dv, dv_)))
         needs = ctx.needs_input_grad
         return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None

@@ -41,11 +41,15 @@ def softmax_rows(s: torch.Tensor, seen: torch.Tensor, v: torch.Tensor, return_ls
     with ``return_lse``, also each row's log-sum-exp ``log Σ_{seen} exp(s)`` (``-inf`` for a row that sees nothing,
     with a zero gradient)."""
     out = safe_softmax(s, seen) @ v
-    if not return_lse:
-        return out
+    return (out, row_lse(s, seen)) if return_lse else out
+
+
+def row_lse(s: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Each row's log-sum-exp ``log Σ_{seen} exp(s)`` of scores ``s (B, H, Sq, Skv)``: ``-inf`` for a row that sees
+    nothing, with a zero gradient."""
     some = seen.any(dim=-1)
     hidden = s.masked_fill(~seen, float("-inf")).masked_fill(~some.unsqueeze(-1), 0.0)
-    return out, torch.logsumexp(hidden, dim=-1).masked_fill(~some, float("-inf"))
+    return torch.logsumexp(hidden, dim=-1).masked_fill(~some, float("-inf"))
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, scale: float,

@@ -20,6 +20,20 @@ def test_axial_sdpa_matches_reference(layout, axis, causal):
     assert_matches_reference("axial", q, k, v, causal=causal, backend="sdpa", layout=layout, axis=axis)
 
 
+@pytest.mark.parametrize(("layout", "axis", "causal"), [((5, 6), 1, False), ((2, 3, 5), -2, True), (None, None, True)])
+def test_axial_one_stage_returns_the_log_sum_exp(layout, axis, causal):
+    q, k, v = qkv(2, 4, 2, 30, requires_grad=True)
+    assert_matches_reference("axial", q, k, v, causal=causal, backend="sdpa", layout=layout, axis=axis,
+                             return_lse=True)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_axial_over_several_axes_has_no_log_sum_exp(backend):
+    q = torch.randn(1, 2, 30, 8)
+    with pytest.raises(AttnzooError, match="return_lse"):
+        az.attention(q, q, q, method="axial", layout=(5, 6), backend=backend, return_lse=True)
+
+
 @pytest.mark.parametrize(("params", "needle"), [(dict(layout=(5, 7)), "layout"), (dict(layout=(5, 6), axis=2), "axis")])
 def test_axial_errors(params, needle):
     q = torch.randn(1, 2, 30, 8)

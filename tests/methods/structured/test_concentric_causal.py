@@ -13,20 +13,26 @@ from tests.helpers import assert_decodes, assert_matches_reference, qkv
 
 @pytest.mark.parametrize("params", [dict(layout=(16, 20), image_start=37), dict(layout=(3, 130), image_start=0),
                                     dict(layout=None)])
-def test_concentric_torch_matches_reference(params):
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_concentric_torch_matches_reference(params, return_lse):
     q, k, v = qkv(2, 4, 2, 400, requires_grad=True)
-    assert_matches_reference("concentric_causal", q, k, v, causal=True, **params)
+    assert_matches_reference("concentric_causal", q, k, v, causal=True, return_lse=return_lse, **params)
 
 
-def test_concentric_user_mask_bias_and_empty_rows():
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_concentric_user_mask_bias_and_empty_rows(return_lse):
     q, k, v = qkv(2, 4, 2, 300, requires_grad=True)
     g = torch.Generator().manual_seed(1)
     mask = torch.rand(2, 1, 300, 300, generator=g) > 0.3
     mask[..., 7, :] = False
     bias = torch.randn(1, 4, 300, 300, generator=g, dtype=torch.float64)
     assert_matches_reference("concentric_causal", q, k, v, causal=True, mask=mask, bias=bias, layout=(12, 12),
-                             image_start=100)
-    out = az.attention(q, k, v, method="concentric_causal", causal=True, mask=mask, layout=(12, 12))
+                             image_start=100, return_lse=return_lse)
+    out = az.attention(q, k, v, method="concentric_causal", causal=True, mask=mask, layout=(12, 12),
+                       return_lse=return_lse)
+    if return_lse:
+        out, lse = out
+        assert bool(torch.isneginf(lse[:, :, 7]).all())
     assert out[:, :, 7].abs().max() == 0
 
 

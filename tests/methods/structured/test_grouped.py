@@ -21,12 +21,14 @@ CASES = [
 
 @pytest.mark.parametrize(("sq", "skv", "causal", "make"), CASES)
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_grouped_torch_matches_reference(sq, skv, causal, make, with_mask):
+@pytest.mark.parametrize(("dv", "return_lse"), [(6, False), (8, True)])
+def test_grouped_torch_matches_reference(sq, skv, causal, make, with_mask, dv, return_lse):
     g = torch.Generator().manual_seed(1)
-    q, k, v = qkv(2, 4, 2, sq, 8, 6, skv=skv, seed=g, requires_grad=True)
+    q, k, v = qkv(2, 4, 2, sq, 8, dv, skv=skv, seed=g, requires_grad=True)
     mask = torch.rand(2, 1, sq, skv, generator=g) > 0.3 if with_mask else None
     bias = torch.randn(1, 4, sq, skv, generator=g, dtype=torch.float64) if with_mask else None
-    assert_matches_reference("grouped", q, k, v, causal=causal, mask=mask, bias=bias, **make(g))
+    assert_matches_reference("grouped", q, k, v, causal=causal, mask=mask, bias=bias, return_lse=return_lse,
+                             **make(g))
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,11 @@ from tests.helpers import assert_matches_reference, qkv
 
 
 @pytest.mark.parametrize(("groups", "latents"), [(4, 3), (5, 0), (1, 6)])
-def test_local_global_latent_torch_matches_reference(groups, latents):
-    q, k, v = qkv(2, 4, 2, 200 + groups * latents, dv=6, requires_grad=True)
-    assert_matches_reference("local_global_latent", q, k, v, num_groups=groups, latents_per_group=latents)
+@pytest.mark.parametrize(("dv", "return_lse"), [(6, False), (6, True), (8, True)])
+def test_local_global_latent_torch_matches_reference(groups, latents, dv, return_lse):
+    q, k, v = qkv(2, 4, 2, 200 + groups * latents, dv=dv, requires_grad=True)
+    assert_matches_reference("local_global_latent", q, k, v, num_groups=groups, latents_per_group=latents,
+                             return_lse=return_lse)
 
 
 @pytest.mark.parametrize(("params", "name"), [(dict(num_groups=7), "num_groups"),

@@ -16,9 +16,10 @@ from tests.helpers import assert_matches_reference, qkv
     [("maxvit_block", dict(window_size=(3, 4), layout=(6, 8))), ("maxvit_grid", dict(grid_size=(3, 4), layout=(6, 8))),
      ("maxvit_grid", dict(grid_size=(2, 3, 2), layout=(4, 3, 4)))],
 )
-def test_maxvit_sdpa_matches_reference(method, params):
-    q, k, v = qkv(2, 4, 2, 48, 8, 6, requires_grad=True)
-    assert_matches_reference(method, q, k, v, backend="sdpa", **params)
+@pytest.mark.parametrize(("dv", "return_lse"), [(6, False), (6, True), (8, True)])
+def test_maxvit_sdpa_matches_reference(method, params, dv, return_lse):
+    q, k, v = qkv(2, 4, 2, 48, 8, dv, requires_grad=True)
+    assert_matches_reference(method, q, k, v, backend="sdpa", return_lse=return_lse, **params)
 
 
 def test_maxvit_sizes_must_divide_the_layout():

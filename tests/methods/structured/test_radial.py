@@ -25,14 +25,16 @@ from tests.helpers import assert_low_precision_close, assert_matches_reference, 
      dict(layout=(9, 4, 8), text_tokens=12, dense_first_frame=True, block_size=8, decay_factor=0.2),
      dict(layout=(64, 4), text_tokens=6, block_size=3)],
 )
-def test_radial_torch_matches_reference(params):
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_radial_torch_matches_reference(params, return_lse):
     n = math.prod(params.get("layout", (65,))) + params.get("text_tokens", 0)
     q, k, v = qkv(2, 4, 2, n, requires_grad=True)
-    assert_matches_reference("radial", q, k, v, **params)
+    assert_matches_reference("radial", q, k, v, return_lse=return_lse, **params)
 
 
 @pytest.mark.parametrize("block_size", [None, 4])
-def test_radial_user_mask_and_bias(block_size):
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_radial_user_mask_and_bias(block_size, return_lse):
     q, k, v = qkv(1, 2, 1, 70, requires_grad=True)
     g = torch.Generator().manual_seed(1)
     mask = torch.rand(1, 1, 70, 70, generator=g) > 0.3
@@ -40,7 +42,7 @@ def test_radial_user_mask_and_bias(block_size):
     mask[..., 69, :] = False
     bias = torch.randn(1, 2, 70, 70, generator=g, dtype=torch.float64)
     assert_matches_reference("radial", q, k, v, mask=mask, bias=bias, layout=(8, 2, 4), text_tokens=6,
-                             block_size=block_size)
+                             block_size=block_size, return_lse=return_lse)
 
 
 def test_radial_block_path_in_many_chunks(monkeypatch):

@@ -20,6 +20,10 @@ Fast path ``sdpa`` (:func:`sdpa_sheared`): the shear is one fused elementwise op
 path, :func:`attnzoo.kernels.dense.sdpa_attention` (GQA without copies; flash/efficient kernels where available). The
 reference builds the shear as an explicit ``(N, N)`` matrix applied to Q and K and then materialises every score.
 
+Log-sum-exp (``return_lse=True``): the output is one softmax over each query's visible (original) keys, so the row
+log-sum-exp of the sheared logits is returned; the fast path then runs :func:`attnzoo.kernels.dense.attention_lse` on
+the sheared Q and K.
+
 Decoding (:data:`DECODER`): the cache holds the *sheared* keys and the values; the shear of a new token needs its
 predecessor, so ``cache.extras`` keeps each sequence's previous raw query and key (``previous_q (B, H, 1, D)``,
 ``previous_k (B, Hkv, 1, D)``; ragged prompts: each sequence's own last token). :func:`decode_prefill` runs
@@ -35,10 +39,10 @@ from typing import Any
 
 import torch
 
-from attnzoo.kernels.dense import sdpa_attention
+from attnzoo.kernels.dense import attention_lse, sdpa_attention
 from attnzoo.kv.attend import softmax_attention
 from attnzoo.kv.cache import KVCache
-from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
+from attnzoo.methods.common import Output, dense_scores, repeat_kv, softmax_rows, visible
 from attnzoo.registry import SELF_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 
@@ -59,6 +63,7 @@ SPEC = MethodSpec(
     params=(Param("gamma", (float,), 0.5, "momentum coefficient γ of the shear x_t + γ(x_t − x_{t−1}); 0 = softmax"),),
     complexity="O(N²d) time; memory of the SDPA kernel plus O(N·d) for the sheared q/k",
     tests=TestHints(sample_params=_sample),
+    lse=True,
 )
 
 
@@ -73,14 +78,13 @@ def _shear_matrix(n: int, gamma: float, like: torch.Tensor) -> torch.Tensor:
 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, gamma: float,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, gamma: float, return_lse: bool = False,
+) -> Output:
     shear = _shear_matrix(q.shape[2], gamma, q)
     s = dense_scores(shear @ q, shear @ k, scale)
     if bias is not None:
         s = s + bias
-    p = safe_softmax(s, visible(causal, mask, q, k))
-    return p @ repeat_kv(v, q.shape[1])
+    return softmax_rows(s, visible(causal, mask, q, k), repeat_kv(v, q.shape[1]), return_lse)
 
 
 def _shear(x: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -91,9 +95,10 @@ def _shear(x: torch.Tensor, gamma: float) -> torch.Tensor:
 
 def sdpa_sheared(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, gamma: float,
-) -> torch.Tensor:
-    return sdpa_attention(_shear(q, gamma), _shear(k, gamma), v, causal=causal, scale=scale, mask=mask, bias=bias)
+    bias: torch.Tensor | None, gamma: float, return_lse: bool = False,
+) -> Output:
+    attend = attention_lse if return_lse else sdpa_attention
+    return attend(_shear(q, gamma), _shear(k, gamma), v, causal=causal, scale=scale, mask=mask, bias=bias)
 
 
 def _last_tokens(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -127,4 +132,4 @@ def decode_step(
 
 DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
 
-register(SPEC, reference, [Backend("sdpa", sdpa_sheared)], DECODER)
+register(SPEC, reference, [Backend("sdpa", sdpa_sheared, lse=True)], DECODER)

@@ -30,6 +30,10 @@ Fast paths:
 - ``torch`` (:func:`torch_blockwise`): query blocks (``attnzoo.kernels.blocked_softmax``) with autograd, for training on
   CPU; memory O(rows · Skv).
 
+Log-sum-exp (``return_lse=True``): the output is one softmax over each query's visible keys, so the row log-sum-exp
+of the modified logits ``s''`` is returned: by the query blocks (:mod:`attnzoo.kernels.blocked_softmax`) or by
+FlexAttention's own (GPU only).
+
 Decoding (:data:`DECODER`): :func:`decode_prefill` runs :func:`torch_blockwise` causally over the prompt and caches
 its keys and values; :func:`decode_step` appends the token, takes the raw logits of every slot, caps them, subtracts
 ALiBi with the distances of the slots' true positions (:func:`attnzoo.masks.mods.alibi` evaluated on
@@ -52,7 +56,7 @@ from attnzoo.kv.attend import softmax_attention
 from attnzoo.kv.cache import KVCache
 from attnzoo.masks import mods
 from attnzoo.masks.mods import alibi_slopes
-from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
+from attnzoo.methods.common import Output, dense_scores, repeat_kv, softmax_rows, visible
 from attnzoo.registry import ALL_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 
@@ -88,6 +92,7 @@ SPEC = MethodSpec(
     complexity="O(N²d) time; O(N·r) memory (torch query blocks) or FlexAttention's O(N)",
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample),
+    lse=True,
 )
 
 
@@ -101,8 +106,8 @@ def _slopes(alibi: bool | torch.Tensor, heads: int, like: torch.Tensor) -> torch
 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, alibi: bool | torch.Tensor, softcap: float,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, alibi: bool | torch.Tensor, softcap: float, return_lse: bool = False,
+) -> Output:
     h, sq, skv = q.shape[1], q.shape[2], k.shape[2]
     s = dense_scores(q, k, scale)
     if softcap > 0:
@@ -115,8 +120,7 @@ def reference(
         s = s - slopes.view(1, h, 1, 1) * distance
     if bias is not None:
         s = s + bias
-    p = safe_softmax(s, visible(causal, mask, q, k))
-    return p @ repeat_kv(v, h)
+    return softmax_rows(s, visible(causal, mask, q, k), repeat_kv(v, h), return_lse)
 
 
 def _distance_rows(start: int, end: int, offset: int, keys: int, like: torch.Tensor) -> torch.Tensor:
@@ -131,8 +135,8 @@ def _distance_rows(start: int, end: int, offset: int, keys: int, like: torch.Ten
 
 def torch_blockwise(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, alibi: bool | torch.Tensor, softcap: float,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, alibi: bool | torch.Tensor, softcap: float, return_lse: bool = False,
+) -> Output:
     sq, skv = q.shape[2], k.shape[2]
     slopes = _slopes(alibi, q.shape[1], q)
 
@@ -152,14 +156,14 @@ def torch_blockwise(
     hooked = softcap > 0 or slopes is not None
     return blocked_softmax_attention(
         q, k, v, scale=scale, causal=causal, mask=mask, bias=bias, score_mod=modify if hooked else None,
-        hook_tensors=() if slopes is None else (slopes,),
+        hook_tensors=() if slopes is None else (slopes,), return_lse=return_lse,
     )
 
 
 def flex_score_mod(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, alibi: bool | torch.Tensor, softcap: float,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, alibi: bool | torch.Tensor, softcap: float, return_lse: bool = False,
+) -> Output:
     if not torch.is_grad_enabled():
         # FlexAttention refuses closed-over tensors that require grad on CPU, even under no_grad (flex.attention
         # detaches q, k, v itself).
@@ -178,7 +182,8 @@ def flex_score_mod(
     if mask is not None:
         steps.append(mods.masked(mask.expand(b, h, sq, skv)))
     block_mask = flex.block_mask("causal", masks.causal(sq, skv), None, None, sq, skv, q.device) if causal else None
-    return flex.attention(q, k, v, scale=scale, score_mod=mods.compose(*steps), block_mask=block_mask)
+    return flex.attention(q, k, v, scale=scale, score_mod=mods.compose(*steps), block_mask=block_mask,
+                          return_lse=return_lse)
 
 
 def decode_prefill(
@@ -214,5 +219,6 @@ def decode_step(
 
 DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
 
-register(SPEC, reference, [Backend("torch", torch_blockwise), Backend("flex", flex_score_mod, flex.unavailable)],
+register(SPEC, reference, [Backend("torch", torch_blockwise, lse=True),
+                           Backend("flex", flex_score_mod, flex.unavailable, lse=True)],
          DECODER)

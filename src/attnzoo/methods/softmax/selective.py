@@ -29,6 +29,10 @@ Fast path ``sdpa`` (:func:`sdpa_rescaled`): the temperatures are per-row scalars
 :func:`attnzoo.kernels.dense.sdpa_attention`. Gradients reach u, β and w through autograd. The reference instead puts
 the temperature on each materialised logit.
 
+Log-sum-exp (``return_lse=True``): the output is one softmax over each query's visible keys (the value temperature
+only rescales the values), so the row log-sum-exp of the tempered logits ``τ_q(i)·scale·q_i·k_j + bias_ij`` is
+returned; the fast path then calls :func:`attnzoo.kernels.dense.attention_lse` on the same rescaled Q and V.
+
 Decoding (:data:`DECODER`): the same folding. A causal query at position ``p`` has ``n = p + 1`` (its own position
 in its sequence, ragged batches included), so its temperature is known when it arrives; the cache stores the keys
 and the *scaled* values ``τ_v(j) v_j``. :func:`decode_prefill` runs :func:`sdpa_rescaled` over the prompt;
@@ -43,10 +47,10 @@ from typing import Any
 
 import torch
 
-from attnzoo.kernels.dense import sdpa_attention
+from attnzoo.kernels.dense import attention_lse, sdpa_attention
 from attnzoo.kv.attend import softmax_attention
 from attnzoo.kv.cache import KVCache
-from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
+from attnzoo.methods.common import Output, dense_scores, repeat_kv, softmax_rows, visible
 from attnzoo.registry import ALL_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 POS_BETA_INIT = 2.0
@@ -104,14 +108,15 @@ SPEC = MethodSpec(
     ),
     complexity="O(N²d) time; memory of the SDPA kernel plus O(N·d) for the rescaled q/v",
     tests=TestHints(sample_params=_sample),
+    lse=True,
 )
 
 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, query_temp: torch.Tensor | None, pos_beta: torch.Tensor | None,
-    value_temp: torch.Tensor | None,
-) -> torch.Tensor:
+    value_temp: torch.Tensor | None, return_lse: bool = False,
+) -> Output:
     b, h, sq, _ = q.shape
     skv = k.shape[2]
     tau = torch.ones(b, h, sq, dtype=q.dtype, device=q.device)
@@ -125,10 +130,9 @@ def reference(
     s = dense_scores(q, k, scale) * tau.unsqueeze(-1)
     if bias is not None:
         s = s + bias
-    p = safe_softmax(s, visible(causal, mask, q, k))
     if value_temp is not None:
         v = v * (1.0 + torch.tanh(torch.einsum("bgsd,gd->bgs", v, value_temp.to(v.dtype)))).unsqueeze(-1)
-    return p @ repeat_kv(v, h)
+    return softmax_rows(s, visible(causal, mask, q, k), repeat_kv(v, h), return_lse)
 
 
 def _row_scale(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -158,15 +162,16 @@ def _scaled_values(v: torch.Tensor, value_temp: torch.Tensor | None) -> torch.Te
 def sdpa_rescaled(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, query_temp: torch.Tensor | None, pos_beta: torch.Tensor | None,
-    value_temp: torch.Tensor | None,
-) -> torch.Tensor:
+    value_temp: torch.Tensor | None, return_lse: bool = False,
+) -> Output:
     sq, skv = q.shape[2], k.shape[2]
     if causal:
         window = torch.arange(1 + skv - sq, 1 + skv, device=q.device).clamp_(min=1)
     else:
         window = torch.full((sq,), skv, device=q.device)
     q = _scaled_queries(q, window.view(1, 1, sq, 1), query_temp, pos_beta)
-    return sdpa_attention(q, k, _scaled_values(v, value_temp), causal=causal, scale=scale, mask=mask, bias=bias)
+    attend = attention_lse if return_lse else sdpa_attention
+    return attend(q, k, _scaled_values(v, value_temp), causal=causal, scale=scale, mask=mask, bias=bias)
 
 
 def decode_prefill(
@@ -192,4 +197,4 @@ def decode_step(
 DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
 
 
-register(SPEC, reference, [Backend("sdpa", sdpa_rescaled)], DECODER)
+register(SPEC, reference, [Backend("sdpa", sdpa_rescaled, lse=True)], DECODER)

@@ -21,6 +21,10 @@ logits, find each row's threshold with ``torch.topk`` (O(Skv) per row rather tha
 multiply the sparse weights with V; memory O(block · Skv), blocks are recomputed in the backward pass. The reference
 sorts the dense score matrix.
 
+No log-sum-exp (``return_lse``): which keys a query keeps depends on every key it sees, so attention over two halves
+of the keys (each its own top k) merged by their log-sum-exps is not attention over the whole; an LSE would invite
+such wrong merges.
+
 Decoding (:data:`DECODER`): the cache keeps every key (any of them may be in a later query's top k).
 :func:`decode_prefill` runs :func:`torch_blockwise` over the prompt; :func:`decode_step` appends the token, takes the
 ``top_k``-th largest logit among the slots it sees (``torch.topk``, O(L)) and attends over the slots at or above it

@@ -23,6 +23,11 @@ plus one flip, an ``(H, rows, N)`` tensor, never the ``(H, N, N)`` matrix), mult
 Memory O(rows · N); autograd reaches ``urpe_coeffs`` through the view (blocks are recomputed in the backward pass). The
 reference indexes the coefficients with the full ``(N, N)`` matrix of distances ``i − j``.
 
+Log-sum-exp (``return_lse=True``): the softmax is one over each query's visible keys and the re-weighting is linear
+in its weights, ``O_i = Σ_j e^{s_ij − L_i} (C_ij v_j)`` with ``L_i`` the row log-sum-exp of the logits, so ``L_i`` is
+returned, and attention over disjoint key sets merges exactly by it (each key's value ``C_ij v_j`` depends on the pair
+only, never on which other keys are present); the re-weighted rows do not sum to 1, which the merge never assumes.
+
 Decoding (:data:`DECODER`): :func:`decode_prefill` runs :func:`torch_blockwise` causally over the prompt and caches
 its keys and values; :func:`decode_step` appends the token, takes the softmax weights over the slots it sees, scales
 slot ``j`` by ``c_h[p − p_j]`` (the true positions of the query and of the slot, so a pressed cache keeps its
@@ -39,7 +44,7 @@ import torch
 from attnzoo.kernels.blocked_softmax import blocked_softmax_attention, inplace
 from attnzoo.kv.attend import softmax_attention
 from attnzoo.kv.cache import KVCache
-from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
+from attnzoo.methods.common import Output, dense_scores, repeat_kv, row_lse, safe_softmax, visible
 from attnzoo.registry import SELF_PATTERNS, Backend, Call, Decoder, LayerInfo, MethodSpec, Param, TestHints, register
 
 DEFAULT_MAX_LEN = 1024
@@ -85,32 +90,36 @@ SPEC = MethodSpec(
     complexity="O(N²d) time, O(N·r) memory (query blocks of r rows)",
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample),
+    lse=True,
 )
 
 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, urpe_coeffs: torch.Tensor | None, max_len: int,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, urpe_coeffs: torch.Tensor | None, max_len: int, return_lse: bool = False,
+) -> Output:
     s = dense_scores(q, k, scale)
     if bias is not None:
         s = s + bias
-    p = safe_softmax(s, visible(causal, mask, q, k))
+    seen = visible(causal, mask, q, k)
+    p = safe_softmax(s, seen)
     if urpe_coeffs is not None:
         n = q.shape[2]
         centre = (urpe_coeffs.shape[1] - 1) // 2
         distance = torch.arange(n, device=q.device).view(-1, 1) - torch.arange(n, device=q.device).view(1, -1)
         toeplitz = urpe_coeffs.to(q.dtype)[:, distance + centre]  # (H, n, n): toeplitz[h, i, j] = c_h[i − j]
         p = p * toeplitz
-    return p @ repeat_kv(v, q.shape[1])
+    out = p @ repeat_kv(v, q.shape[1])
+    return (out, row_lse(s, seen)) if return_lse else out
 
 
 def torch_blockwise(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, urpe_coeffs: torch.Tensor | None, max_len: int,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, urpe_coeffs: torch.Tensor | None, max_len: int, return_lse: bool = False,
+) -> Output:
     if urpe_coeffs is None:
-        return blocked_softmax_attention(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias)
+        return blocked_softmax_attention(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias,
+                                         return_lse=return_lse)
     coeffs = urpe_coeffs.to(q.dtype)
     centre = (coeffs.shape[1] - 1) // 2
     reversed_ = coeffs.flip(-1)  # reversed_[centre − d] = c[d]
@@ -124,7 +133,8 @@ def torch_blockwise(
         return p.mul_(band) if inplace() else p * band
 
     return blocked_softmax_attention(
-        q, k, v, scale=scale, causal=causal, mask=mask, bias=bias, prob_mod=reweight, hook_tensors=(reversed_,)
+        q, k, v, scale=scale, causal=causal, mask=mask, bias=bias, prob_mod=reweight, hook_tensors=(reversed_,),
+        return_lse=return_lse,
     )
 
 
@@ -159,4 +169,4 @@ def decode_step(
 
 DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
 
-register(SPEC, reference, [Backend("torch", torch_blockwise)], DECODER)
+register(SPEC, reference, [Backend("torch", torch_blockwise, lse=True)], DECODER)

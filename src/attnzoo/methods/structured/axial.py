@@ -15,6 +15,11 @@ Fast path ``sdpa`` (:func:`sdpa_lines`): the grid is permuted so that the chosen
 other axis joins the batch: one batched ``scaled_dot_product_attention`` per step (``is_causal`` for causal),
 O(N · L_a · d) time per step, no mask tensor. The predicate (:func:`attnzoo.masks.layouts.axial`) defines the reference.
 
+Log-sum-exp (``return_lse=True``): one stage (``axis`` given, or a 1-D layout) is one softmax over the query's line,
+so its row log-sum-exp is returned (:func:`attnzoo.kernels.dense.attention_lse` on the batched lines); several
+stages compose softmaxes (each stage's values are the previous stage's outputs), which have no single log-sum-exp,
+so that call is refused naming ``return_lse``.
+
 Decoding (:data:`DECODER`, causal): ``layout`` is the shape of the *whole* decoded sequence (tokens arrive in
 row-major order; the prompt is its start, a step past its end is refused naming ``layout``). A causal axial stage
 only reads earlier tokens, so each token's stage outputs are final when it arrives: the cache stores, per slot, the
@@ -36,10 +41,12 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo import masks
+from attnzoo.errors import fail
+from attnzoo.kernels.dense import attention_lse
 from attnzoo.kv.cache import KVCache
 from attnzoo.masks.layouts import axial as axial_mod
 from attnzoo.methods.checks import check_layout, layout_shape
-from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax
+from attnzoo.methods.common import Output, dense_scores, repeat_kv, row_lse, safe_softmax
 from attnzoo.registry import SELF_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, register
 
 
@@ -69,6 +76,7 @@ SPEC = MethodSpec(
     supports_mask=False,
     supports_bias=False,
     subquadratic_memory=True,
+    lse=True,
 )
 
 
@@ -80,16 +88,26 @@ def _axes(seq: int, layout: tuple[int, ...] | None, axis: int | None) -> tuple[t
 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, layout: tuple[int, ...] | None, axis: int | None,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, layout: tuple[int, ...] | None, axis: int | None, return_lse: bool = False,
+) -> Output:
     b, h, n, _ = q.shape
     shape, order = _axes(n, layout, axis)
+    if return_lse:
+        _one_stage(order)
     s = dense_scores(q, k, scale)
     out = repeat_kv(v, h)
     for a in order:
         seen = masks.dense(axial_mod(shape, a, causal), b, h, n, n, q.device)
         out = safe_softmax(s, seen) @ out
-    return out
+    return (out, row_lse(s, seen)) if return_lse else out
+
+
+def _one_stage(order: list[int]) -> int:
+    """The axis of a one-stage call; a call of several stages has no log-sum-exp (refused naming ``return_lse``)."""
+    if len(order) > 1:
+        raise fail("return_lse", "False for axial attention over several axes (axis=None with a multi-axis layout): "
+                   "its output composes one softmax per axis, which has no single log-sum-exp; pass axis", True)
+    return order[0]
 
 
 def _to_lines(x: torch.Tensor, shape: tuple[int, ...], axis: int) -> torch.Tensor:
@@ -108,9 +126,15 @@ def _from_lines(y: torch.Tensor, b: int, shape: tuple[int, ...], axis: int) -> t
 
 def sdpa_lines(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, layout: tuple[int, ...] | None, axis: int | None,
-) -> torch.Tensor:
-    return _stage_outputs(q, k, v, scale, causal, *_axes(q.shape[2], layout, axis))[-1]
+    bias: torch.Tensor | None, layout: tuple[int, ...] | None, axis: int | None, return_lse: bool = False,
+) -> Output:
+    shape, order = _axes(q.shape[2], layout, axis)
+    if not return_lse:
+        return _stage_outputs(q, k, v, scale, causal, shape, order)[-1]
+    a, b = _one_stage(order), q.shape[0]
+    y, lse = attention_lse(_to_lines(q, shape, a), _to_lines(k, shape, a), _to_lines(v, shape, a), causal=causal,
+                           scale=scale, mask=None, bias=None)
+    return _from_lines(y, b, shape, a), _from_lines(lse.unsqueeze(-1), b, shape, a).squeeze(-1)
 
 
 def _stage_outputs(
@@ -174,4 +198,4 @@ def decode_step(
 DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
 
 
-register(SPEC, reference, [Backend("sdpa", sdpa_lines)], DECODER)
+register(SPEC, reference, [Backend("sdpa", sdpa_lines, lse=True)], DECODER)

@@ -24,6 +24,9 @@ Fast path ``torch`` (:func:`torch_channel_tokens`): per KV head, one ``(Dv, S) @
 ``Dv × D`` softmax and one ``(G·Sq, D) @ (D, Dv)`` product with the ``G`` query heads of the KV head stacked as rows (no
 copies for GQA): O(S·D·Dv) per head — linear in the sequence — instead of the reference's O(S·H²·D·Dv). (SDPA with
 channels as its sequence axis computes the same but is several times slower on CPU with a feature axis of length S.)
+
+No log-sum-exp (``return_lse``): the softmax rows are value channels normalised over key channels, not query positions
+over keys, so there is no per-query ``(B, H, Sq)`` log-sum-exp, and positions split into parts do not merge by one.
 """
 
 from __future__ import annotations

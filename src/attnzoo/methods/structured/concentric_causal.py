@@ -31,6 +31,11 @@ causal in token order and decodes exactly. :func:`decode_prefill` runs :func:`to
 (ragged padding gets position ids above every real token's, so no real query sees it); :func:`decode_step` appends
 the token and attends over the slots that the forward's predicate, on the concentric position ids of the slots'
 positions, shows it (every earlier token, once past the image: SDPA without a mask).
+
+Log-sum-exp (``return_lse=True``): the output is one softmax over the keys of lower or equal position id, so each
+row's log-sum-exp is returned: every segment runs :func:`attnzoo.kernels.dense.attention_lse` (with its own mask
+rows) instead of SDPA, and the log-sum-exp rows go to their un-permuted places like the output's (FlexAttention's
+own on GPU).
 """
 
 from __future__ import annotations
@@ -45,10 +50,11 @@ from torch.utils.checkpoint import checkpoint
 from attnzoo import masks
 from attnzoo.errors import fail
 from attnzoo.kernels import flex
+from attnzoo.kernels.dense import attention_lse
 from attnzoo.kv.attend import masked_step
 from attnzoo.kv.cache import KVCache
 from attnzoo.masks.positional import concentric_position_ids, position_causal
-from attnzoo.methods.common import mask_reference
+from attnzoo.methods.common import Output, mask_reference
 from attnzoo.registry import Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 BLOCK = 128
@@ -105,15 +111,16 @@ SPEC = MethodSpec(
     complexity="O(N²·d/2) time, O(N·block) memory",
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample_params, decoding_params=_decoding_params),
+    lse=True,
 )
 
 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, layout: Any, image_start: int,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, layout: Any, image_start: int, return_lse: bool = False,
+) -> Output:
     pos = concentric_position_ids(q.shape[2], layout, image_start, q.device)
-    return mask_reference(q, k, v, position_causal(pos, pos), scale, mask, bias)
+    return mask_reference(q, k, v, position_causal(pos, pos), scale, mask, bias, return_lse)
 
 
 class _Plan:
@@ -158,8 +165,8 @@ def _plan(n: int, layout: tuple[int, int] | None, image_start: int) -> _Plan:
 
 def torch_sorted_blocks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, layout: Any, image_start: int,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, layout: Any, image_start: int, return_lse: bool = False,
+) -> Output:
     dev = q.device
     plan = _plan(q.shape[2], layout, image_start)
     order, ends = plan.order.to(dev), plan.ends.to(dev)
@@ -168,15 +175,21 @@ def torch_sorted_blocks(
     general = mask is not None or bias is not None
 
     def segment(q_rows: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, start: int, stop: int, reach: int,
-                kind: str) -> torch.Tensor:
+                kind: str) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         kr, vr = ks[:, :, :reach], vs[:, :, :reach]
         if not general:
             attn = plan.additive(start, stop, dev, q.dtype) if kind == "masked" else None
+            if return_lse:
+                return attention_lse(q_rows, kr, vr, causal=kind == "causal", scale=scale, mask=None, bias=attn)
             return F.scaled_dot_product_attention(q_rows, kr, vr, attn_mask=attn, is_causal=kind == "causal",
                                                   scale=scale, enable_gqa=gqa)
         seen = torch.arange(reach, device=dev) < ends[start:stop].unsqueeze(1)
         if mask is not None:
             seen = seen & masks.pairs(mask, order[start:stop], order[:reach])
+        if return_lse:
+            rows_bias = None if bias is None else masks.pairs(bias, order[start:stop], order[:reach])
+            return attention_lse(q_rows, kr, vr, causal=False, scale=scale, bias=rows_bias,
+                                 mask=seen.view(1, 1, *seen.shape) if seen.dim() == 2 else seen)
         some = seen.any(dim=-1, keepdim=True)
         attn = torch.zeros(seen.shape, dtype=q.dtype, device=dev).masked_fill_(~seen & some, float("-inf"))
         if bias is not None:
@@ -189,21 +202,25 @@ def torch_sorted_blocks(
     # (B, N, H, Dv) storage, the layout CPU SDPA returns its output in: each segment's rows are copied straight to
     # their un-permuted places as whole (H, Dv) slabs.
     out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
+    lse = q.new_empty(out.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32)) if return_lse else None
     for a, b, r, kind in plan.segments:
         seg = (checkpoint(segment, qs[:, :, a:b], ks, vs, a, b, r, kind, use_reentrant=False) if recompute
                else segment(qs[:, :, a:b], ks, vs, a, b, r, kind))
+        if lse is not None:
+            seg, seg_lse = seg
+            lse.index_copy_(1, order[a:b], seg_lse.transpose(1, 2).to(lse.dtype))
         out.index_copy_(1, order[a:b], seg.transpose(1, 2))
-    return out.transpose(1, 2)
+    return out.transpose(1, 2) if lse is None else (out.transpose(1, 2), lse.transpose(1, 2))
 
 
 def flex_block_mask(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, layout: Any, image_start: int,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, layout: Any, image_start: int, return_lse: bool = False,
+) -> Output:
     n = q.shape[2]
     pos = concentric_position_ids(n, layout, image_start, q.device)
     return flex.mask_attention(q, k, v, scale=scale, key=("concentric_causal", n, layout, image_start),
-                               mod=position_causal(pos, pos))
+                               mod=position_causal(pos, pos), return_lse=return_lse)
 
 
 def decode_prefill(
@@ -231,5 +248,5 @@ def decode_step(
 
 DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
 
-register(SPEC, reference, [Backend("torch", torch_sorted_blocks),
-                           Backend("flex", flex_block_mask, flex.unavailable_masked)], DECODER)
+register(SPEC, reference, [Backend("torch", torch_sorted_blocks, lse=True),
+                           Backend("flex", flex_block_mask, flex.unavailable_masked, lse=True)], DECODER)

@@ -19,6 +19,9 @@ cache is a ring of ``window · dilation + 1`` slots (memory O(window · dilation
 ``window=None`` every ``dilation``-th earlier key stays visible and the cache is a full one. :func:`decode_prefill`
 runs :func:`torch_tiled` causally over the prompt; :func:`decode_step` appends the token and attends over the slots
 the forward's predicate shows it (:func:`attnzoo.kv.attend.masked_step`).
+
+Log-sum-exp (``return_lse=True``): the output is one softmax over each query's dilated window, so each row's
+log-sum-exp is returned (the tiled kernel's per-tile one; FlexAttention's on GPU).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from attnzoo.kernels.band import cached_tiling, strided_band_tiles, tiled_attent
 from attnzoo.kv.attend import masked_step
 from attnzoo.kv.cache import KVCache
 from attnzoo.masks.windows import dilated as dilated_mod
-from attnzoo.methods.common import mask_reference
+from attnzoo.methods.common import Output, mask_reference
 from attnzoo.registry import SELF_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 TILE = 128
@@ -59,6 +62,7 @@ SPEC = MethodSpec(
     complexity="O(N·(window or N/dilation)·d) time, O(N·d) memory",
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample_params),
+    lse=True,
 )
 
 
@@ -74,26 +78,27 @@ def _tiling(n: int, dilation: int, window: int | None, causal: bool) -> tuple[to
 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, dilation: int, window: int | None,
-) -> torch.Tensor:
-    return mask_reference(q, k, v, dilated_mod(dilation, window, causal), scale, mask, bias)
+    bias: torch.Tensor | None, dilation: int, window: int | None, return_lse: bool = False,
+) -> Output:
+    return mask_reference(q, k, v, dilated_mod(dilation, window, causal), scale, mask, bias, return_lse)
 
 
 def torch_tiled(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, dilation: int, window: int | None,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, dilation: int, window: int | None, return_lse: bool = False,
+) -> Output:
     config = q.shape[2], dilation, window, causal
     tiling = cached_tiling(("dilated", config), q.device, lambda: _tiling(*config))
-    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias, return_lse=return_lse)
 
 
 def flex_block_mask(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, dilation: int, window: int | None,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, dilation: int, window: int | None, return_lse: bool = False,
+) -> Output:
     config = q.shape[2], dilation, window, causal
-    return flex.mask_attention(q, k, v, scale=scale, key=("dilated", config), mod=dilated_mod(dilation, window, causal))
+    return flex.mask_attention(q, k, v, scale=scale, key=("dilated", config), mod=dilated_mod(dilation, window, causal),
+                               return_lse=return_lse)
 
 
 def decode_prefill(
@@ -115,5 +120,6 @@ def decode_step(
 
 DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
 
-register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)],
+register(SPEC, reference, [Backend("torch", torch_tiled, lse=True),
+                           Backend("flex", flex_block_mask, flex.unavailable_masked, lse=True)],
          DECODER)

@@ -40,6 +40,9 @@ Each slot's visibility is the forward's predicate on its position (:func:`attnzo
   ``(N,)`` for a sequence of ``N`` tokens) and refuses ``None`` naming it.
 - :func:`decode_prefill` runs :func:`torch_tiled` over a prompt that is the whole layout (or has none); a prompt that
   is only the start of a layout is attended densely with the predicate (O(S²) for ``S`` prompt tokens).
+
+Log-sum-exp (``return_lse=True``): the output is one softmax over each query's strided neighborhood, so each
+row's log-sum-exp is returned (the tiled kernel's per-tile one; FlexAttention's on GPU).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from attnzoo.kv.cache import KVCache
 from attnzoo.masks.layouts import strides
 from attnzoo.masks.neighborhood import generalized_neighborhood as gna_mod
 from attnzoo.methods.checks import NATTEN_PARAMS, layout_shape, per_axis_causal, per_axis_ints, per_axis_values
-from attnzoo.methods.common import mask_reference
+from attnzoo.methods.common import Output, mask_reference
 from attnzoo.registry import SELF_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 # layout, kernel, stride, dilation, causal
@@ -99,6 +102,7 @@ SPEC = MethodSpec(
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample_params,
                     decoding_params=lambda call, params, prompt: {"layout": (call.seq_q,)}),
+    lse=True,
 )
 
 
@@ -113,26 +117,30 @@ def _axes(seq: int, causal: bool, kernel_size: Any, stride: Any, dilation: Any, 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, kernel_size: Any, stride: Any, dilation: Any, layout: Any, is_causal: Any,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> Output:
     axes = _axes(q.shape[2], causal, kernel_size, stride, dilation, layout, is_causal)
-    return mask_reference(q, k, v, gna_mod(*axes), scale, mask, bias)
+    return mask_reference(q, k, v, gna_mod(*axes), scale, mask, bias, return_lse)
 
 
 def torch_tiled(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, kernel_size: Any, stride: Any, dilation: Any, layout: Any, is_causal: Any,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> Output:
     axes = _axes(q.shape[2], causal, kernel_size, stride, dilation, layout, is_causal)
     tiling = cached_tiling(("generalized_neighborhood", axes), q.device, lambda: neighborhood_tiles(*axes))
-    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias, return_lse=return_lse)
 
 
 def flex_block_mask(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, kernel_size: Any, stride: Any, dilation: Any, layout: Any, is_causal: Any,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> Output:
     axes = _axes(q.shape[2], causal, kernel_size, stride, dilation, layout, is_causal)
-    return flex.mask_attention(q, k, v, scale=scale, key=("generalized_neighborhood", axes), mod=gna_mod(*axes))
+    return flex.mask_attention(q, k, v, scale=scale, key=("generalized_neighborhood", axes), mod=gna_mod(*axes),
+                               return_lse=return_lse)
 
 
 def _decoded_axes(length: int, kernel_size: Any, stride: Any, dilation: Any, layout: Any, is_causal: Any) -> Axes:
@@ -180,5 +188,6 @@ def decode_step(
 
 DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
 
-register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)],
+register(SPEC, reference, [Backend("torch", torch_tiled, lse=True),
+                           Backend("flex", flex_block_mask, flex.unavailable_masked, lse=True)],
          DECODER)

@@ -20,6 +20,10 @@ of the group coincide, an explicit mask otherwise), outputs scattered back. Time
 is that of the largest group's mask at most (none for plain self-attention groups). No ``flex`` path: its block mask
 would depend on the id tensors' contents, which a configuration cache cannot key.
 
+Log-sum-exp (``return_lse=True``): the output is one softmax over the keys of the query's group, so each row's
+log-sum-exp is returned (``-inf`` for a query whose group has no key): each group's call is
+:func:`attnzoo.kernels.dense.attention_lse` instead of SDPA, with the same mask.
+
 Decoding (:data:`DECODER`): the ids are per-token parameters (``Decoder.token_params``): the prefill takes the
 prompt's ``(S,)`` or ``(B, S)``, each ``attnzoo.step`` its own tokens' ``(T,)`` or ``(B, T)``. The cache stores every
 slot's key id in ``cache.slot_data["group_ids"]`` (so the ids follow the slots through a press), and a new query sees
@@ -37,10 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo import masks
+from attnzoo.kernels.dense import attention_lse
 from attnzoo.kv.attend import softmax_attention
 from attnzoo.kv.cache import KVCache
 from attnzoo.masks.groups import grouped as grouped_mod
-from attnzoo.methods.common import dense_scores, repeat_kv, safe_softmax, visible
+from attnzoo.methods.common import Output, dense_scores, repeat_kv, softmax_rows, visible
 from attnzoo.registry import ALL_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 
@@ -82,6 +87,7 @@ SPEC = MethodSpec(
     ),
     complexity="O(Σ_g n_g·m_g·d) time, O(N·d) memory",
     subquadratic_memory=True,
+    lse=True,
     tests=TestHints(sample_params=_sample_params),
 )
 
@@ -102,25 +108,27 @@ def _ids(q: torch.Tensor, k: torch.Tensor, group_ids: torch.Tensor | None, kv_gr
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, group_ids: torch.Tensor | None, kv_group_ids: torch.Tensor | None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> Output:
     b, h, sq, _ = q.shape
     qi, ki = _ids(q, k, group_ids, kv_group_ids)
     same = masks.dense(grouped_mod(qi.expand(b, -1), ki.expand(b, -1)), b, h, sq, k.shape[2], q.device)
     s = dense_scores(q, k, scale)
     if bias is not None:
         s = s + bias
-    return safe_softmax(s, same & visible(causal, mask, q, k)) @ repeat_kv(v, h)
+    return softmax_rows(s, same & visible(causal, mask, q, k), repeat_kv(v, h), return_lse)
 
 
 def torch_segments(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, group_ids: torch.Tensor | None, kv_group_ids: torch.Tensor | None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> Output:
     h, sq = q.shape[1], q.shape[2]
     skv, dv = k.shape[2], v.shape[-1]
     qids, kids = _ids(q, k, group_ids, kv_group_ids)
     same_positions = sq == skv and (kv_group_ids is None or torch.equal(qids, kids))
-    rows = []
+    rows, lse_rows = [], []
     for r in range(qids.shape[0]):
         bs = slice(None) if qids.shape[0] == 1 else slice(r, r + 1)
         qb, kb, vb = q[bs], k[bs], v[bs]
@@ -136,33 +144,55 @@ def torch_segments(
             if gid not in k_len:
                 continue
             ki = k_order.indices[k_start[gid] : k_start[gid] + k_len[gid]]
-            pieces.append(_group_attention(qb, kb, vb, qi, ki, bs, causal, same_positions, scale, mask, bias))
+            pieces.append(_group_attention(qb, kb, vb, qi, ki, bs, causal, same_positions, scale, mask, bias,
+                                           return_lse))
             placed.append(qi)
-        out = qb.new_zeros(qb.shape[0], h, sq + 1, dv)  # the extra row stands for queries whose group has no key
-        if pieces:
-            where = torch.full((sq,), sq, dtype=torch.long, device=q.device)
-            order = torch.cat(placed)
-            where[order] = torch.arange(order.numel(), device=q.device)
-            out = torch.cat([torch.cat(pieces, dim=2), out[:, :, : sq + 1 - order.numel()]], dim=2)[:, :, where]
-        else:
-            out = out[:, :, :sq]
-        rows.append(out)
-    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+        # the extra row stands for queries whose group has no key (0, log-sum-exp -inf)
+        blank = [qb.new_zeros(qb.shape[0], h, sq + 1, dv)]
+        if return_lse:
+            blank.append(torch.full((qb.shape[0], h, sq + 1), float("-inf"), dtype=torch.promote_types(
+                q.dtype, torch.float32), device=q.device))
+        placed_rows = _placed(pieces, placed, blank, sq)
+        rows.append(placed_rows[0])
+        lse_rows += placed_rows[1:]
+    out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+    if not return_lse:
+        return out
+    return out, lse_rows[0] if len(lse_rows) == 1 else torch.cat(lse_rows, dim=0)
+
+
+def _placed(pieces: list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]], placed: list[torch.Tensor],
+            blank: list[torch.Tensor], sq: int) -> list[torch.Tensor]:
+    """The groups' outputs (and log-sum-exps) ``pieces`` of the query rows ``placed`` put back in query order, the
+    rows of no group taken from ``blank`` (one ``(B, H, Sq + 1, ·)`` tensor per output)."""
+    if not pieces:
+        return [x[:, :, :sq] for x in blank]
+    where = torch.full((sq,), sq, dtype=torch.long, device=blank[0].device)
+    order = torch.cat(placed)
+    where[order] = torch.arange(order.numel(), device=where.device)
+    per_output = zip(*(p if isinstance(p, tuple) else (p,) for p in pieces), strict=True)
+    return [torch.cat([torch.cat([y.to(x.dtype) for y in ys], dim=2), x[:, :, : sq + 1 - order.numel()]],
+                      dim=2)[:, :, where] for ys, x in zip(per_output, blank, strict=True)]
 
 
 def _group_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor, bs: slice, causal: bool,
-    same_positions: bool, scale: float, mask: torch.Tensor | None, bias: torch.Tensor | None,
-) -> torch.Tensor:
+    same_positions: bool, scale: float, mask: torch.Tensor | None, bias: torch.Tensor | None, return_lse: bool,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     gqa = q.shape[1] != k.shape[1]
     qg, kg, vg = q[:, :, qi], k[:, :, ki], v[:, :, ki]
     if mask is None and bias is None and (not causal or same_positions):
+        if return_lse:
+            return attention_lse(qg, kg, vg, causal=causal, scale=scale, mask=None, bias=None)
         return F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal, scale=scale, enable_gqa=gqa)
     seen = torch.ones(1, 1, qi.numel(), ki.numel(), dtype=torch.bool, device=q.device)
     if causal:
         seen = seen & (ki.view(1, -1) <= qi.view(-1, 1) + (k.shape[2] - q.shape[2]))
     if mask is not None:
         seen = seen & masks.pairs(_batch_rows(mask, bs), qi, ki)
+    if return_lse:
+        rows_bias = None if bias is None else masks.pairs(_batch_rows(bias, bs), qi, ki)
+        return attention_lse(qg, kg, vg, causal=False, scale=scale, mask=seen, bias=rows_bias)
     some = seen.any(dim=-1, keepdim=True)
     attn = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~(seen | ~some), float("-inf"))
     if bias is not None:
@@ -221,4 +251,4 @@ IDS = "group_ids"  # the cache's per-slot key ids (cache.slot_data)
 
 DECODER = Decoder(decode_prefill, decode_step, token_params=("group_ids", "kv_group_ids"), kv_cache=True)
 
-register(SPEC, reference, [Backend("torch", torch_segments)], DECODER)
+register(SPEC, reference, [Backend("torch", torch_segments, lse=True)], DECODER)

@@ -14,6 +14,9 @@ Fast path ``torch`` (:func:`torch_tiled`): the tiles *are* the blocks; each sees
 (shifted inside the grid at the borders, the mask hiding the extra ones), batched SDPA per chunk of tiles with a cached
 tile mask (:mod:`attnzoo.kernels.band`; 1-D key ranges are strided views, N-d ones gathered). ``flex``
 (:func:`flex_block_mask`): the predicate's cached block mask.
+
+Log-sum-exp (``return_lse=True``): the output is one softmax over each query's block and its halo, so each row's
+log-sum-exp is returned (the tiled kernel's per-tile one; FlexAttention's on GPU).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from attnzoo.kernels.band import cached_tiling, product_tiles, tiled_attention
 from attnzoo.masks.windows import halo as halo_mod
 from attnzoo.masks.windows import halo_axis
 from attnzoo.methods.checks import check_layout_3d, layout_shape, per_axis_check, per_axis_values
-from attnzoo.methods.common import mask_reference
+from attnzoo.methods.common import Output, mask_reference
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
@@ -58,6 +61,7 @@ SPEC = MethodSpec(
     complexity="O(N·Π(b+2h)·d) time, O(N·d) memory",
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample_params),
+    lse=True,
 )
 
 
@@ -84,27 +88,28 @@ def _tiling(axes: Axes) -> tuple[torch.Tensor, ...]:
 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, block_size: Any, halo_size: Any, layout: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, block_size: Any, halo_size: Any, layout: Any, return_lse: bool = False,
+) -> Output:
     axes = _axes(q.shape[2], block_size, halo_size, layout)
-    return mask_reference(q, k, v, halo_mod(*axes), scale, mask, bias)
+    return mask_reference(q, k, v, halo_mod(*axes), scale, mask, bias, return_lse)
 
 
 def torch_tiled(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, block_size: Any, halo_size: Any, layout: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, block_size: Any, halo_size: Any, layout: Any, return_lse: bool = False,
+) -> Output:
     axes = _axes(q.shape[2], block_size, halo_size, layout)
     tiling = cached_tiling(("halo", axes), q.device, lambda: _tiling(axes))
-    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias, return_lse=return_lse)
 
 
 def flex_block_mask(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, block_size: Any, halo_size: Any, layout: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, block_size: Any, halo_size: Any, layout: Any, return_lse: bool = False,
+) -> Output:
     axes = _axes(q.shape[2], block_size, halo_size, layout)
-    return flex.mask_attention(q, k, v, scale=scale, key=("halo", axes), mod=halo_mod(*axes))
+    return flex.mask_attention(q, k, v, scale=scale, key=("halo", axes), mod=halo_mod(*axes), return_lse=return_lse)
 
 
-register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)])
+register(SPEC, reference, [Backend("torch", torch_tiled, lse=True),
+                           Backend("flex", flex_block_mask, flex.unavailable_masked, lse=True)])

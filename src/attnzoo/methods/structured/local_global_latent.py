@@ -18,6 +18,10 @@ index sets). Data queries of group ``g`` over the ``N_d/G + L`` keys of their gr
 of group ``g`` over all ``G·L`` latents plus their group's data. Time ``O((N_d·(N_d/G + L) + G·L·(G·L + N_d/G))·d)``
 instead of ``(N_d + G·L)²·d``; no ``N × N`` tensor. ``flex`` (:func:`flex_block_mask`): the predicate's cached block
 mask.
+
+Log-sum-exp (``return_lse=True``): the output is one softmax over the union of a query's keys (its group, and every
+latent for a latent), so each row's log-sum-exp is returned: the two batched calls run
+:func:`attnzoo.kernels.dense.attention_lse` instead of SDPA (FlexAttention's own on GPU).
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo.kernels import flex
+from attnzoo.kernels.dense import attention_lse
 from attnzoo.masks.groups import latent_groups
 from attnzoo.methods.checks import smallest_divisor
-from attnzoo.methods.common import mask_reference
+from attnzoo.methods.common import Output, mask_reference
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 
@@ -77,15 +82,16 @@ SPEC = MethodSpec(
     supports_bias=False,
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample_params),
+    lse=True,
 )
 
 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, num_groups: int, latents_per_group: int,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, num_groups: int, latents_per_group: int, return_lse: bool = False,
+) -> Output:
     mod = latent_groups(q.shape[2] - num_groups * latents_per_group, num_groups, latents_per_group)
-    return mask_reference(q, k, v, mod, scale, mask, bias)
+    return mask_reference(q, k, v, mod, scale, mask, bias, return_lse)
 
 
 @lru_cache(maxsize=32)
@@ -102,8 +108,8 @@ def _index_sets(n: int, g: int, lat: int) -> tuple[tuple[torch.Tensor, torch.Ten
 
 def torch_grouped_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, num_groups: int, latents_per_group: int,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, num_groups: int, latents_per_group: int, return_lse: bool = False,
+) -> Output:
     b, h, n, _ = q.shape
     g = num_groups
 
@@ -113,24 +119,30 @@ def torch_grouped_sdpa(
         got = t.transpose(1, 2)[:, rows].transpose(2, 3)
         return got.reshape(b * g, t.shape[1], rows.shape[1], t.shape[-1])
 
-    outs = []
+    outs, lses = [], []
     for qi, ki in _index_sets(n, g, latents_per_group):
         qi, ki = qi.to(q.device), ki.to(q.device)
-        o = F.scaled_dot_product_attention(pick(q, qi), pick(k, ki), pick(v, ki), scale=scale,
-                                           enable_gqa=h != k.shape[1])
+        if return_lse:
+            o, lse = attention_lse(pick(q, qi), pick(k, ki), pick(v, ki), causal=False, scale=scale, mask=None,
+                                   bias=None)
+            lses.append(lse.view(b, g, h, qi.shape[1]).transpose(1, 2).flatten(2, 3))
+        else:
+            o = F.scaled_dot_product_attention(pick(q, qi), pick(k, ki), pick(v, ki), scale=scale,
+                                               enable_gqa=h != k.shape[1])
         outs.append(o.view(b, g, h, qi.shape[1], -1).transpose(1, 2).flatten(2, 3))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return (out, lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)) if return_lse else out
 
 
 def flex_block_mask(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, num_groups: int, latents_per_group: int,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, num_groups: int, latents_per_group: int, return_lse: bool = False,
+) -> Output:
     n = q.shape[2]
     nd = n - num_groups * latents_per_group
     return flex.mask_attention(q, k, v, scale=scale, key=("local_global_latent", n, num_groups, latents_per_group),
-                               mod=latent_groups(nd, num_groups, latents_per_group))
+                               mod=latent_groups(nd, num_groups, latents_per_group), return_lse=return_lse)
 
 
-register(SPEC, reference, [Backend("torch", torch_grouped_sdpa),
-                           Backend("flex", flex_block_mask, flex.unavailable_masked)])
+register(SPEC, reference, [Backend("torch", torch_grouped_sdpa, lse=True),
+                           Backend("flex", flex_block_mask, flex.unavailable_masked, lse=True)])

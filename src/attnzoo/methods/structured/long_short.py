@@ -23,6 +23,9 @@ Only the size ``distance`` uses is checked. Self-attention, non-causal; no user 
 Fast path ``sdpa`` (:func:`sdpa_partitioned`): one permutation that makes every group a contiguous batch entry, one
 batched SDPA without a mask, the inverse permutation (:func:`attnzoo.kernels.partition.partitioned_attention`):
 O(N·|group|·d) time, O(N·d) memory.
+
+Log-sum-exp (``return_lse=True``): the output is one softmax over the query's group of (original) tokens, so each
+row's log-sum-exp is returned (the partition kernel's, through the same inverse permutation).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from attnzoo.kernels.partition import partitioned_attention
 from attnzoo.masks import MaskMod
 from attnzoo.masks.partitions import grid, window_partition
 from attnzoo.methods.checks import check_layout, divides_layout, layout_and_sizes, smallest_divisor
-from attnzoo.methods.common import mask_reference
+from attnzoo.methods.common import Output, mask_reference
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 
@@ -77,6 +80,7 @@ SPEC = MethodSpec(
     supports_bias=False,
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample_params),
+    lse=True,
 )
 
 
@@ -89,19 +93,19 @@ def _predicate(seq: int, distance: str, group_size: Any, interval: Any, layout: 
 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, distance: str, group_size: Any, interval: Any, layout: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, distance: str, group_size: Any, interval: Any, layout: Any, return_lse: bool = False,
+) -> Output:
     mod = _predicate(q.shape[2], distance, group_size, interval, layout)
-    return mask_reference(q, k, v, mod, scale, mask, bias)
+    return mask_reference(q, k, v, mod, scale, mask, bias, return_lse)
 
 
 def sdpa_partitioned(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, distance: str, group_size: Any, interval: Any, layout: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, distance: str, group_size: Any, interval: Any, layout: Any, return_lse: bool = False,
+) -> Output:
     shape, inner = layout_and_sizes(q.shape[2], layout, group_size if distance == "short" else interval)
     group = "outer" if distance == "short" else "inner"
-    return partitioned_attention(q, k, v, scale=scale, layout=shape, inner=inner, group=group)
+    return partitioned_attention(q, k, v, scale=scale, layout=shape, inner=inner, group=group, return_lse=return_lse)
 
 
-register(SPEC, reference, [Backend("sdpa", sdpa_partitioned)])
+register(SPEC, reference, [Backend("sdpa", sdpa_partitioned, lse=True)])

@@ -16,6 +16,9 @@ bias.
 Fast path ``sdpa`` (:func:`block_sdpa_partitioned`, :func:`grid_sdpa_partitioned`): windows (or grid groups) become
 batch entries by one permutation, one batched SDPA without a mask, one inverse permutation
 (:func:`attnzoo.kernels.partition.partitioned_attention`): O(N·P^n·d) time, O(N·d) memory.
+
+Log-sum-exp (``return_lse=True``): each output is one softmax over the query's window (or grid group), so each
+row's log-sum-exp is returned (the partition kernel's, through the same inverse permutation).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from attnzoo.kernels.partition import partitioned_attention
 from attnzoo.masks.partitions import grid, window_partition
 from attnzoo.methods.checks import check_layout, divides_layout, layout_and_sizes, smallest_divisor
-from attnzoo.methods.common import mask_reference
+from attnzoo.methods.common import Output, mask_reference
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 
@@ -56,6 +59,7 @@ def _spec(name: str, size: str, letter: str, summary: str) -> MethodSpec:
         supports_bias=False,
         subquadratic_memory=True,
         tests=TestHints(sample_params=sample_params),
+        lse=True,
     )
 
 
@@ -67,35 +71,36 @@ GRID_SPEC = _spec("maxvit_grid", "grid_size", "G", "attention across a sparse G�
 
 def block_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, window_size: Any, layout: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, window_size: Any, layout: Any, return_lse: bool = False,
+) -> Output:
     mod = window_partition(*layout_and_sizes(q.shape[2], layout, window_size))
-    return mask_reference(q, k, v, mod, scale, mask, bias)
+    return mask_reference(q, k, v, mod, scale, mask, bias, return_lse)
 
 
 def block_sdpa_partitioned(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, window_size: Any, layout: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, window_size: Any, layout: Any, return_lse: bool = False,
+) -> Output:
     shape, p = layout_and_sizes(q.shape[2], layout, window_size)
-    return partitioned_attention(q, k, v, scale=scale, layout=shape, inner=p, group="outer")
+    return partitioned_attention(q, k, v, scale=scale, layout=shape, inner=p, group="outer", return_lse=return_lse)
 
 
 def grid_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, grid_size: Any, layout: Any,
-) -> torch.Tensor:
-    return mask_reference(q, k, v, grid(*layout_and_sizes(q.shape[2], layout, grid_size)), scale, mask, bias)
+    bias: torch.Tensor | None, grid_size: Any, layout: Any, return_lse: bool = False,
+) -> Output:
+    mod = grid(*layout_and_sizes(q.shape[2], layout, grid_size))
+    return mask_reference(q, k, v, mod, scale, mask, bias, return_lse)
 
 
 def grid_sdpa_partitioned(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, grid_size: Any, layout: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, grid_size: Any, layout: Any, return_lse: bool = False,
+) -> Output:
     shape, g = layout_and_sizes(q.shape[2], layout, grid_size)
     inner = tuple(n // s for n, s in zip(shape, g, strict=True))
-    return partitioned_attention(q, k, v, scale=scale, layout=shape, inner=inner, group="inner")
+    return partitioned_attention(q, k, v, scale=scale, layout=shape, inner=inner, group="inner", return_lse=return_lse)
 
 
-register(BLOCK_SPEC, block_reference, [Backend("sdpa", block_sdpa_partitioned)])
-register(GRID_SPEC, grid_reference, [Backend("sdpa", grid_sdpa_partitioned)])
+register(BLOCK_SPEC, block_reference, [Backend("sdpa", block_sdpa_partitioned, lse=True)])
+register(GRID_SPEC, grid_reference, [Backend("sdpa", grid_sdpa_partitioned, lse=True)])

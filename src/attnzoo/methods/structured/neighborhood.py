@@ -29,6 +29,9 @@ Decoding (:data:`DECODER`, every axis causal): that of P3 with stride 1
 (:func:`attnzoo.methods.structured.generalized_neighborhood.decode_prefill`): a ring of the ``Σ_a (k_a − 1)·d_a·r_a
 + 1`` last positions (a 1-D sequence: ``(k − 1)·d + 1`` slots, whatever the context), visibility from this predicate
 on the slots' positions; ``layout`` is the shape of the whole decoded sequence, of which the prompt is the start.
+
+Log-sum-exp (``return_lse=True``): the output is one softmax over each query's neighborhood, so each row's
+log-sum-exp is returned (the tiled kernel's per-tile one; FlexAttention's on GPU).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from attnzoo.kernels.band import cached_tiling, neighborhood_tiles, tiled_attent
 from attnzoo.kv.cache import KVCache
 from attnzoo.masks.neighborhood import neighborhood as neighborhood_mod
 from attnzoo.methods.checks import NATTEN_PARAMS, layout_shape, per_axis_causal, per_axis_values
-from attnzoo.methods.common import mask_reference
+from attnzoo.methods.common import Output, mask_reference
 from attnzoo.methods.structured import generalized_neighborhood as gna
 from attnzoo.registry import SELF_PATTERNS, Backend, Call, Decoder, MethodSpec, TestHints, register
 
@@ -67,6 +70,7 @@ SPEC = MethodSpec(
     complexity="O(N·Π(t+k−1)·d) time with tiles t (≈ N·k·d), O(N·d) memory",
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample_params),
+    lse=True,
 )
 
 
@@ -86,27 +90,28 @@ def _tiles(axes: Axes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, kernel_size: Any, dilation: Any, layout: Any, is_causal: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, kernel_size: Any, dilation: Any, layout: Any, is_causal: Any, return_lse: bool = False,
+) -> Output:
     axes = _axes(q.shape[2], causal, kernel_size, dilation, layout, is_causal)
-    return mask_reference(q, k, v, neighborhood_mod(*axes), scale, mask, bias)
+    return mask_reference(q, k, v, neighborhood_mod(*axes), scale, mask, bias, return_lse)
 
 
 def torch_tiled(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, kernel_size: Any, dilation: Any, layout: Any, is_causal: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, kernel_size: Any, dilation: Any, layout: Any, is_causal: Any, return_lse: bool = False,
+) -> Output:
     axes = _axes(q.shape[2], causal, kernel_size, dilation, layout, is_causal)
     tiling = cached_tiling(("neighborhood", axes), q.device, lambda: _tiles(axes))
-    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias, return_lse=return_lse)
 
 
 def flex_block_mask(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, kernel_size: Any, dilation: Any, layout: Any, is_causal: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, kernel_size: Any, dilation: Any, layout: Any, is_causal: Any, return_lse: bool = False,
+) -> Output:
     axes = _axes(q.shape[2], causal, kernel_size, dilation, layout, is_causal)
-    return flex.mask_attention(q, k, v, scale=scale, key=("neighborhood", axes), mod=neighborhood_mod(*axes))
+    return flex.mask_attention(q, k, v, scale=scale, key=("neighborhood", axes), mod=neighborhood_mod(*axes),
+                               return_lse=return_lse)
 
 
 def decode_prefill(
@@ -129,5 +134,6 @@ def decode_step(
 
 DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
 
-register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)],
+register(SPEC, reference, [Backend("torch", torch_tiled, lse=True),
+                           Backend("flex", flex_block_mask, flex.unavailable_masked, lse=True)],
          DECODER)

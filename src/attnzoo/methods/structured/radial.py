@@ -58,6 +58,12 @@ Fast path ``torch`` (:func:`torch_sparse`):
   around the tile (all of frame 0 with the sink), plus the text; text queries see every key. One batched SDPA with
   the cached tile mask per chunk of tiles; work ``≈ N · Σ_j (T + 2·reach_j)``, ``O(N·s·log F)`` for ``s ≥ F``.
 Fast path ``flex`` (:func:`flex_block_mask`): FlexAttention with the mask's block mask (cached), forward only on CPU.
+
+Log-sum-exp (``return_lse=True``): the output is one softmax over each query's visible keys, so each row's
+log-sum-exp is returned. The union kernel returns its merged one, the text rows' comes from
+:func:`attnzoo.kernels.dense.attention_lse`, the band kernel returns its tiles'; the block mask then runs on the band
+kernel too (:func:`_block_tiling`: one tile per query block, seeing the keys of its kept key blocks, gathered), since
+the block-sparse kernel returns no log-sum-exp.
 """
 
 from __future__ import annotations
@@ -72,12 +78,13 @@ from attnzoo.kernels import flex
 from attnzoo.kernels.band import Tiling, cached_tiling, concat_tiles, tiled_attention
 from attnzoo.kernels.block_sparse import BlockLayout, block_sparse_attention
 from attnzoo.kernels.cache import cached
+from attnzoo.kernels.dense import attention_lse
 from attnzoo.kernels.union import Part, TileGroup, union_attention
 from attnzoo.masks import MaskMod
 from attnzoo.masks.partitions import block_table
 from attnzoo.masks.radial import radial as radial_mod
 from attnzoo.masks.radial import radial_blocks, radial_reach
-from attnzoo.methods.common import mask_reference
+from attnzoo.methods.common import Output, mask_reference
 from attnzoo.registry import Backend, Call, MethodSpec, Param, TestHints, register
 
 TILE = 64
@@ -163,6 +170,7 @@ SPEC = MethodSpec(
     complexity="O(N·s·log F·d) time for s ≥ F tokens per frame (block mask: O(density·N²·d)), O(N·d) working memory",
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample_params),
+    lse=True,
 )
 
 
@@ -191,10 +199,10 @@ def _mod(seq: int, layout: Any, text_tokens: int, dense_first_frame: bool, block
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, layout: Any, text_tokens: int, dense_first_frame: bool, block_size: int | None,
-    decay_factor: float,
-) -> torch.Tensor:
+    decay_factor: float, return_lse: bool = False,
+) -> Output:
     mod, _ = _mod(q.shape[2], layout, text_tokens, dense_first_frame, block_size, decay_factor, q.device)
-    return mask_reference(q, k, v, mod, scale, mask, bias)
+    return mask_reference(q, k, v, mod, scale, mask, bias, return_lse)
 
 
 def _tiling(config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -218,6 +226,16 @@ def _tiling(config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mod = radial_mod(*config, "cpu")
     seen = mod(None, None, q_tiles.unsqueeze(2), k_tiles.unsqueeze(1)) & (q_tiles >= 0).unsqueeze(2)
     return q_tiles, k_tiles, seen
+
+
+def _block_tiling(blocks: torch.Tensor, block: int, seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block mask ``blocks (nb, nb)`` as band-kernel tiles: query block ``a`` (``-1`` pads past ``seq``) sees the
+    keys of its kept key blocks (``-1`` pads to the widest row)."""
+    q_tiles = torch.arange(blocks.shape[0] * block).view(-1, block)
+    q_tiles = torch.where(q_tiles < seq, q_tiles, -1)
+    rows = [(torch.nonzero(kept).view(-1, 1) * block + torch.arange(block)).flatten() for kept in blocks]
+    k_tiles = torch.nn.utils.rnn.pad_sequence([keys[keys < seq] for keys in rows], batch_first=True, padding_value=-1)
+    return q_tiles, k_tiles, ((q_tiles >= 0).unsqueeze(2) & (k_tiles >= 0).unsqueeze(1))
 
 
 def _frame_groups(frames: int, key_frames: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -318,32 +336,41 @@ def block_layout(seq: int, layout: Any, text_tokens: int, dense_first_frame: boo
 def torch_sparse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, layout: Any, text_tokens: int, dense_first_frame: bool, block_size: int | None,
-    decay_factor: float,
-) -> torch.Tensor:
+    decay_factor: float, return_lse: bool = False,
+) -> Output:
     n = q.shape[2]
+    config = _config(n, layout, text_tokens, dense_first_frame)
+    if block_size is not None and return_lse:
+        key = ("radial-block-tiles", config, block_size, decay_factor)
+        tiling: Tiling = cached_tiling(key, q.device, lambda: _block_tiling(
+            _blocks(config, block_size, decay_factor), block_size, n))
+        return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias, return_lse=True)
     if block_size is not None:
         blocks = block_layout(n, layout, text_tokens, dense_first_frame, block_size, decay_factor, q.device)
         return block_sparse_attention(q, k, v, scale=scale, layout=blocks, mask=mask, bias=bias)
-    config = _config(n, layout, text_tokens, dense_first_frame)
     if q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and mask is None and bias is None:
         parts = cached(("radial-parts", config), q.device, lambda: _parts(config))
         video = config[0] * config[1]
-        out = union_attention(q[:, :, :video], k, v, scale=scale, parts=parts)
+        got = union_attention(q[:, :, :video], k, v, scale=scale, parts=parts, return_lse=return_lse)
         if video == n:
-            return out
+            return got
+        if return_lse:
+            text, text_lse = attention_lse(q[:, :, video:], k, v, causal=False, scale=scale, mask=None, bias=None)
+            return torch.cat([got[0], text], dim=2), torch.cat([got[1], text_lse.to(got[1].dtype)], dim=2)
         text = F.scaled_dot_product_attention(q[:, :, video:], k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-        return torch.cat([out, text], dim=2)
-    tiling: Tiling = cached_tiling(("radial", config), q.device, lambda: _tiling(config))
-    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+        return torch.cat([got, text], dim=2)
+    tiling = cached_tiling(("radial", config), q.device, lambda: _tiling(config))
+    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias, return_lse=return_lse)
 
 
 def flex_block_mask(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, layout: Any, text_tokens: int, dense_first_frame: bool, block_size: int | None,
-    decay_factor: float,
-) -> torch.Tensor:
+    decay_factor: float, return_lse: bool = False,
+) -> Output:
     mod, key = _mod(q.shape[2], layout, text_tokens, dense_first_frame, block_size, decay_factor, q.device)
-    return flex.mask_attention(q, k, v, scale=scale, key=key, mod=mod)
+    return flex.mask_attention(q, k, v, scale=scale, key=key, mod=mod, return_lse=return_lse)
 
 
-register(SPEC, reference, [Backend("torch", torch_sparse), Backend("flex", flex_block_mask, flex.unavailable_masked)])
+register(SPEC, reference, [Backend("torch", torch_sparse, lse=True),
+                           Backend("flex", flex_block_mask, flex.unavailable_masked, lse=True)])

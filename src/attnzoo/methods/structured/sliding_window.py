@@ -28,6 +28,9 @@ Decoding (:data:`DECODER`, causal): a query sees at most ``window + 1`` keys, so
 over the prompt; :func:`decode_step` writes the token into its slot (O(1)) and attends over the ring, each slot's
 visibility being the forward's predicate on its position (:func:`attnzoo.kv.attend.masked_step`). Once the ring is
 full every slot is visible, so the step is one mask-free SDPA over ``window + 1`` keys: O(window) time.
+
+Log-sum-exp (``return_lse=True``): the output is one softmax over each query's window of keys, so each row's
+log-sum-exp is returned (the tiled kernel's per-tile one; FlexAttention's on GPU).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from attnzoo.kv.attend import masked_step
 from attnzoo.kv.cache import KVCache
 from attnzoo.masks.windows import sliding_window as sliding_window_mod
 from attnzoo.masks.windows import sliding_window_starts
-from attnzoo.methods.common import mask_reference
+from attnzoo.methods.common import Output, mask_reference
 from attnzoo.registry import ALL_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 TILE = 128
@@ -68,6 +71,7 @@ SPEC = MethodSpec(
     complexity="O(N·w·d) time, O(N·d) memory",
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample_params),
+    lse=True,
 )
 
 
@@ -80,27 +84,28 @@ def _tiling(sq: int, skv: int, window: int, causal: bool, inward: bool) -> tuple
 
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, window: int, inward: bool,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, window: int, inward: bool, return_lse: bool = False,
+) -> Output:
     mod = sliding_window_mod(q.shape[2], k.shape[2], window, causal, inward)
-    return mask_reference(q, k, v, mod, scale, mask, bias)
+    return mask_reference(q, k, v, mod, scale, mask, bias, return_lse)
 
 
 def torch_tiled(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, window: int, inward: bool,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, window: int, inward: bool, return_lse: bool = False,
+) -> Output:
     config = q.shape[2], k.shape[2], window, causal, inward
     tiling = cached_tiling(("sliding_window", config), q.device, lambda: _tiling(*config))
-    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias)
+    return tiled_attention(q, k, v, scale=scale, tiling=tiling, mask=mask, bias=bias, return_lse=return_lse)
 
 
 def flex_block_mask(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, window: int, inward: bool,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, window: int, inward: bool, return_lse: bool = False,
+) -> Output:
     config = q.shape[2], k.shape[2], window, causal, inward
-    return flex.mask_attention(q, k, v, scale=scale, key=("sliding_window", config), mod=sliding_window_mod(*config))
+    return flex.mask_attention(q, k, v, scale=scale, key=("sliding_window", config), mod=sliding_window_mod(*config),
+                               return_lse=return_lse)
 
 
 def decode_prefill(
@@ -121,5 +126,6 @@ def decode_step(
 
 DECODER = Decoder(decode_prefill, decode_step, kv_cache=True)
 
-register(SPEC, reference, [Backend("torch", torch_tiled), Backend("flex", flex_block_mask, flex.unavailable_masked)],
+register(SPEC, reference, [Backend("torch", torch_tiled, lse=True),
+                           Backend("flex", flex_block_mask, flex.unavailable_masked, lse=True)],
          DECODER)

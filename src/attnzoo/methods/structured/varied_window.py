@@ -29,6 +29,9 @@ Fast path ``torch`` (:func:`torch_sampled_windows`): keys and values are sampled
 (O(N·d) per head) and each window runs one batched SDPA over its ``P_h·P_w`` samples: O(N·P_h·P_w·d) time, O(N·d)
 memory. The reference builds the dense ``N × N`` interpolation weights from the tent kernel and masks the ``N × N``
 scores to each query's window.
+
+No log-sum-exp (``return_lse``): the softmax runs over keys sampled between tokens (bilinear mixtures of the call's
+keys), not over the call's keys, so attention over a split of the keys would not merge into it.
 """
 
 from __future__ import annotations
