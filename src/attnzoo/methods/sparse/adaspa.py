@@ -278,11 +278,12 @@ def torch_searched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
 
 def flex_searched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
                   mask: torch.Tensor | None, bias: torch.Tensor | None, selection: BlockSelection | None,
-                  **params: Any) -> torch.Tensor:
+                  return_lse: bool = False, **params: Any) -> Output:
     """The given or searched selection, then FlexAttention with its block mask."""
     chosen = _selection(q, k, causal, scale, selection, **params)
-    return block_sparse.flex_block_mask(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias, selection=chosen)
+    return block_sparse.flex_block_mask(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias, selection=chosen,
+                                        return_lse=return_lse)
 
 
 register(SPEC, reference, [Backend("torch", torch_searched, lse=True),
-                           Backend("flex", flex_searched, flex.unavailable_masked)])
+                           Backend("flex", flex_searched, flex.unavailable_masked, lse=True)])

@@ -248,12 +248,14 @@ def torch_routed(
 def flex_routed(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, layout: tuple[int, ...] | None, region: int | tuple[int, ...], top_k: int,
-    routing: str,
-) -> torch.Tensor:
+    routing: str, return_lse: bool = False,
+) -> Output:
     selection, perm, qp, kp, vp = _routed(q, k, v, layout, region, top_k, routing)
-    out = flex.attention(qp, kp, vp, scale=scale, block_mask=selection.block_mask(q.shape[1]))
+    out = flex.attention(qp, kp, vp, scale=scale, block_mask=selection.block_mask(q.shape[1]), return_lse=return_lse)
+    if return_lse:
+        return _in_token_order(out[0], perm), _in_token_order(out[1], perm)
     return _in_token_order(out, perm)
 
 
 register(SPEC, reference, [Backend("torch", torch_routed, lse=True),
-                           Backend("flex", flex_routed, flex.unavailable_masked)])
+                           Backend("flex", flex_routed, flex.unavailable_masked, lse=True)])

@@ -98,12 +98,12 @@ def torch_gathered(
 
 def flex_block_mask(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, selection: BlockSelection,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, selection: BlockSelection, return_lse: bool = False,
+) -> Output:
     mod = causal_mod(q.shape[2], k.shape[2]) if causal else None
     block_mask = selection.to(q.device).block_mask(q.shape[1], mask_mod=mod)
-    return flex.attention(q, k, v, scale=scale, block_mask=block_mask)
+    return flex.attention(q, k, v, scale=scale, block_mask=block_mask, return_lse=return_lse)
 
 
 register(SPEC, reference, [Backend("torch", torch_gathered, lse=True),
-                           Backend("flex", flex_block_mask, flex.unavailable_masked)])
+                           Backend("flex", flex_block_mask, flex.unavailable_masked, lse=True)])

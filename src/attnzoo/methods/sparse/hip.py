@@ -274,11 +274,13 @@ def torch_tree(
 def flex_tree(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, block_q: int, block_k: int, top_k: int, sink: int, window: int, representative: str,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> Output:
     sel = select(q, k, causal=causal, block_q=block_q, block_k=block_k, top_k=top_k, sink=sink, window=window,
                  representative=representative)
     mod = causal_mod(q.shape[2], k.shape[2]) if causal else None
-    return flex.attention(q, k, v, scale=scale, block_mask=sel.block_mask(q.shape[1], mask_mod=mod))
+    return flex.attention(q, k, v, scale=scale, block_mask=sel.block_mask(q.shape[1], mask_mod=mod),
+                          return_lse=return_lse)
 
 
 def decode_prefill(
@@ -317,5 +319,5 @@ def decode_step(
 
 DECODER = Decoder(decode_prefill, decode_step, kv_cache=True, chunked=True)
 
-register(SPEC, reference, [Backend("torch", torch_tree, lse=True), Backend("flex", flex_tree, flex.unavailable_masked)],
-         DECODER)
+register(SPEC, reference, [Backend("torch", torch_tree, lse=True),
+                           Backend("flex", flex_tree, flex.unavailable_masked, lse=True)], DECODER)

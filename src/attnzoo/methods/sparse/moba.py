@@ -216,7 +216,8 @@ def torch_routed(
 def flex_routed(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, block_size: int, top_k: int, key_conv: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> Output:
     k = convolve_keys(k, key_conv)
     blocks = select(q, k, block_size=block_size, top_k=top_k).blocks()  # (B, H, Sq, Nk), one row per token
     offset = k.shape[2] - q.shape[2]
@@ -225,7 +226,7 @@ def flex_routed(
         return blocks[b, h, q_idx, kv_idx // block_size] & (kv_idx <= q_idx + offset)
 
     bm = flex.create_block_mask(moba_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], device=q.device)
-    return flex.attention(q, k, v, scale=scale, block_mask=bm)
+    return flex.attention(q, k, v, scale=scale, block_mask=bm, return_lse=return_lse)
 
 
 def decode_prefill(
@@ -266,5 +267,5 @@ def decode_step(
 DECODER = Decoder(decode_prefill, decode_step, kv_cache=True, chunked=True)
 
 register(SPEC, reference, [Backend("torch", torch_routed, lse=True),
-                           Backend("flex", flex_routed, flex.unavailable_masked)],
+                           Backend("flex", flex_routed, flex.unavailable_masked, lse=True)],
          DECODER)

@@ -273,12 +273,14 @@ def torch_permuted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
 
 
 def flex_permuted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
-                  mask: torch.Tensor | None, bias: torch.Tensor | None, **params: Any) -> torch.Tensor:
+                  mask: torch.Tensor | None, bias: torch.Tensor | None, return_lse: bool = False,
+                  **params: Any) -> Output:
     """FlexAttention over the extended keys with the selection's block mask (causal predicate inside blocks)."""
     kx, vx, sel = extended(select(q, k, causal=causal, scale=scale, **params), k, v, causal)
     mod = causal_mod(q.shape[2], kx.shape[2]) if causal else None
-    return flex.attention(q, kx, vx, scale=scale, block_mask=sel.block_mask(q.shape[1], mask_mod=mod))
+    return flex.attention(q, kx, vx, scale=scale, block_mask=sel.block_mask(q.shape[1], mask_mod=mod),
+                          return_lse=return_lse)
 
 
 register(SPEC, reference, [Backend("torch", torch_permuted, lse=True),
-                           Backend("flex", flex_permuted, flex.unavailable_masked)])
+                           Backend("flex", flex_permuted, flex.unavailable_masked, lse=True)])

@@ -301,10 +301,11 @@ def torch_gated(
 
 def flex_gated(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
-    bias: torch.Tensor | None, **params: Any,
-) -> torch.Tensor:
+    bias: torch.Tensor | None, return_lse: bool = False, **params: Any,
+) -> Output:
     selection = select(q, k, causal=causal, scale=scale, **params)
-    return flex_block_mask(q, k, v, causal=causal, scale=scale, mask=None, bias=None, selection=selection)
+    return flex_block_mask(q, k, v, causal=causal, scale=scale, mask=None, bias=None, selection=selection,
+                           return_lse=return_lse)
 
 
 # -- decoding ---------------------------------------------------------------------------------------------------------
@@ -440,5 +441,5 @@ def distill_gate(
 
 
 register(SPEC, reference, [Backend("torch", torch_gated, lse=True),
-                           Backend("flex", flex_gated, flex.unavailable_masked)],
+                           Backend("flex", flex_gated, flex.unavailable_masked, lse=True)],
          DECODER)
