@@ -9,6 +9,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.kernels.dense import softmax_attention_lse
+from tests.helpers import assert_same_out_and_lse
 
 
 def _halves(q, k, v, cut, scale=0.3):
@@ -20,15 +21,7 @@ def test_two_key_halves_merge_to_full_attention_forward_and_backward():
     q = torch.randn(2, 4, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 2, 11, 8, generator=g, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 2, 11, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    out, lse = az.merge(_halves(q, k, v, 4))
-    full, full_lse = softmax_attention_lse(q, k, v, 0.3)
-    torch.testing.assert_close(out, full)
-    torch.testing.assert_close(lse, full_lse)
-    probe = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad((out * probe).sum() + lse.sum(), (q, k, v))
-    want = torch.autograd.grad((full * probe).sum() + full_lse.sum(), (q, k, v))
-    for got, ref in zip(grads, want, strict=True):
-        torch.testing.assert_close(got, ref)
+    assert_same_out_and_lse(az.merge(_halves(q, k, v, 4)), softmax_attention_lse(q, k, v, 0.3), (q, k, v))
 
 
 def test_merge_is_differentiable_in_every_out_and_lse():

@@ -11,9 +11,10 @@ log-sum-exp. It takes the fastest exact route on CPU:
 - a causal part is bottom-right aligned (query ``i`` of ``Sq`` sees keys ``j ≤ Sk − Sq + i``): the kernel's own
   causal flag when ``Sq = Sk`` and no group is folded, else an additive ``0/−inf`` mask over the folded rows; one
   query (``Sq = 1``) sees every key and needs no mask;
-- the flash kernel is replaced by :func:`attnzoo.kernels.dense.softmax_attention_lse` (dense, GQA without copies)
-  when autograd records the call (a tensor requires grad: the flash kernel gives no gradient for its log-sum-exp),
-  when values and keys differ in width (``Dv ≠ D``: the flash kernel wants one head size) and off CPU;
+- when autograd records the call (a tensor requires grad), when values and keys differ in width (``Dv ≠ D``: the
+  flash kernel wants one head size) and off CPU, :func:`attnzoo.kernels.dense.attention_lse` serves it instead: the
+  flash kernel whose backward carries the log-sum-exp's gradient where it can, else query chunks of dense attention
+  (linear memory either way);
 - a part with no key (``Sk = 0``) gives output 0 and log-sum-exp ``−inf``: it weighs nothing in a merge.
 """
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from attnzoo import masks
-from attnzoo.kernels.dense import flash_cpu, softmax_attention_lse
+from attnzoo.kernels.dense import attention_lse, flash_cpu
 
 
 def part_attention(
@@ -39,7 +40,7 @@ def part_attention(
     recording = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if recording or v.shape[-1] != d or q.device.type != "cpu":
         k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
-        return softmax_attention_lse(q, k, v, scale, masks.combine(causal, None, sq, sk, q.device))
+        return attention_lse(q, k, v, causal=causal, scale=scale, mask=None, bias=None)
     if causal and h == hkv and sq == sk:
         k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
         out, lse = flash_cpu(q, k, v, 0.0, True, scale=scale)[:2]
