@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attnzoo.kernels import parts
 from attnzoo.kernels.dense import softmax_attention_lse
 from attnzoo.kernels.parts import part_attention
 from tests.helpers import assert_same_out_and_lse
@@ -46,3 +47,33 @@ def test_an_empty_part_gives_zero_and_minus_infinity():
     out, lse = part_attention(torch.randn(2, 4, 3, 8), torch.randn(1, 2, 0, 8), torch.randn(1, 2, 0, 5), 0.3)
     assert out.shape == (2, 4, 3, 5) and not out.any()
     assert bool((lse == float("-inf")).all())
+
+
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_a_visibility_mask_with_an_empty_row_equals_dense(hkv):
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(3, 4, 5, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(3, hkv, 9, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    seen = torch.rand(3, 1, 5, 9, generator=g) < 0.6
+    seen[:, :, 1] = False
+    out, lse = part_attention(q, k, v, 0.3, causal=True, seen=seen)
+    causal = torch.ones(5, 9, dtype=torch.bool).tril(4)
+    want_out, want_lse = softmax_attention_lse(q, k, v, 0.3, seen & causal)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)
+    assert (out[:, :, 1] == 0).all() and torch.isneginf(lse[:, :, 1]).all()
+
+
+def test_the_onednn_route_of_a_shared_part_equals_dense(monkeypatch):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN is not built into this torch")
+    monkeypatch.setattr(parts, "GEMM_MIN_SCORES", 1)
+    monkeypatch.setattr(parts, "GEMM_SCORES", 3 * 9)  # chunks of 3 rows
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 4, 2, 8, generator=g)
+    k, v = (torch.randn(1, 2, 9, 8, generator=g) for _ in range(2))
+    assert parts.onednn_fits(q.reshape(1, 2, 12, 8), k, v)
+    out, lse = part_attention(q, k, v, 0.3)
+    want_out, want_lse = _dense(q.double(), k.double(), v.double(), 0.3, False)
+    torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)

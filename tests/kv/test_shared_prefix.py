@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import attnzoo as az
+from attnzoo.kernels import parts
 from attnzoo.kernels.dense import softmax_attention_lse
-from attnzoo.kv import shared_prefix, shared_prefix_attention, tree_prefix_attention
+from attnzoo.kv import shared_prefix_attention, tree_prefix_attention
 from attnzoo.kv.shared_prefix import AUTO_MIN_BATCH, AUTO_MIN_SHARED_KEYS
 
 
@@ -78,14 +79,14 @@ def test_onednn_prefix_products_in_fp32_match_dense(monkeypatch, chunk_rows):
         pytest.skip("oneDNN is not built into this torch")
     args = [x if x is None or x.dtype == torch.bool else x.float() for x in _inputs(b=9, sq=2, p=40)]
     calls = []
-    gemm = shared_prefix._onednn_linear
-    monkeypatch.setattr(shared_prefix, "_onednn_linear", lambda x, w: calls.append(x.shape[0]) or gemm(x, w))
+    gemm = parts._onednn_linear
+    monkeypatch.setattr(parts, "_onednn_linear", lambda x, w: calls.append(x.shape[0]) or gemm(x, w))
     with torch.no_grad():
         shared_prefix_attention(*args, path="shared")
         assert not calls  # 36 × 40 scores per KV head: below the threshold, the flash kernel
-        monkeypatch.setattr(shared_prefix, "GEMM_MIN_SCORES", 36 * 40)
+        monkeypatch.setattr(parts, "GEMM_MIN_SCORES", 36 * 40)
         if chunk_rows is not None:
-            monkeypatch.setattr(shared_prefix, "GEMM_SCORES", chunk_rows * 40)
+            monkeypatch.setattr(parts, "GEMM_SCORES", chunk_rows * 40)
         out = shared_prefix_attention(*args, path="shared")
     assert calls and max(calls) == (chunk_rows or 36)
     torch.testing.assert_close(out, _reference(*args), atol=1e-5, rtol=1e-5)

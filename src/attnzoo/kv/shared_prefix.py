@@ -19,13 +19,12 @@ ones is ``≤ n_b − Sq + i`` (``n_b`` = number of real suffix keys of sequence
 
 Choices:
 
-- the prefix part, in fp32 on a CPU with oneDNN and from ``GEMM_MIN_SCORES`` (2^16) scores per KV head, is two
-  oneDNN GEMMs per KV head with a fused softmax between them (:func:`_gemm_lse`: the decode prefix is compute-bound,
-  and oneDNN runs AVX-512 where MKL, which the flash kernel calls, may not); otherwise, and for the suffix part
-  always, PyTorch's CPU flash kernel (:data:`attnzoo.kernels.dense.flash_cpu`; the suffix's visibility as an additive
-  ``0/−inf`` mask). Both return the row log-sum-exp but no gradient for it; when autograd is recording (a tensor
-  requires grad) every part uses :func:`attnzoo.kernels.dense.softmax_attention_lse` instead, which is
-  differentiable through the log-sum-exp;
+- every part is :func:`attnzoo.kernels.parts.part_attention`: the prefix, in fp32 on a CPU with oneDNN and from
+  ``GEMM_MIN_SCORES`` (2^16) scores per KV head, is two oneDNN GEMMs per KV head with a fused softmax between them
+  (:func:`attnzoo.kernels.parts.gemm_lse`: the decode prefix is compute-bound, and oneDNN runs AVX-512 where MKL,
+  which the flash kernel calls, may not); otherwise, and for the suffix part always, PyTorch's CPU flash kernel (the
+  suffix's visibility as an additive ``0/−inf`` mask); when autograd records the call,
+  :func:`attnzoo.kernels.dense.attention_lse`, differentiable through the log-sum-exp;
 - ``path="plain"`` is the baseline Hydragen replaces: the prefix is copied in front of every suffix and
   ``scaled_dot_product_attention`` runs per sequence. ``path="auto"`` takes the shared path when
   ``batch ≥ AUTO_MIN_BATCH`` (2) and ``batch · prefix ≥ AUTO_MIN_SHARED_KEYS`` (1024): the faster of the two paths.
@@ -50,14 +49,12 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo.errors import fail
-from attnzoo.kernels.dense import flash_cpu, softmax_attention_lse
 from attnzoo.kernels.merge import merge_parts
+from attnzoo.kernels.parts import part_attention
 
 AUTO_MIN_BATCH = 2
 AUTO_MIN_SHARED_KEYS = 1024  # batch · prefix: the prefix keys that sharing saves reading more than once
 PATHS = ("auto", "shared", "plain")
-GEMM_MIN_SCORES = 1 << 16  # scores per KV head (rows × prefix keys) from which the prefix takes oneDNN GEMMs
-GEMM_SCORES = 1 << 22  # scores materialised at a time by _gemm_lse (16 MiB in fp32)
 
 
 def shared_prefix_attention(
@@ -98,9 +95,8 @@ def tree_prefix_attention(
     _check_groups(q, prefix_k, prefix_v, group_k, group_v, groups)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     seen = _suffix_visibility(suffix_mask, q.shape[0], q.shape[2], suffix_k.shape[2], q.device)
-    recording = _recording(q, prefix_k, prefix_v, group_k, group_v, suffix_k, suffix_v)
-    parts = [_stacked_lse(q, prefix_k, prefix_v, scale, recording), _group_lse(q, group_k, group_v, groups, scale,
-             recording), _suffix_lse(q, suffix_k, suffix_v, seen, scale, recording)]
+    parts = [part_attention(q, prefix_k, prefix_v, scale), _group_lse(q, group_k, group_v, groups, scale),
+             _suffix_lse(q, suffix_k, suffix_v, seen, scale)]
     return merge_parts(parts)[0]
 
 
@@ -114,96 +110,12 @@ def _shared(
     seen: torch.Tensor, scale: float,
 ) -> torch.Tensor:
     """Hydragen: the prefix attended once by every query stacked, the suffix per sequence, the two merged."""
-    recording = _recording(q, prefix_k, prefix_v, suffix_k, suffix_v)
-    parts = [_stacked_lse(q, prefix_k, prefix_v, scale, recording),
-             _suffix_lse(q, suffix_k, suffix_v, seen, scale, recording)]
+    parts = [part_attention(q, prefix_k, prefix_v, scale), _suffix_lse(q, suffix_k, suffix_v, seen, scale)]
     return merge_parts(parts)[0]
-
-
-def _recording(*tensors: torch.Tensor) -> bool:
-    """Whether autograd records this call (then the differentiable dense kernel replaces the flash one)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _stacked_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, recording: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sequence's queries against one shared ``k``/``v`` (1, Hkv, P, D): ``(B, H, Sq, ·)`` rows stacked into
-    one ``(1, H, B·Sq, D)`` matrix per head, attended in one call; returns ``(out, lse)`` in ``q``'s layout."""
-    b, h, sq, d = q.shape
-    stacked = q.transpose(0, 1).reshape(1, h, b * sq, d)
-    if not recording and _onednn_fits(stacked, k, v):
-        out, lse = _gemm_lse(stacked, k, v, scale)
-    else:
-        out, lse = _attend_lse(stacked, k, v, scale, None, recording)
-    return out.view(h, b, sq, -1).transpose(0, 1), lse.view(h, b, sq).transpose(0, 1).to(q.dtype)
-
-
-def _onednn_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`_gemm_lse` serves this shared-key call: fp32 on CPU, oneDNN present, enabled and in IEEE fp32 mode
-    (not a reduced-precision ``fp32_precision`` setting) and at least ``GEMM_MIN_SCORES`` scores per KV head
-    (stacked query rows × prefix keys). Measured on this CPU (one thread, D=64, CPU time), the GEMMs beat the flash
-    kernel from there (64 rows × 1024 keys: 1.32×; 32 × 2048: 1.39×; 16 × 8192: 1.31×; 64 × 8192: 1.58×) and tie or
-    lose below it (64 × 512: 0.99×; 8 × 4096: 1.05×; 16 × 1024: 0.75×; 8 × 2048: 0.66×; 64 × 256: 0.74×: the
-    per-head loop's fixed cost)."""
-    matmul = getattr(torch.backends.mkldnn, "matmul", None)  # the fp32_precision setting exists from torch 2.9
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
-            and q.shape[1] // k.shape[1] * q.shape[2] * k.shape[2] >= GEMM_MIN_SCORES
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and getattr(matmul, "fp32_precision", "none") in ("none", "ieee"))
-
-
-def _gemm_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked query rows ``q`` (1, H, R, D) against one shared ``k``/``v`` (1, Hkv, P, D/Dv) by two oneDNN GEMMs
-    per KV head and a fused softmax between them; ``(out (1, H, R, Dv), lse (1, H, R))``.
-
-    Per KV head (the GQA group folded into the rows, as in :func:`_attend_lse`) and per chunk of rows (at most
-    ``GEMM_SCORES`` scores at a time): ``S = (scale · Q) Kᵀ``, ``m = max`` of each row, ``A = softmax(S)``,
-    ``O = A V`` and ``lse = m − log max A`` (the largest weight is ``e⁰ / Σ e^{S − m}``, so
-    ``lse = m + log Σ e^{S − m}`` without a second pass of exponentials). Choices:
-
-    - the products are oneDNN's (``torch.ops.mkldnn._linear_pointwise``: ``x · wᵀ`` on dense tensors, ``K`` and
-      ``Vᵀ`` passed as they lie, ``Vᵀ`` a strided view, no copy). In fp32 they are IEEE products like MKL's
-      ``sgemm`` (which ``torch.matmul`` and the flash kernel call), but oneDNN runs its AVX-512 code on any CPU that
-      has it, where MKL may fall back to AVX2 (AMD): on this machine 1.7–2× MKL's rate for these shapes;
-    - the softmax overwrites the scores (aten's ``out=`` form; each row is reduced before it is rewritten), and each
-      chunk's scores are freed before the next chunk's are made: one buffer per chunk, which the allocator hands
-      back each time. A second buffer per chunk (``torch.softmax``'s result) made glibc return and re-fault its
-      pages on every call (≈ 3600 page faults per call at 64 × 8192, ≈ 40 % of the time);
-    - two ``amax`` passes rather than one ``max`` with its indices and a gather: the indexed reduction costs ten
-      times the plain one on CPU (0.26 vs 0.024 ms on 64 × 8192 scores);
-    - a loop of calls (about five parallel regions per KV head and chunk), where the flash kernel is one region: with
-      more torch threads than free cores (a machine shared with other jobs) every region waits for a descheduled
-      thread and the loop gets many times slower (64 × 8192, load ≈ 15 on 2 cores: 963 ms at two threads, 45 ms at
-      one); on such a machine use one thread;
-    - the decode prefix is compute-bound (``2 · 2 · R · P · D`` flops per head against one read of ``K``/``V``),
-      which is why one score matrix per head, materialised, beats the flash kernel's small blocks here.
-    """
-    _, h, r, d = q.shape
-    hkv, p = k.shape[1], k.shape[2]
-    rows = (q * scale).view(hkv, (h // hkv) * r, d)
-    step = max(1, GEMM_SCORES // p)
-    outs, lses = [], []
-    for head in range(hkv):
-        for start in range(0, rows.shape[1], step):
-            scores = _onednn_linear(rows[head, start : start + step], k[0, head])
-            top = scores.amax(dim=-1)
-            weights = torch.ops.aten._softmax.out(scores, -1, False, out=scores)  # in place, row by row
-            lses.append(top - weights.amax(dim=-1).log())
-            outs.append(_onednn_linear(weights, v[0, head].t()))
-            del scores, weights  # freed before the next chunk's scores are allocated: the allocator reuses them
-    return torch.cat(outs).view(1, h, r, -1), torch.cat(lses).view(1, h, r)
-
-
-def _onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x · wᵀ`` by oneDNN (no bias, no fused activation)."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
 def _group_lse(
     q: torch.Tensor, group_k: torch.Tensor, group_v: torch.Tensor, groups: torch.Tensor, scale: float,
-    recording: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each group's sequences stacked against its sub-prefix (one call per non-empty group), scattered back."""
     out = q.new_zeros(*q.shape[:3], group_v.shape[-1])
@@ -211,41 +123,17 @@ def _group_lse(
     for g in range(group_k.shape[0]):
         members = (groups == g).nonzero().squeeze(1)
         if members.numel():
-            part_out, part_lse = _stacked_lse(q[members], group_k[g : g + 1], group_v[g : g + 1], scale, recording)
+            part_out, part_lse = part_attention(q[members], group_k[g : g + 1], group_v[g : g + 1], scale)
             out = out.index_copy(0, members, part_out)
-            lse = lse.index_copy(0, members, part_lse)
+            lse = lse.index_copy(0, members, part_lse.to(lse.dtype))
     return out, lse
 
 
 def _suffix_lse(
     q: torch.Tensor, suffix_k: torch.Tensor, suffix_v: torch.Tensor, seen: torch.Tensor, scale: float,
-    recording: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence attention over the suffix; no mask tensor when every suffix key is visible."""
-    return _attend_lse(q, suffix_k, suffix_v, scale, None if bool(seen.all()) else seen, recording)
-
-
-def _attend_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, seen: torch.Tensor | None, recording: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention and its log-sum-exp, ``(B, H, Sq, Dv)`` and ``(B, H, Sq)``; ``seen`` (B, 1, Sq, Sk) or None.
-
-    Under autograd: :func:`softmax_attention_lse` (differentiable through the log-sum-exp). Otherwise PyTorch's CPU
-    flash kernel, with the GQA group folded into the query rows — ``(B, Hkv·G, Sq, D)`` -> ``(B, Hkv, G·Sq, D)`` —
-    so K/V are never repeated, and ``seen`` passed as an additive ``0/−inf`` mask (every row sees at least one key
-    here, so no row is empty).
-    """
-    if recording:
-        return softmax_attention_lse(q, k, v, scale, seen)
-    b, h, sq, d = q.shape
-    hkv = k.shape[1]
-    rows = q.reshape(b, hkv, (h // hkv) * sq, d)
-    bias = None
-    if seen is not None:
-        seen = seen.expand(b, 1, sq, -1).repeat(1, 1, h // hkv, 1)
-        bias = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, float("-inf"))
-    out, lse = flash_cpu(rows, k, v, attn_mask=bias, scale=scale)[:2]
-    return out.reshape(b, h, sq, -1), lse.reshape(b, h, sq)
+    return part_attention(q, suffix_k, suffix_v, scale, seen=None if bool(seen.all()) else seen)
 
 
 def _plain(
