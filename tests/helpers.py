@@ -3,6 +3,8 @@ per-token parameter slicing of the linear family's decoding API."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,6 +15,17 @@ from attnzoo import masks
 from attnzoo.api import prepare
 
 F64 = torch.float64
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block with one torch intra-op thread (routes that only serve single-threaded calls), then restore."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def qkv(

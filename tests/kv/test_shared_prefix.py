@@ -12,6 +12,7 @@ from attnzoo.kernels import parts
 from attnzoo.kernels.dense import softmax_attention_lse
 from attnzoo.kv import shared_prefix_attention, tree_prefix_attention
 from attnzoo.kv.shared_prefix import AUTO_MIN_BATCH, AUTO_MIN_SHARED_KEYS
+from tests.helpers import one_thread
 
 
 def _inputs(b=3, h=4, hkv=2, sq=1, p=7, s=6, d=8, ragged=True, seed=0, grad=False):
@@ -81,7 +82,7 @@ def test_onednn_prefix_products_in_fp32_match_dense(monkeypatch, chunk_rows):
     calls = []
     gemm = parts._onednn_linear
     monkeypatch.setattr(parts, "_onednn_linear", lambda x, w: calls.append(x.shape[0]) or gemm(x, w))
-    with torch.no_grad():
+    with torch.no_grad(), one_thread():
         shared_prefix_attention(*args, path="shared")
         assert not calls  # 36 × 40 scores per KV head: below the threshold, the flash kernel
         monkeypatch.setattr(parts, "GEMM_MIN_SCORES", 36 * 40)

@@ -85,14 +85,19 @@ def part_attention(
 
 def onednn_fits(rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`gemm_lse` serves folded ``rows (1, Hkv, R, D)`` against one ``k``/``v`` copy: fp32 on CPU,
-    oneDNN present, enabled and in IEEE fp32 mode (not a reduced-precision ``fp32_precision`` setting) and at least
-    ``GEMM_MIN_SCORES`` scores per KV head. Measured on the project's CPU (one thread, D=64, CPU time), the GEMMs beat
+    torch running one intra-op thread, oneDNN present, enabled and in IEEE fp32 mode (not a reduced-precision
+    ``fp32_precision`` setting) and at least ``GEMM_MIN_SCORES`` scores per KV head.
+
+    One thread only: the route is a loop of small parallel regions, and with more threads than free cores each
+    region waits for a descheduled thread — at two threads on the 2-core machine with one other busy process, the
+    64 × 8192 Hydragen prefix took 330 ms where the flash kernel (one region) takes ≈ 10 ms. The flash kernel serves
+    multi-threaded calls. Measured on the project's CPU (one thread, D=64, CPU time), the GEMMs beat
     the flash kernel from there (64 rows × 1024 keys: 1.32×; 32 × 2048: 1.39×; 16 × 8192: 1.31×; 64 × 8192: 1.58×)
     and tie or lose below it (64 × 512: 0.99×; 8 × 4096: 1.05×; 16 × 1024: 0.75×; 8 × 2048: 0.66×; 64 × 256:
     0.74×: the per-head loop's fixed cost)."""
     matmul = getattr(torch.backends.mkldnn, "matmul", None)  # the fp32_precision setting exists from torch 2.9
     return (rows.device.type == "cpu" and rows.dtype == k.dtype == v.dtype == torch.float32
-            and rows.shape[2] * k.shape[2] >= GEMM_MIN_SCORES
+            and torch.get_num_threads() == 1 and rows.shape[2] * k.shape[2] >= GEMM_MIN_SCORES
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and hasattr(torch.ops.mkldnn, "_linear_pointwise")
             and getattr(matmul, "fp32_precision", "none") in ("none", "ieee"))
@@ -119,7 +124,7 @@ def gemm_lse(rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     - a loop of calls (about five parallel regions per KV head and chunk), where the flash kernel is one region: with
       more torch threads than free cores (a machine shared with other jobs) every region waits for a descheduled
       thread and the loop gets many times slower (64 × 8192, load ≈ 15 on 2 cores: 963 ms at two threads, 45 ms at
-      one); on such a machine use one thread;
+      one), hence :func:`onednn_fits`'s one-thread rule;
     - a decode prefix is compute-bound (``2 · 2 · R · P · D`` flops per head against one read of ``K``/``V``),
       which is why one score matrix per head, materialised, beats the flash kernel's small blocks there.
     """
