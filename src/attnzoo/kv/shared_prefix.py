@@ -22,8 +22,8 @@ Choices:
 - every part is :func:`attnzoo.kernels.parts.part_attention`: the prefix, in fp32 on a CPU with oneDNN, one torch
   thread and from ``GEMM_MIN_SCORES`` (2^16) scores per KV head, is two oneDNN GEMMs per KV head with a fused
   softmax between them (:func:`attnzoo.kernels.parts.gemm_lse`: the decode prefix is compute-bound, and oneDNN runs
-  AVX-512 where MKL, which the flash kernel calls, may not); otherwise, and for the suffix part always, PyTorch's CPU flash kernel (the
-  suffix's visibility as an additive ``0/−inf`` mask); when autograd records the call,
+  AVX-512 where MKL, which the flash kernel calls, may not); otherwise, and for the suffix part always, PyTorch's
+  CPU flash kernel (the suffix's visibility as an additive ``0/−inf`` mask); when autograd records the call,
   :func:`attnzoo.kernels.dense.attention_lse`, differentiable through the log-sum-exp;
 - ``path="plain"`` is the baseline Hydragen replaces: the prefix is copied in front of every suffix and
   ``scaled_dot_product_attention`` runs per sequence. ``path="auto"`` takes the shared path when
