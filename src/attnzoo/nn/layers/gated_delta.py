@@ -28,7 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnzoo.nn.layers.base import (
-    GatedRMSNorm, LayerParts, ShortConvolution, channels_to_heads, heads_to_channels, register_layer,
+    GatedRMSNorm,
+    LayerParts,
+    ShortConvolution,
+    channels_to_heads,
+    heads_to_channels,
+    register_layer,
 )
 from attnzoo.registry import LayerInfo
 
