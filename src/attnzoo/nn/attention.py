@@ -89,7 +89,8 @@ class Attention(nn.Module):
         )
         if self.parts is not None:
             out = self.parts.finish(x, out)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+        y = self.out_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+        return y if self.parts is None else self.parts.output(y)
 
     def project(
         self, x: torch.Tensor, context: torch.Tensor | None = None,

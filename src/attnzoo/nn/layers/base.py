@@ -27,7 +27,8 @@ class LayerParts(nn.Module):
 
     ``computes``: the method parameters these parts produce per call (a user may not pass them too).
     :meth:`forward` transforms the projected heads and returns those parameters; :meth:`finish` transforms the
-    heads' attention output before the output projection. Both default to the identity.
+    heads' attention output before the output projection; :meth:`output` transforms the layer's output after it
+    (a norm of the whole sublayer output, as sigmoid attention's hybrid-norm). All default to the identity.
     """
 
     computes: tuple[str, ...] = ()
@@ -41,6 +42,10 @@ class LayerParts(nn.Module):
     def finish(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The heads' attention output ``out (B, H, N, Dv)`` as the layer passes it to its output projection."""
         return out
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """The output projection's result ``y (B, N, dim)`` as the layer returns it."""
+        return y
 
 
 LayerFactory = Callable[[LayerInfo], LayerParts]
