@@ -8,6 +8,7 @@ import torch
 import attnzoo as az
 from attnzoo.errors import AttnzooError
 from attnzoo.nn.layers.gated_delta import GatedDeltaNetParts
+from tests.nn.layers.checks import assert_causal, assert_decodes_like_the_parallel_form, assert_every_part_trains
 
 
 def _layer(**kw) -> az.nn.Attention:
@@ -38,35 +39,15 @@ def test_gates_are_data_dependent_and_in_range():
 
 
 def test_output_is_causal():
-    layer = _layer()
-    x = torch.randn(1, 12, 24)
-    y = x.clone()
-    y[:, 7:] = torch.randn(1, 5, 24)
-    torch.testing.assert_close(layer(x)[:, :7], layer(y)[:, :7])
+    assert_causal(_layer(), 24)
 
 
 def test_decoding_with_the_layers_gates_equals_the_parallel_form():
-    layer = _layer().double()
-    x = torch.randn(2, 11, 24, dtype=torch.float64)
-    with torch.no_grad():
-        q, k, v = layer.project(x)
-        q, k, v, gates = layer.parts(x, q, k, v)
-        whole = az.attention(q, k, v, method="gated_delta", causal=True, **gates)
-        out, state = az.prefill(q[:, :, :6], k[:, :, :6], v[:, :, :6], method="gated_delta",
-                                **{n: g[..., :6] for n, g in gates.items()})
-        steps = [out]
-        for t in range(6, 11):
-            o, state = az.step(state, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
-                               **{n: g[..., t:t + 1] for n, g in gates.items()})
-            steps.append(o)
-    torch.testing.assert_close(torch.cat(steps, dim=2), whole)
+    assert_decodes_like_the_parallel_form(_layer().double(), torch.randn(2, 11, 24, dtype=torch.float64))
 
 
 def test_every_part_trains():
-    layer = _layer()
-    layer(torch.randn(2, 10, 24)).square().sum().backward()
-    for name, p in layer.parts.named_parameters():
-        assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+    assert_every_part_trains(_layer(), 24)
 
 
 def test_faithful_false_is_the_bare_kernel_and_computed_parameters_cannot_be_passed():

@@ -8,6 +8,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.nn.layers.sigmoid import SigmoidParts
+from tests.nn.layers.checks import assert_causal, assert_decodes_like_the_parallel_form, assert_every_part_trains
 
 
 def _layer(**kw) -> az.nn.Attention:
@@ -44,30 +45,13 @@ def test_the_bias_is_minus_log_n_by_default():
 
 
 def test_output_is_causal():
-    layer = _layer()
-    x = torch.randn(1, 12, 24)
-    y = x.clone()
-    y[:, 7:] = torch.randn(1, 5, 24)
-    torch.testing.assert_close(layer(x)[:, :7], layer(y)[:, :7])
+    assert_causal(_layer(), 24)
 
 
 def test_decoding_with_the_layers_heads_equals_the_parallel_form():
-    layer = _layer().double()
     x = torch.randn(2, 11, 24, dtype=torch.float64)
-    bias = -math.log(11)
-    with torch.no_grad():
-        q, k, v, _ = layer.parts(x, *layer.project(x))
-        whole = az.attention(q, k, v, method="sigmoid", causal=True, sigmoid_bias=bias)
-        out, state = az.prefill(q[:, :, :6], k[:, :, :6], v[:, :, :6], method="sigmoid", sigmoid_bias=bias)
-        steps = [out]
-        for t in range(6, 11):
-            o, state = az.step(state, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
-            steps.append(o)
-    torch.testing.assert_close(torch.cat(steps, dim=2), whole)
+    assert_decodes_like_the_parallel_form(_layer().double(), x, sigmoid_bias=-math.log(11))
 
 
 def test_every_part_trains():
-    layer = _layer()
-    (layer(torch.randn(2, 10, 24)) * torch.randn(2, 10, 24)).sum().backward()
-    for name, p in layer.parts.named_parameters():
-        assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+    assert_every_part_trains(_layer(), 24)
