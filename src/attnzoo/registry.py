@@ -122,12 +122,14 @@ class Call(Shape):
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """What an ``nn`` layer tells a learnable parameter's initialiser."""
+    """What an ``nn`` layer tells a learnable parameter's initialiser (and a paper layer's parts, which also read the
+    model width ``dim``)."""
 
     heads: int
     kv_heads: int
     head_dim: int
     params: Mapping[str, Any]
+    dim: int = 0
 
 
 Check = Callable[[Any, Call], "str | None"]

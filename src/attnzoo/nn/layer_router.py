@@ -163,7 +163,7 @@ class RoutedAttention(Attention):
                 gate = full.to(q.dtype)
                 out = self._rows(full, q, k, v, mask)
         self.last_route = Route(full=full, p_full=p_full, gate=gate)
-        return self.merge_heads(out)
+        return self.merge_heads(out, x)
 
     def _branch(
         self, full: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -13,6 +13,10 @@ they are inputs here; the layer around produces them): ``log_gate`` = ``g``, a `
 ``≤ 0`` (None: no gating, α = 1, which is DeltaNet); ``beta`` = ``β``, a float or a ``(B, H, S)`` tensor in
 ``[0, 2]`` (default 1.0; the paper uses ``sigmoid`` outputs in (0, 1)). Causal self-attention only.
 
+Layer: ``attnzoo.nn.Attention(..., method="gated_delta")`` builds Gated DeltaNet's layer around this kernel
+(:mod:`attnzoo.nn.layers.gated_delta`: short convolutions, data-dependent ``β`` and decay, gated RMSNorm output);
+``faithful=False`` gives the bare kernel, to which ``log_gate``/``beta`` are passed.
+
 Reference (the parallel form over the whole sequence, dense and quadratic): with ``G_t = Σ_{s≤t} g_s`` and
 ``Γ_ti = exp(G_t − G_i)`` for ``i ≤ t``, the pseudo values solve ``(I + tril(diag(β)(K̂K̂ᵀ ⊙ Γ), −1)) U = diag(β) V``
 (one ``N×N`` unit-lower-triangular solve) and ``O = (scale·Q̂K̂ᵀ ⊙ Γ ⊙ causal) U``.

@@ -24,7 +24,9 @@ decoding step sees the same key features as a prefill (features are computed in 
 Distillation: :func:`distill` fits the four tensors on the user's (q, k) samples by minimising the KL divergence
 from the softmax attention weights to the Hedgehog weights (:func:`softmax_kl`: the paper's soft-label cross-entropy,
 up to a constant; masks and padded rows allowed), with Adam; :mod:`attnzoo.integrations.distill` does it inside a
-Hugging Face transformers model.
+Hugging Face transformers model. Layer: ``attnzoo.nn.Attention(..., method="hedgehog")`` owns the four map tensors;
+:mod:`attnzoo.nn.layers.hedgehog` trains them as the paper does on the layer's own heads (``distillation_loss``, an
+auxiliary loss whose gradient reaches only the maps, and ``distill_layer``, the conversion fit).
 
 Fast path ``torch`` (:func:`torch_chunked`): :mod:`attnzoo.kernels.linear_scan` (chunked causal scan, or
 ``φ(Q)(φ(K)ᵀV)`` noncausally). Recurrent form: :func:`prefill` and :func:`step` (see

@@ -14,6 +14,10 @@ row normalisation and no feature map: in TransNormerLLM the activation of Q, K a
 around the kernel. Choice: ``scale`` (default ``1/√D``) multiplies the scores as everywhere in attnzoo; pass
 ``scale=1.0`` for the paper's unscaled form. GQA: each query head keeps its own decayed state.
 
+Layer: ``attnzoo.nn.Attention(..., method="lightning")`` builds TransNormerLLM's layer around this kernel
+(:mod:`attnzoo.nn.layers.lightning`: SiLU on q and k, SRMSNorm of the output times the gate ``U = x W_u``; per-layer
+decay rates from ``transnormer_decay``); ``faithful=False`` gives the bare kernel.
+
 Fast path ``torch`` (:func:`torch_blocked`): the Lightning Attention-2 tiling in PyTorch, via
 :mod:`attnzoo.kernels.linear_scan`: blocks of ``block_size`` tokens; inside a block the masked, decayed ``(QKᵀ ⊙ D)V``;
 across blocks a running ``KᵀV`` state decayed by ``λ^B`` per block (``λ = exp(−s)``), queries weighted by ``λ^{t+1}``

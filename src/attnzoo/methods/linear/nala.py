@@ -25,6 +25,9 @@ direction: its features are 0 and its row gives 0. Causal use restricts every su
 vision, noncausal); the features of a token depend only on that token, so the recurrent form is exact. Features are
 computed in fp32 for half-precision inputs (``k^r`` would overflow fp16).
 
+Layer: ``attnzoo.nn.Attention(..., method="nala")`` builds the paper's output LayerNorm and SiLU gate around this
+kernel (:mod:`attnzoo.nn.layers.nala`); ``faithful=False`` gives the bare kernel.
+
 Fast path ``torch`` (:func:`torch_chunked`): :mod:`attnzoo.kernels.linear_scan` (chunked causal scan, or
 ``φ_q(Q)(φ_k(K)ᵀ[V, 1])`` noncausally), O(N·D·Dv) time and O(N) memory. Causally the two maps run inside the scan one
 chunk group at a time (and are recomputed in its backward), so the ``2D``-wide features never exist for the whole

@@ -27,6 +27,10 @@ future tokens of the block), the scorer sees the keys (this function has no hidd
 add; norms, gates and mixing weights are layer-level. No gating of the softmax logits (the code's default
 ``use_g_for_attn=False``). Causal self-attention only.
 
+Layer: ``attnzoo.nn.Attention(..., method="nats_hybrid")`` builds Gated DeltaNet's layer parts around this kernel
+(:mod:`attnzoo.nn.layers.nats_hybrid`: short convolutions, data-dependent ``β`` and decay, gated RMSNorm output) and
+owns the scorer; ``faithful=False`` gives the bare kernel.
+
 Reference: dense ``(S × S)`` softmax over the retained keys plus the dense gated-delta reference with ``β'``.
 Fast path ``torch`` (:func:`torch_hybrid`): the retained keys are compacted (:mod:`attnzoo.kernels.retained`,
 query-blocked softmax over them, O(N·T·D) for T retained keys) and the state part is the chunked WY scan

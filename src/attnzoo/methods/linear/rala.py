@@ -17,6 +17,9 @@ normaliser is exactly ``Σ_j φ(q_i)·k̃_j`` (positive for elu+1 features) with
 ``φ(q)``, ``k̃`` and the depthwise-convolution positional term (LePE) are layer-level and not part of this function.
 Causal use is not defined (``q̄`` averages every query), so only noncausal patterns are offered.
 
+Layer: ``attnzoo.nn.Attention(..., method="rala")`` computes ``output_gate`` from the token as the paper's layer does
+(:mod:`attnzoo.nn.layers.rala`); ``faithful=False`` gives the bare kernel, to which a gate may be passed.
+
 Fast path ``torch`` (:func:`torch_factored`): ``φ(Q) (K̃ᵀ [V, 1])`` via :func:`attnzoo.kernels.linear_scan.noncausal`,
 O(N·D·Dv) time and O(N) memory. GQA: each query head has its own ``α``, so the reweighted keys (and the values) are laid
 out per query head (a G-fold copy of K and V).

@@ -6,6 +6,10 @@ Formula as implemented: ``O = (σ(scale · Q Kᵀ + bias + b) ⊙ M) V`` with ``
 bottom-right causal) and no row normalisation. ``b = sigmoid_bias`` defaults to ``−log(seq_kv)``, the paper's choice
 that keeps the initial attention norm near that of softmax attention. A row with no visible key gives 0.
 
+Layer: ``attnzoo.nn.Attention(..., method="sigmoid")`` builds the paper's recommended layer around this kernel
+(:mod:`attnzoo.nn.layers.sigmoid`: QK-norm on the heads and the hybrid-norm LayerNorm on the layer's output, with
+this kernel's ``−log n`` bias); ``faithful=False`` gives the bare kernel.
+
 Fast path ``torch`` (:func:`torch_tiled`, the autograd function :class:`_SigmoidTiles`): since rows are not
 normalised, any split of the work simply adds up, so the scores are computed tile by tile, never all at once. On CPU a
 tile is one key/value head of one batch row (the

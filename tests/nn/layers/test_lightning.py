@@ -1,0 +1,66 @@
+"""Lightning Attention's TransNormerLLM layer: SiLU on q/k, SRMSNorm and output gate, the decay schedule, causality
+and decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnzoo as az
+from attnzoo.errors import AttnzooError
+from attnzoo.nn.layers.lightning import TransNormerParts, simple_rms_norm, transnormer_decay
+from tests.nn.layers.checks import assert_causal, assert_decodes_like_the_parallel_form, assert_every_part_trains
+
+
+def _layer(**kw) -> az.nn.Attention:
+    torch.manual_seed(0)
+    return az.nn.Attention(24, 4, method="lightning", causal=True, **kw)
+
+
+def test_the_layer_has_the_papers_parts_with_their_shapes():
+    parts = _layer().parts
+    assert isinstance(parts, TransNormerParts)
+    assert parts.gate_proj.weight.shape == (24, 24) and parts.gate_proj.bias is None
+
+
+def test_queries_and_keys_go_through_silu_and_values_do_not():
+    layer = _layer()
+    x = torch.randn(2, 9, 24)
+    q, k, v = layer.project(x)
+    qa, ka, va, computed = layer.parts(x, q, k, v)
+    assert computed == {} and va is v
+    torch.testing.assert_close(qa, q * torch.sigmoid(q))
+    torch.testing.assert_close(ka, k * torch.sigmoid(k))
+
+
+def test_the_output_is_srmsnorm_times_the_gate_and_the_kernel_scale_cancels():
+    layer = _layer()
+    x = torch.randn(2, 9, 24)
+    q, k, v, _ = layer.parts(x, *layer.project(x))
+    out = layer.parts.finish(x, az.attention(q, k, v, method="lightning", causal=True))
+    unscaled = az.attention(q, k, v, method="lightning", causal=True, scale=1.0)  # the paper's unscaled form
+    channels = simple_rms_norm(unscaled.transpose(1, 2).reshape(2, 9, 24)) * layer.parts.gate_proj(x)
+    torch.testing.assert_close(out.transpose(1, 2).reshape(2, 9, 24), channels, atol=2e-3, rtol=2e-3)  # up to ε
+    normed = simple_rms_norm(torch.randn(3, 5, 24) * 7)
+    torch.testing.assert_close(normed.square().mean(-1), torch.ones(3, 5), atol=1e-4, rtol=0)
+
+
+def test_the_decay_schedule_over_layers():
+    first, last = transnormer_decay(4, 0, 3), transnormer_decay(4, 2, 3)
+    torch.testing.assert_close(first, 2.0 ** (-8.0 * torch.arange(1, 5) / 4) * (1 + 1e-5))
+    torch.testing.assert_close(last, 2.0 ** (-8.0 * torch.arange(1, 5) / 4) * 1e-5)
+    assert _layer(decay=transnormer_decay(4, 1, 3))(torch.randn(1, 6, 24)).shape == (1, 6, 24)
+    with pytest.raises(AttnzooError, match="^layer:"):
+        transnormer_decay(4, 3, 3)
+
+
+def test_output_is_causal():
+    assert_causal(_layer(), 24)
+
+
+def test_decoding_with_the_layers_heads_equals_the_parallel_form():
+    assert_decodes_like_the_parallel_form(_layer().double(), torch.randn(2, 11, 24, dtype=torch.float64))
+
+
+def test_every_part_trains():
+    assert_every_part_trains(_layer(), 24)
