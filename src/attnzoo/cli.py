@@ -52,6 +52,13 @@ def _decoding(m: Method) -> str:
     return "KV cache" if m.decoder.kv_cache else "state"
 
 
+def _lse(m: Method) -> str:
+    """Which backends serve ``return_lse=True`` (``—``: the method's output is not one softmax over its keys)."""
+    if not m.spec.lse:
+        return "—"
+    return ", ".join(name for name in m.spec.backends if m.backend(name).lse)
+
+
 def _press_paper(p: PressInfo) -> str:
     return f"{p.paper} (arXiv:{p.arxiv})" if p.arxiv else p.paper
 
@@ -84,7 +91,9 @@ MARKDOWN_INTRO = """\
 IDs are those of the catalogue (`S` softmax-form, `P` structured sparsity, `L` linear/recurrent...). *exact*: the
 method computes its own definition exactly (*approx*: it approximates softmax attention by design). *decoding*:
 `attnzoo.prefill` and `attnzoo.step` continue a causal sequence token by token, through a KV cache (presses apply) or
-a fixed-size state. *backends*: in the order
+a fixed-size state. *lse*: the backends that return the log-sum-exp with `attention(..., return_lse=True)` (the
+methods whose output is one softmax over each query's visible keys), for exact merges with `attnzoo.merge`.
+*backends*: in the order
 `backend="auto"` tries them on a GPU (on CPU `torch` comes before `flex`); `reference` is the dense definition every
 backend is checked against."""
 
@@ -101,15 +110,15 @@ def methods_markdown() -> str:
             "",
             f"## {fam.letter} — {fam.title} (`{fam.name}`, `attnzoo/{fam.folder}/`)",
             "",
-            "| ID | name | paper | exact | patterns | decoding | parameters | backends | complexity |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| ID | name | paper | exact | patterns | decoding | lse | parameters | backends | complexity |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for m in members:
             s = m.spec
             params = "<br>".join(f"`{p.name}`={p.default!r}: {p.doc}" for p in s.params) or "—"
             lines.append(
                 f"| {s.mechanism} | `{s.name}` | {_paper(s)} | {'exact' if s.exact else 'approx'} | {_patterns(s)} | "
-                f"{_decoding(m)} | {params} | {_backends(m)} | {s.complexity} |"
+                f"{_decoding(m)} | {_lse(m)} | {params} | {_backends(m)} | {s.complexity} |"
             )
     lines += ["", "## Presses — KV-cache compression (`attnzoo/kv/presses/`)", "", PRESSES_INTRO, "",
               "| ID | press | paper | what it does | reads | options |", "|---|---|---|---|---|---|"]
@@ -177,7 +186,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{'exact' if s.exact else 'approximate'}; patterns: {_patterns(s)}")
     print(f"complexity: {s.complexity}")
     print(f"backends: {', '.join(m.spec.backends)}; mask: {s.supports_mask}; bias: {s.supports_bias}; "
-          f"differentiable: {s.differentiable}")
+          f"differentiable: {s.differentiable}; log-sum-exp (return_lse): {_lse(m)}")
     for p in s.params:
         print(f"  {p.name} = {p.default!r} ({p.describe_type()}): {p.doc}")
     print("implementations (backend, function, definition):")
