@@ -1,0 +1,296 @@
+"""Suite ``quality`` (issue 14): a Zoology-style study of what a small model learns with each causal method.
+
+Zoology (Arora et al., "Zoology: Measuring and Improving Recall in Efficient Language Models", arXiv:2312.04927)
+trains two-layer models on multi-query associative recall (MQAR) over a grid of key-value pair counts and model
+widths, sweeping the learning rate per method. This suite does the same at a size a 2-core CPU finishes in an hour,
+plus induction copy and selective copy (:mod:`attnzoo.bench.quality` defines the tasks, the model and the training):
+
+- **Grid** (:func:`settings`): MQAR with :attr:`QualityStudy.pairs` pairs (sequence ``3·pairs``, vocabulary
+  :attr:`QualityStudy.vocab`) at every width of :attr:`QualityStudy.widths`; induction copy and selective copy at the
+  reference width.
+- **Learning rate** (:func:`attnzoo.bench.quality.choose_lr`): each method trains the reference setting
+  (:attr:`QualityStudy.reference`: MQAR pairs and width) at every rate of :attr:`QualityStudy.lrs` on the first seed;
+  the rate with the best accuracy (then the lowest final loss, then the smallest rate) is used for the method's whole
+  grid. Zoology sweeps per setting; one sweep per method is what the CPU budget allows.
+- **Equal budgets**: every method and setting trains :attr:`QualityStudy.steps` AdamW steps of
+  :attr:`QualityStudy.batch` sequences (warm-up over 10 %, cosine decay), :attr:`QualityStudy.layers` layers of
+  :attr:`QualityStudy.heads` heads, the paper's layer parts where attnzoo has them (``attnzoo.nn.Attention``'s
+  ``faithful=True``); the seeds of :attr:`QualityStudy.seeds` (the cell is their mean, their number is reported).
+- **Sizes relative to the sequence** (:func:`attnzoo.bench.quality.relative_params`): density 1/4 for selections,
+  a reach of ``seq/8`` for local patterns; each row records the values used (``sizes``, ``params``).
+- **Untrained**: a cell within 10 % of chance (:func:`attnzoo.bench.quality.untrained`) shows ``untrained``.
+
+Methods: every registered method with a differentiable causal self-attention pattern that a model layer can call (no
+required per-call input); ``landmark`` is left out (its sequences must carry landmark tokens,
+:data:`attnzoo.bench.suites.dynamic.NOT_RECALLED`). ``--cases`` picks methods by name; ``softmax`` always runs.
+
+**Resumable.** Each finished case is appended to ``quality.jsonl`` in the output directory the moment it ends; a rerun
+into the same directory reuses every recorded case with the same key (method, task, width, seed, learning rate and
+training sizes: :func:`case_key`) and trains only the others, so an interrupted study continues where it stopped.
+Failed cases (timeout, crash) are recorded too and not retried; delete their lines to retry them.
+
+**Sized for a 2-core CPU** (:data:`CPU`, the default): cases run in two worker processes of one torch thread each.
+Measured per-step costs (softmax at MQAR 16 pairs, width 64, batch 32: about 35 ms on one loaded core; the paper
+layers and the block-selection methods up to 5× more) put all 31 methods at about an hour. What was cut to fit,
+against Zoology: pairs 4/8/16 (Zoology: up to 64 pairs, sequences up to 512), widths 32/64 (Zoology: 64–512),
+vocabulary 128 (Zoology: 8192), 800 steps of 32 sequences (Zoology: tens of thousands of sequences for many epochs),
+three learning rates swept once per method on one setting (Zoology: per setting), one seed, induction and selective
+copy at one width. :data:`FULL` (``--full``, for a GPU) restores more of it: pairs up to 64, widths 64–256, four
+learning rates, three seeds, longer training.
+
+The tables are in ``summary.md``, ``report.html`` and ``quality.md`` (ready for docs/benchmarks.md); the rows in
+``results.json`` under ``quality`` (each with ``setting``, ``lr``, ``sweep``, ``sizes``; schema
+``attnzoo.bench/1.5``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from attnzoo.bench.quality import accuracy_text, choose_lr
+from attnzoo.bench.suites import QUALITY, cpu_run
+from attnzoo.bench.suites.dynamic import NOT_RECALLED
+from attnzoo.bench.worker import Runner
+from attnzoo.errors import fail
+from attnzoo.registry import Method, all_methods, get
+
+JOURNAL = "quality.jsonl"
+KEY_FIELDS = ("method", "task", "dim", "heads", "layers", "steps", "batch", "seed", "lr", "cosine", "device")
+
+
+@dataclass(frozen=True)
+class QualityStudy:
+    """The sizes of a quality study (module docstring). ``reference``: the (MQAR pairs, width) of the learning-rate
+    sweep, one of the grid's. ``workers`` processes run cases side by side, each on ``threads`` torch threads;
+    ``case_timeout_s`` stops a case that runs longer."""
+
+    pairs: tuple[int, ...] = (4, 8, 16)
+    widths: tuple[int, ...] = (32, 64)
+    vocab: int = 128
+    induction_seq: int = 32
+    induction_vocab: int = 32
+    copy_seq: int = 32
+    copy_tokens: int = 4
+    copy_vocab: int = 16
+    reference: tuple[int, int] = (8, 64)
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    seeds: tuple[int, ...] = (0,)
+    layers: int = 2
+    heads: int = 2
+    steps: int = 800
+    batch: int = 32
+    workers: int = 2
+    threads: int = 1
+    device: str = "cpu"
+    case_timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        if self.reference[0] not in self.pairs or self.reference[1] not in self.widths:
+            raise fail("reference", f"pairs in {self.pairs} and a width in {self.widths}", self.reference)
+
+
+CPU = QualityStudy()
+FULL = QualityStudy(pairs=(4, 8, 16, 32, 64), widths=(64, 128, 256), induction_seq=128, induction_vocab=64,
+                    copy_seq=128, copy_tokens=16, copy_vocab=32, reference=(16, 128), lrs=(3e-4, 1e-3, 3e-3, 1e-2),
+                    seeds=(0, 1, 2), steps=3000, batch=64, workers=1, device="cuda", case_timeout_s=3600.0)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One cell column of the grid: a task (its generator's name and arguments) at a model width."""
+
+    task: dict[str, Any]
+    dim: int
+
+    @property
+    def label(self) -> str:
+        """``MQAR 8 pairs, w64``, ``induction seq 32, w64``, ``selective copy seq 32, w64`` (vocabularies in the
+        run's config)."""
+        t = self.task
+        what = f"MQAR {t['pairs']} pairs" if t["name"] == "mqar" else f"{t['name'].replace('_', ' ')} seq {t['seq']}"
+        return f"{what}, w{self.dim}"
+
+
+def settings(study: QualityStudy) -> list[Setting]:
+    """The grid, the reference setting first: MQAR at every pairs × width, then induction and selective copy at the
+    reference width."""
+    pairs, width = study.reference
+    grid = [Setting({"name": "mqar", "pairs": p, "vocab": study.vocab}, w) for w in study.widths for p in study.pairs]
+    grid.sort(key=lambda s: (s.task["pairs"], s.dim) != (pairs, width))
+    grid.append(Setting({"name": "induction", "seq": study.induction_seq, "vocab": study.induction_vocab}, width))
+    grid.append(Setting({"name": "selective_copy", "seq": study.copy_seq, "tokens": study.copy_tokens,
+                         "vocab": study.copy_vocab}, width))
+    return grid
+
+
+def methods(patterns: list[str] | None = None) -> list[Method]:
+    """Every registered method with a causal self-attention pattern (registry order), or ``softmax`` and those whose
+    names match ``patterns`` (``fnmatch``)."""
+    chosen = [m for m in all_methods() if "self/causal" in m.spec.patterns]
+    if not patterns:
+        return chosen
+    names = [m.name for m in chosen]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise fail("--cases", f"names of methods with a causal pattern ({', '.join(names)})", unmatched)
+    return [m for m in chosen if m.name == "softmax" or any(fnmatch.fnmatchcase(m.name, p) for p in patterns)]
+
+
+def left_out(m: Method) -> str | None:
+    """Why ``m`` cannot train in the study's model, or None."""
+    if m.name in NOT_RECALLED:
+        return NOT_RECALLED[m.name]
+    if not m.spec.differentiable:
+        return "inference-only method (spec.differentiable is False)"
+    required = [p.name for p in m.spec.params if p.required]
+    if required:
+        return f"takes a required per-call input ({', '.join(required)}) that a model layer does not make"
+    return None
+
+
+def case(method: str, setting: Setting, seed: int, lr: float, study: QualityStudy, sweep: bool) -> dict[str, Any]:
+    """The worker case (:func:`attnzoo.bench.quality.run_case`) of one method, setting, seed and learning rate."""
+    return {"kind": "quality", "method": method, "task": setting.task, "dim": setting.dim, "heads": study.heads,
+            "layers": study.layers, "steps": study.steps, "batch": study.batch, "seed": seed, "lr": lr,
+            "cosine": True, "device": study.device, "threads": study.threads, "setting": setting.label,
+            "sweep": sweep}
+
+
+def case_key(row: dict[str, Any]) -> str:
+    """What identifies a trained case across runs: method, task, width, model and training sizes, seed, rate."""
+    return json.dumps({k: row.get(k) for k in KEY_FIELDS}, sort_keys=True)
+
+
+def load_journal(out: Path) -> dict[str, dict[str, Any]]:
+    """The rows recorded in ``out/quality.jsonl`` by key (a torn last line, from a killed run, is ignored)."""
+    path = out / JOURNAL
+    done: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[case_key(row)] = row
+    return done
+
+
+class _Study:
+    """The shared state of a run: the journal, the rows so far and the stop flag (thread-safe)."""
+
+    def __init__(self, out: Path, rows: list[dict[str, Any]], echo: Callable[[str], None]) -> None:
+        self.done = load_journal(out)
+        self.rows = rows
+        self.echo = echo
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.sink = (out / JOURNAL).open("a")
+
+    def train(self, runner: Runner, c: dict[str, Any]) -> dict[str, Any] | None:
+        """The row of case ``c``: recorded by an earlier run, or trained now and recorded (None when the run was
+        stopped under it)."""
+        key = case_key(c)
+        row = self.done.get(key)
+        resumed = row is not None
+        if row is None:
+            row = runner.run(c)
+            if self.stop.is_set():
+                return None
+        with self.lock:
+            self.rows.append(row)
+            if not resumed:
+                self.sink.write(json.dumps(row, default=str) + "\n")
+                self.sink.flush()
+        what = f"{row['method']} {row['setting']} seed {row['seed']} lr {row['lr']:g}"
+        self.echo(f"{what}: " + (accuracy_text(row["accuracy"], row["chance"]) if row.get("status") == "ok"
+                                 else f"{row.get('status')}: {row.get('reason', '')}")
+                  + (" (recorded earlier)" if resumed else ""))
+        return row
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+def _method(state: _Study, runner: Runner, m: Method, study: QualityStudy) -> None:
+    """One method's sweep, then its grid at the chosen rate."""
+    grid = settings(study)
+    reference, first = grid[0], study.seeds[0]
+    sweep = []
+    for lr in study.lrs:
+        row = state.train(runner, case(m.name, reference, first, lr, study, sweep=True))
+        if row is None:
+            return
+        sweep.append(row)
+    lr = choose_lr(sweep)
+    if lr is None:
+        return
+    for setting in grid:
+        for seed in study.seeds:
+            if setting == reference and seed == first:
+                continue  # trained by the sweep
+            if state.train(runner, case(m.name, setting, seed, lr, study, sweep=False)) is None:
+                return
+
+
+def _worker(state: _Study, runner: Runner, work: queue.Queue[Method], study: QualityStudy) -> None:
+    while not state.stop.is_set():
+        try:
+            m = work.get_nowait()
+        except queue.Empty:
+            return
+        _method(state, runner, m, study)
+
+
+def run(
+    out: Path, patterns: list[str] | None = None, study: QualityStudy = CPU, command: str = "",
+    echo: Callable[[str], None] = print, isolate: bool = True,
+) -> dict[str, Any]:
+    """The study for the methods ``patterns`` picks (all causal ones without) in ``study.workers`` worker processes
+    (``isolate=False``: in this process, one method at a time); resumes from ``out/quality.jsonl``; writes
+    results.json, the report and quality.md under ``out``."""
+    from attnzoo.bench.tables import quality_markdown
+
+    chosen = methods(patterns)
+    config = {"suite": QUALITY, **asdict(study), "settings": [s.label for s in settings(study)],
+              "dtype": "float32"}
+    out.mkdir(parents=True, exist_ok=True)
+    with cpu_run(out, command, config, study.threads, ("quality.md", quality_markdown), study.device) as results:
+        rows = results["quality"]
+        for m in chosen:
+            reason = left_out(m)
+            if reason:
+                rows.append({"method": m.name, "setting": "—", "sweep": False, "status": "skipped", "reason": reason,
+                             "task": {"name": "—"}, "dim": None, "seed": None, "lr": None})
+        work: queue.Queue[Method] = queue.Queue()
+        for m in chosen:
+            if not left_out(m):
+                work.put(m)
+        state = _Study(out, rows, echo)
+        workers = max(1, study.workers if isolate else 1)
+        runners = [Runner(isolate=isolate, case_timeout_s=study.case_timeout_s,
+                          log_path=out / f"worker-quality-{i}.log") for i in range(workers)]
+        threads = [threading.Thread(target=_worker, args=(state, r, work, study), daemon=True) for r in runners]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)
+        finally:
+            state.stop.set()
+            for r in runners:
+                r.close()
+            for t in threads:
+                t.join(10)
+            state.close()
+        for r in rows:
+            r.setdefault("mechanism", get(r["method"]).spec.mechanism)
+    return results
