@@ -22,8 +22,8 @@ Tasks (next-token prediction, loss and accuracy only where the answer is determi
   from one half of the vocabulary, values from the other), then ``pairs`` queries, each a key from the context; the
   answer at a query is its value. Choice: queries are a random permutation of the keys, placed right after the
   context (Zoology scatters them; a compact layout keeps sequences short for CPU budgets).
-- ``induction`` — induction-head copy: ``seq/2`` random tokens, then the same tokens again; in the second half each
-  next token is determined by the first occurrence of the current one.
+- ``induction`` — induction-head copy: ``seq/2`` distinct random tokens, then the same tokens again; in the second
+  half each next token is determined by the first occurrence of the current one (distinct, so exactly one).
 - ``selective_copy`` — selective copying as in the Mamba paper (Gu & Dao, arXiv:2312.00752): ``tokens`` data tokens at
   random positions among ``seq`` noise (blank) tokens, a separator, then ``tokens`` markers; at the j-th marker the
   answer is the j-th data token in order.
@@ -87,8 +87,12 @@ def mqar(batch: int, g: torch.Generator, pairs: int = 8, vocab: int = 64, **_: A
 
 
 def induction(batch: int, g: torch.Generator, seq: int = 32, vocab: int = 32, **_: Any) -> tuple[Batch, int, int]:
+    """``(inputs, targets), vocab size, answer vocabulary`` for induction copy: ``seq/2`` distinct tokens, then the
+    same again (distinct, so that the current token's first occurrence determines the next one)."""
     half = seq // 2
-    first = torch.randint(0, vocab, (batch, half), generator=g)
+    if half > vocab:
+        raise ValueError(f"induction: seq/2 ({half}) must be at most vocab ({vocab})")
+    first = torch.stack([torch.randperm(vocab, generator=g)[:half] for _ in range(batch)])
     x = torch.cat([first, first], dim=1)
     y = torch.full_like(x, IGNORE)
     y[:, half:-1] = x[:, half + 1 :]
@@ -98,7 +102,8 @@ def induction(batch: int, g: torch.Generator, seq: int = 32, vocab: int = 32, **
 def selective_copy(
     batch: int, g: torch.Generator, seq: int = 32, tokens: int = 4, vocab: int = 16, **_: Any
 ) -> tuple[Batch, int, int]:
-    """Vocabulary: 0 blank, 1 separator, 2 marker, 3.. data tokens."""
+    """``(inputs, targets), vocab size, answer vocabulary`` for selective copy. Vocabulary: 0 blank, 1 separator,
+    2 marker, 3.. data tokens."""
     data = torch.randint(3, vocab, (batch, tokens), generator=g)
     where = torch.stack([torch.randperm(seq, generator=g)[:tokens].sort().values for _ in range(batch)])
     region = torch.zeros(batch, seq, dtype=torch.long).scatter_(1, where, data)

@@ -122,6 +122,21 @@ def quality_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def quality_points(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The quality rows a plot shows: a sweep's as they are; a study's (rows with a ``setting``) at each method's
+    chosen learning rate, one row per method and setting with the mean accuracy over its seeds."""
+    points = [r for r in results.get("quality", []) if r.get("status") == "ok" and "setting" not in r]
+    for rows in _study_rows(results).values():
+        lr = choose_lr(rows)
+        cells: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            if r["lr"] == lr and r.get("status") == "ok":
+                cells[r["setting"]].append(r)
+        for xs in cells.values():
+            points.append({**xs[0], "accuracy": sum(r["accuracy"] for r in xs) / len(xs)})
+    return points
+
+
 def _study_rows(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """A quality study's trained rows (those with a ``setting``) by method, in run order."""
     by: dict[str, list[dict[str, Any]]] = defaultdict(list)

@@ -33,7 +33,7 @@ Failed cases (timeout, crash) are recorded too and not retried; delete their lin
 Measured per-step costs (softmax at MQAR 16 pairs, width 64, batch 32: about 35 ms on one loaded core; the paper
 layers and the block-selection methods up to 5× more) put all 31 methods at about an hour. What was cut to fit,
 against Zoology: pairs 4/8/16 (Zoology: up to 64 pairs, sequences up to 512), widths 32/64 (Zoology: 64–512),
-vocabulary 128 (Zoology: 8192), 800 steps of 32 sequences (Zoology: tens of thousands of sequences for many epochs),
+vocabulary 64 (Zoology: 8192), 800 steps of 32 sequences (Zoology: tens of thousands of sequences for many epochs),
 three learning rates swept once per method on one setting (Zoology: per setting), one seed, induction and selective
 copy at one width. :data:`FULL` (``--full``, for a GPU) restores more of it: pairs up to 64, widths 64–256, four
 learning rates, three seeds, longer training.
@@ -73,7 +73,7 @@ class QualityStudy:
 
     pairs: tuple[int, ...] = (4, 8, 16)
     widths: tuple[int, ...] = (32, 64)
-    vocab: int = 128
+    vocab: int = 64
     induction_seq: int = 32
     induction_vocab: int = 32
     copy_seq: int = 32
@@ -193,6 +193,8 @@ class _Study:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.sink = (out / JOURNAL).open("a")
+        if self.sink.tell() and not (out / JOURNAL).read_text().endswith("\n"):
+            self.sink.write("\n")  # a killed run's torn last line stays a line of its own (ignored on load)
 
     def train(self, runner: Runner, c: dict[str, Any]) -> dict[str, Any] | None:
         """The row of case ``c``: recorded by an earlier run, or trained now and recorded (None when the run was
