@@ -13,19 +13,22 @@ from attnzoo.bench.tables import lr_sweep_table, study_table
 from attnzoo.errors import AttnzooError
 
 TINY = quality.QualityStudy(pairs=(2, 4), widths=(8,), vocab=16, induction_seq=8, induction_vocab=8, copy_seq=6,
-                            copy_tokens=2, copy_vocab=8, reference=(2, 8), lrs=(1e-3, 1e-2), layers=1, steps=2,
-                            batch=2, workers=1)
+                            copy_tokens=2, copy_vocab=8, sweep_pairs=2, width=8, lrs=(1e-3, 1e-2), layers=1,
+                            steps=2, batch=2, workers=1)
 
 
-def test_the_grid_starts_at_the_reference_setting_and_methods_filter():
+def test_the_grid_the_sweep_and_the_methods():
     labels = [s.label for s in quality.settings(TINY)]
     assert labels == ["MQAR 2 pairs, w8", "MQAR 4 pairs, w8", "induction seq 8, w8", "selective copy seq 6, w8"]
     assert [m.name for m in quality.methods(["linear"])] == ["softmax", "linear"]
     assert "sliding_window" in [m.name for m in quality.methods()]
     with pytest.raises(AttnzooError, match="--cases"):
         quality.methods(["no_such_method"])
-    with pytest.raises(AttnzooError, match="reference"):
-        quality.QualityStudy(reference=(3, 64))
+    assert [s.label for s in quality.sweep_settings(TINY)] == ["MQAR 2 pairs, w8"]
+    with pytest.raises(AttnzooError, match="sweep_pairs"):
+        quality.QualityStudy(sweep_pairs=3)
+    with pytest.raises(AttnzooError, match="width"):
+        quality.QualityStudy(width=48)
 
 
 @pytest.fixture
@@ -54,7 +57,7 @@ def test_every_method_sweeps_then_trains_its_grid_at_the_chosen_rate(tmp_path, c
     assert len(rows) == len(counted) == 2 * (2 + 3)
     for method in ("softmax", "sliding_window"):
         mine = [r for r in rows if r["method"] == method]
-        lr = harness.choose_lr(mine)
+        lr = harness.choose_lr(mine, 8)
         assert sorted(r["lr"] for r in mine if r["sweep"]) == [1e-3, 1e-2]
         assert {r["setting"] for r in mine if r["lr"] == lr} == {s.label for s in quality.settings(TINY)}
     window = next(r for r in rows if r["method"] == "sliding_window" and r["setting"] == "MQAR 4 pairs, w8")

@@ -127,13 +127,10 @@ def quality_points(results: dict[str, Any]) -> list[dict[str, Any]]:
     chosen learning rate, one row per method and setting with the mean accuracy over its seeds."""
     points = [r for r in results.get("quality", []) if r.get("status") == "ok" and "setting" not in r]
     for rows in _study_rows(results).values():
-        lr = choose_lr(rows)
-        cells: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in rows:
-            if r["lr"] == lr and r.get("status") == "ok":
-                cells[r["setting"]].append(r)
-        for xs in cells.values():
-            points.append({**xs[0], "accuracy": sum(r["accuracy"] for r in xs) / len(xs)})
+        for xs in _chosen(rows).values():
+            ok = [r for r in xs if r.get("status") == "ok"]
+            if ok:
+                points.append({**ok[0], "accuracy": sum(r["accuracy"] for r in ok) / len(ok)})
     return points
 
 
@@ -144,6 +141,26 @@ def _study_rows(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         if "setting" in r and r.get("lr") is not None:
             by[r["method"]].append(r)
     return by
+
+
+def _rates(rows: list[dict[str, Any]]) -> dict[int, float]:
+    """One method's chosen learning rate at each width it swept."""
+    rates = {}
+    for dim in sorted({r["dim"] for r in rows if r.get("sweep")}):
+        lr = choose_lr(rows, dim)
+        if lr is not None:
+            rates[dim] = lr
+    return rates
+
+
+def _chosen(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """One method's rows at the rate chosen for their width, by setting (every seed; failed ones too)."""
+    rates = _rates(rows)
+    cells: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if rates.get(r["dim"]) == r["lr"]:
+            cells[r["setting"]].append(r)
+    return cells
 
 
 def _sizes_text(rows: list[dict[str, Any]]) -> str:
@@ -158,50 +175,49 @@ def _sizes_text(rows: list[dict[str, Any]]) -> str:
 
 
 def study_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """``--suite quality``: per method (ranked by mean accuracy over the grid), its accuracy in every setting at its
-    chosen learning rate (the mean over seeds; ``untrained`` near chance), the rate, the seeds and the sizes used."""
+    """``--suite quality``: per method (ranked by mean accuracy over the grid), its accuracy in every setting at the
+    learning rate chosen for the setting's width (the mean over seeds; ``untrained`` near chance), the rates, the
+    seeds and the sizes used."""
     labels = results.get("config", {}).get("settings", [])
-    header = ["method", "ID", "layer", "lr", "seeds", *labels, "sizes"]
+    header = ["method", "ID", "layer", "lr (width)", "seeds", *labels, "sizes"]
     lines = []
     for method, rows in _study_rows(results).items():
-        lr = choose_lr(rows)
-        chosen = [r for r in rows if r["lr"] == lr and r.get("status") == "ok"]
-        cells, means = [], []
+        chosen = _chosen(rows)
+        cells, total = [], 0.0
         for label in labels:
-            xs = [r for r in chosen if r["setting"] == label]
-            if xs:
-                mean = sum(r["accuracy"] for r in xs) / len(xs)
-                means.append(mean)
-                cells.append(accuracy_text(mean, xs[0]["chance"]))
+            ok = [r for r in chosen.get(label, []) if r.get("status") == "ok"]
+            if ok:
+                mean = sum(r["accuracy"] for r in ok) / len(ok)
+                total += mean
+                cells.append(accuracy_text(mean, ok[0]["chance"]))
             else:
-                failed = [r for r in rows if r["setting"] == label and r["lr"] == lr]
-                cells.append(failed[0].get("status", "—") if failed else "—")
-        seeds = len({r["seed"] for r in chosen}) if chosen else 0
-        first = chosen[0] if chosen else rows[0]
-        score = sum(means) / len(labels) if labels else 0.0
-        lines.append((-score, [method, first.get("mechanism", ""), first.get("layer", ""), fmt(lr, "g"), str(seeds),
-                               *cells, _sizes_text(chosen)]))
+                cells.append(chosen[label][0].get("status", "—") if chosen.get(label) else "—")
+        done = [r for xs in chosen.values() for r in xs if r.get("status") == "ok"]
+        first = done[0] if done else rows[0]
+        rates = ", ".join(f"{lr:g} ({dim})" for dim, lr in _rates(rows).items())
+        lines.append((-total, [method, first.get("mechanism", ""), first.get("layer", ""), rates or "—",
+                               str(len({r["seed"] for r in done})), *cells, _sizes_text(done)]))
     return header, [line for _, line in sorted(lines, key=lambda x: x[0])]
 
 
 def lr_sweep_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """``--suite quality``: every method's accuracy at each swept learning rate on the reference setting, and the
-    rate chosen."""
+    """``--suite quality``: every method's accuracy at each swept learning rate (first seed) at each width, and the
+    rate chosen there."""
     lrs = results.get("config", {}).get("lrs", [])
-    header = ["method", *(f"lr {lr:g}" for lr in lrs), "chosen"]
+    header = ["method", "width", *(f"lr {lr:g}" for lr in lrs), "chosen"]
     body = []
     for method, rows in _study_rows(results).items():
-        sweep = {r["lr"]: r for r in rows if r.get("sweep")}
-        cells = [(accuracy_text(r["accuracy"], r["chance"]) if r.get("status") == "ok" else r.get("status", "—"))
-                 if (r := sweep.get(lr)) else "—" for lr in lrs]
-        body.append([method, *cells, fmt(choose_lr(rows), "g")])
+        for dim, chosen in _rates(rows).items():
+            sweep = {r["lr"]: r for r in rows if r.get("sweep") and r["dim"] == dim}
+            cells = [(accuracy_text(r["accuracy"], r["chance"]) if r.get("status") == "ok" else r.get("status", "—"))
+                     if (r := sweep.get(lr)) else "—" for lr in lrs]
+            body.append([method, str(dim), *cells, f"{chosen:g}"])
     return header, body
 
 
 def quality_markdown(results: dict[str, Any]) -> str:
     """``quality.md``: the study's tables with the conditions of the run, as docs/benchmarks.md lists them."""
     c = results.get("config", {})
-    pairs, width = c.get("reference", ("?", "?"))
     out = [
         "# Quality study: what a small model learns with each causal method", "",
         f"`{results.get('command', '')}`: status {results.get('status')}, wall time "
@@ -210,13 +226,14 @@ def quality_markdown(results: dict[str, Any]) -> str:
         f"Model: {c.get('layers')} pre-norm layers of {c.get('heads')} heads (the paper's layer parts where attnzoo "
         f"has them: `layer` = paper), trained {c.get('steps')} AdamW steps of {c.get('batch')} sequences "
         f"(warm-up 10 %, cosine decay) for every method and setting; seeds {c.get('seeds')} (each cell is their "
-        f"mean). Learning rate: the best of {c.get('lrs')} on MQAR with {pairs} pairs at width {width}, used for "
-        "the whole row. "
+        f"mean). Learning rate: per method and width, the best of {c.get('lrs')} on MQAR with "
+        f"{c.get('sweep_pairs')} pairs at that width (ties to the larger rate); induction and selective copy at width "
+        f"{c.get('width')} use that width's. "
         "Sizes relative to the sequence: selections read 1/4 of the keys, local patterns reach seq/8 back "
         "(`sizes`). `untrained`: accuracy within 10 % of chance (chance: MQAR 1/(vocab/2), induction 1/vocab, "
         "selective copy 1/(vocab − 3)).", "",
         md_table(*study_table(results)),
-        "Learning-rate sweep (reference setting, first seed):", "",
+        f"Learning-rate sweep (MQAR {c.get('sweep_pairs')} pairs, first seed):", "",
         md_table(*lr_sweep_table(results)),
         *optional_table("Methods left out or cases without a result:", failures_table(results)),
     ]
@@ -525,7 +542,7 @@ def sections(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[st
          *approximation_table(results)),
         ("Quality on synthetic tasks", *quality_table(results)),
         ("Quality study: accuracy per setting at each method's chosen learning rate", *study_table(results)),
-        ("Quality study: learning-rate sweep on the reference setting", *lr_sweep_table(results)),
+        ("Quality study: learning-rate sweep per width", *lr_sweep_table(results)),
         ("KV-cache presses: retrieval accuracy by cache budget (rank at each budget; full cache = ceiling)",
          *press_leaderboard(results)),
         ("KV-cache presses: relative L2 error of one attention layer against the full cache (planted inputs)",
