@@ -36,7 +36,7 @@ Measured per-step costs (softmax at MQAR 16 pairs, width 64, batch 32: about 35 
 layers and the block-selection methods up to 5× more) put all 31 methods at about an hour. What was cut to fit,
 against Zoology: pairs 4/8/16 (Zoology: up to 64 pairs, sequences up to 512), widths 32/64 (Zoology: 64–512),
 vocabulary 64 (Zoology: 8192), 800 steps of 32 sequences (Zoology: tens of thousands of sequences for many epochs),
-three learning rates swept once per method on one setting (Zoology: per setting), one seed, induction and selective
+three learning rates swept per method and width on 8 pairs (Zoology: per setting), one seed, induction and selective
 copy at one width. :data:`FULL` (``--full``, for a GPU) restores more of it: pairs up to 64, widths 64–256, four
 learning rates, three seeds, longer training.
 
@@ -167,10 +167,10 @@ def left_out(m: Method) -> str | None:
 
 def case(method: str, setting: Setting, seed: int, lr: float, study: QualityStudy, sweep: bool) -> dict[str, Any]:
     """The worker case (:func:`attnzoo.bench.quality.run_case`) of one method, setting, seed and learning rate."""
-    return {"kind": "quality", "method": method, "task": setting.task, "dim": setting.dim, "heads": study.heads,
-            "layers": study.layers, "steps": study.steps, "batch": study.batch, "seed": seed, "lr": lr,
-            "cosine": True, "device": study.device, "threads": study.threads, "setting": setting.label,
-            "sweep": sweep}
+    return {"kind": "quality", "method": method, "mechanism": get(method).spec.mechanism, "task": setting.task,
+            "dim": setting.dim, "heads": study.heads, "layers": study.layers, "steps": study.steps,
+            "batch": study.batch, "seed": seed, "lr": lr, "cosine": True, "device": study.device,
+            "threads": study.threads, "setting": setting.label, "sweep": sweep}
 
 
 def case_key(row: dict[str, Any]) -> str:
@@ -283,8 +283,9 @@ def run(
         for m in chosen:
             reason = left_out(m)
             if reason:
-                rows.append({"method": m.name, "setting": "—", "sweep": False, "status": "skipped", "reason": reason,
-                             "task": {"name": "—"}, "dim": None, "seed": None, "lr": None})
+                rows.append({"method": m.name, "mechanism": m.spec.mechanism, "setting": "—", "sweep": False,
+                             "status": "skipped", "reason": reason, "task": {"name": "—"}, "dim": None, "seed": None,
+                             "lr": None})
         work: queue.Queue[Method] = queue.Queue()
         for m in chosen:
             if not left_out(m):
@@ -307,6 +308,4 @@ def run(
             for t in threads:
                 t.join(10)
             state.close()
-        for r in rows:
-            r.setdefault("mechanism", get(r["method"]).spec.mechanism)
     return results
