@@ -13,7 +13,7 @@ plus induction copy and selective copy (:mod:`attnzoo.bench.quality` defines the
   the best accuracy (ties, within 0.005, to the larger rate) is used for the method's other settings at that width
   (induction and selective copy: the rate of :attr:`QualityStudy.width`). Zoology sweeps per setting; one sweep per
   method and width is what the CPU budget allows (a rate chosen at width 64 does not carry to width 32: measured,
-  softmax at 1e-3 solves MQAR 8 pairs at width 64 and stays at 0.19 at width 32).
+  softmax at 1e-3 solves MQAR 8 pairs at width 64 and stays at 0.26 at width 32).
 - **Equal budgets**: every method and setting trains :attr:`QualityStudy.steps` AdamW steps of
   :attr:`QualityStudy.batch` sequences (warm-up over 10 %, cosine decay), :attr:`QualityStudy.layers` layers of
   :attr:`QualityStudy.heads` heads (one, as in Zoology's MQAR models: with two heads of 16 at width 32, softmax
