@@ -166,7 +166,7 @@ def _chosen(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 def _sizes_text(rows: list[dict[str, Any]]) -> str:
     """The size parameters a method used, per sequence length: ``window=4 (seq 32)``."""
     seen: dict[str, list[str]] = defaultdict(list)
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r.get("seq") or 0):
         if r.get("sizes") and r.get("seq") is not None:
             text = ", ".join(f"{k}={v}" for k, v in r["sizes"].items())
             if f"seq {r['seq']}" not in seen[text]:
