@@ -24,7 +24,7 @@ def test_the_grid_the_sweep_and_the_methods():
     assert "sliding_window" in [m.name for m in quality.methods()]
     with pytest.raises(AttnzooError, match="--cases"):
         quality.methods(["no_such_method"])
-    assert [s.label for s in quality.sweep_settings(TINY)] == ["MQAR 2 pairs, w8"]
+    assert quality.sweep_setting(TINY).label == "MQAR 2 pairs, w8"
     with pytest.raises(AttnzooError, match="sweep_pairs"):
         quality.QualityStudy(sweep_pairs=3)
     with pytest.raises(AttnzooError, match="width"):
@@ -57,7 +57,7 @@ def test_every_method_sweeps_then_trains_its_grid_at_the_chosen_rate(tmp_path, c
     assert len(rows) == len(counted) == 2 * (2 + 3)
     for method in ("softmax", "sliding_window"):
         mine = [r for r in rows if r["method"] == method]
-        lr = harness.choose_lr(mine, 8)
+        lr = harness.choose_lr(mine)
         assert sorted(r["lr"] for r in mine if r["sweep"]) == [1e-3, 1e-2]
         assert {r["setting"] for r in mine if r["lr"] == lr} == {s.label for s in quality.settings(TINY)}
     window = next(r for r in rows if r["method"] == "sliding_window" and r["setting"] == "MQAR 4 pairs, w8")

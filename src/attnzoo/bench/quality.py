@@ -56,11 +56,10 @@ def untrained(accuracy: float, chance: float) -> bool:
     return accuracy < chance + UNTRAINED_MARGIN * (1 - chance)
 
 
-def choose_lr(rows: list[dict[str, Any]], dim: int | None = None) -> float | None:
-    """The learning rate of the best sweep row (``sweep`` True, status ok, at width ``dim`` when given): the highest
-    accuracy, and among rates within :data:`LR_TIE` of it the largest (measured: softmax ties at 1e-3 and 3e-3 on
-    MQAR 8 pairs, width 64, but leaves selective copy at 0.78 with 1e-3); None without one."""
-    ok = [r for r in rows if r.get("sweep") and r.get("status") == "ok" and dim in (None, r.get("dim"))]
+def choose_lr(rows: list[dict[str, Any]]) -> float | None:
+    """The learning rate of the best sweep row (``sweep`` True, status ok): the highest accuracy, and among rates
+    within :data:`LR_TIE` of it the largest; None without one."""
+    ok = [r for r in rows if r.get("sweep") and r.get("status") == "ok"]
     if not ok:
         return None
     best = max(r["accuracy"] for r in ok)

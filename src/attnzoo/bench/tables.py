@@ -143,22 +143,12 @@ def _study_rows(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return by
 
 
-def _rates(rows: list[dict[str, Any]]) -> dict[int, float]:
-    """One method's chosen learning rate at each width it swept."""
-    rates = {}
-    for dim in sorted({r["dim"] for r in rows if r.get("sweep")}):
-        lr = choose_lr(rows, dim)
-        if lr is not None:
-            rates[dim] = lr
-    return rates
-
-
 def _chosen(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """One method's rows at the rate chosen for their width, by setting (every seed; failed ones too)."""
-    rates = _rates(rows)
+    """One method's rows at its chosen learning rate, by setting (every seed; failed ones too)."""
+    lr = choose_lr(rows)
     cells: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if rates.get(r["dim"]) == r["lr"]:
+        if r["lr"] == lr:
             cells[r["setting"]].append(r)
     return cells
 
@@ -175,11 +165,10 @@ def _sizes_text(rows: list[dict[str, Any]]) -> str:
 
 
 def study_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """``--suite quality``: per method (ranked by mean accuracy over the grid), its accuracy in every setting at the
-    learning rate chosen for the setting's width (the mean over seeds; ``untrained`` near chance), the rates, the
-    seeds and the sizes used."""
+    """``--suite quality``: per method (ranked by mean accuracy over the grid), its accuracy in every setting at its
+    chosen learning rate (the mean over seeds; ``untrained`` near chance), the rate, the seeds and the sizes used."""
     labels = results.get("config", {}).get("settings", [])
-    header = ["method", "ID", "layer", "lr (width)", "seeds", *labels, "sizes"]
+    header = ["method", "ID", "layer", "lr", "seeds", *labels, "sizes"]
     lines = []
     for method, rows in _study_rows(results).items():
         chosen = _chosen(rows)
@@ -194,24 +183,21 @@ def study_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 cells.append(chosen[label][0].get("status", "—") if chosen.get(label) else "—")
         done = [r for xs in chosen.values() for r in xs if r.get("status") == "ok"]
         first = done[0] if done else rows[0]
-        rates = ", ".join(f"{lr:g} ({dim})" for dim, lr in _rates(rows).items())
-        lines.append((-total, [method, first.get("mechanism", ""), first.get("layer", ""), rates or "—",
+        lines.append((-total, [method, first.get("mechanism", ""), first.get("layer", ""), fmt(choose_lr(rows), "g"),
                                str(len({r["seed"] for r in done})), *cells, _sizes_text(done)]))
     return header, [line for _, line in sorted(lines, key=lambda x: x[0])]
 
 
 def lr_sweep_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """``--suite quality``: every method's accuracy at each swept learning rate (first seed) at each width, and the
-    rate chosen there."""
+    """``--suite quality``: every method's accuracy at each swept learning rate (first seed), and the rate chosen."""
     lrs = results.get("config", {}).get("lrs", [])
-    header = ["method", "width", *(f"lr {lr:g}" for lr in lrs), "chosen"]
+    header = ["method", *(f"lr {lr:g}" for lr in lrs), "chosen"]
     body = []
     for method, rows in _study_rows(results).items():
-        for dim, chosen in _rates(rows).items():
-            sweep = {r["lr"]: r for r in rows if r.get("sweep") and r["dim"] == dim}
-            cells = [(accuracy_text(r["accuracy"], r["chance"]) if r.get("status") == "ok" else r.get("status", "—"))
-                     if (r := sweep.get(lr)) else "—" for lr in lrs]
-            body.append([method, str(dim), *cells, f"{chosen:g}"])
+        sweep = {r["lr"]: r for r in rows if r.get("sweep")}
+        cells = [(accuracy_text(r["accuracy"], r["chance"]) if r.get("status") == "ok" else r.get("status", "—"))
+                 if (r := sweep.get(lr)) else "—" for lr in lrs]
+        body.append([method, *cells, fmt(choose_lr(rows), "g")])
     return header, body
 
 
@@ -226,14 +212,13 @@ def quality_markdown(results: dict[str, Any]) -> str:
         f"Model: {c.get('layers')} pre-norm layers of {c.get('heads')} heads (the paper's layer parts where attnzoo "
         f"has them: `layer` = paper), trained {c.get('steps')} AdamW steps of {c.get('batch')} sequences "
         f"(warm-up 10 %, cosine decay) for every method and setting; seeds {c.get('seeds')} (each cell is their "
-        f"mean). Learning rate: per method and width, the best of {c.get('lrs')} on MQAR with "
-        f"{c.get('sweep_pairs')} pairs at that width (ties to the larger rate); induction and selective copy at width "
-        f"{c.get('width')} use that width's. "
+        f"mean). Learning rate: per method, the best of {c.get('lrs')} on MQAR with {c.get('sweep_pairs')} pairs at "
+        f"width {c.get('width')} (ties to the larger rate), used for the whole row. "
         "Sizes relative to the sequence: selections read 1/4 of the keys, local patterns reach seq/8 back "
         "(`sizes`). `untrained`: accuracy within 10 % of chance (chance: MQAR 1/(vocab/2), induction 1/vocab, "
         "selective copy 1/(vocab − 3)).", "",
         md_table(*study_table(results)),
-        f"Learning-rate sweep (MQAR {c.get('sweep_pairs')} pairs, first seed):", "",
+        f"Learning-rate sweep (MQAR {c.get('sweep_pairs')} pairs, width {c.get('width')}, first seed):", "",
         md_table(*lr_sweep_table(results)),
         *optional_table("Methods left out or cases without a result:", failures_table(results)),
     ]
@@ -542,7 +527,7 @@ def sections(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[st
          *approximation_table(results)),
         ("Quality on synthetic tasks", *quality_table(results)),
         ("Quality study: accuracy per setting at each method's chosen learning rate", *study_table(results)),
-        ("Quality study: learning-rate sweep per width", *lr_sweep_table(results)),
+        ("Quality study: learning-rate sweep", *lr_sweep_table(results)),
         ("KV-cache presses: retrieval accuracy by cache budget (rank at each budget; full cache = ceiling)",
          *press_leaderboard(results)),
         ("KV-cache presses: relative L2 error of one attention layer against the full cache (planted inputs)",

@@ -8,12 +8,12 @@ plus induction copy and selective copy (:mod:`attnzoo.bench.quality` defines the
 - **Grid** (:func:`settings`): MQAR with :attr:`QualityStudy.pairs` pairs (sequence ``3·pairs``, vocabulary
   :attr:`QualityStudy.vocab`) at every width of :attr:`QualityStudy.widths`; induction copy and selective copy at
   :attr:`QualityStudy.width`.
-- **Learning rate** (:func:`attnzoo.bench.quality.choose_lr`): at each width, each method trains MQAR with
-  :attr:`QualityStudy.sweep_pairs` pairs at every rate of :attr:`QualityStudy.lrs` on the first seed; the rate with
-  the best accuracy (ties, within 0.005, to the larger rate) is used for the method's other settings at that width
-  (induction and selective copy: the rate of :attr:`QualityStudy.width`). Zoology sweeps per setting; one sweep per
-  method and width is what the CPU budget allows (a rate chosen at width 64 does not carry to width 32: measured,
-  softmax at 1e-3 solves MQAR 8 pairs at width 64 and stays at 0.26 at width 32).
+- **Learning rate** (:func:`attnzoo.bench.quality.choose_lr`): each method trains MQAR with
+  :attr:`QualityStudy.sweep_pairs` pairs at width :attr:`QualityStudy.width` at every rate of :attr:`QualityStudy.lrs`
+  on the first seed; the rate with the best accuracy (ties, within 0.005, to the larger rate) is used for the
+  method's whole grid. Zoology sweeps per setting; one sweep per method is what the CPU budget allows. Ties go to the
+  larger rate because a tie on the sweep setting hides what the other settings need (measured, one head: softmax
+  ties at 1e-3 and 3e-3 on 8 pairs at width 64, but 1e-3 leaves 8 pairs at width 32 at 0.26, 3e-3 solves it).
 - **Equal budgets**: every method and setting trains :attr:`QualityStudy.steps` AdamW steps of
   :attr:`QualityStudy.batch` sequences (warm-up over 10 %, cosine decay), :attr:`QualityStudy.layers` layers of
   :attr:`QualityStudy.heads` heads (one, as in Zoology's MQAR models: with two heads of 16 at width 32, softmax
@@ -33,14 +33,19 @@ into the same directory reuses every recorded case with the same key (method, ta
 training sizes: :func:`case_key`) and trains only the others, so an interrupted study continues where it stopped.
 Failed cases (timeout, crash) are recorded too and not retried; delete their lines to retry them.
 
-**Sized for a 2-core CPU** (:data:`CPU`, the default): cases run in two worker processes of one torch thread each.
-Measured per-step costs (softmax at MQAR 16 pairs, width 64, batch 32: about 35 ms on one loaded core; the paper
-layers and the block-selection methods up to 5× more) put all 31 methods at about an hour. What was cut to fit,
-against Zoology: pairs 4/8/16 (Zoology: up to 64 pairs, sequences up to 512), widths 32/64 (Zoology: 64–512),
-vocabulary 64 (Zoology: 8192), 800 steps of 32 sequences (Zoology: tens of thousands of sequences for many epochs),
-three learning rates swept per method and width on 8 pairs (Zoology: per setting), one seed, induction and selective
-copy at one width. :data:`FULL` (``--full``, for a GPU) restores more of it: pairs up to 64, widths 64–256, four
-learning rates, three seeds, longer training.
+**Sized for a 2-core CPU** (:data:`CPU`, the default): cases run in two worker processes of one torch thread each
+(methods shared out between them). Each method trains 10 cases (3 rates on the sweep setting, 5 other MQAR settings,
+induction, selective copy). Measured on the shared 2-core machine at load average 16–18: softmax's 12 cases of the
+earlier per-width sweep took 634 s in a worker (MQAR 16 pairs at width 64: 129 ms a step; 54 ms a step alone on one
+thread, 25–35 ms at load 4–6); one step of ``moba`` and ``pbs`` costs 4.4× softmax's, ``gated_delta`` 2.6×,
+``dhsa`` 2.4×, most others 1–1.8×: about 45 softmax-equivalents for the 31 methods. Softmax's 10 cases take about
+130 s on a free core, so the study is about 45 × 130 s / 2 workers ≈ 50 minutes on a free 2-core machine (not run in
+full here: the machine is shared; an overrun resumes from the journal). What was cut to fit, against Zoology: pairs
+4/8/16 (Zoology: up to 64 pairs, sequences up to 512), widths 32/64 (Zoology: 64–512), vocabulary 64 (Zoology:
+8192), 800 steps of 32 sequences (Zoology: tens of thousands of sequences for many epochs), three learning rates
+swept once per method on one setting (Zoology: per setting), one seed, induction and selective copy at one width and
+sequence 32. :data:`FULL` (``--full``, for a GPU) restores more of it: pairs up to 64, widths 64–256, four learning
+rates, three seeds, 3000 steps of 64 sequences.
 
 The tables are in ``summary.md``, ``report.html`` and ``quality.md`` (ready for docs/benchmarks.md); the rows in
 ``results.json`` under ``quality`` (each with ``setting``, ``lr``, ``sweep``, ``sizes``; schema
@@ -72,9 +77,9 @@ KEY_FIELDS = ("method", "task", "dim", "heads", "layers", "steps", "batch", "see
 @dataclass(frozen=True)
 class QualityStudy:
     """The sizes of a quality study (module docstring). ``sweep_pairs``: the MQAR pairs of the learning-rate sweep
-    (one of ``pairs``); ``width``: the width of induction and selective copy (one of ``widths``). ``workers``
-    processes run cases side by side, each on ``threads`` torch threads; ``case_timeout_s`` stops a case that runs
-    longer."""
+    (one of ``pairs``); ``width``: the width of the sweep and of induction and selective copy (one of ``widths``).
+    ``workers`` processes run cases side by side, each on ``threads`` torch threads; ``case_timeout_s`` stops a case
+    that runs longer."""
 
     pairs: tuple[int, ...] = (4, 8, 16)
     widths: tuple[int, ...] = (32, 64)
@@ -137,9 +142,9 @@ def settings(study: QualityStudy) -> list[Setting]:
     return grid
 
 
-def sweep_settings(study: QualityStudy) -> list[Setting]:
-    """The settings of the learning-rate sweep: MQAR with ``study.sweep_pairs`` pairs at every width."""
-    return [s for s in settings(study) if s.task["name"] == "mqar" and s.task["pairs"] == study.sweep_pairs]
+def sweep_setting(study: QualityStudy) -> Setting:
+    """The setting of the learning-rate sweep: MQAR with ``study.sweep_pairs`` pairs at ``study.width``."""
+    return Setting({"name": "mqar", "pairs": study.sweep_pairs, "vocab": study.vocab}, study.width)
 
 
 def methods(patterns: list[str] | None = None) -> list[Method]:
@@ -236,25 +241,22 @@ class _Study:
 
 
 def _method(state: _Study, runner: Runner, m: Method, study: QualityStudy) -> None:
-    """One method's sweep at every width, then its grid at the rate chosen for each width."""
-    first = study.seeds[0]
-    sweeps = sweep_settings(study)
-    rates: dict[int, float] = {}
-    for setting in sweeps:
-        rows = []
-        for lr in study.lrs:
-            row = state.train(runner, case(m.name, setting, first, lr, study, sweep=True))
-            if row is None:
-                return
-            rows.append(row)
-        lr = choose_lr(rows)
-        if lr is not None:
-            rates[setting.dim] = lr
+    """One method's learning-rate sweep, then its grid at the rate chosen."""
+    reference, first = sweep_setting(study), study.seeds[0]
+    sweep = []
+    for lr in study.lrs:
+        row = state.train(runner, case(m.name, reference, first, lr, study, sweep=True))
+        if row is None:
+            return
+        sweep.append(row)
+    lr = choose_lr(sweep)
+    if lr is None:
+        return
     for setting in settings(study):
         for seed in study.seeds:
-            if setting.dim not in rates or (setting in sweeps and seed == first):
-                continue  # no rate trained at this width, or trained by the sweep
-            if state.train(runner, case(m.name, setting, seed, rates[setting.dim], study, sweep=False)) is None:
+            if setting == reference and seed == first:
+                continue  # trained by the sweep
+            if state.train(runner, case(m.name, setting, seed, lr, study, sweep=False)) is None:
                 return
 
 
