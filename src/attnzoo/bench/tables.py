@@ -209,7 +209,7 @@ def quality_markdown(results: dict[str, Any]) -> str:
         f"`{results.get('command', '')}`: status {results.get('status')}, wall time "
         f"{fmt(results.get('wall_s'), '.0f')} s, {c.get('workers')} worker(s) of {c.get('threads')} torch thread(s), "
         f"fp32, {c.get('device')}.", "",
-        f"Model: {c.get('layers')} pre-norm layers of {c.get('heads')} heads (the paper's layer parts where attnzoo "
+        f"Model: {c.get('layers')} pre-norm layers of {c.get('heads')} head(s) (the paper's layer parts where attnzoo "
         f"has them: `layer` = paper), trained {c.get('steps')} AdamW steps of {c.get('batch')} sequences "
         f"(warm-up 10 %, cosine decay) for every method and setting; seeds {c.get('seeds')} (each cell is their "
         f"mean). Learning rate: per method, the best of {c.get('lrs')} on MQAR with {c.get('sweep_pairs')} pairs at "
