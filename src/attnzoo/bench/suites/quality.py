@@ -35,17 +35,19 @@ Failed cases (timeout, crash) are recorded too and not retried; delete their lin
 
 **Sized for a 2-core CPU** (:data:`CPU`, the default): cases run in two worker processes of one torch thread each
 (methods shared out between them). Each method trains 10 cases (3 rates on the sweep setting, 5 other MQAR settings,
-induction, selective copy). Measured on the shared 2-core machine at load average 16–18: softmax's 12 cases of the
-earlier per-width sweep took 634 s in a worker (MQAR 16 pairs at width 64: 129 ms a step; 54 ms a step alone on one
-thread, 25–35 ms at load 4–6); one step of ``moba`` and ``pbs`` costs 4.4× softmax's, ``gated_delta`` 2.6×,
-``dhsa`` 2.4×, most others 1–1.8×: about 45 softmax-equivalents for the 31 methods. Softmax's 10 cases take about
-130 s on a free core, so the study is about 45 × 130 s / 2 workers ≈ 50 minutes on a free 2-core machine (not run in
-full here: the machine is shared; an overrun resumes from the journal). What was cut to fit, against Zoology: pairs
-4/8/16 (Zoology: up to 64 pairs, sequences up to 512), widths 32/64 (Zoology: 64–512), vocabulary 64 (Zoology:
-8192), 800 steps of 32 sequences (Zoology: tens of thousands of sequences for many epochs), three learning rates
-swept once per method on one setting (Zoology: per setting), one seed, induction and selective copy at one width and
-sequence 32. :data:`FULL` (``--full``, for a GPU) restores more of it: pairs up to 64, widths 64–256, four learning
-rates, three seeds, 3000 steps of 64 sequences.
+induction, selective copy). Measured on the shared 2-core machine: one training step of softmax at MQAR 16 pairs,
+width 64 takes 19 ms on one thread at load average 3.5 (129 ms in a worker at load 16–18, where softmax's cases took
+634 s); at load 3.5 a step of ``pbs`` costs 3.9× softmax's, ``moba`` 3.4×, ``gated_delta`` 2.0×, ``linear`` 1.2×
+(at load 17, ``dhsa`` 2.4×), most others 1–1.8×: about 45 softmax-equivalents for the 31 methods. Softmax's 10
+cases take about 85 s on one such core, so the study is about 45 × 85 s / 2 workers ≈ 32 minutes, well inside the
+hour (estimated: the full study was not run on the shared machine; an overrun resumes from the journal). Two
+threads per case are no faster on 2 cores: at load 17, 810 ms a step against 54 ms on one thread.
+
+What was cut to fit, against Zoology: pairs 4/8/16 (Zoology: up to 64 pairs, sequences up to 512), widths 32/64
+(Zoology: 64–512), vocabulary 64 (Zoology: 8192), 800 steps of 32 sequences (Zoology: tens of thousands of sequences
+for many epochs), three learning rates swept once per method on one setting (Zoology: per setting), one seed,
+induction and selective copy at one width and sequence 32. :data:`FULL` (``--full``, for a GPU) restores more of it:
+pairs up to 64, widths 64–256, four learning rates, three seeds, 3000 steps of 64 sequences.
 
 The tables are in ``summary.md``, ``report.html`` and ``quality.md`` (ready for docs/benchmarks.md); the rows in
 ``results.json`` under ``quality`` (each with ``setting``, ``lr``, ``sweep``, ``sizes``; schema
