@@ -110,3 +110,13 @@ def test_the_learning_rate_chosen_is_the_best_sweep_row():
             {"sweep": True, "status": "error", "lr": 1e-1}]
     assert quality.choose_lr(rows) == 1e-2
     assert quality.choose_lr(rows[3:]) is None
+
+
+def test_quick_quality_is_a_task_softmax_learns():
+    from attnzoo.bench.sweep import quick_config
+    from attnzoo.bench.worker import run_any
+
+    cfg = quick_config()  # one torch thread, as --quick runs it
+    row = run_any({"kind": "quality", "method": "softmax", "task": cfg.tasks[0], "seed": cfg.seed, "device": "cpu",
+                   **cfg.model})
+    assert row["status"] == "ok" and row["accuracy"] >= 0.95
