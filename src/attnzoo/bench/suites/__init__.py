@@ -192,6 +192,16 @@ QUALITY_WHAT = ("what a small model learns with each causal method: MQAR over pa
                 "sequence; resumable (~1 h on 2 cores; --full for a GPU; --cases picks methods by name)")
 
 
+def by_name(methods: list[Any], patterns: list[str], what: str) -> list[Any]:
+    """The ``methods`` whose names match one of ``patterns`` (``fnmatch``), in their order; a pattern that matches
+    none fails, naming ``--cases`` and the methods it could have matched (``what``)."""
+    names = [m.name for m in methods]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise fail("--cases", f"names of {what} ({', '.join(names)})", unmatched)
+    return [m for m in methods if any(fnmatch.fnmatchcase(m.name, p) for p in patterns)]
+
+
 def origin(name: str) -> str:
     """The suite a case belongs to (other than ``floors``)."""
     for suite, cases in suites().items():

@@ -56,7 +56,6 @@ The tables are in ``summary.md``, ``report.html`` and ``quality.md`` (ready for 
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import queue
 import threading
@@ -66,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from attnzoo.bench.quality import accuracy_text, choose_lr
-from attnzoo.bench.suites import QUALITY, cpu_run
+from attnzoo.bench.suites import QUALITY, by_name, cpu_run
 from attnzoo.bench.suites.dynamic import NOT_RECALLED
 from attnzoo.bench.worker import Runner
 from attnzoo.errors import fail
@@ -155,11 +154,8 @@ def methods(patterns: list[str] | None = None) -> list[Method]:
     chosen = [m for m in all_methods() if "self/causal" in m.spec.patterns]
     if not patterns:
         return chosen
-    names = [m.name for m in chosen]
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-    if unmatched:
-        raise fail("--cases", f"names of methods with a causal pattern ({', '.join(names)})", unmatched)
-    return [m for m in chosen if m.name == "softmax" or any(fnmatch.fnmatchcase(m.name, p) for p in patterns)]
+    picked = by_name(chosen, patterns, "methods with a causal pattern")
+    return [m for m in chosen if m.name == "softmax" or m in picked]
 
 
 def left_out(m: Method) -> str | None:
