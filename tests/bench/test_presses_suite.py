@@ -293,7 +293,7 @@ def test_presses_get_what_they_need():
 def test_results_report_and_tables_are_written(run):
     out, results = run
     back = json.loads((out / "results.json").read_text())
-    assert back["schema"] == "attnzoo.bench/1.4" and back["status"] == "complete"
+    assert back["schema"] == "attnzoo.bench/1.5" and back["status"] == "complete"
     assert len(back["presses"]) == 1 + 2 * len(INFOS) * len(TINY.budgets)
     assert back["config"]["model"]["cached"] is False
     for name in ("summary.md", "report.html", "presses.md", "presses.png"):

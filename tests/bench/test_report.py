@@ -50,7 +50,7 @@ def test_round_trip_and_efficiency_lengths(tmp_path):
     "content, message",
     [
         ("not json", "a JSON file"),
-        (json.dumps({"schema": "something/1"}), "schema 'attnzoo.bench/1.4'"),
+        (json.dumps({"schema": "something/1"}), "schema 'attnzoo.bench/1.5'"),
         (json.dumps({"schema": "attnzoo.bench/2"}), "schema version 1.x"),
         (json.dumps({"schema": "attnzoo.bench/1", "efficiency": {}}), "a list under 'efficiency'"),
     ],

@@ -10,7 +10,8 @@ self-contained ``report.html`` (see docs/bench.md).
 ``--suite NAME`` runs a named suite instead (:mod:`attnzoo.bench.suites`): the cases behind docs/benchmarks.md, each
 printed with its floor; ``--suite presses`` measures every registered KV-cache press against cache budgets
 (:mod:`attnzoo.bench.suites.presses`); ``--suite fidelity`` swaps every noncausal method into a pretrained sentence
-encoder (:mod:`attnzoo.bench.suites.fidelity`).
+encoder (:mod:`attnzoo.bench.suites.fidelity`); ``--suite quality`` trains every causal method on MQAR, induction and
+selective copy as Zoology does, resumably (:mod:`attnzoo.bench.suites.quality`; ``--full`` sizes it for a GPU).
 
 The CLI calls :func:`add_arguments` and :func:`main`; ``python -m attnzoo.bench`` does the same on its own.
 """
@@ -48,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("--quick", action="store_true",
                    help="small sizes for a CPU: every method, lengths 256-1024, one tiny quality task (< 3 min)")
+    p.add_argument("--full", action="store_true",
+                   help="with --suite quality: the study sized for a GPU (more pairs, widths, rates, seeds, steps)")
     p.add_argument("--methods", type=_csv, default=None, help="comma-separated method names (default: all registered)")
     p.add_argument("--patterns", type=_csv, default=None,
                    help="comma-separated patterns among self/noncausal, self/causal, cross/noncausal, cross/causal")
@@ -160,6 +163,10 @@ def _run_suite(args: argparse.Namespace) -> int:
         return _run_fidelity(args)
     if args.suite == suites.DYNAMIC:
         return _run_dynamic(args)
+    if args.suite == suites.QUALITY:
+        return _run_quality(args)
+    if args.full:
+        raise fail("--full", "--suite quality with it", f"--full with --suite {args.suite}")
     cases = suites.select(args.suite, args.cases)
     device = args.device or "cpu"
     if not device.startswith(("cpu", "cuda")):
@@ -220,6 +227,38 @@ def _run_dynamic(args: argparse.Namespace) -> int:
     return 0 if results["status"] == "complete" else 130
 
 
+def _run_quality(args: argparse.Namespace) -> int:
+    """``--suite quality``: the study (``--full``: its GPU size) for every causal method (or those ``--cases``
+    names), resuming from what ``--out`` already holds; prints the table. Exit status 0, or 130 when interrupted."""
+    from dataclasses import replace
+
+    import torch
+
+    from attnzoo.bench.suites import quality
+    from attnzoo.bench.tables import md_table, study_table
+
+    study = quality.FULL if args.full else quality.CPU
+    device = args.device or study.device
+    if not device.startswith(("cpu", "cuda")):
+        raise fail("--device", "cpu or cuda[:index]", repr(device))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise fail("--device", "a device this machine has (no CUDA device found; --device cpu runs it on the CPU)",
+                   repr(device))
+    changes: dict = {"device": device}
+    for name in ("threads", "steps"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                raise fail(f"--{name}", "a positive integer", value)
+            changes[name] = value
+    out = Path(args.out)
+    results = quality.run(out, args.cases, replace(study, **changes), command=_command())
+    print(md_table(*study_table(results)))
+    print(f"report: {out / 'report.html'}  summary: {out / 'summary.md'}  table for docs: {out / 'quality.md'}  "
+          f"journal: {out / quality.JOURNAL}")
+    return 0 if results["status"] == "complete" else 130
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``attnzoo bench`` with parsed ``args``; returns the exit status (130 when interrupted, 2 for bad options;
     with ``--suite``, 1 when a floor does not hold)."""
@@ -239,6 +278,8 @@ def main(args: argparse.Namespace) -> int:
             return _run_suite(args)
         if args.cases:
             raise fail("--cases", "--suite NAME with it", "--cases without --suite")
+        if args.full:
+            raise fail("--full", "--suite quality with it", "--full without --suite")
         cfg = _config(args)
         out = Path(args.out)
         results = sweep.run(cfg, out, command=_command(), progress=not args.no_progress)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from attnzoo.bench.efficiency import BASELINE
-from attnzoo.bench.tables import PATTERN_ORDER, longest_rows, task_label
+from attnzoo.bench.tables import PATTERN_ORDER, longest_rows, quality_points, task_label
 
 
 def _pyplot() -> Any:
@@ -156,7 +156,7 @@ def _save_with_legend(fig: Any, ax: Any, title: str, path: Path, plt: Any) -> No
 
 def _mqar_plot(results: dict[str, Any], path: Path, plt: Any) -> bool:
     """MQAR accuracy against the number of key-value pairs, one line per method, one panel per model width."""
-    rows = [r for r in results.get("quality", []) if r.get("status") == "ok" and r["task"]["name"] == "mqar"]
+    rows = [r for r in quality_points(results) if r["task"]["name"] == "mqar"]
     widths = sorted({r["dim"] for r in rows})
     if len({r["task"].get("pairs") for r in rows}) < 2:
         return False
@@ -234,11 +234,10 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
             made.append(f"ratio_{tag}.png")
     quality: dict[str, list[tuple[str, float]]] = defaultdict(list)
     chance: dict[str, float] = {}
-    for r in results.get("quality", []):
-        if r.get("status") == "ok":
-            label = f"{task_label(r['task'])}, width {r['dim']}"
-            quality[label].append((r["method"], r["accuracy"]))
-            chance[label] = r["chance"]
+    for r in quality_points(results):
+        label = f"{task_label(r['task'])}, width {r['dim']}"
+        quality[label].append((r["method"], r["accuracy"]))
+        chance[label] = r["chance"]
     if _bars_plot(quality, "accuracy", "quality on synthetic tasks (equal budgets)", out / "quality.png", plt,
                   marks=chance):
         made.append("quality.png")

@@ -1,10 +1,20 @@
 """Quality on synthetic tasks that need no download: every method trains the same tiny causal model at equal budgets.
 
 Model: token embedding + learned absolute position embedding, ``layers`` pre-norm blocks of
-``x + Attention(LN(x))`` (``attnzoo.nn.Attention(dim, heads, method=..., causal=True)``) and ``x + MLP(LN(x))``
-(4× GELU), a final LayerNorm and a linear read-out. AdamW (lr 3e-3, weight decay 0.01, linear warm-up over the first
-10% of steps), the same seed, batch size and number of steps for every method. Accuracy is measured after training on
-a fresh held-out batch (fixed seed), counting only the scored positions.
+``x + Attention(LN(x))`` (``attnzoo.nn.Attention(dim, heads, method=..., causal=True)``, with the paper's layer parts
+where :mod:`attnzoo.nn.layers` has them) and ``x + MLP(LN(x))`` (4× GELU), a final LayerNorm and a linear read-out.
+AdamW (the case's ``lr``, 3e-3 by default; weight decay 0.01, linear warm-up over the first 10% of steps, then constant
+or, with the case's ``cosine``, cosine decay to 0), the same seed, batch size and number of steps for every method.
+Accuracy is measured after training on a fresh held-out batch of 256 sequences (fixed seed), counting only the scored
+positions.
+
+Size parameters are set relative to the task's sequence length ``seq`` (:func:`relative_params`), never left at a
+default that covers the whole sequence: a method with a density setting (``spec.at_density``, the D family) reads
+:data:`DENSITY` (1/4) of the keys; ``topk`` keeps ``seq/4`` keys; the local patterns reach :data:`REACH` (1/8) of the
+sequence back (``sliding_window``: ``window = seq/8``; ``neighborhood``/``generalized_neighborhood``: the odd
+``kernel_size`` nearest ``seq/8``; ``dilated``: dilation 2 over ``seq/16`` keys, so the same reach). The values used
+are in each row's ``params`` and ``sizes``. A method whose accuracy stays within :data:`UNTRAINED_MARGIN` of chance is
+reported as ``untrained`` (:func:`untrained`), not as a number that would rank it.
 
 Tasks (next-token prediction, loss and accuracy only where the answer is determined):
 - ``mqar`` — multi-query associative recall as in Zoology (Arora et al., "Zoology: Measuring and Improving Recall in
@@ -12,8 +22,8 @@ Tasks (next-token prediction, loss and accuracy only where the answer is determi
   from one half of the vocabulary, values from the other), then ``pairs`` queries, each a key from the context; the
   answer at a query is its value. Choice: queries are a random permutation of the keys, placed right after the
   context (Zoology scatters them; a compact layout keeps sequences short for CPU budgets).
-- ``induction`` — induction-head copy: ``seq/2`` random tokens, then the same tokens again; in the second half each
-  next token is determined by the first occurrence of the current one.
+- ``induction`` — induction-head copy: ``seq/2`` distinct random tokens, then the same tokens again; in the second
+  half each next token is determined by the first occurrence of the current one (distinct, so exactly one).
 - ``selective_copy`` — selective copying as in the Mamba paper (Gu & Dao, arXiv:2312.00752): ``tokens`` data tokens at
   random positions among ``seq`` noise (blank) tokens, a separator, then ``tokens`` markers; at the j-th marker the
   answer is the j-th data token in order.
@@ -34,6 +44,31 @@ from torch import nn
 
 IGNORE = -100
 Batch = tuple[torch.Tensor, torch.Tensor]
+DENSITY = 1 / 4  # the fraction of the keys a selection (D family, topk) reads
+REACH = 1 / 8  # how far back a local pattern reaches, as a fraction of the sequence
+UNTRAINED_MARGIN = 0.1  # untrained: accuracy < chance + margin·(1 − chance)
+LR_TIE = 0.005  # sweep accuracies this close are a tie (the larger rate wins)
+
+
+def untrained(accuracy: float, chance: float) -> bool:
+    """Whether ``accuracy`` is so near ``chance`` that the model did not learn the task: below
+    ``chance + UNTRAINED_MARGIN · (1 − chance)``."""
+    return accuracy < chance + UNTRAINED_MARGIN * (1 - chance)
+
+
+def choose_lr(rows: list[dict[str, Any]]) -> float | None:
+    """The learning rate of the best sweep row (``sweep`` True, status ok): the highest accuracy, and among rates
+    within :data:`LR_TIE` of it the largest; None without one."""
+    ok = [r for r in rows if r.get("sweep") and r.get("status") == "ok"]
+    if not ok:
+        return None
+    best = max(r["accuracy"] for r in ok)
+    return float(max(r["lr"] for r in ok if r["accuracy"] >= best - LR_TIE))
+
+
+def accuracy_text(accuracy: float, chance: float, spec: str = ".3f") -> str:
+    """``accuracy`` formatted with ``spec``, or ``untrained`` near chance (:func:`untrained`)."""
+    return "untrained" if untrained(accuracy, chance) else format(accuracy, spec)
 
 
 def mqar(batch: int, g: torch.Generator, pairs: int = 8, vocab: int = 64, **_: Any) -> tuple[Batch, int, int]:
@@ -53,8 +88,12 @@ def mqar(batch: int, g: torch.Generator, pairs: int = 8, vocab: int = 64, **_: A
 
 
 def induction(batch: int, g: torch.Generator, seq: int = 32, vocab: int = 32, **_: Any) -> tuple[Batch, int, int]:
+    """``(inputs, targets), vocab size, answer vocabulary`` for induction copy: ``seq/2`` distinct tokens, then the
+    same again (distinct, so that the current token's first occurrence determines the next one)."""
     half = seq // 2
-    first = torch.randint(0, vocab, (batch, half), generator=g)
+    if half > vocab:
+        raise ValueError(f"induction: seq/2 ({half}) must be at most vocab ({vocab})")
+    first = torch.stack([torch.randperm(vocab, generator=g)[:half] for _ in range(batch)])
     x = torch.cat([first, first], dim=1)
     y = torch.full_like(x, IGNORE)
     y[:, half:-1] = x[:, half + 1 :]
@@ -64,7 +103,8 @@ def induction(batch: int, g: torch.Generator, seq: int = 32, vocab: int = 32, **
 def selective_copy(
     batch: int, g: torch.Generator, seq: int = 32, tokens: int = 4, vocab: int = 16, **_: Any
 ) -> tuple[Batch, int, int]:
-    """Vocabulary: 0 blank, 1 separator, 2 marker, 3.. data tokens."""
+    """``(inputs, targets), vocab size, answer vocabulary`` for selective copy. Vocabulary: 0 blank, 1 separator,
+    2 marker, 3.. data tokens."""
     data = torch.randint(3, vocab, (batch, tokens), generator=g)
     where = torch.stack([torch.randperm(seq, generator=g)[:tokens].sort().values for _ in range(batch)])
     region = torch.zeros(batch, seq, dtype=torch.long).scatter_(1, where, data)
@@ -179,7 +219,8 @@ def _train(case: dict[str, Any]) -> dict[str, Any]:
     (x0, _), vocab, answers = make(1, g, **task)
     m = get(case["method"])
     params, call = fixed_params(m, x0.shape[1], case)
-    params = {**params, **case.get("params", {})}
+    sizes = relative_params(m, call)
+    params = {n: v for n, v in {**params, **sizes, **case.get("params", {})}.items() if n not in layer_computes(m.name)}
     backend = pick_backend(m, call, case.get("avoid", ()))
     model = TinyLM(vocab, x0.shape[1], case["dim"], case["heads"], case["layers"], case["method"], params,
                    backend).to(device)
@@ -189,7 +230,7 @@ def _train(case: dict[str, Any]) -> dict[str, Any]:
         (x, y), _, _ = make(batch, g, **task)
         return x.to(device), y.to(device)
 
-    loss, train_time = fit(model, batches, steps, float(case.get("lr", 3e-3)))
+    loss, train_time = fit(model, batches, steps, float(case.get("lr", 3e-3)), bool(case.get("cosine", False)))
     model.eval()
     (x, y), _, _ = make(256, torch.Generator().manual_seed(seed + 1_000_003), **task)
     with torch.no_grad():
@@ -203,7 +244,36 @@ def _train(case: dict[str, Any]) -> dict[str, Any]:
         "seq": int(x.shape[1]),
         "backend": backend,
         "params": {n: v for n, v in params.items() if isinstance(v, (bool, int, float, str))},
+        "sizes": sizes,
+        "layer": "paper" if model.blocks[0]["attn"].parts is not None else "kernel",
     }
+
+
+def layer_computes(method: str) -> tuple[str, ...]:
+    """The method parameters its paper layer (:data:`attnzoo.nn.layers.LAYERS`) computes from the input: they are
+    not passed to the layer."""
+    from attnzoo.nn.layers import LAYERS
+
+    return tuple(getattr(LAYERS.get(method), "computes", ()))
+
+
+def relative_params(m: Any, call: Any) -> dict[str, Any]:
+    """The size parameters of ``m`` for ``call``'s sequence, relative to its length (module docstring): the method's
+    ``at_density(call, DENSITY)`` where it has one, else the local reach or top-k below; ``{}`` for a method without
+    size parameters."""
+    seq = call.seq_kv
+    if m.spec.at_density is not None:
+        return dict(m.spec.at_density(call, DENSITY))
+    reach = max(1, round(seq * REACH))
+    if m.name == "sliding_window":
+        return {"window": reach}
+    if m.name in ("neighborhood", "generalized_neighborhood"):
+        return {"kernel_size": reach if reach % 2 else reach + 1}
+    if m.name == "dilated":
+        return {"dilation": 2, "window": max(1, reach // 2)}
+    if m.name == "topk":
+        return {"top_k": max(1, round(seq * DENSITY))}
+    return {}
 
 
 def fixed_params(m: Any, seq: int, case: dict[str, Any]) -> tuple[dict[str, Any], Any]:

@@ -1,8 +1,8 @@
 """The results file: ``results.json``, its versioned schema, and how it is written and read.
 
-``results.json`` (schema ``attnzoo.bench/1.4``)::
+``results.json`` (schema ``attnzoo.bench/1.5``)::
 
-    {"schema": "attnzoo.bench/1.4", "status": "complete" | "interrupted" | "running", "created", "finished", "wall_s",
+    {"schema": "attnzoo.bench/1.5", "status": "complete" | "interrupted" | "running", "created", "finished", "wall_s",
      "command", "machine": {...}, "config": {...}, "memory_method": "...",
      "efficiency": [row, ...], "efficiency_length": [entry, ...], "approximation": [row, ...], "quality": [row, ...],
      "fresh_memory": [row, ...], "suites": [row, ...], "presses": [row, ...], "fidelity": [row, ...],
@@ -14,8 +14,9 @@ peak memory of one call in a fresh process, :mod:`attnzoo.bench.fresh`) and ``su
 :mod:`attnzoo.bench.suites`) came with version 1.1, ``presses`` (the KV-cache press quality suite,
 :mod:`attnzoo.bench.suites.presses`) with 1.2, ``fidelity`` (approximate attention inside a pretrained model,
 :mod:`attnzoo.bench.suites.fidelity`) with 1.3, ``dynamic`` (the D family at equal density,
-:mod:`attnzoo.bench.suites.dynamic`) with 1.4. A reader accepts any ``attnzoo.bench/1.x`` file (sections missing
-from an older file read as empty lists); a later major version is refused with a clear error.
+:mod:`attnzoo.bench.suites.dynamic`) with 1.4, the quality study's row fields (``setting``, ``lr``, ``sweep``,
+``sizes``, ``layer``: :mod:`attnzoo.bench.suites.quality`) with 1.5. A reader accepts any ``attnzoo.bench/1.x`` file
+(sections missing from an older file read as empty lists); a later major version is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 from attnzoo.errors import fail
 
-SCHEMA = "attnzoo.bench/1.4"
+SCHEMA = "attnzoo.bench/1.5"
 SCHEMA_MAJOR = 1
 SECTIONS = (
     "efficiency", "efficiency_length", "approximation", "quality", "fresh_memory", "suites", "presses", "fidelity",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from attnzoo.bench.efficiency import BASELINE
+from attnzoo.bench.quality import accuracy_text, choose_lr
 
 PATTERN_ORDER = ("self/noncausal", "self/causal", "cross/noncausal", "cross/causal")
 
@@ -111,12 +112,117 @@ def task_label(task: dict[str, Any]) -> str:
 
 
 def quality_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The sweep's quality rows (a study's, with a ``setting``, have their own tables): accuracy, or ``untrained``
+    near chance."""
     header = ["task", "width", "method", "accuracy", "chance", "final loss", "train s"]
-    ok = [r for r in results.get("quality", []) if r.get("status") == "ok"]
+    ok = [r for r in results.get("quality", []) if r.get("status") == "ok" and "setting" not in r]
     ok.sort(key=lambda r: (task_label(r["task"]), r["dim"], -r["accuracy"]))
-    body = [[task_label(r["task"]), str(r["dim"]), r["method"], f"{r['accuracy']:.3f}", f"{r['chance']:.3f}",
-             fmt(r.get("final_loss"), ".3f"), fmt(r.get("train_time_s"), ".1f")] for r in ok]
+    body = [[task_label(r["task"]), str(r["dim"]), r["method"], accuracy_text(r["accuracy"], r["chance"]),
+             f"{r['chance']:.3f}", fmt(r.get("final_loss"), ".3f"), fmt(r.get("train_time_s"), ".1f")] for r in ok]
     return header, body
+
+
+def quality_points(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The quality rows a plot shows: a sweep's as they are; a study's (rows with a ``setting``) at each method's
+    chosen learning rate, one row per method and setting with the mean accuracy over its seeds."""
+    points = [r for r in results.get("quality", []) if r.get("status") == "ok" and "setting" not in r]
+    for rows in _study_rows(results).values():
+        for xs in _chosen(rows).values():
+            ok = [r for r in xs if r.get("status") == "ok"]
+            if ok:
+                points.append({**ok[0], "accuracy": sum(r["accuracy"] for r in ok) / len(ok)})
+    return points
+
+
+def _study_rows(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """A quality study's trained rows (those with a ``setting``) by method, in run order."""
+    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in results.get("quality", []):
+        if "setting" in r and r.get("lr") is not None:
+            by[r["method"]].append(r)
+    return by
+
+
+def _chosen(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """One method's rows at its chosen learning rate, by setting (every seed; failed ones too)."""
+    lr = choose_lr(rows)
+    cells: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["lr"] == lr:
+            cells[r["setting"]].append(r)
+    return cells
+
+
+def _sizes_text(rows: list[dict[str, Any]]) -> str:
+    """The size parameters a method used, per sequence length: ``window=4 (seq 32)``."""
+    seen: dict[str, list[str]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: r.get("seq") or 0):
+        if r.get("sizes") and r.get("seq") is not None:
+            text = ", ".join(f"{k}={v}" for k, v in r["sizes"].items())
+            if f"seq {r['seq']}" not in seen[text]:
+                seen[text].append(f"seq {r['seq']}")
+    return "; ".join(f"{text} ({', '.join(seqs)})" for text, seqs in seen.items()) or "—"
+
+
+def study_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """``--suite quality``: per method (ranked by mean accuracy over the grid), its accuracy in every setting at its
+    chosen learning rate (the mean over seeds; ``untrained`` near chance), the rate, the seeds and the sizes used."""
+    labels = results.get("config", {}).get("settings", [])
+    header = ["method", "ID", "layer", "lr", "seeds", *labels, "sizes"]
+    lines = []
+    for method, rows in _study_rows(results).items():
+        chosen = _chosen(rows)
+        cells, total = [], 0.0
+        for label in labels:
+            ok = [r for r in chosen.get(label, []) if r.get("status") == "ok"]
+            if ok:
+                mean = sum(r["accuracy"] for r in ok) / len(ok)
+                total += mean
+                cells.append(accuracy_text(mean, ok[0]["chance"]))
+            else:
+                cells.append(chosen[label][0].get("status", "—") if chosen.get(label) else "—")
+        done = [r for xs in chosen.values() for r in xs if r.get("status") == "ok"]
+        first = done[0] if done else rows[0]
+        lines.append((-total, [method, first.get("mechanism", ""), first.get("layer", ""), fmt(choose_lr(rows), "g"),
+                               str(len({r["seed"] for r in done})), *cells, _sizes_text(done)]))
+    return header, [line for _, line in sorted(lines, key=lambda x: x[0])]
+
+
+def lr_sweep_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """``--suite quality``: every method's accuracy at each swept learning rate (first seed), and the rate chosen."""
+    lrs = results.get("config", {}).get("lrs", [])
+    header = ["method", *(f"lr {lr:g}" for lr in lrs), "chosen"]
+    body = []
+    for method, rows in _study_rows(results).items():
+        sweep = {r["lr"]: r for r in rows if r.get("sweep")}
+        cells = [(accuracy_text(r["accuracy"], r["chance"]) if r.get("status") == "ok" else r.get("status", "—"))
+                 if (r := sweep.get(lr)) else "—" for lr in lrs]
+        body.append([method, *cells, fmt(choose_lr(rows), "g")])
+    return header, body
+
+
+def quality_markdown(results: dict[str, Any]) -> str:
+    """``quality.md``: the study's tables with the conditions of the run, as docs/benchmarks.md lists them."""
+    c = results.get("config", {})
+    out = [
+        "# Quality study: what a small model learns with each causal method", "",
+        f"`{results.get('command', '')}`: status {results.get('status')}, wall time "
+        f"{fmt(results.get('wall_s'), '.0f')} s, {c.get('workers')} worker(s) of {c.get('threads')} torch thread(s), "
+        f"fp32, {c.get('device')}.", "",
+        f"Model: {c.get('layers')} pre-norm layers of {c.get('heads')} head(s) (the paper's layer parts where attnzoo "
+        f"has them: `layer` = paper), trained {c.get('steps')} AdamW steps of {c.get('batch')} sequences "
+        f"(warm-up 10 %, cosine decay) for every method and setting; seeds {c.get('seeds')} (each cell is their "
+        f"mean). Learning rate: per method, the best of {c.get('lrs')} on MQAR with {c.get('sweep_pairs')} pairs at "
+        f"width {c.get('width')} (ties to the larger rate), used for the whole row. "
+        "Sizes relative to the sequence: selections read 1/4 of the keys, local patterns reach seq/8 back "
+        "(`sizes`). `untrained`: accuracy within 10 % of chance (chance: MQAR 1/(vocab/2), induction 1/vocab, "
+        "selective copy 1/(vocab − 3)).", "",
+        md_table(*study_table(results)),
+        f"Learning-rate sweep (MQAR {c.get('sweep_pairs')} pairs, width {c.get('width')}, first seed):", "",
+        md_table(*lr_sweep_table(results)),
+        *optional_table("Methods left out or cases without a result:", failures_table(results)),
+    ]
+    return "\n".join(out)
 
 
 
@@ -420,6 +526,8 @@ def sections(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[st
         ("Output difference from softmax attention (approximation error for approximate methods)",
          *approximation_table(results)),
         ("Quality on synthetic tasks", *quality_table(results)),
+        ("Quality study: accuracy per setting at each method's chosen learning rate", *study_table(results)),
+        ("Quality study: learning-rate sweep", *lr_sweep_table(results)),
         ("KV-cache presses: retrieval accuracy by cache budget (rank at each budget; full cache = ceiling)",
          *press_leaderboard(results)),
         ("KV-cache presses: relative L2 error of one attention layer against the full cache (planted inputs)",

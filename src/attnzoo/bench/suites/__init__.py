@@ -5,7 +5,9 @@ A suite is a named tuple of :class:`Case` objects; ``attnzoo bench --suite NAME`
 suite ``floors`` is every case of every suite that has a floor; ``--suite list`` lists them all and ``--cases`` picks
 cases by name (``fnmatch`` patterns), so one case can be rerun. The suite ``presses`` is not made of cases: it trains a
 model and walks the press registry (:mod:`attnzoo.bench.suites.presses`); nor is ``fidelity``: it swaps every noncausal
-method into a pretrained sentence encoder (:mod:`attnzoo.bench.suites.fidelity`).
+method into a pretrained sentence encoder (:mod:`attnzoo.bench.suites.fidelity`); nor ``dynamic``
+(:mod:`attnzoo.bench.suites.dynamic`); nor ``quality``: a Zoology-style training study of every causal method
+(:mod:`attnzoo.bench.suites.quality`).
 
 A case says what runs (a :class:`Target`: an attnzoo method with its backend and parameters, SDPA called directly,
 a peer package's function, or a workload that builds its own call from the case's shape), against what
@@ -191,6 +193,22 @@ DYNAMIC_WHAT = ("the D family at equal density: rel-L2 and attention-mass recall
                 "budget beside softmax (--cases picks methods by name)")
 
 
+QUALITY = "quality"
+QUALITY_WHAT = ("what a small model learns with each causal method: MQAR over pairs × width as in Zoology, induction "
+                "and selective copy, a learning-rate sweep per method, equal step budgets, sizes relative to the "
+                "sequence; resumable (~1 h on 2 cores; --full for a GPU; --cases picks methods by name)")
+
+
+def by_name(methods: list[Any], patterns: list[str], what: str) -> list[Any]:
+    """The ``methods`` whose names match one of ``patterns`` (``fnmatch``), in their order; a pattern that matches
+    none fails, naming ``--cases`` and the methods it could have matched (``what``)."""
+    names = [m.name for m in methods]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise fail("--cases", f"names of {what} ({', '.join(names)})", unmatched)
+    return [m for m in methods if any(fnmatch.fnmatchcase(m.name, p) for p in patterns)]
+
+
 def origin(name: str) -> str:
     """The suite a case belongs to (other than ``floors``)."""
     for suite, cases in suites().items():
@@ -208,7 +226,7 @@ def select(suite: str, patterns: list[str] | None = None) -> list[Case]:
     """The cases of ``suite``, or those whose names match one of ``patterns`` (``fnmatch``), in suite order."""
     named = suites()
     if suite not in named:
-        raise fail("--suite", f"one of {sorted([*named, PRESSES, FIDELITY, DYNAMIC])} or 'list'", repr(suite))
+        raise fail("--suite", f"one of {sorted([*named, PRESSES, FIDELITY, DYNAMIC, QUALITY])} or 'list'", repr(suite))
     cases = list(named[suite])
     if not patterns:
         return cases
@@ -230,17 +248,19 @@ def listing() -> str:
     lines.append(f"{PRESSES}: {PRESSES_WHAT}")
     lines.append(f"{FIDELITY}: {FIDELITY_WHAT}")
     lines.append(f"{DYNAMIC}: {DYNAMIC_WHAT}")
+    lines.append(f"{QUALITY}: {QUALITY_WHAT}")
     return "\n".join(lines)
 
 
 @contextmanager
 def cpu_run(
     out: Path, command: str, config: dict[str, Any], threads: int | None, tables: tuple[str, Callable[[dict], str]],
+    device: str = "cpu",
 ) -> Iterator[dict[str, Any]]:
-    """A suite that writes its own results (``presses``, ``fidelity``, ``dynamic``): yields the results (every
-    section empty, status ``running``) with torch on ``threads`` intra-op threads (default 1: on a shared 2-core
-    machine two threads
-    make small calls many times slower); when the block ends, marks them ``complete`` (``interrupted`` on Ctrl-C,
+    """A suite that writes its own results (``presses``, ``fidelity``, ``dynamic``, ``quality``): yields the results
+    (every section empty, status ``running``) with torch on ``threads`` intra-op threads (default 1: on a shared 2-core
+    machine two threads make small calls many times slower) and ``device`` recorded as the run's; when the block
+    ends, marks them ``complete`` (``interrupted`` on Ctrl-C,
     which it absorbs), restores the threads and writes results.json, the report and ``tables`` (a file name and the
     function of the results that gives its Markdown) under ``out``."""
     from attnzoo.bench.report import write_report
@@ -254,8 +274,8 @@ def cpu_run(
     torch.set_num_threads(threads)
     results: dict[str, Any] = {
         "schema": SCHEMA, "status": "running", "created": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "finished": None, "wall_s": None, "command": command, "machine": machine_info("cpu", threads),
-        "config": {**config, "device": "cpu", "threads": threads}, "memory_method": "",
+        "finished": None, "wall_s": None, "command": command, "machine": machine_info(device, threads),
+        "config": {**config, "device": device, "threads": threads}, "memory_method": "",
         **{section: [] for section in SECTIONS},
     }
     try:

@@ -37,7 +37,6 @@ The tables are in ``summary.md``, ``report.html`` and ``dynamic.md`` (ready for 
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import time
 from collections.abc import Callable
@@ -52,7 +51,7 @@ from attnzoo.bench import quality
 from attnzoo.bench.approx import QK_STD, weights_metrics
 from attnzoo.bench.efficiency import classify, pick_backend
 from attnzoo.bench.measure import make_call
-from attnzoo.bench.suites import DYNAMIC, cpu_run
+from attnzoo.bench.suites import DYNAMIC, by_name, cpu_run
 from attnzoo.errors import fail
 from attnzoo.kernels.selection import topk_blocks
 from attnzoo.registry import Method, all_methods, get
@@ -98,13 +97,7 @@ def methods(patterns: list[str] | None = None) -> list[Method]:
     """The methods with ``spec.at_density`` (registry order), or those whose names match ``patterns`` (``fnmatch``;
     ``softmax`` and ``oracle`` are always measured as the baselines)."""
     chosen = [m for m in all_methods() if m.spec.at_density is not None]
-    if not patterns:
-        return chosen
-    names = [m.name for m in chosen]
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-    if unmatched:
-        raise fail("--cases", f"names of methods with a density setting ({', '.join(names)})", unmatched)
-    return [m for m in chosen if any(fnmatch.fnmatchcase(m.name, p) for p in patterns)]
+    return by_name(chosen, patterns, "methods with a density setting") if patterns else chosen
 
 
 def inputs(kind: str, causal: bool, cfg: DynamicSuite) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
