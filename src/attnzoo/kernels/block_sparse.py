@@ -142,18 +142,13 @@ def block_sparse_attention(
         return x.view(b, hkv, nq * bs, g, x.shape[-1]).transpose(2, 3).reshape(b, h, nq * bs, x.shape[-1])
 
     rows = heads_first(rows_out)
+    tail = None if sq == nq * bs else _dense_rows(q, k, v, nq * bs, scale, mask, bias, return_lse)
     if rows_lse is None:
-        if sq == nq * bs:
-            return rows
-        return torch.cat([rows, _dense_rows(q, k, v, nq * bs, scale, mask, bias)], dim=2)
+        return rows if tail is None else torch.cat([rows, tail], dim=2)
     lse = heads_first(rows_lse.unsqueeze(-1)).squeeze(-1)
-    if sq == nq * bs:
+    if tail is None:
         return rows, lse
-    tail_mask = None if mask is None else mask if mask.shape[2] == 1 else mask[:, :, nq * bs :]
-    tail_bias = None if bias is None else bias if bias.shape[2] == 1 else bias[:, :, nq * bs :]
-    tail, tail_lse = attention_lse(q[:, :, nq * bs :], k, v, causal=False, scale=scale, mask=tail_mask,
-                                   bias=tail_bias)
-    return torch.cat([rows, tail], dim=2), torch.cat([lse, tail_lse.to(lse.dtype)], dim=2)
+    return torch.cat([rows, tail[0]], dim=2), torch.cat([lse, tail[1].to(lse.dtype)], dim=2)
 
 
 def _run(q_blocks: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, scale: float,
@@ -365,16 +360,21 @@ def _pair_logits(mask: torch.Tensor | None, bias: torch.Tensor | None, qi: torch
 
 
 def _dense_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float,
-                mask: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """Rows ``[start, Sq)`` attending to every key (the dense query tail)."""
+                mask: torch.Tensor | None, bias: torch.Tensor | None, return_lse: bool = False,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[start, Sq)`` attending to every key (the dense query tail); ``return_lse``: with their log-sum-exp
+    (:func:`~attnzoo.kernels.dense.attention_lse`)."""
     qt = q[:, :, start:]
+    seen = None if mask is None else mask if mask.shape[2] == 1 else mask[:, :, start:]
+    tail_bias = None if bias is None else bias if bias.shape[2] == 1 else bias[:, :, start:]
+    if return_lse:
+        return attention_lse(qt, k, v, causal=False, scale=scale, mask=seen, bias=tail_bias)
     attn = some = None
-    if mask is not None:
-        seen = mask if mask.shape[2] == 1 else mask[:, :, start:]
+    if seen is not None:
         some = seen.any(dim=-1, keepdim=True)
         attn = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen & some, float("-inf"))
-    if bias is not None:
-        attn = (0 if attn is None else attn) + (bias if bias.shape[2] == 1 else bias[:, :, start:])
+    if tail_bias is not None:
+        attn = (0 if attn is None else attn) + tail_bias
     out = F.scaled_dot_product_attention(qt, k, v, attn_mask=attn, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return out if some is None else out * some.to(out.dtype)
 
