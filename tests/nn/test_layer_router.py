@@ -10,7 +10,8 @@ from torch import nn
 import attnzoo as az
 from attnzoo.errors import AttnzooError
 
-SPARSE = [("sliding_window", {"window": 4}), ("moba", {"block_size": 8, "top_k": 2})]
+# sigmoid has paper layer parts: the routed sparse branch is its bare kernel all the same
+SPARSE = [("sliding_window", {"window": 4}), ("moba", {"block_size": 8, "top_k": 2}), ("sigmoid", {})]
 
 
 class Stack(nn.Module):
@@ -30,8 +31,8 @@ class Stack(nn.Module):
 
 
 def plain(routed: az.nn.RoutedAttention, method: str, params: dict[str, object]) -> az.nn.Attention:
-    """An ``az.nn.Attention`` with ``routed``'s projections running ``method``."""
-    layer = az.nn.Attention(32, 4, method=method, causal=True, **params)
+    """An ``az.nn.Attention`` with ``routed``'s projections running ``method``'s bare kernel."""
+    layer = az.nn.Attention(32, 4, method=method, causal=True, faithful=False, **params)
     layer.load_state_dict(routed.state_dict(), strict=False)
     return layer.eval()
 

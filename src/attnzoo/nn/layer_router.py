@@ -112,8 +112,9 @@ class RoutedAttention(Attention):
     ``sparse`` method, as its :class:`LayerRouter` decides (Flux Attention, arXiv:2604.07394; see the module doc).
 
     ``sparse`` is any registered method but ``softmax``; ``**params`` are its parameters and ``backend`` its backend
-    (the full branch is ``softmax`` with ``backend="auto"``). Causal by default (the LLM setting). ``pool``,
-    ``full_bias``: the router's (:class:`LayerRouter`). ``temperature``: the Gumbel-softmax temperature in training
+    (the full branch is ``softmax`` with ``backend="auto"``); the sparse branch is the bare kernel, without the
+    paper layer parts :class:`~attnzoo.nn.Attention` builds for it alone (``faithful``). Causal by default (the LLM
+    setting). ``pool``, ``full_bias``: the router's (:class:`LayerRouter`). ``temperature``: the Gumbel-softmax temperature in training
     (:func:`train_routers` anneals it). ``route``: ``"router"`` (default), or ``"full"``/``"sparse"`` to force every
     sequence down one branch (the router is not run). After each forward, :attr:`last_route` holds the
     :class:`Route` taken.
@@ -130,8 +131,8 @@ class RoutedAttention(Attention):
             raise fail("sparse", "a method other than 'softmax' (the full branch)", repr(sparse))
         super().__init__(
             dim, heads, kv_heads=kv_heads, head_dim=head_dim, method=sparse, causal=causal, context_dim=context_dim,
-            qkv_bias=qkv_bias, backend=backend, **params,
-        )
+            qkv_bias=qkv_bias, backend=backend, faithful=False, **params,
+        )  # faithful=False: a paper layer's parts belong to one method, and this layer runs two on the same heads
         self.router = LayerRouter(self.head_dim, pool=pool, full_bias=full_bias)
         _check_temperature(temperature)
         self.temperature = temperature
