@@ -114,10 +114,10 @@ class RoutedAttention(Attention):
     ``sparse`` is any registered method but ``softmax``; ``**params`` are its parameters and ``backend`` its backend
     (the full branch is ``softmax`` with ``backend="auto"``); the sparse branch is the bare kernel, without the
     paper layer parts :class:`~attnzoo.nn.Attention` builds for it alone (``faithful``). Causal by default (the LLM
-    setting). ``pool``, ``full_bias``: the router's (:class:`LayerRouter`). ``temperature``: the Gumbel-softmax temperature in training
-    (:func:`train_routers` anneals it). ``route``: ``"router"`` (default), or ``"full"``/``"sparse"`` to force every
-    sequence down one branch (the router is not run). After each forward, :attr:`last_route` holds the
-    :class:`Route` taken.
+    setting). ``pool``, ``full_bias``: the router's (:class:`LayerRouter`). ``temperature``: the Gumbel-softmax
+    temperature in training (:func:`train_routers` anneals it). ``route``: ``"router"`` (default), or
+    ``"full"``/``"sparse"`` to force every sequence down one branch (the router is not run). After each forward,
+    :attr:`last_route` holds the :class:`Route` taken.
     """
 
     def __init__(
