@@ -8,7 +8,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
-from attnzoo.nn.layers.lightning import TransNormerParts, simple_rms_norm, transnormer_decay
+from attnzoo.nn.layers.lightning import TransNormerParts, lrpe, lrpe_angles, simple_rms_norm, transnormer_decay
 from tests.nn.layers.checks import assert_causal, assert_decodes_like_the_parallel_form, assert_every_part_trains
 
 
@@ -23,14 +23,25 @@ def test_the_layer_has_the_papers_parts_with_their_shapes():
     assert parts.gate_proj.weight.shape == (24, 24) and parts.gate_proj.bias is None
 
 
-def test_queries_and_keys_go_through_silu_and_values_do_not():
+def test_queries_and_keys_go_through_silu_then_lrpe_and_values_do_not():
     layer = _layer()
     x = torch.randn(2, 9, 24)
     q, k, v = layer.project(x)
     qa, ka, va, computed = layer.parts(x, q, k, v)
-    assert computed == {} and va is v
-    torch.testing.assert_close(qa, q * torch.sigmoid(q))
-    torch.testing.assert_close(ka, k * torch.sigmoid(k))
+    assert computed == {} and va is v and qa.shape == (2, 4, 9, 12)
+    theta = lrpe_angles(6)
+    torch.testing.assert_close(qa, lrpe(q * torch.sigmoid(q), theta))
+    torch.testing.assert_close(ka, lrpe(k * torch.sigmoid(k), theta))
+
+
+def test_lrpe_scores_are_the_relative_cosine_form():
+    q, k = torch.randn(1, 1, 7, 6, dtype=torch.float64), torch.randn(1, 1, 7, 6, dtype=torch.float64)
+    theta = lrpe_angles(6).double()
+    torch.testing.assert_close(theta, 10000.0 ** (-torch.arange(6, dtype=torch.float64) / 3))
+    scores = lrpe(q, theta) @ lrpe(k, theta).transpose(-1, -2)
+    s, t = torch.arange(7)[:, None, None], torch.arange(7)[None, :, None]
+    expected = (q[0, 0][:, None, :] * k[0, 0][None, :, :] * torch.cos((s - t) * theta)).sum(-1)
+    torch.testing.assert_close(scores[0, 0], expected)
 
 
 def test_the_output_is_srmsnorm_times_the_gate_and_the_kernel_scale_cancels():
