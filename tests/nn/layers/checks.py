@@ -21,9 +21,11 @@ def assert_causal(layer: az.nn.Attention, dim: int) -> None:
 def assert_decodes_like_the_parallel_form(layer: az.nn.Attention, x: torch.Tensor, prompt: int = 6,
                                           **fixed: Any) -> None:
     """The layer's heads of ``x`` (after its parts) and the parameters its parts compute: ``attnzoo.prefill`` on the
-    first ``prompt`` tokens, then one ``attnzoo.step`` per token (the computed parameters sliced per token, ``fixed``
-    given once), equal the causal parallel form over all of ``x``."""
+    first ``prompt`` tokens, then one ``attnzoo.step`` per token (the computed parameters sliced per token; the
+    layer's fixed and learnable kernel parameters and ``fixed`` given once), equal the causal parallel form over all
+    of ``x``."""
     with torch.no_grad():
+        fixed = {**layer.fixed, **{n: p.detach() for n, p in layer.learnable.items()}, **fixed}
         q, k, v = layer.project(x)
         computed: dict[str, torch.Tensor] = {}
         if layer.parts is not None:

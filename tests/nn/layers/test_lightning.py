@@ -1,5 +1,5 @@
-"""Lightning Attention's TransNormerLLM layer: SiLU on q/k, SRMSNorm and output gate, the decay schedule, causality
-and decoding."""
+"""Lightning Attention's TransNormerLLM layer: SiLU and LRPE on q/k, SRMSNorm and output gate, the decay schedule
+(causality, decoding and training: ``test_registered_layers.py``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 import attnzoo as az
 from attnzoo.errors import AttnzooError
 from attnzoo.nn.layers.lightning import TransNormerParts, lrpe, lrpe_angles, simple_rms_norm, transnormer_decay
-from tests.nn.layers.checks import assert_causal, assert_decodes_like_the_parallel_form, assert_every_part_trains
 
 
 def _layer(**kw) -> az.nn.Attention:
@@ -63,15 +62,3 @@ def test_the_decay_schedule_over_layers():
     assert _layer(decay=transnormer_decay(4, 1, 3))(torch.randn(1, 6, 24)).shape == (1, 6, 24)
     with pytest.raises(AttnzooError, match="^layer:"):
         transnormer_decay(4, 3, 3)
-
-
-def test_output_is_causal():
-    assert_causal(_layer(), 24)
-
-
-def test_decoding_with_the_layers_heads_equals_the_parallel_form():
-    assert_decodes_like_the_parallel_form(_layer().double(), torch.randn(2, 11, 24, dtype=torch.float64))
-
-
-def test_every_part_trains():
-    assert_every_part_trains(_layer(), 24)

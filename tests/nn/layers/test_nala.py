@@ -1,4 +1,5 @@
-"""NaLaFormer's layer: LayerNorm over the heads' outputs times a SiLU gate, causality and decoding."""
+"""NaLaFormer's layer: LayerNorm over the heads' outputs times a SiLU gate (causality, decoding and training:
+``test_registered_layers.py``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import torch
 
 import attnzoo as az
 from attnzoo.nn.layers.nala import NalaParts
-from tests.nn.layers.checks import assert_causal, assert_decodes_like_the_parallel_form, assert_every_part_trains
 
 
 def _layer() -> az.nn.Attention:
@@ -30,15 +30,3 @@ def test_the_output_is_the_normalised_attention_times_the_silu_gate():
     gate = torch.nn.functional.silu(layer.parts.gate_proj(x))
     torch.testing.assert_close((channels / gate).mean(-1), torch.zeros(2, 9), atol=1e-4, rtol=0)
     torch.testing.assert_close((channels / gate).var(-1, unbiased=False), torch.ones(2, 9), atol=1e-3, rtol=0)
-
-
-def test_output_is_causal():
-    assert_causal(_layer(), 24)
-
-
-def test_decoding_with_the_layers_heads_equals_the_parallel_form():
-    assert_decodes_like_the_parallel_form(_layer().double(), torch.randn(2, 11, 24, dtype=torch.float64))
-
-
-def test_every_part_trains():
-    assert_every_part_trains(_layer(), 24)

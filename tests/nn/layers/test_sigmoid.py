@@ -1,4 +1,5 @@
-"""Sigmoid attention's layer: QK-norm, the −log n bias, the hybrid-norm output norm, causality and decoding."""
+"""Sigmoid attention's layer: QK-norm, the −log n bias, the hybrid-norm output norm (causality, decoding and
+training: ``test_registered_layers.py``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import torch
 
 import attnzoo as az
 from attnzoo.nn.layers.sigmoid import SigmoidParts
-from tests.nn.layers.checks import assert_causal, assert_decodes_like_the_parallel_form, assert_every_part_trains
 
 
 def _layer(**kw) -> az.nn.Attention:
@@ -42,16 +42,3 @@ def test_the_bias_is_minus_log_n_by_default():
     fixed = az.nn.Attention(24, 4, kv_heads=2, method="sigmoid", causal=True, sigmoid_bias=-math.log(9))
     fixed.load_state_dict(layer.state_dict())
     torch.testing.assert_close(layer(x), fixed(x))
-
-
-def test_output_is_causal():
-    assert_causal(_layer(), 24)
-
-
-def test_decoding_with_the_layers_heads_equals_the_parallel_form():
-    x = torch.randn(2, 11, 24, dtype=torch.float64)
-    assert_decodes_like_the_parallel_form(_layer().double(), x, sigmoid_bias=-math.log(11))
-
-
-def test_every_part_trains():
-    assert_every_part_trains(_layer(), 24)
