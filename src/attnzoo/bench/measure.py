@@ -15,11 +15,12 @@ activations, gradients and the output.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -28,21 +29,44 @@ from torch.utils.flop_counter import flop_registry
 
 from attnzoo.registry import Call, Method
 
+M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 64 * 1024
+TRIM_THRESHOLD_BYTES = 128 * 1024  # glibc's default
+TRAINING_HEAP_BYTES = 256 * 1024 * 1024
 CLEAR_REFS = "/proc/self/clear_refs"
 
 
-def setup_process() -> None:
-    """Make the resident set track live tensors (see the module docstring). Safe to call more than once."""
+def _mallopt(settings: dict[int, int]) -> None:
     name = ctypes.util.find_library("c")
     if name is None:
         return
     try:
         libc = ctypes.CDLL(name)
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        for option, value in settings.items():
+            libc.mallopt(option, value)
     except (OSError, AttributeError):
         return
+
+
+def setup_process() -> None:
+    """Make the resident set track live tensors (see the module docstring). Safe to call more than once."""
+    _mallopt({M_MMAP_THRESHOLD: MMAP_THRESHOLD_BYTES, M_TRIM_THRESHOLD: TRIM_THRESHOLD_BYTES})
+
+
+@contextlib.contextmanager
+def training_heap() -> Iterator[None]:
+    """For a training loop (a quality case), let glibc keep freed blocks up to 256 MiB in its heap instead of
+    unmapping them, then trim the heap and restore :func:`setup_process`'s tracking. A loop that reallocates the same
+    tensors every step otherwise maps and faults them in anew each time: measured in a worker (MQAR 16 pairs, width
+    64, ``moba``, one thread), 36.9 s of training with 12.9 M page faults and 18.6 s of system time under the tracking
+    threshold, against 18 s in a plain process."""
+    _mallopt({M_MMAP_THRESHOLD: TRAINING_HEAP_BYTES, M_TRIM_THRESHOLD: TRAINING_HEAP_BYTES})
+    try:
+        yield
+    finally:
+        setup_process()
+        _trim()
 
 
 def _trim() -> None:

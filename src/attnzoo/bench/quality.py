@@ -208,10 +208,13 @@ def plan(
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
-    """Train and score one method on one task."""
+    """Train and score one method on one task (with the allocator set for training loops:
+    :func:`attnzoo.bench.measure.training_heap`)."""
     from attnzoo.bench.efficiency import guarded
+    from attnzoo.bench.measure import training_heap
 
-    return guarded(case, _train)
+    with training_heap():
+        return guarded(case, _train)
 
 
 def _train(case: dict[str, Any]) -> dict[str, Any]:
