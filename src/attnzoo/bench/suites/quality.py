@@ -35,13 +35,12 @@ Failed cases (timeout, crash) are recorded too and not retried; delete their lin
 
 **Sized for a 2-core CPU** (:data:`CPU`, the default): cases run in two worker processes of one torch thread each
 (methods shared out between them). Each method trains 10 cases (3 rates on the sweep setting, 5 other MQAR settings,
-induction, selective copy). Measured on the shared 2-core machine: one training step of softmax at MQAR 16 pairs,
-width 64 takes 19 ms on one thread at load average 3.5 (129 ms in a worker at load 16–18, where softmax's cases took
-634 s); at load 3.5 a step of ``pbs`` costs 3.9× softmax's, ``moba`` 3.4×, ``gated_delta`` 2.0×, ``linear`` 1.2×
-(at load 17, ``dhsa`` 2.4×), most others 1–1.8×: about 45 softmax-equivalents for the 31 methods. Softmax's 10
-cases take about 85 s on one such core, so the study is about 45 × 85 s / 2 workers ≈ 32 minutes, well inside the
-hour (estimated: the full study was not run on the shared machine; an overrun resumes from the journal). Two
-threads per case are no faster on 2 cores: at load 17, 810 ms a step against 54 ms on one thread.
+induction, selective copy). Measured on the project's 2-core VM: the whole study (31 methods, 310 cases) took 2847 s
+(47.5 min) on 1 December 2026 at load average 2–3; since then quality cases no longer run under the
+memory-measuring allocator setting (:func:`attnzoo.bench.measure.training_heap`), which halved one case's time in a
+worker (36.9 s → 17.6 s). Models train on the dense reference at these lengths
+(:func:`attnzoo.bench.quality.train_backend`: 2–3× faster per step than the block-sparse fast paths). Two threads per
+case are no faster on 2 cores (at load 17, 810 ms a step against 54 ms on one thread).
 
 What was cut to fit, against Zoology: pairs 4/8/16 (Zoology: up to 64 pairs, sequences up to 512), widths 32/64
 (Zoology: 64–512), vocabulary 64 (Zoology: 8192), 800 steps of 32 sequences (Zoology: tens of thousands of sequences
