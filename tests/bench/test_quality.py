@@ -97,6 +97,37 @@ def test_parameters_the_paper_layer_computes_are_left_to_it():
     assert row["layer"] == "paper" and not {"beta", "log_gate"} & set(row["params"])
 
 
+def test_short_sequences_train_on_the_reference_unless_auto_picks_sdpa():
+    short = make_call({"batch": 2, "heads": 1, "kv_heads": 1, "seq_q": 24, "seq_kv": 24, "head_dim": 8,
+                       "device": "cpu", "dtype": "float32"}, causal=True, requires_grad=True)
+    long = make_call({"batch": 1, "heads": 1, "kv_heads": 1, "seq_q": 512, "seq_kv": 512, "head_dim": 8,
+                      "device": "cpu", "dtype": "float32"}, causal=True, requires_grad=True)
+    assert quality.train_backend(get("moba"), short) == "reference"
+    assert quality.train_backend(get("softmax"), short) == "sdpa"
+    assert quality.train_backend(get("moba"), long) not in ("reference", "auto")
+    row = quality.run_case(tiny_case("moba"))
+    assert row["status"] == "ok" and row["backend"] == "reference", row.get("reason")
+
+
+def test_hedgehog_trains_with_its_distillation_loss_added():
+    from attnzoo.nn.layers.hedgehog import distillation_loss
+
+    assert quality.training_loss("hedgehog") is distillation_loss and quality.training_loss("linear") is None
+    torch.manual_seed(0)
+    model = quality.TinyLM(16, 12, 16, 2, 2, "hedgehog", {}, "reference", distillation_loss)
+    x = torch.randint(0, 16, (3, 12))
+    model(x)
+    assert float(model.extra_loss.detach()) > 0
+    model.extra_loss.backward()
+    maps = [p.grad for n, p in model.named_parameters() if "learnable" in n]
+    assert maps and all(g is not None and float(g.abs().sum()) > 0 for g in maps)
+    model.eval()
+    model(x)
+    assert float(model.extra_loss) == 0  # only while training
+    row = quality.run_case(tiny_case("hedgehog"))
+    assert row["status"] == "ok" and row["layer_loss"] is True, row.get("reason")
+
+
 def test_near_chance_reads_untrained():
     assert quality.untrained(0.15, 0.125) and not quality.untrained(0.3, 0.125)
     assert quality.accuracy_text(0.13, 0.125) == "untrained" and quality.accuracy_text(0.5, 0.125) == "0.500"
