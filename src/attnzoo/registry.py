@@ -342,6 +342,9 @@ class MethodSpec:
     # D family: the parameters that make the method read about ``fraction`` of the keys a query may see (for a call
     # of these shapes), so that methods are compared at equal density (``attnzoo bench --suite dynamic``)
     at_density: Callable[[Call, float], dict[str, Any]] | None = None
+    # local patterns: the parameters that make a query reach about ``fraction`` of the key sequence back (so that a
+    # model's window follows its sequence: ``attnzoo bench --suite quality``)
+    at_reach: Callable[[Call, float], dict[str, Any]] | None = None
     # the output is one softmax over each query's visible keys: the reference takes ``return_lse=True`` and returns
     # ``(out, lse)``, and ``attention(..., return_lse=True)`` serves it (from backends that declare ``lse``)
     lse: bool = False

@@ -79,6 +79,17 @@ def test_sizes_are_relative_to_the_sequence():
     assert quality.relative_params(get("softmax"), call) == {}
 
 
+@pytest.mark.parametrize("name", ["sliding_window", "neighborhood", "generalized_neighborhood", "dilated", "topk"])
+@pytest.mark.parametrize("seq", [3, 12, 37, 48])
+def test_relative_sizes_are_valid_parameters_of_the_method(name, seq):
+    m, call = get(name), call_at(seq)
+    params = quality.relative_params(m, call)
+    assert params
+    for p in m.spec.params:
+        if p.name in params:
+            p.validate(params[p.name], call)
+
+
 def tiny_case(method: str, seed: int = 0) -> dict:
     return {"kind": "quality", "method": method, "task": {"name": "mqar", "pairs": 4, "vocab": 16}, "seed": seed,
             "device": "cpu", "dim": 16, "heads": 2, "layers": 1, "steps": 3, "batch": 4, "lr": 3e-3, "cosine": True}

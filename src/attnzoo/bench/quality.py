@@ -9,10 +9,11 @@ Accuracy is measured after training on a fresh held-out batch of 256 sequences (
 positions.
 
 Size parameters are set relative to the task's sequence length ``seq`` (:func:`relative_params`), never left at a
-default that covers the whole sequence: a method with a density setting (``spec.at_density``, the D family) reads
-:data:`DENSITY` (1/4) of the keys; ``topk`` keeps ``seq/4`` keys; the local patterns reach :data:`REACH` (1/8) of the
-sequence back (``sliding_window``: ``window = seq/8``; ``neighborhood``/``generalized_neighborhood``: the odd
-``kernel_size`` nearest ``seq/8``; ``dilated``: dilation 2 over ``seq/16`` keys, so the same reach). The values used
+default that covers the whole sequence, by hooks of the method's spec: a method with a density setting
+(``spec.at_density``: the D family, ``topk``) reads :data:`DENSITY` (1/4) of the keys; a local pattern
+(``spec.at_reach``) reaches :data:`REACH` (1/8) of the sequence back (``sliding_window``: ``window = seq/8``;
+``neighborhood``/``generalized_neighborhood``: the odd ``kernel_size`` nearest ``seq/8``; ``dilated``: dilation 2
+over ``seq/16`` keys, so the same reach). The values used
 are in each row's ``params`` and ``sizes``. A method whose accuracy stays within :data:`UNTRAINED_MARGIN` of chance is
 reported as ``untrained`` (:func:`untrained`), not as a number that would rank it.
 
@@ -299,20 +300,12 @@ def layer_computes(method: str) -> tuple[str, ...]:
 
 def relative_params(m: Any, call: Any) -> dict[str, Any]:
     """The size parameters of ``m`` for ``call``'s sequence, relative to its length (module docstring): the method's
-    ``at_density(call, DENSITY)`` where it has one, else the local reach or top-k below; ``{}`` for a method without
-    size parameters."""
-    seq = call.seq_kv
+    ``spec.at_density(call, DENSITY)`` (selections: the D family, ``topk``) or ``spec.at_reach(call, REACH)`` (local
+    patterns); ``{}`` for a method with neither."""
     if m.spec.at_density is not None:
         return dict(m.spec.at_density(call, DENSITY))
-    reach = max(1, round(seq * REACH))
-    if m.name == "sliding_window":
-        return {"window": reach}
-    if m.name in ("neighborhood", "generalized_neighborhood"):
-        return {"kernel_size": reach if reach % 2 else reach + 1}
-    if m.name == "dilated":
-        return {"dilation": 2, "window": max(1, reach // 2)}
-    if m.name == "topk":
-        return {"top_k": max(1, round(seq * DENSITY))}
+    if m.spec.at_reach is not None:
+        return dict(m.spec.at_reach(call, REACH))
     return {}
 
 

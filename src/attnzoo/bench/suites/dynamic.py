@@ -1,9 +1,10 @@
 """Suite ``dynamic`` (issue 12): the D family side by side at equal density — how far each dynamic-sparse method is
 from full softmax attention, and how well a model trained with it recalls.
 
-Approximation grid. For every registered method that says how to reach a density (``spec.at_density``, the D
-family) and for each of its self-attention patterns, on two kinds of inputs, at densities 1/4, 1/8 and 1/16 (the
-fraction of the keys a query may see that the method reads, as its ``at_density`` sets it):
+Approximation grid. For every method of the D family (``spec.family == "sparse"``) that says how to reach a density
+(``spec.at_density``; ``topk`` has one too but is S7) and for each of its self-attention patterns, on two kinds of
+inputs, at densities 1/4, 1/8 and 1/16 (the fraction of the keys a query may see that the method reads, as its
+``at_density`` sets it):
 
 - ``planted`` — a few keys per query carry most of the mass: ``k ~ N(0, 1)``; each query ``i`` gets
   :attr:`DynamicSuite.planted` keys drawn uniformly among those it may see (``j ≤ i`` when causal) and
@@ -94,9 +95,9 @@ FULL = DynamicSuite()
 
 
 def methods(patterns: list[str] | None = None) -> list[Method]:
-    """The methods with ``spec.at_density`` (registry order), or those whose names match ``patterns`` (``fnmatch``;
-    ``softmax`` and ``oracle`` are always measured as the baselines)."""
-    chosen = [m for m in all_methods() if m.spec.at_density is not None]
+    """The D family's methods with ``spec.at_density`` (registry order), or those whose names match ``patterns``
+    (``fnmatch``; ``softmax`` and ``oracle`` are always measured as the baselines)."""
+    chosen = [m for m in all_methods() if m.spec.family == "sparse" and m.spec.at_density is not None]
     return by_name(chosen, patterns, "methods with a density setting") if patterns else chosen
 
 

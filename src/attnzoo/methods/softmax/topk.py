@@ -49,6 +49,11 @@ def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
     return {"top_k": int(torch.randint(1, call.seq_kv + 1, (), generator=generator))}
 
 
+def at_density(call: Call, fraction: float) -> dict[str, Any]:
+    """``top_k = round(fraction · seq_kv)`` (at least 1) keys per query."""
+    return {"top_k": max(1, round(call.seq_kv * fraction))}
+
+
 SPEC = MethodSpec(
     name="topk",
     family="softmax",
@@ -62,6 +67,7 @@ SPEC = MethodSpec(
     complexity="O(N²d) time, O(N·r) memory (query blocks of r rows)",
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample),
+    at_density=at_density,
 )
 
 

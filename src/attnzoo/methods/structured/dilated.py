@@ -46,6 +46,12 @@ def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
             "window": int(torch.randint(0, 6, (1,), generator=generator))}
 
 
+def at_reach(call: Call, fraction: float) -> dict[str, Any]:
+    """Dilation 2 over ``fraction · seq_kv / 2`` keys (at least 1): the same reach as a window of
+    ``fraction · seq_kv``."""
+    return {"dilation": 2, "window": max(1, round(call.seq_kv * fraction) // 2)}
+
+
 SPEC = MethodSpec(
     name="dilated",
     family="structured",
@@ -63,6 +69,7 @@ SPEC = MethodSpec(
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample_params),
     lse=True,
+    at_reach=at_reach,
 )
 
 

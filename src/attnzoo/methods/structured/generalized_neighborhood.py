@@ -83,6 +83,12 @@ def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
     return {"kernel_size": k, "stride": int(torch.randint(1, k + 1, (1,), generator=generator))}
 
 
+def at_reach(call: Call, fraction: float) -> dict[str, Any]:
+    """The odd ``kernel_size`` nearest ``fraction · seq_kv`` (rounded up to odd; at least 1): one sequence axis."""
+    reach = max(1, round(call.seq_kv * fraction))
+    return {"kernel_size": reach if reach % 2 else reach + 1}
+
+
 SPEC = MethodSpec(
     name="generalized_neighborhood",
     family="structured",
@@ -103,6 +109,7 @@ SPEC = MethodSpec(
     tests=TestHints(sample_params=_sample_params,
                     decoding_params=lambda call, params, prompt: {"layout": (call.seq_q,)}),
     lse=True,
+    at_reach=at_reach,
 )
 
 

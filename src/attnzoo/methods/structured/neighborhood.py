@@ -71,6 +71,7 @@ SPEC = MethodSpec(
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample_params),
     lse=True,
+    at_reach=gna.at_reach,
 )
 
 

@@ -55,6 +55,11 @@ def _sample_params(call: Call, generator: torch.Generator) -> dict[str, Any]:
     return {"window": int(torch.randint(0, 9, (1,), generator=generator))}
 
 
+def at_reach(call: Call, fraction: float) -> dict[str, Any]:
+    """``window = round(fraction · seq_kv)`` (at least 1)."""
+    return {"window": max(1, round(call.seq_kv * fraction))}
+
+
 SPEC = MethodSpec(
     name="sliding_window",
     family="structured",
@@ -72,6 +77,7 @@ SPEC = MethodSpec(
     subquadratic_memory=True,
     tests=TestHints(sample_params=_sample_params),
     lse=True,
+    at_reach=at_reach,
 )
 
 
