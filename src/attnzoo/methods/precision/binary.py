@@ -80,10 +80,11 @@ def head_scale(x: torch.Tensor) -> torch.Tensor:
     return x.abs().mean(dim=(-2, -1))
 
 
-def relative_bias(table: torch.Tensor, seq_q: int, seq_kv: int) -> torch.Tensor:
-    """``table (H, 2R + 1)`` gathered at the clipped offsets ``clamp(j − i, −R, R) + R``: ``(1, H, Sq, Skv)``."""
+def relative_bias(table: torch.Tensor, rows: torch.Tensor, seq_kv: int) -> torch.Tensor:
+    """``table (H, 2R + 1)`` gathered at the clipped offsets ``clamp(j − i, −R, R) + R`` for the query indices
+    ``rows`` and every key ``j``: ``(1, H, len(rows), Skv)``."""
     reach = (table.shape[1] - 1) // 2
-    offsets = torch.arange(seq_kv, device=table.device) - torch.arange(seq_q, device=table.device).view(-1, 1)
+    offsets = torch.arange(seq_kv, device=table.device) - rows.to(table.device).view(-1, 1)
     return table[:, offsets.clamp(-reach, reach) + reach].unsqueeze(0)
 
 
@@ -118,7 +119,7 @@ def reference(
     products = SignSTE.apply(q) @ repeat_kv(SignSTE.apply(k), h).transpose(-1, -2)
     s = products * query_factor * repeat_kv(key_factor, h)
     if rel_bias is not None:
-        s = s + relative_bias(rel_bias.to(s.dtype), q.shape[2], k.shape[2])
+        s = s + relative_bias(rel_bias.to(s.dtype), torch.arange(q.shape[2]), k.shape[2])
     if bias is not None:
         s = s + bias
     p = safe_softmax(s, visible(causal, mask, q, k))
@@ -147,7 +148,7 @@ def torch_int1(
         s = (s.view(b, hkv, h // hkv, end - start, skv) * query_factor.view(b, hkv, h // hkv, 1, 1)
              * key_factor.view(b, hkv, 1, 1, 1)).view(b, h, end - start, skv)
         if rel_bias is not None:
-            s = s + masks.rows(relative_bias(rel_bias.to(s.dtype), sq, skv), start, end)
+            s = s + relative_bias(rel_bias.to(s.dtype), torch.arange(start, end), skv)
         if bias is not None:
             s = s + masks.rows(bias, start, end)
         seen = masks.rows(mask, start, end)

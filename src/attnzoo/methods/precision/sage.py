@@ -37,7 +37,8 @@ What :func:`torch_int8` computes, per (batch, head):
 
    - ``"fp16"`` (v1's default; the ``qk_int8_pv_fp16`` kernels with the FP16 accumulator): ``P̃`` and ``V`` rounded
      to float16; each key block of 64 contributes ``P̃_blk V_blk`` accumulated in float16 (we round the block's
-     float32 product once), then added to a float32 buffer;
+     float32 product once), then added to a float32 buffer (values beyond float16's ±65504 overflow, as in the
+     kernels, which convert V to float16 too);
    - ``"fp8"`` (v2's default; the ``qk_int8_pv_fp8`` kernels): ``V`` quantised to float8 e4m3 per channel (scale
      ``max|V| / 448`` over the tokens), ``P̃`` to e4m3 with the static scale 448 (``P̃ ≤ 1``); the products of each
      32-token step (``mma.k32``) are summed into the FP22 accumulator (float32 with 13 mantissa bits,
@@ -255,11 +256,10 @@ SPEC = MethodSpec(
     name="sage",
     family="precision",
     mechanism="Q1",
-    paper="SageAttention: Accurate 8-Bit Attention for Plug-and-play Inference Acceleration; SageAttention2: "
-    "Efficient Attention with Thorough Outlier Smoothing and Per-thread INT4 Quantization (arXiv:2411.10958)",
-    arxiv="2410.02367",
+    paper="SageAttention2: Efficient Attention with Thorough Outlier Smoothing and Per-thread INT4 Quantization",
+    arxiv="2411.10958",
     summary="softmax attention with K (and Q) smoothing, per-block/warp/thread INT8 QKᵀ (torch._int_mm) and "
-    "FP16/FP8-emulated P·V",
+    "FP16/FP8-emulated P·V; version=1 is SageAttention (arXiv:2410.02367)",
     exact=False,
     patterns=ALL_PATTERNS,
     params=(
