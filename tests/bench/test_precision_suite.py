@@ -3,10 +3,12 @@ attention) on every layer of the pretrained MiniLM, and the metrics are the pape
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from attnzoo.bench.suites import precision, suites
+from attnzoo.bench.suites import precision, runner, suites
 
 
 def test_the_suite_is_registered_with_both_methods_against_fp32_and_bf16_sdpa() -> None:
@@ -15,6 +17,13 @@ def test_the_suite_is_registered_with_both_methods_against_fp32_and_bf16_sdpa() 
     assert {"sage", "binary"} <= methods
     assert {c.against.label for c in cases if c.target.method == "sage"} == {"SDPA", "SDPA bf16"}
     assert not any(c.floors for c in cases)  # no speed floor on CPU
+
+
+def test_a_tiny_run_of_every_case_gives_a_row() -> None:
+    for case in suites()["precision"]:
+        row = runner.run_case(dataclasses.replace(case, n=64, heads=2, head_dim=8, rounds=1), suite="precision")
+        assert row["status"] == "ok", row
+        assert row["metrics"]["speedup"] > 0 and row["passed"] is None
 
 
 def test_errors_are_the_papers_metrics() -> None:
