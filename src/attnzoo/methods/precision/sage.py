@@ -29,10 +29,11 @@ What :func:`torch_int8` computes, per (batch, head):
      ``(j mod 8) // 2 = t`` (4 groups of 16).
 4. **QKᵀ as a real integer product**: int8 × int8 → int32 by ``torch._int_mm`` (exact;
    :func:`attnzoo.kernels.lowp.grouped_int_scores`), dequantised by ``scale · δ_Q(i) · δ_K(j)``.
-5. **Softmax** in float32 with the row's final maximum ``m``: ``P̃ = exp(S − m)``, ``l = Σ P̃`` from the unrounded
-   ``P̃`` (the kernels sum the float32 weights too). The kernels keep a running maximum over key blocks; with the
-   final one their rescaling of the float32 buffer is the identity, so the only difference is which maximum
-   ``P̃`` is relative to (a choice of ours: a two-pass softmax per block of query rows).
+5. **Softmax** in float32, online as in the kernels: over the key blocks of 64 in order, ``m_b`` is the running
+   maximum of the logits up to block ``b``, ``P̃ = exp(S − m_b)`` on block ``b`` (this ``P̃`` is what step 6
+   rounds), ``l = Σ_b e^{m_b − m_last} Σ P̃`` from the unrounded ``P̃``, and each block's P·V partial is rescaled by
+   ``e^{m_b − m_last}`` in the float32 buffer (the kernels rescale the buffer at each new maximum: the same sum, in
+   one pass here). With ``pv="fp32"`` the row's final maximum serves every block (nothing is rounded).
 6. **P·V** by ``pv``:
 
    - ``"fp16"`` (v1's default; the ``qk_int8_pv_fp16`` kernels with the FP16 accumulator): ``P̃`` and ``V`` rounded
@@ -212,44 +213,54 @@ def _softmax_pv(
         s.add_(bias)
     if seen is not None:
         s.masked_fill_(~seen, float("-inf"))
-    top = s.amax(dim=-1, keepdim=True)
-    p = s.sub_(torch.where(torch.isfinite(top), top, torch.zeros_like(top))).exp_()
-    total = p.sum(dim=-1, keepdim=True)
-    b, h, r, skv = p.shape
+    b, h, r, skv = s.shape
     hkv = values.shape[1]
-    grouped = p.view(b, hkv, (h // hkv) * r, skv)
     if pv == "fp32":
-        acc = torch.matmul(grouped, values)
-    elif pv == "fp16":
-        acc = _fp16_pv(grouped, values)
+        top = s.amax(dim=-1, keepdim=True)
+        p = s.sub_(_finite(top)).exp_()
+        total = p.sum(dim=-1, keepdim=True)
+        acc = torch.matmul(p.view(b, hkv, (h // hkv) * r, skv), values).view(b, h, r, -1)
     else:
-        acc = _fp8_pv(grouped, values) * (v_scale / FP8_E4M3_MAX)
-    acc = acc.view(b, h, r, -1)
+        blocks = values.shape[2] // BLOCK_K
+        padded = F.pad(s, (0, blocks * BLOCK_K - skv), value=float("-inf")).view(b, h, r, blocks, BLOCK_K)
+        running = _finite(padded.amax(dim=-1).cummax(dim=-1).values)  # the kernel's running maximum per key block
+        p = padded.sub_(running.unsqueeze(-1)).exp_()
+        decay = torch.exp(running - running[..., -1:])  # rescaling of block b's partial by the later maxima
+        total = (p.sum(dim=-1) * decay).sum(dim=-1, keepdim=True)
+        grouped = p.view(b, hkv, (h // hkv) * r, blocks, BLOCK_K).transpose(2, 3)
+        if pv == "fp16":
+            partials = _fp16_blocks(grouped, values)
+        else:
+            partials = _fp8_blocks(grouped, values) * (v_scale / FP8_E4M3_MAX).unsqueeze(2)
+        weights = decay.view(b, hkv, (h // hkv) * r, blocks).transpose(2, 3).unsqueeze(-1)
+        acc = (partials * weights).sum(dim=2).view(b, h, r, -1)
     return torch.where(total > 0, acc / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(acc))
 
 
-def _chunk_products(p: torch.Tensor, values: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``P_c V_c`` for each chunk of ``chunk`` keys: ``(B, Hkv, chunks, R, Dv)`` from ``p (B, Hkv, R, Skv)`` and
-    ``values (B, Hkv, Skv_padded, Dv)`` (``p`` zero-padded to the values' length)."""
-    b, hkv, r, skv = p.shape
-    n, dv = values.shape[2], values.shape[3]
-    p = F.pad(p, (0, n - skv)).view(b, hkv, r, n // chunk, chunk).transpose(2, 3)
-    return torch.matmul(p, values.view(b, hkv, n // chunk, chunk, dv))
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with ``-inf`` (a row or block prefix that sees no key yet) replaced by 0."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
-def _fp16_pv(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """FP16 P·V: each 64-key block's product rounded to float16 (its accumulator), summed in float32."""
-    return to_fp16(_chunk_products(to_fp16(p), values, BLOCK_K)).sum(dim=2)
+def _block_values(values: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``values (B, Hkv, blocks·64, Dv)`` viewed as ``(B, Hkv, blocks, 64 / chunk, chunk, Dv)``."""
+    b, hkv, n, dv = values.shape
+    return values.view(b, hkv, n // BLOCK_K, BLOCK_K // chunk, chunk, dv)
 
 
-def _fp8_pv(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """FP8 P·V (in units of the value scales / 448): ``P̃·448`` in e4m3, each 32-key step added into an FP22
-    accumulator, flushed to float32 after every 64-key block."""
-    steps = _chunk_products(to_fp8_e4m3(p * FP8_E4M3_MAX), values, MMA_K)
-    b, hkv, n, r, dv = steps.shape
-    pairs = steps.view(b, hkv, n // 2, 2, r, dv)
-    block = truncate_fp22(truncate_fp22(pairs[:, :, :, 0]) + pairs[:, :, :, 1])
-    return block.sum(dim=2)
+def _fp16_blocks(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """FP16 P·V per key block: ``p (B, Hkv, blocks, R, 64)`` and V rounded to float16, each block's product rounded
+    to float16 (its accumulator): ``(B, Hkv, blocks, R, Dv)``."""
+    return to_fp16(torch.matmul(to_fp16(p), _block_values(values, BLOCK_K)[:, :, :, 0]))
+
+
+def _fp8_blocks(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """FP8 P·V per key block (in units of the value scales / 448): ``P̃·448`` in e4m3 times the e4m3 values, each
+    32-key step (one ``mma.k32``) added into the FP22 accumulator: ``(B, Hkv, blocks, R, Dv)``."""
+    b, hkv, blocks, r, _ = p.shape
+    steps = p.mul(FP8_E4M3_MAX).reshape(b, hkv, blocks, r, BLOCK_K // MMA_K, MMA_K).transpose(3, 4)
+    products = torch.matmul(to_fp8_e4m3(steps), _block_values(values, MMA_K))  # (B, Hkv, blocks, 2, R, Dv)
+    return truncate_fp22(truncate_fp22(products[:, :, :, 0]) + products[:, :, :, 1])
 
 
 SPEC = MethodSpec(
