@@ -30,11 +30,19 @@ def test_int8_matmul_is_the_exact_integer_product_for_any_shape() -> None:
     assert int8_matmul(extreme, extreme.t()).unique().tolist() == [127 * 127 * 4000]
 
 
+def test_int8_matmul_with_size_one_axes_and_odd_strides() -> None:
+    column = _codes(22, 1)
+    row = column.t()  # (1, 22) with strides (1, 1): "contiguous", yet not row-major
+    for a, b in ((_codes(42, 1), row), (row.t().t(), _codes(22, 3)), (_codes(5, 8), _codes(3, 8).t())):
+        assert torch.equal(int8_matmul(a, b).long(), a.long() @ b.long())
+
+
 def test_grouped_int_scores_stack_the_query_heads_of_each_key_head() -> None:
-    q, k = _codes(2, 6, 5, 8), _codes(2, 3, 7, 8, seed=1)
-    got = grouped_int_scores(q, k)
-    want = q.long() @ k.long().repeat_interleave(2, dim=1).transpose(-1, -2)
-    assert got.shape == (2, 6, 5, 7) and torch.equal(got.long(), want)
+    for d in (8, 1):
+        q, k = _codes(2, 6, 5, d), _codes(2, 3, 7, d, seed=1)
+        got = grouped_int_scores(q, k)
+        want = q.long() @ k.long().repeat_interleave(2, dim=1).transpose(-1, -2)
+        assert got.shape == (2, 6, 5, 7) and torch.equal(got.long(), want)
 
 
 def test_round_half_away_from_zero() -> None:

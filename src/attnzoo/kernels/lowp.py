@@ -28,6 +28,7 @@ FP22_DROPPED_BITS = 10  # float32 keeps 23 mantissa bits, FP22 13
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The exact int32 product of int8 matrices ``a (m, k)`` and ``b (k, n)`` (see the module docstring)."""
+    a, b = _row_major(a), _row_major(b)
     if not hasattr(torch, "_int_mm"):
         if a.device.type == "cpu":
             return a.to(torch.int32) @ b.to(torch.int32)
@@ -41,16 +42,27 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return padded[:m, :n]
 
 
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    """``x (m, n)`` with the strides ``(n, 1)``, copied if it has others. ``torch._int_mm`` reads the leading
+    dimension from the strides, and views with a size-1 axis can carry any stride there (a transposed ``(n, 1)``
+    view is ``(1, n)`` with strides ``(1, 1)``, which PyTorch still calls contiguous): measured on CPU, such an
+    operand gave wrong products."""
+    if x.stride() == (x.shape[1], 1):
+        return x
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+
+
 def grouped_int_scores(q_rows: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``q kᵀ`` in int32 for int8 ``q_rows (B, H, r, D)`` and ``k (B, Hkv, Skv, D)``: a ``(B, H, r, Skv)`` tensor,
     one :func:`int8_matmul` per (batch, key head) with that head's ``H / Hkv`` query heads stacked as rows."""
     b, h, r, d = q_rows.shape
     hkv, skv = k.shape[1], k.shape[2]
     stacked = q_rows.reshape(b, hkv, (h // hkv) * r, d)
+    keys = k.transpose(-1, -2).contiguous()  # (B, Hkv, D, Skv): each head's operand row-major, copied once
     out = torch.empty(b, hkv, (h // hkv) * r, skv, dtype=torch.int32, device=q_rows.device)
     for i in range(b):
         for g in range(hkv):
-            out[i, g] = int8_matmul(stacked[i, g], k[i, g].transpose(0, 1))
+            out[i, g] = int8_matmul(stacked[i, g], keys[i, g])
     return out.view(b, h, r, skv)
 
 

@@ -92,9 +92,9 @@ PV = {1: "fp16", 2: "fp8"}
 # Measured on the conformance inputs (randn q, k, v; head_dim 8 and 16; every pattern, with and without a mask, fp32
 # and fp64 inputs, every version × pv × granularity at qk_bits=8): at rtol 0.05 the largest atol needed was 0.018 with
 # pv "fp16"/"fp32" and 0.079 with "fp8" (e4m3 keeps 3 mantissa bits: V itself is off by up to 6 %, which a row
-# reading one or two keys passes on). The bound is that of the default (fp8) with a 1.5× margin. INT4
-# (qk_bits=4) is far coarser and is not held to it.
-TOLERANCE = Tolerance(atol=0.12, rtol=0.05)
+# reading one or two keys passes on); on 1500 random shapes of the fuzz test's ranges (defaults) 0.088. The bound is
+# the default's (fp8) with a 1.7× margin. INT4 (qk_bits=4) is far coarser and is not held to it.
+TOLERANCE = Tolerance(atol=0.15, rtol=0.05)
 
 
 def _settings(version: int, granularity: str | None, pv: str | None) -> tuple[str, str]:
