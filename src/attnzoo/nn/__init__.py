@@ -1,6 +1,7 @@
 """``nn`` layers: projections plus ownership of each method's learnable parts."""
 
 from attnzoo.nn.attention import Attention
+from attnzoo.nn.cca import CompressedConvAttention
 from attnzoo.nn.layer_router import (
     LayerRouter,
     Route,
@@ -15,6 +16,7 @@ from attnzoo.nn.seer import SeerAttention
 
 __all__ = [
     "Attention",
+    "CompressedConvAttention",
     "LayerRouter",
     "Route",
     "RoutedAttention",
