@@ -13,6 +13,7 @@ from attnzoo.nn.layer_router import (
     train_routers,
 )
 from attnzoo.nn.seer import SeerAttention
+from attnzoo.nn.shvit import SingleHeadAttention
 
 __all__ = [
     "Attention",
@@ -22,6 +23,7 @@ __all__ = [
     "RoutedAttention",
     "RouterStep",
     "SeerAttention",
+    "SingleHeadAttention",
     "forced_route",
     "full_fraction",
     "routing_decisions",
