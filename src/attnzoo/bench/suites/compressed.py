@@ -8,6 +8,8 @@ CCA with compression C = 4 keeps D = 64 and attends with H / C = 2 latent heads 
 - ``cca_c4_16k_causal``, ``cca_c4_16k``: the attention part — CCA's ``sdpa`` path on the latents (both convolutions,
   q-k mean, normalisation, value shift, then SDPA over 2 heads) against SDPA over MHA's 8 heads, N = 16384, causal
   and not. Floor: ≥ 2.5× (ideal 4×);
+- ``ccgqa_c2_kv8_16k_causal``: CCGQA's attention part (4 latent query heads sharing 1 key/value head) against the
+  same SDPA, causal; no floor (ideal 2×, KV bytes 1/8);
 - ``cca_layer_c4_16k_causal``: the whole layer (:class:`attnzoo.nn.CompressedConvAttention`, projections included)
   against :class:`attnzoo.nn.Attention` with MHA's 8 heads, N = 16384, causal, forward; no floor.
 """
@@ -28,16 +30,26 @@ COMPRESSION = 4
 Call = Callable[[], Any]
 
 
-def latent_attention_call(case: Case, device: str) -> Call:
-    """CCA's attention part on random latents of ``heads / C`` heads (seed 0) with freshly initialised convolutions."""
+def _latent_call(case: Case, device: str, heads: int, kv_heads: int) -> Call:
+    """CCA's attention part on random latents (seed 0) with freshly initialised convolutions."""
     g = torch.Generator().manual_seed(0)
-    latent = case.heads // COMPRESSION
-    q, k, v = (torch.randn(case.batch, latent, case.n, case.head_dim, generator=g).to(device) for _ in range(3))
+    q, k, v = (torch.randn(case.batch, h, case.n, case.head_dim, generator=g).to(device)
+               for h in (heads, kv_heads, kv_heads))
     torch.manual_seed(0)
-    params = {n: t.to(device) for n, t in initial_parameters(latent, latent, case.head_dim).items()}
+    params = {n: t.to(device) for n, t in initial_parameters(heads, kv_heads, case.head_dim).items()}
     scale = case.head_dim ** -0.5
     return lambda: sdpa_latent(q, k, v, causal=case.causal, scale=scale, mask=None, bias=None, value_shift=True,
                                **params)
+
+
+def latent_attention_call(case: Case, device: str) -> Call:
+    """CCA (C = 4): ``heads / 4`` latent query and key/value heads."""
+    return _latent_call(case, device, case.heads // COMPRESSION, case.heads // COMPRESSION)
+
+
+def ccgqa_attention_call(case: Case, device: str) -> Call:
+    """CCGQA (C = 2, C_kv = 8): ``heads / 2`` latent query heads sharing ``heads / 8`` key/value heads."""
+    return _latent_call(case, device, case.heads // 2, case.heads // 8)
 
 
 def _layer_call(case: Case, device: str, compressed: bool) -> Call:
@@ -74,6 +86,10 @@ def _part(causal: bool) -> Case:
 CASES = (
     _part(True),
     _part(False),
+    Case("ccgqa_c2_kv8_16k_causal", "CCGQA C=2, C_kv=8 attention part (4 latent query heads, 1 KV head) vs SDPA "
+         "over MHA's 8 heads, causal, B=1 D=64 N=16384 (ideal 2x; KV bytes 0.125x)", "compare",
+         Target("CCGQA C=2 C_kv=8 attention part (sdpa)", workload=ccgqa_attention_call), causal=True, rounds=3,
+         threads=1),
     Case(f"cca_layer_c{COMPRESSION}_16k_causal", f"az.nn.CompressedConvAttention C={COMPRESSION} vs az.nn.Attention "
          "MHA, whole layer forward (projections included), dim 512 H=8 D=64, causal, N=16384", "compare",
          Target(f"CCA layer C={COMPRESSION}", workload=cca_layer_call),
