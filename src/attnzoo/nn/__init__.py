@@ -1,6 +1,7 @@
 """``nn`` layers: projections plus ownership of each method's learnable parts."""
 
 from attnzoo.nn.attention import Attention
+from attnzoo.nn.cca import CompressedConvAttention
 from attnzoo.nn.layer_router import (
     LayerRouter,
     Route,
@@ -12,14 +13,17 @@ from attnzoo.nn.layer_router import (
     train_routers,
 )
 from attnzoo.nn.seer import SeerAttention
+from attnzoo.nn.shvit import SingleHeadAttention
 
 __all__ = [
     "Attention",
+    "CompressedConvAttention",
     "LayerRouter",
     "Route",
     "RoutedAttention",
     "RouterStep",
     "SeerAttention",
+    "SingleHeadAttention",
     "forced_route",
     "full_fraction",
     "routing_decisions",

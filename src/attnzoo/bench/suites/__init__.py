@@ -168,6 +168,7 @@ def below(x: float) -> Floor:
 def suites() -> dict[str, tuple[Case, ...]]:
     """Every named suite, ``floors`` (the cases with a floor, from all the others) last."""
     from attnzoo.bench.suites import (
+        compressed,
         core,
         decode,
         inference,
@@ -182,7 +183,7 @@ def suites() -> dict[str, tuple[Case, ...]]:
 
     named = {"core": core.CASES, "softmax": softmax.CASES, "structured": structured.CASES, "radial": radial.CASES,
              "sparse": sparse.CASES, "linear": linear.CASES, "decode": decode.CASES, "inference": inference.CASES,
-             "transformers": models.CASES, "precision": precision.CASES}
+             "transformers": models.CASES, "precision": precision.CASES, "compressed": compressed.CASES}
     named["floors"] = tuple(c for cases in list(named.values()) for c in cases if c.floors)
     return named
 
