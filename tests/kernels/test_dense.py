@@ -53,3 +53,15 @@ def test_plain_causal_self_attention_uses_no_mask_tensor_and_matches():
     want_out, want_lse = softmax_attention_lse(q, k, v, 0.3, masks.combine(True, None, 9, 9, q.device))
     torch.testing.assert_close(out, want_out)
     torch.testing.assert_close(lse, want_lse)
+
+
+def test_transposed_views_give_the_same_result_as_contiguous_inputs():
+    """The CPU flash kernel reads the last dim as unit-stride; views whose last dim is strided are copied first."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=g).transpose(2, 3) for _ in range(3))  # (1, 2, 16, 8), stride 16
+    assert q.stride(-1) != 1
+    out, lse = attention_lse(q, k, v, causal=False, scale=0.3, mask=None, bias=None)
+    want_out, want_lse = attention_lse(q.contiguous(), k.contiguous(), v.contiguous(), causal=False, scale=0.3,
+                                       mask=None, bias=None)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)

@@ -83,6 +83,8 @@ def attention_lse(
     if q.device.type == "cpu" and d == v.shape[-1] and not (bias is not None and bias.requires_grad):
         g = h // k.shape[1]
         k, v = (k, v) if g == 1 else (k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1))
+        # the flash kernel reads the last dim as unit-stride: a transposed view gives wrong results, not an error
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         plain_causal = causal and mask is None and bias is None and sq == skv
         attn = None if plain_causal or (seen is None and bias is None) else _additive(seen, bias, q.dtype)
         empty = None if attn is None else (attn == float("-inf")).all(dim=-1).expand(b, h, sq)
