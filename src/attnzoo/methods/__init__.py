@@ -15,4 +15,4 @@ How a method file is written (one way, so that ``attnzoo info NAME`` leads from 
   ``block_sdpa_partitioned``) and registers each.
 """
 
-from attnzoo.methods import linear, softmax, sparse, structured  # noqa: F401
+from attnzoo.methods import heads, linear, softmax, sparse, structured  # noqa: F401

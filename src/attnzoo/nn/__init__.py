@@ -1,6 +1,7 @@
 """``nn`` layers: projections plus ownership of each method's learnable parts."""
 
 from attnzoo.nn.attention import Attention
+from attnzoo.nn.key_driven_gqa import KeyDrivenGQA
 from attnzoo.nn.layer_router import (
     LayerRouter,
     Route,
@@ -11,11 +12,14 @@ from attnzoo.nn.layer_router import (
     routing_decisions,
     train_routers,
 )
+from attnzoo.nn.moh import MoHAttention
 from attnzoo.nn.seer import SeerAttention
 
 __all__ = [
     "Attention",
+    "KeyDrivenGQA",
     "LayerRouter",
+    "MoHAttention",
     "Route",
     "RoutedAttention",
     "RouterStep",
