@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from attnzoo.nn.attention import Attention
-from attnzoo.nn.layers.moh import MoHRouter, default_shared_heads, default_top_k
+from attnzoo.nn.layers.moh import MoHRouter
+from attnzoo.registry import LayerInfo
 
 
 class MoHAttention(Attention):
@@ -31,9 +32,8 @@ class MoHAttention(Attention):
         self, dim: int, heads: int, shared_heads: int | None = None, top_k: int | None = None, **kwargs: Any,
     ) -> None:
         super().__init__(dim, heads, method="moh", **kwargs)  # faithful: refuses a head_weights passed in
-        shared = default_shared_heads(heads) if shared_heads is None else shared_heads
-        chosen = default_top_k(heads, shared) if top_k is None and isinstance(shared, int) else top_k
-        self.parts = MoHRouter(dim, heads, shared, chosen)  # type: ignore[arg-type]
+        info = LayerInfo(heads=heads, kv_heads=self.kv_heads, head_dim=self.head_dim, params=self.fixed, dim=dim)
+        self.parts = MoHRouter(info, shared_heads, top_k)
 
     @property
     def router(self) -> MoHRouter:

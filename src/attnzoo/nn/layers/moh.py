@@ -42,16 +42,21 @@ def default_top_k(heads: int, shared_heads: int) -> int:
 
 
 class MoHRouter(LayerParts):
-    """MoH's routers: ``head_weights (B, H, N)`` for the kernel from ``x (B, N, dim)``."""
+    """MoH's routers: ``head_weights (B, H, N)`` for the kernel from ``x (B, N, dim)``, for the layer ``info``
+    (``dim``, ``heads``); ``shared_heads`` and ``top_k`` default to :func:`default_shared_heads` and
+    :func:`default_top_k`."""
 
     computes = ("head_weights",)
 
-    def __init__(self, dim: int, heads: int, shared_heads: int, top_k: int) -> None:
+    def __init__(self, info: LayerInfo, shared_heads: int | None = None, top_k: int | None = None) -> None:
         super().__init__()
+        dim, heads = info.dim, info.heads
+        shared_heads = default_shared_heads(heads) if shared_heads is None else shared_heads
         if isinstance(shared_heads, bool) or not isinstance(shared_heads, int) or not 0 <= shared_heads < heads:
             raise fail("shared_heads", f"an int in [0, {heads - 1}] (at least one head must be routed)",
                        repr(shared_heads))
         routed = heads - shared_heads
+        top_k = default_top_k(heads, shared_heads) if top_k is None else top_k
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= routed:
             raise fail("top_k", f"an int in [1, {routed}] (the routed heads: heads - shared_heads)", repr(top_k))
         self.heads, self.shared_heads, self.top_k = heads, shared_heads, top_k
@@ -75,10 +80,4 @@ class MoHRouter(LayerParts):
         return f"heads={self.heads}, shared_heads={self.shared_heads}, top_k={self.top_k}"
 
 
-def default_router(info: LayerInfo) -> MoHRouter:
-    """The routers ``az.nn.Attention(..., method="moh")`` builds: the default split of heads."""
-    shared = default_shared_heads(info.heads)
-    return MoHRouter(info.dim, info.heads, shared, default_top_k(info.heads, shared))
-
-
-register_layer("moh", default_router)
+register_layer("moh", MoHRouter)
