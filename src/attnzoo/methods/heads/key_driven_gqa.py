@@ -1,8 +1,8 @@
 """H2 — key-driven grouped-query attention (KDGQA, DGQA, PGQA): query heads allocated to KV groups by key norms.
 
 Paper: "Beyond Uniform Query Distribution: Key-Driven Grouped Query Attention" (Khan, Khaquan, Tafveez, Samiwala,
-Raza; arXiv:2408.08454), read with the authors' public code (zohaib-khan5040/key-driven-gqa,
-``modules/attention/{kdgqa,dgqa,pgqa}.py``).
+Raza; arXiv:2408.08454), read with the authors' public code (zohaib-khan5040/key-driven-gqa; read in a public fork
+with the same ``modules/attention/{kdgqa,dgqa,pgqa}.py``).
 
 GQA gives each of the ``G`` KV heads the same number ``H / G`` of query heads. The paper lets the keys decide:
 
@@ -18,7 +18,9 @@ on. Each query head then runs softmax attention against its KV head:
 - DGQA (the layer ``az.nn.KeyDrivenGQA``, :func:`dgqa_allocation`): the norms are tracked during training, by an
   exponential moving average ``m ← β n + (1 − β) m`` (β = 0.9 weighs the current batch, as the public code), and
   ``a ∝ m`` (variant ``"ema"``) or ``a ∝ |n − m_prev|`` (variant ``"diff"``: how far the norms moved), without
-  min-max scaling (as the code); the kernel takes the resulting ``allocation``;
+  min-max scaling (as the code); the kernel takes the resulting ``allocation``. The code stores
+  ``(cache + n) / window`` as its tracked norms, which for its default window of 1 is a running *sum*; we keep the
+  moving average itself, so the tracked value stays on the scale of one batch's norms;
 - PGQA (:func:`perturbed`): uniform GQA groups, and each query head's attention output has a noise matrix with the
   head's own mean and standard deviation subtracted ("subtracting noise from the attention maps"; the public code
   perturbs each group's attention output ``(group, tokens·head_dim)``, as here).
