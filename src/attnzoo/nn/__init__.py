@@ -2,6 +2,7 @@
 
 from attnzoo.nn.attention import Attention
 from attnzoo.nn.cca import CompressedConvAttention
+from attnzoo.nn.key_driven_gqa import KeyDrivenGQA
 from attnzoo.nn.layer_router import (
     LayerRouter,
     Route,
@@ -12,13 +13,16 @@ from attnzoo.nn.layer_router import (
     routing_decisions,
     train_routers,
 )
+from attnzoo.nn.moh import MoHAttention
 from attnzoo.nn.seer import SeerAttention
 from attnzoo.nn.shvit import SingleHeadAttention
 
 __all__ = [
     "Attention",
     "CompressedConvAttention",
+    "KeyDrivenGQA",
     "LayerRouter",
+    "MoHAttention",
     "Route",
     "RoutedAttention",
     "RouterStep",

@@ -171,6 +171,7 @@ def suites() -> dict[str, tuple[Case, ...]]:
         compressed,
         core,
         decode,
+        heads,
         inference,
         linear,
         models,
@@ -183,7 +184,8 @@ def suites() -> dict[str, tuple[Case, ...]]:
 
     named = {"core": core.CASES, "softmax": softmax.CASES, "structured": structured.CASES, "radial": radial.CASES,
              "sparse": sparse.CASES, "linear": linear.CASES, "decode": decode.CASES, "inference": inference.CASES,
-             "transformers": models.CASES, "precision": precision.CASES, "compressed": compressed.CASES}
+             "transformers": models.CASES, "precision": precision.CASES, "compressed": compressed.CASES,
+             "heads": heads.CASES}
     named["floors"] = tuple(c for cases in list(named.values()) for c in cases if c.floors)
     return named
 

@@ -1,3 +1,3 @@
-"""H-family: head structure and projections (catalogue IDs H1–H6; each file cites its paper)."""
+"""H-family: head structure and projections (catalogue IDs H2–H6; each file cites its paper)."""
 
-from attnzoo.methods.heads import cca, mqsa, rcmha  # noqa: F401
+from attnzoo.methods.heads import cca, key_driven_gqa, moh, mqsa, rcmha  # noqa: F401
