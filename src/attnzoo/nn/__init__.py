@@ -1,5 +1,6 @@
 """``nn`` layers: projections plus ownership of each method's learnable parts."""
 
+from attnzoo.nn.aaren import Aaren, AarenAttention, AarenBlock
 from attnzoo.nn.attention import Attention
 from attnzoo.nn.layer_router import (
     LayerRouter,
@@ -14,6 +15,9 @@ from attnzoo.nn.layer_router import (
 from attnzoo.nn.seer import SeerAttention
 
 __all__ = [
+    "Aaren",
+    "AarenAttention",
+    "AarenBlock",
     "Attention",
     "LayerRouter",
     "Route",

@@ -167,11 +167,22 @@ def below(x: float) -> Floor:
 
 def suites() -> dict[str, tuple[Case, ...]]:
     """Every named suite, ``floors`` (the cases with a floor, from all the others) last."""
-    from attnzoo.bench.suites import core, decode, inference, linear, models, radial, softmax, sparse, structured
+    from attnzoo.bench.suites import (
+        core,
+        decode,
+        inference,
+        layers,  # issue 15's S-family layers
+        linear,
+        models,
+        radial,
+        softmax,
+        sparse,
+        structured,
+    )
 
     named = {"core": core.CASES, "softmax": softmax.CASES, "structured": structured.CASES, "radial": radial.CASES,
              "sparse": sparse.CASES, "linear": linear.CASES, "decode": decode.CASES, "inference": inference.CASES,
-             "transformers": models.CASES}
+             "transformers": models.CASES, "layers": layers.CASES}
     named["floors"] = tuple(c for cases in list(named.values()) for c in cases if c.floors)
     return named
 
