@@ -13,6 +13,7 @@ from attnzoo.nn.layer_router import (
     train_routers,
 )
 from attnzoo.nn.seer import SeerAttention
+from attnzoo.nn.slot import SlotAttention
 
 __all__ = [
     "Aaren",
@@ -24,6 +25,7 @@ __all__ = [
     "RoutedAttention",
     "RouterStep",
     "SeerAttention",
+    "SlotAttention",
     "forced_route",
     "full_fraction",
     "routing_decisions",

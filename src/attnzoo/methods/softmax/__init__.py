@@ -6,6 +6,7 @@ from attnzoo.methods.softmax import (  # noqa: F401
     score_mod,
     selective,
     sigmoid,
+    slot,
     softmax,
     topk,
     urpe,
