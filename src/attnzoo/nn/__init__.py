@@ -2,6 +2,7 @@
 
 from attnzoo.nn.aaren import Aaren, AarenAttention, AarenBlock
 from attnzoo.nn.attention import Attention
+from attnzoo.nn.lama import LAMAPooling
 from attnzoo.nn.layer_router import (
     LayerRouter,
     Route,
@@ -12,6 +13,7 @@ from attnzoo.nn.layer_router import (
     routing_decisions,
     train_routers,
 )
+from attnzoo.nn.probe import AttentiveProbe
 from attnzoo.nn.seer import SeerAttention
 from attnzoo.nn.slot import SlotAttention
 
@@ -20,6 +22,8 @@ __all__ = [
     "AarenAttention",
     "AarenBlock",
     "Attention",
+    "AttentiveProbe",
+    "LAMAPooling",
     "LayerRouter",
     "Route",
     "RoutedAttention",
