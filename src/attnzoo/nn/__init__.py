@@ -2,6 +2,7 @@
 
 from attnzoo.nn.aaren import Aaren, AarenAttention, AarenBlock
 from attnzoo.nn.attention import Attention
+from attnzoo.nn.gaam import GaussianAdaptiveAttention
 from attnzoo.nn.lama import LAMAPooling
 from attnzoo.nn.layer_router import (
     LayerRouter,
@@ -23,6 +24,7 @@ __all__ = [
     "AarenBlock",
     "Attention",
     "AttentiveProbe",
+    "GaussianAdaptiveAttention",
     "LAMAPooling",
     "LayerRouter",
     "Route",
