@@ -30,22 +30,9 @@ from torch import nn
 
 from attnzoo.api import DecodeState, attention, prefill, step
 from attnzoo.errors import fail
+from attnzoo.nn.checks import positive_int, tokens
 
 METHOD = "aaren"
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise fail(name, "a positive int", repr(value))
-    return value
-
-
-def _tokens(x: Any, dim: int) -> torch.Tensor:
-    """``x`` checked to be a ``(batch, seq, dim)`` float tensor."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim or not x.is_floating_point():
-        got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise fail("x", f"a float (batch, seq, {dim}) tensor", got)
-    return x
 
 
 class AarenAttention(nn.Module):
@@ -56,12 +43,12 @@ class AarenAttention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int | None = None, qkv_bias: bool = False,
                  backend: str = "auto") -> None:
         super().__init__()
-        self.dim, self.heads = _positive_int("dim", dim), _positive_int("heads", heads)
+        self.dim, self.heads = positive_int("dim", dim), positive_int("heads", heads)
         if head_dim is None:
             if dim % heads:
                 raise fail("head_dim", f"an int, since dim={dim} is not divisible by heads={heads}", None)
             head_dim = dim // heads
-        self.head_dim = _positive_int("head_dim", head_dim)
+        self.head_dim = positive_int("head_dim", head_dim)
         self.backend = backend
         self.query = nn.Parameter(torch.randn(heads, head_dim) * head_dim**-0.5)
         self.k_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
@@ -70,7 +57,7 @@ class AarenAttention(nn.Module):
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The learned query expanded over positions, and the keys and values ``(B, H, N, head_dim)`` of ``x``."""
-        b, n, _ = _tokens(x, self.dim).shape
+        b, n, _ = tokens("x", x, self.dim).shape
         k, v = (p(x).view(b, n, self.heads, self.head_dim).transpose(1, 2) for p in (self.k_proj, self.v_proj))
         q = self.query.to(x.dtype).view(1, self.heads, 1, self.head_dim).expand(b, -1, n, -1)
         return q, k, v
@@ -145,7 +132,7 @@ class Aaren(nn.Module):
     def __init__(self, dim: int, heads: int, depth: int = 1, head_dim: int | None = None, mlp_ratio: float = 4.0,
                  dropout: float = 0.0, norm_first: bool = False, backend: str = "auto") -> None:
         super().__init__()
-        _positive_int("depth", depth)
+        positive_int("depth", depth)
         self.blocks = nn.ModuleList(
             AarenBlock(dim, heads, head_dim, mlp_ratio, dropout, norm_first, backend) for _ in range(depth)
         )

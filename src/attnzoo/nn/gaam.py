@@ -26,20 +26,13 @@ No query–key product: this is a layer, not a q/k/v method, so it is not in the
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from attnzoo.errors import fail
+from attnzoo.nn.checks import padding_mask, positive_int, tokens
 
 AXES = ("features", "sequence")
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise fail(name, "a positive int", repr(value))
-    return value
 
 
 class GaussianAdaptiveAttention(nn.Module):
@@ -48,8 +41,8 @@ class GaussianAdaptiveAttention(nn.Module):
     def __init__(self, dim: int, heads: int = 1, num_gaussians: int = 1, axis: str = "features",
                  initial_c: float = 2.0, eps: float = 1e-8) -> None:
         super().__init__()
-        self.dim, self.heads = _positive_int("dim", dim), _positive_int("heads", heads)
-        _positive_int("num_gaussians", num_gaussians)
+        self.dim, self.heads = positive_int("dim", dim), positive_int("heads", heads)
+        positive_int("num_gaussians", num_gaussians)
         if dim % heads:
             raise fail("heads", f"a divisor of dim={dim}", heads)
         if axis not in AXES:
@@ -76,14 +69,8 @@ class GaussianAdaptiveAttention(nn.Module):
 
     def density(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The normalised mixture density ``g / Σ_axis g`` that re-weights ``x (B, N, dim)``, ``(B, N, dim)``."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise fail("x", f"a (batch, seq, {self.dim}) tensor", got)
-        b, n, _ = x.shape
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
-                                 or tuple(mask.shape) != (b, n)):
-            got = f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else repr(mask)
-            raise fail("mask", f"a bool tensor of shape (batch, seq) = {(b, n)}", got)
+        b, n, _ = tokens("x", x, self.dim).shape
+        padding_mask(mask, x)
         valid = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
         heads = x.view(b, n, self.heads, self.dim // self.heads)
         mean, var = self._statistics(heads, valid)

@@ -20,19 +20,11 @@ rather than ``m`` full matrices (low-rank bilinear pooling, the Hadamard-product
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from attnzoo.api import attention
-from attnzoo.errors import fail
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise fail(name, "a positive int", repr(value))
-    return value
+from attnzoo.nn.checks import padding_mask, positive_int, tokens
 
 
 class LAMAPooling(nn.Module):
@@ -40,7 +32,7 @@ class LAMAPooling(nn.Module):
 
     def __init__(self, dim: int, heads: int, backend: str = "auto") -> None:
         super().__init__()
-        self.dim, self.heads = _positive_int("dim", dim), _positive_int("heads", heads)
+        self.dim, self.heads = positive_int("dim", dim), positive_int("heads", heads)
         self.backend = backend
         self.p, self.q = (nn.Parameter(nn.init.xavier_uniform_(torch.empty(dim, heads))) for _ in range(2))
         self.context = nn.Parameter(nn.init.xavier_uniform_(torch.empty(dim, 1)).view(dim))
@@ -50,14 +42,8 @@ class LAMAPooling(nn.Module):
         return (self.p.t() @ self.context).unsqueeze(-1) * self.q.t()
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None, flatten: bool = True) -> torch.Tensor:
-        if not isinstance(h, torch.Tensor) or h.dim() != 3 or h.shape[-1] != self.dim:
-            got = f"shape {tuple(h.shape)}" if isinstance(h, torch.Tensor) else type(h).__name__
-            raise fail("h", f"a (batch, seq, {self.dim}) tensor", got)
-        b, t, _ = h.shape
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
-                                 or tuple(mask.shape) != (b, t)):
-            got = f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else repr(mask)
-            raise fail("mask", f"a bool tensor of shape (batch, seq) = {(b, t)}", got)
+        b, t, _ = tokens("h", h, self.dim).shape
+        padding_mask(mask, h)
         q = self.head_queries().to(h.dtype).view(1, 1, self.heads, self.dim).expand(b, -1, -1, -1)
         kv = h.unsqueeze(1)
         hidden = None if mask is None else mask.view(b, 1, 1, t)

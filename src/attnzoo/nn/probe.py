@@ -30,12 +30,7 @@ from torch import nn
 
 from attnzoo.api import attention
 from attnzoo.errors import fail
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise fail(name, "a positive int", repr(value))
-    return value
+from attnzoo.nn.checks import padding_mask, positive_int, tokens
 
 
 class AttentiveProbe(nn.Module):
@@ -44,8 +39,8 @@ class AttentiveProbe(nn.Module):
     def __init__(self, dim: int, num_queries: int = 32, d_out: int = 1, num_classes: int | None = None,
                  qkv_bias: bool = False, method: str = "softmax", backend: str = "auto", **params: Any) -> None:
         super().__init__()
-        self.dim, self.num_queries = _positive_int("dim", dim), _positive_int("num_queries", num_queries)
-        self.d_out = _positive_int("d_out", d_out)
+        self.dim, self.num_queries = positive_int("dim", dim), positive_int("num_queries", num_queries)
+        self.d_out = positive_int("d_out", d_out)
         if dim % d_out or (dim // d_out) % num_queries:
             raise fail("num_queries", f"a divisor of dim // d_out = {dim // d_out} (dim={dim}, d_out={d_out})",
                        num_queries)
@@ -55,20 +50,14 @@ class AttentiveProbe(nn.Module):
         self.v = nn.Linear(dim, self.width, bias=qkv_bias)
         self.head: nn.Module | None = None
         if num_classes is not None:
-            _positive_int("num_classes", num_classes)
+            positive_int("num_classes", num_classes)
             self.head = nn.Sequential(nn.BatchNorm1d(self.width, affine=False, eps=1e-6),
                                       nn.Linear(self.width, num_classes))
 
     def pool(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The pooled vector ``y (B, dim // d_out)`` of tokens ``x (B, N, dim)``."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise fail("x", f"a (batch, seq, {self.dim}) tensor", got)
-        b, n, _ = x.shape
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
-                                 or tuple(mask.shape) != (b, n)):
-            got = f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else repr(mask)
-            raise fail("mask", f"a bool tensor of shape (batch, seq) = {(b, n)}", got)
+        b, n, _ = tokens("x", x, self.dim).shape
+        padding_mask(mask, x)
         m = self.num_queries
         q = self.queries.to(x.dtype).view(1, m, 1, self.dim).expand(b, -1, -1, -1)
         k = x.unsqueeze(1).expand(-1, m, -1, -1)

@@ -26,7 +26,6 @@ Returns the slots ``(B, K, dim)``.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
@@ -34,12 +33,7 @@ from torch import nn
 from attnzoo.api import attention
 from attnzoo.errors import fail
 from attnzoo.methods.softmax.slot import EPS
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise fail(name, "a positive int", repr(value))
-    return value
+from attnzoo.nn.checks import padding_mask, positive_int, tokens
 
 
 class SlotAttention(nn.Module):
@@ -48,10 +42,10 @@ class SlotAttention(nn.Module):
     def __init__(self, num_slots: int, dim: int, input_dim: int | None = None, iters: int = 3,
                  hidden_dim: int = 128, heads: int = 1, eps: float = EPS, backend: str = "auto") -> None:
         super().__init__()
-        self.num_slots, self.dim = _positive_int("num_slots", num_slots), _positive_int("dim", dim)
-        self.input_dim = _positive_int("input_dim", dim if input_dim is None else input_dim)
-        self.iters, self.heads = _positive_int("iters", iters), _positive_int("heads", heads)
-        _positive_int("hidden_dim", hidden_dim)
+        self.num_slots, self.dim = positive_int("num_slots", num_slots), positive_int("dim", dim)
+        self.input_dim = positive_int("input_dim", dim if input_dim is None else input_dim)
+        self.iters, self.heads = positive_int("iters", iters), positive_int("heads", heads)
+        positive_int("hidden_dim", hidden_dim)
         if dim % heads:
             raise fail("heads", f"a divisor of dim={dim}", heads)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
@@ -80,14 +74,8 @@ class SlotAttention(nn.Module):
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None, slots: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 3 or inputs.shape[-1] != self.input_dim:
-            got = f"shape {tuple(inputs.shape)}" if isinstance(inputs, torch.Tensor) else type(inputs).__name__
-            raise fail("inputs", f"a (batch, seq, {self.input_dim}) tensor", got)
-        b, n, _ = inputs.shape
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
-                                 or tuple(mask.shape) != (b, n)):
-            got = f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else repr(mask)
-            raise fail("mask", f"a bool tensor of shape (batch, seq) = {(b, n)}", got)
+        b, n, _ = tokens("inputs", inputs, self.input_dim).shape
+        padding_mask(mask, inputs)
         if slots is None:
             slots = self.initial_slots(b, generator)
         elif not isinstance(slots, torch.Tensor) or tuple(slots.shape) != (b, self.num_slots, self.dim):
