@@ -18,11 +18,12 @@ so the prefixes of every position are a prefix scan (the paper's many-to-many RN
 combine with a constant-size state (its many-to-one RNN). No factor ``e^{· − m}`` exceeds 1, so nothing overflows.
 
 The scan (:func:`prefix_scan`) is chunked and recursive, chosen over a log-depth Hillis–Steele scan by measurement
-(docs/aaren.md): positions are cut into chunks of ``CHUNK``; inside a chunk the inclusive prefixes come at once from a
-lower-triangular ``C×C`` weight matrix ``A_tj = e^{m_j − r_t}`` (``r_t`` the running max, :func:`torch.cummax`), as
-``u = A·u_elem`` and ``w = A @ w_elem`` (one batched matmul); the chunks' totals are themselves scanned by the same
-function (recursion, ``N / C`` elements, then ``N / C²``...), and each chunk's exclusive carry is combined into its
-positions. Time O(N·C·Dv), memory O(N·(C + Dv)): linear in N. Padding uses the neutral element ``(−inf, 0, 0)``.
+(docs/s-layers.md). Positions are cut into chunks of ``CHUNK``; inside a chunk the inclusive prefixes come at once
+from a lower-triangular ``C×C`` weight matrix ``A_tj = e^{m_j − r_t}`` (``r_t`` the running max,
+:func:`torch.cummax`), as ``u = A·u_elem`` and ``w = A @ w_elem`` (one batched matmul); the chunks' totals are
+themselves scanned by the same function (recursion, ``N / C`` elements, then ``N / C²``...), and each chunk's
+exclusive carry is combined into its positions. Time O(N·C·Dv), memory O(N·(C + Dv)): linear in N. Padding uses the
+neutral element ``(−inf, 0, 0)``.
 
 Masked positions (score ``−inf``) weigh 0; a prefix that sees nothing has ``m = −inf``, ``u = 0``, ``w = 0``, and
 :func:`finish` gives it output 0 and log-sum-exp ``−inf`` (finite gradients).
@@ -42,7 +43,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-CHUNK = 64  # positions per chunk of the scan (measured fastest of 16/32/64/128 on CPU: docs/aaren.md)
+CHUNK = 64  # positions per chunk of the scan (measured fastest of 16/32/64/128 on CPU: docs/s-layers.md)
 
 
 class ScanState(NamedTuple):

@@ -4,6 +4,8 @@
 - ``aaren_scale_grad``: the same with the backward (no floor);
 - ``aaren_sdpa``: the scan's forward at N=16384 against causal SDPA (softmax attention of N queries over their
   prefixes, what a Transformer layer computes; no floor: different work, shown for scale);
+- ``aaren_memory``: peak memory above the inputs of the scan's forward at N=65536 in a fresh process (no floor:
+  O(N·(C + Dv)), the chunk weights and the prefix states);
 - ``aaren_decode``: one recurrent step after 1k and after 64k prefilled tokens (one thread): the state is the
   constant-size triple, so ``step_ratio`` ≤ 1.25 and ``bytes_ratio`` = 1.
 
@@ -24,6 +26,8 @@ CASES = (
          "scaling", AAREN, against=None, n=8192, n2=65536, causal=True, backward=True, metric="scaling", rounds=4),
     Case("aaren_sdpa", "aaren prefix-scan causal forward N=16384 vs causal SDPA", "compare", AAREN, n=16384,
          causal=True, rounds=3),
+    Case("aaren_memory", "peak memory above the inputs, aaren prefix-scan causal forward N=65536 (fresh process)",
+         "memory", AAREN, against=None, n=65536, causal=True, metric="peak_gib"),
     Case("aaren_decode", "aaren decode step after 1k vs after 64k prefilled tokens (one thread)", "decode",
          Target("aaren", "aaren"), against=None, n=1024, n2=65536, causal=True, metric="step_ratio",
          floors={"step_ratio": at_most(1.25), "bytes_ratio": at_most(1.0)}, rounds=9, threads=1),
