@@ -78,7 +78,7 @@ def _within(m: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> ScanState:
     later = torch.ones(c, c, dtype=torch.bool, device=m.device).triu_(1)
     exponent = (m.unsqueeze(-2) - _stabiliser(running).unsqueeze(-1)).masked_fill(later, float("-inf"))
     weights = torch.exp(exponent)
-    return ScanState(running, (weights * u.unsqueeze(-2)).sum(-1), weights @ w)
+    return ScanState(running, (weights @ u.unsqueeze(-1)).squeeze(-1), weights @ w)
 
 
 def _neutral_pad(state: ScanState, pad: int) -> ScanState:
