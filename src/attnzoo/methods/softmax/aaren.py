@@ -100,7 +100,8 @@ def reference(
     bias: torch.Tensor | None, key_mask: torch.Tensor | None, return_lse: bool = False,
 ) -> Output:
     b, h, n, _ = q.shape
-    s = own_scores(q, k, scale).reshape(b, h, 1, n).expand(b, h, n, n)  # row t holds every s_j
+    s = scale * (q * repeat_kv(k, h)).sum(-1)  # s_j: each position's query against its own key
+    s = s.view(b, h, 1, n).expand(b, h, n, n)  # row t holds every s_j
     seen = torch.ones(n, n, dtype=torch.bool, device=q.device).tril().expand(b, h, n, n)
     if key_mask is not None:
         seen = seen & key_mask.view(b, 1, 1, n)
