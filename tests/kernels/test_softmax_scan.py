@@ -1,12 +1,14 @@
-"""The cumulative-softmax scan: every prefix equals a softmax over it (several recursion levels, broadcast heads),
-the combine is associative, a scan continues exactly from a state, large scores do not overflow, and prefixes that
-see nothing give 0 and −inf with finite gradients."""
+"""The cumulative-softmax scan: every prefix equals a softmax over it (several recursion levels, several chunk groups,
+broadcast heads, with and without autograd), the combine is associative, a scan continues exactly from the state it
+returns, large scores do not overflow, and prefixes that see nothing give 0 and −inf with finite gradients."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from attnzoo.kernels.softmax_scan import ScanState, combine, finish, last, prefix_scan
+from attnzoo.kernels import softmax_scan
+from attnzoo.kernels.softmax_scan import ScanState, combine, prefix_attention
 
 F64 = torch.float64
 
@@ -20,15 +22,18 @@ def cumulative_softmax(s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, 
     return torch.cat(outs, -2), torch.stack(lses, -1)
 
 
-def test_every_prefix_is_a_softmax_over_it_across_recursion_levels() -> None:
+@pytest.mark.parametrize("grad", [False, True])
+def test_every_prefix_is_a_softmax_over_it(grad: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(softmax_scan, "GROUP_BUDGET", 64)  # a few chunks per group: many groups
     g = torch.Generator().manual_seed(0)
-    s = 3 * torch.randn(2, 3, 70, generator=g, dtype=F64)  # 70 -> 18 -> 5 -> 2 chunk totals at chunk 4
+    s = (3 * torch.randn(2, 3, 70, generator=g, dtype=F64)).requires_grad_(grad)  # 70 -> 18 -> 5 -> 2 at chunk 4
     v = torch.randn(2, 1, 70, 5, generator=g, dtype=F64)  # broadcast over the 3 "query heads"
+    want_out, want_lse = cumulative_softmax(s.detach(), v)
     for chunk in (4, 64, 128):
-        out, lse = finish(prefix_scan(s, v, chunk=chunk))
-        want_out, want_lse = cumulative_softmax(s, v)
+        out, lse, whole = prefix_attention(s, v, chunk=chunk)
         torch.testing.assert_close(out, want_out)
         torch.testing.assert_close(lse, want_lse)
+        torch.testing.assert_close(whole.m + torch.log(whole.u), want_lse[..., -1])
 
 
 def test_combine_is_associative() -> None:
@@ -36,25 +41,27 @@ def test_combine_is_associative() -> None:
     a, b, c = (ScanState(5 * torch.randn(4, generator=g, dtype=F64), torch.rand(4, generator=g, dtype=F64) + 0.1,
                          torch.randn(4, 3, generator=g, dtype=F64)) for _ in range(3))
     left, right = combine(combine(a, b), c), combine(a, combine(b, c))
-    for x, y in zip(finish(left), finish(right), strict=True):
+    for x, y in zip(left, right, strict=True):
         torch.testing.assert_close(x, y)
 
 
-def test_a_scan_continues_from_the_state_of_earlier_positions() -> None:
+def test_a_scan_continues_from_the_state_it_returns() -> None:
     g = torch.Generator().manual_seed(2)
     s, v = torch.randn(2, 50, generator=g, dtype=F64), torch.randn(2, 50, 4, generator=g, dtype=F64)
-    whole = finish(prefix_scan(s, v, chunk=8))
-    head = prefix_scan(s[:, :21], v[:, :21], chunk=8)
-    tail = prefix_scan(s[:, 21:], v[:, 21:], initial=last(head), chunk=8)
-    torch.testing.assert_close(torch.cat([finish(head)[0], finish(tail)[0]], 1), whole[0])
-    torch.testing.assert_close(torch.cat([finish(head)[1], finish(tail)[1]], 1), whole[1])
+    out, lse, whole = prefix_attention(s, v, chunk=8)
+    head = prefix_attention(s[:, :21], v[:, :21], chunk=8)
+    tail = prefix_attention(s[:, 21:], v[:, 21:], initial=head[2], chunk=8)
+    torch.testing.assert_close(torch.cat([head[0], tail[0]], 1), out)
+    torch.testing.assert_close(torch.cat([head[1], tail[1]], 1), lse)
+    for x, y in zip(tail[2], whole, strict=True):
+        torch.testing.assert_close(x, y)
 
 
 def test_large_scores_do_not_overflow_in_fp32() -> None:
     g = torch.Generator().manual_seed(3)
     s = 1e4 * torch.randn(1, 300, generator=g, dtype=F64)
     v = torch.randn(1, 300, 2, generator=g, dtype=F64)
-    out, lse = finish(prefix_scan(s.float(), v.float(), chunk=16))
+    out, lse, _ = prefix_attention(s.float(), v.float(), chunk=16)
     want_out, want_lse = cumulative_softmax(s, v)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
@@ -65,7 +72,7 @@ def test_prefixes_that_see_nothing_give_zero_and_minus_inf_with_finite_gradients
     hidden = float("-inf")
     s = torch.tensor([[hidden] * 5 + [0.5, -1.0, hidden, 2.0] * 3], dtype=F64, requires_grad=True)
     v = torch.randn(1, s.shape[1], 3, dtype=F64, requires_grad=True)
-    out, lse = finish(prefix_scan(s, v, chunk=4))
+    out, lse, _ = prefix_attention(s, v, chunk=4)
     assert bool((out[:, :5] == 0).all()) and bool(torch.isneginf(lse[:, :5]).all())
     torch.testing.assert_close(out[:, 5:], cumulative_softmax(s.detach()[:, 5:], v.detach()[:, 5:])[0])
     finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from attnzoo.kernels.softmax_scan import ScanState, finish, last, prefix_scan
+from attnzoo.kernels.softmax_scan import ScanState, prefix_attention
 from attnzoo.methods.common import Output, repeat_kv, softmax_rows
 from attnzoo.registry import Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
@@ -108,29 +108,25 @@ def reference(
     return softmax_rows(s, seen, repeat_kv(v, h), return_lse)
 
 
-def _scan(
+def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_mask: torch.Tensor | None,
     initial: ScanState | None,
-) -> ScanState:
-    """The prefix states ``(B, Hkv, G, N)`` of the positions of ``q, k, v``, continuing from ``initial``."""
+) -> tuple[torch.Tensor, torch.Tensor, ScanState]:
+    """``out (B, H, N, Dv)`` in q's dtype, ``lse (B, H, N)`` and the whole sequence's state ``m, u (B, Hkv, G)``,
+    ``w (B, Hkv, G, Dv)`` of the positions of ``q, k, v``, continuing from ``initial``."""
     s = own_scores(q, k, scale)
     if key_mask is not None:
         s = s.masked_fill(~key_mask.view(s.shape[0], 1, 1, -1), float("-inf"))
-    return prefix_scan(s, v.unsqueeze(2), initial)
-
-
-def _heads(state: ScanState, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out (B, H, N, Dv), lse (B, H, N))`` of prefix states ``(B, Hkv, G, N)``, in ``dtype``."""
-    out, lse = finish(state)
-    b, hkv, g, n = lse.shape
-    return out.reshape(b, hkv * g, n, -1).to(dtype), lse.reshape(b, hkv * g, n)
+    out, lse, state = prefix_attention(s, v.unsqueeze(2), initial)
+    b, h, n, _ = q.shape
+    return out.reshape(b, h, n, -1).to(q.dtype), lse.reshape(b, h, n), state
 
 
 def torch_scan(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, key_mask: torch.Tensor | None, return_lse: bool = False,
 ) -> Output:
-    out, lse = _heads(_scan(q, k, v, scale, key_mask, None), q.dtype)
+    out, lse, _ = _attend(q, k, v, scale, key_mask, None)
     return (out, lse) if return_lse else out
 
 
@@ -139,17 +135,17 @@ def decode_prefill(
 ) -> tuple[torch.Tensor, ScanState]:
     """Aaren over a prompt, and the constant-size state of the whole prompt: ``m, u (B, Hkv, G)``,
     ``w (B, Hkv, G, Dv)``."""
-    prefixes = _scan(q, k, v, scale, key_mask, None)
-    return _heads(prefixes, q.dtype)[0], last(prefixes)
+    out, _, state = _attend(q, k, v, scale, key_mask, None)
+    return out, state
 
 
 def decode_step(
     state: ScanState | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
     key_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, ScanState]:
-    """``T >= 1`` new tokens: their prefix states continue from ``state`` (None: an empty sequence)."""
-    prefixes = _scan(q, k, v, scale, key_mask, state)
-    return _heads(prefixes, q.dtype)[0], last(prefixes)
+    """``T >= 1`` new tokens continuing from ``state`` (None: an empty sequence)."""
+    out, _, state = _attend(q, k, v, scale, key_mask, state)
+    return out, state
 
 
 DECODER = Decoder(decode_prefill, decode_step, token_params=("key_mask",), chunked=True)
