@@ -18,22 +18,23 @@ so the prefixes of every position are a prefix scan (the paper's many-to-many RN
 combine with a constant-size state (its many-to-one RNN). No factor ``e^{· − m}`` exceeds 1, so nothing overflows.
 
 The fast form (:func:`prefix_attention`), a chunked scan chosen over a log-depth Hillis–Steele scan by measurement
-(docs/s-layers.md), cuts the positions into chunks of ``CHUNK`` and makes three passes:
+(docs/s-layers.md), cuts the positions into chunks of ``CHUNK`` and walks the sequence once, in blocks of whole chunks
+(every head at once) whose temporaries stay under :data:`GROUP_BUDGET` elements, so they stay in cache. Per block:
 
 1. each chunk's total ``(m, u, w)`` (:func:`_chunk_totals`: one exponential per position, one matrix-vector product
    per chunk);
-2. the exclusive scan of the totals — what precedes each chunk — by :func:`_scan`, the same chunked scan on the
-   ``N / C`` totals, recursively (``N / C²``...), where inside a chunk the inclusive prefixes come at once from the
-   lower-triangular weights ``A_tj = e^{m_j − r_t}`` (``r_t`` the running max, :func:`torch.cummax`);
+2. what precedes each chunk: the state of the blocks before, then the exclusive scan of the block's totals
+   (:func:`_exclusive`, by :func:`_scan`: the same chunking on the totals, recursively, where inside a chunk the
+   inclusive prefixes come at once from the lower-triangular weights ``A_tj = e^{m_j − r_t}``, ``r_t`` the running
+   max by :func:`torch.cummax`);
 3. the outputs (:func:`_chunk_outputs`): per chunk, the weights of its own positions and of its carry, relative to the
    larger of the two maxima and divided by ``u_t``, so ``o_t`` comes out of one matmul plus a rank-one term; no
-   per-position ``(m, u, w)`` is materialised. The chunks of every head form one flat batch, processed in groups of
-   :data:`GROUP_BUDGET` elements so that the temporaries stay in cache (without autograd the groups write straight into
-   the output).
+   per-position ``(m, u, w)`` is materialised;
 
-Time O(N·C·Dv), memory O(N·Dv) plus a group's ``C×C`` weights: linear in N. Padding uses the neutral element
-``(−inf, 0, 0)``. Masked positions (score ``−inf``) weigh 0; a prefix that sees nothing (``u = 0``) gives output 0 and
-log-sum-exp ``−inf``, with finite gradients.
+and the block's total carried on to the next. The values are read once and the outputs written once. Time O(N·C·Dv),
+memory O(N·Dv) plus one block's temporaries: linear in N. Padding uses the neutral element ``(−inf, 0, 0)``. Masked
+positions (score ``−inf``) weigh 0; a prefix that sees nothing (``u = 0``) gives output 0 and log-sum-exp ``−inf``,
+with finite gradients.
 
 Gradients: the running maxima are only stabilisers — ``o`` and ``log u + m`` do not depend on them — so every state's
 ``m`` is detached; gradients flow through the element scores inside the exponentials and through ``u``, ``w``. This is
@@ -50,8 +51,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-CHUNK = 64  # positions per chunk of the scan (measured fastest of 16/32/64/128 on CPU: docs/s-layers.md)
-GROUP_BUDGET = 1 << 20  # elements of one chunk group's weights and outputs (4 MiB in fp32): they stay in cache
+CHUNK = 16  # positions per chunk (measured fastest of 8/16/32/64 with Dv = 64 on CPU: docs/s-layers.md)
+GROUP_BUDGET = 1 << 20  # elements of one block's weights and outputs (4 MiB in fp32): they stay in cache
 
 
 class ScanState(NamedTuple):
@@ -133,11 +134,11 @@ def _chunk_totals(s: torch.Tensor, v: torch.Tensor) -> ScanState:
 
 
 def _chunk_outputs(
-    s: torch.Tensor, v: torch.Tensor, carry: ScanState, later: torch.Tensor, out: torch.Tensor | None = None,
+    s: torch.Tensor, v: torch.Tensor, carry: ScanState, later: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(o, lse)`` of every position of chunks ``s (g, C)``, ``v (g, C, Dv)`` preceded by ``carry`` ``(g)``: the
     chunk's lower-triangular weights rescaled to the larger of its running max and the carry's, divided by ``u_t``, in
-    one matmul (into ``out`` if given), plus the carry's rank-one term."""
+    one matmul, plus the carry's rank-one term."""
     running = torch.cummax(s.detach(), dim=-1).values
     ref = _stabiliser(torch.maximum(carry.m.unsqueeze(-1), running))  # (g, C)
     weights = torch.exp((s.unsqueeze(-2) - ref.unsqueeze(-1)).masked_fill(later, float("-inf")))
@@ -145,7 +146,7 @@ def _chunk_outputs(
     u = before * carry.u.unsqueeze(-1) + weights.sum(-1)
     seen = u > 0
     u = torch.where(seen, u, torch.ones_like(u))
-    o = torch.matmul(weights / u.unsqueeze(-1), v, out=out)
+    o = (weights / u.unsqueeze(-1)) @ v
     o = o.addcmul_((before / u).unsqueeze(-1), carry.w.unsqueeze(-2))
     return o, torch.where(seen, ref + torch.log(u), torch.full_like(u, float("-inf")))
 
@@ -159,11 +160,8 @@ def prefix_attention(
     Returns ``o (..., N, Dv)``, ``lse (..., N)`` (0 and ``−inf`` where no key is visible yet) and the state of the
     whole run (``initial`` included). fp16/bf16 inputs are computed in fp32 (the outputs too).
 
-    Three passes: the chunks' totals (:func:`_chunk_totals`), their exclusive scan (:func:`_exclusive`, recursive on
-    ``N / C`` elements), then the outputs group of chunks by group (:func:`_chunk_outputs`), each group's temporaries
-    under :data:`GROUP_BUDGET` elements so that they stay in cache. The chunks of every head are one flat batch, so a
-    group is a contiguous slice; without autograd the groups write straight into the output. No per-position
-    ``(m, u, w)`` is materialised."""
+    One pass in blocks of whole chunks (see the module docstring); without autograd the blocks write straight into
+    the output, with it their outputs are concatenated."""
     compute = torch.float32 if s.dtype in (torch.float16, torch.bfloat16) else s.dtype
     s, v = s.to(compute), v.to(compute)
     n, dv = s.shape[-1], v.shape[-1]
@@ -172,24 +170,36 @@ def prefix_attention(
     if pad:
         s, v = F.pad(s, (0, pad), value=float("-inf")), F.pad(v, (0, 0, 0, pad))
     lead = torch.broadcast_shapes(s.shape[:-1], v.shape[:-2])
-    s = s.expand(*lead, -1).reshape(-1, chunk)  # (L·nc, C): every head's chunks
-    v = v.expand(*lead, -1, dv).reshape(-1, chunk, dv)  # a copy only where v is broadcast (GQA)
-    totals = _chunk_totals(s, v)
-    grouped = ScanState(*(t.view(*lead, -1) for t in totals[:2]), totals.w.view(*lead, -1, dv))
-    carry = _exclusive(grouped, initial, chunk)
-    whole = combine(last(carry), last(grouped))
-    carry = ScanState(*(t.reshape(-1) for t in carry[:2]), carry.w.reshape(-1, dv))
+    s = s.expand(*lead, -1).reshape(-1, n + pad)  # (L, N'): every head's scores
+    v = v.expand(*lead, -1, dv).reshape(-1, n + pad, dv)  # a copy only where v is broadcast (GQA)
+    heads = s.shape[0]
+    state = None if initial is None else ScanState(initial.m.reshape(heads), initial.u.reshape(heads),
+                                                   initial.w.reshape(heads, dv))
     later = torch.ones(chunk, chunk, dtype=torch.bool, device=s.device).triu_(1)
-    rows = s.shape[0]
-    group = max(1, GROUP_BUDGET // (chunk * (chunk + dv)))
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in (s, v, *carry))
-    out = None if training else v.new_empty(rows, chunk, dv)
-    parts = [_chunk_outputs(s[a : a + group], v[a : a + group], ScanState(*(t[a : a + group] for t in carry)), later,
-                            None if out is None else out[a : a + group])
-             for a in range(0, rows, group)]
-    if out is None:
-        out = torch.cat([o for o, _ in parts])
-    lse = torch.cat([x for _, x in parts])
+    block = chunk * max(1, GROUP_BUDGET // (heads * chunk * (chunk + dv)))
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (s, v, *(state or ())))
+    out = None if training else v.new_empty(heads, n + pad, dv)
+    lse = None if training else s.new_empty(heads, n + pad)
+    outs, lses = [], []
+    for a in range(0, n + pad, block):
+        sb = s[:, a : a + block].reshape(-1, chunk)  # (L·g, C)
+        vb = v[:, a : a + block].reshape(-1, chunk, dv)
+        totals = _chunk_totals(sb, vb)
+        totals = ScanState(totals.m.view(heads, -1), totals.u.view(heads, -1), totals.w.view(heads, -1, dv))
+        carry = _exclusive(totals, state, chunk)
+        o, x = _chunk_outputs(sb, vb, ScanState(carry.m.reshape(-1), carry.u.reshape(-1), carry.w.reshape(-1, dv)),
+                              later)
+        state = combine(last(carry), last(totals))
+        if training:
+            outs.append(o.view(heads, -1, dv))
+            lses.append(x.view(heads, -1))
+        else:
+            out[:, a : a + block] = o.view(heads, -1, dv)
+            lse[:, a : a + block] = x.view(heads, -1)
+    if training:
+        out, lse = torch.cat(outs, 1), torch.cat(lses, 1)
+    assert state is not None and out is not None and lse is not None
+    whole = ScanState(state.m.view(lead), state.u.view(lead), state.w.view(*lead, dv))
     return out.view(*lead, -1, dv)[..., :n, :], lse.view(*lead, -1)[..., :n], whole
 
 

@@ -26,9 +26,10 @@ Formula as implemented (causal self-attention only; ``scale`` defaults to ``1/�
 Reference (:func:`reference`): the cumulative softmax, dense — the ``(N × N)`` score matrix whose row ``t`` holds
 ``s_j`` for every ``j``, masked to ``j ≤ t``, through the shared dense softmax.
 
-Fast path ``torch`` (:func:`torch_scan`): :func:`attnzoo.kernels.softmax_scan.prefix_scan`, the chunked recursive scan
-of the paper's ``(m, u, w)`` (inclusive prefixes of chunks of 64 by one masked ``C×C`` matmul each, chunk totals
-scanned recursively, carries combined in). O(N·C·Dv) time, O(N·(C + Dv)) memory — linear in N. It returns the
+Fast path ``torch`` (:func:`torch_scan`): :func:`attnzoo.kernels.softmax_scan.prefix_attention`, the chunked scan of
+the paper's ``(m, u, w)``: one pass over the sequence in cache-sized blocks of chunks of 16 positions — each chunk's
+total, their exclusive scan continuing the state of what came before, then each position's output from one masked
+``C×C`` matmul plus the carry's rank-one term. O(N·C·Dv) time, O(N·Dv) memory — linear in N. It returns the
 log-sum-exp ``m_t + log u_t`` too (``return_lse=True``).
 
 Decoding (:data:`DECODER`): the paper's RNN. The state is the triple of the whole sequence so far — ``m, u (B, H)``,
@@ -78,7 +79,7 @@ SPEC = MethodSpec(
         Param("key_mask", (torch.Tensor,), None, "(batch, seq) bool: False = a padding key, never attended",
               check=_check_key_mask),
     ),
-    complexity="O(N·C·Dv) time (chunk C = 64), O(N·(C + Dv)) memory; decoding O(Dv) per token, O(Dv) state",
+    complexity="O(N·C·Dv) time (chunk C = 16), O(N·Dv) memory; decoding O(Dv) per token, O(Dv) state",
     supports_mask=False,
     supports_bias=False,
     subquadratic_memory=True,
