@@ -181,9 +181,9 @@ def prefix_attention(
     out = None if training else v.new_empty(heads, n + pad, dv)
     lse = None if training else s.new_empty(heads, n + pad)
     outs, lses = [], []
-    for a in range(0, n + pad, block):
-        sb = s[:, a : a + block].reshape(-1, chunk)  # (L·g, C)
-        vb = v[:, a : a + block].reshape(-1, chunk, dv)
+    # split, not sliced per block: the backward of a split is one concatenation, of a slice a zero-filled full copy
+    for a, sb, vb in zip(range(0, n + pad, block), s.split(block, 1), v.split(block, 1), strict=True):
+        sb, vb = sb.reshape(-1, chunk), vb.reshape(-1, chunk, dv)  # (L·g, C), (L·g, C, Dv)
         totals = _chunk_totals(sb, vb)
         totals = ScanState(totals.m.view(heads, -1), totals.u.view(heads, -1), totals.w.view(heads, -1, dv))
         carry = _exclusive(totals, state, chunk)
