@@ -96,6 +96,13 @@ def _neutral_pad(state: ScanState, pad: int) -> ScanState:
                      F.pad(state.w, (0, 0, 0, pad)))
 
 
+def _shifted(inclusive: ScanState) -> ScanState:
+    """Exclusive prefix states from inclusive ones: position ``c`` gets the state of ``0..c−1`` (the first, the
+    neutral element)."""
+    return ScanState(F.pad(inclusive.m[..., :-1], (1, 0), value=float("-inf")), F.pad(inclusive.u[..., :-1], (1, 0)),
+                     F.pad(inclusive.w[..., :-1, :], (0, 0, 1, 0)))
+
+
 def _scan(elements: ScanState, chunk: int) -> ScanState:
     """Inclusive prefix states of ``elements`` along the positions dim (recursive chunked scan)."""
     n = elements.m.shape[-1]
@@ -107,9 +114,7 @@ def _scan(elements: ScanState, chunk: int) -> ScanState:
     m, u = (t.unflatten(-1, (chunks, chunk)) for t in padded[:2])
     w = padded.w.unflatten(-2, (chunks, chunk))
     local = _within(m, u, w)
-    totals = _scan(last(local), chunk)
-    carry = ScanState(F.pad(totals.m[..., :-1], (1, 0), value=float("-inf")), F.pad(totals.u[..., :-1], (1, 0)),
-                      F.pad(totals.w[..., :-1, :], (0, 0, 1, 0)))  # exclusive: chunk c gets chunks 0..c−1
+    carry = _shifted(_scan(last(local), chunk))
     joined = combine(ScanState(carry.m.unsqueeze(-1), carry.u.unsqueeze(-1), carry.w.unsqueeze(-2)), local)
     return ScanState(joined.m.flatten(-2)[..., :n], joined.u.flatten(-2)[..., :n], joined.w.flatten(-3, -2)[..., :n, :])
 
@@ -117,9 +122,7 @@ def _scan(elements: ScanState, chunk: int) -> ScanState:
 def _exclusive(totals: ScanState, initial: ScanState | None, chunk: int) -> ScanState:
     """What precedes each chunk: ``initial`` (if any) followed by the chunks before it, from the chunks' totals
     ``(..., nc)`` (their inclusive scan shifted by one, the first chunk getting the neutral element)."""
-    inclusive = _scan(totals, chunk)
-    carry = ScanState(F.pad(inclusive.m[..., :-1], (1, 0), value=float("-inf")), F.pad(inclusive.u[..., :-1], (1, 0)),
-                      F.pad(inclusive.w[..., :-1, :], (0, 0, 1, 0)))
+    carry = _shifted(_scan(totals, chunk))
     if initial is None:
         return carry
     return combine(ScanState(initial.m.unsqueeze(-1), initial.u.unsqueeze(-1), initial.w.unsqueeze(-2)), carry)
@@ -198,7 +201,6 @@ def prefix_attention(
             lse[:, a : a + block] = x.view(heads, -1)
     if training:
         out, lse = torch.cat(outs, 1), torch.cat(lses, 1)
-    assert state is not None and out is not None and lse is not None
     whole = ScanState(state.m.view(lead), state.u.view(lead), state.w.view(*lead, dv))
     return out.view(*lead, -1, dv)[..., :n, :], lse.view(*lead, -1)[..., :n], whole
 
