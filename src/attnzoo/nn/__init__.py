@@ -1,8 +1,11 @@
 """``nn`` layers: projections plus ownership of each method's learnable parts."""
 
+from attnzoo.nn.aaren import Aaren, AarenAttention, AarenBlock
 from attnzoo.nn.attention import Attention
 from attnzoo.nn.cca import CompressedConvAttention
+from attnzoo.nn.gaam import GaussianAdaptiveAttention
 from attnzoo.nn.key_driven_gqa import KeyDrivenGQA
+from attnzoo.nn.lama import LAMAPooling
 from attnzoo.nn.layer_router import (
     LayerRouter,
     Route,
@@ -14,13 +17,21 @@ from attnzoo.nn.layer_router import (
     train_routers,
 )
 from attnzoo.nn.moh import MoHAttention
+from attnzoo.nn.probe import AttentiveProbe
 from attnzoo.nn.seer import SeerAttention
 from attnzoo.nn.shvit import SingleHeadAttention
+from attnzoo.nn.slot import SlotAttention
 
 __all__ = [
+    "Aaren",
+    "AarenAttention",
+    "AarenBlock",
     "Attention",
+    "AttentiveProbe",
     "CompressedConvAttention",
+    "GaussianAdaptiveAttention",
     "KeyDrivenGQA",
+    "LAMAPooling",
     "LayerRouter",
     "MoHAttention",
     "Route",
@@ -28,6 +39,7 @@ __all__ = [
     "RouterStep",
     "SeerAttention",
     "SingleHeadAttention",
+    "SlotAttention",
     "forced_route",
     "full_fraction",
     "routing_decisions",

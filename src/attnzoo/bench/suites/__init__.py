@@ -173,6 +173,7 @@ def suites() -> dict[str, tuple[Case, ...]]:
         decode,
         heads,
         inference,
+        layers,
         linear,
         models,
         precision,
@@ -185,7 +186,7 @@ def suites() -> dict[str, tuple[Case, ...]]:
     named = {"core": core.CASES, "softmax": softmax.CASES, "structured": structured.CASES, "radial": radial.CASES,
              "sparse": sparse.CASES, "linear": linear.CASES, "decode": decode.CASES, "inference": inference.CASES,
              "transformers": models.CASES, "precision": precision.CASES, "compressed": compressed.CASES,
-             "heads": heads.CASES}
+             "heads": heads.CASES, "layers": layers.CASES}
     named["floors"] = tuple(c for cases in list(named.values()) for c in cases if c.floors)
     return named
 

@@ -99,6 +99,8 @@ LEFT_OUT = {
     "maxvit_grid": LAYOUTS,
     "long_short": LAYOUTS,
     "varied_window": LAYOUTS,
+    "slot": "slot attention's softmax runs over the queries (slots competing for inputs): an object-discovery step "
+            "inside its own iterative module, not a stand-in for a pretrained encoder's token attention",
 }
 
 
