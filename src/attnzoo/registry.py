@@ -302,6 +302,25 @@ class Decoder:
     kv_cache: bool = False
     chunked: bool = False
 
+    @classmethod
+    def advancing(
+        cls, empty: Callable[..., Any], advance: Callable[..., tuple[torch.Tensor, Any]], **flags: Any,
+    ) -> Decoder:
+        """The decoder of a method whose prefill and step are one ``advance(state, q, k, v, scale, params) -> (out,
+        state)``: a prompt advances ``empty(q, k, v, params)`` (the empty sequence's state), a step the given state
+        (or the empty one for ``None``). ``flags``: the other fields (``chunked``, ``token_params``...)."""
+
+        def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                    **params: Any) -> tuple[torch.Tensor, Any]:
+            return advance(empty(q, k, v, params), q, k, v, scale, params)
+
+        def step(state: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                 **params: Any) -> tuple[torch.Tensor, Any]:
+            return advance(empty(q, k, v, params) if state is None else state, q, k, v, scale, params)
+
+        prefill.__wrapped__ = step.__wrapped__ = advance  # type: ignore[attr-defined]  # `attnzoo info` shows it
+        return cls(prefill, step, **flags)
+
 
 @dataclass(frozen=True)
 class TestHints:

@@ -341,21 +341,7 @@ def _empty(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict[str, 
                     q.new_zeros(b, q.shape[1] + hkv, reach, d), v.new_zeros(b, hkv, 1, v.shape[-1]))
 
 
-def decode_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any,
-) -> tuple[torch.Tensor, CCAState]:
-    """Causal CCA over a prompt and the state to continue it."""
-    return _advance(_empty(q, k, v, params), q, k, v, scale, params)
-
-
-def decode_step(
-    state: CCAState | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any,
-) -> tuple[torch.Tensor, CCAState]:
-    """``T ≥ 1`` tokens after ``state`` (None: an empty sequence)."""
-    return _advance(_empty(q, k, v, params) if state is None else state, q, k, v, scale, params)
-
-
-DECODER = Decoder(decode_prefill, decode_step, chunked=True)
+DECODER = Decoder.advancing(_empty, _advance, chunked=True)
 
 
 # ---- cost: KV bytes and FLOPs --------------------------------------------------------------------------------------

@@ -136,20 +136,6 @@ def _empty(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict[str, 
     return MQSAState(k[:, :, :0], v[:, :, :0], _no_history(q, params["long_window"], params["short_window"]), 0)
 
 
-def decode_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any,
-) -> tuple[torch.Tensor, MQSAState]:
-    """Causal MQSA over a prompt and the state to continue it."""
-    return _advance(_empty(q, k, v, params), q, k, v, scale, params)
-
-
-def decode_step(
-    state: MQSAState | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any,
-) -> tuple[torch.Tensor, MQSAState]:
-    """``T ≥ 1`` tokens after ``state`` (None: an empty sequence)."""
-    return _advance(_empty(q, k, v, params) if state is None else state, q, k, v, scale, params)
-
-
-DECODER = Decoder(decode_prefill, decode_step, chunked=True)
+DECODER = Decoder.advancing(_empty, _advance, chunked=True)
 
 register(SPEC, reference, [Backend("sdpa", sdpa_windows)], DECODER)
