@@ -1,5 +1,5 @@
 """Helpers more than one test file uses: seeded inputs, dense masks, fast-path-against-reference checks, and the
-per-token parameter slicing of the linear family's decoding API."""
+per-token parameter slicing of the linear family's decoding API, and a small training loop for layer tests."""
 
 from __future__ import annotations
 
@@ -212,3 +212,17 @@ def assert_decodes(
         for b in range(batch):
             torch.testing.assert_close(out[b, :, 0], want[b, :, index[b]])
     return state
+
+
+def fit_losses(module: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, steps: int,
+               lr: float = 1e-2) -> list[float]:
+    """Train ``module`` to map ``x`` to ``target`` (MSE, Adam at ``lr``) for ``steps`` steps; the loss before each."""
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(module(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -8,6 +8,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
+from tests.helpers import fit_losses
 
 
 def model(norm_first: bool = False, depth: int = 2) -> az.nn.Aaren:
@@ -57,14 +58,7 @@ def test_gradients_reach_every_parameter_and_it_trains() -> None:
     target = torch.cumsum(x, 1) / torch.arange(1, 13).view(1, -1, 1)  # the running mean: a prefix task
     m(x).pow(2).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(30):
-        loss = torch.nn.functional.mse_loss(m(x), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_losses(m, x, target, 30)
     assert losses[-1] < 0.5 * losses[0]
 
 
