@@ -120,6 +120,11 @@ def test_short_sequences_train_on_the_reference_unless_auto_picks_sdpa():
     assert row["status"] == "ok" and row["backend"] == "reference", row.get("reason")
 
 
+def test_a_method_whose_approximate_backend_cannot_train_is_unsupported_not_its_reference():
+    row = quality.run_case(tiny_case("sage"))  # sage's quantised backend has no backward; its reference is softmax
+    assert row["status"] == "unsupported" and row["reason"].startswith("backend:"), row
+
+
 def test_hedgehog_trains_with_its_distillation_loss_added():
     from attnzoo.nn.layers.hedgehog import distillation_loss
 

@@ -269,10 +269,21 @@ def train_backend(m: Any, call: Any, avoid: Any = ()) -> str:
     training step (MQAR 8 pairs, width 64, batch 32, one thread), ``moba`` 34.5 ms on its fast path against 12.7 ms
     on the reference, ``pbs`` 34.5/11.9, ``hip`` 32.9/12.2, ``hedgehog`` 20.6/13.4, ``gated_delta`` 24.1/20.1, softmax
     9.7 (sdpa). The reference is the method's definition and the conformance suite holds every fast path to it, so
-    the model learns the same function; the row records the backend used."""
+    the model learns the same function; the row records the backend used.
+
+    A method with an approximate backend (a quantised kernel of an exact formula, ``sage``) trains on that backend,
+    since its reference is the exact formula, not the method; where that backend cannot train (no backward), the case
+    is unsupported rather than a measurement of the reference."""
     from attnzoo.bench.efficiency import pick_backend
+    from attnzoo.errors import AttnzooError
 
     fast = pick_backend(m, call, avoid)
+    approximate = {b.name for b in m.backends if not b.exact}
+    if approximate:
+        if fast in approximate:
+            return fast
+        raise AttnzooError(f"backend: {m.name}'s approximate backend ({', '.join(sorted(approximate))}) cannot train "
+                           "(no backward); training its exact reference would measure the reference, not the method")
     if fast == "sdpa" or call.seq_kv > DENSE_TRAINING or "reference" in set(avoid):
         return fast
     return "reference"
