@@ -5,8 +5,10 @@ Model: token embedding + learned absolute position embedding, ``layers`` pre-nor
 where :mod:`attnzoo.nn.layers` has them) and ``x + MLP(LN(x))`` (4× GELU), a final LayerNorm and a linear read-out.
 AdamW (the case's ``lr``, 3e-3 by default; weight decay 0.01, linear warm-up over the first 10% of steps, then constant
 or, with the case's ``cosine``, cosine decay to 0), the same seed, batch size and number of steps for every method.
-Accuracy is measured after training on a fresh held-out batch of 256 sequences (fixed seed), counting only the scored
-positions.
+A loss the method's paper adds at each layer joins the task loss (:func:`training_loss`: Hedgehog's attention
+distillation). The model trains on the backend :func:`train_backend` picks (the dense reference at these short
+lengths unless ``auto`` picks SDPA; an approximate method on its approximate backend). Accuracy is measured after
+training on a fresh held-out batch of 256 sequences (fixed seed), counting only the scored positions.
 
 Size parameters are set relative to the task's sequence length ``seq`` (:func:`relative_params`), never left at a
 default that covers the whole sequence, by hooks of the method's spec: a method with a density setting
