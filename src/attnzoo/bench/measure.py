@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -37,15 +38,24 @@ TRAINING_HEAP_BYTES = 256 * 1024 * 1024
 CLEAR_REFS = "/proc/self/clear_refs"
 
 
-def _mallopt(settings: dict[int, int]) -> None:
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, loaded once (``find_library`` runs a subprocess), or None where there is none."""
     name = ctypes.util.find_library("c")
     if name is None:
-        return
+        return None
     try:
-        libc = ctypes.CDLL(name)
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def _mallopt(settings: dict[int, int]) -> None:
+    libc = _libc()
+    try:
         for option, value in settings.items():
-            libc.mallopt(option, value)
-    except (OSError, AttributeError):
+            libc.mallopt(option, value)  # type: ignore[union-attr]
+    except AttributeError:  # no C library, or one without glibc's mallopt
         return
 
 
@@ -70,12 +80,9 @@ def training_heap() -> Iterator[None]:
 
 
 def _trim() -> None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
     try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):
+        _libc().malloc_trim(0)  # type: ignore[union-attr]
+    except AttributeError:  # no C library, or one without glibc's malloc_trim
         return
 
 
