@@ -234,9 +234,9 @@ def _train(case: dict[str, Any]) -> dict[str, Any]:
     params, call = fixed_params(m, x0.shape[1], case)
     sizes = relative_params(m, call)
     params = {n: v for n, v in {**params, **sizes, **case.get("params", {})}.items() if n not in layer_computes(m.name)}
-    backend = case.get("backend") or train_backend(m, call, case.get("avoid", ()))
+    backend = train_backend(m, call, case.get("avoid", ()))
     model = TinyLM(vocab, x0.shape[1], case["dim"], case["heads"], case["layers"], case["method"], params,
-                   backend, training_loss(m.name) if case.get("layer_loss", True) else None).to(device)
+                   backend, training_loss(m.name)).to(device)
     steps, batch = int(case["steps"]), int(case["batch"])
 
     def batches() -> Batch:
