@@ -7,9 +7,52 @@ from attnzoo.registry import SELF_PATTERNS, Backend, get
 DIMS = {"batch": 1, "heads": 2, "kv_heads": 1, "head_dim": 8, "device": "cpu", "dtype": "float32"}
 
 
-def test_rounds_put_two_far_apart_lengths_and_training_first():
-    order = efficiency.rounds({"fwd": [512, 256, 1024], "fwd+bwd": [512]})
-    assert order == [("fwd", 256), ("fwd+bwd", 512), ("fwd", 1024), ("fwd", 512)]
+def test_rounds_increase_in_length_forward_first():
+    order = efficiency.rounds({"fwd": [4096, 1024, 2048], "fwd+bwd": [2048]})
+    assert order == [("fwd", 1024), ("fwd", 2048), ("fwd+bwd", 2048), ("fwd", 4096)]
+
+
+def _case(method: str, n: int, mode: str = "fwd", backend: str = "torch") -> dict:
+    return {"method": method, "backend": backend, "pattern": "self/causal", "mode": mode, "length": n}
+
+
+def test_cutoff_skips_measured_quadratic_series_beyond_the_cutoff_only():
+    quad = {("m", "torch", "self/causal", "fwd"): {1024: 0.01, 2048: 0.04}}
+    reason = efficiency.cutoff_reason(_case("m", 4096), quad, 2048, None)
+    assert reason is not None and "N^2.00" in reason and "2048" in reason
+    assert efficiency.cutoff_reason(_case("m", 2048), quad, 1024, None) is None  # one point below 2048: unknown
+    assert efficiency.cutoff_reason(_case("m", 4096), quad, 4096, None) is None  # not beyond the cutoff
+    linear = {("m", "torch", "self/causal", "fwd"): {1024: 0.01, 2048: 0.021}}
+    assert efficiency.cutoff_reason(_case("m", 4096), linear, 2048, None) is None
+    baseline = {("softmax", "sdpa", "self/causal", "fwd"): {1024: 0.01, 2048: 0.04}}
+    assert efficiency.cutoff_reason(_case("softmax", 4096, backend="sdpa"), baseline, 2048, 1e-9) is None
+
+
+def test_cutoff_cap_predicts_from_the_series_or_from_the_forward():
+    one = {("m", "torch", "self/causal", "fwd"): {1024: 0.1}}
+    reason = efficiency.cutoff_reason(_case("m", 4096), one, None, 1.0)  # quadratic guess: 0.1 × 16
+    assert reason is not None and "1.6 s" in reason and "N=1024" in reason
+    assert efficiency.cutoff_reason(_case("m", 2048), one, None, 1.0) is None  # 0.4 s
+    linear = {("m", "torch", "self/causal", "fwd"): {1024: 0.1, 2048: 0.2}}
+    assert efficiency.cutoff_reason(_case("m", 4096), linear, None, 0.5) is None  # 0.4 s at the measured exponent
+    fwd = {("m", "torch", "self/causal", "fwd"): {2048: 0.5}}
+    reason = efficiency.cutoff_reason(_case("m", 2048, "fwd+bwd"), fwd, None, 1.0)
+    assert reason is not None and "forward at N=2048" in reason
+    assert efficiency.cutoff_reason(_case("m", 2048, "fwd+bwd"), {}, None, 1.0) is None  # nothing to predict from
+
+
+def test_quiet_enough_needs_three_agreeing_repeats():
+    assert not efficiency.quiet_enough([1.0, 1.0], 0.05)
+    assert efficiency.quiet_enough([1.0, 1.01, 0.99], 0.05)
+    assert not efficiency.quiet_enough([1.0, 1.5, 0.7], 0.05)
+    assert not efficiency.quiet_enough([1.0, 1.0, 1.0], None)
+
+
+def test_plan_restricts_a_mode_to_its_patterns():
+    cases = efficiency.plan([get("sigmoid")], ["self/causal", "cross/causal"], {"fwd": [32], "fwd+bwd": [32]}, None,
+                            {}, DIMS, {}, {"fwd+bwd": ["self/causal"]})
+    assert {(c["mode"], c["pattern"]) for c in cases} == {("fwd", "self/causal"), ("fwd", "cross/causal"),
+                                                          ("fwd+bwd", "self/causal")}
 
 
 def test_plan_baseline_first_patterns_from_the_spec_and_skipped_backends():

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def tiny(methods, **overrides):
     cfg = sweep.quick_config(methods=methods, patterns=["self/causal", "cross/noncausal"], lengths=[16, 32],
-                             bwd_lengths=[16], heads=2, head_dim=8, repeats=2, budget_s=0.05, isolate=False,
+                             bwd_lengths=[16], bwd_patterns=None, heads=2, head_dim=8, repeats=2, budget_s=0.05,
+                             isolate=False,
                              phases=["efficiency", "approximation"])
     for k, v in overrides.items():
         setattr(cfg, k, v)

@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` options to ``parser``."""
     p = parser
     p.add_argument("--quick", action="store_true",
-                   help="small sizes for a CPU: every method, lengths 256-1024, one tiny quality task (< 3 min)")
+                   help="sized for a 2-core CPU: every method, lengths 1024-4096 (quadratic ones to 2048), one tiny "
+                        "quality task (< 3 min)")
     p.add_argument("--full", action="store_true",
                    help="with --suite quality: the study sized for a GPU (more pairs, widths, rates, seeds, steps)")
     p.add_argument("--methods", type=_csv, default=None, help="comma-separated method names (default: all registered)")

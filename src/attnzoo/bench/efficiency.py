@@ -7,7 +7,8 @@ bottom-right aligned, so every query sees at least half of the keys). The baseli
 
 A case runs ``attnzoo.attention(q, k, v, method=..., backend=..., causal=...)`` exactly as a user would (argument checks
 included): ``warmup`` calls (the first also counts FLOPs), then up to ``repeats`` timed calls, fewer if they would take
-more than ``budget_s`` in total, each with its peak memory measured (see :mod:`attnzoo.bench.measure`). ``fwd`` runs
+more than ``budget_s`` in total or, with a ``noise_target``, as soon as three or more agree within it
+(:func:`quiet_enough`), each with its peak memory measured (see :mod:`attnzoo.bench.measure`). ``fwd`` runs
 under ``torch.no_grad``; ``fwd+bwd`` makes q, k, v (and learnable float parameters) require gradients and calls
 ``backward`` with a fixed random output gradient.
 
@@ -21,6 +22,7 @@ another backend (``flops_source`` says which).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -53,19 +55,22 @@ def plan(
     skip_backends: dict[str, str],
     dims: dict[str, Any],
     run: dict[str, Any],
+    mode_patterns: dict[str, list[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Every efficiency case, in :func:`rounds` order, with the SDPA baseline before the methods at each shape.
 
-    ``lengths`` maps a mode to its lengths. ``backends`` selects backends by name (None: all registered fast paths;
-    ``reference`` only when named). ``skip_backends`` maps a backend name to the reason its cases are recorded as
-    skipped without running. ``dims`` holds batch/heads/kv_heads/head_dim/device/dtype; ``run`` is copied into each
-    case (warmup, repeats, budget_s, seed).
+    ``lengths`` maps a mode to its lengths; ``mode_patterns`` may restrict a mode to some of ``patterns``.
+    ``backends`` selects backends by name (None: all registered fast paths; ``reference`` only when named).
+    ``skip_backends`` maps a backend name to the reason its cases are recorded as skipped without running. ``dims``
+    holds batch/heads/kv_heads/head_dim/device/dtype; ``run`` is copied into each case (warmup, repeats, budget_s,
+    noise_target, seed).
     """
     methods = list(methods)
     base_method = get(BASELINE[0])
     cases = []
+    patterns = list(patterns)
     for mode, length in rounds(lengths):
-        for pattern in patterns:
+        for pattern in [p for p in patterns if p in (mode_patterns or {}).get(mode, patterns)]:
             entries = [(base_method, BASELINE[1])]
             for m in methods:
                 for name in [b.name for b in m.backends] + ["reference"]:
@@ -87,20 +92,66 @@ def plan(
 
 
 def rounds(lengths: dict[str, list[int]]) -> list[tuple[str, int]]:
-    """The order (mode, length) shapes run in, so that a run cut short still has the most useful points.
+    """The order (mode, length) shapes run in: increasing length, forward before forward+backward at the same length
+    (with fwd 1024/2048/4096 and fwd+bwd 2048: fwd 1024, fwd 2048, fwd+bwd 2048, fwd 4096). A series' shorter lengths
+    are measured before its longer ones, so :func:`cutoff_reason` can predict a case from the ones before it, and a
+    run cut short by its budget loses its longest, costliest shapes first."""
+    order = {(mode, n) for mode, ls in lengths.items() for n in ls}
+    return sorted(order, key=lambda mn: (mn[1], MODES.index(mn[0]) if mn[0] in MODES else len(MODES)))
 
-    Each mode's lengths are taken shortest, longest, then the rest in increasing order (two far-apart points already
-    give a fitted curve), and the modes alternate: with fwd 256/512/1024 and fwd+bwd 512 the order is fwd 256,
-    fwd+bwd 512, fwd 1024, fwd 512.
+
+QUADRATIC_EXPONENT = 1.7
+"""A series whose time grows as N^p with p at least this between its two longest measured lengths is taken as
+quadratic by :func:`cutoff_reason` (softmax-form methods measure 1.8–2.0 from 1024 to 2048 on one CPU thread;
+sub-quadratic ones 0.9–1.5)."""
+
+BACKWARD_FACTOR = 3.0
+"""Forward+backward time predicted from the forward time at the same shape (the backward of attention costs about
+twice the forward)."""
+
+
+def series(row: dict[str, Any]) -> tuple:
+    """What makes rows points of one curve: method, backend, pattern and mode."""
+    return (row["method"], row["backend"], row["pattern"], row["mode"])
+
+
+def cutoff_reason(
+    case: dict[str, Any], measured: dict[tuple, dict[int, float]], quadratic_cutoff: int | None, cap_s: float | None
+) -> str | None:
+    """Why ``case`` should be skipped without running, or None: the rule ``--quick`` uses to reach long lengths.
+
+    ``measured`` maps :func:`series` to ``{length: median seconds}`` of the rows measured so far. Two rules, neither
+    applied to the SDPA baseline:
+    - *known quadratic*: beyond ``quadratic_cutoff``, a series whose time grew as N^p with p ≥
+      :data:`QUADRATIC_EXPONENT` between its two longest measured lengths is not measured further: its ratio to SDPA
+      holds and its time is predictable, while each call costs as much as SDPA's;
+    - *over the cap*: a case whose time, predicted from the longest measured length of its series (growing as the
+      measured exponent, at least linearly; quadratically when one point is known), or for forward+backward from the
+      forward at the same shape (× :data:`BACKWARD_FACTOR`), is over ``cap_s`` per call.
     """
-    queues = {}
-    for mode, ls in lengths.items():
-        ordered = sorted(set(ls))
-        queues[mode] = ordered[:1] + ordered[-1:] + ordered[1:-1] if len(ordered) > 1 else ordered
-    order = []
-    for i in range(max((len(q) for q in queues.values()), default=0)):
-        order += [(mode, q[i]) for mode, q in queues.items() if i < len(q)]
-    return order
+    if (case["method"], case["backend"]) == BASELINE:
+        return None
+    n = case["length"]
+    mine = sorted((m, t) for m, t in measured.get(series(case), {}).items() if m < n)
+    exponent = 2.0
+    if len(mine) >= 2:
+        (n1, t1), (n2, t2) = mine[-2:]
+        exponent = math.log(t2 / t1) / math.log(n2 / n1) if t1 > 0 and t2 > 0 else 2.0
+        if quadratic_cutoff is not None and n > quadratic_cutoff and exponent >= QUADRATIC_EXPONENT:
+            return (f"quadratic: time ∝ N^{exponent:.2f} measured from {n1} to {n2}; --quick measures such methods "
+                    f"up to N={quadratic_cutoff} (their ratio to SDPA holds beyond)")
+    if cap_s is None:
+        return None
+    if mine:
+        last_n, last_t = mine[-1]
+        predicted, basis = last_t * (n / last_n) ** max(1.0, exponent), f"N={last_n}"
+    elif case["mode"] != MODES[0] and measured.get((*series(case)[:3], MODES[0]), {}).get(n):
+        predicted, basis = BACKWARD_FACTOR * measured[(*series(case)[:3], MODES[0])][n], f"its forward at N={n}"
+    else:
+        return None
+    if predicted > cap_s:
+        return f"predicted {predicted:.2g} s per call from {basis}: over --quick's cap of {cap_s:g} s per case"
+    return None
 
 
 def classify(e: BaseException) -> tuple[str, str]:
@@ -251,7 +302,7 @@ def _measure(case: dict[str, Any]) -> dict[str, Any]:
         p = peak.stop()
         if p is not None:
             peaks.append(p)
-        if sum(times) >= budget:
+        if sum(times) >= budget or quiet_enough(times, case.get("noise_target")):
             break
     result: dict[str, Any] = measure.spread(times)
     median = result["time_median_s"]
@@ -265,6 +316,15 @@ def _measure(case: dict[str, Any]) -> dict[str, Any]:
         params=measure.describe_params(params),
     )
     return result
+
+
+def quiet_enough(times: list[float], target: float | None) -> bool:
+    """Whether repeats can stop early: at least three, with an interquartile range within ``target`` of the median
+    (None: never early)."""
+    if target is None or len(times) < 3:
+        return False
+    spread = measure.spread(times)
+    return spread["time_iqr_s"] <= target * spread["time_median_s"]
 
 
 def fill_flops(rows: list[dict[str, Any]]) -> None:

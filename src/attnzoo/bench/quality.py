@@ -212,11 +212,11 @@ def plan(
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """Train and score one method on one task (with the allocator set for training loops:
-    :func:`attnzoo.bench.measure.training_heap`)."""
+    :func:`attnzoo.bench.measure.kept_heap`)."""
     from attnzoo.bench.efficiency import guarded
-    from attnzoo.bench.measure import training_heap
+    from attnzoo.bench.measure import kept_heap
 
-    with training_heap():
+    with kept_heap():
         return guarded(case, _train)
 
 

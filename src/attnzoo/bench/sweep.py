@@ -4,18 +4,21 @@ keep every row as it comes.
 Rows are appended to ``<out>/cases.jsonl`` the moment they are measured, and ``results.json`` plus the report are
 written at the end, or when the run is interrupted (Ctrl-C keeps what was measured: ``status: "interrupted"``).
 
-``--quick`` is sized for a 2-core CPU and a registry of ~40 methods: lengths 256/512/1024 forward and 512
-forward+backward, batch 1, 4 heads of 64, one warm-up and up to 3 repeats within 0.25 s per case, torch on one
-thread (on a shared or busy 2-core machine two threads make small calls up to 10× slower and far noisier); FlexAttention
-backends are skipped (each compile costs seconds on CPU: run without ``--quick``, or name ``--backends flex``);
-quality on MQAR with 4 pairs (vocabulary 16, sequence 12, chance 1/8) at tiny scale (200 steps of 32 sequences at
-lr 3e-3, width 32, one thread), a budget on which softmax reaches ≥ 0.95 (1.0 measured) and a method near chance
-prints ``untrained``; fresh-process peak memory at N=1024 for every
-method whose spec promises sub-quadratic memory (SDPA first). Each phase has a time budget (efficiency 95 s,
-approximation 15 s, fresh memory 45 s, quality 115 s beside the others); cases left when it is spent are recorded as
-skipped. Cases run in
-:func:`attnzoo.bench.efficiency.rounds` order (fwd 256, fwd+bwd 512, fwd 1024, fwd 512), so every method gets a
-fitted curve and a training-mode point before any of the extra points.
+``--quick`` is sized for a 2-core CPU and a registry of ~60 methods, at the lengths where methods differ: forward at
+1024/2048/4096 in all four patterns and forward+backward at 2048 in the two self-attention patterns, batch 1, 4 heads of
+64, one warm-up and 3 to 5 repeats (fewer when they pass 0.25 s; stopped early once three agree within 5 %), torch on
+one thread (on a shared or busy 2-core machine two threads make small calls up to 10× slower and far noisier). Lengths
+run in increasing order, so each case can be judged from the shorter ones first
+(:func:`attnzoo.bench.efficiency.cutoff_reason`): a series measured to grow quadratically (time ∝ N^p, p ≥ 1.7, from
+1024 to 2048) is not run at 4096 (its ratio to SDPA holds; the SDPA baseline always runs), and a case predicted to take
+over 1 s per call is skipped; both are recorded as skipped with the reason, so the structured-sparse and linear
+families' crossovers with SDPA are measured, not extrapolated. FlexAttention backends are skipped (each compile costs
+seconds on CPU: run without ``--quick``, or name ``--backends flex``); quality on MQAR with 4 pairs (vocabulary 16,
+sequence 12, chance 1/8) at tiny scale (200 steps of 32 sequences at lr 3e-3, width 32, one thread), a budget on which
+softmax reaches ≥ 0.95 (1.0 measured) and a method near chance prints ``untrained``, trained in a second worker on
+the other core; fresh-process peak memory at N=4096 for every method whose spec promises sub-quadratic memory (SDPA
+first). Each phase has a time budget (efficiency 110 s, approximation 15 s, fresh memory 40 s, quality 150 s beside
+the others); cases left when it is spent are recorded as skipped.
 """
 
 from __future__ import annotations
@@ -77,15 +80,20 @@ class Config:
     phases: list[str] = field(default_factory=lambda: ["efficiency", "approximation", "quality", "fresh"])
     fresh_length: int | None = None  # None: the longest forward length
     overlap_quality: bool = False
+    bwd_patterns: list[str] | None = None  # None: every pattern of `patterns`
+    quadratic_cutoff: int | None = None  # see efficiency.cutoff_reason
+    case_cap_s: float | None = None  # see efficiency.cutoff_reason
+    noise_target: float | None = None  # see efficiency.quiet_enough
 
 
 def quick_config(**overrides: Any) -> Config:
     cfg = Config(
-        lengths=[256, 512, 1024], bwd_lengths=[512], batch=1, heads=4, head_dim=64, warmup=1, repeats=3,
-        budget_s=0.25, case_timeout_s=30.0, skip_flex=True, approx_length=128,
+        lengths=[1024, 2048, 4096], bwd_lengths=[2048], bwd_patterns=["self/noncausal", "self/causal"], batch=1,
+        heads=4, head_dim=64, warmup=1, repeats=5, budget_s=0.25, noise_target=0.05, case_timeout_s=30.0,
+        quadratic_cutoff=2048, case_cap_s=1.0, skip_flex=True, approx_length=128,
         tasks=[{"name": "mqar", "pairs": 4, "vocab": 16}],
         model={"dim": 32, "heads": 2, "layers": 2, "steps": 200, "batch": 32, "lr": 3e-3, "threads": 1},
-        budgets_s={"efficiency": 95.0, "approximation": 15.0, "fresh_memory": 45.0, "quality": 115.0}, threads=1,
+        budgets_s={"efficiency": 110.0, "approximation": 15.0, "fresh_memory": 40.0, "quality": 150.0}, threads=1,
         quick=True,
         overlap_quality=True,
     )
@@ -183,9 +191,10 @@ def plan_all(cfg: Config) -> dict[str, list[dict[str, Any]]]:
     if "efficiency" in cfg.phases:
         lengths = {"fwd": cfg.lengths, "fwd+bwd": cfg.bwd_lengths}
         run = {"warmup": cfg.warmup, "repeats": cfg.repeats, "budget_s": cfg.budget_s, "seed": cfg.seed,
-               "threads": cfg.threads}
-        plans["efficiency"] = efficiency.plan(methods, cfg.patterns, {k: v for k, v in lengths.items() if v},
-                                              cfg.backends, skip, dims, run)
+               "threads": cfg.threads, "noise_target": cfg.noise_target}
+        plans["efficiency"] = efficiency.plan(
+            methods, cfg.patterns, {k: v for k, v in lengths.items() if v}, cfg.backends, skip, dims, run,
+            {"fwd+bwd": cfg.bwd_patterns} if cfg.bwd_patterns is not None else None)
     if "approximation" in cfg.phases:
         plans["approximation"] = approx.plan(methods, cfg.patterns, cfg.approx_length, dims, cfg.seed,
                                              "self/noncausal", list(skip))
@@ -256,7 +265,8 @@ def run(cfg: Config, out: Path, command: str = "", progress: bool = True) -> dic
                 side.start()
             for section in ("efficiency", "approximation", "fresh_memory") + (() if beside else ("quality",)):
                 if plans[section]:
-                    _run_phase(section, plans[section], runners[0], record, bar, cfg.budgets_s.get(section), stop)
+                    _run_phase(section, plans[section], runners[0], record, bar, cfg.budgets_s.get(section), stop,
+                               cfg)
             if side is not None:
                 while side.is_alive():
                     side.join(0.2)
@@ -277,29 +287,37 @@ def run(cfg: Config, out: Path, command: str = "", progress: bool = True) -> dic
 
 
 def _run_phase(section: str, cases: list[dict[str, Any]], runner: Runner, record: _Recorder, bar: Progress,
-               budget_s: float | None, stop: threading.Event) -> None:
+               budget_s: float | None, stop: threading.Event, cfg: Config | None = None) -> None:
     deadline = None if budget_s is None else time.perf_counter() + budget_s
     stopped: dict[tuple, tuple[str, int]] = {}
+    measured: dict[tuple, dict[int, float]] = defaultdict(dict)
     with bar.phase(section, len(cases)) as task:
         for case in cases:
             if stop.is_set():
                 return
-            series = (case["method"], case.get("backend"), case.get("pattern"), case.get("mode"))
+            cut = None
+            if section == "efficiency" and cfg is not None:
+                cut = efficiency.cutoff_reason(case, measured, cfg.quadratic_cutoff, cfg.case_cap_s)
             if "skip" in case:
                 row = {**{k: v for k, v in case.items() if k != "skip"}, "status": "skipped", "reason": case["skip"]}
-            elif section == "efficiency" and series in stopped and case["length"] >= stopped[series][1]:
-                status, length = stopped[series]
+            elif section == "efficiency" and efficiency.series(case) in stopped \
+                    and case["length"] >= stopped[efficiency.series(case)][1]:
+                status, length = stopped[efficiency.series(case)]
                 row = {**case, "status": "skipped", "reason": f"length {length} ended in {status}"}
+            elif cut is not None:
+                row = {**case, "status": "skipped", "reason": cut}
             elif deadline is not None and time.perf_counter() > deadline:
                 row = {**case, "status": "skipped", "reason": f"the {section} time budget ({budget_s:g} s) was spent"}
             else:
                 row = runner.run(case)
                 if stop.is_set():
                     return  # the worker was stopped under this case: its row says nothing about the method
+                if section == "efficiency" and row.get("status") == "ok":
+                    measured[efficiency.series(case)][case["length"]] = row["time_median_s"]
                 if row.get("status") in FAILED_STOPS and section == "efficiency":
-                    old = stopped.get(series)
+                    old = stopped.get(efficiency.series(case))
                     if old is None or case["length"] < old[1]:
-                        stopped[series] = (row["status"], case["length"])
+                        stopped[efficiency.series(case)] = (row["status"], case["length"])
             record(section, row)
             bar.advance(task, _label(case))
 

@@ -37,7 +37,7 @@ Failed cases (timeout, crash) are recorded too and not retried; delete their lin
 (methods shared out between them). Each method trains 10 cases (3 rates on the sweep setting, 5 other MQAR settings,
 induction, selective copy). Measured on the project's 2-core VM: the whole study (31 methods, 310 cases) took 2847 s
 (47.5 min) on 1 December 2026 at load average 2–3; since then quality cases no longer run under the
-memory-measuring allocator setting (:func:`attnzoo.bench.measure.training_heap`), which halved one case's time in a
+memory-measuring allocator setting (:func:`attnzoo.bench.measure.kept_heap`), which halved one case's time in a
 worker (36.9 s → 17.6 s). Models train on the dense reference at these lengths
 (:func:`attnzoo.bench.quality.train_backend`: 2–3× faster per step than the block-sparse fast paths). Two threads per
 case are no faster on 2 cores (at load 17, 810 ms a step against 54 ms on one thread).

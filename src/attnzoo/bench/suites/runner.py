@@ -286,19 +286,25 @@ def measure_case(case: Case, device: str = "cpu", threads: int | None = None) ->
     before = torch.get_num_threads()
     torch.set_num_threads(threads or case.threads or before)
     try:
-        if case.measure == "compare":
-            return _compare(case, device)
-        if case.measure == "scaling":
-            return _scaling(case, device)
-        if case.measure == "cache_step":
-            return _cache_step(case, device)
-        if case.measure == "cache_bytes":
-            return _cache_bytes(case, device)
-        if case.measure == "model":
-            return _model(case, device)
-        return _decode(case, device)
+        with measure.kept_heap():
+            return _timed(case, device)
     finally:
         torch.set_num_threads(before)
+
+
+def _timed(case: Case, device: str) -> tuple[dict[str, float], str]:
+    """The measures that time calls in this process."""
+    if case.measure == "compare":
+        return _compare(case, device)
+    if case.measure == "scaling":
+        return _scaling(case, device)
+    if case.measure == "cache_step":
+        return _cache_step(case, device)
+    if case.measure == "cache_bytes":
+        return _cache_bytes(case, device)
+    if case.measure == "model":
+        return _model(case, device)
+    return _decode(case, device)
 
 
 def _metric_text(case: Case, metric: str, x: float) -> str:
