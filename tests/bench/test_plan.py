@@ -16,16 +16,20 @@ def _case(method: str, n: int, mode: str = "fwd", backend: str = "torch") -> dic
     return {"method": method, "backend": backend, "pattern": "self/causal", "mode": mode, "length": n}
 
 
-def test_cutoff_skips_measured_quadratic_series_beyond_the_cutoff_only():
-    quad = {("m", "torch", "self/causal", "fwd"): {1024: 0.01, 2048: 0.04}}
+SDPA = {("softmax", "sdpa", "self/causal", "fwd"): {1024: 0.01, 2048: 0.04}}
+
+
+def test_cutoff_skips_measured_quadratic_series_as_costly_as_sdpa_beyond_the_cutoff_only():
+    quad = {**SDPA, ("m", "torch", "self/causal", "fwd"): {1024: 0.01, 2048: 0.04}}
     reason = efficiency.cutoff_reason(_case("m", 4096), quad, 2048, None)
-    assert reason is not None and "N^2.00" in reason and "2048" in reason
+    assert reason is not None and "N^2.00" in reason and "1× SDPA's time at 2048" in reason
     assert efficiency.cutoff_reason(_case("m", 2048), quad, 1024, None) is None  # one point below 2048: unknown
     assert efficiency.cutoff_reason(_case("m", 4096), quad, 4096, None) is None  # not beyond the cutoff
-    linear = {("m", "torch", "self/causal", "fwd"): {1024: 0.01, 2048: 0.021}}
+    linear = {**SDPA, ("m", "torch", "self/causal", "fwd"): {1024: 0.01, 2048: 0.021}}
     assert efficiency.cutoff_reason(_case("m", 4096), linear, 2048, None) is None
-    baseline = {("softmax", "sdpa", "self/causal", "fwd"): {1024: 0.01, 2048: 0.04}}
-    assert efficiency.cutoff_reason(_case("softmax", 4096, backend="sdpa"), baseline, 2048, 1e-9) is None
+    cheap = {**SDPA, ("m", "torch", "self/causal", "fwd"): {1024: 0.001, 2048: 0.004}}  # quadratic at 0.1× SDPA
+    assert efficiency.cutoff_reason(_case("m", 4096), cheap, 2048, None) is None
+    assert efficiency.cutoff_reason(_case("softmax", 4096, backend="sdpa"), SDPA, 2048, 1e-9) is None
 
 
 def test_cutoff_cap_predicts_from_the_series_or_from_the_forward():
@@ -37,7 +41,10 @@ def test_cutoff_cap_predicts_from_the_series_or_from_the_forward():
     assert efficiency.cutoff_reason(_case("m", 4096), linear, None, 0.5) is None  # 0.4 s at the measured exponent
     fwd = {("m", "torch", "self/causal", "fwd"): {2048: 0.5}}
     reason = efficiency.cutoff_reason(_case("m", 2048, "fwd+bwd"), fwd, None, 1.0)
-    assert reason is not None and "forward at N=2048" in reason
+    assert reason is not None and "3 × its forward at N=2048" in reason
+    shorter = {("m", "torch", "self/causal", "fwd"): {1024: 0.1}}  # 3 × 0.1 × 2² = 1.2 s
+    reason = efficiency.cutoff_reason(_case("m", 2048, "fwd+bwd"), shorter, None, 1.0)
+    assert reason is not None and "1.2 s" in reason and "N=1024" in reason
     assert efficiency.cutoff_reason(_case("m", 2048, "fwd+bwd"), {}, None, 1.0) is None  # nothing to predict from
 
 

@@ -105,6 +105,10 @@ QUADRATIC_EXPONENT = 1.7
 quadratic by :func:`cutoff_reason` (softmax-form methods measure 1.8–2.0 from 1024 to 2048 on one CPU thread;
 sub-quadratic ones 0.9–1.5)."""
 
+QUADRATIC_MIN_RATIO = 0.5
+"""...and as worth skipping only when it also takes at least this fraction of SDPA's time: a quadratic series much
+cheaper than SDPA costs little to measure, and a noisy pair of points cannot then skip a cheap method."""
+
 BACKWARD_FACTOR = 3.0
 """Forward+backward time predicted from the forward time at the same shape (the backward of attention costs about
 twice the forward)."""
@@ -123,34 +127,40 @@ def cutoff_reason(
     ``measured`` maps :func:`series` to ``{length: median seconds}`` of the rows measured so far. Two rules, neither
     applied to the SDPA baseline:
     - *known quadratic*: beyond ``quadratic_cutoff``, a series whose time grew as N^p with p ≥
-      :data:`QUADRATIC_EXPONENT` between its two longest measured lengths is not measured further: its ratio to SDPA
-      holds and its time is predictable, while each call costs as much as SDPA's;
-    - *over the cap*: a case whose time, predicted from the longest measured length of its series (growing as the
-      measured exponent, at least linearly; quadratically when one point is known), or for forward+backward from the
-      forward at the same shape (× :data:`BACKWARD_FACTOR`), is over ``cap_s`` per call.
+      :data:`QUADRATIC_EXPONENT` between its two longest measured lengths, and which took at least
+      :data:`QUADRATIC_MIN_RATIO` of SDPA's time at the longer one, is not measured further: its ratio to SDPA holds
+      and its time is predictable, while each call costs about as much as SDPA's;
+    - *over the cap*: a case whose time is predicted over ``cap_s`` per call. The prediction grows the longest measured
+      point of the series as its measured exponent (at least linearly; quadratically from a single point); a
+      forward+backward series with no point yet is predicted from its forward series the same way, times
+      :data:`BACKWARD_FACTOR`.
     """
     if (case["method"], case["backend"]) == BASELINE:
         return None
     n = case["length"]
-    mine = sorted((m, t) for m, t in measured.get(series(case), {}).items() if m < n)
+    key = series(case)
+    mine = sorted((m, t) for m, t in measured.get(key, {}).items() if m < n)
+    factor, basis = 1.0, ""
+    if not mine and case["mode"] != MODES[0]:
+        forward = (*key[:3], MODES[0])
+        mine = sorted((m, t) for m, t in measured.get(forward, {}).items() if m <= n)
+        factor, basis = BACKWARD_FACTOR, f"{BACKWARD_FACTOR:g} × its forward at "
     exponent = 2.0
     if len(mine) >= 2:
         (n1, t1), (n2, t2) = mine[-2:]
         exponent = math.log(t2 / t1) / math.log(n2 / n1) if t1 > 0 and t2 > 0 else 2.0
-        if quadratic_cutoff is not None and n > quadratic_cutoff and exponent >= QUADRATIC_EXPONENT:
-            return (f"quadratic: time ∝ N^{exponent:.2f} measured from {n1} to {n2}; --quick measures such methods "
-                    f"up to N={quadratic_cutoff} (their ratio to SDPA holds beyond)")
-    if cap_s is None:
+        sdpa = measured.get((*BASELINE, *key[2:]), {}).get(n2)
+        if (factor == 1.0 and quadratic_cutoff is not None and n > quadratic_cutoff and exponent >= QUADRATIC_EXPONENT
+                and sdpa and t2 >= QUADRATIC_MIN_RATIO * sdpa):
+            return (f"quadratic: time ∝ N^{exponent:.2f} from {n1} to {n2} and {t2 / sdpa:.2g}× SDPA's time at {n2}; "
+                    f"--quick measures such methods up to N={quadratic_cutoff} (their ratio to SDPA holds beyond)")
+    if cap_s is None or not mine:
         return None
-    if mine:
-        last_n, last_t = mine[-1]
-        predicted, basis = last_t * (n / last_n) ** max(1.0, exponent), f"N={last_n}"
-    elif case["mode"] != MODES[0] and measured.get((*series(case)[:3], MODES[0]), {}).get(n):
-        predicted, basis = BACKWARD_FACTOR * measured[(*series(case)[:3], MODES[0])][n], f"its forward at N={n}"
-    else:
-        return None
+    last_n, last_t = mine[-1]
+    predicted = factor * last_t * (n / last_n) ** max(1.0, exponent)
     if predicted > cap_s:
-        return f"predicted {predicted:.2g} s per call from {basis}: over --quick's cap of {cap_s:g} s per case"
+        return (f"predicted {predicted:.2g} s per call from {basis}N={last_n}: over --quick's cap of {cap_s:g} s "
+                "per case")
     return None
 
 
