@@ -43,7 +43,7 @@ from attnzoo.bench.answers import (
 )
 from attnzoo.bench.tables import COLUMN_HELP, PATTERN_ORDER, Section, run_facts, sections
 
-FILTERS = ("family", "pattern", "mode", "backend", "kind")
+FILTERS = ("family", "pattern", "mode", "backend", "kind", "change")  # change: --compare's page
 # One colour per family (catalogue order), for the tags beside method names.
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
 CAPTIONS = {
@@ -80,7 +80,8 @@ nav.az-nav{margin:8px 0;font-size:13px}nav.az-nav a{margin-right:12px;color:var(
 .az-cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(640px,1fr));gap:12px}
 .az-card{border:1px solid var(--line);border-radius:8px;padding:10px 12px;background:#fff}
 .az-card .az-sub{color:var(--muted);font-size:12.5px;margin:0 0 4px}
-.az-card table{width:100%;margin:0 0 6px}.az-card td,.az-card th{white-space:normal;padding:3px 5px}
+.az-card table{width:100%;margin:0 0 6px}.az-card td,.az-card th{padding:3px 5px}
+.az-card td:first-child,.az-card th{white-space:normal}
 .az-tag{display:inline-block;width:9px;height:9px;border-radius:2px;margin-right:5px;vertical-align:baseline}
 table{border-collapse:collapse;font-size:13px}
 td,th{border-bottom:1px solid var(--line);padding:3px 8px;text-align:left;white-space:nowrap}
@@ -340,14 +341,16 @@ def _cell(text: str, numeric: bool, wrap: bool) -> str:
 
 
 def table_html(table_id: str, header: list[str], body: list[list[str]],
-               attributes: list[dict[str, str]] | None = None) -> str:
-    """A sortable table (class ``az-table``): headers with their meaning as ``title``, each row with its
+               attributes: list[dict[str, str]] | None = None, meanings: dict[str, str] | None = None) -> str:
+    """A sortable table (class ``az-table``): headers with their meaning (``meanings`` over
+    :data:`~attnzoo.bench.tables.COLUMN_HELP`) as ``title``, each row with its
     ``attributes`` (one dict per row) as ``data-*``, numeric cells (:class:`~attnzoo.bench.tables.Num`) with
     ``data-value``. Long text cells (a reason) wrap."""
     numeric = [any(isinstance(getattr(r[i], "value", None), float | int) for r in body) for i in range(len(header))]
+    helps = {**COLUMN_HELP, **(meanings or {})}
     head = "".join(
         f"<th{' class=az-num' if numeric[i] else ''}"
-        + (f" title='{esc(COLUMN_HELP[h])}'><span>{esc(h)}</span>" if h in COLUMN_HELP else f">{esc(h)}") + "</th>"
+        + (f" title='{esc(helps[h])}'><span>{esc(h)}</span>" if h in helps else f">{esc(h)}") + "</th>"
         for i, h in enumerate(header))
     wrap = [h in ("reason", "details", "reason in B", "parameters", "sizes") for h in header]
     rows = []
