@@ -36,9 +36,9 @@ from attnzoo.bench.answers import (
     crossover_text,
     crossover_value,
     family_order,
-    headline_title,
     headline_verdict,
     method_info,
+    ms_text,
     quality_note,
 )
 from attnzoo.bench.tables import COLUMN_HELP, PATTERN_ORDER, Section, run_facts, sections
@@ -71,17 +71,18 @@ code{background:var(--bg2);padding:1px 5px;border-radius:3px;font-size:13px}
 vertical-align:middle;background:var(--muted)}
 .az-badge.complete,.az-badge.ok{background:var(--good)}.az-badge.interrupted,.az-badge.error,.az-badge.crashed,
 .az-badge.timeout,.az-badge.oom{background:var(--bad)}.az-badge.unsupported{background:#8a6d00}
-.az-badge.skipped{background:#77808f}
+.az-badge.skipped,.az-badge.unchanged{background:#77808f}.az-badge.faster{background:var(--good)}
+.az-badge.slower{background:var(--bad)}tr[data-change=faster]{background:#eef8f0}tr[data-change=slower]{background:#fdeeee}
 .az-meta{color:var(--muted);margin:2px 0}.az-meta span+span:before{content:" · "}
 details.az-run dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;margin:6px 0}
 details.az-run dt{color:var(--muted)}details.az-run dd{margin:0}
 nav.az-nav{margin:8px 0;font-size:13px}nav.az-nav a{margin-right:12px;color:var(--accent);text-decoration:none}
 .az-note{color:var(--muted);font-size:12.5px;margin:2px 0 8px}
 .az-cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(640px,1fr));gap:12px}
-.az-card{border:1px solid var(--line);border-radius:8px;padding:10px 12px;background:#fff}
-.az-card .az-sub{color:var(--muted);font-size:12.5px;margin:0 0 4px}
+.az-card{border:1px solid var(--line);border-radius:8px;padding:8px 12px 2px;background:#fff}
+.az-card .az-sub{color:var(--muted);font-size:12.5px;font-weight:normal;margin-left:6px}
 .az-card table{width:100%;margin:0 0 6px}.az-card td,.az-card th{padding:3px 5px}
-.az-card td:first-child,.az-card th{white-space:normal}
+.az-card th,.az-card td:nth-child(5){white-space:normal}
 .az-tag{display:inline-block;width:9px;height:9px;border-radius:2px;margin-right:5px;vertical-align:baseline}
 table{border-collapse:collapse;font-size:13px}
 td,th{border-bottom:1px solid var(--line);padding:3px 8px;text-align:left;white-space:nowrap}
@@ -223,17 +224,13 @@ def _mini_table(h: Headline) -> str:
 
 
 def _pattern_cards(items: list[Headline]) -> str:
-    """One card per pattern with a mini table per mode."""
+    """One card per pattern: the headline length, SDPA's time, how many methods beat it, the fastest methods."""
     cards = []
-    for pattern in PATTERN_ORDER:
-        mine = [h for h in items if h.pattern == pattern]
-        if not mine:
-            continue
-        parts = [f"<div class='az-card' data-pattern='{esc(pattern)}'><h3>{esc(pattern)}</h3>"]
-        for h in mine:
-            parts.append(f"<p class='az-sub'>{esc(headline_title(h).split(', ', 1)[1])} — "
-                         f"{esc(headline_verdict(h))}</p>{_mini_table(h)}")
-        cards.append("".join(parts) + "</div>")
+    for h in sorted(items, key=lambda h: PATTERN_ORDER.index(h.pattern)):
+        base = "" if h.baseline_time_s is None else f" · SDPA {ms_text(h.baseline_time_s, h.baseline_iqr_s)}"
+        cards.append(f"<div class='az-card' data-pattern='{esc(h.pattern)}'><h3>{esc(h.pattern)} "
+                     f"<span class='az-sub'>N = {h.length}{esc(base)} · {esc(headline_verdict(h))}</span></h3>"
+                     f"{_mini_table(h)}</div>")
     return f"<div class='az-cards'>{''.join(cards)}</div>"
 
 
@@ -286,13 +283,16 @@ def answers_html(a: Answers) -> str:
     if not (a.headlines or a.crossovers or a.missing):
         return ""
     parts = ["<section id='answers'><h2>Answers</h2>"]
-    if a.headlines:
-        families = list(dict.fromkeys(c.family for h in a.headlines for c in h.fastest))
-        legend = " ".join(f"<span>{family_tag(f)}{esc(f)}</span>" for f in families)
-        parts += ["<h3>Fastest methods per pattern, at the longest length measured</h3>",
-                  f"<p class='az-note'>{esc(quality_note(a))}<br>Families: {legend}</p>",
-                  _pattern_cards(list(a.headlines))]
-    parts += [_crossover_html(list(a.crossovers), mode) for mode in MODES]
+    families = list(dict.fromkeys(c.family for h in a.headlines for c in h.fastest))
+    legend = " ".join(f"<span>{family_tag(f)}{esc(f)}</span>" for f in families)
+    for mode in MODES:  # forward first: its fastest methods and where each family pays, then training's
+        mine = [h for h in a.headlines if h.mode == mode]
+        if mine:
+            parts.append(f"<h3>Fastest methods, {esc(MODE_TITLES[mode])}, at the longest length measured</h3>")
+            if mode == MODES[0]:
+                parts.append(f"<p class='az-note'>{esc(quality_note(a))} Families: {legend}</p>")
+            parts.append(_pattern_cards(mine))
+        parts.append(_crossover_html(list(a.crossovers), mode))
     parts += [_missing_html(list(a.missing)), "</section>"]
     return "".join(parts)
 
