@@ -374,14 +374,17 @@ def missing_text(m: Missing, limit: int = 8) -> str:
 
 
 def answers_markdown(a: Answers) -> list[str]:
-    """The answers as Markdown lines (the head of ``summary.md``)."""
+    """The answers as Markdown lines (the head of ``summary.md``), in the page's order: per mode, the fastest methods
+    per pattern and where each family starts to pay; then the cases without a result."""
     out: list[str] = []
-    if a.headlines:
-        out += ["## Fastest methods per pattern", "", quality_note(a), ""]
-        for h in a.headlines:
-            out += [f"**{headline_title(h)}**: {headline_verdict(h)}.", ""]
-            out += [md_table(CONTENDER_HEADER, [contender_cells(c) for c in h.fastest])]
     for mode in MODES:
+        mine = [h for h in a.headlines if h.mode == mode]
+        if mine:
+            out += [f"## Fastest methods, {MODE_TITLES[mode]}, at the longest length measured", ""]
+            out += [quality_note(a), ""] if mode == MODES[0] else []
+            for h in mine:
+                out += [f"**{headline_title(h)}**: {headline_verdict(h)}.", "",
+                        md_table(CONTENDER_HEADER, [contender_cells(c) for c in h.fastest])]
         header, body = crossover_table(list(a.crossovers), mode)
         if body:
             out += [f"## Where each family starts to pay ({MODE_TITLES[mode]}): efficiency length against SDPA", "",
