@@ -22,7 +22,6 @@ registered (results of a run that imported a plugin) is of family ``other``.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -312,13 +311,6 @@ def crossover_text(c: Crossover) -> str:
     if c.kind == "until" and c.length is not None:
         return f"until {short_length(c.length)}{' (extrapolated)' if c.extrapolated else ''}"
     return f"never (to {c.longest})"
-
-
-def crossover_value(c: Crossover) -> float:
-    """The number a crossover sorts by: 0 for always, the length for a crossing or until, infinity for never."""
-    if c.kind == "always":
-        return 0.0
-    return c.length if c.length is not None else math.inf
 
 
 def headline_title(h: Headline) -> str:

@@ -34,7 +34,6 @@ from attnzoo.bench.answers import (
     answers,
     contender_cells,
     crossover_text,
-    crossover_value,
     family_order,
     headline_verdict,
     method_info,
@@ -213,11 +212,11 @@ def _mini_table(h: Headline) -> str:
     head = "".join(f"<th>{esc(c)}</th>" for c in CONTENDER_HEADER if c != "family")
     rows = []
     for c in h.fastest:
-        cells = contender_cells(c)
-        speed = "az-good" if c.faster else ("az-bad" if c.clear else "az-dim")
-        rows.append(f"<tr data-method='{esc(c.method)}'><td>{family_tag(c.family)}{esc(cells[0])}</td>"
-                    f"<td>{esc(cells[2])}</td><td class='{speed}'>{esc(cells[3])}</td>"
-                    + "".join(f"<td>{esc(x)}</td>" for x in cells[4:]) + "</tr>")
+        method, _family, time, speed, *rest = contender_cells(c)  # the family is the tag's colour here
+        tone = "az-good" if c.faster else ("az-bad" if c.clear else "az-dim")
+        rows.append(f"<tr data-method='{esc(c.method)}'><td>{family_tag(c.family)}{esc(method)}</td>"
+                    f"<td>{esc(time)}</td><td class='{tone}'>{esc(speed)}</td>"
+                    + "".join(f"<td>{esc(x)}</td>" for x in rest) + "</tr>")
     if not rows:
         rows.append(f"<tr><td colspan='{len(CONTENDER_HEADER) - 1}' class='az-dim'>no method measured</td></tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
@@ -239,7 +238,7 @@ def _crossover_cell(c: Crossover | None, metric: str) -> str:
         return ""
     measured = c.kind == "always" or (c.kind == "crossing" and not c.extrapolated)
     cls = "az-measured" if measured else "az-extra"
-    return (f"<div data-value='{crossover_value(c)}'>{metric} <span class='{cls}'>{esc(crossover_text(c))}</span> "
+    return (f"<div>{metric} <span class='{cls}'>{esc(crossover_text(c))}</span> "
             f"<span class='az-who'>{esc(c.method)}</span></div>")
 
 
@@ -297,7 +296,7 @@ def answers_html(a: Answers) -> str:
     return "".join(parts)
 
 
-def figures_html(out: Path, images: list[str], figures: str | None) -> str:
+def plots_html(out: Path, images: list[str], figures: str | None) -> str:
     """The plots section: the interactive ``figures`` fragment when given, else each PNG of ``images`` (files under
     ``out``) embedded as base64 in a ``figure.az-figure`` with its caption; empty when there is neither."""
     if figures:
@@ -400,9 +399,10 @@ def report_html(results: dict[str, Any], out: Path, images: list[str], figures: 
     """The page for ``results``: facts, answers, plots (the interactive ``figures`` fragment when given, else the PNG
     files ``images`` found under ``out``), then every table."""
     items = sections(results)
-    nav = ["<a href='#answers'>Answers</a>"] if results.get("efficiency") else []
+    first = answers_html(answers(results))
+    nav = ["<a href='#answers'>Answers</a>"] if first else []
     nav += ["<a href='#plots'>Plots</a>"] if figures or images else []
     nav += [f"<a href='#t{i}'>{esc(s.title.split(' (')[0].split(':')[0])}</a>" for i, s in enumerate(items)]
     return page("attnzoo bench", [
-        header_html(results), f"<nav class='az-nav'>{''.join(nav)}</nav>", answers_html(answers(results)),
-        figures_html(out, images, figures), tables_html(items)])
+        header_html(results), f"<nav class='az-nav'>{''.join(nav)}</nav>", first, plots_html(out, images, figures),
+        tables_html(items)])
