@@ -15,6 +15,7 @@ pattern, mode, backend and change).
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,8 @@ def compare_html(a: dict[str, Any], b: dict[str, Any], a_name: str, b_name: str,
     """``compare.html``: both runs' facts, the counts, every matched case (sortable, filterable), status and quality
     changes."""
     esc = html.escape
-    items = case_changes(a, b, threshold)
+    order = {"slower": 0, "faster": 1, "unchanged": 2}  # regressions first, largest change first within each
+    items = sorted(case_changes(a, b, threshold), key=lambda c: (order[c["change"]], -abs(math.log(c["ratio"]))))
     changes = compare(a, b, threshold)
     header, body = case_table(items)
     attrs = [{**row_attributes(header, row), "change": c["change"]} for row, c in zip(body, items, strict=True)]
