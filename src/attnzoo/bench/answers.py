@@ -365,6 +365,11 @@ def missing_text(m: Missing, limit: int = 8) -> str:
     return f"{m.status} · {m.cases} case{'s' * (m.cases != 1)} ({', '.join(m.phases)}) · {names} — {m.reason or '?'}"
 
 
+def no_crossover_note(mode: str) -> str:
+    """Said where a mode has headlines but no efficiency length (one length measured)."""
+    return f"No efficiency length for {MODE_TITLES.get(mode, mode)}: it needs two or more lengths measured."
+
+
 def answers_markdown(a: Answers) -> list[str]:
     """The answers as Markdown lines (the head of ``summary.md``), in the page's order: per mode, the fastest methods
     per pattern and where each family starts to pay; then the cases without a result."""
@@ -381,6 +386,8 @@ def answers_markdown(a: Answers) -> list[str]:
         if body:
             out += [f"## Where each family starts to pay ({MODE_TITLES[mode]}): efficiency length against SDPA", "",
                     md_table(header, body)]
+        elif mine:
+            out += [no_crossover_note(mode), ""]
     if a.missing:
         out += ["## Cases without a result", ""] + [f"- {missing_text(m)}" for m in a.missing] + [""]
     return out

@@ -37,6 +37,7 @@ from attnzoo.bench.answers import (
     family_order,
     headline_verdict,
     method_info,
+    no_crossover_note,
     ms_text,
     quality_note,
 )
@@ -63,7 +64,7 @@ CSS = """
 *{box-sizing:border-box}
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1440px;padding:12px 24px;
 color:var(--fg)}
-h1{font-size:22px;margin:4px 0}h2{font-size:18px;margin:22px 0 8px;border-bottom:1px solid var(--line);
+h1{font-size:22px;margin:4px 0}#answers h3{margin-top:16px}h2{font-size:18px;margin:22px 0 8px;border-bottom:1px solid var(--line);
 padding-bottom:4px}h3{font-size:15px;margin:0 0 2px}
 code{background:var(--bg2);padding:1px 5px;border-radius:3px;font-size:13px}
 .az-badge{display:inline-block;padding:1px 9px;border-radius:10px;font-size:12px;font-weight:600;color:#fff;
@@ -291,7 +292,8 @@ def answers_html(a: Answers) -> str:
             if mode == MODES[0]:
                 parts.append(f"<p class='az-note'>{esc(quality_note(a))} Families: {legend}</p>")
             parts.append(_pattern_cards(mine))
-        parts.append(_crossover_html(list(a.crossovers), mode))
+        crossings = _crossover_html(list(a.crossovers), mode)
+        parts.append(crossings or (f"<p class='az-note'>{esc(no_crossover_note(mode))}</p>" if mine else ""))
     parts += [_missing_html(list(a.missing)), "</section>"]
     return "".join(parts)
 
