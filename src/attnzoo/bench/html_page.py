@@ -37,8 +37,8 @@ from attnzoo.bench.answers import (
     family_order,
     headline_verdict,
     method_info,
-    no_crossover_note,
     ms_text,
+    no_crossover_note,
     quality_note,
 )
 from attnzoo.bench.tables import COLUMN_HELP, PATTERN_ORDER, Section, run_facts, sections
@@ -64,8 +64,8 @@ CSS = """
 *{box-sizing:border-box}
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1440px;padding:12px 24px;
 color:var(--fg)}
-h1{font-size:22px;margin:4px 0}#answers h3{margin-top:16px}h2{font-size:18px;margin:22px 0 8px;border-bottom:1px solid var(--line);
-padding-bottom:4px}h3{font-size:15px;margin:0 0 2px}
+h1{font-size:22px;margin:4px 0}h2{font-size:18px;margin:22px 0 8px;border-bottom:1px solid var(--line);
+padding-bottom:4px}h3{font-size:15px;margin:0 0 2px}#answers h3{margin-top:16px}
 code{background:var(--bg2);padding:1px 5px;border-radius:3px;font-size:13px}
 .az-badge{display:inline-block;padding:1px 9px;border-radius:10px;font-size:12px;font-weight:600;color:#fff;
 vertical-align:middle;background:var(--muted)}
