@@ -6,7 +6,8 @@ A user opens ``report.html`` (or ``summary.md``) with three questions; both page
   at the *headline length* (the longest length at which SDPA, the baseline, was measured for that pattern and mode),
   the fastest methods with their speed-up over SDPA, memory ratio, exactness or difference from softmax attention
   (relative L2 at default settings, from the approximation phase) and quality (accuracy on the run's quality task,
-  the quick MQAR for ``--quick``). A method measured through several backends counts once, by its fastest backend.
+  the quick MQAR for ``--quick``). A method measured through several backends counts once, by its fastest backend;
+  softmax itself, through any backend, is the baseline and no contender.
   "Faster than SDPA" means beyond the noise: the two medians' IQR bands (median ± IQR/2) do not overlap.
 - *Where does a family start to pay?* :func:`crossovers`: per family, pattern, mode and metric (time, peak memory),
   the method whose efficiency length (CAB, :mod:`attnzoo.bench.fit`) is the best: cheaper at every measured length,
@@ -214,7 +215,7 @@ def crossovers(results: dict[str, Any]) -> list[Crossover]:
     best: dict[tuple[str, str, str, str], Crossover] = {}
     for e in results.get("efficiency_length", []):
         lengths = spans.get((e["method"], e["backend"], e["pattern"], e["mode"]))
-        if e["kind"] not in _KIND_RANK or not lengths:
+        if e["kind"] not in _KIND_RANK or not lengths or e["method"] == BASELINE[0]:
             continue
         family = method_info(e["method"])[0]
         c = Crossover(family, e["pattern"], e["mode"], e["metric"], e["method"], e["backend"], e["kind"],
