@@ -9,8 +9,9 @@ import pytest
 import attnzoo
 from attnzoo.bench import add_arguments, efficiency, fresh, main, suites
 from attnzoo.bench.efficiency import attach_fresh
+from attnzoo.bench.report import summary_markdown
 from attnzoo.bench.suites import Case, Floor, Target, at_least, at_most, below, runner, structured
-from attnzoo.bench.tables import md_table, suite_table, summary_markdown
+from attnzoo.bench.tables import md_table, suite_table
 from attnzoo.errors import AttnzooError
 
 DIMS = {"batch": 1, "heads": 4, "kv_heads": 4, "head_dim": 32, "device": "cpu", "dtype": "float32"}

@@ -89,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--cases", type=_csv, default=None, metavar="NAMES",
                    help="with --suite: only the cases with these names (comma-separated; * and ? patterns)")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
-                   help="show what got faster or slower from run A to run B, then exit")
+                   help="show what got faster or slower from run A to run B (and write compare.html next to B), "
+                        "then exit")
     p.add_argument("--threshold", type=float, default=0.1, help="relative change --compare reports (default 0.1)")
 
 
@@ -267,7 +268,8 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         if args.compare:
-            print(compare.main(args.compare[0], args.compare[1], args.threshold))
+            print(compare.main(args.compare[0], args.compare[1], args.threshold,
+                               html_path=Path(args.compare[1]).parent / "compare.html"))
             return 0
         import importlib
 

@@ -55,13 +55,14 @@ class EfficiencyLength:
         if self.kind in ("always", "never"):
             return self.kind
         if self.kind == "crossing" and self.length is not None:
-            return f"{'~' if self.extrapolated else ''}{_short_length(self.length)}"
+            return f"{'~' if self.extrapolated else ''}{short_length(self.length)}"
         if self.kind == "until" and self.length is not None:
-            return f"until {_short_length(self.length)}"
+            return f"until {short_length(self.length)}"
         return "—"
 
 
-def _short_length(n: float) -> str:
+def short_length(n: float) -> str:
+    """``950``, ``1.2k``, ``3.4M``: a length in a few characters."""
     if n >= 1e6:
         return f"{n / 1e6:.1f}M"
     if n >= 1e3:

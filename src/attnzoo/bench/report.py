@@ -1,6 +1,7 @@
 """Write a run's report: complete the results (FLOPs, ratios to SDPA, efficiency lengths, fresh-process figures),
-then ``results.json`` (:mod:`~attnzoo.bench.results`), ``summary.md`` (:mod:`~attnzoo.bench.tables`), the PNG plots
-(:mod:`~attnzoo.bench.plots`) and ``report.html`` (:mod:`~attnzoo.bench.html_page`).
+then ``results.json`` (:mod:`~attnzoo.bench.results`), ``summary.md`` (the answers of :mod:`~attnzoo.bench.answers`
+and the tables of :mod:`~attnzoo.bench.tables`), the PNG plots (:mod:`~attnzoo.bench.plots`) and ``report.html``
+(:mod:`~attnzoo.bench.html_page`).
 
 Without matplotlib (the ``[report]`` extra) the JSON, the Markdown and an HTML page without pictures are still written.
 """
@@ -8,15 +9,17 @@ Without matplotlib (the ``[report]`` extra) the JSON, the Markdown and an HTML p
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from attnzoo.bench.answers import answers, answers_markdown
 from attnzoo.bench.efficiency import BASELINE, attach_fresh, attach_ratios, fill_flops
 from attnzoo.bench.fit import efficiency_length
 from attnzoo.bench.html_page import report_html
 from attnzoo.bench.plots import write_plots
 from attnzoo.bench.results import save_results
-from attnzoo.bench.tables import summary_markdown
+from attnzoo.bench.tables import facts_markdown, md_table, run_facts, sections
 
 
 def fit_efficiency_lengths(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -42,6 +45,18 @@ def fit_efficiency_lengths(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def summary_markdown(results: dict[str, Any], images: Iterable[str] = ()) -> str:
+    """``summary.md``: the run's facts, the answers (as the HTML page gives them), every table and links to the
+    plots."""
+    out = ["# attnzoo bench", "", *facts_markdown(run_facts(results)), "", *answers_markdown(answers(results))]
+    for s in sections(results):
+        out += [f"## {s.title}", "", md_table(s.header, s.body)]
+    images = list(images)
+    if images:
+        out += ["## Plots", ""] + [f"![{Path(i).stem}]({i})" for i in images] + [""]
+    out += ["Column meanings: see docs/bench.md.", ""]
+    return "\n".join(out)
+
 
 def write_report(results: dict[str, Any], out: Path) -> list[Path]:
     """Complete ``results`` (FLOPs filled in, ratios to SDPA, efficiency lengths, fresh-process peaks beside the warm
@@ -54,5 +69,6 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
     save_results(out / "results.json", results)
     images = write_plots(results, out)
     (out / "summary.md").write_text(summary_markdown(results, images))
-    (out / "report.html").write_text(report_html(results, out, images))
+    # the integrator wires attnzoo.bench.interactive.figures_html(results) here (None without plotly)
+    (out / "report.html").write_text(report_html(results, out, images, figures=None))
     return [out / "results.json", out / "summary.md", out / "report.html", *(out / i for i in images)]

@@ -1,38 +1,129 @@
 """The report's tables: header and rows of each (efficiency, suite cases, difference from softmax, quality, failures),
-and their Markdown rendering (``summary.md``; :func:`md_table` is also what ``--compare`` prints with)."""
+the run's facts that open a report, and their Markdown rendering (:func:`md_table` is also what ``--compare`` prints
+with).
+
+A numeric cell is a :class:`Num`: the text shown (rounded, with :func:`round_to_noise` where a spread was measured)
+that also carries the number it stands for, which the HTML page sorts by.
+"""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from attnzoo.bench.efficiency import BASELINE
+from attnzoo.bench.fit import short_length
 from attnzoo.bench.quality import accuracy_text, choose_lr
 
 PATTERN_ORDER = ("self/noncausal", "self/causal", "cross/noncausal", "cross/causal")
+MAX_DIGITS = 4  # significant digits kept when the spread is zero or unknown is 3; never more than this
+
+# What each column means, one hover away in the HTML page (``title`` of the header cell).
+COLUMN_HELP = {
+    "N": "sequence length (keys; self-attention: queries too, cross-attention: N/2 queries)",
+    "ms": "median wall time of one call, in milliseconds, rounded to the digits its IQR supports",
+    "± IQR": "interquartile range of the timed repeats, in milliseconds: the spread of the middle half",
+    "× SDPA": "time / SDPA's time at the same pattern, mode and length (below 1: faster than SDPA); rounded to the "
+              "digits both IQRs support",
+    "peak MiB": "peak memory of the call beyond its inputs, in MiB (resident set on CPU, allocator peak on GPU)",
+    "mem × SDPA": "peak memory / SDPA's peak memory at the same pattern, mode and length (below 1: less memory)",
+    "GFLOP/s": "floating-point operations per second (FLOPs counted on the warm-up call, or analytic)",
+    "fresh MiB": "peak memory of the same call in a fresh process (glibc's defaults), in MiB",
+    "time ∝ N^": "exponent p of the power law time = c·N^p fitted over the measured lengths (2: quadratic, "
+                 "1: linear)",
+    "eff. length (time)": "efficiency length (CAB): the N beyond which the method is faster than SDPA, where the "
+                          "fitted time curves cross; ~ = extrapolated beyond the lengths measured; always / never: "
+                          "cheaper at every / no length; until N: cheaper only below N",
+    "eff. length (mem)": "efficiency length for peak memory (as for time)",
+    "rel. L2 vs softmax": "‖O_method − O_softmax‖ / ‖O_softmax‖ on the same inputs: approximation error of an "
+                          "approximate method, size of the difference for an exact method of another function",
+    "mass recall": "mean softmax attention mass on the keys the method reads (1 = all of it)",
+    "density": "fraction of the visible query-key pairs the method reads",
+    "kind": "exact: the method computes its own definition exactly; approx: it approximates it",
+    "accuracy": "accuracy on the scored positions of a held-out batch (untrained: within 10 % of chance)",
+    "chance": "accuracy of guessing: 1 / answer vocabulary",
+    "width": "model width (embedding dimension)",
+    "train s": "seconds of training",
+    "final loss": "training loss at the last step",
+}
+
+
+class Num(str):
+    """A table cell: the text shown and ``value``, the number it stands for (``None`` when there is none), by which
+    the HTML page sorts. It is a ``str``, so Markdown and every text use of a cell see only the text."""
+
+    value: float | None
+
+    def __new__(cls, text: str, value: float | None) -> Num:
+        cell = super().__new__(cls, text)
+        cell.value = value
+        return cell
+
+
+class Section(NamedTuple):
+    """One table of a report: its title, header and rows, and the mode its rows share (``""`` for none)."""
+
+    title: str
+    header: list[str]
+    body: list[list[str]]
+    mode: str = ""
+
+
+def round_to_noise(value: float, spread: float | None) -> str:
+    """``value`` with the digits its measured ``spread`` (an IQR, same unit) justifies: the last digit kept is the one
+    of the spread's leading digit (12.345 ± 0.53 → ``12.3``; ± 2.1 → ``12``; 1234 ± 150 → ``1200``), at least one
+    significant digit and at most :data:`MAX_DIGITS`; 3 significant digits when the spread is zero or unknown."""
+    if not math.isfinite(value) or value == 0:
+        return format(value, "g")
+    top = math.floor(math.log10(abs(value)))
+    if spread is None or not math.isfinite(spread) or spread <= 0:
+        digits = 3
+    else:
+        digits = min(MAX_DIGITS, max(1, top - math.floor(math.log10(spread)) + 1))
+    last = top - digits + 1  # the decimal place of the last digit kept
+    rounded = round(value, -last)
+    if rounded != 0 and math.floor(math.log10(abs(rounded))) > top:  # 9.96 → 10.0: one digit more to the left
+        last += 1
+        rounded = round(value, -last)
+    return f"{rounded:.{max(0, -last)}f}"
+
+
+def noisy(value: float | None, spread: float | None, scale: float = 1.0) -> str:
+    """``value × scale`` rounded by :func:`round_to_noise` to its spread (same scale), as a sortable cell; an em dash
+    for a missing or non-finite value."""
+    if value is None or not math.isfinite(value):
+        return "—"
+    return Num(round_to_noise(value * scale, None if spread is None else spread * scale), value * scale)
+
+
+def ratio_spread(ratio: float, a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """The spread of ``ratio`` = a's time / b's time from both rows' IQRs (relative spreads add), or ``None``."""
+    parts = [(r.get("time_iqr_s"), r.get("time_median_s")) for r in (a, b)]
+    if any(iqr is None or not t for iqr, t in parts):
+        return None
+    return ratio * sum(iqr / t for iqr, t in parts)
 
 
 def _eff_cell(entries: dict[tuple, dict[str, Any]], key: tuple, metric: str) -> str:
+    """An efficiency length as a sortable cell: ``1.2k`` measured, ``~52.9k`` extrapolated, ``until 3k``, ``always``
+    (sorts first), ``never`` (last), ``—`` where none was fitted."""
     e = entries.get((*key, metric))
-    if e is None:
+    if e is None or e["kind"] == "unknown":
         return "—"
     n = e.get("length")
-    short = (f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}") if n is not None else ""
-    if e["kind"] == "crossing":
-        return ("~" if e.get("extrapolated") else "") + short
-    if e["kind"] == "until":
-        return f"until {short}"
-    return str(e["kind"]) if e["kind"] != "unknown" else "—"
+    if e["kind"] == "crossing" and n is not None:
+        return Num(("~" if e.get("extrapolated") else "") + short_length(n), n)
+    if e["kind"] == "until" and n is not None:
+        return Num(f"until {short_length(n)}", n)
+    return Num(e["kind"], 0.0 if e["kind"] == "always" else math.inf)
 
 
 def fmt(x: Any, spec: str = ".3g", scale: float = 1.0) -> str:
-    """``x × scale`` formatted with ``spec``; an em dash for a missing or non-finite value."""
+    """``x × scale`` formatted with ``spec`` (a sortable cell); an em dash for a missing or non-finite value."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "—"
-    return format(x * scale, spec)
+    return Num(format(x * scale, spec), x * scale)
 
 
 def longest_rows(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
@@ -59,14 +150,18 @@ def efficiency_table(results: dict[str, Any], mode: str) -> tuple[list[str], lis
               "time ∝ N^", "eff. length (time)", "eff. length (mem)"]
     base_exp = {e["pattern"]: e.get("baseline_exponent") for e in results.get("efficiency_length", [])
                 if e["metric"] == "time" and e["mode"] == mode}
+    base_rows = {(r["pattern"], r["length"]): r for r in results["efficiency"]
+                 if (r["method"], r["backend"]) == BASELINE and r["mode"] == mode and r.get("status") == "ok"}
     body = []
     for r in rows:
         key = (r["method"], r["backend"], r["pattern"], mode)
         is_base = (r["method"], r["backend"]) == BASELINE
         exp = base_exp.get(r["pattern"]) if is_base else (entries.get((*key, "time")) or {}).get("exponent")
+        ratio, base = r.get("time_ratio"), base_rows.get((r["pattern"], r["length"]))
         body.append([
-            r["method"], r["backend"], r["pattern"], str(r["length"]), fmt(r["time_median_s"], ".3g", 1e3),
-            fmt(r.get("time_iqr_s"), ".2g", 1e3), fmt(r.get("time_ratio"), ".2f"),
+            r["method"], r["backend"], r["pattern"], Num(str(r["length"]), r["length"]),
+            noisy(r["time_median_s"], r.get("time_iqr_s"), 1e3), fmt(r.get("time_iqr_s"), ".2g", 1e3),
+            noisy(ratio, ratio_spread(ratio, r, base) if ratio and base and not is_base else None),
             fmt(r.get("peak_bytes"), ".3g", 1 / 2**20), fmt(r.get("memory_ratio"), ".2f"),
             fmt(r.get("gflops_per_s"), ".3g"), fmt(r.get("fresh_peak_bytes"), ".3g", 1 / 2**20), fmt(exp, ".2f"),
             "baseline" if is_base else _eff_cell(entries, key, "time"),
@@ -488,71 +583,70 @@ def md_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def overview(results: dict[str, Any]) -> list[str]:
-    """The lines that open a report: status, command, machine, and for a sweep (a config with shapes) the shapes, how
-    time and memory were measured and the efficiency cases' outcomes."""
+def run_facts(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """The facts that open a report, as ``(label, text)`` pairs: status, wall time, command, machine, and for a sweep
+    (a config with shapes) the shapes, how time and memory were measured, the phases' time budgets and the efficiency
+    cases' outcomes. Markdown and the HTML page render the same pairs."""
     m, c = results.get("machine", {}), results.get("config", {})
     counts: dict[str, int] = defaultdict(int)
     for r in results.get("efficiency", []):
         counts[r.get("status", "?")] += 1
-    run = [
-        f"status: **{results.get('status')}**, wall time {fmt(results.get('wall_s'), '.0f')} s, "
-        f"command `{results.get('command', '')}`",
-        f"machine: {m.get('device_name', '?')} ({m.get('cpu_count', '?')} CPUs, {m.get('threads', '?')} torch "
-        "threads), "
-        f"{m.get('platform', '')}, python {m.get('python', '')}, torch {m.get('torch', '')}, attnzoo "
-        f"{m.get('attnzoo', '')}",
+    facts = [
+        ("status", str(results.get("status"))),
+        ("wall time", f"{fmt(results.get('wall_s'), '.0f')} s"),
+        ("command", str(results.get("command", ""))),
+        ("machine", f"{m.get('device_name', '?')} ({m.get('cpu_count', '?')} CPUs, {m.get('threads', '?')} torch "
+                    f"threads), {m.get('platform', '')}, python {m.get('python', '')}, torch {m.get('torch', '')}, "
+                    f"attnzoo {m.get('attnzoo', '')}"),
     ]
     if c.get("batch") is None:  # a named suite: each row says its own shape
-        return run
-    return run + [
-        f"shapes: batch {c.get('batch')}, heads {c.get('heads')} (kv {c.get('kv_heads') or c.get('heads')}), "
-        f"head_dim {c.get('head_dim')}, dtype {c.get('dtype')}, device {c.get('device')}; "
-        "self: seq_q = seq_kv = N; cross: seq_q = N/2, seq_kv = N",
-        f"timing: median over up to {c.get('repeats')} repeats after {c.get('warmup')} warm-up call(s)"
-        f"{' (synchronised)' if str(c.get('device', '')).startswith('cuda') else ''}; peak memory: "
-        f"{results.get('memory_method', '')}",
-        "efficiency cases: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+        return facts
+    facts += [
+        ("shapes", f"batch {c.get('batch')}, heads {c.get('heads')} (kv {c.get('kv_heads') or c.get('heads')}), "
+                   f"head_dim {c.get('head_dim')}, dtype {c.get('dtype')}, device {c.get('device')}; "
+                   "self: seq_q = seq_kv = N; cross: seq_q = N/2, seq_kv = N"),
+        ("timing", f"median over up to {c.get('repeats')} repeats after {c.get('warmup')} warm-up call(s)"
+                   f"{' (synchronised)' if str(c.get('device', '')).startswith('cuda') else ''}"),
+        ("peak memory", str(results.get("memory_method", ""))),
     ]
+    if c.get("budgets_s"):
+        facts.append(("budgets", ", ".join(f"{k} {fmt(v, 'g')} s" for k, v in c["budgets_s"].items())))
+    facts.append(("efficiency cases", ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))))
+    return facts
 
 
-def sections(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """Every table of a report with something in it, in report order: ``(title, header, body)``. The Markdown summary
-    and the HTML page both render this list."""
-    out = [(f"Efficiency, {mode} (each at its longest measured N)", *efficiency_table(results, mode))
+def facts_markdown(facts: list[tuple[str, str]]) -> list[str]:
+    """The run's facts as Markdown list items (the status in bold, the command as code)."""
+    def text(label: str, value: str) -> str:
+        return {"status": f"**{value}**", "command": f"`{value}`"}.get(label, value)
+
+    return [f"- {label}: {text(label, value)}" for label, value in facts]
+
+
+def sections(results: dict[str, Any]) -> list[Section]:
+    """Every table of a report with something in it, in report order. The Markdown summary and the HTML page both
+    render this list."""
+    out = [Section(f"Efficiency, {mode} (each at its longest measured N)", *efficiency_table(results, mode), mode)
            for mode in ("fwd", "fwd+bwd")]
-    out += [
-        ("Suite cases (each measured against its floor)", *suite_table(results)),
+    out += [Section(title, *table) for title, table in (
+        ("Suite cases (each measured against its floor)", suite_table(results)),
         ("Output difference from softmax attention (approximation error for approximate methods)",
-         *approximation_table(results)),
-        ("Quality on synthetic tasks", *quality_table(results)),
-        ("Quality study: accuracy per setting at each method's chosen learning rate", *study_table(results)),
-        ("Quality study: learning-rate sweep", *lr_sweep_table(results)),
+         approximation_table(results)),
+        ("Quality on synthetic tasks", quality_table(results)),
+        ("Quality study: accuracy per setting at each method's chosen learning rate", study_table(results)),
+        ("Quality study: learning-rate sweep", lr_sweep_table(results)),
         ("KV-cache presses: retrieval accuracy by cache budget (rank at each budget; full cache = ceiling)",
-         *press_leaderboard(results)),
+         press_leaderboard(results)),
         ("KV-cache presses: relative L2 error of one attention layer against the full cache (planted inputs)",
-         *press_error_table(results)),
-        ("KV-cache press runs without a result", *press_failures(results)),
+         press_error_table(results)),
+        ("KV-cache press runs without a result", press_failures(results)),
         ("Fidelity inside all-MiniLM-L6-v2: sentence-embedding cosine to the original model, ranked",
-         *fidelity_table(results)),
-        ("Fidelity settings left out or without a result", *fidelity_failures(results)),
+         fidelity_table(results)),
+        ("Fidelity settings left out or without a result", fidelity_failures(results)),
         ("Dynamic sparse attention at equal density: rel-L2 · mass recall against full softmax",
-         *dynamic_table(results)),
-        ("Dynamic sparse attention: associative recall at an equal training budget", *recall_table(results)),
-        ("Dynamic sparse attention cells without a result", *dynamic_failures(results)),
-        ("Cases without a measurement", *failures_table(results)),
-    ]
-    return [(title, header, body) for title, header, body in out if body]
-
-
-def summary_markdown(results: dict[str, Any], images: Iterable[str] = ()) -> str:
-    """``summary.md``: the overview, every table and links to the plots."""
-    out = ["# attnzoo bench", ""]
-    out += [f"- {line}" for line in overview(results)] + [""]
-    for title, header, body in sections(results):
-        out += [f"## {title}", "", md_table(header, body)]
-    images = list(images)
-    if images:
-        out += ["## Plots", ""] + [f"![{Path(i).stem}]({i})" for i in images] + [""]
-    out += ["Column meanings: see docs/bench.md.", ""]
-    return "\n".join(out)
+         dynamic_table(results)),
+        ("Dynamic sparse attention: associative recall at an equal training budget", recall_table(results)),
+        ("Dynamic sparse attention cells without a result", dynamic_failures(results)),
+        ("Cases without a measurement", failures_table(results)),
+    )]
+    return [s for s in out if s.body]
