@@ -36,12 +36,13 @@ threshold gates the key, and each attention row is renormalised over the gated k
 - The statistics are computed in at least fp32 (the 1e-8 floor on the std underflows in fp16).
 
 Fast path ``sdpa`` (:func:`sdpa_gated`): the gate is one additive logit per key, so it rides in an extra head-dim
-column: ``q' = [q, 1]``, ``k' = [k, log g / scale]``, ``v' = [v, 0]`` (zero-padded to equal widths, which keeps
-PyTorch's CPU flash kernel), then one :func:`attnzoo.kernels.dense.sdpa_attention` call (bottom-right causal,
-masks, bias, GQA without copies); gradients reach u, τ and α through autograd. Measured on CPU at N=4096, H=8, D=64
-(the ``energy_gated`` cases of ``attnzoo bench --suite softmax``), the extra column costs a few percent of SDPA.
-The reference instead adds ``log g_j`` to every materialised logit, and computes the causal statistics of each key
-from its prefix directly (the fast path uses running sums).
+column: ``q' = [q, 1]``, ``k' = [k, log g / scale]``, ``v' = [v, 0]``, zero-padded to equal widths (which keeps
+PyTorch's CPU flash kernel; on CUDA to a multiple of 8, which its flash kernel needs — not measured here), then one
+:func:`attnzoo.kernels.dense.sdpa_attention` call (bottom-right causal, masks, bias, GQA without copies); gradients
+reach u, τ and α through autograd. The cost over SDPA is that of head dim D+1 instead of D plus O(N·d) copies: see
+the ``energy_gated_n4096_*`` cases of ``attnzoo bench --suite softmax`` and docs/s-layers.md. The reference instead
+adds ``log g_j`` to every materialised logit, and computes the causal statistics of each key from its prefix directly
+(the fast path uses running sums).
 
 Log-sum-exp (``return_lse=True``): the output is one softmax over each query's visible keys, so the row log-sum-exp of
 ``scale · q·k + bias + log g`` is returned (:func:`attnzoo.kernels.dense.attention_lse` on the same widened q, k, v).
@@ -233,6 +234,8 @@ def sdpa_gated(
         return attend(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias)
     dv = v.shape[-1]
     width = max(q.shape[-1] + 1, dv)
+    if q.device.type == "cuda":  # the CUDA flash kernel takes head dims that are multiples of 8
+        width = -(-width // 8) * 8
     gate_logit = log_gates(k, energy_proj, threshold, sharpness, causal) / scale
     got = attend(_widen(q, width, q.new_ones(())), _widen(k, width, gate_logit), _widen(v, width),
                  causal=causal, scale=scale, mask=mask, bias=bias)
