@@ -218,10 +218,11 @@ def reference(
 # -- fast path --------------------------------------------------------------------------------------------------------
 def _widen(t: torch.Tensor, width: int, column: torch.Tensor | None = None) -> torch.Tensor:
     """``t (..., D)`` zero-padded to ``width``, with ``column (...)`` (broadcast) as its column ``D`` if given."""
-    if column is None:
-        return F.pad(t, (0, width - t.shape[-1]))
-    extra = column.to(t.dtype).expand(*t.shape[:-1]).unsqueeze(-1)
-    return F.pad(torch.cat([t, extra], dim=-1), (0, width - t.shape[-1] - 1))
+    parts = [t] if column is None else [t, column.to(t.dtype).expand(*t.shape[:-1]).unsqueeze(-1)]
+    used = t.shape[-1] + len(parts) - 1
+    if width > used:
+        parts.append(t.new_zeros(*t.shape[:-1], width - used))
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else t
 
 
 def sdpa_gated(
