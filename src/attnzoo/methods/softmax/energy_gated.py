@@ -180,17 +180,18 @@ def _running_zscores(
     return (d - mean) / var.sqrt(), shift, c1, c2
 
 
+def _prefix_zscores(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_running_zscores` of sequences that start with the energies ``e (B, Hkv, S)``."""
+    zeros = e.new_zeros(e.shape[:2])
+    return _running_zscores(e, zeros, zeros, zeros, torch.zeros(e.shape[0], dtype=torch.long, device=e.device))
+
+
 def log_gates(
     k: torch.Tensor, energy_proj: torch.Tensor, threshold: Scalar, sharpness: Scalar, causal: bool,
 ) -> torch.Tensor:
     """Each key's ``log g`` ``(B, Hkv, S)``: z-scored over the prefix (``causal``) or the whole key sequence."""
     e = _energies(k, energy_proj)
-    if causal:
-        zeros = e.new_zeros(e.shape[:2])
-        z = _running_zscores(e, zeros, zeros, zeros, torch.zeros(e.shape[0], dtype=torch.long, device=e.device))[0]
-    else:
-        z = zscores(e)
-    return _log_gates(z, threshold, sharpness)
+    return _log_gates(_prefix_zscores(e)[0] if causal else zscores(e), threshold, sharpness)
 
 
 # -- reference --------------------------------------------------------------------------------------------------------
@@ -213,8 +214,6 @@ def reference(
     return softmax_rows(s, visible(causal, mask, q, k), repeat_kv(v, h), return_lse)
 
 
-
-
 # -- fast path --------------------------------------------------------------------------------------------------------
 def _widen(t: torch.Tensor, width: int, column: torch.Tensor | None = None) -> torch.Tensor:
     """``t (..., D)`` zero-padded to ``width``, with ``column (...)`` (broadcast) as its column ``D`` if given."""
@@ -230,15 +229,25 @@ def sdpa_gated(
     bias: torch.Tensor | None, energy_proj: torch.Tensor | None, threshold: Scalar, sharpness: Scalar,
     return_lse: bool = False,
 ) -> Output:
-    attend = attention_lse if return_lse else sdpa_attention
     if energy_proj is None:
+        attend = attention_lse if return_lse else sdpa_attention
         return attend(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias)
+    log_gate = log_gates(k, energy_proj, threshold, sharpness, causal)
+    return gated_attention(q, k, v, log_gate, causal=causal, scale=scale, mask=mask, bias=bias, return_lse=return_lse)
+
+
+def gated_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor, *, causal: bool, scale: float,
+    mask: torch.Tensor | None, bias: torch.Tensor | None, return_lse: bool = False,
+) -> Output:
+    """``softmax(scale · q·k + bias + log g + M) v`` for per-key ``log_gate (B, Hkv, S)``: one SDPA call on q, k, v
+    widened by the gate's column."""
     dv = v.shape[-1]
     width = max(q.shape[-1] + 1, dv)
     if q.device.type == "cuda":  # the CUDA flash kernel takes head dims that are multiples of 8
         width = -(-width // 8) * 8
-    gate_logit = log_gates(k, energy_proj, threshold, sharpness, causal) / scale
-    got = attend(_widen(q, width, q.new_ones(())), _widen(k, width, gate_logit), _widen(v, width),
+    attend = attention_lse if return_lse else sdpa_attention
+    got = attend(_widen(q, width, q.new_ones(())), _widen(k, width, log_gate / scale), _widen(v, width),
                  causal=causal, scale=scale, mask=mask, bias=bias)
     if return_lse:
         return got[0][..., :dv], got[1]
@@ -251,15 +260,13 @@ def decode_prefill(
     threshold: Scalar, sharpness: Scalar, lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, KVCache]:
     """Causal EGA over a (right-padded) prompt, and the cache of its keys, values, gates and energy statistics."""
-    out = sdpa_gated(q, k, v, causal=True, scale=scale, mask=None, bias=None, energy_proj=energy_proj,
-                     threshold=threshold, sharpness=sharpness)
     cache = KVCache.from_prompt(k, v, lengths)
     if energy_proj is None:
-        return out, cache
+        return sdpa_attention(q, k, v, causal=True, scale=scale, mask=None, bias=None), cache
     b, hkv, s, _ = k.shape
-    e = _energies(k, energy_proj)
-    zeros = e.new_zeros(b, hkv)
-    z, shift, c1, c2 = _running_zscores(e, zeros, zeros, zeros, torch.zeros(b, dtype=torch.long, device=k.device))
+    z, shift, c1, c2 = _prefix_zscores(_energies(k, energy_proj))
+    log_gate = _log_gates(z, threshold, sharpness)
+    out = gated_attention(q, k, v, log_gate, causal=True, scale=scale, mask=None, bias=None)
     last = (check_lengths(lengths, b, s, k.device) - 1).clamp(min=0).view(b, 1, 1).expand(b, hkv, 1)
     seen = cache.length.view(b, 1) > 0  # an empty prompt leaves empty sums
 
@@ -267,7 +274,7 @@ def decode_prefill(
         return torch.where(seen, t.gather(2, last).squeeze(2), 0.0)
 
     extras = {**cache.extras, SHIFT: shift, SUM: at_last(c1), SUMSQ: at_last(c2)}
-    return out, replace(cache, log_weight=_log_gates(z, threshold, sharpness).to(k.dtype), extras=extras)
+    return out, replace(cache, log_weight=log_gate.to(k.dtype), extras=extras)
 
 
 def decode_step(
