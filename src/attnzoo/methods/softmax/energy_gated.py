@@ -94,14 +94,10 @@ def _check_tensor(shape_of: Any, dims: str) -> Any:
 
 
 def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(call.dtype)
-
-    return {
-        "energy_proj": rand(call.kv_heads, call.head_dim),
-        "threshold": 0.35 + 0.3 * rand(call.kv_heads),
-        "sharpness": 2.0 + 0.5 * rand(call.kv_heads).abs(),
-    }
+    u = torch.randn(call.kv_heads, call.head_dim, generator=generator, dtype=torch.float64)
+    tau, alpha = torch.randn(2, call.kv_heads, generator=generator, dtype=torch.float64)
+    return {"energy_proj": u.to(call.dtype), "threshold": (0.35 + 0.3 * tau).to(call.dtype),
+            "sharpness": (2.0 + 0.5 * alpha.abs()).to(call.dtype)}
 
 
 SPEC = MethodSpec(
