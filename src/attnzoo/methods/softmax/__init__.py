@@ -2,6 +2,7 @@
 
 from attnzoo.methods.softmax import (  # noqa: F401
     aaren,
+    energy_gated,
     momentum,
     score_mod,
     selective,
