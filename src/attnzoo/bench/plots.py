@@ -211,7 +211,7 @@ def family_bars(columns: dict[str, dict[str, float]], families: dict[str, str], 
     within it by the mean of their values (of their logs when ``log``) across the columns; one column per key of
     ``columns``, all sharing the rows and the x axis. With ``ref`` each bar is drawn from the ``ref`` line, green
     below it and red above (ratios: ``ref`` = 1); otherwise from the axis' start, in blue. ``marks`` add dotted
-    vertical lines per column (``(x, "chance")``; the label ``softmax`` is drawn dashed black); ``value_text``
+    vertical lines per column (``(x, "chance")``, grey; the label ``softmax`` dashed black); ``value_text``
     writes each value at its bar's end, followed by the row's note from ``notes`` (``@512``). A row without a value
     in a column is left blank there. Returns the figure, or ``None`` without a value."""
     columns = {name: values for name, values in columns.items() if values}
@@ -250,7 +250,7 @@ def family_bars(columns: dict[str, dict[str, float]], families: dict[str, str], 
             ax.axvline(ref, color="black", linewidth=1)
         for x, label in (marks or {}).get(name, []):
             ax.axvline(x, color="black" if label == "softmax" else "grey",
-                       linestyle="--" if label == "softmax" else ":", linewidth=1, label=label)
+                       linestyle="--" if label == "softmax" else ":", linewidth=1)
         for i, v in zip(ys, vs, strict=True):
             text = " ".join(t for t in (value_text(v) if value_text else "", (notes or {}).get(name, {}).get(
                 rows[i][0], "")) if t)
@@ -262,8 +262,6 @@ def family_bars(columns: dict[str, dict[str, float]], families: dict[str, str], 
         ax.set_xlabel(xlabel, fontsize=7)
         ax.tick_params(axis="x", labelsize=7)
         ax.grid(True, axis="x", which="major", alpha=0.3)
-        if marks and name in marks:
-            ax.legend(fontsize=6, loc="lower right")
     first = axes[0][0]
     if log:
         first.set_xscale("log")
@@ -293,7 +291,7 @@ def _ratio_ticks(ax: Any, lo: float, hi: float) -> None:
 def ratio_figure(results: dict[str, Any], mode: str, plt: Any) -> Any:
     """Time / SDPA time at each pattern's longest measured length, grouped by family; a row measured at a
     shorter length says so (``@512``)."""
-    rows = [r for r in longest_rows(results["efficiency"], mode)
+    rows = [r for r in longest_rows(results.get("efficiency", []), mode)
             if r.get("time_ratio") and (r["method"], r["backend"]) != BASELINE]
     labels = line_labels((r["method"], r["backend"]) for r in rows)
     columns: dict[str, dict[str, float]] = {}
@@ -339,7 +337,8 @@ def quality_figure(results: dict[str, Any], plt: Any) -> Any:
         if BASELINE[0] in values:
             marks[name].append((values[BASELINE[0]], "softmax"))
     families = {m: family_of(m) for values in columns.values() for m in values}
-    return family_bars(dict(columns), families, xlabel="accuracy", plt=plt, marks=marks,
+    return family_bars(dict(columns), families, xlabel="accuracy (dotted: chance; dashed: softmax)", plt=plt,
+                       marks=marks,
                        value_text=lambda v: f"{v:.2f}",
                        title="quality on synthetic tasks (equal budgets)")
 
