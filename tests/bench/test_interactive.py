@@ -15,9 +15,9 @@ FAMILIES = ["softmax", "structured", "sparse", "linear", "other"]
 
 @pytest.fixture
 def fig():
-    (first, second) = interactive.figures(results())
-    assert (first.id, second.id) == ("az-fig-fwd", "az-fig-fwdbwd")
-    return first
+    made = interactive.figures(results())
+    assert [f.id for f in made] == ["az-fig-fwd", "az-fig-fwdbwd", "az-fig-ratios"]
+    return made[0]
 
 
 def panel_axes(spec):
@@ -71,8 +71,21 @@ def test_pattern_buttons_show_one_pattern_and_measure_buttons_switch_y(fig):
     assert len(memory["args"][0]["y"]) == len(data)
 
 
-def test_one_length_or_no_data_gives_no_figure():
-    assert interactive.figures(results(lengths=(2048,))) == []
+def test_ratio_map_one_trace_per_family_and_a_menu_of_modes_and_patterns():
+    (ratios,) = [f for f in interactive.figures(results()) if f.id == "az-fig-ratios"]
+    data, (menu,) = ratios.spec["data"], ratios.spec["layout"]["updatemenus"]
+    assert [b["label"] for b in menu["buttons"]] == [f"{m} · {p} · N = 1024" for m in ("fwd", "fwd+bwd")
+                                                     for p in PATTERNS]
+    shown = [t for t in data if t["visible"]]
+    assert [t["name"] for t in shown] == ["softmax", "structured", "sparse", "linear", "other"]  # toggled by family
+    assert {(t["meta"]["mode"], t["meta"]["pattern"]) for t in shown} == {("fwd", "self/noncausal")}
+    linear = next(t for t in shown if t["name"] == "linear")
+    assert linear["x"] == [1.0, 1.05] and linear["customdata"][0][:3] == ["linear", "torch", 1024]
+    assert "SDPA" not in {c[0] for t in data for c in t["customdata"]}  # SDPA is the (1, 1) cross, not a point
+
+
+def test_one_length_gives_only_the_ratio_map_and_no_data_no_figure():
+    assert [f.id for f in interactive.figures(results(lengths=(2048,)))] == ["az-fig-ratios"]
     assert interactive.figures({"efficiency": []}) == []
     assert interactive.figures_html({"efficiency": []}) is None
 
@@ -82,12 +95,12 @@ def test_fragment_embeds_inlined_plotly_and_each_figure():
     from importlib import resources
 
     html = interactive.figures_html(results())
-    assert html.count('<figure class="az-figure"') == 2 and html.count('<div class="az-plot"></div>') == 2
+    assert html.count('<figure class="az-figure"') == 3 and html.count('<div class="az-plot"></div>') == 3
     packed = re.search(r'atob\("([A-Za-z0-9+/=]+)"\)', html).group(1)
     js = resources.files(plotly).joinpath("package_data", "plotly.min.js").read_bytes()
     assert gzip.decompress(base64.b64decode(packed)) == js
     specs = re.search(r'<script type="application/json" id="az-figure-specs">(.*?)</script>', html, re.S).group(1)
-    assert set(json.loads(specs)) == {"az-fig-fwd", "az-fig-fwdbwd"}
+    assert set(json.loads(specs)) == {"az-fig-fwd", "az-fig-fwdbwd", "az-fig-ratios"}
     assert '"responsive": true' in html and '"displaylogo": false' in html
 
 

@@ -30,8 +30,19 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from attnzoo.bench.series import BASELINE_LABEL, Curve, baseline, by_family, curves, family_rank, headline_pattern
-from attnzoo.bench.tables import PATTERN_ORDER, fmt
+from attnzoo.bench.efficiency import BASELINE
+from attnzoo.bench.series import (
+    BASELINE_LABEL,
+    Curve,
+    baseline,
+    by_family,
+    curves,
+    family_of,
+    family_rank,
+    headline_pattern,
+    line_labels,
+)
+from attnzoo.bench.tables import PATTERN_ORDER, fmt, longest_rows
 
 # D3's category10 (matplotlib's tab10): a method keeps its colour in every pattern; symbols tell the 11th line from
 # the 1st
@@ -194,10 +205,85 @@ def _mode_figure(results: dict[str, Any], mode: str) -> Figure | None:
     return Figure(f"az-fig-{mode.replace('+', '')}", title, caption, {"data": data, "layout": layout})
 
 
+def _ratio_trace(family: str, rows: list[dict[str, Any]], labels: dict[tuple[str, str], str], mode: str,
+                 pattern: str, visible: bool) -> dict[str, Any]:
+    """One family's methods at one mode and pattern as points (time / SDPA, memory / SDPA)."""
+    color = COLORS[family_rank(family) % len(COLORS)]
+    return {
+        "type": "scatter", "mode": "markers", "name": family, "legendgroup": family,
+        "x": [r["time_ratio"] for r in rows], "y": [r["memory_ratio"] for r in rows],
+        "customdata": [[labels[(r["method"], r["backend"])], r["backend"], r["length"],
+                        fmt(r.get("time_median_s"), ".3g", 1e3), fmt(r.get("peak_bytes"), ".3g", 1 / 2**20)]
+                       for r in rows],
+        "hovertemplate": ("<b>%{customdata[0]}</b> · backend %{customdata[1]}"
+                          f"<br>{family} · {pattern} · {mode} · N = %{{customdata[2]}}"
+                          "<br>time %{customdata[3]} ms · %{x:.2f}× SDPA"
+                          "<br>peak %{customdata[4]} MiB · %{y:.2f}× SDPA<extra></extra>"),
+        "marker": {"size": 9, "color": color, "symbol": SYMBOLS[family_rank(family) % len(SYMBOLS)],
+                   "line": {"width": 0.5, "color": "white"}},
+        "visible": visible, "meta": {"pattern": pattern, "mode": mode},
+    }
+
+
+def _ratio_figure(results: dict[str, Any]) -> Figure | None:
+    """Every method's time and memory relative to SDPA at the longest length measured, one point per method,
+    coloured by family (a legend entry per family toggles it); a menu picks the mode and pattern. SDPA sits at
+    (1×, 1×): the lower left quadrant is faster and leaner. Needs a single length only."""
+    combos: list[tuple[str, str, list[dict[str, Any]]]] = []
+    for mode in ("fwd", "fwd+bwd"):
+        rows = [r for r in longest_rows(results.get("efficiency", []), mode) if r.get("time_ratio")
+                and r.get("memory_ratio") and (r["method"], r["backend"]) != BASELINE]
+        combos += [(mode, p, [r for r in rows if r["pattern"] == p]) for p in PATTERN_ORDER
+                   if any(r["pattern"] == p for r in rows)]
+    if not combos:
+        return None
+    first = headline_pattern(results, "fwd", MEASURES[0][1])
+    shown = next((i for i, (m, p, _) in enumerate(combos) if (m, p) == ("fwd", first)), 0)
+    labels = line_labels((r["method"], r["backend"]) for _, _, rows in combos for r in rows)
+    data: list[dict[str, Any]] = []
+    owner: list[int] = []  # the combination of each trace
+    for i, (mode, pattern, rows) in enumerate(combos):
+        for family in sorted({family_of(r["method"]) for r in rows}, key=family_rank):
+            data.append(_ratio_trace(family, [r for r in rows if family_of(r["method"]) == family], labels, mode,
+                                     pattern, i == shown))
+            owner.append(i)
+    powers = [2.0**k for k in range(-10, 11)]
+    axis = {"type": "log", "tickvals": powers, "ticktext": [f"{v:g}×" for v in powers], "gridcolor": "#e5e5e5",
+            "linecolor": "#444", "zeroline": False}
+    title = "time and peak memory relative to SDPA at the longest measured length"
+    layout = {
+        "height": 560, "margin": {"t": 110, "b": 60, "l": 70, "r": 20}, "hovermode": "closest",
+        "plot_bgcolor": "white", "legend": {"font": {"size": 11}},
+        "title": {"text": title, "x": 0.01, "xanchor": "left", "y": 1, "yref": "container", "yanchor": "top",
+                  "pad": {"t": 12}},
+        "xaxis": {**axis, "title": {"text": "time / SDPA time (log; left is faster)"}},
+        "yaxis": {**axis, "title": {"text": "peak memory / SDPA's (log; lower is leaner)"}},
+        "shapes": [{"type": "line", "xref": "x", "yref": "paper", "x0": 1, "x1": 1, "y0": 0, "y1": 1,
+                    "line": {"color": "black", "width": 2, "dash": "dash"}},
+                   {"type": "line", "xref": "paper", "yref": "y", "x0": 0, "x1": 1, "y0": 1, "y1": 1,
+                    "line": {"color": "black", "width": 2, "dash": "dash"}}],
+        "annotations": [{"text": "SDPA", "x": 0, "y": 0, "xref": "x", "yref": "y", "showarrow": True,
+                         "arrowhead": 0, "ax": 25, "ay": -20, "font": {"size": 11}},
+                        {"text": "faster and leaner", "xref": "paper", "yref": "paper", "x": 0.01, "y": 0.01,
+                         "xanchor": "left", "yanchor": "bottom", "showarrow": False,
+                         "font": {"color": "#2ca02c"}}],
+        "updatemenus": [{
+            "type": "dropdown", "active": shown, "x": 0, "xanchor": "left", "y": 1 + 45 / 390, "yanchor": "bottom",
+            "buttons": [{"label": f"{mode} · {pattern} · N = {max(r['length'] for r in rows)}", "method": "restyle",
+                         "args": [{"visible": [o == i for o in owner]}]}
+                        for i, (mode, pattern, rows) in enumerate(combos)],
+        }],
+    }
+    caption = ("Each method's time (x) and peak memory (y) relative to SDPA at the longest length measured, one "
+               "point per method, coloured by family; SDPA at 1×, 1× (dashed lines). Hover a point for its method, "
+               "backend and measurements; click a family in the legend to hide it; the menu picks mode and pattern.")
+    return Figure("az-fig-ratios", title, caption, {"data": data, "layout": layout})
+
+
 def figures(results: dict[str, Any]) -> list[Figure]:
     """Every interactive figure there is data for: one per mode (forward, forward+backward) measured at two
-    lengths or more."""
-    made = [_mode_figure(results, mode) for mode in ("fwd", "fwd+bwd")]
+    lengths or more, then the map of every method's time and memory relative to SDPA."""
+    made = [_mode_figure(results, mode) for mode in ("fwd", "fwd+bwd")] + [_ratio_figure(results)]
     return [f for f in made if f is not None]
 
 
