@@ -18,11 +18,12 @@ Every figure groups the methods by family (:mod:`~attnzoo.bench.series`) and sho
   panel (when several pair counts ran).
 - ``presses.png``: KV-cache presses against cache budget (a handful of lines: a legend still reads).
 
-Sizes stay small (report.html embeds them): 100 dpi, flat colours.
+Sizes stay small (report.html embeds them): 100 dpi, flat colours, saved with a palette (:func:`save_png`).
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -43,6 +44,7 @@ from attnzoo.bench.series import (
 from attnzoo.bench.tables import PATTERN_ORDER, longest_rows, quality_points, task_label
 
 DPI = 100
+COLORS = 128  # of a saved PNG's palette
 LABEL_PT = 6.5  # font size of the line names at the right end of a panel
 LABEL_GAP = 1.25  # the least distance between two line names, in multiples of LABEL_PT
 PANEL_W = 3.0  # inches of one small-multiple panel
@@ -231,7 +233,7 @@ def family_bars(columns: dict[str, dict[str, float]], families: dict[str, str], 
         rows.append((f"{fam} ({len(members[fam])})", True))
         rows.extend((label, False) for label in sorted(members[fam], key=mean))
     every = [v for values in columns.values() for v in values.values()] + ([ref] if ref else [])
-    pad = 2.0 if value_text else 1.3  # room for the value written past a bar's end
+    pad = 3.0 if value_text else 1.3  # room for the value written past a bar's end
     lo, hi = _extent(every, log, pad) if log else (0.0, max(every) * (1.15 if value_text else 1.05))
     width, height = 1.9 + 2.7 * len(columns), 1.2 + ROW_H * len(rows)
     fig, axes = plt.subplots(1, len(columns), figsize=(width, height), sharey=True, sharex=True, squeeze=False)
@@ -278,13 +280,13 @@ def family_bars(columns: dict[str, dict[str, float]], families: dict[str, str], 
 
 
 def _ratio_ticks(ax: Any, lo: float, hi: float) -> None:
-    """``0.5×``-style labels at powers of two on a log ratio axis."""
+    """``4×``- and ``1/4×``-style labels at powers of two on a log ratio axis (every other power where many)."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     ticks = [2.0**e for e in range(math.floor(math.log2(lo)), math.ceil(math.log2(hi)) + 1)]
     step = max(1, len(ticks) // 6)
     ax.xaxis.set_major_locator(FixedLocator([t for t in ticks if round(math.log2(t)) % step == 0]))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}×"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}×" if x >= 1 else f"1/{1 / x:g}×"))
     ax.xaxis.set_minor_locator(NullLocator())
 
 
@@ -428,6 +430,17 @@ def figures(results: dict[str, Any], plt: Any) -> list[tuple[str, Callable[[], A
     ]
 
 
+def save_png(fig: Any, path: Path) -> None:
+    """``fig`` as a PNG of at most :data:`COLORS` colours (flat-coloured charts lose nothing visible; the file is
+    about a quarter of matplotlib's full-colour one, which report.html embeds)."""
+    from PIL import Image  # matplotlib's own dependency
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, bbox_inches="tight")
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(COLORS, dither=Image.Dither.NONE).save(path, optimize=True)
+
+
 def write_plots(results: dict[str, Any], out: Path) -> list[str]:
     """Write every plot there is data for under ``out``; return their file names (empty without matplotlib)."""
     plt = _pyplot()
@@ -437,7 +450,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
     for name, draw in figures(results, plt):
         fig = draw()
         if fig is not None:
-            fig.savefig(out / name, dpi=DPI, bbox_inches="tight")
+            save_png(fig, out / name)
             plt.close(fig)
             made.append(name)
     return made
