@@ -27,10 +27,11 @@ def row(method: str, backend: str, pattern: str, mode: str, n: int, ms: float | 
             "peak_bytes": None if ms is None else int(ms * 2**20), "time_ratio": ratio, "memory_ratio": ratio}
 
 
-def results(lengths: tuple[int, ...] = LENGTHS, crowd: bool = True, quality: bool = True) -> dict[str, Any]:
+def results(lengths: tuple[int, ...] = LENGTHS, crowd: bool = True, quality: bool = True,
+            modes: tuple[str, ...] = ("fwd", "fwd+bwd")) -> dict[str, Any]:
     eff = []
     for pattern in PATTERNS:
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in modes:
             for n in lengths:
                 base = (n / 256) ** 2
                 for method, (backend, power, at256) in METHODS.items():
