@@ -296,13 +296,12 @@ def _plotly_js() -> bytes | None:
     return resources.files("plotly").joinpath("package_data", "plotly.min.js").read_bytes()
 
 
-# Unpacks the inlined gzip, runs it as a script and resolves window.azPlotlyReady with window.Plotly; a page that
-# embeds the fragment twice loads Plotly once.
+# Unpacks the inlined gzip (a data: URL, decoded natively: a few times faster than atob), runs it as a script and
+# resolves window.azPlotlyReady with window.Plotly; a page that embeds the fragment twice loads Plotly once.
 _LOADER = """<script>
 window.azPlotlyReady = window.azPlotlyReady || (async () => {
-  const packed = Uint8Array.from(atob("%s"), c => c.charCodeAt(0));
-  const stream = new Blob([packed]).stream().pipeThrough(new DecompressionStream("gzip"));
-  const code = await new Response(stream).blob();
+  const packed = await fetch("data:application/gzip;base64,%s");
+  const code = await new Response(packed.body.pipeThrough(new DecompressionStream("gzip"))).blob();
   const url = URL.createObjectURL(new Blob([code], {type: "text/javascript"}));
   await new Promise((resolve, reject) => {
     const s = document.createElement("script");
