@@ -288,12 +288,13 @@ def figures(results: dict[str, Any]) -> list[Figure]:
 
 
 def _plotly_js() -> bytes | None:
-    """The installed ``plotly`` package's minified Plotly.js; ``None`` without the package."""
+    """The installed ``plotly`` package's minified Plotly.js; ``None`` without the package (or its data file)."""
     try:
         import plotly  # noqa: F401  (only its data file is used)
-    except ImportError:
+
+        return resources.files("plotly").joinpath("package_data", "plotly.min.js").read_bytes()
+    except (ImportError, FileNotFoundError):
         return None
-    return resources.files("plotly").joinpath("package_data", "plotly.min.js").read_bytes()
 
 
 # Unpacks the inlined gzip (a data: URL, decoded natively: a few times faster than atob), runs it as a script and
