@@ -1,7 +1,8 @@
 """Write a run's report: complete the results (FLOPs, ratios to SDPA, efficiency lengths, fresh-process figures),
 then ``results.json`` (:mod:`~attnzoo.bench.results`), ``summary.md`` (the answers of :mod:`~attnzoo.bench.answers`
 and the tables of :mod:`~attnzoo.bench.tables`), the PNG plots (:mod:`~attnzoo.bench.plots`) and ``report.html``
-(:mod:`~attnzoo.bench.html_page`).
+(:mod:`~attnzoo.bench.html_page`, with the interactive figures of :mod:`~attnzoo.bench.interactive` when the optional
+``plotly`` package is installed, else the PNGs).
 
 Without matplotlib (the ``[report]`` extra) the JSON, the Markdown and an HTML page without pictures are still written.
 """
@@ -17,6 +18,7 @@ from attnzoo.bench.answers import answers, answers_markdown
 from attnzoo.bench.efficiency import BASELINE, attach_fresh, attach_ratios, fill_flops
 from attnzoo.bench.fit import efficiency_length
 from attnzoo.bench.html_page import report_html
+from attnzoo.bench.interactive import figures_html
 from attnzoo.bench.plots import write_plots
 from attnzoo.bench.results import save_results
 from attnzoo.bench.tables import facts_markdown, md_table, run_facts, sections
@@ -69,6 +71,5 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
     save_results(out / "results.json", results)
     images = write_plots(results, out)
     (out / "summary.md").write_text(summary_markdown(results, images))
-    # the integrator wires attnzoo.bench.interactive.figures_html(results) here (None without plotly)
-    (out / "report.html").write_text(report_html(results, out, images, figures=None))
+    (out / "report.html").write_text(report_html(results, out, images, figures=figures_html(results)))
     return [out / "results.json", out / "summary.md", out / "report.html", *(out / i for i in images)]
