@@ -92,12 +92,13 @@ def plan(
 
 
 def rounds(lengths: dict[str, list[int]]) -> list[tuple[str, int]]:
-    """The order (mode, length) shapes run in: increasing length, forward before forward+backward at the same length
-    (with fwd 1024/2048/4096 and fwd+bwd 2048: fwd 1024, fwd 2048, fwd+bwd 2048, fwd 4096). A series' shorter lengths
-    are measured before its longer ones, so :func:`cutoff_reason` can predict a case from the ones before it, and a
-    run cut short by its budget loses its longest, costliest shapes first."""
+    """The order (mode, length) shapes run in: every forward length, increasing, then every forward+backward length,
+    increasing (with fwd 1024/2048/4096 and fwd+bwd 2048: fwd 1024, fwd 2048, fwd 4096, fwd+bwd 2048). A series'
+    shorter lengths, and a forward+backward case's forward, are measured before it, so :func:`cutoff_reason` can
+    predict a case from the ones before it; the forward curves that show where methods cross SDPA come first, and a
+    run cut short by its budget loses training-mode points rather than them."""
     order = {(mode, n) for mode, ls in lengths.items() for n in ls}
-    return sorted(order, key=lambda mn: (mn[1], MODES.index(mn[0]) if mn[0] in MODES else len(MODES)))
+    return sorted(order, key=lambda mn: (MODES.index(mn[0]) if mn[0] in MODES else len(MODES), mn[1]))
 
 
 QUADRATIC_EXPONENT = 1.7
@@ -109,9 +110,9 @@ QUADRATIC_MIN_RATIO = 0.5
 """...and as worth skipping only when it also takes at least this fraction of SDPA's time: a quadratic series much
 cheaper than SDPA costs little to measure, and a noisy pair of points cannot then skip a cheap method."""
 
-BACKWARD_FACTOR = 3.0
-"""Forward+backward time predicted from the forward time at the same shape (the backward of attention costs about
-twice the forward)."""
+BACKWARD_FACTOR = 4.0
+"""Forward+backward time predicted from the forward time at the same shape (SDPA's backward costs about twice its
+forward; through the autograd of a method's torch path it measures nearer three times)."""
 
 
 def series(row: dict[str, Any]) -> tuple:

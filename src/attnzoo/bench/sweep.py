@@ -6,9 +6,9 @@ written at the end, or when the run is interrupted (Ctrl-C keeps what was measur
 
 ``--quick`` is sized for a 2-core CPU and a registry of ~60 methods, at the lengths where methods differ: forward at
 1024/2048/4096 in all four patterns and forward+backward at 2048 in the two self-attention patterns, batch 1, 4 heads of
-64, one warm-up and 3 to 5 repeats (fewer when they pass 0.25 s; stopped early once three agree within 5 %), torch on
+64, one warm-up and 3 or 4 repeats (fewer when they pass 0.25 s; stopped early once three agree within 5 %), torch on
 one thread (on a shared or busy 2-core machine two threads make small calls up to 10× slower and far noisier). Lengths
-run in increasing order, so each case can be judged from the shorter ones first
+run forward first, each mode in increasing order, so each case can be judged from the shorter ones first
 (:func:`attnzoo.bench.efficiency.cutoff_reason`): a series measured to grow quadratically (time ∝ N^p, p ≥ 1.7, from
 1024 to 2048) while taking at least half of SDPA's time is not run at 4096 (its ratio to SDPA holds; the SDPA baseline
 always runs), and a case predicted to take over 1 s per call is skipped (a case is stopped after 10 s); both are
@@ -18,7 +18,7 @@ name ``--backends flex``); quality on MQAR with 4 pairs (vocabulary 16, sequence
 steps of 32 sequences at lr 3e-3, width 32, one thread), a budget on which softmax reaches ≥ 0.95 (1.0 measured) and a
 method near chance prints ``untrained``, trained in a second worker on the other core; fresh-process peak memory at
 N=4096 for every method whose spec promises sub-quadratic memory (SDPA first). Each phase has a time budget (efficiency
-110 s, approximation 15 s, fresh memory 40 s, quality 150 s beside the others); cases left when it is spent are recorded
+125 s, approximation 12 s, fresh memory 25 s, quality 150 s beside the others); cases left when it is spent are recorded
 as skipped.
 """
 
@@ -90,11 +90,11 @@ class Config:
 def quick_config(**overrides: Any) -> Config:
     cfg = Config(
         lengths=[1024, 2048, 4096], bwd_lengths=[2048], bwd_patterns=["self/noncausal", "self/causal"], batch=1,
-        heads=4, head_dim=64, warmup=1, repeats=5, budget_s=0.25, noise_target=0.05, case_timeout_s=10.0,
+        heads=4, head_dim=64, warmup=1, repeats=4, budget_s=0.25, noise_target=0.05, case_timeout_s=10.0,
         quadratic_cutoff=2048, case_cap_s=1.0, skip_flex=True, approx_length=128,
         tasks=[{"name": "mqar", "pairs": 4, "vocab": 16}],
         model={"dim": 32, "heads": 2, "layers": 2, "steps": 200, "batch": 32, "lr": 3e-3, "threads": 1},
-        budgets_s={"efficiency": 110.0, "approximation": 15.0, "fresh_memory": 40.0, "quality": 150.0}, threads=1,
+        budgets_s={"efficiency": 125.0, "approximation": 12.0, "fresh_memory": 25.0, "quality": 150.0}, threads=1,
         quick=True,
         overlap_quality=True,
     )
