@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from attnzoo.registry import Call, Check, Param
 
 
@@ -159,3 +161,19 @@ NATTEN_PARAMS: tuple[Param, ...] = (
 def per_axis_causal(causal: bool, is_causal: Any, ndim: int) -> tuple[bool, ...]:
     """NATTEN's causal masking per axis: an axis is causal if ``causal`` or its ``is_causal`` entry says so."""
     return tuple(c or causal for c in per_axis_values(is_causal, ndim))
+
+
+def tensor_shape(shape_of: Any, dims: str, floats_pass: bool = False) -> Check:
+    """A check that a tensor parameter is floating point with the shape ``shape_of(call)`` (``dims`` names its axes in
+    the message); with ``floats_pass`` a plain float (one value for every head) is valid too."""
+    def check(value: Any, call: Call) -> str | None:
+        if floats_pass and not isinstance(value, torch.Tensor):
+            return None
+        want = shape_of(call)
+        if tuple(value.shape) != want:
+            return f"{'a float or ' if floats_pass else ''}a tensor of shape {want} ({dims})"
+        if not value.is_floating_point():
+            return "a floating-point tensor"
+        return None
+
+    return check

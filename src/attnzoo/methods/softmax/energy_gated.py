@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from attnzoo.kernels.dense import attention_lse, sdpa_attention
 from attnzoo.kv.attend import softmax_attention
 from attnzoo.kv.cache import KVCache, check_lengths
+from attnzoo.methods.checks import tensor_shape
 from attnzoo.methods.common import Output, dense_scores, repeat_kv, softmax_rows, visible
 from attnzoo.registry import ALL_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
@@ -76,21 +77,6 @@ ENERGY_INIT_STD = 0.02
 SHIFT, SUM, SUMSQ = "energy_shift", "energy_sum", "energy_sumsq"
 
 Scalar = float | torch.Tensor
-
-
-def _check_tensor(shape_of: Any, dims: str) -> Any:
-    """A check of a tensor parameter's shape (a float passes: it applies to every kv head)."""
-    def check(value: Any, call: Call) -> str | None:
-        if not isinstance(value, torch.Tensor):
-            return None
-        want = shape_of(call)
-        if tuple(value.shape) != want:
-            return f"a float or a tensor of shape {want} ({dims})"
-        if not value.is_floating_point():
-            return "a floating-point tensor"
-        return None
-
-    return check
 
 
 def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
@@ -113,17 +99,17 @@ SPEC = MethodSpec(
     params=(
         Param(
             "energy_proj", (torch.Tensor,), None, "u (kv_heads, head_dim): the key energy e = u·k; None: no gate",
-            check=_check_tensor(lambda c: (c.kv_heads, c.head_dim), "kv_heads, head_dim"),
+            check=tensor_shape(lambda c: (c.kv_heads, c.head_dim), "kv_heads, head_dim", floats_pass=True),
             init=lambda layer: ENERGY_INIT_STD * torch.randn(layer.kv_heads, layer.head_dim),
         ),
         Param(
             "threshold", (float, torch.Tensor), THRESHOLD_INIT, "τ (float or (kv_heads,)): the gate's threshold on z",
-            check=_check_tensor(lambda c: (c.kv_heads,), "kv_heads"),
+            check=tensor_shape(lambda c: (c.kv_heads,), "kv_heads", floats_pass=True),
             init=lambda layer: torch.full((layer.kv_heads,), THRESHOLD_INIT),
         ),
         Param(
             "sharpness", (float, torch.Tensor), SHARPNESS_INIT, "α (float >= 0 or (kv_heads,)): the gate's slope",
-            low=0.0, check=_check_tensor(lambda c: (c.kv_heads,), "kv_heads"),
+            low=0.0, check=tensor_shape(lambda c: (c.kv_heads,), "kv_heads", floats_pass=True),
             init=lambda layer: torch.full((layer.kv_heads,), SHARPNESS_INIT),
         ),
     ),

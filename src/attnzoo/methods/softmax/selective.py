@@ -50,22 +50,11 @@ import torch
 from attnzoo.kernels.dense import attention_lse, sdpa_attention
 from attnzoo.kv.attend import softmax_attention
 from attnzoo.kv.cache import KVCache
+from attnzoo.methods.checks import tensor_shape
 from attnzoo.methods.common import Output, dense_scores, repeat_kv, softmax_rows, visible
 from attnzoo.registry import ALL_PATTERNS, Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 POS_BETA_INIT = 2.0
-
-
-def _shape_check(name: str, shape_of: Any) -> Any:
-    def check(value: torch.Tensor, call: Call) -> str | None:
-        want = shape_of(call)
-        if tuple(value.shape) != want:
-            return f"a tensor of shape {want} ({name})"
-        if not value.is_floating_point():
-            return "a floating-point tensor"
-        return None
-
-    return check
 
 
 def _sample(call: Call, generator: torch.Generator) -> dict[str, Any]:
@@ -92,17 +81,17 @@ SPEC = MethodSpec(
     params=(
         Param(
             "query_temp", (torch.Tensor,), None, "u (heads, head_dim): token-aware query temperature tanh(u·q)",
-            check=_shape_check("heads, head_dim", lambda c: (c.heads, c.head_dim)),
+            check=tensor_shape(lambda c: (c.heads, c.head_dim), "heads, head_dim"),
             init=lambda layer: torch.zeros(layer.heads, layer.head_dim),
         ),
         Param(
             "pos_beta", (torch.Tensor,), None, "β (heads,): position-aware query temperature 1 + exp(−exp β)·log n",
-            check=_shape_check("heads", lambda c: (c.heads,)),
+            check=tensor_shape(lambda c: (c.heads,), "heads"),
             init=lambda layer: torch.full((layer.heads,), POS_BETA_INIT),
         ),
         Param(
             "value_temp", (torch.Tensor,), None, "w (kv_heads, head_dim_v): value temperature 1 + tanh(w·v)",
-            check=_shape_check("kv_heads, head_dim_v", lambda c: (c.kv_heads, c.head_dim_v)),
+            check=tensor_shape(lambda c: (c.kv_heads, c.head_dim_v), "kv_heads, head_dim_v"),
             init=lambda layer: torch.zeros(layer.kv_heads, layer.head_dim),
         ),
     ),
