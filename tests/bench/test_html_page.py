@@ -47,14 +47,16 @@ def test_tables_escape_text_and_mark_numbers():
     assert "<th class=az-num title='median wall time" in text
 
 
-def test_figures_fragment_replaces_the_pngs(res, tmp_path):
-    (tmp_path / "time_fwd.png").write_bytes(PNG)
-    with_png = report_html(res, tmp_path, ["time_fwd.png"])
-    assert with_png.count("<figure class='az-figure'><img") == 1 and "data:image/png;base64," in with_png
+def test_figures_fragment_replaces_the_curve_pngs_only(res, tmp_path):
+    for name in ("time_fwd.png", "ratio_fwd.png"):
+        (tmp_path / name).write_bytes(PNG)
+    with_png = report_html(res, tmp_path, ["time_fwd.png", "ratio_fwd.png"])
+    assert with_png.count("<figure class='az-figure'><img") == 2 and "data:image/png;base64," in with_png
     assert "<figcaption>Forward time against sequence length" in with_png
     fragment = "<figure class='az-figure'><div id='plot-1'></div></figure>"
-    interactive = report_html(res, tmp_path, ["time_fwd.png"], figures=fragment)
-    assert fragment in interactive and "data:image/png" not in interactive
+    interactive = report_html(res, tmp_path, ["time_fwd.png", "ratio_fwd.png"], figures=fragment)
+    assert fragment in interactive and interactive.count("data:image/png") == 1  # the ratio bars stay
+    assert "alt='time_fwd'" not in interactive and "alt='ratio_fwd'" in interactive
 
 
 def test_a_suite_run_has_no_answers_section(tmp_path):

@@ -298,21 +298,26 @@ def answers_html(a: Answers) -> str:
     return "".join(parts)
 
 
+INTERACTIVE_COVERS = ("time_", "memory_")
+"""The PNGs the interactive figures replace (their curves against N, every pattern behind buttons); the bar charts
+(ratios, difference from softmax, quality) stay as pictures beside them."""
+
+
 def plots_html(out: Path, images: list[str], figures: str | None) -> str:
-    """The plots section: the interactive ``figures`` fragment when given, else each PNG of ``images`` (files under
-    ``out``) embedded as base64 in a ``figure.az-figure`` with its caption; empty when there is neither."""
-    if figures:
-        return f"<section id='plots'><h2>Plots</h2>{figures}</section>"
-    if not images:
-        return ""
+    """The plots section: the interactive ``figures`` fragment when given, then each PNG of ``images`` (files under
+    ``out``) that it does not replace (:data:`INTERACTIVE_COVERS`), embedded as base64 in a ``figure.az-figure`` with
+    its caption; empty when there is nothing to show."""
+    shown = [n for n in images if not (figures and Path(n).name.startswith(INTERACTIVE_COVERS))]
     parts = []
-    for name in images:
+    for name in shown:
         data = base64.b64encode((out / name).read_bytes()).decode("ascii")
         stem = Path(name).stem
         caption = CAPTIONS.get(stem, stem.replace("_", " "))
         parts.append(f"<figure class='az-figure'><img alt='{esc(stem)}' src='data:image/png;base64,{data}'>"
                      f"<figcaption>{esc(caption)}</figcaption></figure>")
-    return f"<section id='plots'><h2>Plots</h2><div class='az-plots'>{''.join(parts)}</div></section>"
+    if not figures and not parts:
+        return ""
+    return f"<section id='plots'><h2>Plots</h2>{figures or ''}<div class='az-plots'>{''.join(parts)}</div></section>"
 
 
 def row_attributes(header: list[str], row: list[str], mode: str = "") -> dict[str, str]:
