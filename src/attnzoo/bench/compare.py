@@ -181,7 +181,10 @@ def main(a_path: str, b_path: str, threshold: float = 0.1, html_path: Path | Non
     """The comparison's Markdown; with ``html_path``, also write the HTML page there."""
     a, b = load_results(a_path), load_results(b_path)
     a_name, b_name = str(a_path), str(b_path)
-    text = render(compare(a, b, threshold), Path(a_path).name, Path(b_path).name)
+    short = (Path(a_path).name, Path(b_path).name)
+    if short[0] == short[1]:  # two runs' results.json: name them by their folders
+        short = (str(Path(a_path).parent / short[0]), str(Path(b_path).parent / short[1]))
+    text = render(compare(a, b, threshold), *short)
     if html_path is not None:
         html_path.write_text(compare_html(a, b, a_name, b_name, threshold))
         text += f"\npage: {html_path}\n"
