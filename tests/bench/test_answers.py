@@ -27,6 +27,15 @@ def test_headlines_rank_the_fastest_at_the_longest_length(res):
     assert heads[("self/causal", "fwd+bwd")].length == 512
 
 
+def test_headlines_count_methods_stopped_at_shorter_lengths(res):
+    cut = {**res, "efficiency": [r for r in res["efficiency"] if not (
+        r["method"] == "moba" and r["pattern"] == "self/noncausal" and r["mode"] == "fwd" and r["length"] == 1024)]}
+    h = next(h for h in az.headlines(cut) if (h.pattern, h.mode) == ("self/noncausal", "fwd"))
+    assert (h.measured, h.shorter) == (2, 1)
+    assert "1 more measured only at shorter lengths" in az.headline_verdict(h)
+    assert "shorter" not in az.headline_verdict(next(h for h in az.headlines(res)))
+
+
 def test_a_difference_inside_the_noise_is_not_faster():
     assert not az.beyond_noise(1.0, 0.2, 1.09, 0.0)
     assert az.beyond_noise(1.0, 0.2, 1.11, 0.0)

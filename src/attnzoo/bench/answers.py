@@ -80,6 +80,7 @@ class Headline:
     fastest: tuple[Contender, ...]
     measured: int  # methods measured at this length (SDPA not counted)
     faster: int  # of which faster than SDPA beyond the noise
+    shorter: int = 0  # methods measured in this pattern and mode only at shorter lengths (stopped or skipped)
 
 
 @dataclass(frozen=True)
@@ -178,8 +179,10 @@ def headlines(results: dict[str, Any], top: int = TOP) -> list[Headline]:
                     best[r["method"]] = r
             ranked = sorted(best.values(), key=lambda r: r["time_median_s"])
             contenders = [_contender(r, base, errors, accuracies) for r in ranked]
+            shorter = {r["method"] for r in rows if r["method"] not in best and r["method"] != BASELINE[0]}
             out.append(Headline(pattern, mode, base["length"], base["time_median_s"], base.get("time_iqr_s"),
-                                tuple(contenders[:top]), len(contenders), sum(c.faster for c in contenders)))
+                                tuple(contenders[:top]), len(contenders), sum(c.faster for c in contenders),
+                                len(shorter)))
     return out
 
 
@@ -321,8 +324,12 @@ def headline_title(h: Headline) -> str:
 
 
 def headline_verdict(h: Headline) -> str:
-    """``4 of 41 methods faster than SDPA beyond the noise``."""
-    return f"{h.faster} of {h.measured} methods faster than SDPA beyond the noise"
+    """``4 of 41 methods faster than SDPA beyond the noise`` (and how many stopped at shorter lengths)."""
+    text = f"{h.faster} of {h.measured} methods faster than SDPA beyond the noise"
+    if h.shorter:
+        text += (f"; {h.shorter} more measured only at shorter lengths (quadratic, over the time cap or failed: "
+                 "see the cases without a result)")
+    return text
 
 
 def quality_note(a: Answers) -> str:
