@@ -1,0 +1,191 @@
+"""A linear (matrix) memory learned at test time by chunked gradient descent with momentum and decay (Titans).
+
+Per head, the memory ``M (Dk, Dv)`` maps a key to a value (``M(k) = Mᵀk``; the transpose of the papers' ``(Dv, Dk)``
+writing), its momentum ``S`` has the same shape, and the sequence is cut into chunks of ``C`` tokens from its first
+token. For token ``t`` of a chunk whose first token sees the memory ``M₀`` (the memory after the previous chunk)::
+
+    e_t = M₀ᵀ k_t − v_t                      the error, against the memory at the chunk start
+    u_t = k_t φ(e_t)ᵀ                        the gradient of the inner loss at M₀ (φ: see :func:`loss_gradient`)
+    S_t = η_t S_{t−1} − θ_t u_t              momentum ("surprise")
+    M_t = (1 − α_t) M_{t−1} + S_t            forgetting
+    o_t = M_tᵀ q_t                           retrieval, after the token's own update
+
+With ``C = 1`` every gradient is taken at the current memory: the exact token-by-token recurrence.
+
+Chunked form. Inside a chunk (positions ``1..C``), with ``a_t = 1 − α_t``, the decay products
+``R^a_tj = Π_{j<m≤t} a_m`` and ``R^η_tj = Π_{j<m≤t} η_m`` (``j ≤ t``; 0 above the diagonal), ``A_t = Π_{m≤t} a_m``
+and ``E_t = Π_{m≤t} η_m``, unrolling both recurrences from the chunk's start state ``(M₀, S₀)`` gives::
+
+    S_t = E_t S₀ − Σ_{i≤t} θ_i R^η_ti u_i
+    M_t = A_t M₀ + f_t S₀ − Σ_{i≤t} θ_i G_ti u_i,       f = R^a E,   G = R^a R^η
+
+so, with ``Φ`` the chunk's rows ``θ_i φ(e_i)ᵀ`` (``C × Dv``)::
+
+    O   = diag(A) Q M₀ + diag(f) Q S₀ − (Q Kᵀ ⊙ G) Φ
+    M_C = A_C M₀ + f_C S₀ − (diag(G_C·) K)ᵀ Φ,          S_C = E_C S₀ − (diag(R^η_C·) K)ᵀ Φ
+
+The decay products are cumulative products of masked ``C × C`` matrices (never ratios of cumulative products, so a
+gate of exactly 0 — ``η = 0``, ``α = 1`` — is exact, and nothing overflows). Everything that does not depend on the
+memory (``G``, ``f``, ``Q Kᵀ ⊙ G``, the chunk-end weights) is computed for all chunks at once as batched matmuls; the
+errors depend on ``M₀`` through ``φ`` (nonlinear for Huber and ℓp), so a loop over chunks runs one ``C × Dk`` by
+``Dk × Dv`` product for the errors and one ``2Dk × C`` by ``C × Dv`` product for the new ``(M, S)``; the outputs are
+one batched matmul against the stacked chunk-start states after the loop. O(N·C·(C + D) + N·D²) time, O(N·(C + D) +
+N·D²/C) memory. Plain autograd (differentiable in q, k, v and every gate).
+
+Continuing a sequence: the state (:class:`MemoryState`) holds ``M``, ``S``, the memory at the start of the current
+chunk and the position in it. A call that starts mid-chunk is padded at the front with that many tokens
+(``k = v = 0``, ``η = 1``, ``θ = 0``, ``α = 0``), which leave ``S`` and the decay products unchanged and are kept out of
+the sum ``f`` (so they add nothing to ``M``), and its first chunk takes its errors against the stored chunk-start
+memory; the end is padded up to a whole chunk, and the last chunk's end state is read at its last real token's row
+(``M_r``, ``S_r`` instead of ``M_C``, ``S_C``). fp16/bf16 inputs are computed in fp32. Heads must already match
+(callers repeat K/V heads: each query head has its own gates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from attnzoo.errors import fail
+from attnzoo.kernels.linear_scan import accumulation_dtype
+
+LOSSES = ("l2", "huber", "lp")
+
+
+@dataclass(frozen=True)
+class MemoryState:
+    """Where a memory stands between calls: ``memory`` ``M`` and ``momentum`` ``S`` ``(B, H, Dk, Dv)``,
+    ``chunk_start`` the memory the current chunk's gradients are taken at, ``position`` the tokens of the current
+    chunk already seen (0: the next token starts a chunk, and ``chunk_start`` is ``memory``)."""
+
+    memory: torch.Tensor
+    momentum: torch.Tensor
+    chunk_start: torch.Tensor
+    position: int
+
+
+def empty_state(batch: int, heads: int, dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> MemoryState:
+    """The state before the first token: zero memory and momentum."""
+    zero = torch.zeros(batch, heads, dk, dv, dtype=accumulation_dtype(dtype), device=device)
+    return MemoryState(zero, zero, zero, 0)
+
+
+def loss_gradient(err: torch.Tensor, loss: str, delta: float | torch.Tensor, p: float) -> torch.Tensor:
+    """``φ(e)``: the inner loss's gradient with respect to the prediction ``M(k)``, elementwise on the error ``e``.
+
+    - ``"l2"``: ``½‖e‖²`` → ``e`` (Titans);
+    - ``"huber"``: ``Σ_j H_δ(e_j)`` → ``clamp(e, −δ, δ)`` (Miras' coordinate-wise Huber bias; ``δ`` a float or a
+      tensor broadcasting against ``e``);
+    - ``"lp"``: ``(1/p)‖e‖_p^p`` → ``sign(e)|e|^{p−1}`` (Moneta's ℓp bias; ``p = 1`` gives ``sign(e)``). At ``e = 0``
+      the value is 0 and so is the derivative taken (for ``1 < p < 2`` the true one is infinite).
+    """
+    if loss == "l2":
+        return err
+    if loss == "huber":
+        return torch.clamp(err, -delta, delta) if isinstance(delta, torch.Tensor) else err.clamp(-delta, delta)
+    if loss != "lp":
+        raise fail("loss", f"one of {list(LOSSES)}", repr(loss))
+    if p == 2:
+        return err
+    mag = err.abs()
+    nonzero = mag > 0
+    safe = torch.where(nonzero, mag, torch.ones_like(mag))
+    return torch.where(nonzero, torch.sign(err) * safe.pow(p - 1), torch.zeros_like(err))
+
+
+def decay_products(gate: torch.Tensor) -> torch.Tensor:
+    """``R_tj = Π_{j<m≤t} gate_m`` for ``j ≤ t`` (1 on the diagonal), 0 above: ``(…, C)`` → ``(…, C, C)``."""
+    c = gate.shape[-1]
+    t = torch.arange(c, device=gate.device)
+    below = t[:, None] > t[None, :]
+    factors = torch.where(below, gate[..., :, None], torch.ones((), dtype=gate.dtype, device=gate.device))
+    return torch.cumprod(factors, dim=-2).masked_fill(t[:, None] < t[None, :], 0.0)
+
+
+def chunked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor, alpha: torch.Tensor, *,
+    chunk: int, loss: str = "l2", delta: float | torch.Tensor = 1.0, p: float = 2.0, state: MemoryState | None = None,
+) -> tuple[torch.Tensor, MemoryState]:
+    """``q, k (B, H, N, Dk)``, ``v (B, H, N, Dv)``, gates ``eta, theta, alpha (B, H, N)`` (and ``delta`` a float or
+    ``(B, H, N)``); continues ``state`` (None: an empty memory). Returns ``(o (B, H, N, Dv), state)``."""
+    out_dtype = v.dtype
+    acc = accumulation_dtype(q.dtype)
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    if state is None:
+        state = empty_state(b, h, dk, dv, q.dtype, q.device)
+    front = state.position
+    back = (-(front + n)) % chunk
+    nc = (front + n + back) // chunk
+
+    def tokens(x: torch.Tensor, fill: float) -> torch.Tensor:
+        """``x (B, H, N, ·)`` padded with ``fill`` tokens to whole chunks, chunk-major ``(nc, B·H, C, ·)``."""
+        x = F.pad(x.to(acc), (0, 0, front, back), value=fill)
+        return x.reshape(b * h, nc, chunk, x.shape[-1]).transpose(0, 1)
+
+    qc, kc, vc = tokens(q, 0.0), tokens(k, 0.0), tokens(v, 0.0)
+    keep, rate, forget = (tokens(g[..., None], fill)[..., 0] for g, fill in ((eta, 1.0), (theta, 0.0), (alpha, 0.0)))
+    thresholds = tokens(delta[..., None], 1.0) if isinstance(delta, torch.Tensor) else None
+
+    real = tokens(torch.ones_like(eta[..., None]), 0.0)[..., 0]  # 0 on the padding
+    a = 1.0 - forget
+    r_a, r_eta = decay_products(a), decay_products(keep)  # (nc, BH, C, C)
+    big_a, big_e = torch.cumprod(a, dim=-1), torch.cumprod(keep, dim=-1)  # A_t, E_t
+    # f_t = Σ_j R^a_tj E_j over real tokens j: a front pad leaves S unchanged but must not add S to M
+    f = (r_a @ (big_e * real)[..., None])[..., 0]
+    g = r_a @ r_eta  # G_ti
+    scores = (qc @ kc.transpose(-1, -2)) * g  # lower triangular: G is
+    # each chunk's end state is read at its last real token (row C−1, or the last chunk's last real row)
+    ends = torch.full((nc,), chunk - 1, device=q.device)
+    ends[-1] = (front + n - 1) % chunk
+    chunks = torch.arange(nc, device=q.device)
+    # weights on the rows of Φ for the end M (G_C·) and S (R^η_C·): (nc, BH, C, 2Dk)
+    weights = torch.cat([kc * g[chunks, :, ends, :, None], kc * r_eta[chunks, :, ends, :, None]], dim=-1)
+    keep_m, mix, keep_s = (x[chunks, :, ends, None, None] for x in (big_a, f, big_e))  # A_C, f_C, E_C: (nc, BH, 1, 1)
+
+    memory = state.memory.to(acc).reshape(b * h, dk, dv)
+    momentum = state.momentum.to(acc).reshape(b * h, dk, dv)
+    start = state.chunk_start.to(acc).reshape(b * h, dk, dv)
+    starts, rows = [], []
+    for i in range(nc):
+        err = torch.baddbmm(-vc[i], kc[i], start)  # K M₀ − V
+        phi = loss_gradient(err, loss, delta if thresholds is None else thresholds[i], p) * rate[i][..., None]
+        starts.append(torch.cat([memory, momentum], dim=-2))
+        rows.append(phi)
+        update = weights[i].transpose(-1, -2) @ phi  # (BH, 2Dk, Dv)
+        memory, momentum = (keep_m[i] * memory + mix[i] * momentum - update[:, :dk],
+                            keep_s[i] * momentum - update[:, dk:])
+        last_start, start = start, memory
+    weighted_q = torch.cat([big_a[..., None] * qc, f[..., None] * qc], dim=-1)  # (nc, BH, C, 2Dk)
+    o = weighted_q @ torch.stack(starts) - scores @ torch.stack(rows)
+    o = o.transpose(0, 1).reshape(b, h, nc * chunk, dv)[:, :, front : front + n].to(out_dtype)
+    position = (front + n) % chunk
+    shape = (b, h, dk, dv)
+    final = MemoryState(memory.view(shape), momentum.view(shape),
+                        (last_start if position else memory).view(shape), position)
+    return o, final
+
+
+def step(
+    state: MemoryState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor,
+    alpha: torch.Tensor, *, chunk: int, loss: str = "l2", delta: float | torch.Tensor = 1.0, p: float = 2.0,
+) -> tuple[torch.Tensor, MemoryState]:
+    """One token: ``q, k (B, H, 1, Dk)``, ``v (B, H, 1, Dv)``, gates ``(B, H, 1)``; returns ``(o, state)``."""
+    if q.shape[2] != 1:
+        raise fail("q", "one token per step (seq 1)", f"seq {q.shape[2]}")
+    b, h, _, dk = q.shape
+    dv = v.shape[-1]
+    expected = (b, h, dk, dv)
+    if tuple(state.memory.shape) != expected:
+        raise fail("state", f"memory of shape {expected}", tuple(state.memory.shape))
+    acc, out_dtype = state.memory.dtype, v.dtype
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    start = state.memory if state.position == 0 else state.chunk_start
+    threshold = delta.to(acc)[..., None] if isinstance(delta, torch.Tensor) else delta
+    phi = loss_gradient(k @ start - v, loss, threshold, p) * theta.to(acc)[..., None]  # (B, H, 1, Dv)
+    momentum = eta.to(acc)[..., None] * state.momentum - k.transpose(-1, -2) @ phi
+    memory = (1.0 - alpha.to(acc))[..., None] * state.memory + momentum
+    position = (state.position + 1) % chunk
+    return (q @ memory).to(out_dtype), MemoryState(memory, momentum, memory if position == 0 else start, position)
