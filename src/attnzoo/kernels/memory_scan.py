@@ -43,15 +43,17 @@ memory; the end is padded up to a whole chunk, and the last chunk's end state is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from attnzoo.errors import fail
-from attnzoo.kernels.linear_scan import accumulation_dtype
+from attnzoo.kernels.linear_scan import FeatureMaps, accumulation_dtype
 
 LOSSES = ("l2", "huber", "lp")
+GROUP_BUDGET = 1 << 16  # elements of each C×C coefficient tensor of a group of chunks (256 KiB in fp32)
 
 
 @dataclass(frozen=True)
@@ -104,68 +106,125 @@ def decay_products(gate: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(factors, dim=-2).masked_fill(t[:, None] < t[None, :], 0.0)
 
 
+class _Coefficients:
+    """What a group of chunks needs that does not depend on the memory, from its chunk-major ``(m, B·H, C, ·)`` queries,
+    keys, gates, real-token flags and end rows ``(m,)``:
+
+    - ``weighted_q`` ``[diag(A) Q, diag(f) Q]`` ``(m, BH, C, 2Dk)``, against the stacked chunk-start ``[M₀; S₀]``;
+    - ``scores`` ``Q Kᵀ ⊙ G`` ``(m, BH, C, C)``, against the chunk's rows ``Φ``;
+    - ``weights`` ``[diag(G_r·) K, diag(R^η_r·) K]`` ``(m, BH, C, 2Dk)``, ``keep`` (``A_r`` on the ``Dk`` rows of M,
+      ``E_r`` on those of S, ``(m, BH, 2Dk, 1)``) and ``mix`` (``f_r``, ``(m, BH, 1, 1)``): the end state
+      ``M_r = A_r M₀ + f_r S₀ − (diag(G_r·) K)ᵀ Φ``, ``S_r = E_r S₀ − (diag(R^η_r·) K)ᵀ Φ`` at row ``r``.
+    """
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, forget: torch.Tensor, real: torch.Tensor,
+                 ends: torch.Tensor) -> None:
+        a = 1.0 - forget
+        r_a, r_eta = decay_products(a), decay_products(keep)  # (m, BH, C, C)
+        big_a, big_e = torch.cumprod(a, dim=-1), torch.cumprod(keep, dim=-1)  # A_t, E_t
+        # f_t = Σ_j R^a_tj E_j over real tokens j: a front pad leaves S unchanged but must not add S to M
+        f = (r_a @ (big_e * real)[..., None])[..., 0]
+        g = r_a @ r_eta  # G_ti
+        self.scores = (q @ k.transpose(-1, -2)) * g  # lower triangular, as G is
+        self.weighted_q = torch.cat([big_a[..., None] * q, f[..., None] * q], dim=-1)
+        chunks = torch.arange(q.shape[0], device=q.device)
+        self.weights = torch.cat([k * g[chunks, :, ends, :, None], k * r_eta[chunks, :, ends, :, None]], dim=-1)
+        dk = k.shape[-1]
+        self.mix = f[chunks, :, ends, None, None]
+        self.keep = torch.cat([big_a[chunks, :, ends, None, None].expand(-1, -1, dk, 1),
+                               big_e[chunks, :, ends, None, None].expand(-1, -1, dk, 1)], dim=-2)
+
+
+class _Layout:
+    """How a call's ``n`` tokens sit in chunks of ``c``: ``front`` tokens of the current chunk already seen (padded
+    before the first token), ``nc`` chunks in all (the last one padded at the end), cut into groups of chunks."""
+
+    def __init__(self, b: int, h: int, n: int, c: int, front: int, acc: torch.dtype) -> None:
+        self.b, self.h, self.n, self.c, self.front, self.acc = b, h, n, c, front, acc
+        self.nc = -(-(front + n) // c)
+        self.group = max(1, GROUP_BUDGET // (b * h * c * c))
+
+    def groups(self) -> list[tuple[int, int]]:
+        return [(lo, min(self.nc, lo + self.group)) for lo in range(0, self.nc, self.group)]
+
+    def tokens(self, lo: int, hi: int) -> tuple[int, int]:
+        """The real tokens ``[first, stop)`` of chunks ``[lo, hi)``."""
+        return max(lo * self.c - self.front, 0), min(hi * self.c - self.front, self.n)
+
+    def cut(self, x: torch.Tensor, lo: int, hi: int, fill: float,
+            feature: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Chunks ``[lo, hi)`` of ``x (B, H, N, ·)`` (mapped by ``feature``, padded with ``fill`` tokens) as
+        ``(hi − lo, B·H, C, ·)``."""
+        first, stop = self.tokens(lo, hi)
+        x = x[:, :, first:stop]
+        pad = (self.front if lo == 0 else 0, hi * self.c - self.front - stop)
+        x = F.pad((x if feature is None else feature(x)).to(self.acc), (0, 0, *pad), value=fill)
+        return x.reshape(self.b * self.h, hi - lo, self.c, x.shape[-1]).transpose(0, 1)
+
+    def uncut(self, o: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """A group's ``(hi − lo, B·H, C, Dv)`` rows back to its real tokens ``(B, H, stop − first, Dv)``."""
+        first, stop = self.tokens(lo, hi)
+        skip = self.front if lo == 0 else 0
+        return o.transpose(0, 1).reshape(self.b, self.h, (hi - lo) * self.c, -1)[:, :, skip : skip + stop - first]
+
+
 def chunked(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor, alpha: torch.Tensor, *,
     chunk: int, loss: str = "l2", delta: float | torch.Tensor = 1.0, p: float = 2.0, state: MemoryState | None = None,
+    features: FeatureMaps | None = None,
 ) -> tuple[torch.Tensor, MemoryState]:
     """``q, k (B, H, N, Dk)``, ``v (B, H, N, Dv)``, gates ``eta, theta, alpha (B, H, N)`` (and ``delta`` a float or
-    ``(B, H, N)``); continues ``state`` (None: an empty memory). Returns ``(o (B, H, N, Dv), state)``."""
+    ``(B, H, N)``); continues ``state`` (None: an empty memory). Returns ``(o (B, H, N, Dv), state)``.
+
+    ``features``: per-token maps ``(φ_q, φ_k)`` (a normalisation, a scale) applied to each group's queries and keys, so
+    that no mapped copy of the whole sequence is made: groups of chunks bound every temporary (:data:`GROUP_BUDGET`),
+    as sequence-wide temporaries are fresh memory to fault in on every call."""
     out_dtype = v.dtype
-    acc = accumulation_dtype(q.dtype)
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     if state is None:
         state = empty_state(b, h, dk, dv, q.dtype, q.device)
-    front = state.position
-    back = (-(front + n)) % chunk
-    nc = (front + n + back) // chunk
-
-    def tokens(x: torch.Tensor, fill: float) -> torch.Tensor:
-        """``x (B, H, N, ·)`` padded with ``fill`` tokens to whole chunks, chunk-major ``(nc, B·H, C, ·)``."""
-        x = F.pad(x.to(acc), (0, 0, front, back), value=fill)
-        return x.reshape(b * h, nc, chunk, x.shape[-1]).transpose(0, 1)
-
-    qc, kc, vc = tokens(q, 0.0), tokens(k, 0.0), tokens(v, 0.0)
-    keep, rate, forget = (tokens(g[..., None], fill)[..., 0] for g, fill in ((eta, 1.0), (theta, 0.0), (alpha, 0.0)))
-    thresholds = tokens(delta[..., None], 1.0) if isinstance(delta, torch.Tensor) else None
-
-    real = tokens(torch.ones_like(eta[..., None]), 0.0)[..., 0]  # 0 on the padding
-    a = 1.0 - forget
-    r_a, r_eta = decay_products(a), decay_products(keep)  # (nc, BH, C, C)
-    big_a, big_e = torch.cumprod(a, dim=-1), torch.cumprod(keep, dim=-1)  # A_t, E_t
-    # f_t = Σ_j R^a_tj E_j over real tokens j: a front pad leaves S unchanged but must not add S to M
-    f = (r_a @ (big_e * real)[..., None])[..., 0]
-    g = r_a @ r_eta  # G_ti
-    scores = (qc @ kc.transpose(-1, -2)) * g  # lower triangular: G is
-    # each chunk's end state is read at its last real token (row C−1, or the last chunk's last real row)
-    ends = torch.full((nc,), chunk - 1, device=q.device)
-    ends[-1] = (front + n - 1) % chunk
-    chunks = torch.arange(nc, device=q.device)
-    # weights on the rows of Φ for the end M (G_C·) and S (R^η_C·): (nc, BH, C, 2Dk)
-    weights = torch.cat([kc * g[chunks, :, ends, :, None], kc * r_eta[chunks, :, ends, :, None]], dim=-1)
-    keep_m, mix, keep_s = (x[chunks, :, ends, None, None] for x in (big_a, f, big_e))  # A_C, f_C, E_C: (nc, BH, 1, 1)
-
-    memory = state.memory.to(acc).reshape(b * h, dk, dv)
-    momentum = state.momentum.to(acc).reshape(b * h, dk, dv)
-    start = state.chunk_start.to(acc).reshape(b * h, dk, dv)
-    starts, rows = [], []
-    for i in range(nc):
-        err = torch.baddbmm(-vc[i], kc[i], start)  # K M₀ − V
-        phi = loss_gradient(err, loss, delta if thresholds is None else thresholds[i], p) * rate[i][..., None]
-        starts.append(torch.cat([memory, momentum], dim=-2))
-        rows.append(phi)
-        update = weights[i].transpose(-1, -2) @ phi  # (BH, 2Dk, Dv)
-        memory, momentum = (keep_m[i] * memory + mix[i] * momentum - update[:, :dk],
-                            keep_s[i] * momentum - update[:, dk:])
-        last_start, start = start, memory
-    weighted_q = torch.cat([big_a[..., None] * qc, f[..., None] * qc], dim=-1)  # (nc, BH, C, 2Dk)
-    o = weighted_q @ torch.stack(starts) - scores @ torch.stack(rows)
-    o = o.transpose(0, 1).reshape(b, h, nc * chunk, dv)[:, :, front : front + n].to(out_dtype)
-    position = (front + n) % chunk
+    lay = _Layout(b, h, n, chunk, state.position, accumulation_dtype(q.dtype))
+    # the running state [M; S] as one (B·H, 2Dk, Dv) tensor, and the memory the current chunk's errors are taken at
+    both = torch.cat([state.memory, state.momentum], dim=-2).to(lay.acc).reshape(b * h, 2 * dk, dv)
+    start = state.chunk_start.to(lay.acc).reshape(b * h, dk, dv)
+    training = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, eta, theta, alpha, delta))
+    o_all = None if training else torch.empty(b, h, n, dv, dtype=out_dtype, device=q.device)
+    pieces = []
+    fq, fk = (None, None) if features is None else features
+    for lo, hi in lay.groups():
+        qc, kc, vc = lay.cut(q, lo, hi, 0.0, fq), lay.cut(k, lo, hi, 0.0, fk), lay.cut(v, lo, hi, 0.0)
+        keep, rate, forget, real = (lay.cut(g[..., None], lo, hi, fill)[..., 0] for g, fill in (
+            (eta, 1.0), (theta, 0.0), (alpha, 0.0), (torch.ones_like(eta), 0.0)))  # real: 0 on the padding
+        thresholds = lay.cut(delta[..., None], lo, hi, 1.0) if isinstance(delta, torch.Tensor) else None
+        ends = torch.full((hi - lo,), chunk - 1, device=q.device)
+        if hi == lay.nc:
+            ends[-1] = (lay.front + n - 1) % chunk  # the last chunk's end state is read at its last real token
+        part = _Coefficients(qc, kc, keep, forget, real, ends)
+        starts, rows = [], []
+        for i in range(hi - lo):
+            err = torch.baddbmm(-vc[i], kc[i], start)  # K M₀ − V
+            phi = loss_gradient(err, loss, delta if thresholds is None else thresholds[i], p) * rate[i][..., None]
+            starts.append(both)
+            rows.append(phi)
+            # [M; S] ← [A_r M + f_r S; E_r S] − weightsᵀ Φ
+            nxt = torch.baddbmm(both * part.keep[i], part.weights[i].transpose(-1, -2), phi, alpha=-1.0)
+            nxt[:, :dk] += part.mix[i] * both[:, dk:]
+            last_start, both = start, nxt
+            start = both[:, :dk]
+        o = lay.uncut(part.weighted_q @ torch.stack(starts) - part.scores @ torch.stack(rows), lo, hi)
+        if o_all is None:
+            pieces.append(o.to(out_dtype))
+        else:
+            first, stop = lay.tokens(lo, hi)
+            o_all[:, :, first:stop] = o
+    if o_all is None:
+        o_all = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+    position = (lay.front + n) % chunk
     shape = (b, h, dk, dv)
-    final = MemoryState(memory.view(shape), momentum.view(shape),
-                        (last_start if position else memory).view(shape), position)
-    return o, final
+    memory, momentum = both[:, :dk].reshape(shape), both[:, dk:].reshape(shape)
+    return o_all, MemoryState(memory, momentum, last_start.reshape(shape) if position else memory, position)
 
 
 def step(

@@ -10,6 +10,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
+from attnzoo.kernels import memory_scan
 from tests.helpers import qkv
 
 F64 = torch.float64
@@ -63,6 +64,25 @@ def test_fast_path_equals_reference(loss: str, chunk_size: int) -> None:
     params = {**gates(2, 4, 37, seed=3), "loss": loss, "delta": 0.4, "p": 1.5, "chunk_size": chunk_size}
     want = titans(q, k, v, "reference", **params)
     torch.testing.assert_close(titans(q, k, v, "torch", **params), want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("budget", [1, 3 * 2 * 4 * 4 * 4])
+def test_groups_of_chunks_are_exact_with_gradients(budget: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path cuts the chunks into groups (one chunk, or four, here) to bound its temporaries."""
+    monkeypatch.setattr(memory_scan, "GROUP_BUDGET", budget)
+    q, k, v = qkv(3, 2, 1, 30, 4, 3, seed=11, requires_grad=True)
+    g = {n: t.requires_grad_(True) for n, t in gates(3, 2, 30).items()}
+    leaves = (q, k, v, *g.values())
+    results = []
+    for backend in ("reference", "torch"):
+        out = titans(q, k, v, backend, chunk_size=4, loss="huber", delta=0.5, **g)
+        results.append((out, torch.autograd.grad(out.square().sum(), leaves)))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-12, rtol=1e-10)
+    for got, want in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+    with torch.no_grad():  # the no-grad path writes each group into the output in place
+        torch.testing.assert_close(titans(q, k, v, "torch", chunk_size=4, **g), titans(q, k, v, "reference",
+                                                                                        chunk_size=4, **g))
 
 
 def test_chunk_size_changes_the_method() -> None:
@@ -146,8 +166,10 @@ def test_gates_at_their_bounds_are_exact_with_finite_gradients() -> None:
 
 
 @pytest.mark.parametrize(("cut", "single"), [(8, 3), (6, 2), (3, 0), (1, 9)])
-def test_decoding_across_chunk_borders(cut: int, single: int) -> None:
-    """A prompt of ``cut`` tokens, ``single`` one-token steps, then the rest in one step, chunks of 4."""
+def test_decoding_across_chunk_borders(cut: int, single: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt of ``cut`` tokens, ``single`` one-token steps, then the rest in one step, chunks of 4, one chunk per
+    group (the conformance suite decodes with the default groups)."""
+    monkeypatch.setattr(memory_scan, "GROUP_BUDGET", 1)
     n = 22
     q, k, v = qkv(2, 2, 1, n, 4, 3, seed=10)
     params: dict[str, Any] = {**gates(2, 2, n), "delta": 0.3 + torch.rand(2, 2, n, dtype=F64)}

@@ -19,12 +19,16 @@ from attnzoo.kernels import linear_scan
 NORM_EPS = 1e-6
 
 
+def l2_normed(x: torch.Tensor) -> torch.Tensor:
+    """``x / sqrt(|x|² + 1e-6)`` along the last dim."""
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + NORM_EPS)
+
+
 def qk_normed(q: torch.Tensor, k: torch.Tensor, scale: float, on: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale · q̂, k̂)`` with ``x̂ = x / sqrt(|x|² + 1e-6)`` along the head dim when ``on`` (Gated DeltaNet's and
-    Titans' ``qk_l2norm``), else ``(scale · q, k)``."""
+    """``(scale · q̂, k̂)`` with ``x̂`` :func:`l2_normed` when ``on`` (Gated DeltaNet's and Titans' ``qk_l2norm``),
+    else ``(scale · q, k)``."""
     if on:
-        q = q * torch.rsqrt(q.square().sum(-1, keepdim=True) + NORM_EPS)
-        k = k * torch.rsqrt(k.square().sum(-1, keepdim=True) + NORM_EPS)
+        q, k = l2_normed(q), l2_normed(k)
     return q * scale, k
 
 

@@ -57,9 +57,10 @@ from typing import Any
 import torch
 
 from attnzoo.kernels import memory_scan
+from attnzoo.kernels.linear_scan import FeatureMaps
 from attnzoo.kernels.memory_scan import LOSSES, loss_gradient
 from attnzoo.methods.common import repeat_kv
-from attnzoo.methods.linear.common import qk_normed
+from attnzoo.methods.linear.common import l2_normed, qk_normed
 from attnzoo.registry import Backend, Call, Decoder, MethodSpec, Param, TestHints, register
 
 GATES = ("eta", "theta", "alpha")
@@ -126,15 +127,29 @@ SPEC = MethodSpec(
 )
 
 
-def _inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, p: dict[str, Any],
-) -> tuple[torch.Tensor, ...]:
-    """Normalised, scaled heads (K/V repeated to the query heads) and the gates as ``(B, H, S)`` tensors."""
-    qs, kn = qk_normed(q, k, scale, p["qk_l2norm"])
+def _gates(q: torch.Tensor, p: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """``eta, theta, alpha`` as ``(B, H, S)`` tensors (a float as an expanded scalar: no copy per token)."""
     shape = q.shape[:3]
-    gates = tuple(p[n] if isinstance(p[n], torch.Tensor) else torch.full(shape, float(p[n]), dtype=q.dtype,
-                                                                           device=q.device) for n in GATES)
-    return (qs, repeat_kv(kn, q.shape[1]), repeat_kv(v, q.shape[1]), *gates)
+    return tuple(p[n] if isinstance(p[n], torch.Tensor)
+                 else torch.tensor(float(p[n]), dtype=q.dtype, device=q.device).expand(shape) for n in GATES)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Key/value heads repeated to the query heads (each query head has its own memory); no copy without GQA."""
+    return x if x.shape[1] == heads else repeat_kv(x, heads)
+
+
+def _maps(scale: float, l2norm: bool) -> FeatureMaps:
+    """The per-token maps of queries and keys: ``(scale · q̂, k̂)`` (see ``qk_l2norm``)."""
+
+    def query(x: torch.Tensor) -> torch.Tensor:
+        return (l2_normed(x) if l2norm else x) * scale
+
+    return query, (l2_normed if l2norm else _identity)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _loss(p: dict[str, Any]) -> dict[str, Any]:
@@ -146,9 +161,10 @@ def reference(
     bias: torch.Tensor | None, eta: float | torch.Tensor, theta: float | torch.Tensor, alpha: float | torch.Tensor,
     loss: str, delta: float | torch.Tensor, p: float, qk_l2norm: bool, chunk_size: int,
 ) -> torch.Tensor:
-    params = {"eta": eta, "theta": theta, "alpha": alpha, "qk_l2norm": qk_l2norm}
-    qs, kn, vr, eta_, theta_, alpha_ = _inputs(q, k, v, scale, params)
-    b, h, n, dk = qs.shape
+    b, h, n, dk = q.shape
+    qs, kn = qk_normed(q, repeat_kv(k, h), scale, qk_l2norm)
+    vr = repeat_kv(v, h)
+    eta_, theta_, alpha_ = _gates(q, {"eta": eta, "theta": theta, "alpha": alpha})
     memory = torch.zeros(b, h, dk, vr.shape[-1], dtype=q.dtype, device=q.device)
     momentum = torch.zeros_like(memory)
     outs = []
@@ -165,18 +181,27 @@ def reference(
     return torch.stack(outs, dim=2)
 
 
+def _chunked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, params: dict[str, Any],
+    state: memory_scan.MemoryState | None = None,
+) -> tuple[torch.Tensor, memory_scan.MemoryState]:
+    h = q.shape[1]
+    return memory_scan.chunked(q, _heads(k, h), _heads(v, h), *_gates(q, params), chunk=params["chunk_size"],
+                               state=state, features=_maps(scale, params["qk_l2norm"]), **_loss(params))
+
+
 def torch_chunked(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None,
     bias: torch.Tensor | None, **params: Any,
 ) -> torch.Tensor:
-    return memory_scan.chunked(*_inputs(q, k, v, scale, params), chunk=params["chunk_size"], **_loss(params))[0]
+    return _chunked(q, k, v, scale, params)[0]
 
 
 def decode_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any,
 ) -> tuple[torch.Tensor, memory_scan.MemoryState]:
     """Causal forward over a prompt (validated parameters); returns ``(out, state)`` to continue with a step."""
-    return memory_scan.chunked(*_inputs(q, k, v, scale, params), chunk=params["chunk_size"], **_loss(params))
+    return _chunked(q, k, v, scale, params)
 
 
 def decode_step(
@@ -185,13 +210,14 @@ def decode_step(
 ) -> tuple[torch.Tensor, memory_scan.MemoryState]:
     """``T ≥ 1`` tokens ``q (B, H, T, D)`` (validated parameters, per-token ones ``(B, H, T)``); ``state=None`` starts a
     sequence. One token runs the recurrence, several the chunked form from the state."""
-    inputs = _inputs(q, k, v, scale, params)
     if q.shape[2] > 1:
-        return memory_scan.chunked(*inputs, chunk=params["chunk_size"], state=state, **_loss(params))
+        return _chunked(q, k, v, scale, params, state)
+    b, h, _, dk = q.shape
     if state is None:
-        b, h, _, dk = q.shape
         state = memory_scan.empty_state(b, h, dk, v.shape[-1], q.dtype, q.device)
-    return memory_scan.step(state, *inputs, chunk=params["chunk_size"], **_loss(params))
+    qs, kn = qk_normed(q, _heads(k, h), scale, params["qk_l2norm"])
+    return memory_scan.step(state, qs, kn, _heads(v, h), *_gates(q, params), chunk=params["chunk_size"],
+                            **_loss(params))
 
 
 DECODER = Decoder(decode_prefill, decode_step, token_params=(*GATES, "delta"), chunked=True)
