@@ -67,6 +67,11 @@ class MemoryState:
     chunk_start: torch.Tensor
     position: int
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes the state holds (three ``Dk × Dv`` matrices per head, whatever the length decoded)."""
+        return sum(t.numel() * t.element_size() for t in (self.memory, self.momentum, self.chunk_start))
+
 
 def empty_state(batch: int, heads: int, dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> MemoryState:
     """The state before the first token: zero memory and momentum."""
@@ -151,13 +156,16 @@ class _Layout:
         """The real tokens ``[first, stop)`` of chunks ``[lo, hi)``."""
         return max(lo * self.c - self.front, 0), min(hi * self.c - self.front, self.n)
 
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``x (B, H, N, ·)`` as one view per group of its real tokens (``split``, whose backward is one
+        concatenation: slicing each group out would make its backward a sequence-wide zero tensor per group)."""
+        return x.split([stop - first for first, stop in (self.tokens(lo, hi) for lo, hi in self.groups())], dim=2)
+
     def cut(self, x: torch.Tensor, lo: int, hi: int, fill: float,
             feature: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """Chunks ``[lo, hi)`` of ``x (B, H, N, ·)`` (mapped by ``feature``, padded with ``fill`` tokens) as
-        ``(hi − lo, B·H, C, ·)``."""
-        first, stop = self.tokens(lo, hi)
-        x = x[:, :, first:stop]
-        pad = (self.front if lo == 0 else 0, hi * self.c - self.front - stop)
+        """A group's tokens ``x (B, H, ·, ·)`` (chunks ``[lo, hi)``, from :meth:`split`; mapped by ``feature``, padded
+        with ``fill`` tokens) as ``(hi − lo, B·H, C, ·)``."""
+        pad = (self.front if lo == 0 else 0, hi * self.c - self.front - self.tokens(lo, hi)[1])
         x = F.pad((x if feature is None else feature(x)).to(self.acc), (0, 0, *pad), value=fill)
         return x.reshape(self.b * self.h, hi - lo, self.c, x.shape[-1]).transpose(0, 1)
 
@@ -191,20 +199,24 @@ def chunked(
     training = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, eta, theta, alpha, delta))
     o_all = None if training else torch.empty(b, h, n, dv, dtype=out_dtype, device=q.device)
-    pieces = []
+    outs = []
     fq, fk = (None, None) if features is None else features
-    for lo, hi in lay.groups():
-        qc, kc, vc = lay.cut(q, lo, hi, 0.0, fq), lay.cut(k, lo, hi, 0.0, fk), lay.cut(v, lo, hi, 0.0)
-        keep, rate, forget, real = (lay.cut(g[..., None], lo, hi, fill)[..., 0] for g, fill in (
-            (eta, 1.0), (theta, 0.0), (alpha, 0.0), (torch.ones_like(eta), 0.0)))  # real: 0 on the padding
-        thresholds = lay.cut(delta[..., None], lo, hi, 1.0) if isinstance(delta, torch.Tensor) else None
+    per_token = [(eta, 1.0), (theta, 0.0), (alpha, 0.0)] + ([(delta, 1.0)] if isinstance(delta, torch.Tensor) else [])
+    pieces_in = [lay.split(x) for x in (q, k, v)] + [lay.split(g[..., None]) for g, _ in per_token]
+    for index, (lo, hi) in enumerate(lay.groups()):
+        qg, kg, vg, *gates = (x[index] for x in pieces_in)
+        qc, kc, vc = lay.cut(qg, lo, hi, 0.0, fq), lay.cut(kg, lo, hi, 0.0, fk), lay.cut(vg, lo, hi, 0.0)
+        keep, rate, forget, *rest = (lay.cut(g, lo, hi, fill) for g, (_, fill) in zip(gates, per_token, strict=True))
+        keep, rate, forget = keep[..., 0], rate[..., 0], forget[..., 0]
+        thresholds = rest[0] if rest else None
+        real = lay.cut(torch.ones_like(gates[0]), lo, hi, 0.0)[..., 0]  # 0 on the padding
         ends = torch.full((hi - lo,), chunk - 1, device=q.device)
         if hi == lay.nc:
             ends[-1] = (lay.front + n - 1) % chunk  # the last chunk's end state is read at its last real token
         part = _Coefficients(qc, kc, keep, forget, real, ends)
         starts, rows = [], []
         for i in range(hi - lo):
-            err = torch.baddbmm(-vc[i], kc[i], start)  # K M₀ − V
+            err = torch.baddbmm(vc[i], kc[i], start, beta=-1.0)  # K M₀ − V
             phi = loss_gradient(err, loss, delta if thresholds is None else thresholds[i], p) * rate[i][..., None]
             starts.append(both)
             rows.append(phi)
@@ -215,12 +227,12 @@ def chunked(
             start = both[:, :dk]
         o = lay.uncut(part.weighted_q @ torch.stack(starts) - part.scores @ torch.stack(rows), lo, hi)
         if o_all is None:
-            pieces.append(o.to(out_dtype))
+            outs.append(o.to(out_dtype))
         else:
             first, stop = lay.tokens(lo, hi)
             o_all[:, :, first:stop] = o
     if o_all is None:
-        o_all = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+        o_all = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     position = (lay.front + n) % chunk
     shape = (b, h, dk, dv)
     memory, momentum = both[:, :dk].reshape(shape), both[:, dk:].reshape(shape)
