@@ -112,32 +112,50 @@ def decay_products(gate: torch.Tensor) -> torch.Tensor:
 
 
 class _Coefficients:
-    """What a group of chunks needs that does not depend on the memory, from its chunk-major ``(m, B·H, C, ·)`` queries,
-    keys, gates, real-token flags and end rows ``(m,)``:
+    """What a group of chunks needs that does not depend on the memory, from its chunk-major ``(m, B·H, C)`` gates,
+    real-token flags and end rows ``r`` ``(m,)`` (row ``C − 1``, or the last real token's):
 
-    - ``weighted_q`` ``[diag(A) Q, diag(f) Q]`` ``(m, BH, C, 2Dk)``, against the stacked chunk-start ``[M₀; S₀]``;
-    - ``scores`` ``Q Kᵀ ⊙ G`` ``(m, BH, C, C)``, against the chunk's rows ``Φ``;
-    - ``weights`` ``[diag(G_r·) K, diag(R^η_r·) K]`` ``(m, BH, C, 2Dk)``, ``keep`` (``A_r`` on the ``Dk`` rows of M,
-      ``E_r`` on those of S, ``(m, BH, 2Dk, 1)``) and ``mix`` (``f_r``, ``(m, BH, 1, 1)``): the end state
-      ``M_r = A_r M₀ + f_r S₀ − (diag(G_r·) K)ᵀ Φ``, ``S_r = E_r S₀ − (diag(R^η_r·) K)ᵀ Φ`` at row ``r``.
+    - :meth:`weighted` ``[diag(A) X, diag(f) X]``, against the stacked chunk-start ``[M₀; S₀]``;
+    - :meth:`scores` ``X Yᵀ ⊙ G``, against the chunk's rows ``Φ``;
+    - :meth:`ends` ``[diag(G_r·) K, diag(R^η_r·) K]``, :meth:`keep` (``A_r`` on the rows of M, ``E_r`` on those of
+      S) and ``mix`` (``f_r``): the end state ``M_r = A_r M₀ + f_r S₀ − (diag(G_r·) K)ᵀ Φ``,
+      ``S_r = E_r S₀ − (diag(R^η_r·) K)ᵀ Φ`` (see :func:`_advance`).
     """
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, forget: torch.Tensor, real: torch.Tensor,
-                 ends: torch.Tensor) -> None:
+    def __init__(self, keep: torch.Tensor, forget: torch.Tensor, real: torch.Tensor, ends: torch.Tensor) -> None:
         a = 1.0 - forget
         r_a, r_eta = decay_products(a), decay_products(keep)  # (m, BH, C, C)
         big_a, big_e = torch.cumprod(a, dim=-1), torch.cumprod(keep, dim=-1)  # A_t, E_t
+        self.big_a = big_a
         # f_t = Σ_j R^a_tj E_j over real tokens j: a front pad leaves S unchanged but must not add S to M
-        f = (r_a @ (big_e * real)[..., None])[..., 0]
-        g = r_a @ r_eta  # G_ti
-        self.scores = (q @ k.transpose(-1, -2)) * g  # lower triangular, as G is
-        self.weighted_q = torch.cat([big_a[..., None] * q, f[..., None] * q], dim=-1)
-        chunks = torch.arange(q.shape[0], device=q.device)
-        self.weights = torch.cat([k * g[chunks, :, ends, :, None], k * r_eta[chunks, :, ends, :, None]], dim=-1)
-        dk = k.shape[-1]
-        self.mix = f[chunks, :, ends, None, None]
-        self.keep = torch.cat([big_a[chunks, :, ends, None, None].expand(-1, -1, dk, 1),
-                               big_e[chunks, :, ends, None, None].expand(-1, -1, dk, 1)], dim=-2)
+        self.f = (r_a @ (big_e * real)[..., None])[..., 0]
+        self.g = r_a @ r_eta  # G_ti, lower triangular
+        chunks = torch.arange(keep.shape[0], device=keep.device)
+        self.g_end, self.eta_end = self.g[chunks, :, ends], r_eta[chunks, :, ends]  # (m, BH, C)
+        self.mix = self.f[chunks, :, ends, None, None]  # (m, BH, 1, 1)
+        self.keep_m, self.keep_s = big_a[chunks, :, ends, None, None], big_e[chunks, :, ends, None, None]
+
+    def weighted(self, x: torch.Tensor, i: slice | int = slice(None)) -> torch.Tensor:
+        return torch.cat([self.big_a[i][..., None] * x, self.f[i][..., None] * x], dim=-1)
+
+    def scores(self, x: torch.Tensor, y: torch.Tensor, i: slice | int = slice(None)) -> torch.Tensor:
+        return (x @ y.transpose(-1, -2)) * self.g[i]
+
+    def ends(self, keys: torch.Tensor, i: slice | int = slice(None)) -> torch.Tensor:
+        return torch.cat([keys * self.g_end[i][..., None], keys * self.eta_end[i][..., None]], dim=-1)
+
+    def keep(self, rows: int) -> torch.Tensor:
+        m, bh = self.keep_m.shape[:2]
+        return torch.cat([self.keep_m.expand(m, bh, rows, 1), self.keep_s.expand(m, bh, rows, 1)], dim=-2)
+
+
+def _advance(both: torch.Tensor, keep: torch.Tensor, mix: torch.Tensor, ends: torch.Tensor,
+             rows: torch.Tensor) -> torch.Tensor:
+    """One chunk of ``[M; S]`` ``(BH, 2R, Dv)``: ``[A_r M + f_r S; E_r S] − endsᵀ Φ`` (``ends`` ``(BH, C, 2R)``)."""
+    r = both.shape[-2] // 2
+    nxt = torch.baddbmm(both * keep, ends.transpose(-1, -2), rows, alpha=-1.0)
+    nxt[:, :r] += mix * both[:, r:]
+    return nxt
 
 
 class _Layout:
@@ -213,19 +231,17 @@ def chunked(
         ends = torch.full((hi - lo,), chunk - 1, device=q.device)
         if hi == lay.nc:
             ends[-1] = (lay.front + n - 1) % chunk  # the last chunk's end state is read at its last real token
-        part = _Coefficients(qc, kc, keep, forget, real, ends)
+        part = _Coefficients(keep, forget, real, ends)
+        keeps, weights = part.keep(dk), part.ends(kc)
         starts, rows = [], []
         for i in range(hi - lo):
             err = torch.baddbmm(vc[i], kc[i], start, beta=-1.0)  # K M₀ − V
             phi = loss_gradient(err, loss, delta if thresholds is None else thresholds[i], p) * rate[i][..., None]
             starts.append(both)
             rows.append(phi)
-            # [M; S] ← [A_r M + f_r S; E_r S] − weightsᵀ Φ
-            nxt = torch.baddbmm(both * part.keep[i], part.weights[i].transpose(-1, -2), phi, alpha=-1.0)
-            nxt[:, :dk] += part.mix[i] * both[:, dk:]
-            last_start, both = start, nxt
+            last_start, both = start, _advance(both, keeps[i], part.mix[i], weights[i], phi)
             start = both[:, :dk]
-        o = lay.uncut(part.weighted_q @ torch.stack(starts) - part.scores @ torch.stack(rows), lo, hi)
+        o = lay.uncut(part.weighted(qc) @ torch.stack(starts) - part.scores(qc, kc) @ torch.stack(rows), lo, hi)
         if o_all is None:
             outs.append(o.to(out_dtype))
         else:
