@@ -43,7 +43,7 @@ memory; the end is padded up to a whole chunk, and the last chunk's end state is
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -194,6 +194,68 @@ class _Layout:
         return o.transpose(0, 1).reshape(self.b, self.h, (hi - lo) * self.c, -1)[:, :, skip : skip + stop - first]
 
 
+@dataclass(frozen=True)
+class _Group:
+    """A group of chunks ``[lo, hi)`` ready for the loop: queries, keys, values ``(m, B·H, C, ·)``, learning rates
+    ``(m, B·H, C)``, Huber thresholds (``(m, B·H, C, 1)`` or None) and the memory-free coefficients."""
+
+    lo: int
+    hi: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    rate: torch.Tensor
+    thresholds: torch.Tensor | None
+    part: _Coefficients
+
+
+def _groups(
+    lay: _Layout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: tuple[torch.Tensor, ...],
+    delta: float | torch.Tensor, features: FeatureMaps | None,
+) -> Iterator[_Group]:
+    """The call's groups of chunks, in order (inputs split once, each group padded and mapped on its own)."""
+    fq, fk = (None, None) if features is None else features
+    eta, theta, alpha = gates
+    per_token = [(eta, 1.0), (theta, 0.0), (alpha, 0.0)] + ([(delta, 1.0)] if isinstance(delta, torch.Tensor) else [])
+    pieces = [lay.split(x) for x in (q, k, v)] + [lay.split(g[..., None]) for g, _ in per_token]
+    for index, (lo, hi) in enumerate(lay.groups()):
+        qg, kg, vg, *tokens = (x[index] for x in pieces)
+        keep, rate, forget, *rest = (lay.cut(g, lo, hi, fill) for g, (_, fill) in zip(tokens, per_token, strict=True))
+        real = lay.cut(torch.ones_like(tokens[0]), lo, hi, 0.0)[..., 0]  # 0 on the padding
+        ends = torch.full((hi - lo,), lay.c - 1, device=q.device)
+        if hi == lay.nc:
+            ends[-1] = (lay.front + lay.n - 1) % lay.c  # the last chunk's end state is read at its last real token
+        yield _Group(lo, hi, lay.cut(qg, lo, hi, 0.0, fq), lay.cut(kg, lo, hi, 0.0, fk), lay.cut(vg, lo, hi, 0.0),
+                     rate[..., 0], rest[0] if rest else None, _Coefficients(keep[..., 0], forget[..., 0], real, ends))
+
+
+class _Outputs:
+    """The call's output, group by group: written in place without autograd, else concatenated once."""
+
+    def __init__(self, lay: _Layout, dv: int, dtype: torch.dtype, device: torch.device, training: bool) -> None:
+        self.lay, self.dtype = lay, dtype
+        self.whole = None if training else torch.empty(lay.b, lay.h, lay.n, dv, dtype=dtype, device=device)
+        self.pieces: list[torch.Tensor] = []
+
+    def add(self, o: torch.Tensor, lo: int, hi: int) -> None:
+        """A group's ``(m, B·H, C, Dv)`` output rows."""
+        o = self.lay.uncut(o, lo, hi)
+        if self.whole is None:
+            self.pieces.append(o.to(self.dtype))
+        else:
+            first, stop = self.lay.tokens(lo, hi)
+            self.whole[:, :, first:stop] = o
+
+    def result(self) -> torch.Tensor:
+        if self.whole is not None:
+            return self.whole
+        return torch.cat(self.pieces, dim=2) if len(self.pieces) > 1 else self.pieces[0]
+
+
+def _training(*tensors: object) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
 def chunked(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor, alpha: torch.Tensor, *,
     chunk: int, loss: str = "l2", delta: float | torch.Tensor = 1.0, p: float = 2.0, state: MemoryState | None = None,
@@ -205,7 +267,6 @@ def chunked(
     ``features``: per-token maps ``(φ_q, φ_k)`` (a normalisation, a scale) applied to each group's queries and keys, so
     that no mapped copy of the whole sequence is made: groups of chunks bound every temporary (:data:`GROUP_BUDGET`),
     as sequence-wide temporaries are fresh memory to fault in on every call."""
-    out_dtype = v.dtype
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     if state is None:
@@ -214,45 +275,25 @@ def chunked(
     # the running state [M; S] as one (B·H, 2Dk, Dv) tensor, and the memory the current chunk's errors are taken at
     both = torch.cat([state.memory, state.momentum], dim=-2).to(lay.acc).reshape(b * h, 2 * dk, dv)
     start = state.chunk_start.to(lay.acc).reshape(b * h, dk, dv)
-    training = torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, eta, theta, alpha, delta))
-    o_all = None if training else torch.empty(b, h, n, dv, dtype=out_dtype, device=q.device)
-    outs = []
-    fq, fk = (None, None) if features is None else features
-    per_token = [(eta, 1.0), (theta, 0.0), (alpha, 0.0)] + ([(delta, 1.0)] if isinstance(delta, torch.Tensor) else [])
-    pieces_in = [lay.split(x) for x in (q, k, v)] + [lay.split(g[..., None]) for g, _ in per_token]
-    for index, (lo, hi) in enumerate(lay.groups()):
-        qg, kg, vg, *gates = (x[index] for x in pieces_in)
-        qc, kc, vc = lay.cut(qg, lo, hi, 0.0, fq), lay.cut(kg, lo, hi, 0.0, fk), lay.cut(vg, lo, hi, 0.0)
-        keep, rate, forget, *rest = (lay.cut(g, lo, hi, fill) for g, (_, fill) in zip(gates, per_token, strict=True))
-        keep, rate, forget = keep[..., 0], rate[..., 0], forget[..., 0]
-        thresholds = rest[0] if rest else None
-        real = lay.cut(torch.ones_like(gates[0]), lo, hi, 0.0)[..., 0]  # 0 on the padding
-        ends = torch.full((hi - lo,), chunk - 1, device=q.device)
-        if hi == lay.nc:
-            ends[-1] = (lay.front + n - 1) % chunk  # the last chunk's end state is read at its last real token
-        part = _Coefficients(keep, forget, real, ends)
-        keeps, weights = part.keep(dk), part.ends(kc)
+    outputs = _Outputs(lay, dv, v.dtype, q.device, _training(q, k, v, eta, theta, alpha, delta))
+    for grp in _groups(lay, q, k, v, (eta, theta, alpha), delta, features):
+        part = grp.part
+        keeps, weights = part.keep(dk), part.ends(grp.k)
         starts, rows = [], []
-        for i in range(hi - lo):
-            err = torch.baddbmm(vc[i], kc[i], start, beta=-1.0)  # K M₀ − V
-            phi = loss_gradient(err, loss, delta if thresholds is None else thresholds[i], p) * rate[i][..., None]
+        for i in range(grp.hi - grp.lo):
+            err = torch.baddbmm(grp.v[i], grp.k[i], start, beta=-1.0)  # K M₀ − V
+            threshold = delta if grp.thresholds is None else grp.thresholds[i]
+            phi = loss_gradient(err, loss, threshold, p) * grp.rate[i][..., None]
             starts.append(both)
             rows.append(phi)
             last_start, both = start, _advance(both, keeps[i], part.mix[i], weights[i], phi)
             start = both[:, :dk]
-        o = lay.uncut(part.weighted(qc) @ torch.stack(starts) - part.scores(qc, kc) @ torch.stack(rows), lo, hi)
-        if o_all is None:
-            outs.append(o.to(out_dtype))
-        else:
-            first, stop = lay.tokens(lo, hi)
-            o_all[:, :, first:stop] = o
-    if o_all is None:
-        o_all = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+        o = part.weighted(grp.q) @ torch.stack(starts) - part.scores(grp.q, grp.k) @ torch.stack(rows)
+        outputs.add(o, grp.lo, grp.hi)
     position = (lay.front + n) % chunk
     shape = (b, h, dk, dv)
     memory, momentum = both[:, :dk].reshape(shape), both[:, dk:].reshape(shape)
-    return o_all, MemoryState(memory, momentum, last_start.reshape(shape) if position else memory, position)
+    return outputs.result(), MemoryState(memory, momentum, last_start.reshape(shape) if position else memory, position)
 
 
 def step(
