@@ -296,6 +296,82 @@ def chunked(
     return outputs.result(), MemoryState(memory, momentum, last_start.reshape(shape) if position else memory, position)
 
 
+@dataclass(frozen=True)
+class DeepMemoryState:
+    """Where a two-layer memory stands between calls: ``weights`` ``(W₁ (B, H, Dk, E), W₂ (B, H, E, Dv))``, their
+    ``momenta``, the ``chunk_start`` weights the current chunk's gradients are taken at and the ``position`` in it."""
+
+    weights: tuple[torch.Tensor, torch.Tensor]
+    momenta: tuple[torch.Tensor, torch.Tensor]
+    chunk_start: tuple[torch.Tensor, torch.Tensor]
+    position: int
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the state holds (three copies of the memory's weights, whatever the length decoded)."""
+        return sum(t.numel() * t.element_size() for t in (*self.weights, *self.momenta, *self.chunk_start))
+
+
+def silu_slope(h: torch.Tensor) -> torch.Tensor:
+    """``d SiLU(h) / dh = σ(h) (1 + h (1 − σ(h)))``."""
+    s = torch.sigmoid(h)
+    return s * (1.0 + h * (1.0 - s))
+
+
+def chunked_mlp(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor, alpha: torch.Tensor,
+    w1: torch.Tensor, w2: torch.Tensor, *, chunk: int, loss: str = "l2", delta: float | torch.Tensor = 1.0,
+    p: float = 2.0, state: DeepMemoryState | None = None, features: FeatureMaps | None = None,
+) -> tuple[torch.Tensor, DeepMemoryState]:
+    """The two-layer memory ``M(x) = SiLU(x W₁) W₂`` under the same rule (see :mod:`attnzoo.methods.linear.titans_mlp`):
+    ``w1 (H, Dk, E)``, ``w2 (H, E, Dv)`` its initial weights per head (used when ``state`` is None); other arguments
+    as :func:`chunked`.
+
+    Within a chunk, with ``Hk = K W₁⁰``, ``Ak = SiLU(Hk)`` at the chunk-start weights and ``Φ`` the rows
+    ``θ_i φ(Ak W₂⁰ − V)_i``, the gradients are ``∂W₂ = Σ_i a_i φ_iᵀ`` and ``∂W₁ = Σ_i k_i δ_iᵀ`` with
+    ``Δ = (Φ W₂⁰ᵀ) ⊙ SiLU′(Hk)``: each layer is a linear memory written by its own keys (``K``, then ``Ak``) and rows
+    (``Δ``, then ``Φ``). So a query reads layer 1 with the linear chunk formula, ``Hq = diag(A) Q W₁ + diag(f) Q S₁ −
+    (Q Kᵀ ⊙ G) Δ``, then layer 2 with the same formula on ``SiLU(Hq)`` against the keys ``Ak`` and rows ``Φ``: the
+    per-token weights ``W_t`` are never formed."""
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    e = w1.shape[-1]
+    lay = _Layout(b, h, n, chunk, 0 if state is None else state.position, accumulation_dtype(q.dtype))
+    if state is None:
+        first = tuple(w.to(lay.acc).expand(b, *w.shape) for w in (w1, w2))
+        state = DeepMemoryState(first, tuple(torch.zeros_like(w) for w in first), first, 0)  # type: ignore[arg-type]
+    sizes = ((dk, e), (e, dv))
+    both = [torch.cat([w, s], dim=-2).to(lay.acc).reshape(b * h, 2 * r, c)
+            for w, s, (r, c) in zip(state.weights, state.momenta, sizes, strict=True)]
+    start = [w.to(lay.acc).reshape(b * h, r, c) for w, (r, c) in zip(state.chunk_start, sizes, strict=True)]
+    outputs = _Outputs(lay, dv, v.dtype, q.device, _training(q, k, v, eta, theta, alpha, delta, w1, w2))
+    for grp in _groups(lay, q, k, v, (eta, theta, alpha), delta, features):
+        part = grp.part
+        keep1, keep2, ends1 = part.keep(dk), part.keep(e), part.ends(grp.k)
+        layer1 = part.weighted(grp.q)  # against the chunk-start [W₁; S₁]
+        scores1 = part.scores(grp.q, grp.k)
+        outs = []
+        for i in range(grp.hi - grp.lo):
+            hk = grp.k[i] @ start[0]  # (BH, C, E)
+            ak = F.silu(hk)
+            threshold = delta if grp.thresholds is None else grp.thresholds[i]
+            phi = loss_gradient(torch.baddbmm(grp.v[i], ak, start[1], beta=-1.0), loss, threshold, p)
+            phi = phi * grp.rate[i][..., None]
+            dh = (phi @ start[1].transpose(-1, -2)) * silu_slope(hk)
+            aq = F.silu(layer1[i] @ both[0] - scores1[i] @ dh)
+            outs.append(part.weighted(aq, i) @ both[1] - part.scores(aq, ak, i) @ phi)
+            last_start = start
+            both = [_advance(both[0], keep1[i], part.mix[i], ends1[i], dh),
+                    _advance(both[1], keep2[i], part.mix[i], part.ends(ak, i), phi)]
+            start = [both[0][:, :dk], both[1][:, :e]]
+        outputs.add(torch.stack(outs), grp.lo, grp.hi)
+    position = (lay.front + n) % chunk
+    weights = tuple(x[:, :r].reshape(b, h, r, c) for x, (r, c) in zip(both, sizes, strict=True))
+    momenta = tuple(x[:, r:].reshape(b, h, r, c) for x, (r, c) in zip(both, sizes, strict=True))
+    begun = tuple(x.reshape(b, h, *x.shape[1:]) for x in last_start) if position else weights
+    return outputs.result(), DeepMemoryState(weights, momenta, begun, position)  # type: ignore[arg-type]
+
+
 def step(
     state: MemoryState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor,
     alpha: torch.Tensor, *, chunk: int, loss: str = "l2", delta: float | torch.Tensor = 1.0, p: float = 2.0,

@@ -127,19 +127,19 @@ SPEC = MethodSpec(
 )
 
 
-def _gates(q: torch.Tensor, p: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+def gates_of(q: torch.Tensor, p: dict[str, Any]) -> tuple[torch.Tensor, ...]:
     """``eta, theta, alpha`` as ``(B, H, S)`` tensors (a float as an expanded scalar: no copy per token)."""
     shape = q.shape[:3]
     return tuple(p[n] if isinstance(p[n], torch.Tensor)
                  else torch.tensor(float(p[n]), dtype=q.dtype, device=q.device).expand(shape) for n in GATES)
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+def heads_of(x: torch.Tensor, heads: int) -> torch.Tensor:
     """Key/value heads repeated to the query heads (each query head has its own memory); no copy without GQA."""
     return x if x.shape[1] == heads else repeat_kv(x, heads)
 
 
-def _maps(scale: float, l2norm: bool) -> FeatureMaps:
+def maps(scale: float, l2norm: bool) -> FeatureMaps:
     """The per-token maps of queries and keys: ``(scale · q̂, k̂)`` (see ``qk_l2norm``)."""
 
     def query(x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,7 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _loss(p: dict[str, Any]) -> dict[str, Any]:
+def loss_of(p: dict[str, Any]) -> dict[str, Any]:
     return {"loss": p["loss"], "delta": p["delta"], "p": p["p"]}
 
 
@@ -164,7 +164,7 @@ def reference(
     b, h, n, dk = q.shape
     qs, kn = qk_normed(q, repeat_kv(k, h), scale, qk_l2norm)
     vr = repeat_kv(v, h)
-    eta_, theta_, alpha_ = _gates(q, {"eta": eta, "theta": theta, "alpha": alpha})
+    eta_, theta_, alpha_ = gates_of(q, {"eta": eta, "theta": theta, "alpha": alpha})
     memory = torch.zeros(b, h, dk, vr.shape[-1], dtype=q.dtype, device=q.device)
     momentum = torch.zeros_like(memory)
     outs = []
@@ -186,8 +186,8 @@ def _chunked(
     state: memory_scan.MemoryState | None = None,
 ) -> tuple[torch.Tensor, memory_scan.MemoryState]:
     h = q.shape[1]
-    return memory_scan.chunked(q, _heads(k, h), _heads(v, h), *_gates(q, params), chunk=params["chunk_size"],
-                               state=state, features=_maps(scale, params["qk_l2norm"]), **_loss(params))
+    return memory_scan.chunked(q, heads_of(k, h), heads_of(v, h), *gates_of(q, params), chunk=params["chunk_size"],
+                               state=state, features=maps(scale, params["qk_l2norm"]), **loss_of(params))
 
 
 def torch_chunked(
@@ -215,9 +215,9 @@ def decode_step(
     b, h, _, dk = q.shape
     if state is None:
         state = memory_scan.empty_state(b, h, dk, v.shape[-1], q.dtype, q.device)
-    qs, kn = qk_normed(q, _heads(k, h), scale, params["qk_l2norm"])
-    return memory_scan.step(state, qs, kn, _heads(v, h), *_gates(q, params), chunk=params["chunk_size"],
-                            **_loss(params))
+    qs, kn = qk_normed(q, heads_of(k, h), scale, params["qk_l2norm"])
+    return memory_scan.step(state, qs, kn, heads_of(v, h), *gates_of(q, params), chunk=params["chunk_size"],
+                            **loss_of(params))
 
 
 DECODER = Decoder(decode_prefill, decode_step, token_params=(*GATES, "delta"), chunked=True)

@@ -78,3 +78,4 @@ class TitansParts(LayerParts):
 
 
 register_layer("titans", TitansParts)
+register_layer("titans_mlp", TitansParts)
