@@ -179,21 +179,18 @@ def torch_chunked(
     return _chunked(q, k, v, scale, params)[0]
 
 
-def decode_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **params: Any,
-) -> tuple[torch.Tensor, memory_scan.DeepMemoryState]:
-    """Causal forward over a prompt (validated parameters); returns ``(out, state)`` to continue with a step."""
-    return _chunked(q, k, v, scale, params)
+def _empty(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict[str, Any]) -> None:
+    return None  # the kernel starts from the initial weights
 
 
-def decode_step(
-    state: memory_scan.DeepMemoryState | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
-    **params: Any,
+def _advance(
+    state: memory_scan.DeepMemoryState | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+    params: dict[str, Any],
 ) -> tuple[torch.Tensor, memory_scan.DeepMemoryState]:
-    """``T ≥ 1`` tokens (validated parameters, per-token ones ``(B, H, T)``) continuing the chunked form."""
+    """A prompt, or ``T ≥ 1`` more tokens, through the chunked form from ``state``."""
     return _chunked(q, k, v, scale, params, state)
 
 
-DECODER = Decoder(decode_prefill, decode_step, token_params=titans.DECODER.token_params, chunked=True)
+DECODER = Decoder.advancing(_empty, _advance, token_params=titans.DECODER.token_params, chunked=True)
 
 register(SPEC, reference, [Backend("torch", torch_chunked)], DECODER)
