@@ -18,8 +18,8 @@ For ``x (B, N, dim)`` with its projected heads ``q, k, v``:
 - output gate and norm per head: ``o ← RMSNorm(o) · w · SiLU(W_g x)`` (:class:`GatedRMSNorm`; §4.4: "normalization
   and gating with a linear layer before the final output projection"), then the layer's output projection.
 
-Not here: the deep (MLP) memory of the paper's default ``L_M ≥ 2`` (its per-chunk gradients need the memory's own
-backward in the inner loop), persistent memory tokens, and the MAC/MAG/MAL compositions with attention.
+The same parts serve ``method="titans_mlp"`` (the deep memory; its initial weights are the method's learnable
+parameters, owned by the layer). Not here: persistent memory tokens and the MAC/MAG/MAL compositions with attention.
 """
 
 from __future__ import annotations
