@@ -19,7 +19,8 @@ For ``x (B, N, dim)`` with its projected heads ``q, k, v``:
   and gating with a linear layer before the final output projection"), then the layer's output projection.
 
 The same parts serve ``method="titans_mlp"`` (the deep memory; its initial weights are the method's learnable
-parameters, owned by the layer). Not here: persistent memory tokens and the MAC/MAG/MAL compositions with attention.
+parameters, owned by the layer). Persistent tokens and the gated composition with sliding-window attention (MAG) are
+:class:`attnzoo.nn.TitansMAG`; MAC and MAL are not built.
 """
 
 from __future__ import annotations
