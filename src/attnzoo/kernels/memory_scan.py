@@ -1,4 +1,5 @@
-"""A linear (matrix) memory learned at test time by chunked gradient descent with momentum and decay (Titans).
+"""Memories learned at test time by chunked gradient descent with momentum and decay (Titans): a linear (matrix)
+memory (:func:`chunked`, :func:`step`) and a two-layer MLP memory (:func:`chunked_mlp`).
 
 Per head, the memory ``M (Dk, Dv)`` maps a key to a value (``M(k) = Mᵀk``; the transpose of the papers' ``(Dv, Dk)``
 writing), its momentum ``S`` has the same shape, and the sequence is cut into chunks of ``C`` tokens from its first
@@ -26,11 +27,13 @@ so, with ``Φ`` the chunk's rows ``θ_i φ(e_i)ᵀ`` (``C × Dv``)::
 
 The decay products are cumulative products of masked ``C × C`` matrices (never ratios of cumulative products, so a
 gate of exactly 0 — ``η = 0``, ``α = 1`` — is exact, and nothing overflows). Everything that does not depend on the
-memory (``G``, ``f``, ``Q Kᵀ ⊙ G``, the chunk-end weights) is computed for all chunks at once as batched matmuls; the
-errors depend on ``M₀`` through ``φ`` (nonlinear for Huber and ℓp), so a loop over chunks runs one ``C × Dk`` by
-``Dk × Dv`` product for the errors and one ``2Dk × C`` by ``C × Dv`` product for the new ``(M, S)``; the outputs are
-one batched matmul against the stacked chunk-start states after the loop. O(N·C·(C + D) + N·D²) time, O(N·(C + D) +
-N·D²/C) memory. Plain autograd (differentiable in q, k, v and every gate).
+memory (``G``, ``f``, ``Q Kᵀ ⊙ G``, the chunk-end weights) is computed as batched matmuls over a group of chunks
+(:data:`GROUP_BUDGET` bounds each ``C × C`` temporary; queries and keys are normalised per group, so no sequence-wide
+temporary is made); the errors depend on ``M₀`` through ``φ`` (nonlinear for Huber and ℓp), so a loop over the chunks
+runs one ``C × Dk`` by ``Dk × Dv`` product for the errors and one ``2Dk × C`` by ``C × Dv`` product for the new
+``[M; S]``; a group's outputs are one batched matmul against its stacked chunk-start states. O(N·C·(C + D) + N·D²)
+time; without autograd the output is written group by group in place (O(N·Dv) beyond the inputs); with autograd the
+saved chunk states add O(N·D²/C). Plain autograd (differentiable in q, k, v and every gate).
 
 Continuing a sequence: the state (:class:`MemoryState`) holds ``M``, ``S``, the memory at the start of the current
 chunk and the position in it. A call that starts mid-chunk is padded at the front with that many tokens
