@@ -21,6 +21,7 @@ from attnzoo.nn.probe import AttentiveProbe
 from attnzoo.nn.seer import SeerAttention
 from attnzoo.nn.shvit import SingleHeadAttention
 from attnzoo.nn.slot import SlotAttention
+from attnzoo.nn.titans_mag import TitansMAG
 
 __all__ = [
     "Aaren",
@@ -40,6 +41,7 @@ __all__ = [
     "SeerAttention",
     "SingleHeadAttention",
     "SlotAttention",
+    "TitansMAG",
     "forced_route",
     "full_fraction",
     "routing_decisions",

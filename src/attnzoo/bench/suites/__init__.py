@@ -181,12 +181,13 @@ def suites() -> dict[str, tuple[Case, ...]]:
         softmax,
         sparse,
         structured,
+        titans,
     )
 
     named = {"core": core.CASES, "softmax": softmax.CASES, "structured": structured.CASES, "radial": radial.CASES,
              "sparse": sparse.CASES, "linear": linear.CASES, "decode": decode.CASES, "inference": inference.CASES,
              "transformers": models.CASES, "precision": precision.CASES, "compressed": compressed.CASES,
-             "heads": heads.CASES, "layers": layers.CASES}
+             "heads": heads.CASES, "layers": layers.CASES, "titans": titans.CASES}
     named["floors"] = tuple(c for cases in list(named.values()) for c in cases if c.floors)
     return named
 

@@ -1,4 +1,5 @@
-"""Pieces the L-family method files share: the decoder halves of feature-map methods, decay defaults.
+"""Pieces the L-family method files share: the decoder halves of feature-map methods, decay defaults, the
+query/key L2 normalisation of the delta-rule family.
 
 Every causal L method registers a :class:`~attnzoo.registry.Decoder` (``DECODER`` in its file: module-level
 ``decode_prefill``/``decode_step``), which ``attnzoo.prefill``/``attnzoo.step`` validate and run::
@@ -14,6 +15,21 @@ from __future__ import annotations
 import torch
 
 from attnzoo.kernels import linear_scan
+
+NORM_EPS = 1e-6
+
+
+def l2_normed(x: torch.Tensor) -> torch.Tensor:
+    """``x / sqrt(|x|² + 1e-6)`` along the last dim."""
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + NORM_EPS)
+
+
+def qk_normed(q: torch.Tensor, k: torch.Tensor, scale: float, on: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale · q̂, k̂)`` with ``x̂`` :func:`l2_normed` when ``on`` (Gated DeltaNet's and Titans' ``qk_l2norm``),
+    else ``(scale · q, k)``."""
+    if on:
+        q, k = l2_normed(q), l2_normed(k)
+    return q * scale, k
 
 
 def alibi_rates(heads: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

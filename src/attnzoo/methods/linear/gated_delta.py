@@ -37,9 +37,8 @@ import torch
 
 from attnzoo.kernels import delta_scan, linear_scan
 from attnzoo.methods.common import repeat_kv
+from attnzoo.methods.linear.common import qk_normed
 from attnzoo.registry import Backend, Call, Decoder, MethodSpec, Param, TestHints, register
-
-NORM_EPS = 1e-6
 
 
 def _per_token(name: str, low: float, high: float) -> Any:
@@ -86,13 +85,6 @@ SPEC = MethodSpec(
 )
 
 
-def _normed(q: torch.Tensor, k: torch.Tensor, scale: float, qk_l2norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if qk_l2norm:
-        q = q * torch.rsqrt(q.square().sum(-1, keepdim=True) + NORM_EPS)
-        k = k * torch.rsqrt(k.square().sum(-1, keepdim=True) + NORM_EPS)
-    return q * scale, k
-
-
 def _gates(
     q: torch.Tensor, log_gate: torch.Tensor | None, beta: float | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +100,7 @@ def reference(
     chunk_size: int,
 ) -> torch.Tensor:
     h, n = q.shape[1], q.shape[2]
-    qs, kn = _normed(q, repeat_kv(k, h), scale, qk_l2norm)
+    qs, kn = qk_normed(q, repeat_kv(k, h), scale, qk_l2norm)
     vr = repeat_kv(v, h)
     g, bt = _gates(q, log_gate, beta)
     g, bt = g.to(q.dtype), bt.to(q.dtype)
@@ -125,7 +117,7 @@ def _fast_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, p: dict[str, Any],
 ) -> tuple[torch.Tensor, ...]:
     h = q.shape[1]
-    qs, kn = _normed(q, k, scale, p["qk_l2norm"])
+    qs, kn = qk_normed(q, k, scale, p["qk_l2norm"])
     g, bt = _gates(q, p["log_gate"], p["beta"])
     return qs, repeat_kv(kn, h), repeat_kv(v, h), g, bt
 

@@ -1,0 +1,82 @@
+"""Titans' neural-memory layer (the LMM, "memory without attention") around the linear memory (L12,
+:mod:`attnzoo.methods.linear.titans`).
+
+Paper: "Titans: Learning to Memorize at Test Time" (Behrouz, Zhong, Mirrokni, arXiv:2501.00663), §3.1 (data-dependent
+η_t, θ_t, α_t) and §4.4 (architectural details). Gate initialisation is ours (the paper gives none; lucidrains'
+titans-pytorch leaves the biases at zero and scales θ by a maximum learning rate). Re-derived here, not copied.
+
+For ``x (B, N, dim)`` with its projected heads ``q, k, v``:
+
+- short convolutions: ``q, k, v ← SiLU(causal depthwise conv₄(·))`` per channel (:class:`ShortConvolution`; §4.4:
+  "SiLU(.) activation ... for computing query, key, and values" and "a 1D depthwise-separable convolution layer after
+  each of the query, key, and value projections");
+- per query head and token, from one linear projection of ``x``: momentum decay ``η_t = σ(·)``, learning rate
+  ``θ_t = σ(·)`` and forgetting ``α_t = σ(·)`` (all in (0, 1); §3.1: "η_t is a data-dependent surprise decay (a
+  function of x_t)" and likewise θ_t, α_t). Biases start at ``σ⁻¹(0.9)``, ``σ⁻¹(0.1)`` and ``σ⁻¹(0.01)``: a memory
+  that keeps most of its momentum, learns at a tenth of the normalised keys' stable rate and forgets slowly;
+- the kernel L2-normalises q and k (the method's ``qk_l2norm=True``; §4.4) and runs the chunked memory;
+- output gate and norm per head: ``o ← RMSNorm(o) · w · SiLU(W_g x)`` (:class:`GatedRMSNorm`; §4.4: "normalization
+  and gating with a linear layer before the final output projection"), then the layer's output projection.
+
+The same parts serve ``method="titans_mlp"`` (the deep memory; its initial weights are the method's learnable
+parameters, owned by the layer). Persistent tokens and the gated composition with sliding-window attention (MAG) are
+:class:`attnzoo.nn.TitansMAG`; MAC and MAL are not built.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnzoo.nn.layers.base import (
+    GatedRMSNorm,
+    LayerParts,
+    ShortConvolution,
+    channels_to_heads,
+    heads_to_channels,
+    register_layer,
+)
+from attnzoo.registry import LayerInfo
+
+GATE_STARTS = {"eta": 0.9, "theta": 0.1, "alpha": 0.01}  # σ(bias) of each gate at initialisation
+
+
+class TitansParts(LayerParts):
+    """Titans' short convolutions, data-dependent momentum, learning-rate and forgetting gates, and gated output
+    norm."""
+
+    computes = tuple(GATE_STARTS)
+
+    def __init__(self, info: LayerInfo, conv_size: int = 4, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        h, hkv, d = info.heads, info.kv_heads, info.head_dim
+        self.heads, self.kv_heads = h, hkv
+        self.q_conv = ShortConvolution(h * d, conv_size)
+        self.k_conv = ShortConvolution(hkv * d, conv_size)
+        self.v_conv = ShortConvolution(hkv * d, conv_size)
+        self.gate_logits = nn.Linear(info.dim, len(GATE_STARTS) * h)
+        with torch.no_grad():
+            starts = torch.tensor([math.log(s / (1 - s)) for s in GATE_STARTS.values()])
+            self.gate_logits.bias.copy_(starts.repeat_interleave(h))
+        self.gate_proj = nn.Linear(info.dim, h * d, bias=False)
+        self.o_norm = GatedRMSNorm(d, norm_eps)
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        q = channels_to_heads(self.q_conv(heads_to_channels(q)), self.heads)
+        k = channels_to_heads(self.k_conv(heads_to_channels(k)), self.kv_heads)
+        v = channels_to_heads(self.v_conv(heads_to_channels(v)), self.kv_heads)
+        b, n, _ = x.shape
+        gates = torch.sigmoid(self.gate_logits(x)).view(b, n, len(GATE_STARTS), self.heads).permute(2, 0, 3, 1)
+        return q, k, v, dict(zip(GATE_STARTS, gates.unbind(0), strict=True))  # each (B, H, N)
+
+    def finish(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.o_norm(out, channels_to_heads(self.gate_proj(x), self.heads))
+
+
+register_layer("titans", TitansParts)
+register_layer("titans_mlp", TitansParts)
