@@ -11,15 +11,15 @@ one thread (on a shared or busy 2-core machine two threads make small calls up t
 run forward first, each mode in increasing order, so each case can be judged from the shorter ones first
 (:func:`attnzoo.bench.efficiency.cutoff_reason`): a series measured to grow quadratically (time ∝ N^p, p ≥ 1.7, from
 1024 to 2048) while taking at least half of SDPA's time is not run at 4096 (its ratio to SDPA holds; the SDPA baseline
-always runs), and a case predicted to take over 1 s per call is skipped (a case is stopped after 10 s); both are
-recorded as skipped with the reason, so the structured-sparse and linear families' crossovers with SDPA are measured,
-not extrapolated. FlexAttention backends are skipped (each compile costs seconds on CPU: run without ``--quick``, or
-name ``--backends flex``); quality on MQAR with 4 pairs (vocabulary 16, sequence 12, chance 1/8) at tiny scale (200
-steps of 32 sequences at lr 3e-3, width 32, one thread), a budget on which softmax reaches ≥ 0.95 (1.0 measured) and a
-method near chance prints ``untrained``, trained in a second worker on the other core; fresh-process peak memory at
-N=4096 for every method whose spec promises sub-quadratic memory (SDPA first). Each phase has a time budget (efficiency
-125 s, approximation 12 s, fresh memory 25 s, quality 150 s beside the others); cases left when it is spent are recorded
-as skipped.
+always runs), and a case predicted to take over 1 s per call is skipped (an efficiency case is stopped after 10 s, a
+quality case after 60 s); both are recorded as skipped with the reason, so the structured-sparse and linear families'
+crossovers with SDPA are measured, not extrapolated. FlexAttention backends are skipped (each compile costs seconds on
+CPU: run without ``--quick``, or name ``--backends flex``); quality on MQAR with 4 pairs (vocabulary 16, sequence 12,
+chance 1/8) at tiny scale (200 steps of 32 sequences at lr 3e-3, width 32, one thread), a budget on which softmax
+reaches ≥ 0.95 (1.0 measured) and a method near chance prints ``untrained``, trained in a second worker on the other
+core; fresh-process peak memory at N=4096 for every method whose spec promises sub-quadratic memory (SDPA first). Each
+phase has a time budget (efficiency 125 s, approximation 12 s, fresh memory 25 s, quality 150 s beside the others);
+cases left when it is spent are recorded as skipped.
 """
 
 from __future__ import annotations
@@ -85,12 +85,14 @@ class Config:
     quadratic_cutoff: int | None = None  # see efficiency.cutoff_reason
     case_cap_s: float | None = None  # see efficiency.cutoff_reason
     noise_target: float | None = None  # see efficiency.quiet_enough
+    quality_timeout_s: float | None = None  # a quality case's time limit (None: case_timeout_s)
 
 
 def quick_config(**overrides: Any) -> Config:
     cfg = Config(
         lengths=[1024, 2048, 4096], bwd_lengths=[2048], bwd_patterns=["self/noncausal", "self/causal"], batch=1,
         heads=4, head_dim=64, warmup=1, repeats=4, budget_s=0.25, noise_target=0.05, case_timeout_s=10.0,
+        quality_timeout_s=60.0,
         quadratic_cutoff=2048, case_cap_s=1.0, skip_flex=True, approx_length=128,
         tasks=[{"name": "mqar", "pairs": 4, "vocab": 16}],
         model={"dim": 32, "heads": 2, "layers": 2, "steps": 200, "batch": 32, "lr": 3e-3, "threads": 1},
@@ -211,6 +213,9 @@ def plan_all(cfg: Config) -> dict[str, list[dict[str, Any]]]:
             model["dim"] = width
             tasks = cfg.tasks if width == cfg.model.get("dim", width) else [t for t in cfg.tasks if t["name"] == "mqar"]
             plans["quality"] += quality.plan(methods, tasks, {**model, "avoid": list(skip)}, cfg.seed, cfg.device)
+        if cfg.quality_timeout_s is not None:
+            for case in plans["quality"]:
+                case["timeout_s"] = cfg.quality_timeout_s
     return plans
 
 

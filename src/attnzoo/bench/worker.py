@@ -4,7 +4,8 @@ The worker (``python -m attnzoo.bench.worker [module ...]``) imports attnzoo (re
 modules named on its command line (a user's own methods), prints ``ready``, then reads one JSON case per line on
 stdin and answers one JSON row per line. Running cases in a child keeps the parent's memory (rich, matplotlib, the
 results so far) out of the peak resident set, and survives what a method can do to a process: a hang (the parent
-kills the worker after ``case_timeout_s`` and records ``timeout``), a crash or the kernel's OOM killer (``crashed``).
+kills the worker after ``case_timeout_s``, or after a case's own ``timeout_s`` plus :data:`GRACE_S`, and records
+``timeout``), a crash or the kernel's OOM killer (``crashed``).
 The worker runs in its own session so that Ctrl-C reaches only the parent, which stops it and keeps what it measured.
 """
 
@@ -22,6 +23,9 @@ from pathlib import Path
 from typing import IO, Any
 
 READY = "ready"
+GRACE_S = 5.0
+"""What the worker gets beyond a case's own ``timeout_s``: a fresh-process case enforces it on its child and reports
+the timeout itself, which the worker must have time to pass on."""
 
 
 def run_any(case: dict[str, Any]) -> dict[str, Any]:
@@ -78,10 +82,11 @@ class Runner:
             proc.stdin.flush()
         except BrokenPipeError:
             return self._failed(case, "crashed", self._death())
-        line = self._read_line(proc, self.case_timeout_s)
+        limit = float(case["timeout_s"]) + GRACE_S if "timeout_s" in case else self.case_timeout_s
+        line = self._read_line(proc, limit)
         if line is None:
             self.close()
-            return self._failed(case, "timeout", f"no result within {self.case_timeout_s:g} s; the worker was stopped")
+            return self._failed(case, "timeout", f"no result within {limit:g} s; the worker was stopped")
         if not line:
             return self._failed(case, "crashed", self._death())
         return json.loads(line)
