@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` options to ``parser``."""
     p = parser
     p.add_argument("--quick", action="store_true",
-                   help="sized for a 2-core CPU: every method, lengths 1024-4096 (quadratic ones to 2048), one tiny "
+                   help="sized for a 2-core CPU: every method, lengths 512-4096 (quadratic ones to 2048), one tiny "
                         "quality task (< 3 min)")
     p.add_argument("--full", action="store_true",
                    help="with --suite quality: the study sized for a GPU (more pairs, widths, rates, seeds, steps)")

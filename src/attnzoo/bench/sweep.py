@@ -5,10 +5,10 @@ Rows are appended to ``<out>/cases.jsonl`` the moment they are measured, and ``r
 written at the end, or when the run is interrupted (Ctrl-C keeps what was measured: ``status: "interrupted"``).
 
 ``--quick`` is sized for a 2-core CPU and a registry of ~60 methods, at the lengths where methods differ: forward at
-1024/2048/4096 in all four patterns and forward+backward at 2048 in the two self-attention patterns, batch 1, 4 heads of
-64, one warm-up and 3 or 4 repeats (fewer when they pass 0.25 s; stopped early once three agree within 5 %), torch on
-one thread (on a shared or busy 2-core machine two threads make small calls up to 10× slower and far noisier). Lengths
-run forward first, each mode in increasing order, so each case can be judged from the shorter ones first
+512/1024/2048/4096 in all four patterns and forward+backward at 2048 in the two self-attention patterns, batch 1, 4
+heads of 64, one warm-up and 3 or 4 repeats (fewer when they pass 0.25 s; stopped early once three agree within 5 %),
+torch on one thread (on a shared or busy 2-core machine two threads make small calls up to 10× slower and far noisier).
+Lengths run forward first, each mode in increasing order, so each case can be judged from the shorter ones first
 (:func:`attnzoo.bench.efficiency.cutoff_reason`): a series measured to grow quadratically (time ∝ N^p, p ≥ 1.7, from
 1024 to 2048) while taking at least half of SDPA's time is not run at 4096 (its ratio to SDPA holds; the SDPA baseline
 always runs), and a case predicted to take over 1 s per call is skipped (an efficiency case is stopped after 10 s, a
@@ -90,7 +90,7 @@ class Config:
 
 def quick_config(**overrides: Any) -> Config:
     cfg = Config(
-        lengths=[1024, 2048, 4096], bwd_lengths=[2048], bwd_patterns=["self/noncausal", "self/causal"], batch=1,
+        lengths=[512, 1024, 2048, 4096], bwd_lengths=[2048], bwd_patterns=["self/noncausal", "self/causal"], batch=1,
         heads=4, head_dim=64, warmup=1, repeats=4, budget_s=0.25, noise_target=0.05, case_timeout_s=10.0,
         quality_timeout_s=60.0,
         quadratic_cutoff=2048, case_cap_s=1.0, skip_flex=True, approx_length=128,
