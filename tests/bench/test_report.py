@@ -93,3 +93,30 @@ def test_compare_reports_faster_slower_and_status(tmp_path):
     assert changes["quality"][0]["ratio"] == pytest.approx(0.5)  # linear and softmax at 4 pairs: 0.5 → 1.0
     text = compare.main(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
     assert "## Slower (4)" in text and "2.00×" in text
+
+
+def test_a_hundred_method_report_stays_one_file_under_5_mb(tmp_path):
+    """The size budget of issue 16, at the scale the registry is heading for: a hundred methods (the registered ones
+    plus unknown names), four patterns, the quick run's lengths, quality and approximation rows."""
+    import attnzoo
+
+    names = list(attnzoo.methods()) + [f"extra_{i}" for i in range(100 - len(attnzoo.methods()))]
+    patterns = ("self/noncausal", "self/causal", "cross/noncausal", "cross/causal")
+    eff = []
+    for pattern in patterns:
+        for mode, lengths in (("fwd", (512, 1024, 2048, 4096)), ("fwd+bwd", (2048,))):
+            for n in lengths:
+                for i, name in enumerate(["softmax"] + [m for m in names if m != "softmax"]):
+                    power = 2.0 if i % 3 == 0 else 1.0 + i % 7 / 10
+                    eff.append(row(name, "sdpa" if name == "softmax" else "torch", n, 1e-6 * n**power / (1 + i),
+                                   1000 * n * (1 + i % 5), pattern=pattern, mode=mode))
+    res = {**results(), "efficiency": eff,
+           "approximation": [{"method": m, "backend": "torch", "pattern": "self/noncausal", "setting": {},
+                              "status": "ok", "rel_l2": 0.01 * (i % 50)} for i, m in enumerate(names)],
+           "quality": [{"method": m, "task": {"name": "mqar", "pairs": 4, "vocab": 16}, "dim": 32, "status": "ok",
+                        "accuracy": (i % 10) / 10, "chance": 0.125, "final_loss": 1.0, "train_time_s": 1.0}
+                       for i, m in enumerate(names)]}
+    report.write_report(res, tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<tr") > 400 and names[-1] in page
+    assert (tmp_path / "report.html").stat().st_size < 5 * 10**6
