@@ -1,33 +1,21 @@
 """The interactive figures' fragment in a real browser: headless Chromium (Debian's ``chromium`` and
 ``chromium-driver``) through Selenium; skipped where either is missing."""
 
-import shutil
-
 import pytest
 
 from attnzoo.bench import interactive
+from tests.bench.browser import CHROMEDRIVER, CHROMIUM, MISSING, chromium, severe
 
 from .plot_data import results
 
 webdriver = pytest.importorskip("selenium.webdriver")
 pytest.importorskip("plotly")
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs chromium and chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason=MISSING)
 
 
 @pytest.fixture
 def browser(tmp_path):
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--no-first-run", "--window-size=1400,1000",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    driver.set_page_load_timeout(30)
+    driver = chromium(tmp_path / "profile")
     try:
         yield driver
     finally:
@@ -56,5 +44,4 @@ def test_fragment_draws_every_figure_offline(browser, tmp_path):
     button = browser.find_elements("css selector", "#az-fig-fwd .updatemenu-button")[1]  # self/causal
     webdriver.ActionChains(browser).move_to_element(button).click().perform()
     WebDriverWait(browser, 5).until(lambda d: d.execute_script(shown) == ["self/causal"])
-    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
-    assert severe == []
+    assert severe(browser) == []

@@ -2,37 +2,22 @@
 Chromium through chromedriver (Debian's ``chromium`` and ``chromium-driver``; ``.ci/run`` installs them). Skipped,
 with the reason, where Chromium, chromedriver or selenium is missing."""
 
-import os
-import shutil
-
 import pytest
 
 from attnzoo.bench.report import write_report
+from tests.bench.browser import CHROMEDRIVER, CHROMIUM, MISSING, chromium, severe
 from tests.bench.sample_results import sample_results
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import Select  # noqa: E402
-
-CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser")) if p), None)
-CHROMEDRIVER = shutil.which("chromedriver")
-FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,1000")
+pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     if CHROMIUM is None or CHROMEDRIVER is None:
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    os.environ["SE_OFFLINE"] = "true"  # never let Selenium Manager download a browser or driver
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        pytest.skip(MISSING)
+    driver = chromium(tmp_path_factory.mktemp("chromium-profile"))
     try:
         yield driver
     finally:
@@ -56,8 +41,7 @@ def page(report):
 
 
 def test_the_page_loads_without_javascript_errors(report):
-    severe = [e for e in report.get_log("browser") if e["level"] == "SEVERE"]
-    assert severe == []
+    assert severe(report) == []
     assert report.find_element(By.CSS_SELECTOR, "h1 .az-badge").text == "complete"
     assert "**" not in report.find_element(By.TAG_NAME, "header").text  # no raw Markdown
 
