@@ -100,3 +100,30 @@ class GatedRMSNorm(nn.Module):
         o32 = o.float()
         normed = o32 * torch.rsqrt(o32.square().mean(-1, keepdim=True) + self.eps)
         return (normed * self.weight.float() * F.silu(gate.float())).to(o.dtype)
+
+
+class ConvolvedGatedParts(LayerParts):
+    """The frame Mamba2-style memory layers share (Gated DeltaNet, Titans): SiLU short convolutions on q, k and v
+    (:meth:`convolve`) and the gated output norm ``o ← RMSNorm(o) · w · SiLU(W_g x)`` per head (:meth:`finish`).
+    A subclass adds its gates and calls :meth:`convolve` in its ``forward``."""
+
+    def __init__(self, info: LayerInfo, conv_size: int = 4, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        h, hkv, d = info.heads, info.kv_heads, info.head_dim
+        self.heads, self.kv_heads = h, hkv
+        self.q_conv = ShortConvolution(h * d, conv_size)
+        self.k_conv = ShortConvolution(hkv * d, conv_size)
+        self.v_conv = ShortConvolution(hkv * d, conv_size)
+        self.gate_proj = nn.Linear(info.dim, h * d, bias=False)
+        self.o_norm = GatedRMSNorm(d, norm_eps)
+
+    def convolve(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v ``(B, H, N, D)`` through their short convolutions along the sequence."""
+        return (channels_to_heads(self.q_conv(heads_to_channels(q)), self.heads),
+                channels_to_heads(self.k_conv(heads_to_channels(k)), self.kv_heads),
+                channels_to_heads(self.v_conv(heads_to_channels(v)), self.kv_heads))
+
+    def finish(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.o_norm(out, channels_to_heads(self.gate_proj(x), self.heads))

@@ -27,53 +27,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnzoo.nn.layers.base import (
-    GatedRMSNorm,
-    LayerParts,
-    ShortConvolution,
-    channels_to_heads,
-    heads_to_channels,
-    register_layer,
-)
+from attnzoo.nn.layers.base import ConvolvedGatedParts, register_layer
 from attnzoo.registry import LayerInfo
 
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
 A_HIGH = 16.0
 
 
-class GatedDeltaNetParts(LayerParts):
+class GatedDeltaNetParts(ConvolvedGatedParts):
     """Gated DeltaNet's short convolutions, data-dependent ``β`` and decay, and gated output norm."""
 
     computes = ("log_gate", "beta")
 
     def __init__(self, info: LayerInfo, conv_size: int = 4, norm_eps: float = 1e-5) -> None:
-        super().__init__()
-        h, hkv, d = info.heads, info.kv_heads, info.head_dim
-        self.heads, self.kv_heads = h, hkv
-        self.q_conv = ShortConvolution(h * d, conv_size)
-        self.k_conv = ShortConvolution(hkv * d, conv_size)
-        self.v_conv = ShortConvolution(hkv * d, conv_size)
+        super().__init__(info, conv_size, norm_eps)
+        h = info.heads
         self.beta_proj = nn.Linear(info.dim, h, bias=False)
         self.decay_proj = nn.Linear(info.dim, h, bias=False)
         self.A_log = nn.Parameter(torch.empty(h).uniform_(0, A_HIGH).log())
         dt = torch.exp(torch.rand(h) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)).clamp(min=DT_FLOOR)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
-        self.gate_proj = nn.Linear(info.dim, h * d, bias=False)
-        self.o_norm = GatedRMSNorm(d, norm_eps)
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
-        q = channels_to_heads(self.q_conv(heads_to_channels(q)), self.heads)
-        k = channels_to_heads(self.k_conv(heads_to_channels(k)), self.kv_heads)
-        v = channels_to_heads(self.v_conv(heads_to_channels(v)), self.kv_heads)
+        q, k, v = self.convolve(q, k, v)
         beta = torch.sigmoid(self.beta_proj(x)).transpose(1, 2)  # (B, H, N)
         decay = F.softplus(self.decay_proj(x).float() + self.dt_bias)
         log_gate = (-self.A_log.float().exp() * decay).transpose(1, 2).to(x.dtype)
         return q, k, v, {"log_gate": log_gate, "beta": beta.to(x.dtype)}
-
-    def finish(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return self.o_norm(out, channels_to_heads(self.gate_proj(x), self.heads))
 
 
 register_layer("gated_delta", GatedDeltaNetParts)

@@ -31,51 +31,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.nn.layers.base import (
-    GatedRMSNorm,
-    LayerParts,
-    ShortConvolution,
-    channels_to_heads,
-    heads_to_channels,
-    register_layer,
-)
+from attnzoo.nn.layers.base import ConvolvedGatedParts, register_layer
 from attnzoo.registry import LayerInfo
 
 GATE_STARTS = {"eta": 0.9, "theta": 0.1, "alpha": 0.01}  # σ(bias) of each gate at initialisation
 
 
-class TitansParts(LayerParts):
+class TitansParts(ConvolvedGatedParts):
     """Titans' short convolutions, data-dependent momentum, learning-rate and forgetting gates, and gated output
     norm."""
 
     computes = tuple(GATE_STARTS)
 
     def __init__(self, info: LayerInfo, conv_size: int = 4, norm_eps: float = 1e-5) -> None:
-        super().__init__()
-        h, hkv, d = info.heads, info.kv_heads, info.head_dim
-        self.heads, self.kv_heads = h, hkv
-        self.q_conv = ShortConvolution(h * d, conv_size)
-        self.k_conv = ShortConvolution(hkv * d, conv_size)
-        self.v_conv = ShortConvolution(hkv * d, conv_size)
-        self.gate_logits = nn.Linear(info.dim, len(GATE_STARTS) * h)
+        super().__init__(info, conv_size, norm_eps)
+        self.gate_logits = nn.Linear(info.dim, len(GATE_STARTS) * info.heads)
         with torch.no_grad():
             starts = torch.tensor([math.log(s / (1 - s)) for s in GATE_STARTS.values()])
-            self.gate_logits.bias.copy_(starts.repeat_interleave(h))
-        self.gate_proj = nn.Linear(info.dim, h * d, bias=False)
-        self.o_norm = GatedRMSNorm(d, norm_eps)
+            self.gate_logits.bias.copy_(starts.repeat_interleave(info.heads))
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
-        q = channels_to_heads(self.q_conv(heads_to_channels(q)), self.heads)
-        k = channels_to_heads(self.k_conv(heads_to_channels(k)), self.kv_heads)
-        v = channels_to_heads(self.v_conv(heads_to_channels(v)), self.kv_heads)
+        q, k, v = self.convolve(q, k, v)
         b, n, _ = x.shape
         gates = torch.sigmoid(self.gate_logits(x)).view(b, n, len(GATE_STARTS), self.heads).permute(2, 0, 3, 1)
         return q, k, v, dict(zip(GATE_STARTS, gates.unbind(0), strict=True))  # each (B, H, N)
-
-    def finish(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return self.o_norm(out, channels_to_heads(self.gate_proj(x), self.heads))
 
 
 register_layer("titans", TitansParts)
