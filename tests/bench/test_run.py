@@ -101,6 +101,8 @@ def test_quick_smoke_two_methods(tmp_path):
     assert results["status"] == "complete"
     assert {(r["method"], r["status"]) for r in results["efficiency"]} == {("softmax", "ok"), ("sigmoid", "ok")}
     assert {r["length"] for r in results["efficiency"] if r["mode"] == "fwd+bwd"} == {32}
+    # --patterns names the patterns of both modes (quick mode trains only self-attention by default)
+    assert {r["pattern"] for r in results["efficiency"] if r["mode"] == "fwd+bwd"} == {"self/causal", "cross/noncausal"}
     assert {r["method"] for r in results["quality"]} == {"softmax", "sigmoid"}
     # sigmoid promises sub-quadratic memory: one fresh-process case beside SDPA's, at the longest forward length
     fresh = {r["method"]: r for r in results["fresh_memory"]}

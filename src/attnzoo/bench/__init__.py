@@ -112,6 +112,8 @@ def _config(args: argparse.Namespace):
         value = getattr(args, name)
         if value is not None:
             setattr(base, name, value)
+    if args.patterns is not None:
+        base.bwd_patterns = None  # the patterns asked for, in both modes
     if args.lengths is not None:
         base.lengths = args.lengths
         base.bwd_lengths = args.bwd_lengths or ([min(args.lengths)] if args.quick else args.lengths)
