@@ -41,13 +41,14 @@ class TitansParts(ConvolvedGatedParts):
     """Titans' short convolutions, data-dependent momentum, learning-rate and forgetting gates, and gated output
     norm."""
 
-    computes = tuple(GATE_STARTS)
+    starts: dict[str, float] = GATE_STARTS  # the gates this layer computes, with σ(bias) at initialisation
 
     def __init__(self, info: LayerInfo, conv_size: int = 4, norm_eps: float = 1e-5) -> None:
         super().__init__(info, conv_size, norm_eps)
-        self.gate_logits = nn.Linear(info.dim, len(GATE_STARTS) * info.heads)
+        self.computes = tuple(self.starts)
+        self.gate_logits = nn.Linear(info.dim, len(self.starts) * info.heads)
         with torch.no_grad():
-            starts = torch.tensor([math.log(s / (1 - s)) for s in GATE_STARTS.values()])
+            starts = torch.tensor([math.log(s / (1 - s)) for s in self.starts.values()])
             self.gate_logits.bias.copy_(starts.repeat_interleave(info.heads))
 
     def forward(  # type: ignore[override]
@@ -55,9 +56,20 @@ class TitansParts(ConvolvedGatedParts):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
         q, k, v = self.convolve(q, k, v)
         b, n, _ = x.shape
-        gates = torch.sigmoid(self.gate_logits(x)).view(b, n, len(GATE_STARTS), self.heads).permute(2, 0, 3, 1)
-        return q, k, v, dict(zip(GATE_STARTS, gates.unbind(0), strict=True))  # each (B, H, N)
+        gates = torch.sigmoid(self.gate_logits(x)).view(b, n, len(self.starts), self.heads).permute(2, 0, 3, 1)
+        return q, k, v, dict(zip(self.starts, gates.unbind(0), strict=True))  # each (B, H, N)
+
+
+class MirasParts(TitansParts):
+    """The same layer for Miras' memories (Moneta, Yaad, Memora: plain gradient descent, no momentum): learning-rate
+    and forgetting gates only. Miras §5.3 builds its models on the same frame (convolutions, ℓ2-normalised q and k,
+    gated output norm); its channel-wise low-rank gates and Yaad's data-dependent δ are not built (δ stays the
+    method's parameter)."""
+
+    starts = {n: GATE_STARTS[n] for n in ("theta", "alpha")}
 
 
 register_layer("titans", TitansParts)
 register_layer("titans_mlp", TitansParts)
+for _method in ("moneta", "yaad", "memora"):
+    register_layer(_method, MirasParts)
