@@ -41,14 +41,13 @@ class TitansParts(ConvolvedGatedParts):
     """Titans' short convolutions, data-dependent momentum, learning-rate and forgetting gates, and gated output
     norm."""
 
-    starts: dict[str, float] = GATE_STARTS  # the gates this layer computes, with σ(bias) at initialisation
+    computes: tuple[str, ...] = tuple(GATE_STARTS)  # the gates, each started at σ(bias) = GATE_STARTS[name]
 
     def __init__(self, info: LayerInfo, conv_size: int = 4, norm_eps: float = 1e-5) -> None:
         super().__init__(info, conv_size, norm_eps)
-        self.computes = tuple(self.starts)
-        self.gate_logits = nn.Linear(info.dim, len(self.starts) * info.heads)
+        self.gate_logits = nn.Linear(info.dim, len(self.computes) * info.heads)
         with torch.no_grad():
-            starts = torch.tensor([math.log(s / (1 - s)) for s in self.starts.values()])
+            starts = torch.tensor([math.log(GATE_STARTS[n] / (1 - GATE_STARTS[n])) for n in self.computes])
             self.gate_logits.bias.copy_(starts.repeat_interleave(info.heads))
 
     def forward(  # type: ignore[override]
@@ -56,8 +55,8 @@ class TitansParts(ConvolvedGatedParts):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
         q, k, v = self.convolve(q, k, v)
         b, n, _ = x.shape
-        gates = torch.sigmoid(self.gate_logits(x)).view(b, n, len(self.starts), self.heads).permute(2, 0, 3, 1)
-        return q, k, v, dict(zip(self.starts, gates.unbind(0), strict=True))  # each (B, H, N)
+        gates = torch.sigmoid(self.gate_logits(x)).view(b, n, len(self.computes), self.heads).permute(2, 0, 3, 1)
+        return q, k, v, dict(zip(self.computes, gates.unbind(0), strict=True))  # each (B, H, N)
 
 
 class MirasParts(TitansParts):
@@ -66,7 +65,7 @@ class MirasParts(TitansParts):
     gated output norm); its channel-wise low-rank gates and Yaad's data-dependent δ are not built (δ stays the
     method's parameter)."""
 
-    starts = {n: GATE_STARTS[n] for n in ("theta", "alpha")}
+    computes = ("theta", "alpha")
 
 
 register_layer("titans", TitansParts)
