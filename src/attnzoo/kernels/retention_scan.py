@@ -68,14 +68,40 @@ def empty_state(retention: str, batch: int, heads: int, dk: int, dv: int, dtype:
                           torch.full(shape, 1.0 / dk, dtype=acc, device=device), 0)
 
 
+def abs_power(x: torch.Tensor, exponent: float) -> torch.Tensor:
+    """``|x|^exponent``; a small integer exponent by repeated products (on the CPU several times faster than
+    ``pow``, which dominated Moneta's cost)."""
+    if not float(exponent).is_integer() or not 1 <= exponent <= 8:
+        return x.abs().pow(exponent)
+    n = int(exponent)
+    base = x.square() if n % 2 == 0 else x.abs()
+    result = base
+    for _ in range(n // 2 - 1 if n % 2 == 0 else n - 1):
+        result = result * base
+    return result
+
+
+def shrink(memory: torch.Tensor, q_norm: float) -> torch.Tensor:
+    """``‖A‖_q^{−(q−2)}`` over the last two dims (kept as size 1): the factor that makes ``W = A / ‖A‖_q^{q−2}``
+    (1 while ``A = 0``, whose ``W`` is 0)."""
+    power = abs_power(memory, q_norm).sum(dim=(-2, -1), keepdim=True)  # ‖A‖_q^q
+    return torch.where(power > 0, power, torch.ones_like(power)).pow(-(q_norm - 2) / q_norm)
+
+
 def read(memory: torch.Tensor, retention: str, q_norm: float) -> torch.Tensor:
     """The weights ``W`` of the stored ``X`` (``(…, Dk, Dv)``): ``A / ‖A‖_q^{q−2}`` or ``exp(log W)``."""
     if retention == "kl":
         return memory.exp()
-    if q_norm == 2:
-        return memory
-    power = memory.abs().pow(q_norm).sum(dim=(-2, -1), keepdim=True)  # ‖A‖_q^q
-    return memory * torch.where(power > 0, power, torch.ones_like(power)).pow(-(q_norm - 2) / q_norm)
+    return memory if q_norm == 2 else memory * shrink(memory, q_norm)
+
+
+def _outputs(q: torch.Tensor, memories: torch.Tensor, retention: str, q_norm: float) -> torch.Tensor:
+    """``o_t = W_tᵀ q_t`` for a chunk's queries ``(BH, L, Dk)`` and states ``(BH, L, Dk, Dv)``; Moneta's as
+    ``(A_tᵀ q_t) · ‖A_t‖_q^{2−q}`` (no ``W`` formed)."""
+    if retention == "kl":
+        return (q[:, :, None] @ memories.exp())[:, :, 0]
+    out = (q[:, :, None] @ memories)[:, :, 0]
+    return out if q_norm == 2 else out * shrink(memories, q_norm)[..., 0]
 
 
 def chunked(
@@ -112,8 +138,7 @@ def chunked(
             if retention == "kl":
                 memory = torch.log_softmax(memory, dim=-2)
             states.append(memory)
-        weights = read(torch.stack(states, dim=1), retention, q_norm)  # (BH, L, Dk, Dv)
-        outs.append((qs[:, t:stop, None] @ weights)[:, :, 0])
+        outs.append(_outputs(qs[:, t:stop], torch.stack(states, dim=1), retention, q_norm))
         position, t = (position + stop - t) % chunk, stop
     out = torch.cat(outs, dim=1).reshape(b, h, n, dv).to(v.dtype)
     return out, RetentionState(memory.reshape(b, h, dk, dv), start.reshape(b, h, dk, dv), position)

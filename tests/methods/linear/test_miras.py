@@ -93,6 +93,15 @@ def test_gradients_match_the_reference(method: str) -> None:
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.parametrize("q_norm", [1.0, 2.5, 3.0, 6.0, 10.0])
+def test_moneta_fast_path_equals_reference_for_other_retention_norms(q_norm: float) -> None:
+    """Integer exponents take repeated products in the fast path, others ``pow``; the reference takes the norm."""
+    q, k, v = qkv(1, 2, 2, 11, 4, seed=12)
+    params = {**gates(1, 2, 11), "chunk_size": 4, "q_norm": q_norm, "p": 2.5}
+    want = run("moneta", q, k, v, "reference", **params)
+    torch.testing.assert_close(run("moneta", q, k, v, **params), want, atol=1e-12, rtol=1e-10)
+
+
 def test_memora_weights_stay_on_the_simplex() -> None:
     """Each value coordinate's weights over the key coordinates are a probability vector, whatever the learning
     rate; the output is then a convex combination of the query's coordinates."""
