@@ -8,7 +8,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
-from attnzoo.nn.layers.titans import GATE_STARTS, MirasParts, TitansParts
+from attnzoo.nn.layers.titans import GATE_STARTS, MemoraParts, MirasParts, TitansParts
 from tests.helpers import fit_losses
 
 
@@ -68,5 +68,7 @@ def test_miras_layers_compute_the_learning_rate_and_forgetting_gates_and_learn(m
     q, k, v = layer.project(x)
     _, _, _, gates = layer.parts(x, q, k, v)
     assert set(gates) == {"theta", "alpha"}
+    high = MemoraParts.max_rate if method == "memora" else 1.0
+    assert bool(((gates["theta"] > 0) & (gates["theta"] < high)).all()) and gates["theta"].max() > 0.05 * high
     losses = fit_losses(layer, x, torch.roll(x, 1, dims=1) * 0.5, steps=12, lr=3e-2)
     assert losses[-1] < 0.7 * losses[0]
