@@ -156,35 +156,79 @@ SUMMARIES = {
 }
 
 
-def _backend(method: str) -> Any:
-    def fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
-             mask: torch.Tensor | None, bias: torch.Tensor | None, **params: Any) -> torch.Tensor:
-        return _retained(method, q, k, v, scale, params)[0]
-
-    return fast
+def _forward(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+             params: dict[str, Any]) -> torch.Tensor:
+    return _retained(method, q, k, v, scale, _kernel(params))[0]
 
 
-def _reference(method: str) -> Any:
-    def ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
-            mask: torch.Tensor | None, bias: torch.Tensor | None, **params: Any) -> torch.Tensor:
-        return reference(q, k, v, method=method, scale=scale, **params)
-
-    return ref
+# Each method's reference, fast path and decoder, as named module-level functions (one hop from their names).
+def moneta_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any) -> torch.Tensor:
+    return reference(q, k, v, method="moneta", scale=scale, **_kernel(p))
 
 
-def _decoder(method: str) -> Decoder:
-    def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
-                **params: Any) -> tuple[torch.Tensor, Any]:
-        """Causal forward over a prompt; returns ``(out, state)``."""
-        return _retained(method, q, k, v, scale, params)
+def yaad_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any) -> torch.Tensor:
+    return reference(q, k, v, method="yaad", scale=scale, **_kernel(p))
 
-    def step(state: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
-             **params: Any) -> tuple[torch.Tensor, Any]:
-        """``T ≥ 1`` tokens from ``state`` (None: a new sequence)."""
-        return _retained(method, q, k, v, scale, params, state)
 
-    tokens = (*GATES, "delta") if method == "yaad" else GATES
-    return Decoder(prefill, step, token_params=tokens, chunked=True)
+def memora_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any) -> torch.Tensor:
+    return reference(q, k, v, method="memora", scale=scale, **_kernel(p))
+
+
+def moneta_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any) -> torch.Tensor:
+    return _forward("moneta", q, k, v, scale, p)
+
+
+def yaad_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any) -> torch.Tensor:
+    return _forward("yaad", q, k, v, scale, p)
+
+
+def memora_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **p: Any) -> torch.Tensor:
+    return _forward("memora", q, k, v, scale, p)
+
+
+def moneta_step(state: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                **p: Any) -> tuple[torch.Tensor, Any]:
+    """``T ≥ 1`` tokens from ``state`` (None: a new sequence; the prefill is the same call)."""
+    return _retained("moneta", q, k, v, scale, p, state)
+
+
+def yaad_step(state: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+              **p: Any) -> tuple[torch.Tensor, Any]:
+    """``T ≥ 1`` tokens from ``state`` (None: a new sequence; the prefill is the same call)."""
+    return _retained("yaad", q, k, v, scale, p, state)
+
+
+def memora_step(state: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                **p: Any) -> tuple[torch.Tensor, Any]:
+    """``T ≥ 1`` tokens from ``state`` (None: a new sequence; the prefill is the same call)."""
+    return _retained("memora", q, k, v, scale, p, state)
+
+
+def moneta_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                   **p: Any) -> tuple[torch.Tensor, Any]:
+    return moneta_step(None, q, k, v, scale=scale, **p)
+
+
+def yaad_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                 **p: Any) -> tuple[torch.Tensor, Any]:
+    return yaad_step(None, q, k, v, scale=scale, **p)
+
+
+def memora_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                   **p: Any) -> tuple[torch.Tensor, Any]:
+    return memora_step(None, q, k, v, scale=scale, **p)
+
+
+def _kernel(params: dict[str, Any]) -> dict[str, Any]:
+    """The method's own parameters, without the backend call's ``causal``, ``mask`` and ``bias``."""
+    return {n: v for n, v in params.items() if n not in ("causal", "mask", "bias")}
+
+
+IMPLEMENTATIONS = {  # method: (reference, fast path, prefill, step)
+    "moneta": (moneta_reference, moneta_torch, moneta_prefill, moneta_step),
+    "yaad": (yaad_reference, yaad_torch, yaad_prefill, yaad_step),
+    "memora": (memora_reference, memora_torch, memora_prefill, memora_step),
+}
 
 
 def _register(method: str) -> None:
@@ -206,7 +250,9 @@ def _register(method: str) -> None:
         subquadratic_memory=True,
         tests=TestHints(sample_params=_sample_yaad if method == "yaad" else _sample, atol=1e-4, rtol=1e-3),
     )
-    register(spec, _reference(method), [Backend("torch", _backend(method))], _decoder(method))
+    ref, fast, prefill, step = IMPLEMENTATIONS[method]
+    tokens = (*GATES, "delta") if method == "yaad" else GATES
+    register(spec, ref, [Backend("torch", fast)], Decoder(prefill, step, token_params=tokens, chunked=True))
 
 
 for _method in RULES:
