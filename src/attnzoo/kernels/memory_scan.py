@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from attnzoo.errors import fail
 from attnzoo.kernels.linear_scan import FeatureMaps, accumulation_dtype
 
-LOSSES = ("l2", "huber", "lp")
+LOSSES = ("l2", "huber", "lp", "huber_switch")
 GROUP_BUDGET = 1 << 16  # elements of each C×C coefficient tensor of a group of chunks (256 KiB in fp32)
 
 
@@ -90,11 +90,16 @@ def loss_gradient(err: torch.Tensor, loss: str, delta: float | torch.Tensor, p: 
       tensor broadcasting against ``e``);
     - ``"lp"``: ``(1/p)‖e‖_p^p`` → ``sign(e)|e|^{p−1}`` (Moneta's ℓp bias; ``p = 1`` gives ``sign(e)``). At ``e = 0``
       the value is 0 and so is the derivative taken (for ``1 < p < 2`` the true one is infinite).
+    - ``"huber_switch"``: Yaad's rule (Miras eq. 26), a switch on the whole error's norm: ``e`` (the ℓ2 gradient)
+      while ``‖e‖₂ ≤ δ``, else ``δ·sign(e)`` (δ times the ℓ1 gradient); ``δ`` per token broadcasts as for Huber.
     """
     if loss == "l2":
         return err
     if loss == "huber":
         return torch.clamp(err, -delta, delta) if isinstance(delta, torch.Tensor) else err.clamp(-delta, delta)
+    if loss == "huber_switch":
+        small = torch.linalg.vector_norm(err, dim=-1, keepdim=True) <= delta
+        return torch.where(small, err, delta * torch.sign(err))
     if loss != "lp":
         raise fail("loss", f"one of {list(LOSSES)}", repr(loss))
     if p == 2:

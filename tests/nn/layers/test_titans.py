@@ -8,7 +8,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
-from attnzoo.nn.layers.titans import GATE_STARTS, TitansParts
+from attnzoo.nn.layers.titans import GATE_STARTS, MemoraParts, MirasParts, TitansParts
 from tests.helpers import fit_losses
 
 
@@ -57,3 +57,18 @@ def test_the_chunk_size_and_loss_pass_to_the_kernel_and_bad_values_fail_at_const
         _layer(chunk_size=0)
     with pytest.raises(AttnzooError, match="^eta:"):
         _layer(eta=0.5)
+
+
+@pytest.mark.parametrize("method", ["moneta", "yaad", "memora"])
+def test_miras_layers_compute_the_learning_rate_and_forgetting_gates_and_learn(method: str):
+    torch.manual_seed(2)
+    layer = az.nn.Attention(24, 4, kv_heads=2, method=method, causal=True, chunk_size=4)
+    assert isinstance(layer.parts, MirasParts) and layer.parts.gate_logits.weight.shape == (8, 24)
+    x = torch.randn(2, 12, 24)
+    q, k, v = layer.project(x)
+    _, _, _, gates = layer.parts(x, q, k, v)
+    assert set(gates) == {"theta", "alpha"}
+    high = MemoraParts.max_rate if method == "memora" else 1.0
+    assert bool(((gates["theta"] > 0) & (gates["theta"] < high)).all()) and gates["theta"].max() > 0.05 * high
+    losses = fit_losses(layer, x, torch.roll(x, 1, dims=1) * 0.5, steps=12, lr=3e-2)
+    assert losses[-1] < 0.7 * losses[0]

@@ -17,6 +17,7 @@ from attnzoo.methods.linear import (  # noqa: F401
     l2vit,
     lightning,
     linear,
+    miras,
     nala,
     nats_hybrid,
     rala,

@@ -23,6 +23,8 @@ token, ``M₀`` the memory at the start of token ``t``'s chunk)::
   ``delta`` a float or a ``(B, H, S)`` tensor (Yaad makes it data-dependent). A huge ``δ`` is ``"l2"``.
 - ``"lp"`` (Moneta): ``(1/p)‖e‖_p^p``, ``φ(e) = sign(e)|e|^{p−1}`` (Miras writes ``‖e‖_p^p``; its factor ``p`` is
   absorbed into ``θ``, so ``p = 2`` is ``"l2"``); ``p ≥ 1`` (Moneta uses 3; ``p = 1`` is the sign).
+- ``"huber_switch"`` (Yaad, Miras eq. 26): ``φ(e) = e`` while ``‖e‖₂ ≤ δ``, else ``δ·sign(e)`` (a switch on the whole
+  error's norm between the ℓ2 gradient and δ times the ℓ1 one); with ``eta=0`` this is ``method="yaad"``.
 
 Definition choices:
 
@@ -38,8 +40,8 @@ Definition choices:
   experiments ("we make these parameters as the functions of tokens"). The layer
   (:mod:`attnzoo.nn.layers.titans`) computes them from the input.
 - ``scale`` multiplies the query, as in the library's other linear methods (the paper has no scale; with the layer's
-  output norm it cancels). The retention gate is Titans' (ℓ2 weight decay ``1 − α``); Miras' other retention gates
-  (ℓq normalisation, KL/softmax, elastic net) are nonlinear in the memory and not implemented.
+  output norm it cancels). The retention gate is Titans' (ℓ2 weight decay ``1 − α``); Miras' ℓq and KL retention gates
+  are the methods ``moneta`` and ``memora`` (:mod:`attnzoo.methods.linear.miras`); elastic net is not implemented.
 - Memory ``M₀ = 0`` at the start of a sequence (the paper learns ``M₀`` in the outer loop only for deep memories).
 
 Reference (:func:`reference`): a plain loop over tokens in the input dtype, exactly the recurrence above (O(N·D²),
@@ -110,8 +112,8 @@ SPEC = MethodSpec(
               low=0.0, check=_per_token("theta", 0.0, float("inf"))),
         Param("alpha", (float, torch.Tensor), 0.0, "forgetting α in [0, 1]: a float or a (B, H, S) tensor",
               low=0.0, high=1.0, check=_per_token("alpha", 0.0, 1.0)),
-        Param("loss", (str,), "l2", "the memory's inner loss (attentional bias): l2, huber (δ) or lp (p)",
-              choices=LOSSES),
+        Param("loss", (str,), "l2", "the memory's inner loss (attentional bias): l2, huber (δ), lp (p) or "
+              "huber_switch (δ)", choices=LOSSES),
         Param("delta", (float, torch.Tensor), 1.0, "Huber threshold δ > 0: a float or a (B, H, S) tensor",
               low=0.0, low_open=True, check=_per_token("delta", 0.0, float("inf"), low_open=True)),
         Param("p", (float,), 3.0, "exponent of the lp loss, ≥ 1", low=1.0),
