@@ -28,7 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from attnzoo.bench.efficiency import BASELINE
+from attnzoo.bench.efficiency import BASELINE, MODES
 from attnzoo.bench.fit import short_length
 from attnzoo.bench.quality import untrained
 from attnzoo.bench.tables import PATTERN_ORDER, md_table, ratio_spread, round_to_noise, task_label
@@ -37,7 +37,6 @@ from attnzoo.registry import FAMILIES, get
 
 TOP = 3  # methods named per pattern and mode
 FAILED = ("error", "crashed", "timeout", "oom")
-MODES = ("fwd", "fwd+bwd")
 MODE_TITLES = {"fwd": "forward", "fwd+bwd": "forward + backward"}
 OTHER = "other"
 SWEEP_REFUSED = ("a setting of the approximation sweep (one parameter at ½× or 2× its default, or another choice) "
