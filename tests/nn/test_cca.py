@@ -37,6 +37,24 @@ def test_softmax_inside_is_the_registered_core():
     torch.testing.assert_close(m(x), m.merge_heads(core, x))
 
 
+def test_rope_rotates_the_normalised_latents_by_position():
+    m = layer(kv_compression=4, rope_base=500.0)
+    x = torch.randn(2, 10, 32)
+    plain = layer(kv_compression=4)
+    q, k, v = CompressedConvAttention.project(plain, x)  # the same weights (seed 0), no rotation
+    pos = torch.arange(10, dtype=torch.float64)[:, None]
+    theta = 500.0 ** (-torch.arange(0, 4, 2, dtype=torch.float64) / 4)
+
+    def rope(t: torch.Tensor) -> torch.Tensor:  # the complex-number form of RoPE, written here independently
+        z = torch.complex(t[..., :2].double(), t[..., 2:].double()) * torch.polar(torch.ones(10, 2).double(),
+                                                                                    pos * theta)
+        return torch.cat([z.real, z.imag], -1).float()
+
+    out = az.attention(rope(q), rope(k), v, method="softmax", causal=True)
+    torch.testing.assert_close(m(x), m.merge_heads(out, x))
+    assert not torch.allclose(m(x), plain(x))
+
+
 def test_another_method_runs_inside_with_its_learnable_parts():
     m = layer(method="selective")
     assert set(m.learnable) == {"query_temp", "pos_beta", "value_temp"}
@@ -89,7 +107,8 @@ def test_costs_scale_with_compression():
      ({"kv_compression": 1}, "kv_compression"), ({"kv_compression": 3}, "kv_compression"),
      ({"kernel_sizes": (2,)}, "kernel_sizes"), ({"kernel_sizes": (0, 2)}, "kernel_sizes"),
      ({"value_shift": "yes"}, "value_shift"), ({"method": "cca"}, "method"), ({"heads": 0}, "heads"),
-     ({"dim": 30}, "head_dim"), ({"conv_weight": torch.zeros(1)}, "conv_weight")],
+     ({"dim": 30}, "head_dim"), ({"conv_weight": torch.zeros(1)}, "conv_weight"), ({"rope_base": 1.0}, "rope_base"),
+     ({"rope_base": "10000"}, "rope_base"), ({"head_dim": 3, "rope_base": 100.0}, "head_dim")],
 )
 def test_bad_arguments_name_themselves(kw: dict[str, object], argument: str):
     with pytest.raises(AttnzooError, match=f"^{argument}:"):

@@ -16,7 +16,10 @@ model). :meth:`cost` and :meth:`mha_cost` give KV bytes and FLOPs (:func:`attnzo
 With ``method="softmax"`` the layer computes exactly ``attention(q̃, k̃, ṽ, method="cca", ...)`` on its latents (its
 functional core, covered by the conformance suite); any other method (``"sigmoid"``, ``"selective"``...) attends
 with CCA's transformed latents instead, its own learnable parts owned by the layer as in :class:`attnzoo.nn.Attention`.
-Rotary embeddings are not applied (see the core's docstring).
+``rope_base`` (default None: no positions) rotates the normalised latent queries and keys by RoPE
+(:func:`attnzoo.kernels.rotary.rotary`, positions ``0 … N−1``), where the paper applies it: after the q-k mean and the
+L2 normalisation, before attention. With it, ``method="softmax"`` computes ``attention(rope(q̃), rope(k̃), ṽ)``, no
+longer the ``cca`` core on the raw projections (which takes positions only as ``bias``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from attnzoo.errors import fail
+from attnzoo.kernels.rotary import rotary
 from attnzoo.methods.heads.cca import KERNEL_SIZES, Cost, cost, initial_parameters, latents
 from attnzoo.nn.attention import Attention
 from attnzoo.registry import get
@@ -46,7 +50,7 @@ class CompressedConvAttention(Attention):
         self, dim: int, heads: int, compression: int = 4, kv_compression: int | None = None,
         head_dim: int | None = None, method: str = "softmax", causal: bool = True,
         kernel_sizes: tuple[int, int] = KERNEL_SIZES, value_shift: bool = True, qkv_bias: bool = False,
-        backend: str = "auto", faithful: bool = True, **params: Any,
+        backend: str = "auto", faithful: bool = True, rope_base: float | None = None, **params: Any,
     ) -> None:
         _positive("dim", dim)
         _positive("heads", heads)
@@ -77,6 +81,12 @@ class CompressedConvAttention(Attention):
                          causal=causal, qkv_bias=qkv_bias, backend=backend, faithful=faithful, **params)
         self.dim, self.mha_heads, self.kernel_sizes, self.value_shift = dim, heads, kernel_sizes, value_shift
         self.compression, self.kv_compression = compression, kv_compression
+        if rope_base is not None and (isinstance(rope_base, bool) or not isinstance(rope_base, (int, float))
+                                      or not rope_base > 1):
+            raise fail("rope_base", "a RoPE base > 1 (e.g. 10000.0) or None", repr(rope_base))
+        if rope_base is not None and head_dim % 2:
+            raise fail("head_dim", f"an even head dim for RoPE (rope_base={rope_base})", head_dim)
+        self.rope_base = rope_base
         for name, t in initial_parameters(latent_heads, self.kv_heads, head_dim, kernel_sizes).items():
             self.register_parameter(name, nn.Parameter(t))
 
@@ -88,9 +98,13 @@ class CompressedConvAttention(Attention):
         if context is not None:
             raise fail("context", "None (CCA pairs each query with the key of the same token: self-attention only)",
                        "a tensor")
-        q, k, v = super().project(x)
-        return latents(q, k, v, conv_weight=self.conv_weight, conv_bias=self.conv_bias, mix_weight=self.mix_weight,
-                       mix_bias=self.mix_bias, temperature=self.temperature, value_shift=self.value_shift)
+        q, k, v = latents(*super().project(x), conv_weight=self.conv_weight, conv_bias=self.conv_bias,
+                          mix_weight=self.mix_weight, mix_bias=self.mix_bias, temperature=self.temperature,
+                          value_shift=self.value_shift)
+        if self.rope_base is None:
+            return q, k, v
+        positions = torch.arange(q.shape[2], device=q.device)
+        return rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base), v
 
     def cost(self, n: int, element_bytes: int = 4) -> Cost:
         """KV bytes and FLOPs of this layer on ``n`` tokens."""
@@ -103,4 +117,4 @@ class CompressedConvAttention(Attention):
 
     def extra_repr(self) -> str:
         return (f"compression={self.compression}, kv_compression={self.kv_compression}, {super().extra_repr()}, "
-                f"kernel_sizes={self.kernel_sizes}, value_shift={self.value_shift}")
+                f"kernel_sizes={self.kernel_sizes}, value_shift={self.value_shift}, rope_base={self.rope_base}")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from attnzoo.errors import fail
+from attnzoo.kernels.rotary import rotary
 from attnzoo.kv.cache import KVCache
 from attnzoo.kv.presses.base import (
     PressContext,
@@ -65,16 +66,10 @@ class DapQPress(ScorerPress):
 
 
 def rotate(q: torch.Tensor, shift: int, base: float) -> torch.Tensor:
-    """``q (..., D)`` rotated by ``shift`` positions of RoPE (half-split layout, frequencies ``base^(−2i/D)``)."""
-    d = q.shape[-1]
-    if d % 2:
-        raise fail("rope_base", f"queries of even head_dim for RoPE (got {d})", base)
-    freq = base ** (-torch.arange(0, d, 2, device=q.device, dtype=torch.float64) / d)
-    angle = torch.cat([freq, freq]) * shift
-    cos, sin = angle.cos().to(q.dtype), angle.sin().to(q.dtype)
-    half = d // 2
-    rotated_half = torch.cat([-q[..., half:], q[..., :half]], -1)
-    return q * cos + rotated_half * sin
+    """``q (..., D)`` rotated by ``shift`` positions of RoPE (:func:`attnzoo.kernels.rotary.rotary`)."""
+    if q.shape[-1] % 2:
+        raise fail("rope_base", f"queries of even head_dim for RoPE (got {q.shape[-1]})", base)
+    return rotary(q, shift, base)
 
 
 register_press(DapQPress, "K6", "Where Matters More Than What: Decoding-aligned KV Cache Compression via "

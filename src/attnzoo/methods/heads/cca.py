@@ -39,8 +39,9 @@ Choices:
   turns it off.
 - ``temperature=None`` means τ = 1; the layer initialises it at 1 (the released layer loads trained values). The
   norm is taken as ``max(‖x‖, 1e-12)``.
-- Rotary embeddings, which the paper applies to the normalised latents, are the caller's: attnzoo's functional
-  methods take positions as ``bias``; :class:`attnzoo.nn.CompressedConvAttention` leaves them out.
+- Rotary embeddings, which the paper applies to the normalised latents, are not part of this core (attnzoo's
+  functional methods take positions as ``bias``); :class:`attnzoo.nn.CompressedConvAttention` applies them to its
+  latents when given ``rope_base``.
 
 Functions: :func:`reference` (explicit taps and a shift matrix, dense softmax), the fast path
 :func:`sdpa_latent` (:func:`latents`: two ``conv1d`` calls on the packed latent, then
