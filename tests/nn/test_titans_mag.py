@@ -8,7 +8,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.errors import AttnzooError
-from attnzoo.nn.titans_mag import prefixed_window_attention
+from attnzoo.nn.titans_common import prefixed_window_attention
 from tests.helpers import qkv
 
 
