@@ -7,12 +7,16 @@ memory: ``N_p`` learnable, input-independent tokens prepended to the sequence) a
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from attnzoo.api import attention
 from attnzoo.errors import fail
 from attnzoo.kernels.merge import merge_parts
+from attnzoo.nn.attention import Attention
+from attnzoo.nn.checks import positive_int
 from attnzoo.nn.layers.base import channels_to_heads, heads_to_channels
 
 MEMORIES = ("titans", "titans_mlp")
@@ -74,3 +78,17 @@ class MemoryGate(nn.Module):
 
     def forward(self, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return self.out(self.norm_y(y) * torch.sigmoid(self.norm_m(m)))
+
+
+class MemoryAndWindow(nn.Module):
+    """The frame of MAG and MAL: ``persistent`` learnable tokens, the memory layer ``M``
+    (``az.nn.Attention(method=memory)``, causal, with ``memory_params``) and the window attention's projections
+    (``window`` ≥ 1 keys before each query)."""
+
+    def __init__(self, dim: int, heads: int, window: int, persistent: int, memory: str,
+                 memory_params: dict[str, Any]) -> None:
+        super().__init__()
+        self.dim = dim
+        self.memory = Attention(dim, heads, method=checked_memory(memory), causal=True, **memory_params)
+        self.persistent = persistent_tokens(persistent, dim)
+        self.attend = PrefixedWindowAttention(dim, heads, positive_int("window", window))

@@ -25,14 +25,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from attnzoo.nn.attention import Attention
-from attnzoo.nn.checks import positive_int, tokens
-from attnzoo.nn.titans_common import MemoryGate, PrefixedWindowAttention, checked_memory, persistent_tokens, prepend
+from attnzoo.nn.checks import tokens
+from attnzoo.nn.titans_common import MemoryAndWindow, MemoryGate, prepend
 
 
-class TitansMAG(nn.Module):
+class TitansMAG(MemoryAndWindow):
     """Memory as a Gate: ``x (B, N, dim) → (B, N, dim)``, causal.
 
     ``window`` (≥ 1): keys each query sees before itself in the attention branch; ``persistent``: learnable tokens
@@ -41,11 +39,7 @@ class TitansMAG(nn.Module):
 
     def __init__(self, dim: int, heads: int, window: int = 256, persistent: int = 4, memory: str = "titans",
                  **memory_params: Any) -> None:
-        super().__init__()
-        self.dim = dim
-        self.memory = Attention(dim, heads, method=checked_memory(memory), causal=True, **memory_params)
-        self.persistent = persistent_tokens(persistent, dim)
-        self.attend = PrefixedWindowAttention(dim, heads, positive_int("window", window))
+        super().__init__(dim, heads, window, persistent, memory, memory_params)
         self.gate = MemoryGate(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

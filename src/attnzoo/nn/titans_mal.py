@@ -25,12 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.nn.attention import Attention
-from attnzoo.nn.checks import positive_int, tokens
-from attnzoo.nn.titans_common import PrefixedWindowAttention, checked_memory, persistent_tokens, prepend
+from attnzoo.nn.checks import tokens
+from attnzoo.nn.titans_common import MemoryAndWindow, prepend
 
 
-class TitansMAL(nn.Module):
+class TitansMAL(MemoryAndWindow):
     """Memory as a Layer: ``x (B, N, dim) → (B, N, dim)``, causal.
 
     ``window`` (≥ 1): rows of the memory's output each query sees before itself; ``persistent``: learnable tokens
@@ -39,11 +38,7 @@ class TitansMAL(nn.Module):
 
     def __init__(self, dim: int, heads: int, window: int = 256, persistent: int = 4, memory: str = "titans",
                  **memory_params: Any) -> None:
-        super().__init__()
-        self.dim = dim
-        self.memory = Attention(dim, heads, method=checked_memory(memory), causal=True, **memory_params)
-        self.persistent = persistent_tokens(persistent, dim)
-        self.attend = PrefixedWindowAttention(dim, heads, positive_int("window", window))
+        super().__init__(dim, heads, window, persistent, memory, memory_params)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
