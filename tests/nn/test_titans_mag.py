@@ -1,51 +1,23 @@
-"""Titans' Memory-as-a-Gate block: the attention branch is one softmax over the persistent keys and a causal window
-(against a dense masked softmax), the block is causal, every parameter trains, and bad arguments fail."""
+"""Titans' Memory-as-a-Gate block against eqs. (26)–(28). The window attention itself (against a dense softmax) and
+the shared frame (causality, training, bad arguments) are tested in ``test_titans_common.py``."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import attnzoo as az
-from attnzoo.errors import AttnzooError
-from attnzoo.nn.titans_mag import prefixed_window_attention
-from tests.helpers import qkv
+from attnzoo.nn.titans_common import prefixed_window_attention
 
 
-@pytest.mark.parametrize(("prefix", "window"), [(3, 2), (0, 4), (2, 50)])
-def test_the_attention_branch_is_softmax_over_the_prefix_and_the_window(prefix: int, window: int) -> None:
-    n = 11
-    _, k, v = qkv(2, 3, 3, prefix + n, 5, seed=1)
-    q = torch.randn(2, 3, n, 5, dtype=torch.float64)
-    i = torch.arange(n)[:, None]
-    j = torch.arange(prefix + n)[None, :] - prefix  # key position among the sequence's tokens (negative: prefix)
-    visible = (j < 0) | ((j <= i) & (j >= i - window))
-    want = az.attention(q, k, v, method="softmax", mask=visible)
-    torch.testing.assert_close(prefixed_window_attention(q, k, v, prefix, window), want)
-
-
-@pytest.mark.parametrize("memory", ["titans", "titans_mlp"])
-def test_the_block_is_causal_and_every_parameter_trains(memory: str) -> None:
+def test_the_block_gates_window_attention_with_the_memory() -> None:
     torch.manual_seed(0)
-    block = az.nn.TitansMAG(24, 4, window=3, persistent=2, memory=memory, chunk_size=4)
-    x = torch.randn(2, 10, 24)
-    out = block(x)
-    later = x.clone()
-    later[:, 6:] = torch.randn(2, 4, 24)
-    torch.testing.assert_close(block(later)[:, :6], out[:, :6])
-    out.square().sum().backward()
-    for name, p in block.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-
-
-def test_bad_arguments_name_themselves() -> None:
-    with pytest.raises(AttnzooError, match="^memory:"):
-        az.nn.TitansMAG(24, 4, memory="gated_delta")
-    with pytest.raises(AttnzooError, match="^window:"):
-        az.nn.TitansMAG(24, 4, window=0)
-    with pytest.raises(AttnzooError, match="^persistent:"):
-        az.nn.TitansMAG(24, 4, persistent=-1)
-    with pytest.raises(AttnzooError, match="^x:"):
-        az.nn.TitansMAG(24, 4)(torch.randn(2, 5, 23))
-    with pytest.raises(AttnzooError, match="^chunk_size:"):
-        az.nn.TitansMAG(24, 4, chunk_size=0)
+    dim, heads, prefix, window, n = 12, 3, 2, 3, 9
+    block = az.nn.TitansMAG(dim, heads, window=window, persistent=prefix, chunk_size=4).double()
+    x = torch.randn(2, n, dim, dtype=torch.float64)
+    xt = torch.cat([block.persistent.expand(2, -1, -1), x], dim=1)  # (26)
+    q, k, v = (t.view(2, prefix + n, heads, dim // heads).transpose(1, 2)
+               for t in (xt @ block.attend.qkv.weight.T).chunk(3, dim=-1))
+    y = prefixed_window_attention(q[:, :, prefix:], k, v, prefix, window).transpose(1, 2).reshape(2, n, dim)  # (27)
+    m = block.memory(xt)[:, prefix:]
+    want = block.gate.out(block.gate.norm_y(y) * torch.sigmoid(block.gate.norm_m(m)))  # (28)
+    torch.testing.assert_close(block(x), want)

@@ -21,7 +21,9 @@ from attnzoo.nn.probe import AttentiveProbe
 from attnzoo.nn.seer import SeerAttention
 from attnzoo.nn.shvit import SingleHeadAttention
 from attnzoo.nn.slot import SlotAttention
+from attnzoo.nn.titans_mac import TitansMAC
 from attnzoo.nn.titans_mag import TitansMAG
+from attnzoo.nn.titans_mal import TitansMAL
 
 __all__ = [
     "Aaren",
@@ -41,7 +43,9 @@ __all__ = [
     "SeerAttention",
     "SingleHeadAttention",
     "SlotAttention",
+    "TitansMAC",
     "TitansMAG",
+    "TitansMAL",
     "forced_route",
     "full_fraction",
     "routing_decisions",

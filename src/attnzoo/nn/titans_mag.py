@@ -16,7 +16,8 @@ vector-valued weights, followed by a non-linearity σ(.)"): RMSNorms with learna
 sigmoid of the memory branch as the gate, one output projection. The attention branch is exact softmax over the union
 of the two key sets: the persistent part (noncausal, ``N_p`` keys) and the window part (``sliding_window``) are
 computed with their log-sum-exp and merged (:func:`attnzoo.merge`), so no ``N × N`` mask is built. Persistent tokens
-start as ``N(0, 0.02²)``. Not here: decoding (a ring of window keys plus the memory state would do it), MAC and MAL.
+start as ``N(0, 0.02²)``. The pieces shared with MAL and MAC are in :mod:`attnzoo.nn.titans_common`. Not here:
+decoding (a ring of window keys plus the memory state would do it).
 """
 
 from __future__ import annotations
@@ -24,31 +25,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from attnzoo.api import attention
-from attnzoo.errors import fail
-from attnzoo.kernels.merge import merge_parts
-from attnzoo.nn.attention import Attention
-from attnzoo.nn.checks import positive_int, tokens
-from attnzoo.nn.layers.base import channels_to_heads, heads_to_channels
-
-MEMORIES = ("titans", "titans_mlp")
+from attnzoo.nn.checks import tokens
+from attnzoo.nn.titans_common import MemoryAndWindow, MemoryGate, prepend
 
 
-def prefixed_window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, window: int,
-) -> torch.Tensor:
-    """SW-Attn* of Titans' MAG: ``q (B, H, N, D)`` are the queries of the last ``N`` positions of ``k, v
-    (B, H, prefix + N, ·)``; each sees the ``prefix`` first keys and the causal window of ``window + 1`` keys of the
-    others (itself included); one softmax over both, as a log-sum-exp merge of the two parts."""
-    parts = [attention(q, k[:, :, :prefix], v[:, :, :prefix], method="softmax", return_lse=True)] if prefix else []
-    parts.append(attention(q, k[:, :, prefix:], v[:, :, prefix:], method="sliding_window", causal=True,
-                           window=window, return_lse=True))
-    return merge_parts(parts)[0] if len(parts) > 1 else parts[0][0]
-
-
-class TitansMAG(nn.Module):
+class TitansMAG(MemoryAndWindow):
     """Memory as a Gate: ``x (B, N, dim) → (B, N, dim)``, causal.
 
     ``window`` (≥ 1): keys each query sees before itself in the attention branch; ``persistent``: learnable tokens
@@ -57,23 +39,10 @@ class TitansMAG(nn.Module):
 
     def __init__(self, dim: int, heads: int, window: int = 256, persistent: int = 4, memory: str = "titans",
                  **memory_params: Any) -> None:
-        super().__init__()
-        if memory not in MEMORIES:
-            raise fail("memory", f"one of {list(MEMORIES)}", repr(memory))
-        if isinstance(persistent, bool) or not isinstance(persistent, int) or persistent < 0:
-            raise fail("persistent", "an int >= 0", repr(persistent))
-        self.heads, self.window, self.dim = heads, positive_int("window", window), dim
-        self.persistent = nn.Parameter(0.02 * torch.randn(persistent, dim))
-        self.memory = Attention(dim, heads, method=memory, causal=True, **memory_params)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.norm_y, self.norm_m = nn.RMSNorm(dim), nn.RMSNorm(dim)
-        self.out = nn.Linear(dim, dim)
+        super().__init__(dim, heads, window, persistent, memory, memory_params)
+        self.gate = MemoryGate(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = tokens("x", x, self.dim).shape[0]
+        xt = prepend(self.persistent, tokens("x", x, self.dim))
         prefix = self.persistent.shape[0]
-        xt = torch.cat([self.persistent.to(x.dtype).expand(b, -1, -1), x], dim=1)
-        q, k, v = (channels_to_heads(t, self.heads) for t in self.qkv(xt).chunk(3, dim=-1))
-        y = heads_to_channels(prefixed_window_attention(q[:, :, prefix:], k, v, prefix, self.window))
-        m = self.memory(xt)[:, prefix:]
-        return self.out(self.norm_y(y) * torch.sigmoid(self.norm_m(m)))
+        return self.gate(self.attend(xt, prefix), self.memory(xt)[:, prefix:])

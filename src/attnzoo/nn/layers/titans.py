@@ -20,7 +20,8 @@ For ``x (B, N, dim)`` with its projected heads ``q, k, v``:
 
 The same parts serve ``method="titans_mlp"`` (the deep memory; its initial weights are the method's learnable
 parameters, owned by the layer). Persistent tokens and the gated composition with sliding-window attention (MAG) are
-:class:`attnzoo.nn.TitansMAG`; MAC and MAL are not built.
+:class:`attnzoo.nn.TitansMAG`; memory as a layer and as a context are :class:`attnzoo.nn.TitansMAL` and
+:class:`attnzoo.nn.TitansMAC`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,22 @@ from attnzoo.registry import LayerInfo
 GATE_STARTS = {"eta": 0.9, "theta": 0.1, "alpha": 0.01}  # σ(bias) of each gate at initialisation
 
 
+def gate_projection(dim: int, heads: int, starts: list[float]) -> nn.Linear:
+    """One linear map from ``dim`` channels to the logits of ``len(starts)`` gates per head, each gate's bias at
+    ``σ⁻¹(start)`` so that it starts at ``start``."""
+    projection = nn.Linear(dim, len(starts) * heads)
+    with torch.no_grad():
+        projection.bias.copy_(torch.tensor([math.log(s / (1 - s)) for s in starts]).repeat_interleave(heads))
+    return projection
+
+
+def token_gates(projection: nn.Linear, x: torch.Tensor, names: tuple[str, ...], heads: int) -> dict[str, torch.Tensor]:
+    """The gates ``σ(projection(x))`` of ``x (B, N, dim)`` by name, each ``(B, H, N)``."""
+    b, n, _ = x.shape
+    gates = torch.sigmoid(projection(x)).view(b, n, len(names), heads).permute(2, 0, 3, 1)
+    return dict(zip(names, gates.unbind(0), strict=True))
+
+
 class TitansParts(ConvolvedGatedParts):
     """Titans' short convolutions, data-dependent momentum, learning-rate and forgetting gates, and gated output
     norm."""
@@ -46,18 +63,13 @@ class TitansParts(ConvolvedGatedParts):
 
     def __init__(self, info: LayerInfo, conv_size: int = 4, norm_eps: float = 1e-5) -> None:
         super().__init__(info, conv_size, norm_eps)
-        self.gate_logits = nn.Linear(info.dim, len(self.computes) * info.heads)
-        with torch.no_grad():
-            starts = torch.tensor([math.log(self.starts[n] / (1 - self.starts[n])) for n in self.computes])
-            self.gate_logits.bias.copy_(starts.repeat_interleave(info.heads))
+        self.gate_logits = gate_projection(info.dim, info.heads, [self.starts[n] for n in self.computes])
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
         q, k, v = self.convolve(q, k, v)
-        b, n, _ = x.shape
-        gates = torch.sigmoid(self.gate_logits(x)).view(b, n, len(self.computes), self.heads).permute(2, 0, 3, 1)
-        return q, k, v, dict(zip(self.computes, gates.unbind(0), strict=True))  # each (B, H, N)
+        return q, k, v, token_gates(self.gate_logits, x, self.computes, self.heads)
 
 
 class MirasParts(TitansParts):
