@@ -301,16 +301,14 @@ def _run_phase(section: str, cases: list[dict[str, Any]], runner: Runner, record
         for case in cases:
             if stop.is_set():
                 return
-            cut = None
-            if section == "efficiency" and cfg is not None:
-                cut = efficiency.cutoff_reason(case, measured, cfg.quadratic_cutoff, cfg.case_cap_s)
+            key = efficiency.series(case) if section == "efficiency" else None
             if "skip" in case:
                 row = {**{k: v for k, v in case.items() if k != "skip"}, "status": "skipped", "reason": case["skip"]}
-            elif section == "efficiency" and efficiency.series(case) in stopped \
-                    and case["length"] >= stopped[efficiency.series(case)][1]:
-                status, length = stopped[efficiency.series(case)]
+            elif key in stopped and case["length"] >= stopped[key][1]:
+                status, length = stopped[key]
                 row = {**case, "status": "skipped", "reason": f"length {length} ended in {status}"}
-            elif cut is not None:
+            elif key is not None and cfg is not None and (cut := efficiency.cutoff_reason(
+                    case, measured, cfg.quadratic_cutoff, cfg.case_cap_s)) is not None:
                 row = {**case, "status": "skipped", "reason": cut}
             elif deadline is not None and time.perf_counter() > deadline:
                 row = {**case, "status": "skipped", "reason": f"the {section} time budget ({budget_s:g} s) was spent"}
@@ -318,12 +316,11 @@ def _run_phase(section: str, cases: list[dict[str, Any]], runner: Runner, record
                 row = runner.run(case)
                 if stop.is_set():
                     return  # the worker was stopped under this case: its row says nothing about the method
-                if section == "efficiency" and row.get("status") == "ok":
-                    measured[efficiency.series(case)][case["length"]] = row["time_median_s"]
-                if row.get("status") in FAILED_STOPS and section == "efficiency":
-                    old = stopped.get(efficiency.series(case))
-                    if old is None or case["length"] < old[1]:
-                        stopped[efficiency.series(case)] = (row["status"], case["length"])
+                if key is not None and row.get("status") == "ok":
+                    measured[key][case["length"]] = row["time_median_s"]
+                if key is not None and row.get("status") in FAILED_STOPS and (
+                        key not in stopped or case["length"] < stopped[key][1]):
+                    stopped[key] = (row["status"], case["length"])
             record(section, row)
             bar.advance(task, _label(case))
 
